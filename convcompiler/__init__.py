@@ -1,0 +1,33 @@
+"""convcompiler: a torch.compile backend that runs convolutions as generated im2win kernels.
+
+    torch.compile(model, backend="im2win")        # no import of convcompiler needed
+
+Public API:
+    Config          the backend's options (torch.compile(options={...}))
+    last_report()   the regions of the most recent compile
+    counters        launches, matches and fallbacks (resettable)
+"""
+
+from __future__ import annotations
+
+from .config import Config
+from .counters import counters
+from .report import Report, RegionRecord, last_report
+
+__version__ = "0.1.0"
+
+def _register_backend() -> None:
+    """Register `im2win` with Dynamo unless the entry point (or anyone) already did."""
+    from torch._dynamo.backends import registry
+
+    registry._discover_entrypoint_backends()  # reads the torch_dynamo_backends group
+    if "im2win" in registry._BACKENDS:
+        return
+    from .backend import im2win
+
+    registry.register_backend(im2win, name="im2win")
+
+
+_register_backend()
+
+__all__ = ["Config", "RegionRecord", "Report", "counters", "last_report", "__version__"]

@@ -1,0 +1,63 @@
+"""The `im2win` torch.compile backend (entry point `torch_dynamo_backends: im2win`).
+
+    compiled = torch.compile(model, backend="im2win", options={...})
+
+Stages of one compile:
+    1. PRE_GRAD_PASSES on the Dynamo graph (torch-level ops), before autograd;
+    2. aot_autograd traces forward/backward (or inference) aten graphs;
+    3. POST_GRAD_PASSES find regions in each aten graph;
+    4. lowering selects a schedule per region, renders and loads its kernel and rewrites
+       the node; everything not matched runs as ATen.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx
+from torch._dynamo.backends.common import aot_autograd
+
+from .config import Config
+from .lowering import lower_conv_regions
+from .passes import POST_GRAD_PASSES, PRE_GRAD_PASSES, PassContext, run_passes
+from .report import Report, new_report
+
+log = logging.getLogger(__name__)
+
+_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _graph_compiler(stage: str, config: Config, facts: dict, report: Report) -> Callable:
+    def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        ctx = PassContext(config=config, stage=stage, facts=facts)
+        gm = run_passes(POST_GRAD_PASSES, gm, ctx)
+        gm = lower_conv_regions(gm, ctx.regions, config, report)
+        return gm.forward
+
+    compile_graph.__name__ = f"im2win_{stage}_compiler"
+    return compile_graph
+
+
+def im2win(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    options: dict[str, Any] | None = None,
+    mode: str | None = None,
+) -> Callable:
+    """Compile one Dynamo graph: convolutions run generated im2win Triton kernels."""
+    config = Config.from_options(options)
+    if mode not in _MODES:
+        raise ValueError(f"unknown torch.compile mode {mode!r} for backend 'im2win'")
+    if mode not in (None, "default"):
+        log.info("mode=%r does not change what the im2win backend generates yet", mode)
+    report = new_report(config)
+    facts: dict[str, Any] = {}
+    gm = run_passes(PRE_GRAD_PASSES, gm, PassContext(config=config, stage="pre_grad", facts=facts))
+    compile_aot = aot_autograd(
+        fw_compiler=_graph_compiler("forward", config, facts, report),
+        bw_compiler=_graph_compiler("backward", config, facts, report),
+        inference_compiler=_graph_compiler("inference", config, facts, report),
+    )
+    return compile_aot(gm, example_inputs)

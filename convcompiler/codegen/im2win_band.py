@@ -1,0 +1,202 @@
+"""Schedule `im2win_band`: materialise the NHWC im2win band, then a GEMM over it.
+
+Kernel 1 (`im2win_band_fill`) writes, for every output row ho, the KH input rows its
+windows touch, zero padding included:
+
+    band[n, g, ho, wb, ky, c] = x_pad[n, g*CG + c, ho*SH + ky*DH, wb]     wb < WB
+
+with WB = (WO-1)*SW + (KW-1)*DW + 1 <= W + 2*PW. Only the vertical overlap of windows is
+duplicated (KH copies of a row), not the horizontal one as in im2col (KH*KW copies).
+
+Kernel 2 (`conv_im2win_band_gemm`) is a GEMM whose A operand is a plain strided matrix:
+the window of output (ho, wo) is one contiguous run of KW*KH*CG band values starting at
+column wo*SW (KW runs of KH*CG values when DW > 1). The main loop needs no bounds checks on
+the image: the band already holds the padding.
+"""
+
+from __future__ import annotations
+
+from ..schedule import InvalidSchedule, Schedule, schedule_space
+from ..spec import ConvSpec
+from . import template as T
+
+LAUNCH_KEYS = ("num_warps", "num_stages")
+FILL_KEYS = ("FILL_W", "FILL_C")
+
+
+@schedule_space(
+    "im2win_band",
+    BLOCK_M=(16, 32, 64, 128),
+    BLOCK_N=(16, 32, 64, 128),
+    BLOCK_K=(16, 32, 64, 128),
+    GROUP_M=(8,),
+    FILL_W=(16, 32, 64, 128),
+    FILL_C=(1, 2, 4, 8, 16, 32, 64),
+    num_warps=(2, 4, 8),
+    num_stages=(1, 2, 3, 4),
+)
+def SPACE(spec: ConvSpec, s: Schedule) -> None:
+    if s["FILL_W"] * s["FILL_C"] > 4096:
+        raise InvalidSchedule("band fill tile larger than 4096 elements")
+    if spec.device == "cuda":
+        acc_regs = s["BLOCK_M"] * s["BLOCK_N"] // (32 * s["num_warps"])
+        if acc_regs > 64:
+            raise InvalidSchedule(f"{acc_regs} fp32 accumulator registers per thread (> 64)")
+
+
+def band_elements(spec: ConvSpec) -> int:
+    """Workspace size in elements at the size hints: N * C * HO * WB * KH."""
+    ho, wo = (spec.hint(s) for s in spec.out_size)
+    wb = (wo - 1) * spec.stride[1] + (spec.kernel[1] - 1) * spec.dilation[1] + 1
+    return spec.hint(spec.batch) * spec.in_channels * ho * wb * spec.kernel[0]
+
+
+TEMPLATE = '''${header}
+import torch
+import triton
+import triton.language as tl
+
+${constants}
+${helpers}
+
+@triton.jit
+def im2win_band_fill(
+    # pointers
+    x_ptr, band_ptr,
+    # sizes
+    H, W, HO, WB, CG, G,
+    # strides of x
+    sxn, sxc, sxh, sxw,
+    # conv geometry (baked from the spec)
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    # meta-parameters
+    INT64: tl.constexpr, FILL_W: tl.constexpr, FILL_C: tl.constexpr,
+):
+    # ---- one program: band row (n, g, ho), FILL_W columns x FILL_C channels, all KH taps ----
+    row = tl.program_id(0)
+    ho = row % HO
+    g = (row // HO) % G
+    n = row // (HO * G)
+    if INT64:
+        n = n.to(tl.int64)
+        row = row.to(tl.int64)
+    wb = tl.program_id(1) * FILL_W + tl.arange(0, FILL_W)
+    c = tl.program_id(2) * FILL_C + tl.arange(0, FILL_C)
+    wi = wb - PW
+    col_ok = wb < WB
+    c_ok = c < CG
+    inside_w = col_ok & (wi >= 0) & (wi < W)
+    src = n * sxn + (wi * sxw)[:, None] + ((g * CG + c) * sxc)[None, :]
+    for ky in range(KH):
+        hi = ho * SH - PH + ky * DH
+        ok = inside_w[:, None] & c_ok[None, :] & (hi >= 0) & (hi < H)
+        v = tl.load(x_ptr + src + hi * sxh, mask=ok, other=0.0)
+        dst = ((row * WB + wb) * KH + ky)[:, None] * CG + c[None, :]
+        tl.store(band_ptr + dst, v, mask=col_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def conv_im2win_band_gemm(
+    # pointers
+    band_ptr, w_ptr, b_ptr, y_ptr,
+    # sizes
+    N, HO, WO, WB, CG, KG, G,
+    # strides of the weight and the output
+    swk, swc, swh, sww, syn, syk, syh, syw,
+    # conv geometry (baked from the spec)
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    # meta-parameters
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # ---- 1. the tile: BLOCK_M output pixels x BLOCK_N output channels of group g ----
+    g = tl.program_id(1)
+    M = N * HO * WO
+    pid_m, pid_n = _tile_ids(tl.program_id(0), M, KG, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = g * KG + offs_n
+    m_ok = offs_m < M
+    k_ok = offs_n < KG
+
+    # ---- 2. each pixel's window: band row (n, g, ho) from column wo*SW, KH*CG per column ----
+    RUN = KH * CG
+    R = KW * RUN
+    wo = offs_m % WO
+    ho = (offs_m // WO) % HO
+    n = offs_m // (WO * HO)
+    if INT64:
+        n = n.to(tl.int64)
+    a_row = (((n * G + g) * HO + ho) * WB + wo * SW) * RUN
+    w_col = offs_k * swk
+    offs_r = tl.arange(0, BLOCK_K)
+
+    # ---- 3. reduction: acc[m, k] += band[window(m) + r] * w[k, c, ky, kx] ----
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_K):
+        r = r0 + offs_r
+        r_ok = r < R
+        kx = r // RUN
+        if DW == 1:
+            a_col = r  # the whole window is one contiguous run
+        else:
+            a_col = r + kx * (DW - 1) * RUN
+        a = tl.load(band_ptr + a_row[:, None] + a_col[None, :],
+                    mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        ky = (r - kx * RUN) // CG
+        c = r - kx * RUN - ky * CG
+        b_off = w_col[None, :] + (c * swc + ky * swh + kx * sww)[:, None]
+        b = tl.load(w_ptr + b_off, mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+${epilogue}
+
+    # ---- 5. store in eager's memory format ----
+    _store_tile(y_ptr, acc, offs_m, offs_k, k_ok, M, HO, WO, syn, syk, syh, syw, INT64)
+
+
+def launch(x, weight, bias=None):
+${prepare}
+    # ---- 3a. materialise the im2win band [N, G, HO, WB, KH, CG] ----
+    WB = (WO - 1) * g["SW"] + (g["KW"] - 1) * g["DW"] + 1
+    band = torch.empty(N * GROUPS * HO * WB * KH * CG, device=x.device, dtype=x.dtype)
+    int64 = max(x.numel(), y.numel(), weight.numel(), band.numel()) >= 2**31
+    fill_grid = (N * GROUPS * HO, triton.cdiv(WB, FILL["FILL_W"]), triton.cdiv(CG, FILL["FILL_C"]))
+    im2win_band_fill[fill_grid](
+        x, band, H, W, HO, WB, CG, GROUPS, *x.stride(), **GEOMETRY, INT64=int64, **FILL)
+
+    # ---- 3b. GEMM over the band: one program per (pixel tile, channel tile), per group ----
+    grid = lambda meta: (
+        triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(KG, meta["BLOCK_N"]), GROUPS)
+    conv_im2win_band_gemm[grid](
+        band, weight, bias, y,
+        N, HO, WO, WB, CG, KG, GROUPS,
+        *weight.stride(), *y.stride(),
+        **GEOMETRY, PRECISION=PRECISION, UPCAST=upcast, INT64=int64, **META, **LAUNCH)
+    return y.squeeze(2) if NDIM == 1 else y
+'''
+
+
+def render(spec: ConvSpec, schedule: Schedule) -> T.KernelSource:
+    gemm = Schedule(schedule.name, tuple(p for p in schedule.params if p[0] not in FILL_KEYS))
+    fill = {k: v for k, v in schedule.params if k in FILL_KEYS}
+    text = T.render(
+        TEMPLATE,
+        header=T.header(spec, schedule, "convolution as a GEMM over a materialised im2win band"),
+        constants=T.constants(spec, gemm, LAUNCH_KEYS) + f"\nFILL = {fill!r}",
+        helpers=T.HELPERS,
+        epilogue=T.epilogue(spec),
+        prepare=T.PREPARE.strip("\n"),
+    )
+    return T.KernelSource(
+        name=f"{spec.geometry()}_{schedule.name}",
+        text=text,
+        schedule=schedule,
+        spec_key=spec.key(),
+        kernels=("im2win_band_fill", "conv_im2win_band_gemm"),
+    )

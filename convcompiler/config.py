@@ -1,0 +1,95 @@
+"""The one Config of the backend.
+
+A `Config` is built once per `torch.compile(..., backend="im2win", options={...})` call
+from the options dict plus a few documented environment variables:
+
+    CONVCOMPILER_CACHE_DIR   root of the per-user cache (kernels live in <root>/kernels).
+                             Default: $XDG_CACHE_HOME/convcompiler or ~/.cache/convcompiler.
+
+Every field that changes generated code is listed in `Config.codegen_fields`; later stages
+put exactly those fields into their cache keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+CPU_MODES = ("interpret", "aten")
+CONV_SCHEDULES = ("im2win_implicit", "im2win_band", "aten")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Options of the im2win backend (pass them as `torch.compile(options={...})`).
+
+    cpu: what runs convolutions on CPU tensors. "interpret" (default) runs this project's
+        generated Triton kernels through Triton's interpreter: slow, meant for verification.
+        "aten" runs ATen's convolution instead.
+    schedule: force one conv schedule for every conv region ("im2win_implicit",
+        "im2win_band" or "aten"). None lets the backend choose (see convcompiler/select.py).
+    kernel_dir: where generated kernel sources are written. None means
+        <cache dir>/kernels (see CONVCOMPILER_CACHE_DIR).
+    """
+
+    cpu: str = "interpret"
+    schedule: str | None = None
+    kernel_dir: str | None = None
+
+    # Fields that change the generated source text or the schedule picked for a region.
+    codegen_fields = ("schedule",)
+
+    def __post_init__(self) -> None:
+        if self.cpu not in CPU_MODES:
+            raise ValueError(f"option 'cpu' must be one of {CPU_MODES}, got {self.cpu!r}")
+        if self.schedule is not None and self.schedule not in CONV_SCHEDULES:
+            raise ValueError(
+                f"option 'schedule' must be None or one of {CONV_SCHEDULES}, got {self.schedule!r}"
+            )
+        if self.kernel_dir is not None and not isinstance(self.kernel_dir, (str, os.PathLike)):
+            raise ValueError(f"option 'kernel_dir' must be a path, got {self.kernel_dir!r}")
+        if self.kernel_dir is not None:
+            object.__setattr__(self, "kernel_dir", os.fspath(self.kernel_dir))
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None) -> "Config":
+        """Build a Config from `torch.compile(options=...)`; unknown names raise ValueError."""
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(cls.option_names()))
+        if unknown:
+            raise ValueError(
+                f"unknown im2win backend option(s) {unknown}; "
+                f"valid options are {list(cls.option_names())}"
+            )
+        return cls(**options)
+
+    def replace(self, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def cache_dir(self) -> Path:
+        return cache_root()
+
+    @property
+    def kernel_path(self) -> Path:
+        """The directory generated kernel sources are written to."""
+        if self.kernel_dir is not None:
+            return Path(self.kernel_dir)
+        return cache_root() / "kernels"
+
+
+def cache_root() -> Path:
+    """The per-user cache root: $CONVCOMPILER_CACHE_DIR, else the XDG cache dir."""
+    env = os.environ.get("CONVCOMPILER_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "convcompiler"

@@ -1,0 +1,30 @@
+"""One resettable counter object for matches, fallbacks, kernel generation and launches.
+
+Keys are dotted names, for example:
+
+    match.conv       a conv region was matched and will run a generated kernel
+    fallback.conv    a conv ran ATen; the reason is in the report
+    codegen.conv     a kernel source was rendered
+    launch.conv      a generated conv kernel was launched at run time
+
+Tests reset it with `counters.reset()` and assert on the numbers, the way Inductor's
+`torch._dynamo.utils.counters` is used.
+"""
+
+from __future__ import annotations
+
+import collections
+
+
+class Counters(collections.Counter):
+    """A `collections.Counter` with a `reset()`; missing keys read as 0."""
+
+    def reset(self) -> None:
+        self.clear()
+
+    def __repr__(self) -> str:
+        items = ", ".join(f"{k}={v}" for k, v in sorted(self.items()))
+        return f"Counters({items})"
+
+
+counters = Counters()

@@ -1,0 +1,48 @@
+"""Graph passes: find regions in FX graphs. Passes never import codegen.
+
+Two ordered lists, run by `run_passes`:
+
+    PRE_GRAD_PASSES   on the Dynamo graph (torch-level ops), before aot_autograd
+    POST_GRAD_PASSES  on the aten graphs aot_autograd produces (forward, backward, inference)
+
+Each pass is `pass(gm, ctx) -> gm`, named by its function name.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Sequence
+
+import torch.fx
+
+from ..counters import counters
+from .context import PassContext, Region
+from .match_conv import match_conv
+from .padding_modes import find_conv_padding_modes
+
+log = logging.getLogger(__name__)
+
+GraphPass = Callable[[torch.fx.GraphModule, PassContext], torch.fx.GraphModule]
+
+PRE_GRAD_PASSES: tuple[GraphPass, ...] = (find_conv_padding_modes,)
+POST_GRAD_PASSES: tuple[GraphPass, ...] = (match_conv,)
+
+
+def run_passes(
+    passes: Sequence[GraphPass], gm: torch.fx.GraphModule, ctx: PassContext
+) -> torch.fx.GraphModule:
+    for graph_pass in passes:
+        start = time.perf_counter()
+        gm = graph_pass(gm, ctx)
+        counters[f"pass.{graph_pass.__name__}"] += 1
+        log.debug(
+            "pass %s on the %s graph: %.2f ms",
+            graph_pass.__name__,
+            ctx.stage,
+            1e3 * (time.perf_counter() - start),
+        )
+    return gm
+
+
+__all__ = ["PRE_GRAD_PASSES", "POST_GRAD_PASSES", "PassContext", "Region", "run_passes"]

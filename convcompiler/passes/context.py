@@ -1,0 +1,46 @@
+"""What passes produce and share: frozen `Region`s and an explicit `PassContext`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import Config
+from ..spec import ConvSpec
+
+
+@dataclass(frozen=True)
+class Region:
+    """A matched subgraph: which nodes, what it computes, and whether we can run it.
+
+    `fallback_reason` is None when a generated kernel can run the region; otherwise it says
+    why the nodes stay ATen.
+    """
+
+    name: str  # unique within one compile, e.g. "conv_3"
+    kind: str  # "conv"
+    rule: str  # the equation of the pattern that matched
+    stage: str  # the graph it was found in: "forward", "inference" or "backward"
+    nodes: tuple[str, ...]  # FX node names; nodes[-1] produces the region's output
+    spec: ConvSpec | None
+    fallback_reason: str | None = None
+
+
+@dataclass
+class PassContext:
+    """Passed explicitly to every pass of one compile.
+
+    `facts` is shared by every stage of one compile, so a pre-grad pass can leave what it
+    learned (keyed by Dynamo node name) for the post-grad matchers.
+    """
+
+    config: Config
+    stage: str  # "pre_grad", "forward", "inference" or "backward"
+    facts: dict[str, Any] = field(default_factory=dict)
+    regions: list[Region] = field(default_factory=list)
+
+    def new_region_name(self, kind: str) -> str:
+        taken = self.facts.setdefault("region_names", {})
+        index = taken.get(kind, 0)
+        taken[kind] = index + 1
+        return f"{kind}_{index}"

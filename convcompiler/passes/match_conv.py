@@ -1,0 +1,114 @@
+"""Post-grad pass: every `aten.convolution` becomes a conv region.
+
+Rule:  convolution(x, w, b) => im2win_conv(x, w, b)
+
+The guards run in order; the first that fails is the region's fallback reason and the node
+stays ATen. A region without a reason runs a generated im2win kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from ..counters import counters
+from ..spec import DTYPES, ConvSpec
+from .context import PassContext, Region
+from .meta import dynamo_sources, fake_value, memory_layout, size_hints, sizes
+
+RULE = "convolution(x, w, b) => im2win_conv(x, w, b)"
+aten = torch.ops.aten
+
+
+def _conv_precision(device: str) -> str:
+    """How cuDNN runs a float32 conv right now: TF32 unless the user turned it off."""
+    if device != "cuda":
+        return "ieee"
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    flag = getattr(conv, "fp32_precision", None) if conv is not None else None
+    if flag is not None and flag != "none":
+        return "tf32" if flag == "tf32" else "ieee"
+    return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+
+
+def conv_fallback_reason(node: torch.fx.Node, ctx: PassContext) -> str | None:
+    """Why this convolution cannot run a generated kernel, or None if it can."""
+    x, w, b, stride, padding, dilation, transposed, output_padding, groups = node.args
+    out, xv, wv = fake_value(node), fake_value(x), fake_value(w)
+    if out is None or xv is None or wv is None:
+        return "no fake-tensor metadata on the convolution"
+    if transposed:
+        return "transposed convolution is not supported by the im2win kernels"
+    spatial = len(wv.shape) - 2
+    if spatial not in (1, 2):
+        return f"{spatial}-D convolution: only 1-D and 2-D convolutions are supported"
+    mode = ctx.facts.get("conv_padding_mode", {})
+    for name in sorted(dynamo_sources(node)):
+        if name in mode:
+            return (
+                f"padding_mode={mode[name]!r}: the input is padded by a separate op; "
+                "only zero padding is folded into the kernel"
+            )
+    dtype = str(xv.dtype).removeprefix("torch.")
+    if dtype not in DTYPES:
+        return f"dtype {dtype} is not supported (kernels run {', '.join(DTYPES)})"
+    if wv.dtype != xv.dtype or (fake_value(b) is not None and fake_value(b).dtype != xv.dtype):
+        return "input, weight and bias dtypes differ"
+    if xv.device.type not in ("cpu", "cuda"):
+        return f"device {xv.device.type!r} is not supported (cpu or cuda)"
+    if not all(isinstance(s, int) for s in sizes(wv)):
+        return "the weight shape is symbolic; kernels need a static kernel size"
+    if memory_layout(out) == "strided":
+        return "the output is neither contiguous nor channels_last"
+    return None
+
+
+def conv_spec(node: torch.fx.Node) -> ConvSpec:
+    """The ConvSpec of a supported convolution node, in 2-D form."""
+    x, w, b, stride, padding, dilation, _, _, groups = node.args
+    xv, wv, out = fake_value(x), fake_value(w), fake_value(node)
+    xs, ws, os_ = sizes(xv), sizes(wv), sizes(out)
+    if len(ws) == 3:  # conv1d as a 2-D conv over a 1-row image
+        xs, ws, os_ = (*xs[:2], 1, xs[2]), (*ws[:2], 1, ws[2]), (*os_[:2], 1, os_[2])
+        stride, padding, dilation = (1, *stride), (0, *padding), (1, *dilation)
+    device = xv.device.type
+    return ConvSpec(
+        ndim=len(wv.shape) - 2,
+        batch=xs[0],
+        in_channels=int(ws[1]) * int(groups),
+        out_channels=int(ws[0]),
+        in_size=(xs[2], xs[3]),
+        out_size=(os_[2], os_[3]),
+        kernel=(int(ws[2]), int(ws[3])),
+        stride=tuple(int(s) for s in stride),
+        padding=tuple(int(p) for p in padding),
+        dilation=tuple(int(d) for d in dilation),
+        groups=int(groups),
+        has_bias=b is not None,
+        dtype=str(xv.dtype).removeprefix("torch."),
+        input_layout=memory_layout(xv),
+        output_layout=memory_layout(out),
+        device=device,
+        precision=_conv_precision(device) if xv.dtype == torch.float32 else "ieee",
+        hints=size_hints(xv, out),
+    )
+
+
+def match_conv(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target != aten.convolution.default:
+            continue
+        reason = conv_fallback_reason(node, ctx)
+        spec = conv_spec(node) if reason is None else None
+        region = Region(
+            name=ctx.new_region_name("conv"),
+            kind="conv",
+            rule=RULE,
+            stage=ctx.stage,
+            nodes=(node.name,),
+            spec=spec,
+            fallback_reason=reason,
+        )
+        ctx.regions.append(region)
+        counters["match.conv" if reason is None else "fallback.conv"] += 1
+    return gm

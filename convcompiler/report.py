@@ -1,0 +1,98 @@
+"""The record of a compile: one row per region, for users and tests.
+
+    report = convcompiler.last_report()
+    print(report)                      # a table
+    [r.fallback_reason for r in report]
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import asdict, dataclass, field
+
+from .config import Config
+
+
+@dataclass(frozen=True)
+class RegionRecord:
+    """What happened to one region."""
+
+    name: str
+    kind: str  # "conv"
+    stage: str  # "forward", "inference" or "backward"
+    spec: str  # readable shapes and parameters
+    schedule: str  # schedule name ("im2win_band", "im2win_implicit", "aten")
+    params: str  # the schedule's parameters
+    kernel_path: str | None  # the generated source file, or None when ATen runs the region
+    fallback_reason: str | None  # None when a generated kernel runs the region
+    why: str  # why this schedule (or this fallback)
+
+
+@dataclass
+class Report:
+    """The regions of one backend compile (one Dynamo graph), in graph order."""
+
+    compile_id: int
+    config: Config
+    regions: list[RegionRecord] = field(default_factory=list)
+
+    def __iter__(self):
+        return iter(list(self.regions))
+
+    def __len__(self) -> int:
+        return len(self.regions)
+
+    def __getitem__(self, index: int) -> RegionRecord:
+        return self.regions[index]
+
+    def kernels(self) -> list[RegionRecord]:
+        return [r for r in self.regions if r.fallback_reason is None]
+
+    def fallbacks(self) -> list[RegionRecord]:
+        return [r for r in self.regions if r.fallback_reason is not None]
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"compile_id": self.compile_id, "regions": [asdict(r) for r in self.regions]},
+            indent=2,
+        )
+
+    def __str__(self) -> str:
+        head = ("region", "stage", "spec", "schedule", "kernel / fallback reason")
+        rows = [
+            (
+                r.name,
+                r.stage,
+                r.spec,
+                r.schedule,
+                r.kernel_path.rsplit("/", 1)[-1] if r.kernel_path else f"ATen: {r.fallback_reason}",
+            )
+            for r in self.regions
+        ]
+        widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+        lines = [f"convcompiler compile {self.compile_id}: {len(self.kernels())} kernels, "
+                 f"{len(self.fallbacks())} fallbacks"]
+        for row in (head, *rows):
+            lines.append("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
+        return "\n".join(lines)
+
+
+_lock = threading.Lock()
+_last: Report | None = None
+_next_id = 0
+
+
+def new_report(config: Config) -> Report:
+    """Start the record of a new compile; it becomes `last_report()`."""
+    global _last, _next_id
+    with _lock:
+        report = Report(compile_id=_next_id, config=config)
+        _next_id += 1
+        _last = report
+    return report
+
+
+def last_report() -> Report | None:
+    """The most recent compile's regions (None before the first compile)."""
+    return _last

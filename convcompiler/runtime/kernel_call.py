@@ -1,0 +1,46 @@
+"""The callable a rewritten FX graph runs in place of the region's ATen nodes."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+from ..counters import counters
+
+log = logging.getLogger(__name__)
+_interpreter_notice_given = False
+
+
+def interpreter_notice() -> None:
+    """Say once per process that CPU kernels run through Triton's interpreter."""
+    global _interpreter_notice_given
+    if not _interpreter_notice_given:
+        _interpreter_notice_given = True
+        log.warning(
+            "convcompiler: CPU tensors run the generated Triton kernels through Triton's "
+            "interpreter, which is slow and meant for verification; "
+            "pass options={'cpu': 'aten'} to run ATen on CPU instead."
+        )
+
+
+class KernelCall:
+    """Counts a launch under `launch.<kind>`, then runs the generated module's launcher."""
+
+    def __init__(self, kind: str, region: str, launch: Callable[..., Any], path: Path) -> None:
+        self.kind = kind
+        self.region = region
+        self.path = path
+        self._launch = launch
+        self._counter = f"launch.{kind}"
+        # FX prints and code-generates call_function targets by these names.
+        self.__name__ = f"{kind}_kernel_{region}"
+        self.__qualname__ = self.__name__
+        self.__module__ = __name__
+
+    def __call__(self, *args: Any) -> Any:
+        counters[self._counter] += 1
+        return self._launch(*args)
+
+    def __repr__(self) -> str:
+        return f"KernelCall({self.region}, {self.path.name})"

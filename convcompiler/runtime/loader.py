@@ -1,0 +1,113 @@
+"""Write generated sources to the kernel directory and load them only after a hash check.
+
+Files are named `<region geometry>_<schedule>_<sha256[:16]>.py`. Loading reads the file
+back, checks its SHA-256 against the expected one, and executes exactly the bytes it
+checked. A file altered on disk is never executed: it is rewritten from the rendered
+source and checked again.
+
+On CPU tensors kernels run through Triton's interpreter. `@triton.jit` decides interpreted
+or compiled when it wraps a function, so a module is executed once per mode, with
+`triton.knobs.runtime.interpret` set accordingly; both kinds can live in one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import linecache
+import logging
+import os
+import tempfile
+import types
+from pathlib import Path
+from typing import Iterator
+
+import triton
+
+from ..codegen import KernelSource
+from ..counters import counters
+
+log = logging.getLogger(__name__)
+
+_MODULES: dict[tuple[str, bool], types.ModuleType] = {}
+
+
+class KernelIntegrityError(RuntimeError):
+    """A kernel file's content does not match the hash it is expected to have."""
+
+
+def private_dir(path: Path) -> Path:
+    """Create `path` (and parents) readable by this user only (mode 0700)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+def sha256_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_source(source: KernelSource, directory: Path) -> Path:
+    """Make `directory/source.filename` hold exactly `source.text`; returns the path."""
+    path = private_dir(directory) / source.filename
+    expected = source.text.encode()
+    if path.exists():
+        if sha256_of(path.read_bytes()) == source.sha256:
+            counters["kernel_file.reused"] += 1
+            return path
+        log.warning("kernel file %s does not match its hash; rewriting it", path)
+        counters["kernel_file.rewritten"] += 1
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".py")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(expected)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    counters["kernel_file.written"] += 1
+    return path
+
+
+@contextlib.contextmanager
+def interpret_mode(on: bool) -> Iterator[None]:
+    old = triton.knobs.runtime.interpret
+    triton.knobs.runtime.interpret = on
+    try:
+        yield
+    finally:
+        triton.knobs.runtime.interpret = old
+
+
+def load_verified(path: Path, sha256: str, *, interpret: bool) -> types.ModuleType:
+    """Execute the module at `path` if, and only if, its bytes hash to `sha256`."""
+    cached = _MODULES.get((sha256, interpret))
+    if cached is not None:
+        return cached
+    data = path.read_bytes()
+    if sha256_of(data) != sha256:
+        raise KernelIntegrityError(f"{path} does not hash to {sha256[:16]}; refusing to load it")
+    text = data.decode()
+    filename = str(path)
+    # inspect.getsource (used by @triton.jit) reads from linecache: give it the checked text.
+    linecache.cache[filename] = (len(text), None, text.splitlines(keepends=True), filename)
+    module = types.ModuleType(f"convcompiler_kernels.{path.stem}")
+    module.__file__ = filename
+    code = compile(text, filename, "exec")
+    with interpret_mode(interpret):
+        exec(code, module.__dict__)
+    _MODULES[(sha256, interpret)] = module
+    counters["kernel_module.loaded"] += 1
+    return module
+
+
+def load_source(source: KernelSource, directory: Path, *, interpret: bool) -> tuple[types.ModuleType, Path]:
+    """Write (if needed), verify and load a generated module; returns it and its file."""
+    path = write_source(source, directory)
+    try:
+        return load_verified(path, source.sha256, interpret=interpret), path
+    except KernelIntegrityError:
+        # Changed between the write and the read: rewrite once, then trust only the check.
+        path = write_source(source, directory)
+        return load_verified(path, source.sha256, interpret=interpret), path

@@ -1,0 +1,132 @@
+"""Region specs: frozen, hashable descriptions of what a matched region computes.
+
+A spec is read from fake-tensor metadata by a pass and handed, unchanged, to schedule
+selection and codegen. Sizes that Dynamo made dynamic are sympy expressions; everything
+the generated kernel bakes in (kernel size, stride, padding, dilation, dtype, layouts) is a
+plain int or string.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, fields
+from typing import Union
+
+import sympy
+
+Size = Union[int, sympy.Expr]
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, tuple):
+        return "x".join(_fmt(e) for e in v)
+    return str(v)
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """One `aten.convolution` (1-D or 2-D, not transposed), in 2-D form.
+
+    A 1-D conv is described as a 2-D conv with H = 1 and a 1-row kernel, exactly how the
+    kernels run it.
+    """
+
+    ndim: int  # spatial dims of the original op: 1 or 2
+    batch: Size
+    in_channels: int
+    out_channels: int
+    in_size: tuple[Size, Size]  # (H, W)
+    out_size: tuple[Size, Size]  # (HO, WO)
+    kernel: tuple[int, int]  # (KH, KW)
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    has_bias: bool
+    dtype: str  # one of DTYPES
+    input_layout: str  # "nchw", "nhwc" or "strided"
+    output_layout: str  # "nchw" or "nhwc": the memory format eager produces
+    device: str  # "cpu" or "cuda"
+    precision: str  # how a float32 tl.dot runs on a GPU: "ieee" or "tf32"
+    hints: tuple[tuple[str, int], ...] = ()  # size hints for the symbols in the sizes
+
+    # ---- derived sizes -------------------------------------------------------------
+    @property
+    def in_channels_per_group(self) -> int:
+        return self.in_channels // self.groups
+
+    @property
+    def out_channels_per_group(self) -> int:
+        return self.out_channels // self.groups
+
+    @property
+    def reduction(self) -> int:
+        """Length of one output's dot product: C/groups * KH * KW."""
+        return self.in_channels_per_group * self.kernel[0] * self.kernel[1]
+
+    @property
+    def is_depthwise(self) -> bool:
+        return self.groups > 1 and self.in_channels_per_group == 1
+
+    @property
+    def is_dynamic(self) -> bool:
+        return bool(self.hints)
+
+    def hint(self, size: Size) -> int:
+        """A concrete value for a (possibly symbolic) size, from the recorded hints."""
+        if isinstance(size, int):
+            return size
+        known = dict(self.hints)
+        return int(size.xreplace({s: known[s.name] for s in size.free_symbols}))
+
+    @property
+    def output_pixels(self) -> Size:
+        """GEMM M: batch * HO * WO (symbolic under dynamic shapes)."""
+        return self.batch * self.out_size[0] * self.out_size[1]
+
+    def flops(self) -> int:
+        """Multiply-adds * 2, at the size hints."""
+        m = self.hint(self.output_pixels)
+        return 2 * m * self.out_channels * self.reduction
+
+    # ---- identity ------------------------------------------------------------------
+    def geometry(self) -> str:
+        """A short readable name of what is baked into a kernel for this spec."""
+        kh, kw = self.kernel
+        return (
+            f"conv{self.ndim}d_k{kh}x{kw}_s{_fmt(self.stride)}_p{_fmt(self.padding)}"
+            f"_d{_fmt(self.dilation)}_g{self.groups}_{self.dtype}_{self.input_layout}"
+            f"_to_{self.output_layout}"
+        )
+
+    def key(self) -> str:
+        """Deterministic key of every field (sizes as strings, symbols included)."""
+        parts = [f"{f.name}={_fmt(getattr(self, f.name))}" for f in fields(self)]
+        return "ConvSpec(" + ",".join(parts) + ")"
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.key().encode()).hexdigest()[:16]
+
+    def describe(self) -> str:
+        """One line for reports: shapes and conv parameters."""
+        c, k = self.in_channels, self.out_channels
+        h, w = self.in_size
+        ho, wo = self.out_size
+        if self.ndim == 1:
+            shape = f"[{self.batch},{c},{w}] -> [{self.batch},{k},{wo}]"
+        else:
+            shape = f"[{self.batch},{c},{h},{w}] -> [{self.batch},{k},{ho},{wo}]"
+        kh, kw = self.kernel
+        ks = f"{kw}" if self.ndim == 1 else f"{kh}x{kw}"
+        extra = []
+        if self.stride != (1, 1):
+            extra.append(f"s{_fmt(self.stride[2 - self.ndim:])}")
+        if self.padding != (0, 0):
+            extra.append(f"p{_fmt(self.padding[2 - self.ndim:])}")
+        if self.dilation != (1, 1):
+            extra.append(f"d{_fmt(self.dilation[2 - self.ndim:])}")
+        if self.groups != 1:
+            extra.append("dw" if self.is_depthwise else f"g{self.groups}")
+        return " ".join([shape, ks, *extra, self.dtype, self.output_layout])

@@ -47,6 +47,7 @@ class ConvSpec:
     has_bias: bool
     dtype: str  # one of DTYPES
     input_layout: str  # "nchw", "nhwc" or "strided"
+    weight_layout: str  # "nchw", "nhwc" or "strided"
     output_layout: str  # "nchw" or "nhwc": the memory format eager produces
     device: str  # "cpu" or "cuda"
     precision: str  # how a float32 tl.dot runs on a GPU: "ieee" or "tf32"

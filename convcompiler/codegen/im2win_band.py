@@ -21,6 +21,7 @@ from ..spec import ConvSpec
 from . import template as T
 
 LAUNCH_KEYS = ("num_warps", "num_stages")
+TILING_KEYS = ("M_TILES",)
 FILL_KEYS = ("FILL_W", "FILL_C")
 
 
@@ -30,12 +31,17 @@ FILL_KEYS = ("FILL_W", "FILL_C")
     BLOCK_N=(16, 32, 64, 128),
     BLOCK_K=(16, 32, 64, 128),
     GROUP_M=(8,),
+    M_TILES=("image", "batch"),
     FILL_W=(16, 32, 64, 128),
     FILL_C=(1, 2, 4, 8, 16, 32, 64),
     num_warps=(2, 4, 8),
     num_stages=(1, 2, 3, 4),
 )
 def SPACE(spec: ConvSpec, s: Schedule) -> None:
+    if s["M_TILES"] == "image" and spec.output_layout != "nchw":
+        raise InvalidSchedule("image tiles only make stores contiguous for an NCHW output")
+    if s["M_TILES"] == "image" and spec.hint(spec.batch) > 65535:
+        raise InvalidSchedule("image tiles put the batch on grid axis 2 (at most 65535)")
     if s["FILL_W"] * s["FILL_C"] > 4096:
         raise InvalidSchedule("band fill tile larger than 4096 elements")
     if spec.device == "cuda":
@@ -102,53 +108,44 @@ def conv_im2win_band_gemm(
     band_ptr, w_ptr, b_ptr, y_ptr,
     # sizes
     N, HO, WO, WB, CG, KG, G,
-    # strides of the weight and the output
-    swk, swc, swh, sww, syn, syk, syh, syw,
+    # strides of the output (w_ptr is the packed filter: [K, KW, KH, CG] contiguous)
+    syn, syk, syh, syw,
     # conv geometry (baked from the spec)
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     # meta-parameters
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, INT64: tl.constexpr,
+    IMAGE_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # ---- 1. the tile: BLOCK_M output pixels x BLOCK_N output channels of group g ----
     g = tl.program_id(1)
-    M = N * HO * WO
-    pid_m, pid_n = _tile_ids(tl.program_id(0), M, KG, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m, m_ok, n, ho, wo, pid_n = _tile_rows(
+        N, HO, WO, KG, IMAGE_TILES, INT64, BLOCK_M, BLOCK_N, GROUP_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = g * KG + offs_n
-    m_ok = offs_m < M
     k_ok = offs_n < KG
 
     # ---- 2. each pixel's window: band row (n, g, ho) from column wo*SW, KH*CG per column ----
     RUN = KH * CG
     R = KW * RUN
-    wo = offs_m % WO
-    ho = (offs_m // WO) % HO
-    n = offs_m // (WO * HO)
-    if INT64:
-        n = n.to(tl.int64)
     a_row = (((n * G + g) * HO + ho) * WB + wo * SW) * RUN
-    w_col = offs_k * swk
+    w_col = offs_k * R
     offs_r = tl.arange(0, BLOCK_K)
 
-    # ---- 3. reduction: acc[m, k] += band[window(m) + r] * w[k, c, ky, kx] ----
+    # ---- 3. reduction: acc[m, k] += band[window(m) + r] * w_packed[k, r] ----
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
     for r0 in range(0, R, BLOCK_K):
         r = r0 + offs_r
         r_ok = r < R
-        kx = r // RUN
         if DW == 1:
             a_col = r  # the whole window is one contiguous run
         else:
-            a_col = r + kx * (DW - 1) * RUN
+            a_col = r + (r // RUN) * (DW - 1) * RUN  # KW runs of KH*CG values
         a = tl.load(band_ptr + a_row[:, None] + a_col[None, :],
                     mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-        ky = (r - kx * RUN) // CG
-        c = r - kx * RUN - ky * CG
-        b_off = w_col[None, :] + (c * swc + ky * swh + kx * sww)[:, None]
-        b = tl.load(w_ptr + b_off, mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + w_col[None, :] + r[:, None],
+                    mask=r_ok[:, None] & k_ok[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -157,7 +154,8 @@ def conv_im2win_band_gemm(
 ${epilogue}
 
     # ---- 5. store in eager's memory format ----
-    _store_tile(y_ptr, acc, offs_m, offs_k, k_ok, M, HO, WO, syn, syk, syh, syw, INT64)
+    _store_tile(y_ptr, acc, offs_m, m_ok, offs_k, k_ok, HO, WO, syn, syk, syh, syw,
+                IMAGE_TILES, INT64)
 
 
 def launch(x, weight, bias=None):
@@ -166,32 +164,36 @@ ${prepare}
     WB = (WO - 1) * g["SW"] + (g["KW"] - 1) * g["DW"] + 1
     band = torch.empty(N * GROUPS * HO * WB * KH * CG, device=x.device, dtype=x.dtype)
     int64 = max(x.numel(), y.numel(), weight.numel(), band.numel()) >= 2**31
-    fill_grid = (N * GROUPS * HO, triton.cdiv(WB, FILL["FILL_W"]), triton.cdiv(CG, FILL["FILL_C"]))
+    fill_grid = (N * GROUPS * HO, triton.cdiv(WB, FILL["FILL_W"]),
+                 triton.cdiv(CG, FILL["FILL_C"]))
     im2win_band_fill[fill_grid](
         x, band, H, W, HO, WB, CG, GROUPS, *x.stride(), **GEOMETRY, INT64=int64, **FILL)
 
     # ---- 3b. GEMM over the band: one program per (pixel tile, channel tile), per group ----
+    image = TILING["M_TILES"] == "image"
+    rows = HO * WO if image else M
     grid = lambda meta: (
-        triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(KG, meta["BLOCK_N"]), GROUPS)
+        triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(KG, meta["BLOCK_N"]), GROUPS,
+        N if image else 1)
     conv_im2win_band_gemm[grid](
-        band, weight, bias, y,
+        band, w_packed, bias, out,
         N, HO, WO, WB, CG, KG, GROUPS,
-        *weight.stride(), *y.stride(),
-        **GEOMETRY, PRECISION=PRECISION, UPCAST=upcast, INT64=int64, **META, **LAUNCH)
-    return y.squeeze(2) if NDIM == 1 else y
-'''
+        *out.stride(),
+        **GEOMETRY, PRECISION=PRECISION, UPCAST=upcast, INT64=int64,
+        IMAGE_TILES=image, **META, **LAUNCH)
+${finish}'''
 
 
 def render(spec: ConvSpec, schedule: Schedule) -> T.KernelSource:
-    gemm = Schedule(schedule.name, tuple(p for p in schedule.params if p[0] not in FILL_KEYS))
-    fill = {k: v for k, v in schedule.params if k in FILL_KEYS}
     text = T.render(
         TEMPLATE,
         header=T.header(spec, schedule, "convolution as a GEMM over a materialised im2win band"),
-        constants=T.constants(spec, gemm, LAUNCH_KEYS) + f"\nFILL = {fill!r}",
+        constants=T.constants(
+            spec, schedule, LAUNCH=LAUNCH_KEYS, TILING=TILING_KEYS, FILL=FILL_KEYS),
         helpers=T.HELPERS,
         epilogue=T.epilogue(spec),
         prepare=T.PREPARE.strip("\n"),
+        finish=T.FINISH.strip("\n"),
     )
     return T.KernelSource(
         name=f"{spec.geometry()}_{schedule.name}",

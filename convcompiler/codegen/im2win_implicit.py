@@ -21,6 +21,7 @@ from ..spec import ConvSpec
 from . import template as T
 
 LAUNCH_KEYS = ("num_warps", "num_stages")
+TILING_KEYS = ("M_TILES",)
 
 
 @schedule_space(
@@ -29,11 +30,16 @@ LAUNCH_KEYS = ("num_warps", "num_stages")
     BLOCK_N=(16, 32, 64, 128),
     BLOCK_K=(16, 32, 64, 128),
     GROUP_M=(8,),
+    M_TILES=("image", "batch"),
     REDUCTION=("tap", "flat"),
     num_warps=(2, 4, 8),
     num_stages=(1, 2, 3, 4),
 )
 def SPACE(spec: ConvSpec, s: Schedule) -> None:
+    if s["M_TILES"] == "image" and spec.output_layout != "nchw":
+        raise InvalidSchedule("image tiles only make stores contiguous for an NCHW output")
+    if s["M_TILES"] == "image" and spec.hint(spec.batch) > 65535:
+        raise InvalidSchedule("image tiles put the batch on grid axis 2 (at most 65535)")
     if s["REDUCTION"] == "tap" and spec.in_channels_per_group < 16 and s["BLOCK_K"] > 16:
         raise InvalidSchedule("tap reduction with < 16 channels per group wastes BLOCK_K > 16")
     if spec.device == "cuda":
@@ -55,43 +61,36 @@ def conv_im2win_implicit(
     # pointers
     x_ptr, w_ptr, b_ptr, y_ptr,
     # sizes
-    N, H, W, HO, WO, CG, KG,
-    # strides
-    sxn, sxc, sxh, sxw, swk, swc, swh, sww, syn, syk, syh, syw,
+    N, H, W, HO, WO, CG, KG, R,
+    # strides (w_ptr is the packed filter: [K, KW, KH, CG] contiguous)
+    sxn, sxc, sxh, sxw, syn, syk, syh, syw,
     # conv geometry (baked from the spec)
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     # meta-parameters
     REDUCTION: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, INT64: tl.constexpr,
+    IMAGE_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # ---- 1. the tile: BLOCK_M output pixels x BLOCK_N output channels of group g ----
     g = tl.program_id(1)
-    M = N * HO * WO
-    pid_m, pid_n = _tile_ids(tl.program_id(0), M, KG, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m, m_ok, n, ho, wo, pid_n = _tile_rows(
+        N, HO, WO, KG, IMAGE_TILES, INT64, BLOCK_M, BLOCK_N, GROUP_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = g * KG + offs_n
-    m_ok = offs_m < M
     k_ok = offs_n < KG
 
     # ---- 2. where each pixel's window starts in the (virtual) im2win band ----
-    wo = offs_m % WO
-    ho = (offs_m // WO) % HO
-    n = offs_m // (WO * HO)
-    if INT64:
-        n = n.to(tl.int64)
     hi0 = ho * SH - PH
     wi0 = wo * SW - PW
     x_base = x_ptr + g * CG * sxc
     x_row = n * sxn + hi0 * sxh + wi0 * sxw
-    w_col = offs_k * swk
+    w_col = offs_k * R
     offs_r = tl.arange(0, BLOCK_K)
 
     # ---- 3. reduction over the window: acc[m, k] += band[m, r] * w[k, r] ----
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
     if REDUCTION == "flat":
-        R = KW * KH * CG
         for r0 in range(0, R, BLOCK_K):
             r = r0 + offs_r
             c = r % CG
@@ -102,8 +101,8 @@ def conv_im2win_implicit(
             a_ok = m_ok[:, None] & (r < R)[None, :] & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
             a_off = x_row[:, None] + (c * sxc + ky * DH * sxh + kx * DW * sxw)[None, :]
             a = tl.load(x_base + a_off, mask=a_ok, other=0.0)
-            b_off = w_col[None, :] + (c * swc + ky * swh + kx * sww)[:, None]
-            b = tl.load(w_ptr + b_off, mask=(r < R)[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_ptr + w_col[None, :] + r[:, None],
+                        mask=(r < R)[:, None] & k_ok[None, :], other=0.0)
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
@@ -121,8 +120,8 @@ def conv_im2win_implicit(
             c_ok = c < CG
             a_off = (x_row + ky * DH * sxh + kx * DW * sxw)[:, None] + (c * sxc)[None, :]
             a = tl.load(x_base + a_off, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-            b_off = w_col[None, :] + (c * swc)[:, None] + (ky * swh + kx * sww)
-            b = tl.load(w_ptr + b_off, mask=c_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_ptr + w_col[None, :] + (tap * CG + c)[:, None],
+                        mask=c_ok[:, None] & k_ok[None, :], other=0.0)
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
@@ -131,32 +130,37 @@ def conv_im2win_implicit(
 ${epilogue}
 
     # ---- 5. store in eager's memory format ----
-    _store_tile(y_ptr, acc, offs_m, offs_k, k_ok, M, HO, WO, syn, syk, syh, syw, INT64)
+    _store_tile(y_ptr, acc, offs_m, m_ok, offs_k, k_ok, HO, WO, syn, syk, syh, syw,
+                IMAGE_TILES, INT64)
 
 
 def launch(x, weight, bias=None):
 ${prepare}
     # ---- 3. launch: one program per (pixel tile, channel tile), one grid row per group ----
     int64 = max(x.numel(), y.numel(), weight.numel()) >= 2**31
+    image = TILING["M_TILES"] == "image"
+    rows = HO * WO if image else M
     grid = lambda meta: (
-        triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(KG, meta["BLOCK_N"]), GROUPS)
+        triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(KG, meta["BLOCK_N"]), GROUPS,
+        N if image else 1)
     conv_im2win_implicit[grid](
-        x, weight, bias, y,
-        N, H, W, HO, WO, CG, KG,
-        *x.stride(), *weight.stride(), *y.stride(),
-        **GEOMETRY, PRECISION=PRECISION, UPCAST=upcast, INT64=int64, **META, **LAUNCH)
-    return y.squeeze(2) if NDIM == 1 else y
-'''
+        x, w_packed, bias, out,
+        N, H, W, HO, WO, CG, KG, R,
+        *x.stride(), *out.stride(),
+        **GEOMETRY, PRECISION=PRECISION, UPCAST=upcast, INT64=int64,
+        IMAGE_TILES=image, **META, **LAUNCH)
+${finish}'''
 
 
 def render(spec: ConvSpec, schedule: Schedule) -> T.KernelSource:
     text = T.render(
         TEMPLATE,
         header=T.header(spec, schedule, "convolution as an implicit im2win GEMM"),
-        constants=T.constants(spec, schedule, LAUNCH_KEYS),
+        constants=T.constants(spec, schedule, LAUNCH=LAUNCH_KEYS, TILING=TILING_KEYS),
         helpers=T.HELPERS,
         epilogue=T.epilogue(spec),
         prepare=T.PREPARE.strip("\n"),
+        finish=T.FINISH.strip("\n"),
     )
     return T.KernelSource(
         name=f"{spec.geometry()}_{schedule.name}",

@@ -6,7 +6,8 @@ A template is readable Triton/Python text with `${hook}` slots (string.Template)
     helpers    @triton.jit helpers shared by the conv templates (tile order, output store)
     epilogue   code applied to the fp32 accumulator before the store (bias today)
     constants  the spec's geometry and the schedule's parameters, as Python dicts
-    prepare    the launcher's constraint checks and output-shape arithmetic
+    prepare    the launcher's constraint checks, output-shape arithmetic and allocation
+    finish     the launcher's last lines (the interpreter's bf16 rounding, the 1-D squeeze)
 
 Kernels call only Triton's core builtins. `tl.zeros`, `tl.cdiv`, `tl.sum`, `tl.max` and the
 other helpers of `triton.language.standard` are themselves `@triton.jit` functions, created
@@ -69,7 +70,10 @@ def header(spec: ConvSpec, schedule: Schedule, summary: str) -> str:
 
 
 # ---- hook: constants ---------------------------------------------------------------------
-def constants(spec: ConvSpec, schedule: Schedule, launch_keys: tuple[str, ...]) -> str:
+def constants(spec: ConvSpec, schedule: Schedule, **groups: tuple[str, ...]) -> str:
+    """Python constants for the launcher: the geometry, and the schedule's parameters split
+    into the dicts named in `groups` (e.g. LAUNCH=("num_warps", "num_stages")); the rest are
+    the GEMM kernel's meta-parameters, META."""
     geometry = dict(
         KH=spec.kernel[0],
         KW=spec.kernel[1],
@@ -80,21 +84,21 @@ def constants(spec: ConvSpec, schedule: Schedule, launch_keys: tuple[str, ...]) 
         DH=spec.dilation[0],
         DW=spec.dilation[1],
     )
-    meta = {k: v for k, v in schedule.params if k not in launch_keys}
-    launch = {k: v for k, v in schedule.params if k in launch_keys}
-    return "\n".join(
-        [
-            f"NDIM = {spec.ndim}",
-            f"GROUPS = {spec.groups}",
-            f"DTYPE = torch.{spec.dtype}",
-            f"HAS_BIAS = {spec.has_bias}",
-            f"OUT_CHANNELS_LAST = {spec.output_layout == 'nhwc'}",
-            f"PRECISION = {spec.precision!r}",
-            f"GEOMETRY = {geometry!r}",
-            f"META = {meta!r}",
-            f"LAUNCH = {launch!r}",
-        ]
-    )
+    grouped = {name: {k: v for k, v in schedule.params if k in keys} for name, keys in groups.items()}
+    taken = {k for keys in groups.values() for k in keys}
+    meta = {k: v for k, v in schedule.params if k not in taken}
+    lines = [
+        f"NDIM = {spec.ndim}",
+        f"GROUPS = {spec.groups}",
+        f"DTYPE = torch.{spec.dtype}",
+        f"HAS_BIAS = {spec.has_bias}",
+        f"OUT_CHANNELS_LAST = {spec.output_layout == 'nhwc'}",
+        f"PRECISION = {spec.precision!r}",
+        f"GEOMETRY = {geometry!r}",
+        f"META = {meta!r}",
+    ]
+    lines += [f"{name} = {values!r}" for name, values in grouped.items()]
+    return "\n".join(lines)
 
 
 # ---- hook: helpers -----------------------------------------------------------------------
@@ -114,16 +118,46 @@ def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: 
 
 
 @triton.jit
-def _store_tile(y_ptr, acc, offs_m, offs_k, k_ok, M, HO, WO, syn, syk, syh, syw,
-                INT64: tl.constexpr):
-    # Output pixel m = (n, ho, wo) and channel k land where eager's memory format puts them.
+def _tile_rows(N, HO, WO, KG, IMAGE_TILES: tl.constexpr, INT64: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    # The tile's rows are output pixels, its columns output channels of one group.
+    # IMAGE_TILES keeps a tile inside image n = program_id(2): the rows of an NCHW output
+    # tile are then one contiguous run of pixels. Otherwise rows run over the whole batch.
+    if IMAGE_TILES:
+        M = HO * WO
+    else:
+        M = N * HO * WO
+    pid_m, pid_n = _tile_ids(tl.program_id(0), M, KG, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     wo = offs_m % WO
     ho = (offs_m // WO) % HO
-    n = offs_m // (WO * HO)
+    if IMAGE_TILES:
+        n = tl.program_id(2)
+    else:
+        n = offs_m // (WO * HO)
     if INT64:
         n = n.to(tl.int64)
-    y_off = (n * syn + ho * syh + wo * syw)[:, None] + offs_k[None, :] * syk
-    mask = (offs_m < M)[:, None] & k_ok[None, :]
+    return offs_m, offs_m < M, n, ho, wo, pid_n
+
+
+@triton.jit
+def _store_tile(y_ptr, acc, offs_m, m_ok, offs_k, k_ok, HO, WO, syn, syk, syh, syw,
+                IMAGE_TILES: tl.constexpr, INT64: tl.constexpr):
+    # Output pixel m and channel k land where eager's memory format puts them.
+    if IMAGE_TILES:
+        # contiguous NCHW: pixel p = ho*WO + wo of image n sits at y[n, k] + p
+        n = tl.program_id(2)
+        if INT64:
+            n = n.to(tl.int64)
+        y_off = n * syn + offs_m[:, None] + offs_k[None, :] * syk
+    else:
+        wo = offs_m % WO
+        ho = (offs_m // WO) % HO
+        n = offs_m // (WO * HO)
+        if INT64:
+            n = n.to(tl.int64)
+        y_off = (n * syn + ho * syh + wo * syw)[:, None] + offs_k[None, :] * syk
+    mask = m_ok[:, None] & k_ok[None, :]
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mask)
 '''
 
@@ -167,12 +201,26 @@ PREPARE = '''
     WO = (W + 2 * g["PW"] - g["DW"] * (g["KW"] - 1) - 1) // g["SW"] + 1
     KG = K // GROUPS
     M = N * HO * WO
+    R = KW * KH * CG
+    # The im2win filter order: w_packed[k, kx, ky, c], so a window's weights are one run.
+    w_packed = weight.permute(0, 3, 2, 1)
+    if not w_packed.is_contiguous():
+        w_packed = w_packed.contiguous()
 
     # ---- 2. allocate the output in the memory format eager produces ----
     fmt = torch.channels_last if OUT_CHANNELS_LAST else torch.contiguous_format
     y = torch.empty((N, K, HO, WO), device=x.device, dtype=x.dtype, memory_format=fmt)
     if y.numel() == 0:
         return y.squeeze(2) if NDIM == 1 else y
-    # Interpreted bf16 arithmetic is wrong in Triton's interpreter: upcast after the load.
+    # Triton's interpreter gets bf16 arithmetic wrong and truncates fp32 -> bf16: when
+    # interpreting bf16, upcast after each load, store fp32, and let torch round the result.
     upcast = x.device.type == "cpu" and x.dtype == torch.bfloat16
+    out = torch.empty_like(y, dtype=torch.float32) if upcast else y
+'''
+
+# ---- hook: finish ------------------------------------------------------------------------
+FINISH = '''
+    if out is not y:
+        y.copy_(out)
+    return y.squeeze(2) if NDIM == 1 else y
 '''

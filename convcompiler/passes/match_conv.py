@@ -87,6 +87,7 @@ def conv_spec(node: torch.fx.Node) -> ConvSpec:
         has_bias=b is not None,
         dtype=str(xv.dtype).removeprefix("torch."),
         input_layout=memory_layout(xv),
+        weight_layout=memory_layout(wv),
         output_layout=memory_layout(out),
         device=device,
         precision=_conv_precision(device) if xv.dtype == torch.float32 else "ieee",

@@ -80,15 +80,8 @@ def interpret_mode(on: bool) -> Iterator[None]:
         triton.knobs.runtime.interpret = old
 
 
-def load_verified(path: Path, sha256: str, *, interpret: bool) -> types.ModuleType:
-    """Execute the module at `path` if, and only if, its bytes hash to `sha256`."""
-    cached = _MODULES.get((sha256, interpret))
-    if cached is not None:
-        return cached
-    data = path.read_bytes()
-    if sha256_of(data) != sha256:
-        raise KernelIntegrityError(f"{path} does not hash to {sha256[:16]}; refusing to load it")
-    text = data.decode()
+def exec_module(text: str, path: Path, *, interpret: bool) -> types.ModuleType:
+    """Execute checked module text as a fresh module whose source lives at `path`."""
     filename = str(path)
     # inspect.getsource (used by @triton.jit) reads from linecache: give it the checked text.
     linecache.cache[filename] = (len(text), None, text.splitlines(keepends=True), filename)
@@ -97,6 +90,18 @@ def load_verified(path: Path, sha256: str, *, interpret: bool) -> types.ModuleTy
     code = compile(text, filename, "exec")
     with interpret_mode(interpret):
         exec(code, module.__dict__)
+    return module
+
+
+def load_verified(path: Path, sha256: str, *, interpret: bool) -> types.ModuleType:
+    """Execute the module at `path` if, and only if, its bytes hash to `sha256`."""
+    cached = _MODULES.get((sha256, interpret))
+    if cached is not None:
+        return cached
+    data = path.read_bytes()
+    if sha256_of(data) != sha256:
+        raise KernelIntegrityError(f"{path} does not hash to {sha256[:16]}; refusing to load it")
+    module = exec_module(data.decode(), path, interpret=interpret)
     _MODULES[(sha256, interpret)] = module
     counters["kernel_module.loaded"] += 1
     return module

@@ -1,0 +1,185 @@
+"""Static GPU report with no GPU: compile generated kernels ahead of time for sm_90/sm_80.
+
+For one kernel source and its spec, the launcher is run on meta tensors of the spec's
+shapes with every `kernel[grid](...)` call recorded instead of launched. Each recorded call
+is specialised the way Triton's JIT would specialise it on a GPU (ints equal to 1 become
+constants, 16-divisible ints and aligned pointers get divisibility hints), compiled with
+`triton.compile` for the target, and measured:
+
+    registers     per thread (cuobjdump REG)
+    spill bytes   cuobjdump STACK + LOCAL: anything but 0 is a defect
+    shared bytes  Triton's dynamic shared memory plus the static SHARED
+    tensor-core   wgmma (sm_90) and mma.sync instructions in the PTX
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import triton
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import CUDABackend
+from triton.compiler import ASTSource
+
+from .codegen import KernelSource
+from .runtime.loader import exec_module
+from .spec import ConvSpec
+
+ARCHS = {"sm_80": 80, "sm_86": 86, "sm_89": 89, "sm_90": 90}
+SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+_LAUNCH_OPTIONS = ("num_warps", "num_stages")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One recorded `kernel[grid](...)` call: the kernel and its bound arguments."""
+
+    name: str
+    fn: Any  # the compiled-mode JITFunction
+    args: tuple[tuple[str, Any], ...]
+    options: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class KernelStats:
+    source: str
+    kernel: str
+    arch: str
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+    wgmma: int
+    mma: int
+    uses_dot: bool
+
+    @property
+    def tensor_core_ops(self) -> int:
+        return self.wgmma + self.mma
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.spill_bytes:
+            found.append(f"spills {self.spill_bytes} bytes")
+        if self.shared_bytes > SHARED_LIMIT[ARCHS[self.arch]]:
+            found.append(f"shared memory {self.shared_bytes} B over the {self.arch} limit")
+        if self.uses_dot and not self.tensor_core_ops:
+            found.append("tl.dot without tensor-core instructions")
+        return found
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems()
+
+
+def meta_inputs(spec: ConvSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Meta tensors with the spec's shapes (at the size hints), layouts and dtype."""
+    dtype = getattr(torch, spec.dtype)
+    n = spec.hint(spec.batch)
+    h, w = (spec.hint(s) for s in spec.in_size)
+    kh, kw = spec.kernel
+    x = torch.empty((n, spec.in_channels, h, w), device="meta", dtype=dtype)
+    weight = torch.empty(
+        (spec.out_channels, spec.in_channels_per_group, kh, kw), device="meta", dtype=dtype
+    )
+    if spec.input_layout == "nhwc":
+        x = x.to(memory_format=torch.channels_last)
+    if spec.weight_layout == "nhwc":
+        weight = weight.to(memory_format=torch.channels_last)
+    if spec.ndim == 1:
+        x, weight = x.squeeze(2), weight.squeeze(2)
+    bias = torch.empty((spec.out_channels,), device="meta", dtype=dtype) if spec.has_bias else None
+    return x, weight, bias
+
+
+class _Recorder:
+    def __init__(self, name: str, fn: Any, launches: list[Launch]) -> None:
+        self.name, self.fn, self.launches = name, fn, launches
+
+    def __getitem__(self, grid: Any):
+        def record(*args: Any, **kwargs: Any) -> None:
+            options = {k: kwargs.pop(k) for k in _LAUNCH_OPTIONS if k in kwargs}
+            bound = dict(zip(self.fn.arg_names, args))
+            bound.update(kwargs)
+            self.launches.append(
+                Launch(self.name, self.fn, tuple(bound.items()), tuple(options.items()))
+            )
+
+        return record
+
+
+def capture_launches(source: KernelSource, spec: ConvSpec) -> list[Launch]:
+    """Run the source's launcher on meta tensors, recording each kernel call."""
+    module = exec_module(source.text, Path(source.filename), interpret=False)
+    launches: list[Launch] = []
+    for name in source.kernels:
+        setattr(module, name, _Recorder(name, getattr(module, name), launches))
+    getattr(module, source.entry)(*meta_inputs(spec))
+    return launches
+
+
+def _specialise(launch: Launch) -> tuple[dict, dict, dict]:
+    """signature, constexprs and attrs as Triton's JIT would build them on a GPU."""
+    signature, constexprs, attrs = {}, {}, {}
+    bound = dict(launch.args)
+    for index, param in enumerate(launch.fn.params):
+        value = bound[param.name]
+        if param.is_constexpr:
+            signature[param.name], constexprs[(index,)] = "constexpr", value
+            continue
+        ty, attr = native_specialize_impl(CUDABackend, value, False, True, True)
+        signature[param.name] = ty
+        if ty == "constexpr":
+            constexprs[(index,)] = value
+        elif attr:
+            attrs[(index,)] = CUDABackend.parse_attr(attr)
+    return signature, constexprs, attrs
+
+
+def _cuobjdump(cubin: bytes) -> dict[str, int]:
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        out = subprocess.run(
+            [str(tool), "--dump-resource-usage", str(path)],
+            capture_output=True, text=True, check=True,
+        ).stdout
+    found = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out))
+    return {k: int(v) for k, v in found.items()}
+
+
+def compile_launch(launch: Launch, arch: str, source_name: str = "") -> KernelStats:
+    """Compile one recorded launch for `arch` (e.g. "sm_90") and measure it."""
+    cap = ARCHS[arch]
+    signature, constexprs, attrs = _specialise(launch)
+    compiled = triton.compile(
+        ASTSource(launch.fn, signature, constexprs, attrs),
+        target=GPUTarget("cuda", cap, 32),
+        options=dict(launch.options),
+    )
+    usage = _cuobjdump(compiled.asm["cubin"])
+    ptx = compiled.asm["ptx"]
+    return KernelStats(
+        source=source_name,
+        kernel=launch.name,
+        arch=arch,
+        registers=usage.get("REG", 0),
+        spill_bytes=usage.get("STACK", 0) + usage.get("LOCAL", 0),
+        shared_bytes=compiled.metadata.shared + usage.get("SHARED", 0),
+        wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)),
+        mma=len(re.findall(r"\bmma\.sync", ptx)),
+        uses_dot="tl.dot(" in launch.fn.src,
+    )
+
+
+def static_report(source: KernelSource, spec: ConvSpec, archs: tuple[str, ...] = ("sm_90", "sm_80")) -> list[KernelStats]:
+    """Stats of every kernel the source launches for `spec`, for each target arch."""
+    launches = capture_launches(source, spec)
+    return [compile_launch(l, arch, source.filename) for arch in archs for l in launches]

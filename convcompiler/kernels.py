@@ -1,0 +1,82 @@
+"""Build the generated kernel for one convolution, outside torch.compile.
+
+    call = conv_kernel(x, weight, bias, stride=2, padding=1)      # a KernelCall
+    y = call(x, weight, bias)
+
+The spec is read the way the backend reads it: the conv is traced to an aten graph with
+fake tensors and `match_conv` inspects the node, so tests and benchmarks exercise exactly
+the metadata path `torch.compile` uses.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from .codegen import KernelSource, render_conv
+from .config import Config
+from .passes import PassContext
+from .passes.match_conv import conv_fallback_reason, conv_spec
+from .runtime import KernelCall, load_source
+from .schedule import Schedule
+from .select import make_schedule, select_conv_schedule
+from .spec import ConvSpec
+
+_CONV = {1: F.conv1d, 2: F.conv2d}
+
+
+def conv_spec_of(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+) -> ConvSpec:
+    """The ConvSpec the backend would build for `F.conv{1,2}d(x, weight, bias, ...)`."""
+    conv = _CONV.get(weight.dim() - 2)
+    if conv is None:
+        raise ValueError(f"only 1-D and 2-D convolutions have kernels, got weight {tuple(weight.shape)}")
+
+    def f(x, w, b):
+        return conv(x, w, b, stride, padding, dilation, groups)
+
+    gm = make_fx(f, tracing_mode="fake")(x, weight, bias)
+    node = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.convolution.default)
+    reason = conv_fallback_reason(node, PassContext(config=Config(), stage="inference"))
+    if reason is not None:
+        raise ValueError(f"this convolution has no generated kernel: {reason}")
+    return conv_spec(node)
+
+
+def conv_source(spec: ConvSpec, schedule: str | Schedule | None = None) -> KernelSource:
+    """The kernel source for `spec`: the backend's choice, a named schedule, or a given one."""
+    if schedule is None:
+        schedule = select_conv_schedule(spec, Config()).schedule
+    elif isinstance(schedule, str):
+        schedule = make_schedule(spec, schedule)
+    return render_conv(spec, schedule)
+
+
+def conv_kernel(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    *,
+    schedule: str | Schedule | None = None,
+    config: Config | None = None,
+) -> KernelCall:
+    """Render, write and load the kernel for one convolution; returns its launcher."""
+    config = config or Config()
+    spec = conv_spec_of(x, weight, bias, stride, padding, dilation, groups)
+    source = conv_source(spec, schedule)
+    module, path = load_source(source, config.kernel_path, interpret=spec.device == "cpu")
+    return KernelCall("conv", spec.geometry(), getattr(module, source.entry), path)

@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx
 from torch._dynamo.backends.common import aot_autograd
+from torch._functorch.aot_autograd import make_boxed_func
 
 from .config import Config
 from .lowering import lower_conv_regions
@@ -34,7 +35,7 @@ def _graph_compiler(stage: str, config: Config, facts: dict, report: Report) -> 
         ctx = PassContext(config=config, stage=stage, facts=facts)
         gm = run_passes(POST_GRAD_PASSES, gm, ctx)
         gm = lower_conv_regions(gm, ctx.regions, config, report)
-        return gm.forward
+        return make_boxed_func(gm.forward)
 
     compile_graph.__name__ = f"im2win_{stage}_compiler"
     return compile_graph

@@ -26,7 +26,7 @@ def _record(report: Report, region: Region, **fields) -> None:
             name=region.name,
             kind=region.kind,
             stage=region.stage,
-            spec=region.spec.describe() if region.spec is not None else "-",
+            spec=region.summary,
             **fields,
         )
     )

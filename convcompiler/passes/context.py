@@ -22,6 +22,7 @@ class Region:
     rule: str  # the equation of the pattern that matched
     stage: str  # the graph it was found in: "forward", "inference" or "backward"
     nodes: tuple[str, ...]  # FX node names; nodes[-1] produces the region's output
+    summary: str  # readable shapes and parameters, for reports
     spec: ConvSpec | None
     fallback_reason: str | None = None
 

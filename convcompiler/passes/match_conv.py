@@ -14,7 +14,7 @@ import torch.fx
 from ..counters import counters
 from ..spec import DTYPES, ConvSpec
 from .context import PassContext, Region
-from .meta import dynamo_sources, fake_value, memory_layout, size_hints, sizes
+from .meta import dynamo_sources, fake_value, memory_layout, shape_summary, size_hints, sizes
 
 RULE = "convolution(x, w, b) => im2win_conv(x, w, b)"
 aten = torch.ops.aten
@@ -107,6 +107,7 @@ def match_conv(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModu
             rule=RULE,
             stage=ctx.stage,
             nodes=(node.name,),
+            summary=spec.describe() if spec is not None else shape_summary(node),
             spec=spec,
             fallback_reason=reason,
         )

@@ -5,9 +5,9 @@ Sizes come back as ints, or as sympy expressions when Dynamo made them dynamic.
 
 from __future__ import annotations
 
-import sympy
 import torch
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from ..spec import Size
 
@@ -41,38 +41,51 @@ def size_hints(*tensors: torch.Tensor) -> tuple[tuple[str, int], ...]:
         for s in tuple(t.shape) + tuple(t.stride()):
             if not isinstance(s, torch.SymInt) or s.node.expr.is_number:
                 continue
-            shape_env = s.node.shape_env
+            env = s.node.shape_env
+            known = getattr(env, "backed_var_to_val", None) or env.var_to_val
             for sym in s.node.expr.free_symbols:
                 if sym.name not in hints:
-                    hints[sym.name] = int(shape_env.var_to_val[sym])
+                    hints[sym.name] = int(known[sym])
     return tuple(sorted(hints.items()))
 
 
-def _same(a: Size, b: Size) -> bool:
-    return sympy.expand(sympy.sympify(a) - sympy.sympify(b)) == 0
+def _hinted(values: tuple[int | torch.SymInt, ...]) -> tuple[int, ...]:
+    return tuple(optimization_hint(v) if isinstance(v, torch.SymInt) else int(v) for v in values)
 
 
-def _contiguous_strides(shape: tuple[Size, ...]) -> tuple[Size, ...]:
-    out: list[Size] = []
-    running: Size = 1
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    out, running = [], 1
     for s in reversed(shape):
         out.append(running)
-        running = running * s
+        running *= max(s, 1)
     return tuple(reversed(out))
 
 
 def memory_layout(t: torch.Tensor) -> str:
-    """ "nchw" (contiguous), "nhwc" (channels_last, 4-D only) or "strided"."""
-    shape, stride = sizes(t), strides(t)
-    if all(_same(a, b) for a, b in zip(stride, _contiguous_strides(shape))):
+    """ "nchw" (contiguous), "nhwc" (channels_last, 4-D only) or "strided".
+
+    Decided at the size hints: a memory format does not depend on the sizes' values.
+    """
+    shape, stride = _hinted(tuple(t.shape)), _hinted(tuple(t.stride()))
+    if stride == _contiguous_strides(shape):
         return "nchw"
     if len(shape) == 4:
         n, c, h, w = shape
-        channels_last = _contiguous_strides((n, h, w, c))
-        expected = (channels_last[0], channels_last[3], channels_last[1], channels_last[2])
-        if all(_same(a, b) for a, b in zip(stride, expected)):
+        sn, sh, sw, sc = _contiguous_strides((n, h, w, c))
+        if stride == (sn, sc, sh, sw):
             return "nhwc"
     return "strided"
+
+
+def shape_summary(node: torch.fx.Node) -> str:
+    """ "[2,3,8,8] -> [2,4,6,6]": the first tensor argument's shape and the node's."""
+    inputs = [fake_value(a) for a in node.args if fake_value(a) is not None]
+    out = fake_value(node)
+
+    def fmt(t: torch.Tensor | None) -> str:
+        return "?" if t is None else "[" + ",".join(str(s) for s in sizes(t)) + "]"
+
+    return f"{fmt(inputs[0] if inputs else None)} -> {fmt(out)}"
 
 
 def dynamo_sources(node: torch.fx.Node) -> set[str]:

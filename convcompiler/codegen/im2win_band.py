@@ -131,6 +131,8 @@ def conv_im2win_band_gemm(
     R = KW * RUN
     a_row = (((n * G + g) * HO + ho) * WB + wo * SW) * RUN
     w_col = offs_k * R
+    if INT64:
+        w_col = offs_k.to(tl.int64) * R
     offs_r = tl.arange(0, BLOCK_K)
 
     # ---- 3. reduction: acc[m, k] += band[window(m) + r] * w_packed[k, r] ----
@@ -163,7 +165,7 @@ ${prepare}
     # ---- 3a. materialise the im2win band [N, G, HO, WB, KH, CG] ----
     WB = (WO - 1) * g["SW"] + (g["KW"] - 1) * g["DW"] + 1
     band = torch.empty(N * GROUPS * HO * WB * KH * CG, device=x.device, dtype=x.dtype)
-    int64 = max(x.numel(), y.numel(), weight.numel(), band.numel()) >= 2**31
+    int64 = max(x.numel(), y.numel(), weight.numel(), band.numel()) >= INDEX_LIMIT
     fill_grid = (N * GROUPS * HO, triton.cdiv(WB, FILL["FILL_W"]),
                  triton.cdiv(CG, FILL["FILL_C"]))
     im2win_band_fill[fill_grid](

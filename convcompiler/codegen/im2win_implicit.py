@@ -86,6 +86,8 @@ def conv_im2win_implicit(
     x_base = x_ptr + g * CG * sxc
     x_row = n * sxn + hi0 * sxh + wi0 * sxw
     w_col = offs_k * R
+    if INT64:
+        w_col = offs_k.to(tl.int64) * R
     offs_r = tl.arange(0, BLOCK_K)
 
     # ---- 3. reduction over the window: acc[m, k] += band[m, r] * w[k, r] ----
@@ -137,7 +139,7 @@ ${epilogue}
 def launch(x, weight, bias=None):
 ${prepare}
     # ---- 3. launch: one program per (pixel tile, channel tile), one grid row per group ----
-    int64 = max(x.numel(), y.numel(), weight.numel()) >= 2**31
+    int64 = max(x.numel(), y.numel(), weight.numel()) >= INDEX_LIMIT
     image = TILING["M_TILES"] == "image"
     rows = HO * WO if image else M
     grid = lambda meta: (

@@ -94,6 +94,7 @@ def constants(spec: ConvSpec, schedule: Schedule, **groups: tuple[str, ...]) -> 
         f"HAS_BIAS = {spec.has_bias}",
         f"OUT_CHANNELS_LAST = {spec.output_layout == 'nhwc'}",
         f"PRECISION = {spec.precision!r}",
+        "INDEX_LIMIT = 2**31  # tensors this large get 64-bit offsets",
         f"GEOMETRY = {geometry!r}",
         f"META = {meta!r}",
     ]

@@ -1,0 +1,30 @@
+"""Test setup: a private cache dir per test session, and a clean Dynamo/counter state per test."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache_dir(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("convcompiler-cache")
+    old = os.environ.get("CONVCOMPILER_CACHE_DIR")
+    os.environ["CONVCOMPILER_CACHE_DIR"] = str(root)
+    yield root
+    if old is None:
+        os.environ.pop("CONVCOMPILER_CACHE_DIR", None)
+    else:
+        os.environ["CONVCOMPILER_CACHE_DIR"] = old
+
+
+@pytest.fixture(autouse=True)
+def _fresh_state():
+    import convcompiler
+
+    torch._dynamo.reset()
+    convcompiler.counters.reset()
+    yield
+    torch._dynamo.reset()

@@ -1,0 +1,75 @@
+"""The shared test helper: compare against a float64 eager reference and prove the kernel ran."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Sequence
+
+import torch
+from torch._subclasses import FakeTensorMode
+
+import convcompiler
+
+# Relative tolerances, max|y - ref| / max|ref|, against a float64 reference.
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    scale = ref.abs().max().clamp_min(1e-30)
+    return ((y.double() - ref.double()).abs().max() / scale).item()
+
+
+def assert_close(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "output") -> None:
+    assert y.shape == ref.shape, f"{what}: shape {tuple(y.shape)} != {tuple(ref.shape)}"
+    err = rel_error(y, ref)
+    assert err <= TOL[dtype], f"{what}: relative error {err:.3g} > {TOL[dtype]:g} ({dtype})"
+
+
+def float64_copy(module: torch.nn.Module) -> torch.nn.Module:
+    return copy.deepcopy(module).double()
+
+
+def fake_output(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor | None) -> torch.Tensor:
+    """What eager would produce (shape, strides), without running it: PyTorch's CPU fp16
+    convolution itself crashes on some odd configurations."""
+    with FakeTensorMode() as mode:
+        fakes = [mode.from_tensor(t) if t is not None else None for t in tensors]
+        return fn(*fakes)
+
+
+def run_compiled(
+    model: torch.nn.Module,
+    inputs: Sequence[torch.Tensor],
+    *,
+    options: dict[str, Any] | None = None,
+    dynamic: bool | None = None,
+) -> tuple[torch.Tensor, convcompiler.Report]:
+    """Compile with backend="im2win", run once under no_grad, return output and report."""
+    compiled = torch.compile(model, backend="im2win", options=options, dynamic=dynamic)
+    with torch.no_grad():
+        out = compiled(*inputs)
+    return out, convcompiler.last_report()
+
+
+def check_model(
+    model: torch.nn.Module,
+    inputs: Sequence[torch.Tensor],
+    *,
+    expect_kernels: int,
+    expect_fallbacks: int = 0,
+    options: dict[str, Any] | None = None,
+) -> convcompiler.Report:
+    """Compiled output == float64 eager output, and exactly `expect_kernels` conv kernels ran."""
+    dtype = inputs[0].dtype
+    reference = float64_copy(model)
+    with torch.no_grad():
+        ref = reference(*[x.double() for x in inputs])
+    convcompiler.counters.reset()
+    out, report = run_compiled(model, inputs, options=options)
+    assert_close(out, ref, dtype)
+    assert len(report.kernels()) == expect_kernels, str(report)
+    assert len(report.fallbacks()) == expect_fallbacks, str(report)
+    assert convcompiler.counters["launch.conv"] == expect_kernels, convcompiler.counters
+    for region in report.kernels():
+        assert region.kernel_path is not None and region.fallback_reason is None
+    return report

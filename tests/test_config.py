@@ -1,0 +1,50 @@
+"""Options: one frozen Config; unknown or bad options fail clearly."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn as nn
+
+from convcompiler import Config
+
+
+def test_defaults_and_frozen() -> None:
+    config = Config.from_options(None)
+    assert config == Config() and config.cpu == "interpret" and config.schedule is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.cpu = "aten"
+
+
+def test_unknown_option_lists_the_valid_ones() -> None:
+    with pytest.raises(ValueError) as err:
+        Config.from_options({"no_such_option": 1})
+    message = str(err.value)
+    assert "no_such_option" in message
+    for name in Config.option_names():
+        assert name in message
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [({"cpu": "gpu"}, "cpu"), ({"schedule": "im2col"}, "schedule"), ({"kernel_dir": 3}, "kernel_dir")],
+)
+def test_bad_values_are_rejected(options: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        Config.from_options(options)
+
+
+def test_torch_compile_with_unknown_option_raises_clearly() -> None:
+    compiled = torch.compile(nn.Conv2d(3, 4, 3), backend="im2win", options={"no_such_option": 1})
+    with pytest.raises(Exception) as err:
+        compiled(torch.randn(1, 3, 8, 8))
+    assert "unknown im2win backend option(s) ['no_such_option']" in str(err.value)
+    assert "valid options are" in str(err.value)
+
+
+def test_kernel_dir_option_and_env(tmp_path, monkeypatch) -> None:
+    assert Config(kernel_dir=str(tmp_path)).kernel_path == tmp_path
+    monkeypatch.setenv("CONVCOMPILER_CACHE_DIR", str(tmp_path / "root"))
+    assert Config().kernel_path == tmp_path / "root" / "kernels"

@@ -1,0 +1,85 @@
+"""What the kernels do not cover runs ATen, correctly, with the reason in the report."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import convcompiler
+
+from helpers import assert_close, check_model, float64_copy, run_compiled
+
+
+def reasons(report: convcompiler.Report) -> list[str]:
+    return [r.fallback_reason for r in report.fallbacks()]
+
+
+def test_transposed_3d_and_circular_fall_back_with_reasons() -> None:
+    torch.manual_seed(0)
+
+    class Unsupported(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up = nn.ConvTranspose2d(3, 4, 3, stride=2)
+            self.circular = nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular")
+            self.conv3d = nn.Conv3d(4, 2, (1, 3, 3))
+            self.plain = nn.Conv2d(2, 5, 3, padding=1)
+
+        def forward(self, x):
+            y = self.circular(self.up(x))
+            y = self.conv3d(y.unsqueeze(2)).squeeze(2)
+            return self.plain(y)
+
+    report = check_model(Unsupported().eval(), [torch.randn(2, 3, 7, 6)],
+                         expect_kernels=1, expect_fallbacks=3)
+    found = reasons(report)
+    assert any("transposed" in r for r in found), found
+    assert any("padding_mode='circular'" in r for r in found), found
+    assert any("3-D convolution" in r for r in found), found
+    assert convcompiler.counters["fallback.conv"] == 3
+    for region in report.fallbacks():
+        assert region.schedule == "aten" and region.kernel_path is None
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate"])
+def test_other_padding_modes_fall_back(mode: str) -> None:
+    model = nn.Conv2d(3, 4, 3, padding=1, padding_mode=mode).eval()
+    report = check_model(model, [torch.randn(1, 3, 8, 9)], expect_kernels=0, expect_fallbacks=1)
+    assert f"padding_mode={mode!r}" in report[0].fallback_reason
+
+
+def test_float64_falls_back() -> None:
+    model = nn.Conv2d(3, 4, 3).double().eval()
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    out, report = run_compiled(model, [x])
+    with torch.no_grad():
+        assert torch.equal(out, model(x))
+    assert "dtype float64" in report[0].fallback_reason
+    assert convcompiler.counters["launch.conv"] == 0
+
+
+def test_cpu_aten_option_runs_aten_and_says_so() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    x = torch.randn(2, 3, 9, 9)
+    out, report = run_compiled(model, [x], options={"cpu": "aten"})
+    assert_close(out, float64_copy(model)(x.double()), torch.float32)
+    assert convcompiler.counters["launch.conv"] == 0
+    assert len(report.fallbacks()) == 2
+    assert all("cpu='aten'" in r for r in reasons(report))
+
+
+def test_schedule_option_forces_a_schedule() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(2, 3, 10, 9)
+    for name in ("im2win_implicit", "im2win_band"):
+        torch._dynamo.reset()
+        report = check_model(model, [x], expect_kernels=2, options={"schedule": name})
+        assert {r.schedule for r in report} == {name}
+        assert all("option schedule=" in r.why for r in report)
+    torch._dynamo.reset()
+    report = check_model(model, [x], expect_kernels=0, expect_fallbacks=2,
+                         options={"schedule": "aten"})
+    assert all("schedule='aten'" in r for r in reasons(report))

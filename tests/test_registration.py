@@ -1,0 +1,76 @@
+"""The front door: backend="im2win" works in a process that never imports convcompiler."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+RESNET18 = textwrap.dedent(
+    """
+    import sys, torch, torchvision
+    assert "convcompiler" not in sys.modules
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = torch.compile(model, backend="im2win")(x)
+        ref = model.double()(x.double())
+    err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+    assert err <= 1e-4, err
+
+    import convcompiler, os
+    report = convcompiler.last_report()
+    print(report)
+    assert len(report) == 20 and all(r.kind == "conv" for r in report), len(report)
+    for r in report:
+        assert r.fallback_reason is None, r
+        assert r.kernel_path is not None and os.path.exists(r.kernel_path), r
+    assert convcompiler.counters["launch.conv"] == 20, convcompiler.counters
+    print("RESNET18 OK", err)
+    """
+)
+
+IMPORT_FIRST = textwrap.dedent(
+    """
+    import convcompiler, torch
+    from torch._dynamo.backends.registry import list_backends
+    assert "im2win" in list_backends()
+    with torch.no_grad():
+        torch.compile(torch.nn.Conv2d(3, 4, 3), backend="im2win")(torch.randn(1, 3, 6, 6))
+    assert convcompiler.counters["launch.conv"] == 1
+    print("IMPORT FIRST OK")
+    """
+)
+
+
+def run_python(code: str, tmp_path) -> str:
+    env = dict(os.environ, CONVCOMPILER_CACHE_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+@pytest.mark.slow
+def test_resnet18_without_importing_convcompiler(tmp_path) -> None:
+    assert "RESNET18 OK" in run_python(RESNET18, tmp_path)
+
+
+def test_importing_convcompiler_first_does_not_register_twice(tmp_path) -> None:
+    assert "IMPORT FIRST OK" in run_python(IMPORT_FIRST, tmp_path)
+
+
+def test_import_registers_when_no_entry_point_did(monkeypatch) -> None:
+    import convcompiler
+    from convcompiler.backend import im2win
+    from torch._dynamo.backends import registry
+
+    monkeypatch.delitem(registry._BACKENDS, "im2win", raising=False)
+    monkeypatch.delitem(registry._COMPILER_FNS, "im2win", raising=False)
+    convcompiler._register_backend()
+    assert registry.lookup_backend("im2win") is im2win
+    convcompiler._register_backend()  # a second import is a no-op, not "duplicate name"

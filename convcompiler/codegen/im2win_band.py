@@ -148,10 +148,7 @@ def conv_im2win_band_gemm(
                     mask=m_ok[:, None] & r_ok[None, :], other=0.0)
         b = tl.load(w_ptr + w_col[None, :] + r[:, None],
                     mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = _mma(a, b, acc, UPCAST, PRECISION)
 
 ${epilogue}
 
@@ -171,12 +168,7 @@ ${prepare}
     im2win_band_fill[fill_grid](
         x, band, H, W, HO, WB, CG, GROUPS, *x.stride(), **GEOMETRY, INT64=int64, **FILL)
 
-    # ---- 3b. GEMM over the band: one program per (pixel tile, channel tile), per group ----
-    image = TILING["M_TILES"] == "image"
-    rows = HO * WO if image else M
-    grid = lambda meta: (
-        triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(KG, meta["BLOCK_N"]), GROUPS,
-        N if image else 1)
+    # ---- 3b. GEMM over the band, on the GEMM grid ----
     conv_im2win_band_gemm[grid](
         band, w_packed, bias, out,
         N, HO, WO, WB, CG, KG, GROUPS,

@@ -105,10 +105,7 @@ def conv_im2win_implicit(
             a = tl.load(x_base + a_off, mask=a_ok, other=0.0)
             b = tl.load(w_ptr + w_col[None, :] + r[:, None],
                         mask=(r < R)[:, None] & k_ok[None, :], other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            acc = _mma(a, b, acc, UPCAST, PRECISION)
     else:
         c_steps = (CG + BLOCK_K - 1) // BLOCK_K
         for it in range(0, KW * KH * c_steps):
@@ -124,10 +121,7 @@ def conv_im2win_implicit(
             a = tl.load(x_base + a_off, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
             b = tl.load(w_ptr + w_col[None, :] + (tap * CG + c)[:, None],
                         mask=c_ok[:, None] & k_ok[None, :], other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            acc = _mma(a, b, acc, UPCAST, PRECISION)
 
 ${epilogue}
 
@@ -138,13 +132,8 @@ ${epilogue}
 
 def launch(x, weight, bias=None):
 ${prepare}
-    # ---- 3. launch: one program per (pixel tile, channel tile), one grid row per group ----
+    # ---- 3. launch on the GEMM grid ----
     int64 = max(x.numel(), y.numel(), weight.numel()) >= INDEX_LIMIT
-    image = TILING["M_TILES"] == "image"
-    rows = HO * WO if image else M
-    grid = lambda meta: (
-        triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(KG, meta["BLOCK_N"]), GROUPS,
-        N if image else 1)
     conv_im2win_implicit[grid](
         x, w_packed, bias, out,
         N, H, W, HO, WO, CG, KG, R,

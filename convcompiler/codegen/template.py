@@ -119,6 +119,16 @@ def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: 
 
 
 @triton.jit
+def _mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    # acc += a @ b on tensor cores, fp32 accumulation. UPCAST: Triton's interpreter gets
+    # bf16 arithmetic wrong, so interpreted bf16 operands are widened after the load.
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _tile_rows(N, HO, WO, KG, IMAGE_TILES: tl.constexpr, INT64: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     # The tile's rows are output pixels, its columns output channels of one group.
@@ -217,6 +227,12 @@ PREPARE = '''
     # interpreting bf16, upcast after each load, store fp32, and let torch round the result.
     upcast = x.device.type == "cpu" and x.dtype == torch.bfloat16
     out = torch.empty_like(y, dtype=torch.float32) if upcast else y
+    # The GEMM grid: (pixel tiles x channel tiles, groups, images when tiles stay in one).
+    image = TILING["M_TILES"] == "image"
+    rows = HO * WO if image else M
+    grid = lambda meta: (
+        triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(KG, meta["BLOCK_N"]), GROUPS,
+        N if image else 1)
 '''
 
 # ---- hook: finish ------------------------------------------------------------------------

@@ -21,20 +21,20 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
 
 from .config import Config
-from .lowering import lower_conv_regions
+from .lowering import Lowering
 from .passes import POST_GRAD_PASSES, PRE_GRAD_PASSES, PassContext, run_passes
-from .report import Report, new_report
+from .report import new_report
 
 log = logging.getLogger(__name__)
 
 _MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def _graph_compiler(stage: str, config: Config, facts: dict, report: Report) -> Callable:
+def _graph_compiler(stage: str, config: Config, facts: dict, lowering: Lowering) -> Callable:
     def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         ctx = PassContext(config=config, stage=stage, facts=facts)
         gm = run_passes(POST_GRAD_PASSES, gm, ctx)
-        gm = lower_conv_regions(gm, ctx.regions, config, report)
+        gm = lowering.lower_conv_regions(gm, ctx.regions)
         return make_boxed_func(gm.forward)
 
     compile_graph.__name__ = f"im2win_{stage}_compiler"
@@ -51,14 +51,17 @@ def im2win(
     config = Config.from_options(options)
     if mode not in _MODES:
         raise ValueError(f"unknown torch.compile mode {mode!r} for backend 'im2win'")
-    if mode not in (None, "default"):
-        log.info("mode=%r does not change what the im2win backend generates yet", mode)
+    if mode in ("max-autotune", "max-autotune-no-cudagraphs"):
+        config = config.replace(autotune=True)
+    elif mode == "reduce-overhead":
+        log.info("mode='reduce-overhead' (CUDA graphs) is not implemented by the im2win backend")
     report = new_report(config)
+    lowering = Lowering(config, report)
     facts: dict[str, Any] = {}
     gm = run_passes(PRE_GRAD_PASSES, gm, PassContext(config=config, stage="pre_grad", facts=facts))
     compile_aot = aot_autograd(
-        fw_compiler=_graph_compiler("forward", config, facts, report),
-        bw_compiler=_graph_compiler("backward", config, facts, report),
-        inference_compiler=_graph_compiler("inference", config, facts, report),
+        fw_compiler=_graph_compiler("forward", config, facts, lowering),
+        bw_compiler=_graph_compiler("backward", config, facts, lowering),
+        inference_compiler=_graph_compiler("inference", config, facts, lowering),
     )
     return compile_aot(gm, example_inputs)

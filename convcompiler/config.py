@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 CPU_MODES = ("interpret", "aten")
-CONV_SCHEDULES = ("im2win_implicit", "im2win_band", "aten")
+CONV_SCHEDULES = ("im2win_band", "im2win_implicit", "direct_depthwise", "gemm_1x1", "aten")
+BENCHMARKERS = ("do_bench", "fake")
 
 
 @dataclass(frozen=True)
@@ -29,18 +30,31 @@ class Config:
     cpu: what runs convolutions on CPU tensors. "interpret" (default) runs this project's
         generated Triton kernels through Triton's interpreter: slow, meant for verification.
         "aten" runs ATen's convolution instead.
-    schedule: force one conv schedule for every conv region ("im2win_implicit",
-        "im2win_band" or "aten"). None lets the backend choose (see convcompiler/select.py).
+    schedule: force one conv schedule for every conv region (one of CONV_SCHEDULES).
+        None lets the backend choose (see convcompiler/select.py).
+    target: the GPU to plan for ("h100", "h200", "a100", "l4", "rtx4090"). None: the GPU
+        in use, or "h100" when there is none.
+    autotune: measure the cost model's top_k candidates (also on with mode="max-autotune").
+    top_k: how many of the cost model's best candidates autotuning measures.
+    benchmarker: "do_bench" (triton.testing.do_bench median, GPU only) or "fake" (a
+        deterministic stand-in for tests: it measures nothing).
+    cache: read and write the persistent tuning cache (<cache dir>/tuning.sqlite3).
     kernel_dir: where generated kernel sources are written. None means
         <cache dir>/kernels (see CONVCOMPILER_CACHE_DIR).
     """
 
     cpu: str = "interpret"
     schedule: str | None = None
+    target: str | None = None
+    autotune: bool = False
+    top_k: int = 4
+    benchmarker: str = "do_bench"
+    cache: bool = True
     kernel_dir: str | None = None
 
-    # Fields that change the generated source text or the schedule picked for a region.
-    codegen_fields = ("schedule",)
+    # Fields that change the generated source text or the schedule picked for a region;
+    # they are part of every tuning-cache key.
+    codegen_fields = ("schedule", "target")
 
     def __post_init__(self) -> None:
         if self.cpu not in CPU_MODES:
@@ -49,6 +63,17 @@ class Config:
             raise ValueError(
                 f"option 'schedule' must be None or one of {CONV_SCHEDULES}, got {self.schedule!r}"
             )
+        if self.target is not None:
+            from .devices import lookup
+
+            lookup(self.target)  # raises ValueError naming the known targets
+        for name in ("autotune", "cache"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"option {name!r} must be True or False")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 1:
+            raise ValueError(f"option 'top_k' must be a positive int, got {self.top_k!r}")
+        if self.benchmarker not in BENCHMARKERS:
+            raise ValueError(f"option 'benchmarker' must be one of {BENCHMARKERS}")
         if self.kernel_dir is not None and not isinstance(self.kernel_dir, (str, os.PathLike)):
             raise ValueError(f"option 'kernel_dir' must be a path, got {self.kernel_dir!r}")
         if self.kernel_dir is not None:

@@ -22,7 +22,8 @@ from .passes import PassContext
 from .passes.match_conv import conv_fallback_reason, conv_spec
 from .runtime import KernelCall, load_source
 from .schedule import Schedule
-from .select import make_schedule, select_conv_schedule
+from .devices import device_for
+from .select import Choice, SelectionContext, select_conv_schedule
 from .spec import ConvSpec
 
 _CONV = {1: F.conv1d, 2: F.conv2d}
@@ -53,12 +54,20 @@ def conv_spec_of(
     return conv_spec(node)
 
 
-def conv_source(spec: ConvSpec, schedule: str | Schedule | None = None) -> KernelSource:
-    """The kernel source for `spec`: the backend's choice, a named schedule, or a given one."""
-    if schedule is None:
-        schedule = select_conv_schedule(spec, Config()).schedule
-    elif isinstance(schedule, str):
-        schedule = make_schedule(spec, schedule)
+def choose(spec: ConvSpec, config: Config | None = None) -> Choice:
+    """The backend's choice for `spec` (no tuning cache), with its candidates and reasons."""
+    config = config or Config(cache=False)
+    device, reason = device_for(config.target, spec.device)
+    return select_conv_schedule(spec, SelectionContext(config, device, reason))
+
+
+def conv_source(spec: ConvSpec, schedule: str | Schedule | None = None,
+                config: Config | None = None) -> KernelSource:
+    """The kernel source for `spec`: the backend's choice, the model's best schedule of a
+    named kind, or a given schedule."""
+    if schedule is None or isinstance(schedule, str):
+        config = (config or Config(cache=False)).replace(schedule=schedule)
+        schedule = choose(spec, config).schedule
     return render_conv(spec, schedule)
 
 
@@ -75,8 +84,8 @@ def conv_kernel(
     config: Config | None = None,
 ) -> KernelCall:
     """Render, write and load the kernel for one convolution; returns its launcher."""
-    config = config or Config()
+    config = config or Config(cache=False)
     spec = conv_spec_of(x, weight, bias, stride, padding, dilation, groups)
-    source = conv_source(spec, schedule)
+    source = conv_source(spec, schedule, config)
     module, path = load_source(source, config.kernel_path, interpret=spec.device == "cpu")
     return KernelCall("conv", spec.geometry(), getattr(module, source.entry), path)

@@ -1,73 +1,159 @@
 """Lowering: region -> schedule -> kernel source -> loaded kernel -> rewritten graph node.
 
-This is where passes (regions) meet codegen (sources); neither imports the other.
+This is where passes (regions) meet codegen (sources) and selection (cost model, tuning
+cache, autotuning); neither side imports the other.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from typing import Callable
 
+import torch
 import torch.fx
 
-from .codegen import render_conv
+from .cache import CachedSource, open_cache
+from .codegen import TEMPLATES, KernelSource, render_conv
 from .config import Config
+from .cost import Prediction
 from .counters import counters
+from .devices import device_for
 from .passes import Region
 from .report import RegionRecord, Report
 from .runtime import KernelCall, interpreter_notice, load_source
-from .select import select_conv_schedule
+from .select import Choice, SelectionContext, select_conv_schedule
+from .spec import ConvSpec
+from .tuning import benchmarker
 
 log = logging.getLogger(__name__)
 
 
-def _record(report: Report, region: Region, **fields) -> None:
-    report.regions.append(
-        RegionRecord(
-            name=region.name,
-            kind=region.kind,
-            stage=region.stage,
-            spec=region.summary,
-            **fields,
-        )
-    )
+class Lowering:
+    """Lowers the regions of one compile; holds the per-compile selection contexts."""
 
+    def __init__(self, config: Config, report: Report) -> None:
+        self.config = config
+        self.report = report
+        self.cache = open_cache() if config.cache else None
+        self._contexts: dict[str, SelectionContext] = {}
 
-def lower_conv_regions(
-    gm: torch.fx.GraphModule, regions: list[Region], config: Config, report: Report
-) -> torch.fx.GraphModule:
-    """Replace each runnable conv region's node by a call to its generated kernel."""
-    nodes = {node.name: node for node in gm.graph.nodes}
-    for region in regions:
-        if region.fallback_reason is not None:
-            _record(report, region, schedule="aten", params="", kernel_path=None,
-                    fallback_reason=region.fallback_reason, why="pattern guard")
-            continue
-        choice = select_conv_schedule(region.spec, config)
-        if choice.fallback_reason is not None:
-            counters["fallback.conv"] += 1
-            _record(report, region, schedule="aten", params="", kernel_path=None,
-                    fallback_reason=choice.fallback_reason, why=choice.why)
-            continue
-        source = render_conv(region.spec, choice.schedule)
+    # ---- selection context per tensor device ----------------------------------------------
+    def context(self, spec: ConvSpec) -> SelectionContext:
+        if spec.device not in self._contexts:
+            device, reason = device_for(self.config.target, spec.device)
+            gpu = spec.device == "cuda"
+            bench = None
+            if self.config.autotune:
+                if gpu or self.config.benchmarker == "fake":
+                    bench = benchmarker(self.config.benchmarker)
+                else:
+                    log.info("autotuning needs a GPU (or benchmarker='fake'); using the cost model")
+            calibration = self.cache.calibration(device.name) if self.cache else 1.0
+            self._contexts[spec.device] = SelectionContext(
+                self.config, device, reason, self.cache, bench,
+                self._runner if gpu else None, calibration)
+            self.report.devices[spec.device] = f"{device.name} ({reason})"
+        return self._contexts[spec.device]
+
+    def _runner(self, spec: ConvSpec, pred: Prediction) -> Callable[[], object]:
+        """A closure that runs one candidate on random inputs of the spec's shapes (GPU)."""
+        from .aot import meta_inputs
+
+        x, w, b = (None if t is None else torch.randn_like(t, device="cuda")
+                   for t in meta_inputs(spec))
+        if pred.schedule.name == "aten":
+            stride, padding, dilation = (v[2 - spec.ndim:] for v in (spec.stride, spec.padding, spec.dilation))
+            return lambda: torch.ops.aten.convolution(
+                x, w, b, stride, padding, dilation, False, [0] * spec.ndim, spec.groups)
+        module, _ = load_source(render_conv(spec, pred.schedule), self.config.kernel_path,
+                                interpret=False)
+        return lambda: module.launch(x, w, b)
+
+    # ---- sources ---------------------------------------------------------------------------
+    def source_for(self, spec: ConvSpec, choice: Choice) -> KernelSource:
+        if choice.source is not None:
+            template = TEMPLATES[choice.schedule.name]
+            return KernelSource(choice.source.name, choice.source.text, choice.schedule,
+                                spec.key(), template.KERNELS)
         counters["codegen.conv"] += 1
-        interpret = region.spec.device == "cpu"
-        if interpret:
-            interpreter_notice()
-        module, path = load_source(source, config.kernel_path, interpret=interpret)
-        node = nodes[region.nodes[-1]]
+        return render_conv(spec, choice.schedule)
+
+    def remember(self, spec: ConvSpec, ctx: SelectionContext, choice: Choice,
+                 source: KernelSource | None) -> None:
+        """Store a new tuned or model decision (and its source) in the tuning cache."""
+        if self.cache is None or choice.origin not in ("tuned", "model"):
+            return
+        key, parts = ctx.key(spec)
+        value = {
+            "key_parts": parts,
+            "schedule": {"name": choice.schedule.name, "params": [list(p) for p in choice.schedule.params]},
+            "origin": choice.origin,
+            "why": choice.why,
+            "candidates": [row.__dict__ for row in choice.candidates],
+            "valid_for": choice.valid_for,
+            "source": None if source is None else {"sha256": source.sha256, "name": source.name},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        cached = None if source is None else CachedSource(source.sha256, source.name, source.text)
+        self.cache.put(key, value, cached)
+        if choice.origin == "tuned":
+            aten = next((r for r in choice.candidates if r.schedule == "aten" and r.measured_s), None)
+            if aten is not None:
+                self.cache.add_calibration(ctx.device.name, spec.key(), aten.predicted_s, aten.measured_s)
+
+    # ---- the graph rewrite ------------------------------------------------------------------
+    def _record(self, region: Region, choice: Choice | None, **fields) -> None:
+        pred = choice.prediction if choice else None
+        self.report.regions.append(RegionRecord(
+            name=region.name, kind=region.kind, stage=region.stage, spec=region.summary,
+            origin=choice.origin if choice else "guard",
+            predicted_us=pred.at_hint * 1e6 if pred else None,
+            cost=(f"{pred.seconds} s" if pred is not None and region.spec.is_dynamic else None),
+            candidates=choice.candidates if choice else (),
+            valid_for=choice.valid_for if choice else None,
+            **fields))
+
+    def lower_conv_regions(self, gm: torch.fx.GraphModule, regions: list[Region]) -> torch.fx.GraphModule:
+        """Replace each runnable conv region's node by a call to its generated kernel."""
+        nodes = {node.name: node for node in gm.graph.nodes}
+        for region in regions:
+            if region.fallback_reason is not None:
+                self._record(region, None, schedule="aten", params="", kernel_path=None,
+                             fallback_reason=region.fallback_reason, why="pattern guard")
+                continue
+            spec = region.spec
+            ctx = self.context(spec)
+            choice = select_conv_schedule(spec, ctx)
+            if choice.fallback_reason is not None:
+                counters["fallback.conv"] += 1
+                self.remember(spec, ctx, choice, None)
+                self._record(region, choice, schedule="aten", params="", kernel_path=None,
+                             fallback_reason=choice.fallback_reason, why=choice.why)
+                continue
+            source = self.source_for(spec, choice)
+            if choice.source is None:
+                self.remember(spec, ctx, choice, source)
+            interpret = spec.device == "cpu"
+            if interpret:
+                interpreter_notice()
+            module, path = load_source(source, self.config.kernel_path, interpret=interpret)
+            self._replace(gm, nodes[region.nodes[-1]], KernelCall("conv", region.name,
+                                                                  getattr(module, source.entry), path))
+            log.debug("%s: %s -> %s (%s)", region.name, spec.describe(), path.name, choice.why)
+            self._record(region, choice, schedule=choice.schedule.name,
+                         params=" ".join(f"{k}={v}" for k, v in choice.schedule.params),
+                         kernel_path=str(path), fallback_reason=None, why=choice.why)
+        gm.graph.lint()
+        gm.recompile()
+        return gm
+
+    @staticmethod
+    def _replace(gm: torch.fx.GraphModule, node: torch.fx.Node, call: KernelCall) -> None:
         x, weight, bias = node.args[:3]
         with gm.graph.inserting_before(node):
-            call = gm.graph.call_function(
-                KernelCall("conv", region.name, getattr(module, source.entry), path),
-                (x, weight, bias),
-            )
-        call.meta.update(node.meta)
-        node.replace_all_uses_with(call)
+            new = gm.graph.call_function(call, (x, weight, bias))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
-        log.debug("%s: %s -> %s (%s)", region.name, region.spec.describe(), path.name, choice.why)
-        _record(report, region, schedule=choice.schedule.name,
-                params=" ".join(f"{k}={v}" for k, v in choice.schedule.params),
-                kernel_path=str(path), fallback_reason=None, why=choice.why)
-    gm.graph.lint()
-    gm.recompile()
-    return gm
+

@@ -27,6 +27,11 @@ class RegionRecord:
     kernel_path: str | None  # the generated source file, or None when ATen runs the region
     fallback_reason: str | None  # None when a generated kernel runs the region
     why: str  # why this schedule (or this fallback)
+    origin: str = "guard"  # "guard", "override", "cache", "tuned" or "model"
+    predicted_us: float | None = None  # the cost model's time for the chosen schedule
+    cost: str | None = None  # the predicted time as a function of the dynamic sizes
+    candidates: tuple = ()  # CandidateRow(schedule, predicted_s, measured_s) per candidate
+    valid_for: str | None = None  # the dynamic-size range the choice holds for
 
 
 @dataclass
@@ -36,6 +41,7 @@ class Report:
     compile_id: int
     config: Config
     regions: list[RegionRecord] = field(default_factory=list)
+    devices: dict[str, str] = field(default_factory=dict)  # tensor device -> planning device
 
     def __iter__(self):
         return iter(list(self.regions))
@@ -54,28 +60,46 @@ class Report:
 
     def to_json(self) -> str:
         return json.dumps(
-            {"compile_id": self.compile_id, "regions": [asdict(r) for r in self.regions]},
+            {"compile_id": self.compile_id, "devices": self.devices,
+             "regions": [asdict(r) for r in self.regions]},
             indent=2,
         )
 
     def __str__(self) -> str:
-        head = ("region", "stage", "spec", "schedule", "kernel / fallback reason")
+        head = ("region", "stage", "spec", "schedule", "predicted", "kernel / fallback reason")
         rows = [
             (
                 r.name,
                 r.stage,
                 r.spec,
                 r.schedule,
+                f"{r.predicted_us:.1f} us" if r.predicted_us is not None else "-",
                 r.kernel_path.rsplit("/", 1)[-1] if r.kernel_path else f"ATen: {r.fallback_reason}",
             )
             for r in self.regions
         ]
         widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+        planned = "; ".join(f"{k} tensors planned for {v}" for k, v in self.devices.items())
         lines = [f"convcompiler compile {self.compile_id}: {len(self.kernels())} kernels, "
-                 f"{len(self.fallbacks())} fallbacks"]
+                 f"{len(self.fallbacks())} fallbacks" + (f"; {planned}" if planned else "")]
         for row in (head, *rows):
             lines.append("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
         return "\n".join(lines)
+
+    def explain(self) -> str:
+        """Per region: why the winner won, and every candidate's predicted (and measured) time."""
+        out = []
+        for r in self.regions:
+            out.append(f"{r.name} [{r.stage}] {r.spec}")
+            out.append(f"  -> {r.schedule} ({r.origin}): {r.fallback_reason or r.why}")
+            if r.cost:
+                out.append(f"  cost: {r.cost}")
+            if r.valid_for:
+                out.append(f"  choice holds for {r.valid_for}")
+            for c in r.candidates:
+                measured = f"  measured {c.measured_s * 1e6:9.1f} us" if c.measured_s else ""
+                out.append(f"     {c.predicted_s * 1e6:9.1f} us predicted{measured}  {c.schedule}")
+        return "\n".join(out)
 
 
 _lock = threading.Lock()

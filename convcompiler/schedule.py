@@ -79,10 +79,11 @@ class ScheduleSpace:
         self.check(spec, schedule)
         return schedule
 
-    def candidates(self, spec: ConvSpec) -> Iterator[Schedule]:
-        """Every valid schedule of this space for `spec`."""
+    def candidates(self, spec: ConvSpec, **fixed: Param) -> Iterator[Schedule]:
+        """Every valid schedule of this space for `spec`, with `fixed` parameters pinned."""
         names = [name for name, _ in self.choices]
-        for values in itertools.product(*(values for _, values in self.choices)):
+        grid = [(fixed[name],) if name in fixed else values for name, values in self.choices]
+        for values in itertools.product(*grid):
             try:
                 yield self.make(spec, **dict(zip(names, values)))
             except InvalidSchedule:

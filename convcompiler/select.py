@@ -1,125 +1,260 @@
 """Schedule selection for conv regions: one function, a fixed order.
 
     1. an explicit override: option cpu="aten" on CPU tensors, then option schedule=...
-    2. the interim rule below (the cost-model issue replaces it with a cost model, a
-       tuned-record cache and autotuning, in that order after the override)
+    2. a cached record for this exact key (see cache.record_key): a tuned one always; a
+       cost-model one only while autotuning is off
+    3. autotuning, when enabled (option autotune=True or mode="max-autotune") and a
+       benchmarker can run: a GPU, or the fake benchmarker in tests
+    4. the cost model's pick
 
-The interim rule:
-    * im2win_band when groups == 1, the window is larger than 1x1, the input is not
-      channels_last, and the band fits in BAND_LIMIT_BYTES. On NCHW input the band turns
-      every window into one contiguous run, so the GEMM loads need no gathers or bounds checks.
-    * im2win_implicit otherwise: channels_last input (channels are already contiguous),
-      1x1 kernels (the band would be a copy of x), grouped and depthwise convs.
-
-Tiles: under Triton's interpreter (CPU tensors) the cost is per program and per op, not per
-FLOP, so the tiles are as large as the problem allows. On a GPU: BLOCK_N follows the
-channels per group, BLOCK_M x BLOCK_N = 8192, BLOCK_K = 32, 8 warps, 3 stages, which the
-static report shows spill-free on sm_80 and sm_90 for every template. NCHW outputs use
-image tiles (a tile stays in one image, so its stores are contiguous) once an image has at
-least 64 output pixels.
+Candidates are ATen plus every valid schedule of every template (num_stages pinned to 3
+for the model; the tuner also tries 2 and 4 stages for its top-k). When the tensors are on
+the CPU and option cpu="interpret", ATen is not a candidate: the interpreter exists to run
+this project's kernels, and the chosen schedule's tiles are re-picked for the interpreter
+(fewest programs x loop trips). The plan is always made for a GPU: the target option, the
+GPU in use, or the default planning target.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
-from .codegen import SPACES
-from .codegen.im2win_band import band_elements
+from .cache import CachedSource, TuningCache, record_key
+from .codegen import SPACES, TEMPLATES
 from .config import Config
-from .schedule import ATEN, InvalidSchedule, Param, Schedule
+from .cost import Prediction, interpreter_steps, predict, rank
+from .devices import Device
+from .schedule import ATEN, InvalidSchedule, Schedule
 from .spec import ConvSpec
+from .tuning import Benchmarker, autotune
 
 log = logging.getLogger(__name__)
 
-BAND_LIMIT_BYTES = 256 * 2**20
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+RANGE_GRID = tuple(2**i for i in range(17))
+
+
+@dataclass(frozen=True)
+class CandidateRow:
+    """One candidate as the report shows it."""
+
+    schedule: str
+    predicted_s: float
+    measured_s: float | None = None
 
 
 @dataclass(frozen=True)
 class Choice:
-    """The selected schedule, why it was chosen, and (for ATen) why no kernel runs."""
-
     schedule: Schedule
+    origin: str  # "override", "cache", "tuned" or "model"
     why: str
     fallback_reason: str | None = None
+    prediction: Prediction | None = None
+    candidates: tuple[CandidateRow, ...] = ()
+    valid_for: str | None = None
+    source: CachedSource | None = None  # the kernel text, when the cache had it
 
 
-def _pow2_clamp(n: int, lo: int, hi: int) -> int:
-    p = 1
-    while p < n:
-        p *= 2
-    return max(lo, min(hi, p))
+@dataclass
+class SelectionContext:
+    """What selection needs beyond the spec; built once per compile by the lowering."""
+
+    config: Config
+    device: Device
+    device_reason: str
+    cache: TuningCache | None = None
+    bench: Benchmarker | None = None
+    make_runner: Callable[[ConvSpec, Prediction], Callable[[], object]] | None = None
+    calibration: float = 1.0
+    keys: dict[str, tuple[str, dict]] = field(default_factory=dict)
+
+    def key(self, spec: ConvSpec) -> tuple[str, dict]:
+        if spec.key() not in self.keys:
+            fields = {name: getattr(self.config, name) for name in self.config.codegen_fields}
+            bench = self.bench.name if self.bench is not None else "none"
+            self.keys[spec.key()] = record_key("conv", spec.key(), self.device, fields, bench)
+        return self.keys[spec.key()]
 
 
-def default_params(spec: ConvSpec, name: str) -> dict[str, Param]:
-    """The rule's tile parameters for schedule `name` on this spec."""
-    m = spec.hint(spec.output_pixels)
-    kg, cg = spec.out_channels_per_group, spec.in_channels_per_group
-    flat = cg < 16
-    reduce_len = spec.reduction if (flat or name == "im2win_band") else cg
-    if spec.device == "cpu":
-        block_m, block_n = _pow2_clamp(m, 16, 128), _pow2_clamp(kg, 16, 128)
-        block_k, warps, stages = _pow2_clamp(reduce_len, 16, 128), 4, 1
-    else:
-        # Chosen with the static report (convcompiler.aot): BLOCK_K=32 and 8 warps keep
-        # every template free of spills on sm_80 and sm_90, gathers included.
-        block_n = _pow2_clamp(kg, 16, 128)
-        block_m = 128 if block_n <= 64 else 64
-        block_k, warps, stages = (16 if reduce_len <= 16 else 32), 8, 3
-    image_tiles = spec.output_layout == "nchw" and spec.hint(spec.batch) <= 65535 and (
-        spec.hint(spec.out_size[0]) * spec.hint(spec.out_size[1]) >= 64
-    )
-    params: dict[str, Param] = dict(
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
-        M_TILES="image" if image_tiles else "batch", num_warps=warps, num_stages=stages,
-    )
-    if name == "im2win_implicit":
-        params["REDUCTION"] = "flat" if flat else "tap"
-    if name == "im2win_band":
-        ho, wo = (spec.hint(s) for s in spec.out_size)
-        wb = (wo - 1) * spec.stride[1] + (spec.kernel[1] - 1) * spec.dilation[1] + 1
-        fill_c = _pow2_clamp(cg, 1, 64)
-        params["FILL_C"] = fill_c
-        params["FILL_W"] = min(_pow2_clamp(wb, 16, 128), max(16, 4096 // fill_c))
-    return params
+def interpreted(spec: ConvSpec, config: Config) -> bool:
+    return spec.device == "cpu" and config.cpu == "interpret"
 
 
-def make_schedule(spec: ConvSpec, name: str) -> Schedule:
-    if name == "aten":
-        return ATEN
-    return SPACES[name].make(spec, **default_params(spec, name))
+MODEL_STAGES = 3  # the model does not tell pipeline depths apart; the tuner does
 
 
-def _rule(spec: ConvSpec) -> tuple[str, str]:
-    kh, kw = spec.kernel
-    band_bytes = band_elements(spec) * _ITEMSIZE[spec.dtype]
-    if spec.groups != 1:
-        return "im2win_implicit", f"rule: groups={spec.groups}, windows read in place"
-    if kh * kw == 1:
-        return "im2win_implicit", "rule: 1x1 kernel, the band would only copy the input"
-    if spec.input_layout == "nhwc":
-        return "im2win_implicit", "rule: channels_last input, windows already contiguous in c"
-    if band_bytes > BAND_LIMIT_BYTES:
-        return "im2win_implicit", f"rule: band of {band_bytes / 2**20:.0f} MiB is over the limit"
-    return "im2win_band", (
-        f"rule: {kh}x{kw} window on {spec.input_layout} input, "
-        f"band of {band_bytes / 2**20:.2f} MiB makes each window one contiguous run"
-    )
+def model_candidates(spec: ConvSpec, *, include_aten: bool) -> list[Schedule]:
+    """ATen (optionally) and every valid schedule of every template, pipeline depth pinned."""
+    found = [ATEN] if include_aten else []
+    for name, space in SPACES.items():
+        derived = getattr(TEMPLATES[name], "derived", None)
+        stages = dict(space.choices)["num_stages"]
+        pinned = {"num_stages": MODEL_STAGES if MODEL_STAGES in stages else max(stages)}
+        found.extend(space.candidates(spec, **pinned, **(derived(spec) if derived else {})))
+    return found
 
 
-def select_conv_schedule(spec: ConvSpec, config: Config) -> Choice:
-    """Pick the schedule for one conv region (see the module docstring for the order)."""
+def _rows(preds: list[Prediction], measured: dict[Schedule, float] | None = None) -> tuple:
+    measured = measured or {}
+    return tuple(CandidateRow(p.schedule.describe(), p.at_hint, measured.get(p.schedule))
+                 for p in preds)
+
+
+def _why(winner: Prediction, ranked: list[Prediction]) -> str:
+    text = f"{winner.schedule.name}: {winner.summary()}"
+    other = next((p for p in ranked if p.schedule.name != winner.schedule.name), None)
+    if other is not None:
+        ratio = other.at_hint / winner.at_hint if winner.at_hint else float("inf")
+        text += f"; best other schedule {other.schedule.name} is {ratio:.2f}x slower"
+    return text
+
+
+def valid_range(spec: ConvSpec, winner: Schedule, top: list[Schedule], ctx: SelectionContext) -> str | None:
+    """For dynamic sizes: the range of each symbol (others at their hints, powers of two
+    plus the hint) over which `winner` stays the model's pick among `top`."""
+    if not spec.is_dynamic:
+        return None
+    ranges = []
+    for name, hint in spec.hints:
+        values = sorted(set(RANGE_GRID) | {hint})
+        wins = []
+        for v in values:
+            trial = dataclasses.replace(spec, hints=tuple((n, v if n == name else h) for n, h in spec.hints))
+            try:
+                best = rank(trial, top, ctx.device, ctx.calibration)[0].schedule
+            except (ZeroDivisionError, ValueError):
+                best = None
+            wins.append(best == winner)
+        i = values.index(hint)
+        lo, hi = i, i
+        while lo > 0 and wins[lo - 1]:
+            lo -= 1
+        while hi + 1 < len(values) and wins[hi + 1]:
+            hi += 1
+        ranges.append(f"{values[lo]} <= {name} <= {values[hi]}")
+    return ", ".join(ranges)
+
+
+def _from_record(record: dict, spec: ConvSpec, ctx: SelectionContext) -> Choice | None:
+    sched = record["schedule"]
+    schedule = Schedule(sched["name"], tuple((k, v) for k, v in sched["params"]))
+    source = None
+    if schedule.name != "aten":
+        source = ctx.cache.source(record["source"]["sha256"]) if ctx.cache else None
+        if source is None:
+            return None
+    rows = tuple(CandidateRow(**row) for row in record["candidates"])
+    return Choice(schedule, "cache", f"cached {record['origin']} record: {record['why']}",
+                  fallback_reason=("cached decision: ATen is fastest" if schedule.name == "aten"
+                                   else None),
+                  prediction=predict(spec, schedule, ctx.device, ctx.calibration),
+                  candidates=rows, valid_for=record.get("valid_for"), source=source)
+
+
+def select_conv_schedule(spec: ConvSpec, ctx: SelectionContext) -> Choice:
+    """Pick the schedule for one conv region (the order is in the module docstring)."""
+    choice = _select(spec, ctx)
+    if interpreted(spec, ctx.config) and choice.origin != "cache":
+        choice = for_interpreter(spec, choice)
+    return choice
+
+
+def _select(spec: ConvSpec, ctx: SelectionContext) -> Choice:
+    config = ctx.config
+    # 1. explicit overrides
     if spec.device == "cpu" and config.cpu == "aten":
         reason = "option cpu='aten': convolutions on CPU tensors run ATen"
-        return Choice(ATEN, reason, fallback_reason=reason)
+        return Choice(ATEN, "override", reason, fallback_reason=reason)
     if config.schedule == "aten":
-        reason = "option schedule='aten'"
-        return Choice(ATEN, reason, fallback_reason=reason)
+        return Choice(ATEN, "override", "option schedule='aten'",
+                      fallback_reason="option schedule='aten'")
+    include_aten = not interpreted(spec, config)
     if config.schedule is not None:
-        try:
-            return Choice(make_schedule(spec, config.schedule), f"option schedule={config.schedule!r}")
-        except InvalidSchedule as err:
-            log.warning("schedule %r rejected for %s: %s", config.schedule, spec.describe(), err)
-    name, why = _rule(spec)
-    return Choice(make_schedule(spec, name), why)
+        forced = [s for s in model_candidates(spec, include_aten=False)
+                  if s.name == config.schedule]
+        if forced:
+            best = rank(spec, forced, ctx.device, ctx.calibration)[0]
+            return Choice(best.schedule, "override", f"option schedule={config.schedule!r}",
+                          prediction=predict(spec, best.schedule, ctx.device, ctx.calibration),
+                          candidates=_rows([best]))
+        log.warning("schedule %r cannot run %s; choosing another", config.schedule, spec.describe())
+
+    # 2. a cached record
+    tuning = config.autotune and ctx.bench is not None
+    key, parts = ctx.key(spec)
+    if ctx.cache is not None:
+        record = ctx.cache.get(key, parts)
+        if record is not None and (record["origin"] == "tuned" or not tuning):
+            choice = _from_record(record, spec, ctx)
+            if choice is not None:
+                return choice
+
+    # 3 and 4: rank every candidate with the cost model; tune the top-k when enabled
+    ranked = rank(spec, model_candidates(spec, include_aten=include_aten),
+                  ctx.device, ctx.calibration)
+    if not ranked:
+        raise InvalidSchedule(f"no schedule can run {spec.describe()}")
+    top = [p.schedule for p in ranked[: max(8, config.top_k)]]
+    if tuning:
+        pool = []
+        for p in ranked[: config.top_k]:
+            pool.append(p)
+            for stages in (2, 4):
+                if p.schedule.name != "aten":
+                    variant = _with_stages(spec, p.schedule, stages)
+                    if variant is not None:
+                        pool.append(predict(spec, variant, ctx.device, ctx.calibration, symbolic=False))
+        runner = (lambda pred: ctx.make_runner(spec, pred)) if ctx.make_runner else None
+        measured = autotune(pool, spec.key(), ctx.bench, runner, spec.describe())
+        if measured:
+            best = measured[0]
+            times = {m.prediction.schedule: m.seconds for m in measured}
+            why = (f"tuned: fastest of {len(measured)} measured, {best.seconds * 1e6:.1f} us "
+                   f"(model predicted {best.prediction.at_hint * 1e6:.1f} us)")
+            return Choice(best.prediction.schedule, "tuned", why,
+                          fallback_reason="tuned: ATen measured fastest"
+                          if best.prediction.schedule.name == "aten" else None,
+                          prediction=predict(spec, best.prediction.schedule, ctx.device, ctx.calibration),
+                          candidates=_rows([m.prediction for m in measured], times),
+                          valid_for=valid_range(spec, best.prediction.schedule, top, ctx))
+    winner = ranked[0]
+    why = _why(winner, ranked)
+    if not include_aten:
+        aten = predict(spec, ATEN, ctx.device, ctx.calibration, symbolic=False)
+        why += (f"; ATen ({aten.at_hint * 1e6:.1f} us predicted) is not a candidate: "
+                "cpu='interpret' runs this project's kernels")
+    return Choice(winner.schedule, "model", why,
+                  fallback_reason=f"cost model: {why}" if winner.schedule.name == "aten" else None,
+                  prediction=predict(spec, winner.schedule, ctx.device, ctx.calibration),
+                  candidates=_rows(ranked[: max(8, config.top_k)]),
+                  valid_for=valid_range(spec, winner.schedule, top, ctx))
+
+
+TILE_PARAMS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_C", "num_warps")
+
+
+def for_interpreter(spec: ConvSpec, choice: Choice) -> Choice:
+    """Same schedule and variants, tiles re-picked for Triton's interpreter, which pays per
+    program and per loop trip rather than per FLOP (the GPU plan's tiles stay in `why`)."""
+    schedule = choice.schedule
+    if schedule.name == "aten":
+        return choice
+    fixed = {k: v for k, v in schedule.params if k not in TILE_PARAMS}
+    options = list(SPACES[schedule.name].candidates(spec, **fixed))
+    best = min(options, key=lambda s: (interpreter_steps(spec, s), s.key()))
+    if best == schedule:
+        return choice
+    plan = " ".join(f"{k}={v}" for k, v in schedule.params if k in TILE_PARAMS)
+    return dataclasses.replace(
+        choice, schedule=best,
+        why=f"{choice.why}; tiles re-picked for Triton's interpreter (GPU plan: {plan})")
+
+
+def _with_stages(spec: ConvSpec, schedule: Schedule, stages: int) -> Schedule | None:
+    params = {**schedule.as_dict(), "num_stages": stages}
+    try:
+        return SPACES[schedule.name].make(spec, **params)
+    except InvalidSchedule:
+        return None

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from ..schedule import InvalidSchedule, Schedule, ScheduleSpace
 from ..spec import ConvSpec
-from . import im2win_band, im2win_implicit
+from . import direct_depthwise, gemm_1x1, im2win_band, im2win_implicit
 from .template import KernelSource
 
 TEMPLATES = {
-    im2win_implicit.SPACE.name: im2win_implicit,
-    im2win_band.SPACE.name: im2win_band,
+    module.SPACE.name: module
+    for module in (im2win_band, im2win_implicit, direct_depthwise, gemm_1x1)
 }
 
 SPACES: dict[str, ScheduleSpace] = {name: module.SPACE for name, module in TEMPLATES.items()}

@@ -20,6 +20,7 @@ from ..schedule import InvalidSchedule, Schedule, schedule_space
 from ..spec import ConvSpec
 from . import template as T
 
+KERNELS = ("im2win_band_fill", "conv_im2win_band_gemm")  # the @triton.jit kernels launch() calls, in order
 LAUNCH_KEYS = ("num_warps", "num_stages")
 TILING_KEYS = ("M_TILES",)
 FILL_KEYS = ("FILL_W", "FILL_C")
@@ -29,25 +30,28 @@ FILL_KEYS = ("FILL_W", "FILL_C")
     "im2win_band",
     BLOCK_M=(16, 32, 64, 128),
     BLOCK_N=(16, 32, 64, 128),
-    BLOCK_K=(16, 32, 64, 128),
+    BLOCK_K=(16, 32, 64),
     GROUP_M=(8,),
     M_TILES=("image", "batch"),
     FILL_W=(16, 32, 64, 128),
     FILL_C=(1, 2, 4, 8, 16, 32, 64),
-    num_warps=(2, 4, 8),
-    num_stages=(1, 2, 3, 4),
+    num_warps=(4, 8),
+    num_stages=(2, 3, 4),
 )
 def SPACE(spec: ConvSpec, s: Schedule) -> None:
-    if s["M_TILES"] == "image" and spec.output_layout != "nchw":
-        raise InvalidSchedule("image tiles only make stores contiguous for an NCHW output")
-    if s["M_TILES"] == "image" and spec.hint(spec.batch) > 65535:
-        raise InvalidSchedule("image tiles put the batch on grid axis 2 (at most 65535)")
     if s["FILL_W"] * s["FILL_C"] > 4096:
         raise InvalidSchedule("band fill tile larger than 4096 elements")
-    if spec.device == "cuda":
-        acc_regs = s["BLOCK_M"] * s["BLOCK_N"] // (32 * s["num_warps"])
-        if acc_regs > 64:
-            raise InvalidSchedule(f"{acc_regs} fp32 accumulator registers per thread (> 64)")
+    T.check_gemm_tiles(spec, s)
+
+
+def derived(spec: ConvSpec) -> dict[str, int]:
+    """The band-fill tile, from the spec: all channels of a group (up to 64) by enough
+    columns to make ~4096 elements per program."""
+    wo = spec.hint(spec.out_size[1])
+    wb = (wo - 1) * spec.stride[1] + (spec.kernel[1] - 1) * spec.dilation[1] + 1
+    fill_c = min(64, 1 << max(0, spec.in_channels_per_group - 1).bit_length())
+    fill_w = max(16, min(128, 1 << max(0, wb - 1).bit_length(), 4096 // fill_c))
+    return {"FILL_C": fill_c, "FILL_W": fill_w}
 
 
 def band_elements(spec: ConvSpec) -> int:
@@ -194,5 +198,5 @@ def render(spec: ConvSpec, schedule: Schedule) -> T.KernelSource:
         text=text,
         schedule=schedule,
         spec_key=spec.key(),
-        kernels=("im2win_band_fill", "conv_im2win_band_gemm"),
+        kernels=KERNELS,
     )

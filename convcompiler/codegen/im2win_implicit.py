@@ -20,6 +20,7 @@ from ..schedule import InvalidSchedule, Schedule, schedule_space
 from ..spec import ConvSpec
 from . import template as T
 
+KERNELS = ("conv_im2win_implicit",)  # the @triton.jit kernels launch() calls, in order
 LAUNCH_KEYS = ("num_warps", "num_stages")
 TILING_KEYS = ("M_TILES",)
 
@@ -28,24 +29,17 @@ TILING_KEYS = ("M_TILES",)
     "im2win_implicit",
     BLOCK_M=(16, 32, 64, 128),
     BLOCK_N=(16, 32, 64, 128),
-    BLOCK_K=(16, 32, 64, 128),
+    BLOCK_K=(16, 32, 64),
     GROUP_M=(8,),
     M_TILES=("image", "batch"),
     REDUCTION=("tap", "flat"),
-    num_warps=(2, 4, 8),
-    num_stages=(1, 2, 3, 4),
+    num_warps=(4, 8),
+    num_stages=(2, 3, 4),
 )
 def SPACE(spec: ConvSpec, s: Schedule) -> None:
-    if s["M_TILES"] == "image" and spec.output_layout != "nchw":
-        raise InvalidSchedule("image tiles only make stores contiguous for an NCHW output")
-    if s["M_TILES"] == "image" and spec.hint(spec.batch) > 65535:
-        raise InvalidSchedule("image tiles put the batch on grid axis 2 (at most 65535)")
     if s["REDUCTION"] == "tap" and spec.in_channels_per_group < 16 and s["BLOCK_K"] > 16:
         raise InvalidSchedule("tap reduction with < 16 channels per group wastes BLOCK_K > 16")
-    if spec.device == "cuda":
-        acc_regs = s["BLOCK_M"] * s["BLOCK_N"] // (32 * s["num_warps"])
-        if acc_regs > 64:
-            raise InvalidSchedule(f"{acc_regs} fp32 accumulator registers per thread (> 64)")
+    T.check_gemm_tiles(spec, s)
 
 
 TEMPLATE = '''${header}
@@ -158,5 +152,5 @@ def render(spec: ConvSpec, schedule: Schedule) -> T.KernelSource:
         text=text,
         schedule=schedule,
         spec_key=spec.key(),
-        kernels=("conv_im2win_implicit",),
+        kernels=KERNELS,
     )

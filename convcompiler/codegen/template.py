@@ -23,7 +23,7 @@ import string
 import textwrap
 from dataclasses import dataclass
 
-from ..schedule import Schedule
+from ..schedule import InvalidSchedule, Schedule
 from ..spec import ConvSpec
 
 
@@ -54,6 +54,29 @@ def render(template: str, **hooks: str) -> str:
 
 def indent(code: str, spaces: int = 4) -> str:
     return textwrap.indent(textwrap.dedent(code).strip("\n"), " " * spaces)
+
+
+# ---- shared schedule checks ----------------------------------------------------------------
+def check_row_tiling(spec: ConvSpec, s: Schedule) -> None:
+    """M_TILES: image tiles need an NCHW output and put the batch on grid axis 2."""
+    if s["M_TILES"] == "image" and spec.output_layout != "nchw":
+        raise InvalidSchedule("image tiles only make stores contiguous for an NCHW output")
+    if s["M_TILES"] == "image" and spec.hint(spec.batch) > 65535:
+        raise InvalidSchedule("image tiles put the batch on grid axis 2 (at most 65535)")
+
+
+def check_gemm_tiles(spec: ConvSpec, s: Schedule) -> None:
+    """Register budgets of the tl.dot templates, per thread: the fp32 accumulator <= 32
+    values and each operand tile <= 16 elements (their addresses live in registers too).
+    Derived from the static sm_80/sm_90 report (convcompiler.aot): configurations beyond
+    these budgets spilled on at least one of the ResNet, AlexNet or depthwise shapes."""
+    check_row_tiling(spec, s)
+    threads = 32 * s["num_warps"]
+    bm, bn, bk = s["BLOCK_M"], s["BLOCK_N"], s["BLOCK_K"]
+    if bm * bn // threads > 32:
+        raise InvalidSchedule(f"{bm}x{bn} accumulator: {bm * bn // threads} values per thread (> 32)")
+    if max(bm * bk, bk * bn) // threads > 16:
+        raise InvalidSchedule(f"operand tiles {bm}x{bk} and {bk}x{bn}: over 16 values per thread")
 
 
 # ---- hook: header ------------------------------------------------------------------------

@@ -20,10 +20,11 @@ RULE = "convolution(x, w, b) => im2win_conv(x, w, b)"
 aten = torch.ops.aten
 
 
-def _conv_precision(device: str) -> str:
-    """How cuDNN runs a float32 conv right now: TF32 unless the user turned it off."""
-    if device != "cuda":
-        return "ieee"
+def _conv_precision() -> str:
+    """How cuDNN runs a float32 conv right now: TF32 unless the user turned it off.
+
+    Read for CPU tensors too: the plan is made for a GPU, and Triton's interpreter computes
+    a float32 tl.dot exactly whatever the precision says."""
     conv = getattr(torch.backends.cudnn, "conv", None)
     flag = getattr(conv, "fp32_precision", None) if conv is not None else None
     if flag is not None and flag != "none":
@@ -90,7 +91,7 @@ def conv_spec(node: torch.fx.Node) -> ConvSpec:
         weight_layout=memory_layout(wv),
         output_layout=memory_layout(out),
         device=device,
-        precision=_conv_precision(device) if xv.dtype == torch.float32 else "ieee",
+        precision=_conv_precision() if xv.dtype == torch.float32 else "ieee",
         hints=size_hints(xv, out),
     )
 

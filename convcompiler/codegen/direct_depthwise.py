@@ -1,0 +1,126 @@
+"""Schedule `direct_depthwise`: a depthwise convolution computed directly, without a GEMM.
+
+One input channel per group, so each output is a KH*KW dot product: too short for tensor
+cores, which would waste at least 15/16 of every MMA. A tile is BLOCK_M output pixels x
+BLOCK_C output channels; for each tap it loads the shifted input tile and one weight per
+channel, and accumulates in fp32 on the CUDA cores. Output channel k reads input channel
+k // KG (KG output channels per input channel: the depth multiplier).
+"""
+
+from __future__ import annotations
+
+from ..schedule import InvalidSchedule, Schedule, schedule_space
+from ..spec import ConvSpec
+from . import template as T
+
+KERNELS = ("conv_depthwise_direct",)  # the @triton.jit kernels launch() calls, in order
+LAUNCH_KEYS = ("num_warps", "num_stages")
+TILING_KEYS = ("M_TILES",)
+
+
+@schedule_space(
+    "direct_depthwise",
+    BLOCK_M=(16, 32, 64, 128),
+    BLOCK_C=(8, 16, 32, 64),
+    GROUP_M=(8,),
+    M_TILES=("image", "batch"),
+    num_warps=(2, 4, 8),
+    num_stages=(1, 2),
+)
+def SPACE(spec: ConvSpec, s: Schedule) -> None:
+    if spec.in_channels_per_group != 1:
+        raise InvalidSchedule("direct_depthwise needs one input channel per group")
+    T.check_row_tiling(spec, s)
+    per_thread = s["BLOCK_M"] * s["BLOCK_C"] // (32 * s["num_warps"])
+    if per_thread > 32:
+        raise InvalidSchedule(f"{per_thread} accumulators per thread (> 32)")
+
+
+TEMPLATE = '''${header}
+import torch
+import triton
+import triton.language as tl
+
+${constants}
+${helpers}
+
+@triton.jit
+def conv_depthwise_direct(
+    # pointers
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    # sizes
+    N, H, W, HO, WO, K, KG,
+    # strides (the weight is read as it is: no repacking)
+    sxn, sxc, sxh, sxw, swk, swh, sww, syn, syk, syh, syw,
+    # conv geometry (baked from the spec)
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    # meta-parameters
+    INT64: tl.constexpr, IMAGE_TILES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # ---- 1. the tile: BLOCK_M output pixels x BLOCK_C output channels ----
+    offs_m, m_ok, n, ho, wo, pid_c = _tile_rows(
+        N, HO, WO, K, IMAGE_TILES, INT64, BLOCK_M, BLOCK_C, GROUP_M)
+    offs_k = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    k_ok = offs_k < K
+    x_col = (offs_k // KG) * sxc  # the one input channel of each output channel
+    w_col = offs_k * swk
+
+    # ---- 2. each pixel's window origin ----
+    hi0 = ho * SH - PH
+    wi0 = wo * SW - PW
+    x_row = n * sxn + hi0 * sxh + wi0 * sxw
+
+    # ---- 3. taps: acc[m, k] += x[n, k // KG, hi, wi] * w[k, 0, ky, kx], fp32 on CUDA cores ----
+    acc = tl.full((BLOCK_M, BLOCK_C), 0.0, dtype=tl.float32)
+    for tap in range(0, KW * KH):
+        kx = tap // KH
+        ky = tap - kx * KH
+        hi = hi0 + ky * DH
+        wi = wi0 + kx * DW
+        row_ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+        a = tl.load(x_ptr + (x_row + ky * DH * sxh + kx * DW * sxw)[:, None] + x_col[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + w_col + ky * swh + kx * sww, mask=k_ok, other=0.0)
+        acc += a.to(tl.float32) * b.to(tl.float32)[None, :]
+
+${epilogue}
+
+    # ---- 5. store in eager's memory format ----
+    _store_tile(y_ptr, acc, offs_m, m_ok, offs_k, k_ok, HO, WO, syn, syk, syh, syw,
+                IMAGE_TILES, INT64)
+
+
+def launch(x, weight, bias=None):
+${prepare}
+    # ---- 3. launch: (pixel tiles x channel tiles, 1, images when tiles stay in one) ----
+    int64 = max(x.numel(), y.numel(), weight.numel()) >= INDEX_LIMIT
+    direct_grid = lambda meta: (
+        triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_C"]), 1,
+        N if image else 1)
+    conv_depthwise_direct[direct_grid](
+        x, weight, bias, out,
+        N, H, W, HO, WO, K, KG,
+        *x.stride(), weight.stride(0), weight.stride(2), weight.stride(3), *out.stride(),
+        **GEOMETRY, INT64=int64, IMAGE_TILES=image, **META, **LAUNCH)
+${finish}'''
+
+
+def render(spec: ConvSpec, schedule: Schedule) -> T.KernelSource:
+    text = T.render(
+        TEMPLATE,
+        header=T.header(spec, schedule, "depthwise convolution, computed directly"),
+        constants=T.constants(spec, schedule, LAUNCH=LAUNCH_KEYS, TILING=TILING_KEYS),
+        helpers=T.HELPERS,
+        epilogue=T.epilogue(spec),
+        prepare=T.PREPARE.strip("\n"),
+        finish=T.FINISH.strip("\n"),
+    )
+    return T.KernelSource(
+        name=f"{spec.geometry()}_{schedule.name}",
+        text=text,
+        schedule=schedule,
+        spec_key=spec.key(),
+        kernels=KERNELS,
+    )

@@ -1,0 +1,130 @@
+"""Schedule `gemm_1x1`: a 1x1 convolution (padding 0, any stride) as a plain GEMM.
+
+Per group g: Y[m, k] = sum_c X[m, c] * W[k, c] with m the output pixels. There are no
+taps and no padding, so a pixel's address needs no bounds checks; when the input is
+contiguous NCHW, the stride is 1 and tiles stay inside one image, pixel p of image n is
+simply x[n, c] + p, and Triton can see that the A tile is contiguous along the pixels.
+"""
+
+from __future__ import annotations
+
+from ..schedule import InvalidSchedule, Schedule, schedule_space
+from ..spec import ConvSpec
+from . import template as T
+
+KERNELS = ("conv_gemm_1x1",)  # the @triton.jit kernels launch() calls, in order
+LAUNCH_KEYS = ("num_warps", "num_stages")
+TILING_KEYS = ("M_TILES",)
+
+
+@schedule_space(
+    "gemm_1x1",
+    BLOCK_M=(16, 32, 64, 128),
+    BLOCK_N=(16, 32, 64, 128),
+    BLOCK_K=(16, 32, 64),
+    GROUP_M=(8,),
+    M_TILES=("image", "batch"),
+    num_warps=(4, 8),
+    num_stages=(2, 3, 4),
+)
+def SPACE(spec: ConvSpec, s: Schedule) -> None:
+    if spec.kernel != (1, 1):
+        raise InvalidSchedule(f"gemm_1x1 needs a 1x1 kernel, not {spec.kernel[0]}x{spec.kernel[1]}")
+    if spec.padding != (0, 0):
+        raise InvalidSchedule("gemm_1x1 needs padding 0")
+    T.check_gemm_tiles(spec, s)
+
+
+TEMPLATE = '''${header}
+import torch
+import triton
+import triton.language as tl
+
+${constants}
+${helpers}
+
+@triton.jit
+def conv_gemm_1x1(
+    # pointers
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    # sizes
+    N, H, W, HO, WO, CG, KG,
+    # strides (w_ptr is the packed filter: [K, CG] contiguous)
+    sxn, sxc, sxh, sxw, syn, syk, syh, syw,
+    # conv geometry (baked from the spec)
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    # meta-parameters
+    PIXELS_FLAT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    INT64: tl.constexpr, IMAGE_TILES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # ---- 1. the tile: BLOCK_M output pixels x BLOCK_N output channels of group g ----
+    g = tl.program_id(1)
+    offs_m, m_ok, n, ho, wo, pid_n = _tile_rows(
+        N, HO, WO, KG, IMAGE_TILES, INT64, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = g * KG + offs_n
+    k_ok = offs_n < KG
+
+    # ---- 2. each output pixel reads one input pixel: (ho*SH, wo*SW) ----
+    if PIXELS_FLAT:
+        x_row = n * sxn + offs_m  # contiguous NCHW, stride 1, one image per tile
+    else:
+        x_row = n * sxn + (ho * SH) * sxh + (wo * SW) * sxw
+    x_base = x_ptr + g * CG * sxc
+    w_col = offs_k * CG
+    if INT64:
+        w_col = offs_k.to(tl.int64) * CG
+    offs_c = tl.arange(0, BLOCK_K)
+
+    # ---- 3. reduction over the input channels: acc[m, k] += x[m, c] * w[k, c] ----
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+    for c0 in range(0, CG, BLOCK_K):
+        c = c0 + offs_c
+        c_ok = c < CG
+        a = tl.load(x_base + x_row[:, None] + (c * sxc)[None, :],
+                    mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + w_col[None, :] + c[:, None],
+                    mask=c_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = _mma(a, b, acc, UPCAST, PRECISION)
+
+${epilogue}
+
+    # ---- 5. store in eager's memory format ----
+    _store_tile(y_ptr, acc, offs_m, m_ok, offs_k, k_ok, HO, WO, syn, syk, syh, syw,
+                IMAGE_TILES, INT64)
+
+
+def launch(x, weight, bias=None):
+${prepare}
+    # ---- 3. launch on the GEMM grid ----
+    int64 = max(x.numel(), y.numel(), weight.numel()) >= INDEX_LIMIT
+    flat = (image and g["SH"] == 1 and g["SW"] == 1 and x.stride(3) == 1
+            and x.stride(2) == W)
+    conv_gemm_1x1[grid](
+        x, w_packed, bias, out,
+        N, H, W, HO, WO, CG, KG,
+        *x.stride(), *out.stride(),
+        **GEOMETRY, PIXELS_FLAT=flat, PRECISION=PRECISION, UPCAST=upcast, INT64=int64,
+        IMAGE_TILES=image, **META, **LAUNCH)
+${finish}'''
+
+
+def render(spec: ConvSpec, schedule: Schedule) -> T.KernelSource:
+    text = T.render(
+        TEMPLATE,
+        header=T.header(spec, schedule, "1x1 convolution as a plain GEMM"),
+        constants=T.constants(spec, schedule, LAUNCH=LAUNCH_KEYS, TILING=TILING_KEYS),
+        helpers=T.HELPERS,
+        epilogue=T.epilogue(spec),
+        prepare=T.PREPARE.strip("\n"),
+        finish=T.FINISH.strip("\n"),
+    )
+    return T.KernelSource(
+        name=f"{spec.geometry()}_{schedule.name}",
+        text=text,
+        schedule=schedule,
+        spec_key=spec.key(),
+        kernels=KERNELS,
+    )

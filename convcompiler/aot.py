@@ -26,6 +26,7 @@ import triton
 from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import CUDABackend
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from triton.compiler import ASTSource
 
 from .codegen import KernelSource
@@ -181,5 +182,6 @@ def compile_launch(launch: Launch, arch: str, source_name: str = "") -> KernelSt
 
 def static_report(source: KernelSource, spec: ConvSpec, archs: tuple[str, ...] = ("sm_90", "sm_80")) -> list[KernelStats]:
     """Stats of every kernel the source launches for `spec`, for each target arch."""
-    launches = capture_launches(source, spec)
+    with unset_fake_temporarily():  # called from inside a compile: use real meta tensors
+        launches = capture_launches(source, spec)
     return [compile_launch(l, arch, source.filename) for arch in archs for l in launches]

@@ -13,6 +13,7 @@ Stages of one compile:
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Callable, Sequence
 
 import torch
@@ -55,6 +56,7 @@ def im2win(
         config = config.replace(autotune=True)
     elif mode == "reduce-overhead":
         log.info("mode='reduce-overhead' (CUDA graphs) is not implemented by the im2win backend")
+    start = time.perf_counter()
     report = new_report(config)
     lowering = Lowering(config, report)
     facts: dict[str, Any] = {}
@@ -64,4 +66,6 @@ def im2win(
         bw_compiler=_graph_compiler("backward", config, facts, lowering),
         inference_compiler=_graph_compiler("inference", config, facts, lowering),
     )
-    return compile_aot(gm, example_inputs)
+    compiled = compile_aot(gm, example_inputs)
+    report.compile_seconds = time.perf_counter() - start
+    return compiled

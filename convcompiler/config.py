@@ -39,6 +39,9 @@ class Config:
     benchmarker: "do_bench" (triton.testing.do_bench median, GPU only) or "fake" (a
         deterministic stand-in for tests: it measures nothing).
     cache: read and write the persistent tuning cache (<cache dir>/tuning.sqlite3).
+    verify: compile each chosen kernel ahead of time for the planning device's architecture
+        and reject it if it spills registers or overflows shared memory (the next candidate
+        is taken). The result is cached with the decision, so only a cold compile pays it.
     kernel_dir: where generated kernel sources are written. None means
         <cache dir>/kernels (see CONVCOMPILER_CACHE_DIR).
     """
@@ -50,11 +53,12 @@ class Config:
     top_k: int = 4
     benchmarker: str = "do_bench"
     cache: bool = True
+    verify: bool = True
     kernel_dir: str | None = None
 
     # Fields that change the generated source text or the schedule picked for a region;
     # they are part of every tuning-cache key.
-    codegen_fields = ("schedule", "target")
+    codegen_fields = ("schedule", "target", "verify")
 
     def __post_init__(self) -> None:
         if self.cpu not in CPU_MODES:
@@ -67,7 +71,7 @@ class Config:
             from .devices import lookup
 
             lookup(self.target)  # raises ValueError naming the known targets
-        for name in ("autotune", "cache"):
+        for name in ("autotune", "cache", "verify"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"option {name!r} must be True or False")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 1:

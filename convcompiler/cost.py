@@ -159,6 +159,9 @@ def _time(spec, schedule, device, symbolic):
             peak = device.peak("fp32")
         padded = flops
         traffic = x_bytes + w_bytes + y_bytes
+        if kind != "fp32" and spec.input_layout != "nhwc":
+            # cuDNN's tensor-core kernels work in NHWC: an NCHW conv pays two transposes
+            traffic, launches = traffic + 2 * x_bytes + 2 * y_bytes, launches + 2
     else:
         image = s.get("M_TILES") == "image"
         rows = z.p if image else z.m

@@ -23,6 +23,7 @@ from .passes import Region
 from .report import RegionRecord, Report
 from .runtime import KernelCall, interpreter_notice, load_source
 from .select import Choice, SelectionContext, select_conv_schedule
+from .schedule import Schedule
 from .spec import ConvSpec
 from .tuning import benchmarker
 
@@ -50,9 +51,11 @@ class Lowering:
                 else:
                     log.info("autotuning needs a GPU (or benchmarker='fake'); using the cost model")
             calibration = self.cache.calibration(device.name) if self.cache else 1.0
+            verify = (lambda s, sched, arch=device.arch: self._verify(s, sched, arch)) \
+                if self.config.verify else None
             self._contexts[spec.device] = SelectionContext(
                 self.config, device, reason, self.cache, bench,
-                self._runner if gpu else None, calibration)
+                self._runner if gpu else None, calibration, verify=verify)
             self.report.devices[spec.device] = f"{device.name} ({reason})"
         return self._contexts[spec.device]
 
@@ -69,6 +72,15 @@ class Lowering:
         module, _ = load_source(render_conv(spec, pred.schedule), self.config.kernel_path,
                                 interpret=False)
         return lambda: module.launch(x, w, b)
+
+    @staticmethod
+    def _verify(spec: ConvSpec, schedule: Schedule, arch: str) -> list[str]:
+        """Compile the schedule's kernel for `arch` (no GPU needed): what keeps it off."""
+        from .aot import static_report
+
+        counters["verify.conv"] += 1
+        stats = static_report(render_conv(spec, schedule), spec, (arch,))
+        return [f"{st.kernel}: {p}" for st in stats for p in st.problems()]
 
     # ---- sources ---------------------------------------------------------------------------
     def source_for(self, spec: ConvSpec, choice: Choice) -> KernelSource:
@@ -92,6 +104,7 @@ class Lowering:
             "why": choice.why,
             "candidates": [row.__dict__ for row in choice.candidates],
             "valid_for": choice.valid_for,
+            "rejected": list(choice.rejected),
             "source": None if source is None else {"sha256": source.sha256, "name": source.name},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }

@@ -42,6 +42,7 @@ class Report:
     config: Config
     regions: list[RegionRecord] = field(default_factory=list)
     devices: dict[str, str] = field(default_factory=dict)  # tensor device -> planning device
+    compile_seconds: float | None = None  # backend time: aot_autograd, passes, lowering
 
     def __iter__(self):
         return iter(list(self.regions))

@@ -4,8 +4,10 @@ A schedule space is declared next to its kernel template (see `codegen/`):
 
     SPACE = schedule_space("im2win_implicit", BLOCK_M=(16, 32, 64, 128), ...)(check)
 
-`check(spec, schedule)` raises `InvalidSchedule` with a reason for combinations the kernel
-cannot run; the tuner and the selection rule skip those.
+`check(spec, schedule, device)` raises `InvalidSchedule` with a reason for combinations the
+kernel cannot run; the tuner and the cost model skip those. `device` is the GPU the
+schedule is planned for, whose limits (registers, shared memory) apply; None means Triton's
+interpreter, which has none.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Callable, Iterator, Union
 
+from .devices import Device
 from .spec import ConvSpec
 
 Param = Union[int, str]
@@ -52,7 +55,7 @@ class Schedule:
 
 ATEN = Schedule("aten")
 
-CheckFn = Callable[[ConvSpec, Schedule], None]
+CheckFn = Callable[[ConvSpec, Schedule, "Device | None"], None]
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,7 @@ class ScheduleSpace:
     choices: tuple[tuple[str, tuple[Param, ...]], ...]
     check: CheckFn
 
-    def make(self, spec: ConvSpec, **params: Param) -> Schedule:
+    def make(self, spec: ConvSpec, *, device: Device | None = None, **params: Param) -> Schedule:
         """A validated schedule; raises InvalidSchedule with the reason otherwise."""
         names = dict(self.choices)
         unknown = sorted(set(params) - set(names))
@@ -76,16 +79,17 @@ class ScheduleSpace:
             if value not in names[name]:
                 raise InvalidSchedule(f"{self.name}: {name}={value!r} not in {names[name]}")
         schedule = Schedule(self.name, tuple(sorted(params.items())))
-        self.check(spec, schedule)
+        self.check(spec, schedule, device)
         return schedule
 
-    def candidates(self, spec: ConvSpec, **fixed: Param) -> Iterator[Schedule]:
-        """Every valid schedule of this space for `spec`, with `fixed` parameters pinned."""
+    def candidates(self, spec: ConvSpec, *, device: Device | None = None,
+                   **fixed: Param) -> Iterator[Schedule]:
+        """Every valid schedule of this space for `spec` on `device`, `fixed` pinned."""
         names = [name for name, _ in self.choices]
         grid = [(fixed[name],) if name in fixed else values for name, values in self.choices]
         for values in itertools.product(*grid):
             try:
-                yield self.make(spec, **dict(zip(names, values)))
+                yield self.make(spec, device=device, **dict(zip(names, values)))
             except InvalidSchedule:
                 continue
 

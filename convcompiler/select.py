@@ -7,6 +7,10 @@
        benchmarker can run: a GPU, or the fake benchmarker in tests
     4. the cost model's pick
 
+A tuned or model pick must also pass the static check (option verify): its kernel is
+compiled ahead of time for the planning device and refused if it spills registers or
+overflows shared memory; the next candidate is then taken.
+
 Candidates are ATen plus every valid schedule of every template (num_stages pinned to 3
 for the model; the tuner also tries 2 and 4 stages for its top-k). When the tensors are on
 the CPU and option cpu="interpret", ATen is not a candidate: the interpreter exists to run
@@ -55,6 +59,7 @@ class Choice:
     candidates: tuple[CandidateRow, ...] = ()
     valid_for: str | None = None
     source: CachedSource | None = None  # the kernel text, when the cache had it
+    rejected: tuple[str, ...] = ()  # candidates the static check refused, with the reason
 
 
 @dataclass
@@ -68,6 +73,8 @@ class SelectionContext:
     bench: Benchmarker | None = None
     make_runner: Callable[[ConvSpec, Prediction], Callable[[], object]] | None = None
     calibration: float = 1.0
+    # verify(spec, schedule) -> problems ([] when the kernel fits the planning device)
+    verify: Callable[[ConvSpec, Schedule], list[str]] | None = None
     keys: dict[str, tuple[str, dict]] = field(default_factory=dict)
 
     def key(self, spec: ConvSpec) -> tuple[str, dict]:
@@ -85,14 +92,16 @@ def interpreted(spec: ConvSpec, config: Config) -> bool:
 MODEL_STAGES = 3  # the model does not tell pipeline depths apart; the tuner does
 
 
-def model_candidates(spec: ConvSpec, *, include_aten: bool) -> list[Schedule]:
-    """ATen (optionally) and every valid schedule of every template, pipeline depth pinned."""
+def model_candidates(spec: ConvSpec, device: Device, *, include_aten: bool) -> list[Schedule]:
+    """ATen (optionally) and every schedule of every template valid on `device`, with the
+    pipeline depth pinned."""
     found = [ATEN] if include_aten else []
     for name, space in SPACES.items():
         derived = getattr(TEMPLATES[name], "derived", None)
         stages = dict(space.choices)["num_stages"]
         pinned = {"num_stages": MODEL_STAGES if MODEL_STAGES in stages else max(stages)}
-        found.extend(space.candidates(spec, **pinned, **(derived(spec) if derived else {})))
+        found.extend(space.candidates(spec, device=device, **pinned,
+                                      **(derived(spec) if derived else {})))
     return found
 
 
@@ -172,7 +181,7 @@ def _select(spec: ConvSpec, ctx: SelectionContext) -> Choice:
                       fallback_reason="option schedule='aten'")
     include_aten = not interpreted(spec, config)
     if config.schedule is not None:
-        forced = [s for s in model_candidates(spec, include_aten=False)
+        forced = [s for s in model_candidates(spec, ctx.device, include_aten=False)
                   if s.name == config.schedule]
         if forced:
             best = rank(spec, forced, ctx.device, ctx.calibration)[0]
@@ -192,7 +201,7 @@ def _select(spec: ConvSpec, ctx: SelectionContext) -> Choice:
                 return choice
 
     # 3 and 4: rank every candidate with the cost model; tune the top-k when enabled
-    ranked = rank(spec, model_candidates(spec, include_aten=include_aten),
+    ranked = rank(spec, model_candidates(spec, ctx.device, include_aten=include_aten),
                   ctx.device, ctx.calibration)
     if not ranked:
         raise InvalidSchedule(f"no schedule can run {spec.describe()}")
@@ -203,24 +212,28 @@ def _select(spec: ConvSpec, ctx: SelectionContext) -> Choice:
             pool.append(p)
             for stages in (2, 4):
                 if p.schedule.name != "aten":
-                    variant = _with_stages(spec, p.schedule, stages)
+                    variant = _with_stages(spec, p.schedule, stages, ctx.device)
                     if variant is not None:
                         pool.append(predict(spec, variant, ctx.device, ctx.calibration, symbolic=False))
         runner = (lambda pred: ctx.make_runner(spec, pred)) if ctx.make_runner else None
         measured = autotune(pool, spec.key(), ctx.bench, runner, spec.describe())
         if measured:
-            best = measured[0]
             times = {m.prediction.schedule: m.seconds for m in measured}
-            why = (f"tuned: fastest of {len(measured)} measured, {best.seconds * 1e6:.1f} us "
-                   f"(model predicted {best.prediction.at_hint * 1e6:.1f} us)")
-            return Choice(best.prediction.schedule, "tuned", why,
+            best, rejected = _first_verified(spec, [m.prediction for m in measured], ctx)
+            why = (f"tuned: fastest of {len(measured)} measured that passes the static check, "
+                   f"{times[best.schedule] * 1e6:.1f} us "
+                   f"(model predicted {best.at_hint * 1e6:.1f} us)")
+            return Choice(best.schedule, "tuned", why,
                           fallback_reason="tuned: ATen measured fastest"
-                          if best.prediction.schedule.name == "aten" else None,
-                          prediction=predict(spec, best.prediction.schedule, ctx.device, ctx.calibration),
+                          if best.schedule.name == "aten" else None,
+                          prediction=predict(spec, best.schedule, ctx.device, ctx.calibration),
                           candidates=_rows([m.prediction for m in measured], times),
-                          valid_for=valid_range(spec, best.prediction.schedule, top, ctx))
-    winner = ranked[0]
+                          valid_for=valid_range(spec, best.schedule, top, ctx),
+                          rejected=rejected)
+    winner, rejected = _first_verified(spec, ranked, ctx)
     why = _why(winner, ranked)
+    if rejected:
+        why += f"; {len(rejected)} faster candidate(s) failed the static check"
     if not include_aten:
         aten = predict(spec, ATEN, ctx.device, ctx.calibration, symbolic=False)
         why += (f"; ATen ({aten.at_hint * 1e6:.1f} us predicted) is not a candidate: "
@@ -229,7 +242,8 @@ def _select(spec: ConvSpec, ctx: SelectionContext) -> Choice:
                   fallback_reason=f"cost model: {why}" if winner.schedule.name == "aten" else None,
                   prediction=predict(spec, winner.schedule, ctx.device, ctx.calibration),
                   candidates=_rows(ranked[: max(8, config.top_k)]),
-                  valid_for=valid_range(spec, winner.schedule, top, ctx))
+                  valid_for=valid_range(spec, winner.schedule, top, ctx),
+                  rejected=rejected)
 
 
 TILE_PARAMS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_C", "num_warps")
@@ -242,8 +256,14 @@ def for_interpreter(spec: ConvSpec, choice: Choice) -> Choice:
     if schedule.name == "aten":
         return choice
     fixed = {k: v for k, v in schedule.params if k not in TILE_PARAMS}
-    options = list(SPACES[schedule.name].candidates(spec, **fixed))
-    best = min(options, key=lambda s: (interpreter_steps(spec, s), s.key()))
+    options = list(SPACES[schedule.name].candidates(spec, device=None, **fixed))
+    def volume(s: Schedule) -> int:  # numpy work per step: smaller wins a tie in steps
+        v = 1
+        for k in TILE_PARAMS[:4]:
+            v *= int(s.get(k, 1))
+        return v
+
+    best = min(options, key=lambda s: (interpreter_steps(spec, s), volume(s), s.key()))
     if best == schedule:
         return choice
     plan = " ".join(f"{k}={v}" for k, v in schedule.params if k in TILE_PARAMS)
@@ -252,9 +272,28 @@ def for_interpreter(spec: ConvSpec, choice: Choice) -> Choice:
         why=f"{choice.why}; tiles re-picked for Triton's interpreter (GPU plan: {plan})")
 
 
-def _with_stages(spec: ConvSpec, schedule: Schedule, stages: int) -> Schedule | None:
+MAX_VERIFIED = 8
+
+
+def _first_verified(spec: ConvSpec, preds: list[Prediction], ctx: SelectionContext
+                    ) -> tuple[Prediction, tuple[str, ...]]:
+    """The first prediction whose kernel passes the static check (ATen always does)."""
+    rejected = []
+    for pred in preds[:MAX_VERIFIED]:
+        if pred.schedule.name == "aten" or ctx.verify is None:
+            return pred, tuple(rejected)
+        problems = ctx.verify(spec, pred.schedule)
+        if not problems:
+            return pred, tuple(rejected)
+        rejected.append(f"{pred.schedule.describe()}: {'; '.join(problems)}")
+    log.warning("no verified schedule among the best %d for %s; using the model's first",
+                MAX_VERIFIED, spec.describe())
+    return preds[0], tuple(rejected)
+
+
+def _with_stages(spec: ConvSpec, schedule: Schedule, stages: int, device: Device) -> Schedule | None:
     params = {**schedule.as_dict(), "num_stages": stages}
     try:
-        return SPACES[schedule.name].make(spec, **params)
+        return SPACES[schedule.name].make(spec, device=device, **params)
     except InvalidSchedule:
         return None

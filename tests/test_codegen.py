@@ -17,6 +17,7 @@ import torch
 
 from convcompiler.aot import static_report
 from convcompiler.codegen import SPACES
+from convcompiler.devices import DEVICES
 from convcompiler.kernels import conv_source, conv_spec_of
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
@@ -32,7 +33,7 @@ def gpu_spec(x_shape, w_shape, stride, padding, dilation, groups, dtype, channel
 
 def fixed(spec, name, **params):
     params = {"GROUP_M": 8, "num_stages": 3, **params}
-    return spec, SPACES[name].make(spec, **params)
+    return spec, SPACES[name].make(spec, device=DEVICES["h100"], **params)
 
 
 GEMM = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8)

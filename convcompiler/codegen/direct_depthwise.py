@@ -9,6 +9,7 @@ k // KG (KG output channels per input channel: the depth multiplier).
 
 from __future__ import annotations
 
+from ..devices import Device
 from ..schedule import InvalidSchedule, Schedule, schedule_space
 from ..spec import ConvSpec
 from . import template as T
@@ -21,16 +22,18 @@ TILING_KEYS = ("M_TILES",)
 @schedule_space(
     "direct_depthwise",
     BLOCK_M=(16, 32, 64, 128),
-    BLOCK_C=(8, 16, 32, 64),
+    BLOCK_C=(8, 16, 32, 64, 128),
     GROUP_M=(8,),
     M_TILES=("image", "batch"),
     num_warps=(2, 4, 8),
     num_stages=(1, 2),
 )
-def SPACE(spec: ConvSpec, s: Schedule) -> None:
+def SPACE(spec: ConvSpec, s: Schedule, device: Device | None) -> None:
     if spec.in_channels_per_group != 1:
         raise InvalidSchedule("direct_depthwise needs one input channel per group")
     T.check_row_tiling(spec, s)
+    if device is None:
+        return
     per_thread = s["BLOCK_M"] * s["BLOCK_C"] // (32 * s["num_warps"])
     if per_thread > 32:
         raise InvalidSchedule(f"{per_thread} accumulators per thread (> 32)")

@@ -8,6 +8,7 @@ simply x[n, c] + p, and Triton can see that the A tile is contiguous along the p
 
 from __future__ import annotations
 
+from ..devices import Device
 from ..schedule import InvalidSchedule, Schedule, schedule_space
 from ..spec import ConvSpec
 from . import template as T
@@ -21,18 +22,18 @@ TILING_KEYS = ("M_TILES",)
     "gemm_1x1",
     BLOCK_M=(16, 32, 64, 128),
     BLOCK_N=(16, 32, 64, 128),
-    BLOCK_K=(16, 32, 64),
+    BLOCK_K=(16, 32, 64, 128),
     GROUP_M=(8,),
     M_TILES=("image", "batch"),
     num_warps=(4, 8),
     num_stages=(2, 3, 4),
 )
-def SPACE(spec: ConvSpec, s: Schedule) -> None:
+def SPACE(spec: ConvSpec, s: Schedule, device: Device | None) -> None:
     if spec.kernel != (1, 1):
         raise InvalidSchedule(f"gemm_1x1 needs a 1x1 kernel, not {spec.kernel[0]}x{spec.kernel[1]}")
     if spec.padding != (0, 0):
         raise InvalidSchedule("gemm_1x1 needs padding 0")
-    T.check_gemm_tiles(spec, s)
+    T.check_gemm_tiles(spec, s, device)
 
 
 TEMPLATE = '''${header}

@@ -16,6 +16,7 @@ the image: the band already holds the padding.
 
 from __future__ import annotations
 
+from ..devices import Device
 from ..schedule import InvalidSchedule, Schedule, schedule_space
 from ..spec import ConvSpec
 from . import template as T
@@ -30,7 +31,7 @@ FILL_KEYS = ("FILL_W", "FILL_C")
     "im2win_band",
     BLOCK_M=(16, 32, 64, 128),
     BLOCK_N=(16, 32, 64, 128),
-    BLOCK_K=(16, 32, 64),
+    BLOCK_K=(16, 32, 64, 128),
     GROUP_M=(8,),
     M_TILES=("image", "batch"),
     FILL_W=(16, 32, 64, 128),
@@ -38,10 +39,10 @@ FILL_KEYS = ("FILL_W", "FILL_C")
     num_warps=(4, 8),
     num_stages=(2, 3, 4),
 )
-def SPACE(spec: ConvSpec, s: Schedule) -> None:
+def SPACE(spec: ConvSpec, s: Schedule, device: Device | None) -> None:
     if s["FILL_W"] * s["FILL_C"] > 4096:
         raise InvalidSchedule("band fill tile larger than 4096 elements")
-    T.check_gemm_tiles(spec, s)
+    T.check_gemm_tiles(spec, s, device)
 
 
 def derived(spec: ConvSpec) -> dict[str, int]:

@@ -16,6 +16,7 @@ Two reduction orders (parameter REDUCTION):
 
 from __future__ import annotations
 
+from ..devices import Device
 from ..schedule import InvalidSchedule, Schedule, schedule_space
 from ..spec import ConvSpec
 from . import template as T
@@ -29,17 +30,17 @@ TILING_KEYS = ("M_TILES",)
     "im2win_implicit",
     BLOCK_M=(16, 32, 64, 128),
     BLOCK_N=(16, 32, 64, 128),
-    BLOCK_K=(16, 32, 64),
+    BLOCK_K=(16, 32, 64, 128),
     GROUP_M=(8,),
     M_TILES=("image", "batch"),
     REDUCTION=("tap", "flat"),
     num_warps=(4, 8),
     num_stages=(2, 3, 4),
 )
-def SPACE(spec: ConvSpec, s: Schedule) -> None:
+def SPACE(spec: ConvSpec, s: Schedule, device: Device | None) -> None:
     if s["REDUCTION"] == "tap" and spec.in_channels_per_group < 16 and s["BLOCK_K"] > 16:
         raise InvalidSchedule("tap reduction with < 16 channels per group wastes BLOCK_K > 16")
-    T.check_gemm_tiles(spec, s)
+    T.check_gemm_tiles(spec, s, device)
 
 
 TEMPLATE = '''${header}

@@ -23,8 +23,11 @@ import string
 import textwrap
 from dataclasses import dataclass
 
+from ..devices import Device
 from ..schedule import InvalidSchedule, Schedule
 from ..spec import ConvSpec
+
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 @dataclass(frozen=True)
@@ -65,18 +68,26 @@ def check_row_tiling(spec: ConvSpec, s: Schedule) -> None:
         raise InvalidSchedule("image tiles put the batch on grid axis 2 (at most 65535)")
 
 
-def check_gemm_tiles(spec: ConvSpec, s: Schedule) -> None:
-    """Register budgets of the tl.dot templates, per thread: the fp32 accumulator <= 32
-    values and each operand tile <= 16 elements (their addresses live in registers too).
-    Derived from the static sm_80/sm_90 report (convcompiler.aot): configurations beyond
-    these budgets spilled on at least one of the ResNet, AlexNet or depthwise shapes."""
+def check_gemm_tiles(spec: ConvSpec, s: Schedule, device: Device | None) -> None:
+    """Row tiling, plus the GPU budgets of the tl.dot templates (none for the interpreter).
+
+    Per thread: the fp32 accumulator <= 32 values and each operand tile <= 16 elements
+    (their addresses live in registers too). Derived from the static sm_80/sm_90 report
+    (convcompiler.aot): configurations beyond these budgets spilled on at least one of the
+    ResNet, AlexNet or depthwise shapes. The pipelined operand tiles must fit the device's
+    shared memory."""
     check_row_tiling(spec, s)
+    if device is None:
+        return
     threads = 32 * s["num_warps"]
     bm, bn, bk = s["BLOCK_M"], s["BLOCK_N"], s["BLOCK_K"]
     if bm * bn // threads > 32:
         raise InvalidSchedule(f"{bm}x{bn} accumulator: {bm * bn // threads} values per thread (> 32)")
     if max(bm * bk, bk * bn) // threads > 16:
         raise InvalidSchedule(f"operand tiles {bm}x{bk} and {bk}x{bn}: over 16 values per thread")
+    smem = s["num_stages"] * (bm * bk + bk * bn) * ITEMSIZE[spec.dtype]
+    if smem > device.smem_per_block:
+        raise InvalidSchedule(f"{smem} B of pipelined tiles > {device.smem_per_block} B shared memory")
 
 
 # ---- hook: header ------------------------------------------------------------------------

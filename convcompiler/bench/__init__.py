@@ -1,0 +1,1 @@
+"""Benchmarks (`python -m convcompiler.bench SUITE`). Never run by the test suite."""

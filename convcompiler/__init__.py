@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from .config import Config
 from .counters import counters
-from .report import Report, RegionRecord, last_report
+from .report import RegionRecord, Report, last_report
 
 __version__ = "0.1.0"
+
 
 def _register_backend() -> None:
     """Register `im2win` with Dynamo unless the entry point (or anyone) already did."""

@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 import triton
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import CUDABackend
-from torch._subclasses.fake_tensor import unset_fake_temporarily
 from triton.compiler import ASTSource
 
 from .codegen import KernelSource
@@ -150,7 +150,9 @@ def _cuobjdump(cubin: bytes) -> dict[str, int]:
         path.write_bytes(cubin)
         out = subprocess.run(
             [str(tool), "--dump-resource-usage", str(path)],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
     found = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out))
     return {k: int(v) for k, v in found.items()}
@@ -180,8 +182,10 @@ def compile_launch(launch: Launch, arch: str, source_name: str = "") -> KernelSt
     )
 
 
-def static_report(source: KernelSource, spec: ConvSpec, archs: tuple[str, ...] = ("sm_90", "sm_80")) -> list[KernelStats]:
+def static_report(
+    source: KernelSource, spec: ConvSpec, archs: tuple[str, ...] = ("sm_90", "sm_80")
+) -> list[KernelStats]:
     """Stats of every kernel the source launches for `spec`, for each target arch."""
     with unset_fake_temporarily():  # called from inside a compile: use real meta tensors
         launches = capture_launches(source, spec)
-    return [compile_launch(l, arch, source.filename) for arch in archs for l in launches]
+    return [compile_launch(launch, arch, source.filename) for arch in archs for launch in launches]

@@ -41,8 +41,10 @@ EXPORT_FORMAT = "convcompiler-tuning-cache"
 T = TypeVar("T")
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS records (key TEXT PRIMARY KEY, value TEXT NOT NULL, created REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS sources (sha256 TEXT PRIMARY KEY, name TEXT NOT NULL, text TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS records (
+    key TEXT PRIMARY KEY, value TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS sources (
+    sha256 TEXT PRIMARY KEY, name TEXT NOT NULL, text TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS calibration (
     device TEXT NOT NULL, spec TEXT NOT NULL, predicted REAL NOT NULL, measured REAL NOT NULL,
     PRIMARY KEY (device, spec));
@@ -59,8 +61,9 @@ def templates_hash() -> str:
     return digest.hexdigest()
 
 
-def record_key(kind: str, spec_key: str, device: Device, config_fields: dict[str, Any],
-               benchmarker: str) -> tuple[str, dict[str, Any]]:
+def record_key(
+    kind: str, spec_key: str, device: Device, config_fields: dict[str, Any], benchmarker: str
+) -> tuple[str, dict[str, Any]]:
     """The cache key of one region's decision, and the parts it hashes.
 
     An entry is used only when every part matches; changing any of these invalidates it:
@@ -129,8 +132,12 @@ class TuningCache:
 
     def _move_aside(self, err: Exception) -> None:
         aside = self.path.with_name(f"{self.path.name}.corrupt-{os.getpid()}-{int(time.time())}")
-        log.warning("tuning cache %s is unreadable (%s); moving it to %s and rebuilding",
-                    self.path, err, aside.name)
+        log.warning(
+            "tuning cache %s is unreadable (%s); moving it to %s and rebuilding",
+            self.path,
+            err,
+            aside.name,
+        )
         counters["cache.rebuilt"] += 1
         for suffix in ("", "-wal", "-shm"):
             src = Path(str(self.path) + suffix)
@@ -160,8 +167,12 @@ class TuningCache:
     def get(self, key: str, parts: dict[str, Any]) -> dict[str, Any] | None:
         """The record stored under `key`, if its recorded key parts are exactly `parts`."""
         row = self._guard(
-            "get", lambda: self._conn.execute(
-                "SELECT value FROM records WHERE key = ?", (key,)).fetchone(), None)
+            "get",
+            lambda: self._conn.execute(
+                "SELECT value FROM records WHERE key = ?", (key,)
+            ).fetchone(),
+            None,
+        )
         if row is None:
             counters["cache.miss"] += 1
             return None
@@ -172,8 +183,9 @@ class TuningCache:
             counters["cache.miss"] += 1
             return None
         if value.get("key_parts") != parts:
-            log.warning("tuning cache record %s was written for other key parts; ignoring it",
-                        key[:12])
+            log.warning(
+                "tuning cache record %s was written for other key parts; ignoring it", key[:12]
+            )
             counters["cache.miss"] += 1
             return None
         counters["cache.hit"] += 1
@@ -189,10 +201,12 @@ class TuningCache:
                 if source is not None:
                     self._conn.execute(
                         "INSERT OR REPLACE INTO sources (sha256, name, text) VALUES (?, ?, ?)",
-                        (source.sha256, source.name, source.text))
+                        (source.sha256, source.name, source.text),
+                    )
                 self._conn.execute(
                     "INSERT OR REPLACE INTO records (key, value, created) VALUES (?, ?, ?)",
-                    (key, text, time.time()))
+                    (key, text, time.time()),
+                )
                 self._conn.execute("COMMIT")
             except BaseException:
                 self._conn.execute("ROLLBACK")
@@ -204,8 +218,12 @@ class TuningCache:
     def source(self, sha256: str) -> CachedSource | None:
         """A stored kernel source, only if its text still hashes to `sha256`."""
         row = self._guard(
-            "source", lambda: self._conn.execute(
-                "SELECT name, text FROM sources WHERE sha256 = ?", (sha256,)).fetchone(), None)
+            "source",
+            lambda: self._conn.execute(
+                "SELECT name, text FROM sources WHERE sha256 = ?", (sha256,)
+            ).fetchone(),
+            None,
+        )
         if row is None:
             return None
         if sha256_of(row[1].encode()) != sha256:
@@ -214,15 +232,27 @@ class TuningCache:
         return CachedSource(sha256, row[0], row[1])
 
     # ---- ATen calibration ---------------------------------------------------------------
-    def add_calibration(self, device: str, spec_key: str, predicted: float, measured: float) -> None:
-        self._guard("calibration", lambda: self._conn.execute(
-            "INSERT OR REPLACE INTO calibration VALUES (?, ?, ?, ?)",
-            (device, spec_key, predicted, measured)), None)
+    def add_calibration(
+        self, device: str, spec_key: str, predicted: float, measured: float
+    ) -> None:
+        self._guard(
+            "calibration",
+            lambda: self._conn.execute(
+                "INSERT OR REPLACE INTO calibration VALUES (?, ?, ?, ?)",
+                (device, spec_key, predicted, measured),
+            ),
+            None,
+        )
 
     def calibration(self, device: str) -> float:
         """Median measured/predicted of ATen on `device` (1.0 with no measurements)."""
-        rows = self._guard("calibration", lambda: self._conn.execute(
-            "SELECT predicted, measured FROM calibration WHERE device = ?", (device,)).fetchall(), [])
+        rows = self._guard(
+            "calibration",
+            lambda: self._conn.execute(
+                "SELECT predicted, measured FROM calibration WHERE device = ?", (device,)
+            ).fetchall(),
+            [],
+        )
         ratios = [m / p for p, m in rows if p > 0 and m > 0]
         return statistics.median(ratios) if ratios else 1.0
 
@@ -247,8 +277,13 @@ class TuningCache:
         self._guard("clear", wipe, None)
 
     def records(self) -> list[tuple[str, dict[str, Any], float]]:
-        rows = self._guard("records", lambda: self._conn.execute(
-            "SELECT key, value, created FROM records ORDER BY created").fetchall(), [])
+        rows = self._guard(
+            "records",
+            lambda: self._conn.execute(
+                "SELECT key, value, created FROM records ORDER BY created"
+            ).fetchall(),
+            [],
+        )
         return [(k, json.loads(v), c) for k, v, c in rows]
 
     def export_json(self, path: Path) -> int:

@@ -70,9 +70,10 @@ class Prediction:
     def summary(self) -> str:
         waste = 1 - self.flops / self.padded_flops if self.padded_flops else 0.0
         return (
-            f"{self.at_hint * 1e6:.1f} us ({self.bound}-bound: compute {self.compute_s * 1e6:.1f} us"
-            f" on {self.math}, memory {self.memory_s * 1e6:.1f} us, {self.bytes / 2**20:.1f} MiB"
-            f" moved, workspace {self.workspace_bytes / 2**20:.1f} MiB, tile waste {waste:.0%})"
+            f"{self.at_hint * 1e6:.1f} us ({self.bound}-bound:"
+            f" compute {self.compute_s * 1e6:.1f} us on {self.math},"
+            f" memory {self.memory_s * 1e6:.1f} us, {self.bytes / 2**20:.1f} MiB moved,"
+            f" workspace {self.workspace_bytes / 2**20:.1f} MiB, tile waste {waste:.0%})"
         )
 
 
@@ -96,7 +97,9 @@ def _min(a: Num, b: Num) -> Num:
 
 
 def math_kind(spec: ConvSpec, schedule: Schedule) -> str:
-    if schedule.name == "direct_depthwise" or (spec.dtype == "float32" and spec.precision == "ieee"):
+    if schedule.name == "direct_depthwise" or (
+        spec.dtype == "float32" and spec.precision == "ieee"
+    ):
         return "fp32"
     return {"float32": "tf32", "float16": "fp16", "bfloat16": "bf16"}[spec.dtype]
 
@@ -181,7 +184,8 @@ def _time(spec, schedule, device, symbolic):
             padded = 2 * tiles_m * bm * tiles_n * bn * groups * reduce
             eff = GEMM_EFFICIENCY[schedule.name]
             gathers = schedule.name == "im2win_implicit" and (
-                spec.input_layout != "nhwc" or s["REDUCTION"] == "flat")
+                spec.input_layout != "nhwc" or s["REDUCTION"] == "flat"
+            )
             eff = GATHER_EFFICIENCY if gathers else eff
             a_bytes = x_bytes
             if schedule.name == "im2win_band":
@@ -191,26 +195,45 @@ def _time(spec, schedule, device, symbolic):
         ctas = tiles_m * tiles_n * groups
         slots = device.sms * (2 if s["num_warps"] <= 4 else 1)
         padded = padded * (_cdiv(ctas, slots) * slots) / ctas  # idle SMs in the last wave
-        traffic = (_reread(a_bytes, tiles_n, device) + _reread(w_bytes, tiles_m, device)
-                   + y_bytes + (x_bytes + workspace if workspace else 0))
+        traffic = (
+            _reread(a_bytes, tiles_n, device)
+            + _reread(w_bytes, tiles_m, device)
+            + y_bytes
+            + (x_bytes + workspace if workspace else 0)
+        )
         if schedule.name in PACKING_SCHEDULES and not filter_repack_free(spec):
             traffic, launches = traffic + 2 * w_bytes, launches + 1
 
     compute = padded / (peak * eff)
     memory = traffic / (device.bandwidth * MEMORY_EFFICIENCY)
     launch = launches * device.launch_us * 1e-6
-    return (_max(compute, memory) + launch, compute, memory, launch, flops, padded, traffic,
-            workspace, ctas)
+    return (
+        _max(compute, memory) + launch,
+        compute,
+        memory,
+        launch,
+        flops,
+        padded,
+        traffic,
+        workspace,
+        ctas,
+    )
 
 
-def predict(spec: ConvSpec, schedule: Schedule, device: Device, calibration: float = 1.0,
-            symbolic: bool = True) -> Prediction:
+def predict(
+    spec: ConvSpec,
+    schedule: Schedule,
+    device: Device,
+    calibration: float = 1.0,
+    symbolic: bool = True,
+) -> Prediction:
     """Predicted run time of `schedule` on `device`; `calibration` scales ATen estimates.
 
     With dynamic sizes and `symbolic`, `.seconds` is a sympy expression in them."""
     scale = calibration if schedule.name == "aten" else 1.0
     total, compute, memory, launch, flops, padded, traffic, ws, ctas = _time(
-        spec, schedule, device, False)
+        spec, schedule, device, False
+    )
     seconds = total * scale
     if symbolic and spec.is_dynamic:
         seconds = _time(spec, schedule, device, True)[0] * scale
@@ -233,16 +256,18 @@ def predict(spec: ConvSpec, schedule: Schedule, device: Device, calibration: flo
 TIE = 0.02  # predictions within 2% of each other count as a tie
 
 
-def rank(spec: ConvSpec, schedules: Iterable[Schedule], device: Device,
-         calibration: float = 1.0) -> list[Prediction]:
+def rank(
+    spec: ConvSpec, schedules: Iterable[Schedule], device: Device, calibration: float = 1.0
+) -> list[Prediction]:
     """Predictions at the size hints, fastest first. Within 2% steps of the best time,
     fewer programs (bigger tiles) go first, then less padding."""
     preds = [predict(spec, s, device, calibration, symbolic=False) for s in schedules]
     if not preds:
         return []
     best = min(p.at_hint for p in preds) or 1e-12
-    return sorted(preds, key=lambda p: (int((p.at_hint / best - 1) / TIE), p.ctas,
-                                        p.padded_flops, p.at_hint))
+    return sorted(
+        preds, key=lambda p: (int((p.at_hint / best - 1) / TIE), p.ctas, p.padded_flops, p.at_hint)
+    )
 
 
 def interpreter_steps(spec: ConvSpec, schedule: Schedule) -> int:

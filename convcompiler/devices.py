@@ -55,21 +55,59 @@ def _peaks(fp32: float, tf32: float, fp16: float) -> tuple[tuple[str, float], ..
 DEVICES: dict[str, Device] = {
     d.name: d
     for d in (
-        Device("h100", "NVIDIA H100 SXM", (9, 0), 132, _peaks(67.0, 494.7, 989.4), 3350.0,
-               50 * 2**20, 227 * 1024),
-        Device("h200", "NVIDIA H200 SXM", (9, 0), 132, _peaks(67.0, 494.7, 989.4), 4800.0,
-               50 * 2**20, 227 * 1024),
-        Device("a100", "NVIDIA A100 SXM 80GB", (8, 0), 108, _peaks(19.5, 156.0, 312.0), 2039.0,
-               40 * 2**20, 163 * 1024),
-        Device("l4", "NVIDIA L4", (8, 9), 58, _peaks(30.3, 60.0, 121.0), 300.0,
-               48 * 2**20, 99 * 1024),
-        Device("rtx4090", "NVIDIA GeForce RTX 4090", (8, 9), 128, _peaks(82.6, 82.6, 165.2),
-               1008.0, 72 * 2**20, 99 * 1024),
+        Device(
+            "h100",
+            "NVIDIA H100 SXM",
+            (9, 0),
+            132,
+            _peaks(67.0, 494.7, 989.4),
+            3350.0,
+            50 * 2**20,
+            227 * 1024,
+        ),
+        Device(
+            "h200",
+            "NVIDIA H200 SXM",
+            (9, 0),
+            132,
+            _peaks(67.0, 494.7, 989.4),
+            4800.0,
+            50 * 2**20,
+            227 * 1024,
+        ),
+        Device(
+            "a100",
+            "NVIDIA A100 SXM 80GB",
+            (8, 0),
+            108,
+            _peaks(19.5, 156.0, 312.0),
+            2039.0,
+            40 * 2**20,
+            163 * 1024,
+        ),
+        Device(
+            "l4", "NVIDIA L4", (8, 9), 58, _peaks(30.3, 60.0, 121.0), 300.0, 48 * 2**20, 99 * 1024
+        ),
+        Device(
+            "rtx4090",
+            "NVIDIA GeForce RTX 4090",
+            (8, 9),
+            128,
+            _peaks(82.6, 82.6, 165.2),
+            1008.0,
+            72 * 2**20,
+            99 * 1024,
+        ),
     )
 }
 
-_NAME_HINTS = (("H200", "h200"), ("H100", "h100"), ("A100", "a100"), ("L4", "l4"),
-               ("4090", "rtx4090"))
+_NAME_HINTS = (
+    ("H200", "h200"),
+    ("H100", "h100"),
+    ("A100", "a100"),
+    ("L4", "l4"),
+    ("4090", "rtx4090"),
+)
 
 
 def lookup(name: str) -> Device:
@@ -89,9 +127,16 @@ def from_cuda(index: int = 0) -> Device:
     base = DEVICES["h100" if props.major >= 9 else "a100"]
     scale = props.multi_processor_count / base.sms
     peaks = tuple((k, v * scale) for k, v in base.peak_tflops)
-    return Device(props.name.lower(), props.name, (props.major, props.minor),
-                  props.multi_processor_count, peaks, base.bandwidth_gbs * scale,
-                  base.l2_bytes, base.smem_per_block)
+    return Device(
+        props.name.lower(),
+        props.name,
+        (props.major, props.minor),
+        props.multi_processor_count,
+        peaks,
+        base.bandwidth_gbs * scale,
+        base.l2_bytes,
+        base.smem_per_block,
+    )
 
 
 def device_for(target: str | None, tensor_device: str) -> tuple[Device, str]:

@@ -18,11 +18,11 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from .codegen import KernelSource, render_conv
 from .config import Config
+from .devices import device_for
 from .passes import PassContext
 from .passes.match_conv import conv_fallback_reason, conv_spec
 from .runtime import KernelCall, load_source
 from .schedule import Schedule
-from .devices import device_for
 from .select import Choice, SelectionContext, select_conv_schedule
 from .spec import ConvSpec
 
@@ -41,7 +41,9 @@ def conv_spec_of(
     """The ConvSpec the backend would build for `F.conv{1,2}d(x, weight, bias, ...)`."""
     conv = _CONV.get(weight.dim() - 2)
     if conv is None:
-        raise ValueError(f"only 1-D and 2-D convolutions have kernels, got weight {tuple(weight.shape)}")
+        raise ValueError(
+            f"only 1-D and 2-D convolutions have kernels, got weight {tuple(weight.shape)}"
+        )
 
     def f(x, w, b):
         return conv(x, w, b, stride, padding, dilation, groups)
@@ -61,8 +63,9 @@ def choose(spec: ConvSpec, config: Config | None = None) -> Choice:
     return select_conv_schedule(spec, SelectionContext(config, device, reason))
 
 
-def conv_source(spec: ConvSpec, schedule: str | Schedule | None = None,
-                config: Config | None = None) -> KernelSource:
+def conv_source(
+    spec: ConvSpec, schedule: str | Schedule | None = None, config: Config | None = None
+) -> KernelSource:
     """The kernel source for `spec`: the backend's choice, the model's best schedule of a
     named kind, or a given schedule."""
     if schedule is None or isinstance(schedule, str):

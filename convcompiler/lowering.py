@@ -22,8 +22,8 @@ from .devices import device_for
 from .passes import Region
 from .report import RegionRecord, Report
 from .runtime import KernelCall, interpreter_notice, load_source
-from .select import Choice, SelectionContext, select_conv_schedule
 from .schedule import Schedule
+from .select import Choice, SelectionContext, select_conv_schedule
 from .spec import ConvSpec
 from .tuning import benchmarker
 
@@ -51,11 +51,21 @@ class Lowering:
                 else:
                     log.info("autotuning needs a GPU (or benchmarker='fake'); using the cost model")
             calibration = self.cache.calibration(device.name) if self.cache else 1.0
-            verify = (lambda s, sched, arch=device.arch: self._verify(s, sched, arch)) \
-                if self.config.verify else None
+            verify = (
+                (lambda s, sched, arch=device.arch: self._verify(s, sched, arch))
+                if self.config.verify
+                else None
+            )
             self._contexts[spec.device] = SelectionContext(
-                self.config, device, reason, self.cache, bench,
-                self._runner if gpu else None, calibration, verify=verify)
+                self.config,
+                device,
+                reason,
+                self.cache,
+                bench,
+                self._runner if gpu else None,
+                calibration,
+                verify=verify,
+            )
             self.report.devices[spec.device] = f"{device.name} ({reason})"
         return self._contexts[spec.device]
 
@@ -63,14 +73,19 @@ class Lowering:
         """A closure that runs one candidate on random inputs of the spec's shapes (GPU)."""
         from .aot import meta_inputs
 
-        x, w, b = (None if t is None else torch.randn_like(t, device="cuda")
-                   for t in meta_inputs(spec))
+        x, w, b = (
+            None if t is None else torch.randn_like(t, device="cuda") for t in meta_inputs(spec)
+        )
         if pred.schedule.name == "aten":
-            stride, padding, dilation = (v[2 - spec.ndim:] for v in (spec.stride, spec.padding, spec.dilation))
+            stride, padding, dilation = (
+                v[2 - spec.ndim :] for v in (spec.stride, spec.padding, spec.dilation)
+            )
             return lambda: torch.ops.aten.convolution(
-                x, w, b, stride, padding, dilation, False, [0] * spec.ndim, spec.groups)
-        module, _ = load_source(render_conv(spec, pred.schedule), self.config.kernel_path,
-                                interpret=False)
+                x, w, b, stride, padding, dilation, False, [0] * spec.ndim, spec.groups
+            )
+        module, _ = load_source(
+            render_conv(spec, pred.schedule), self.config.kernel_path, interpret=False
+        )
         return lambda: module.launch(x, w, b)
 
     @staticmethod
@@ -86,20 +101,29 @@ class Lowering:
     def source_for(self, spec: ConvSpec, choice: Choice) -> KernelSource:
         if choice.source is not None:
             template = TEMPLATES[choice.schedule.name]
-            return KernelSource(choice.source.name, choice.source.text, choice.schedule,
-                                spec.key(), template.KERNELS)
+            return KernelSource(
+                choice.source.name,
+                choice.source.text,
+                choice.schedule,
+                spec.key(),
+                template.KERNELS,
+            )
         counters["codegen.conv"] += 1
         return render_conv(spec, choice.schedule)
 
-    def remember(self, spec: ConvSpec, ctx: SelectionContext, choice: Choice,
-                 source: KernelSource | None) -> None:
+    def remember(
+        self, spec: ConvSpec, ctx: SelectionContext, choice: Choice, source: KernelSource | None
+    ) -> None:
         """Store a new tuned or model decision (and its source) in the tuning cache."""
         if self.cache is None or choice.origin not in ("tuned", "model"):
             return
         key, parts = ctx.key(spec)
         value = {
             "key_parts": parts,
-            "schedule": {"name": choice.schedule.name, "params": [list(p) for p in choice.schedule.params]},
+            "schedule": {
+                "name": choice.schedule.name,
+                "params": [list(p) for p in choice.schedule.params],
+            },
             "origin": choice.origin,
             "why": choice.why,
             "candidates": [row.__dict__ for row in choice.candidates],
@@ -111,29 +135,48 @@ class Lowering:
         cached = None if source is None else CachedSource(source.sha256, source.name, source.text)
         self.cache.put(key, value, cached)
         if choice.origin == "tuned":
-            aten = next((r for r in choice.candidates if r.schedule == "aten" and r.measured_s), None)
+            aten = next(
+                (r for r in choice.candidates if r.schedule == "aten" and r.measured_s), None
+            )
             if aten is not None:
-                self.cache.add_calibration(ctx.device.name, spec.key(), aten.predicted_s, aten.measured_s)
+                self.cache.add_calibration(
+                    ctx.device.name, spec.key(), aten.predicted_s, aten.measured_s
+                )
 
     # ---- the graph rewrite ------------------------------------------------------------------
     def _record(self, region: Region, choice: Choice | None, **fields) -> None:
         pred = choice.prediction if choice else None
-        self.report.regions.append(RegionRecord(
-            name=region.name, kind=region.kind, stage=region.stage, spec=region.summary,
-            origin=choice.origin if choice else "guard",
-            predicted_us=pred.at_hint * 1e6 if pred else None,
-            cost=(f"{pred.seconds} s" if pred is not None and region.spec.is_dynamic else None),
-            candidates=choice.candidates if choice else (),
-            valid_for=choice.valid_for if choice else None,
-            **fields))
+        self.report.regions.append(
+            RegionRecord(
+                name=region.name,
+                kind=region.kind,
+                stage=region.stage,
+                spec=region.summary,
+                origin=choice.origin if choice else "guard",
+                predicted_us=pred.at_hint * 1e6 if pred else None,
+                cost=(f"{pred.seconds} s" if pred is not None and region.spec.is_dynamic else None),
+                candidates=choice.candidates if choice else (),
+                valid_for=choice.valid_for if choice else None,
+                **fields,
+            )
+        )
 
-    def lower_conv_regions(self, gm: torch.fx.GraphModule, regions: list[Region]) -> torch.fx.GraphModule:
+    def lower_conv_regions(
+        self, gm: torch.fx.GraphModule, regions: list[Region]
+    ) -> torch.fx.GraphModule:
         """Replace each runnable conv region's node by a call to its generated kernel."""
         nodes = {node.name: node for node in gm.graph.nodes}
         for region in regions:
             if region.fallback_reason is not None:
-                self._record(region, None, schedule="aten", params="", kernel_path=None,
-                             fallback_reason=region.fallback_reason, why="pattern guard")
+                self._record(
+                    region,
+                    None,
+                    schedule="aten",
+                    params="",
+                    kernel_path=None,
+                    fallback_reason=region.fallback_reason,
+                    why="pattern guard",
+                )
                 continue
             spec = region.spec
             ctx = self.context(spec)
@@ -141,8 +184,15 @@ class Lowering:
             if choice.fallback_reason is not None:
                 counters["fallback.conv"] += 1
                 self.remember(spec, ctx, choice, None)
-                self._record(region, choice, schedule="aten", params="", kernel_path=None,
-                             fallback_reason=choice.fallback_reason, why=choice.why)
+                self._record(
+                    region,
+                    choice,
+                    schedule="aten",
+                    params="",
+                    kernel_path=None,
+                    fallback_reason=choice.fallback_reason,
+                    why=choice.why,
+                )
                 continue
             source = self.source_for(spec, choice)
             if choice.source is None:
@@ -151,12 +201,21 @@ class Lowering:
             if interpret:
                 interpreter_notice()
             module, path = load_source(source, self.config.kernel_path, interpret=interpret)
-            self._replace(gm, nodes[region.nodes[-1]], KernelCall("conv", region.name,
-                                                                  getattr(module, source.entry), path))
+            self._replace(
+                gm,
+                nodes[region.nodes[-1]],
+                KernelCall("conv", region.name, getattr(module, source.entry), path),
+            )
             log.debug("%s: %s -> %s (%s)", region.name, spec.describe(), path.name, choice.why)
-            self._record(region, choice, schedule=choice.schedule.name,
-                         params=" ".join(f"{k}={v}" for k, v in choice.schedule.params),
-                         kernel_path=str(path), fallback_reason=None, why=choice.why)
+            self._record(
+                region,
+                choice,
+                schedule=choice.schedule.name,
+                params=" ".join(f"{k}={v}" for k, v in choice.schedule.params),
+                kernel_path=str(path),
+                fallback_reason=None,
+                why=choice.why,
+            )
         gm.graph.lint()
         gm.recompile()
         return gm
@@ -169,4 +228,3 @@ class Lowering:
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
-

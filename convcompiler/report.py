@@ -1,8 +1,8 @@
 """The record of a compile: one row per region, for users and tests.
 
-    report = convcompiler.last_report()
-    print(report)                      # a table
-    [r.fallback_reason for r in report]
+report = convcompiler.last_report()
+print(report)                      # a table
+[r.fallback_reason for r in report]
 """
 
 from __future__ import annotations
@@ -61,8 +61,11 @@ class Report:
 
     def to_json(self) -> str:
         return json.dumps(
-            {"compile_id": self.compile_id, "devices": self.devices,
-             "regions": [asdict(r) for r in self.regions]},
+            {
+                "compile_id": self.compile_id,
+                "devices": self.devices,
+                "regions": [asdict(r) for r in self.regions],
+            },
             indent=2,
         )
 
@@ -81,8 +84,10 @@ class Report:
         ]
         widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
         planned = "; ".join(f"{k} tensors planned for {v}" for k, v in self.devices.items())
-        lines = [f"convcompiler compile {self.compile_id}: {len(self.kernels())} kernels, "
-                 f"{len(self.fallbacks())} fallbacks" + (f"; {planned}" if planned else "")]
+        lines = [
+            f"convcompiler compile {self.compile_id}: {len(self.kernels())} kernels, "
+            f"{len(self.fallbacks())} fallbacks" + (f"; {planned}" if planned else "")
+        ]
         for row in (head, *rows):
             lines.append("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
         return "\n".join(lines)

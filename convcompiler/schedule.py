@@ -82,8 +82,9 @@ class ScheduleSpace:
         self.check(spec, schedule, device)
         return schedule
 
-    def candidates(self, spec: ConvSpec, *, device: Device | None = None,
-                   **fixed: Param) -> Iterator[Schedule]:
+    def candidates(
+        self, spec: ConvSpec, *, device: Device | None = None, **fixed: Param
+    ) -> Iterator[Schedule]:
         """Every valid schedule of this space for `spec` on `device`, `fixed` pinned."""
         names = [name for name, _ in self.choices]
         grid = [(fixed[name],) if name in fixed else values for name, values in self.choices]

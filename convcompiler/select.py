@@ -100,15 +100,17 @@ def model_candidates(spec: ConvSpec, device: Device, *, include_aten: bool) -> l
         derived = getattr(TEMPLATES[name], "derived", None)
         stages = dict(space.choices)["num_stages"]
         pinned = {"num_stages": MODEL_STAGES if MODEL_STAGES in stages else max(stages)}
-        found.extend(space.candidates(spec, device=device, **pinned,
-                                      **(derived(spec) if derived else {})))
+        found.extend(
+            space.candidates(spec, device=device, **pinned, **(derived(spec) if derived else {}))
+        )
     return found
 
 
 def _rows(preds: list[Prediction], measured: dict[Schedule, float] | None = None) -> tuple:
     measured = measured or {}
-    return tuple(CandidateRow(p.schedule.describe(), p.at_hint, measured.get(p.schedule))
-                 for p in preds)
+    return tuple(
+        CandidateRow(p.schedule.describe(), p.at_hint, measured.get(p.schedule)) for p in preds
+    )
 
 
 def _why(winner: Prediction, ranked: list[Prediction]) -> str:
@@ -120,7 +122,9 @@ def _why(winner: Prediction, ranked: list[Prediction]) -> str:
     return text
 
 
-def valid_range(spec: ConvSpec, winner: Schedule, top: list[Schedule], ctx: SelectionContext) -> str | None:
+def valid_range(
+    spec: ConvSpec, winner: Schedule, top: list[Schedule], ctx: SelectionContext
+) -> str | None:
     """For dynamic sizes: the range of each symbol (others at their hints, powers of two
     plus the hint) over which `winner` stays the model's pick among `top`."""
     if not spec.is_dynamic:
@@ -130,7 +134,9 @@ def valid_range(spec: ConvSpec, winner: Schedule, top: list[Schedule], ctx: Sele
         values = sorted(set(RANGE_GRID) | {hint})
         wins = []
         for v in values:
-            trial = dataclasses.replace(spec, hints=tuple((n, v if n == name else h) for n, h in spec.hints))
+            trial = dataclasses.replace(
+                spec, hints=tuple((n, v if n == name else h) for n, h in spec.hints)
+            )
             try:
                 best = rank(trial, top, ctx.device, ctx.calibration)[0].schedule
             except (ZeroDivisionError, ValueError):
@@ -155,11 +161,16 @@ def _from_record(record: dict, spec: ConvSpec, ctx: SelectionContext) -> Choice 
         if source is None:
             return None
     rows = tuple(CandidateRow(**row) for row in record["candidates"])
-    return Choice(schedule, "cache", f"cached {record['origin']} record: {record['why']}",
-                  fallback_reason=("cached decision: ATen is fastest" if schedule.name == "aten"
-                                   else None),
-                  prediction=predict(spec, schedule, ctx.device, ctx.calibration),
-                  candidates=rows, valid_for=record.get("valid_for"), source=source)
+    return Choice(
+        schedule,
+        "cache",
+        f"cached {record['origin']} record: {record['why']}",
+        fallback_reason=("cached decision: ATen is fastest" if schedule.name == "aten" else None),
+        prediction=predict(spec, schedule, ctx.device, ctx.calibration),
+        candidates=rows,
+        valid_for=record.get("valid_for"),
+        source=source,
+    )
 
 
 def select_conv_schedule(spec: ConvSpec, ctx: SelectionContext) -> Choice:
@@ -177,17 +188,25 @@ def _select(spec: ConvSpec, ctx: SelectionContext) -> Choice:
         reason = "option cpu='aten': convolutions on CPU tensors run ATen"
         return Choice(ATEN, "override", reason, fallback_reason=reason)
     if config.schedule == "aten":
-        return Choice(ATEN, "override", "option schedule='aten'",
-                      fallback_reason="option schedule='aten'")
+        return Choice(
+            ATEN, "override", "option schedule='aten'", fallback_reason="option schedule='aten'"
+        )
     include_aten = not interpreted(spec, config)
     if config.schedule is not None:
-        forced = [s for s in model_candidates(spec, ctx.device, include_aten=False)
-                  if s.name == config.schedule]
+        forced = [
+            s
+            for s in model_candidates(spec, ctx.device, include_aten=False)
+            if s.name == config.schedule
+        ]
         if forced:
             best = rank(spec, forced, ctx.device, ctx.calibration)[0]
-            return Choice(best.schedule, "override", f"option schedule={config.schedule!r}",
-                          prediction=predict(spec, best.schedule, ctx.device, ctx.calibration),
-                          candidates=_rows([best]))
+            return Choice(
+                best.schedule,
+                "override",
+                f"option schedule={config.schedule!r}",
+                prediction=predict(spec, best.schedule, ctx.device, ctx.calibration),
+                candidates=_rows([best]),
+            )
         log.warning("schedule %r cannot run %s; choosing another", config.schedule, spec.describe())
 
     # 2. a cached record
@@ -201,8 +220,12 @@ def _select(spec: ConvSpec, ctx: SelectionContext) -> Choice:
                 return choice
 
     # 3 and 4: rank every candidate with the cost model; tune the top-k when enabled
-    ranked = rank(spec, model_candidates(spec, ctx.device, include_aten=include_aten),
-                  ctx.device, ctx.calibration)
+    ranked = rank(
+        spec,
+        model_candidates(spec, ctx.device, include_aten=include_aten),
+        ctx.device,
+        ctx.calibration,
+    )
     if not ranked:
         raise InvalidSchedule(f"no schedule can run {spec.describe()}")
     top = [p.schedule for p in ranked[: max(8, config.top_k)]]
@@ -214,36 +237,51 @@ def _select(spec: ConvSpec, ctx: SelectionContext) -> Choice:
                 if p.schedule.name != "aten":
                     variant = _with_stages(spec, p.schedule, stages, ctx.device)
                     if variant is not None:
-                        pool.append(predict(spec, variant, ctx.device, ctx.calibration, symbolic=False))
+                        pool.append(
+                            predict(spec, variant, ctx.device, ctx.calibration, symbolic=False)
+                        )
         runner = (lambda pred: ctx.make_runner(spec, pred)) if ctx.make_runner else None
         measured = autotune(pool, spec.key(), ctx.bench, runner, spec.describe())
         if measured:
             times = {m.prediction.schedule: m.seconds for m in measured}
             best, rejected = _first_verified(spec, [m.prediction for m in measured], ctx)
-            why = (f"tuned: fastest of {len(measured)} measured that passes the static check, "
-                   f"{times[best.schedule] * 1e6:.1f} us "
-                   f"(model predicted {best.at_hint * 1e6:.1f} us)")
-            return Choice(best.schedule, "tuned", why,
-                          fallback_reason="tuned: ATen measured fastest"
-                          if best.schedule.name == "aten" else None,
-                          prediction=predict(spec, best.schedule, ctx.device, ctx.calibration),
-                          candidates=_rows([m.prediction for m in measured], times),
-                          valid_for=valid_range(spec, best.schedule, top, ctx),
-                          rejected=rejected)
+            why = (
+                f"tuned: fastest of {len(measured)} measured that passes the static check, "
+                f"{times[best.schedule] * 1e6:.1f} us "
+                f"(model predicted {best.at_hint * 1e6:.1f} us)"
+            )
+            return Choice(
+                best.schedule,
+                "tuned",
+                why,
+                fallback_reason="tuned: ATen measured fastest"
+                if best.schedule.name == "aten"
+                else None,
+                prediction=predict(spec, best.schedule, ctx.device, ctx.calibration),
+                candidates=_rows([m.prediction for m in measured], times),
+                valid_for=valid_range(spec, best.schedule, top, ctx),
+                rejected=rejected,
+            )
     winner, rejected = _first_verified(spec, ranked, ctx)
     why = _why(winner, ranked)
     if rejected:
         why += f"; {len(rejected)} faster candidate(s) failed the static check"
     if not include_aten:
         aten = predict(spec, ATEN, ctx.device, ctx.calibration, symbolic=False)
-        why += (f"; ATen ({aten.at_hint * 1e6:.1f} us predicted) is not a candidate: "
-                "cpu='interpret' runs this project's kernels")
-    return Choice(winner.schedule, "model", why,
-                  fallback_reason=f"cost model: {why}" if winner.schedule.name == "aten" else None,
-                  prediction=predict(spec, winner.schedule, ctx.device, ctx.calibration),
-                  candidates=_rows(ranked[: max(8, config.top_k)]),
-                  valid_for=valid_range(spec, winner.schedule, top, ctx),
-                  rejected=rejected)
+        why += (
+            f"; ATen ({aten.at_hint * 1e6:.1f} us predicted) is not a candidate: "
+            "cpu='interpret' runs this project's kernels"
+        )
+    return Choice(
+        winner.schedule,
+        "model",
+        why,
+        fallback_reason=f"cost model: {why}" if winner.schedule.name == "aten" else None,
+        prediction=predict(spec, winner.schedule, ctx.device, ctx.calibration),
+        candidates=_rows(ranked[: max(8, config.top_k)]),
+        valid_for=valid_range(spec, winner.schedule, top, ctx),
+        rejected=rejected,
+    )
 
 
 TILE_PARAMS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_C", "num_warps")
@@ -257,6 +295,7 @@ def for_interpreter(spec: ConvSpec, choice: Choice) -> Choice:
         return choice
     fixed = {k: v for k, v in schedule.params if k not in TILE_PARAMS}
     options = list(SPACES[schedule.name].candidates(spec, device=None, **fixed))
+
     def volume(s: Schedule) -> int:  # numpy work per step: smaller wins a tie in steps
         v = 1
         for k in TILE_PARAMS[:4]:
@@ -268,15 +307,18 @@ def for_interpreter(spec: ConvSpec, choice: Choice) -> Choice:
         return choice
     plan = " ".join(f"{k}={v}" for k, v in schedule.params if k in TILE_PARAMS)
     return dataclasses.replace(
-        choice, schedule=best,
-        why=f"{choice.why}; tiles re-picked for Triton's interpreter (GPU plan: {plan})")
+        choice,
+        schedule=best,
+        why=f"{choice.why}; tiles re-picked for Triton's interpreter (GPU plan: {plan})",
+    )
 
 
 MAX_VERIFIED = 8
 
 
-def _first_verified(spec: ConvSpec, preds: list[Prediction], ctx: SelectionContext
-                    ) -> tuple[Prediction, tuple[str, ...]]:
+def _first_verified(
+    spec: ConvSpec, preds: list[Prediction], ctx: SelectionContext
+) -> tuple[Prediction, tuple[str, ...]]:
     """The first prediction whose kernel passes the static check (ATen always does)."""
     rejected = []
     for pred in preds[:MAX_VERIFIED]:
@@ -286,12 +328,17 @@ def _first_verified(spec: ConvSpec, preds: list[Prediction], ctx: SelectionConte
         if not problems:
             return pred, tuple(rejected)
         rejected.append(f"{pred.schedule.describe()}: {'; '.join(problems)}")
-    log.warning("no verified schedule among the best %d for %s; using the model's first",
-                MAX_VERIFIED, spec.describe())
+    log.warning(
+        "no verified schedule among the best %d for %s; using the model's first",
+        MAX_VERIFIED,
+        spec.describe(),
+    )
     return preds[0], tuple(rejected)
 
 
-def _with_stages(spec: ConvSpec, schedule: Schedule, stages: int, device: Device) -> Schedule | None:
+def _with_stages(
+    spec: ConvSpec, schedule: Schedule, stages: int, device: Device
+) -> Schedule | None:
     params = {**schedule.as_dict(), "num_stages": stages}
     try:
         return SPACES[schedule.name].make(spec, device=device, **params)

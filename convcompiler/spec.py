@@ -123,11 +123,11 @@ class ConvSpec:
         ks = f"{kw}" if self.ndim == 1 else f"{kh}x{kw}"
         extra = []
         if self.stride != (1, 1):
-            extra.append(f"s{_fmt(self.stride[2 - self.ndim:])}")
+            extra.append(f"s{_fmt(self.stride[2 - self.ndim :])}")
         if self.padding != (0, 0):
-            extra.append(f"p{_fmt(self.padding[2 - self.ndim:])}")
+            extra.append(f"p{_fmt(self.padding[2 - self.ndim :])}")
         if self.dilation != (1, 1):
-            extra.append(f"d{_fmt(self.dilation[2 - self.ndim:])}")
+            extra.append(f"d{_fmt(self.dilation[2 - self.ndim :])}")
         if self.groups != 1:
             extra.append("dw" if self.is_depthwise else f"g{self.groups}")
         return " ".join([shape, ks, *extra, self.dtype, self.output_layout])

@@ -28,8 +28,9 @@ BENCHMARKERS = ("do_bench", "fake")
 class Benchmarker(Protocol):
     name: str
 
-    def __call__(self, prediction: Prediction, spec_key: str, run: Callable[[], object]) -> float:
-        ...
+    def __call__(
+        self, prediction: Prediction, spec_key: str, run: Callable[[], object]
+    ) -> float: ...
 
 
 class DoBench:
@@ -82,8 +83,13 @@ def autotune(
             run = make_runner(pred) if bench.name != "fake" else (lambda: None)
             seconds = bench(pred, spec_key, run)
         except Exception as err:  # a candidate that cannot run is not a choice
-            log.warning("tuning %s: %s failed (%s: %s); skipped", label,
-                        pred.schedule.describe(), type(err).__name__, err)
+            log.warning(
+                "tuning %s: %s failed (%s: %s); skipped",
+                label,
+                pred.schedule.describe(),
+                type(err).__name__,
+                err,
+            )
             continue
         counters["tune.benchmark"] += 1
         measured.append(Measured(pred, seconds))

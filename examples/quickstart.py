@@ -17,10 +17,14 @@ class SmallCNN(nn.Module):
     def __init__(self, classes: int = 10) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 32, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.ReLU(),   # depthwise
-            nn.Conv2d(32, 64, 1), nn.ReLU(),                          # pointwise
-            nn.Conv2d(64, 64, 3, stride=2, padding=2, dilation=2), nn.ReLU(),
+            nn.Conv2d(3, 32, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1, groups=32),
+            nn.ReLU(),  # depthwise
+            nn.Conv2d(32, 64, 1),
+            nn.ReLU(),  # pointwise
+            nn.Conv2d(64, 64, 3, stride=2, padding=2, dilation=2),
+            nn.ReLU(),
         )
         self.head = nn.Linear(64, classes)
 

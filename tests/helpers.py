@@ -19,7 +19,9 @@ def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.double() - ref.double()).abs().max() / scale).item()
 
 
-def assert_close(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "output") -> None:
+def assert_close(
+    y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "output"
+) -> None:
     assert y.shape == ref.shape, f"{what}: shape {tuple(y.shape)} != {tuple(ref.shape)}"
     err = rel_error(y, ref)
     assert err <= TOL[dtype], f"{what}: relative error {err:.3g} > {TOL[dtype]:g} ({dtype})"

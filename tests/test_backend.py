@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from helpers import assert_close, check_model, float64_copy, run_compiled
 
 import convcompiler
-
-from helpers import assert_close, check_model, float64_copy, run_compiled
 
 
 def small_cnn(channels_last: bool = False) -> nn.Module:

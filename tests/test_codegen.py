@@ -28,7 +28,9 @@ def gpu_spec(x_shape, w_shape, stride, padding, dilation, groups, dtype, channel
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     spec = conv_spec_of(x, w, None, stride, padding, dilation, groups)
-    return dataclasses.replace(spec, device="cuda", precision="tf32" if dtype == torch.float32 else "ieee")
+    return dataclasses.replace(
+        spec, device="cuda", precision="tf32" if dtype == torch.float32 else "ieee"
+    )
 
 
 def fixed(spec, name, **params):
@@ -39,21 +41,42 @@ def fixed(spec, name, **params):
 GEMM = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8)
 FIXED = {
     "resnet_3x3_fp16_nchw_band": fixed(
-        gpu_spec((8, 64, 56, 56), (64, 64, 3, 3), 1, 1, 1, 1, torch.float16), "im2win_band",
-        M_TILES="image", FILL_W=64, FILL_C=64, **GEMM),
+        gpu_spec((8, 64, 56, 56), (64, 64, 3, 3), 1, 1, 1, 1, torch.float16),
+        "im2win_band",
+        M_TILES="image",
+        FILL_W=64,
+        FILL_C=64,
+        **GEMM,
+    ),
     "alexnet_11x11_fp32_implicit": fixed(
         gpu_spec((8, 3, 227, 227), (96, 3, 11, 11), 4, 0, 1, 1, torch.float32),
-        "im2win_implicit", M_TILES="image", REDUCTION="flat", **GEMM),
+        "im2win_implicit",
+        M_TILES="image",
+        REDUCTION="flat",
+        **GEMM,
+    ),
     "depthwise_3x3_bf16_nhwc_implicit": fixed(
         gpu_spec((8, 96, 28, 28), (96, 1, 3, 3), 2, 1, 1, 96, torch.bfloat16, True),
-        "im2win_implicit", M_TILES="batch", REDUCTION="flat",
-        **{**GEMM, "BLOCK_N": 16, "BLOCK_K": 16}),
+        "im2win_implicit",
+        M_TILES="batch",
+        REDUCTION="flat",
+        **{**GEMM, "BLOCK_N": 16, "BLOCK_K": 16},
+    ),
     "depthwise_5x5_fp16_direct": fixed(
-        gpu_spec((8, 96, 28, 28), (96, 1, 5, 5), 1, 2, 1, 96, torch.float16), "direct_depthwise",
-        M_TILES="image", BLOCK_M=64, BLOCK_C=32, num_warps=4, **{"num_stages": 2}),
+        gpu_spec((8, 96, 28, 28), (96, 1, 5, 5), 1, 2, 1, 96, torch.float16),
+        "direct_depthwise",
+        M_TILES="image",
+        BLOCK_M=64,
+        BLOCK_C=32,
+        num_warps=4,
+        **{"num_stages": 2},
+    ),
     "pointwise_fp16_gemm": fixed(
-        gpu_spec((8, 256, 14, 14), (1024, 256, 1, 1), 1, 0, 1, 1, torch.float16), "gemm_1x1",
-        M_TILES="image", **GEMM),
+        gpu_spec((8, 256, 14, 14), (1024, 256, 1, 1), 1, 0, 1, 1, torch.float16),
+        "gemm_1x1",
+        M_TILES="image",
+        **GEMM,
+    ),
 }
 
 

@@ -29,7 +29,11 @@ def test_unknown_option_lists_the_valid_ones() -> None:
 
 @pytest.mark.parametrize(
     "options, match",
-    [({"cpu": "gpu"}, "cpu"), ({"schedule": "im2col"}, "schedule"), ({"kernel_dir": 3}, "kernel_dir")],
+    [
+        ({"cpu": "gpu"}, "cpu"),
+        ({"schedule": "im2col"}, "schedule"),
+        ({"kernel_dir": 3}, "kernel_dir"),
+    ],
 )
 def test_bad_values_are_rejected(options: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):

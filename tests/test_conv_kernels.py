@@ -13,15 +13,13 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close, fake_output
 
 import convcompiler
 from convcompiler.codegen import SPACES
-from convcompiler.kernels import conv_kernel, conv_spec_of
-from convcompiler.schedule import InvalidSchedule
 from convcompiler.config import Config
-from convcompiler.kernels import choose
-
-from helpers import assert_close, fake_output
+from convcompiler.kernels import choose, conv_kernel, conv_spec_of
+from convcompiler.schedule import InvalidSchedule
 
 SWEEP_SIZE = 240
 SCHEDULES = ("im2win_implicit", "im2win_band")
@@ -43,9 +41,19 @@ def random_case(rng: random.Random) -> dict:
     h = max(1, (kh - 1) * dh + 1 - 2 * ph + rng.randint(0, 12)) if ndim == 2 else 1
     w = max(1, (kw - 1) * dw + 1 - 2 * pw + rng.randint(0, 12))
     return dict(
-        ndim=ndim, n=rng.randint(1, 3), c=cg * groups, k=kg * groups, h=h, w=w,
-        kernel=(kh, kw), stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw), groups=groups,
-        dtype=rng.choice(DTYPES), channels_last=ndim == 2 and rng.random() < 0.3,
+        ndim=ndim,
+        n=rng.randint(1, 3),
+        c=cg * groups,
+        k=kg * groups,
+        h=h,
+        w=w,
+        kernel=(kh, kw),
+        stride=(sh, sw),
+        padding=(ph, pw),
+        dilation=(dh, dw),
+        groups=groups,
+        dtype=rng.choice(DTYPES),
+        channels_last=ndim == 2 and rng.random() < 0.3,
         bias=rng.random() < 0.6,
     )
 
@@ -84,8 +92,11 @@ def random_schedule(spec, name: str, rng: random.Random):
     for _ in range(50):
         params = dict(base)
         if name == "direct_depthwise":
-            params.update(BLOCK_M=rng.choice((16, 32, 64)), BLOCK_C=rng.choice((8, 16, 32)),
-                          M_TILES=rng.choice(("image", "batch")))
+            params.update(
+                BLOCK_M=rng.choice((16, 32, 64)),
+                BLOCK_C=rng.choice((8, 16, 32)),
+                M_TILES=rng.choice(("image", "batch")),
+            )
             try:
                 return SPACES[name].make(spec, **params)
             except InvalidSchedule:
@@ -135,7 +146,17 @@ NAMED = {
     "depthwise_3x3": ((2, 12, 15, 13), (12, 1, 3, 3), 1, 1, 1, 12, True, torch.float32, False),
     "depthwise_x2_5x5_s2": ((1, 6, 17, 11), (12, 1, 5, 5), 2, 2, 1, 6, False, torch.float32, False),
     "dilation_2": ((2, 5, 19, 17), (7, 5, 3, 3), 1, 2, 2, 1, True, torch.float32, False),
-    "dilation_3_asym": ((1, 4, 21, 23), (6, 4, 3, 5), 1, (3, 1), (3, 2), 1, True, torch.float32, False),
+    "dilation_3_asym": (
+        (1, 4, 21, 23),
+        (6, 4, 3, 5),
+        1,
+        (3, 1),
+        (3, 2),
+        1,
+        True,
+        torch.float32,
+        False,
+    ),
     "stride_3": ((2, 3, 25, 19), (8, 3, 5, 5), 3, 1, 1, 1, True, torch.float32, False),
     "stride_4": ((1, 5, 31, 29), (9, 5, 3, 3), 4, 0, 1, 1, False, torch.float32, False),
     "kernel_11x11_s4": ((1, 3, 47, 43), (16, 3, 11, 11), 4, 0, 1, 1, True, torch.float32, False),
@@ -146,7 +167,17 @@ NAMED = {
     "channels_last_dw": ((2, 16, 13, 11), (16, 1, 3, 3), 2, 1, 1, 16, True, torch.float32, True),
     "fp16": ((2, 17, 13, 11), (21, 17, 3, 3), 1, 1, 1, 1, True, torch.float16, False),
     "bf16": ((2, 17, 13, 11), (21, 17, 3, 3), 1, 1, 1, 1, True, torch.bfloat16, False),
-    "bf16_channels_last_s2": ((2, 24, 15, 9), (32, 24, 3, 3), 2, 1, 1, 1, True, torch.bfloat16, True),
+    "bf16_channels_last_s2": (
+        (2, 24, 15, 9),
+        (32, 24, 3, 3),
+        2,
+        1,
+        1,
+        1,
+        True,
+        torch.bfloat16,
+        True,
+    ),
     "fp16_depthwise": ((1, 8, 12, 10), (8, 1, 3, 3), 1, 1, 1, 8, True, torch.float16, False),
     "h_ne_w": ((1, 4, 5, 33), (6, 4, 3, 3), 1, 1, 1, 1, True, torch.float32, False),
     "conv1d": ((2, 7, 41), (9, 7, 5), 2, 2, 1, 1, True, torch.float32, False),

@@ -16,22 +16,45 @@ from convcompiler.schedule import ATEN
 from convcompiler.select import SelectionContext, select_conv_schedule
 
 # Two fixed devices with different FLOP-to-byte ratios (fp16 tensor-core peak / DRAM).
-H100_LIKE = Device("test-h100", "H100-like", (9, 0), 132,
-                   (("fp32", 67.0), ("tf32", 494.7), ("fp16", 989.4), ("bf16", 989.4)),
-                   3350.0, 50 * 2**20, 227 * 1024)
-A100_LIKE = Device("test-a100", "A100-like", (8, 0), 108,
-                   (("fp32", 19.5), ("tf32", 156.0), ("fp16", 312.0), ("bf16", 312.0)),
-                   2039.0, 40 * 2**20, 163 * 1024)
+H100_LIKE = Device(
+    "test-h100",
+    "H100-like",
+    (9, 0),
+    132,
+    (("fp32", 67.0), ("tf32", 494.7), ("fp16", 989.4), ("bf16", 989.4)),
+    3350.0,
+    50 * 2**20,
+    227 * 1024,
+)
+A100_LIKE = Device(
+    "test-a100",
+    "A100-like",
+    (8, 0),
+    108,
+    (("fp32", 19.5), ("tf32", 156.0), ("fp16", 312.0), ("bf16", 312.0)),
+    2039.0,
+    40 * 2**20,
+    163 * 1024,
+)
 IM2WIN = ("im2win_band", "im2win_implicit")
 
 
-def gpu_spec(x_shape, w_shape, stride=1, padding=0, dilation=1, groups=1,
-             dtype=torch.float16, channels_last=False):
+def gpu_spec(
+    x_shape,
+    w_shape,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups=1,
+    dtype=torch.float16,
+    channels_last=False,
+):
     x, w = torch.empty(x_shape, dtype=dtype), torch.empty(w_shape, dtype=dtype)
     if channels_last:
         x, w = x.to(memory_format=torch.channels_last), w.to(memory_format=torch.channels_last)
-    return dataclasses.replace(conv_spec_of(x, w, None, stride, padding, dilation, groups),
-                               device="cuda")
+    return dataclasses.replace(
+        conv_spec_of(x, w, None, stride, padding, dilation, groups), device="cuda"
+    )
 
 
 def choose_on(spec, device):
@@ -90,9 +113,19 @@ def test_band_workspace_and_padding_are_counted() -> None:
     spec = gpu_spec((2, 16, 33, 31), (24, 16, 3, 3), 1, 1)
     band = choose_on(spec, H100_LIKE)  # any schedule; build the band one explicitly
     from convcompiler.codegen import SPACES
+
     schedule = SPACES["im2win_band"].make(
-        spec, BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, M_TILES="image", FILL_W=32,
-        FILL_C=16, num_warps=4, num_stages=3)
+        spec,
+        BLOCK_M=64,
+        BLOCK_N=32,
+        BLOCK_K=32,
+        GROUP_M=8,
+        M_TILES="image",
+        FILL_W=32,
+        FILL_C=16,
+        num_warps=4,
+        num_stages=3,
+    )
     pred = predict(spec, schedule, H100_LIKE)
     wb = (31 - 1) * 1 + 2 + 1
     assert pred.workspace_bytes == 2 * 16 * 33 * wb * 3 * 2

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from helpers import assert_close, check_model, float64_copy, run_compiled
 
 import convcompiler
-
-from helpers import assert_close, check_model, float64_copy, run_compiled
 
 
 def reasons(report: convcompiler.Report) -> list[str]:
@@ -31,8 +30,9 @@ def test_transposed_3d_and_circular_fall_back_with_reasons() -> None:
             y = self.conv3d(y.unsqueeze(2)).squeeze(2)
             return self.plain(y)
 
-    report = check_model(Unsupported().eval(), [torch.randn(2, 3, 7, 6)],
-                         expect_kernels=1, expect_fallbacks=3)
+    report = check_model(
+        Unsupported().eval(), [torch.randn(2, 3, 7, 6)], expect_kernels=1, expect_fallbacks=3
+    )
     found = reasons(report)
     assert any("transposed" in r for r in found), found
     assert any("padding_mode='circular'" in r for r in found), found
@@ -80,6 +80,7 @@ def test_schedule_option_forces_a_schedule() -> None:
         assert {r.schedule for r in report} == {name}
         assert all("option schedule=" in r.why for r in report)
     torch._dynamo.reset()
-    report = check_model(model, [x], expect_kernels=0, expect_fallbacks=2,
-                         options={"schedule": "aten"})
+    report = check_model(
+        model, [x], expect_kernels=0, expect_fallbacks=2, options={"schedule": "aten"}
+    )
     assert all("schedule='aten'" in r for r in reasons(report))

@@ -13,13 +13,11 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
+from helpers import run_compiled
 
 import convcompiler
 from convcompiler.kernels import conv_source, conv_spec_of
-from convcompiler.runtime import KernelIntegrityError, load_source, load_verified
-from convcompiler.runtime import loader
-
-from helpers import run_compiled
+from convcompiler.runtime import KernelIntegrityError, load_source, load_verified, loader
 
 
 def compile_small(tmp_path):
@@ -89,7 +87,8 @@ def test_torch_logs_enables_convcompiler_logging(tmp_path) -> None:
         "    torch.compile(m, backend='im2win')(torch.randn(1, 3, 8, 8))\n"
     )
     env = dict(os.environ, TORCH_LOGS="+convcompiler", CONVCOMPILER_CACHE_DIR=str(tmp_path))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr
     assert "pass match_conv" in out.stderr

@@ -49,8 +49,9 @@ IMPORT_FIRST = textwrap.dedent(
 
 def run_python(code: str, tmp_path) -> str:
     env = dict(os.environ, CONVCOMPILER_CACHE_DIR=str(tmp_path))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=900)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout
 
@@ -65,9 +66,10 @@ def test_importing_convcompiler_first_does_not_register_twice(tmp_path) -> None:
 
 
 def test_import_registers_when_no_entry_point_did(monkeypatch) -> None:
+    from torch._dynamo.backends import registry
+
     import convcompiler
     from convcompiler.backend import im2win
-    from torch._dynamo.backends import registry
 
     monkeypatch.delitem(registry._BACKENDS, "im2win", raising=False)
     monkeypatch.delitem(registry._COMPILER_FNS, "im2win", raising=False)

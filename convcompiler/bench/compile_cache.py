@@ -20,7 +20,8 @@ CHILD = textwrap.dedent(
     """
     import json, sys, time, torch, torchvision
     import convcompiler
-    name, shape, options = sys.argv[1], [int(s) for s in sys.argv[2].split(",")], json.loads(sys.argv[3])
+    name, shape = sys.argv[1], [int(s) for s in sys.argv[2].split(",")]
+    options = json.loads(sys.argv[3])
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)().eval()
     x = torch.randn(*shape)
@@ -38,10 +39,18 @@ CHILD = textwrap.dedent(
 
 
 def run_child(model: str, shape: str, options: dict, cache_dir: str) -> dict:
-    env = dict(os.environ, CONVCOMPILER_CACHE_DIR=cache_dir,
-               TRITON_CACHE_DIR=tempfile.mkdtemp(prefix="triton-cache-"))
-    out = subprocess.run([sys.executable, "-c", CHILD, model, shape, json.dumps(options)],
-                         env=env, capture_output=True, text=True, check=True)
+    env = dict(
+        os.environ,
+        CONVCOMPILER_CACHE_DIR=cache_dir,
+        TRITON_CACHE_DIR=tempfile.mkdtemp(prefix="triton-cache-"),
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, model, shape, json.dumps(options)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -56,15 +65,24 @@ def main(args) -> int:
     print(head)
     for name, r in runs.items():
         compile_s = r["first"] - r["steady"]
-        print(f"{name:5} {r['first']:10.2f}s {r['steady']:7.2f}s {compile_s:7.2f}s "
-              f"{r['backend']:7.2f}s  kernels={r['kernels']} codegen={r['codegen']} "
-              f"static-checks={r['verify']} cache-hits={r['hits']} benchmarks={r['benchmarks']}")
+        print(
+            f"{name:5} {r['first']:10.2f}s {r['steady']:7.2f}s {compile_s:7.2f}s "
+            f"{r['backend']:7.2f}s  kernels={r['kernels']} codegen={r['codegen']} "
+            f"static-checks={r['verify']} cache-hits={r['hits']} benchmarks={r['benchmarks']}"
+        )
     cold, warm = runs["cold"], runs["warm"]
     ratio_compile = (warm["first"] - warm["steady"]) / (cold["first"] - cold["steady"])
     ratio_backend = warm["backend"] / cold["backend"]
     print(f"warm/cold: compile {ratio_compile:.2f}x, backend {ratio_backend:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"runs": runs, "warm_over_cold_compile": ratio_compile,
-                       "warm_over_cold_backend": ratio_backend}, f, indent=2)
+            json.dump(
+                {
+                    "runs": runs,
+                    "warm_over_cold_compile": ratio_compile,
+                    "warm_over_cold_backend": ratio_backend,
+                },
+                f,
+                indent=2,
+            )
     return 0

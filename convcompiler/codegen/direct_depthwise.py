@@ -39,7 +39,7 @@ def SPACE(spec: ConvSpec, s: Schedule, device: Device | None) -> None:
         raise InvalidSchedule(f"{per_thread} accumulators per thread (> 32)")
 
 
-TEMPLATE = '''${header}
+TEMPLATE = """${header}
 import torch
 import triton
 import triton.language as tl
@@ -90,10 +90,6 @@ def conv_depthwise_direct(
 
 ${epilogue}
 
-    # ---- 5. store in eager's memory format ----
-    _store_tile(y_ptr, acc, offs_m, m_ok, offs_k, k_ok, HO, WO, syn, syk, syh, syw,
-                IMAGE_TILES, INT64)
-
 
 def launch(x, weight, bias=None):
 ${prepare}
@@ -107,23 +103,15 @@ ${prepare}
         N, H, W, HO, WO, K, KG,
         *x.stride(), weight.stride(0), weight.stride(2), weight.stride(3), *out.stride(),
         **GEOMETRY, INT64=int64, IMAGE_TILES=image, **META, **LAUNCH)
-${finish}'''
+${finish}"""
 
 
 def render(spec: ConvSpec, schedule: Schedule) -> T.KernelSource:
-    text = T.render(
+    return T.render_module(
         TEMPLATE,
-        header=T.header(spec, schedule, "depthwise convolution, computed directly"),
-        constants=T.constants(spec, schedule, LAUNCH=LAUNCH_KEYS, TILING=TILING_KEYS),
-        helpers=T.HELPERS,
-        epilogue=T.epilogue(spec),
-        prepare=T.PREPARE.strip("\n"),
-        finish=T.FINISH.strip("\n"),
-    )
-    return T.KernelSource(
-        name=f"{spec.geometry()}_{schedule.name}",
-        text=text,
-        schedule=schedule,
-        spec_key=spec.key(),
+        spec,
+        schedule,
+        summary="depthwise convolution, computed directly",
         kernels=KERNELS,
+        groups=dict(LAUNCH=LAUNCH_KEYS, TILING=TILING_KEYS),
     )

@@ -36,7 +36,7 @@ def SPACE(spec: ConvSpec, s: Schedule, device: Device | None) -> None:
     T.check_gemm_tiles(spec, s, device)
 
 
-TEMPLATE = '''${header}
+TEMPLATE = """${header}
 import torch
 import triton
 import triton.language as tl
@@ -92,10 +92,6 @@ def conv_gemm_1x1(
 
 ${epilogue}
 
-    # ---- 5. store in eager's memory format ----
-    _store_tile(y_ptr, acc, offs_m, m_ok, offs_k, k_ok, HO, WO, syn, syk, syh, syw,
-                IMAGE_TILES, INT64)
-
 
 def launch(x, weight, bias=None):
 ${prepare}
@@ -109,23 +105,15 @@ ${prepare}
         *x.stride(), *out.stride(),
         **GEOMETRY, PIXELS_FLAT=flat, PRECISION=PRECISION, UPCAST=upcast, INT64=int64,
         IMAGE_TILES=image, **META, **LAUNCH)
-${finish}'''
+${finish}"""
 
 
 def render(spec: ConvSpec, schedule: Schedule) -> T.KernelSource:
-    text = T.render(
+    return T.render_module(
         TEMPLATE,
-        header=T.header(spec, schedule, "1x1 convolution as a plain GEMM"),
-        constants=T.constants(spec, schedule, LAUNCH=LAUNCH_KEYS, TILING=TILING_KEYS),
-        helpers=T.HELPERS,
-        epilogue=T.epilogue(spec),
-        prepare=T.PREPARE.strip("\n"),
-        finish=T.FINISH.strip("\n"),
-    )
-    return T.KernelSource(
-        name=f"{spec.geometry()}_{schedule.name}",
-        text=text,
-        schedule=schedule,
-        spec_key=spec.key(),
+        spec,
+        schedule,
+        summary="1x1 convolution as a plain GEMM",
         kernels=KERNELS,
+        groups=dict(LAUNCH=LAUNCH_KEYS, TILING=TILING_KEYS),
     )

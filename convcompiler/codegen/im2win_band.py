@@ -21,7 +21,10 @@ from ..schedule import InvalidSchedule, Schedule, schedule_space
 from ..spec import ConvSpec
 from . import template as T
 
-KERNELS = ("im2win_band_fill", "conv_im2win_band_gemm")  # the @triton.jit kernels launch() calls, in order
+KERNELS = (
+    "im2win_band_fill",
+    "conv_im2win_band_gemm",
+)  # the @triton.jit kernels launch() calls, in order
 LAUNCH_KEYS = ("num_warps", "num_stages")
 TILING_KEYS = ("M_TILES",)
 FILL_KEYS = ("FILL_W", "FILL_C")
@@ -62,7 +65,7 @@ def band_elements(spec: ConvSpec) -> int:
     return spec.hint(spec.batch) * spec.in_channels * ho * wb * spec.kernel[0]
 
 
-TEMPLATE = '''${header}
+TEMPLATE = """${header}
 import torch
 import triton
 import triton.language as tl
@@ -157,10 +160,6 @@ def conv_im2win_band_gemm(
 
 ${epilogue}
 
-    # ---- 5. store in eager's memory format ----
-    _store_tile(y_ptr, acc, offs_m, m_ok, offs_k, k_ok, HO, WO, syn, syk, syh, syw,
-                IMAGE_TILES, INT64)
-
 
 def launch(x, weight, bias=None):
 ${prepare}
@@ -180,24 +179,15 @@ ${prepare}
         *out.stride(),
         **GEOMETRY, PRECISION=PRECISION, UPCAST=upcast, INT64=int64,
         IMAGE_TILES=image, **META, **LAUNCH)
-${finish}'''
+${finish}"""
 
 
 def render(spec: ConvSpec, schedule: Schedule) -> T.KernelSource:
-    text = T.render(
+    return T.render_module(
         TEMPLATE,
-        header=T.header(spec, schedule, "convolution as a GEMM over a materialised im2win band"),
-        constants=T.constants(
-            spec, schedule, LAUNCH=LAUNCH_KEYS, TILING=TILING_KEYS, FILL=FILL_KEYS),
-        helpers=T.HELPERS,
-        epilogue=T.epilogue(spec),
-        prepare=T.PREPARE.strip("\n"),
-        finish=T.FINISH.strip("\n"),
-    )
-    return T.KernelSource(
-        name=f"{spec.geometry()}_{schedule.name}",
-        text=text,
-        schedule=schedule,
-        spec_key=spec.key(),
+        spec,
+        schedule,
+        summary="convolution as a GEMM over a materialised im2win band",
         kernels=KERNELS,
+        groups=dict(LAUNCH=LAUNCH_KEYS, TILING=TILING_KEYS, FILL=FILL_KEYS),
     )

@@ -43,7 +43,7 @@ def SPACE(spec: ConvSpec, s: Schedule, device: Device | None) -> None:
     T.check_gemm_tiles(spec, s, device)
 
 
-TEMPLATE = '''${header}
+TEMPLATE = """${header}
 import torch
 import triton
 import triton.language as tl
@@ -120,10 +120,6 @@ def conv_im2win_implicit(
 
 ${epilogue}
 
-    # ---- 5. store in eager's memory format ----
-    _store_tile(y_ptr, acc, offs_m, m_ok, offs_k, k_ok, HO, WO, syn, syk, syh, syw,
-                IMAGE_TILES, INT64)
-
 
 def launch(x, weight, bias=None):
 ${prepare}
@@ -135,23 +131,15 @@ ${prepare}
         *x.stride(), *out.stride(),
         **GEOMETRY, PRECISION=PRECISION, UPCAST=upcast, INT64=int64,
         IMAGE_TILES=image, **META, **LAUNCH)
-${finish}'''
+${finish}"""
 
 
 def render(spec: ConvSpec, schedule: Schedule) -> T.KernelSource:
-    text = T.render(
+    return T.render_module(
         TEMPLATE,
-        header=T.header(spec, schedule, "convolution as an implicit im2win GEMM"),
-        constants=T.constants(spec, schedule, LAUNCH=LAUNCH_KEYS, TILING=TILING_KEYS),
-        helpers=T.HELPERS,
-        epilogue=T.epilogue(spec),
-        prepare=T.PREPARE.strip("\n"),
-        finish=T.FINISH.strip("\n"),
-    )
-    return T.KernelSource(
-        name=f"{spec.geometry()}_{schedule.name}",
-        text=text,
-        schedule=schedule,
-        spec_key=spec.key(),
+        spec,
+        schedule,
+        summary="convolution as an implicit im2win GEMM",
         kernels=KERNELS,
+        groups=dict(LAUNCH=LAUNCH_KEYS, TILING=TILING_KEYS),
     )

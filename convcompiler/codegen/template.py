@@ -4,7 +4,7 @@ A template is readable Triton/Python text with `${hook}` slots (string.Template)
 
     header     the module docstring: what the region computes and which schedule runs it
     helpers    @triton.jit helpers shared by the conv templates (tile order, output store)
-    epilogue   code applied to the fp32 accumulator before the store (bias today)
+    epilogue   code applied to the fp32 accumulator (bias today), then the store
     constants  the spec's geometry and the schedule's parameters, as Python dicts
     prepare    the launcher's constraint checks, output-shape arithmetic and allocation
     finish     the launcher's last lines (the interpreter's bf16 rounding, the 1-D squeeze)
@@ -82,12 +82,16 @@ def check_gemm_tiles(spec: ConvSpec, s: Schedule, device: Device | None) -> None
     threads = 32 * s["num_warps"]
     bm, bn, bk = s["BLOCK_M"], s["BLOCK_N"], s["BLOCK_K"]
     if bm * bn // threads > 32:
-        raise InvalidSchedule(f"{bm}x{bn} accumulator: {bm * bn // threads} values per thread (> 32)")
+        raise InvalidSchedule(
+            f"{bm}x{bn} accumulator: {bm * bn // threads} values per thread (> 32)"
+        )
     if max(bm * bk, bk * bn) // threads > 16:
         raise InvalidSchedule(f"operand tiles {bm}x{bk} and {bk}x{bn}: over 16 values per thread")
     smem = s["num_stages"] * (bm * bk + bk * bn) * ITEMSIZE[spec.dtype]
     if smem > device.smem_per_block:
-        raise InvalidSchedule(f"{smem} B of pipelined tiles > {device.smem_per_block} B shared memory")
+        raise InvalidSchedule(
+            f"{smem} B of pipelined tiles > {device.smem_per_block} B shared memory"
+        )
 
 
 # ---- hook: header ------------------------------------------------------------------------
@@ -118,7 +122,9 @@ def constants(spec: ConvSpec, schedule: Schedule, **groups: tuple[str, ...]) -> 
         DH=spec.dilation[0],
         DW=spec.dilation[1],
     )
-    grouped = {name: {k: v for k, v in schedule.params if k in keys} for name, keys in groups.items()}
+    grouped = {
+        name: {k: v for k, v in schedule.params if k in keys} for name, keys in groups.items()
+    }
     taken = {k for keys in groups.values() for k in keys}
     meta = {k: v for k, v in schedule.params if k not in taken}
     lines = [
@@ -137,7 +143,7 @@ def constants(spec: ConvSpec, schedule: Schedule, **groups: tuple[str, ...]) -> 
 
 
 # ---- hook: helpers -----------------------------------------------------------------------
-HELPERS = '''
+HELPERS = """
 @triton.jit
 def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     # Grouped order: GROUP_M consecutive row tiles sweep the columns together, so the
@@ -204,28 +210,60 @@ def _store_tile(y_ptr, acc, offs_m, m_ok, offs_k, k_ok, HO, WO, syn, syk, syh, s
         y_off = (n * syn + ho * syh + wo * syw)[:, None] + offs_k[None, :] * syk
     mask = m_ok[:, None] & k_ok[None, :]
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mask)
-'''
+"""
 
 
 # ---- hook: epilogue ----------------------------------------------------------------------
-def epilogue(spec: ConvSpec) -> str:
-    """Code run on the fp32 accumulator `acc` [BLOCK_M, BLOCK_N] before the store.
+STORE = """
+# ---- 5. store in eager's memory format ----
+_store_tile(y_ptr, acc, offs_m, m_ok, offs_k, k_ok, HO, WO, syn, syk, syh, syw,
+            IMAGE_TILES, INT64)
+"""
 
-    In scope: `acc`, `offs_k` (global output channels of the tile), `k_ok` and `b_ptr`.
+
+def epilogue(spec: ConvSpec) -> str:
+    """Code run on the fp32 accumulator `acc` [BLOCK_M, BLOCK_N], then the store.
+
+    In scope: `acc`, `offs_m`, `m_ok`, `offs_k` (global output channels of the tile), `k_ok`,
+    `b_ptr` and the output strides.
     """
     if not spec.has_bias:
-        return indent("# ---- 4. epilogue: none (no bias) ----")
-    return indent(
-        """
+        body = "# ---- 4. epilogue: none (no bias) ----"
+    else:
+        body = """
         # ---- 4. epilogue: acc += bias[k] ----
         bias = tl.load(b_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
         acc += bias[None, :]
         """
+    return indent(body) + "\n\n" + indent(STORE)
+
+
+# ---- the whole module --------------------------------------------------------------------
+def render_module(
+    template: str,
+    spec: ConvSpec,
+    schedule: Schedule,
+    *,
+    summary: str,
+    kernels: tuple[str, ...],
+    groups: dict[str, tuple[str, ...]],
+) -> KernelSource:
+    """Fill every hook of a conv template; `groups` splits the schedule's parameters into
+    the launcher's dicts (see `constants`)."""
+    text = render(
+        template,
+        header=header(spec, schedule, summary),
+        constants=constants(spec, schedule, **groups),
+        helpers=HELPERS,
+        epilogue=epilogue(spec),
+        prepare=PREPARE.strip("\n"),
+        finish=FINISH.strip("\n"),
     )
+    return KernelSource(f"{spec.geometry()}_{schedule.name}", text, schedule, spec.key(), kernels)
 
 
 # ---- hook: prepare -----------------------------------------------------------------------
-PREPARE = '''
+PREPARE = """
     # ---- 1. check constraints ----
     if x.dim() != NDIM + 2 or weight.dim() != NDIM + 2:
         raise ValueError(f"expected {NDIM + 2}-D input and weight, got {tuple(x.shape)}, "
@@ -267,11 +305,11 @@ PREPARE = '''
     grid = lambda meta: (
         triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(KG, meta["BLOCK_N"]), GROUPS,
         N if image else 1)
-'''
+"""
 
 # ---- hook: finish ------------------------------------------------------------------------
-FINISH = '''
+FINISH = """
     if out is not y:
         y.copy_(out)
     return y.squeeze(2) if NDIM == 1 else y
-'''
+"""

@@ -107,7 +107,9 @@ def load_verified(path: Path, sha256: str, *, interpret: bool) -> types.ModuleTy
     return module
 
 
-def load_source(source: KernelSource, directory: Path, *, interpret: bool) -> tuple[types.ModuleType, Path]:
+def load_source(
+    source: KernelSource, directory: Path, *, interpret: bool
+) -> tuple[types.ModuleType, Path]:
     """Write (if needed), verify and load a generated module; returns it and its file."""
     path = write_source(source, directory)
     try:

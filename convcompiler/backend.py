@@ -8,12 +8,15 @@ Stages of one compile:
     3. POST_GRAD_PASSES find regions in each aten graph;
     4. lowering selects a schedule per region, renders and loads its kernel and rewrites
        the node; everything not matched runs as ATen.
+With a debug dump directory, each step's graph, the report and the kernels are written
+there (convcompiler/debug.py).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -22,6 +25,7 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
 
 from .config import Config
+from .debug import dump_dir_for, dump_lowered
 from .lowering import Lowering
 from .passes import POST_GRAD_PASSES, PRE_GRAD_PASSES, PassContext, run_passes
 from .report import new_report
@@ -31,11 +35,14 @@ log = logging.getLogger(__name__)
 _MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def _graph_compiler(stage: str, config: Config, facts: dict, lowering: Lowering) -> Callable:
+def _graph_compiler(
+    stage: str, config: Config, facts: dict, lowering: Lowering, dump: Path | None
+) -> Callable:
     def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-        ctx = PassContext(config=config, stage=stage, facts=facts)
+        ctx = PassContext(config=config, stage=stage, facts=facts, dump_dir=dump)
         gm = run_passes(POST_GRAD_PASSES, gm, ctx)
         gm = lowering.lower_conv_regions(gm, ctx.regions)
+        dump_lowered(gm, ctx, len(POST_GRAD_PASSES) + 1, lowering.report)
         return make_boxed_func(gm.forward)
 
     compile_graph.__name__ = f"im2win_{stage}_compiler"
@@ -60,11 +67,13 @@ def im2win(
     report = new_report(config)
     lowering = Lowering(config, report)
     facts: dict[str, Any] = {}
-    gm = run_passes(PRE_GRAD_PASSES, gm, PassContext(config=config, stage="pre_grad", facts=facts))
+    dump = dump_dir_for(config, report.compile_id)
+    pre_grad = PassContext(config=config, stage="pre_grad", facts=facts, dump_dir=dump)
+    gm = run_passes(PRE_GRAD_PASSES, gm, pre_grad)
     compile_aot = aot_autograd(
-        fw_compiler=_graph_compiler("forward", config, facts, lowering),
-        bw_compiler=_graph_compiler("backward", config, facts, lowering),
-        inference_compiler=_graph_compiler("inference", config, facts, lowering),
+        fw_compiler=_graph_compiler("forward", config, facts, lowering, dump),
+        bw_compiler=_graph_compiler("backward", config, facts, lowering, dump),
+        inference_compiler=_graph_compiler("inference", config, facts, lowering, dump),
     )
     compiled = compile_aot(gm, example_inputs)
     report.compile_seconds = time.perf_counter() - start

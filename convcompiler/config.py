@@ -5,6 +5,7 @@ from the options dict plus a few documented environment variables:
 
     CONVCOMPILER_CACHE_DIR   root of the per-user cache (kernels live in <root>/kernels).
                              Default: $XDG_CACHE_HOME/convcompiler or ~/.cache/convcompiler.
+    CONVCOMPILER_DEBUG_DIR   default for the debug_dir option.
 
 Every field that changes generated code is listed in `Config.codegen_fields`; later stages
 put exactly those fields into their cache keys.
@@ -18,7 +19,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-CPU_MODES = ("interpret", "aten")
+CPU_MODES = ("interpret", "aten", "plan")
 CONV_SCHEDULES = ("im2win_band", "im2win_implicit", "direct_depthwise", "gemm_1x1", "aten")
 BENCHMARKERS = ("do_bench", "fake")
 
@@ -29,7 +30,9 @@ class Config:
 
     cpu: what runs convolutions on CPU tensors. "interpret" (default) runs this project's
         generated Triton kernels through Triton's interpreter: slow, meant for verification.
-        "aten" runs ATen's convolution instead.
+        "aten" runs ATen's convolution instead. "plan" plans and writes the kernels for the
+        target GPU (report, kernel files, static checks) but runs ATen: for `explain` and
+        `aot` on a machine without a GPU.
     schedule: force one conv schedule for every conv region (one of CONV_SCHEDULES).
         None lets the backend choose (see convcompiler/select.py).
     target: the GPU to plan for ("h100", "h200", "a100", "l4", "rtx4090"). None: the GPU
@@ -44,6 +47,8 @@ class Config:
         is taken). The result is cached with the decision, so only a cold compile pays it.
     kernel_dir: where generated kernel sources are written. None means
         <cache dir>/kernels (see CONVCOMPILER_CACHE_DIR).
+    debug_dir: write a debug dump of every compile under this directory: the graphs before
+        and after each pass, regions.json and the kernels. Default: $CONVCOMPILER_DEBUG_DIR.
     """
 
     cpu: str = "interpret"
@@ -55,6 +60,7 @@ class Config:
     cache: bool = True
     verify: bool = True
     kernel_dir: str | None = None
+    debug_dir: str | None = None
 
     # Fields that change the generated source text or the schedule picked for a region;
     # they are part of every tuning-cache key.
@@ -78,10 +84,14 @@ class Config:
             raise ValueError(f"option 'top_k' must be a positive int, got {self.top_k!r}")
         if self.benchmarker not in BENCHMARKERS:
             raise ValueError(f"option 'benchmarker' must be one of {BENCHMARKERS}")
-        if self.kernel_dir is not None and not isinstance(self.kernel_dir, (str, os.PathLike)):
-            raise ValueError(f"option 'kernel_dir' must be a path, got {self.kernel_dir!r}")
-        if self.kernel_dir is not None:
-            object.__setattr__(self, "kernel_dir", os.fspath(self.kernel_dir))
+        if self.debug_dir is None and os.environ.get("CONVCOMPILER_DEBUG_DIR"):
+            object.__setattr__(self, "debug_dir", os.environ["CONVCOMPILER_DEBUG_DIR"])
+        for name in ("kernel_dir", "debug_dir"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise ValueError(f"option {name!r} must be a path, got {value!r}")
+            if value is not None:
+                object.__setattr__(self, name, os.fspath(value))
 
     @classmethod
     def option_names(cls) -> tuple[str, ...]:

@@ -21,7 +21,7 @@ from .counters import counters
 from .devices import device_for
 from .passes import Region
 from .report import RegionRecord, Report
-from .runtime import KernelCall, interpreter_notice, load_source
+from .runtime import KernelCall, interpreter_notice, load_source, write_source
 from .schedule import Schedule
 from .select import Choice, SelectionContext, select_conv_schedule
 from .spec import ConvSpec
@@ -154,6 +154,8 @@ class Lowering:
                 spec=region.summary,
                 origin=choice.origin if choice else "guard",
                 predicted_us=pred.at_hint * 1e6 if pred else None,
+                flops=pred.flops if pred else None,
+                bytes_moved=pred.bytes if pred else None,
                 cost=(f"{pred.seconds} s" if pred is not None and region.spec.is_dynamic else None),
                 candidates=choice.candidates if choice else (),
                 valid_for=choice.valid_for if choice else None,
@@ -197,15 +199,22 @@ class Lowering:
             source = self.source_for(spec, choice)
             if choice.source is None:
                 self.remember(spec, ctx, choice, source)
-            interpret = spec.device == "cpu"
-            if interpret:
-                interpreter_notice()
-            module, path = load_source(source, self.config.kernel_path, interpret=interpret)
-            self._replace(
-                gm,
-                nodes[region.nodes[-1]],
-                KernelCall("conv", region.name, getattr(module, source.entry), path),
-            )
+            self.report.generated.append((source, spec))
+            reason = None
+            if spec.device == "cpu" and self.config.cpu == "plan":
+                path = write_source(source, self.config.kernel_path)
+                reason = "option cpu='plan': kernel generated for the target; ATen runs on CPU"
+                counters["fallback.conv"] += 1
+            else:
+                interpret = spec.device == "cpu"
+                if interpret:
+                    interpreter_notice()
+                directory = self.config.kernel_path
+                module, path = load_source(source, directory, interpret=interpret)
+                launch = getattr(module, source.entry)
+                self._replace(
+                    gm, nodes[region.nodes[-1]], KernelCall("conv", region.name, launch, path)
+                )
             log.debug("%s: %s -> %s (%s)", region.name, spec.describe(), path.name, choice.why)
             self._record(
                 region,
@@ -213,7 +222,7 @@ class Lowering:
                 schedule=choice.schedule.name,
                 params=" ".join(f"{k}={v}" for k, v in choice.schedule.params),
                 kernel_path=str(path),
-                fallback_reason=None,
+                fallback_reason=reason,
                 why=choice.why,
             )
         gm.graph.lint()

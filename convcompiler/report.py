@@ -7,6 +7,7 @@ print(report)                      # a table
 
 from __future__ import annotations
 
+import collections
 import json
 import threading
 from dataclasses import asdict, dataclass, field
@@ -29,6 +30,8 @@ class RegionRecord:
     why: str  # why this schedule (or this fallback)
     origin: str = "guard"  # "guard", "override", "cache", "tuned" or "model"
     predicted_us: float | None = None  # the cost model's time for the chosen schedule
+    flops: float | None = None  # useful FLOPs of the region (at the size hints)
+    bytes_moved: float | None = None  # bytes the chosen schedule moves, per the cost model
     cost: str | None = None  # the predicted time as a function of the dynamic sizes
     candidates: tuple = ()  # CandidateRow(schedule, predicted_s, measured_s) per candidate
     valid_for: str | None = None  # the dynamic-size range the choice holds for
@@ -43,6 +46,7 @@ class Report:
     regions: list[RegionRecord] = field(default_factory=list)
     devices: dict[str, str] = field(default_factory=dict)  # tensor device -> planning device
     compile_seconds: float | None = None  # backend time: aot_autograd, passes, lowering
+    generated: list = field(default_factory=list, repr=False)  # (KernelSource, spec) pairs
 
     def __iter__(self):
         return iter(list(self.regions))
@@ -59,6 +63,10 @@ class Report:
     def fallbacks(self) -> list[RegionRecord]:
         return [r for r in self.regions if r.fallback_reason is not None]
 
+    def generated_kernels(self) -> list[RegionRecord]:
+        """Regions with a generated kernel file (run here or, with cpu='plan', only planned)."""
+        return [r for r in self.regions if r.kernel_path is not None]
+
     def to_json(self) -> str:
         return json.dumps(
             {
@@ -70,10 +78,19 @@ class Report:
         )
 
     def __str__(self) -> str:
-        head = ("region", "stage", "spec", "schedule", "predicted", "kernel / fallback reason")
+        head = (
+            "region",
+            "kind",
+            "stage",
+            "spec",
+            "schedule",
+            "predicted",
+            "kernel / fallback reason",
+        )
         rows = [
             (
                 r.name,
+                r.kind,
                 r.stage,
                 r.spec,
                 r.schedule,
@@ -84,9 +101,13 @@ class Report:
         ]
         widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
         planned = "; ".join(f"{k} tensors planned for {v}" for k, v in self.devices.items())
+        planned_only = len(self.generated_kernels()) - len(self.kernels())
+        counts = f"{len(self.kernels())} kernels, {len(self.fallbacks())} fallbacks"
+        if planned_only:
+            counts += f" ({planned_only} of them planned kernels, not run here)"
         lines = [
-            f"convcompiler compile {self.compile_id}: {len(self.kernels())} kernels, "
-            f"{len(self.fallbacks())} fallbacks" + (f"; {planned}" if planned else "")
+            f"convcompiler compile {self.compile_id}: {counts}"
+            + (f"; {planned}" if planned else "")
         ]
         for row in (head, *rows):
             lines.append("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
@@ -109,20 +130,30 @@ class Report:
 
 
 _lock = threading.Lock()
-_last: Report | None = None
+_history: collections.deque[Report] = collections.deque(maxlen=256)
 _next_id = 0
 
 
 def new_report(config: Config) -> Report:
     """Start the record of a new compile; it becomes `last_report()`."""
-    global _last, _next_id
+    global _next_id
     with _lock:
         report = Report(compile_id=_next_id, config=config)
         _next_id += 1
-        _last = report
+        _history.append(report)
     return report
 
 
 def last_report() -> Report | None:
     """The most recent compile's regions (None before the first compile)."""
-    return _last
+    return _history[-1] if _history else None
+
+
+def reports_since(compile_id: int) -> list[Report]:
+    """Every recorded compile with an id >= `compile_id` (a model with graph breaks makes
+    one compile per graph); the newest 256 are kept."""
+    return [r for r in _history if r.compile_id >= compile_id]
+
+
+def next_compile_id() -> int:
+    return _next_id

@@ -5,19 +5,25 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import compile_cache
+from . import compile_cache, layers, networks
 
-SUITES = {"compile-cache": compile_cache}
+SUITES = {"compile-cache": compile_cache, "im2win-layers": layers}
+SUITES.update({name: networks for name in networks.SUITES})
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m convcompiler.bench")
     parser.add_argument("suite", choices=sorted(SUITES))
     parser.add_argument("--model", default="resnet18", help="a torchvision model name")
-    parser.add_argument("--input", default="1,3,64,64", help="input shape, comma separated")
+    parser.add_argument("--input", help="input shape, comma separated")
     parser.add_argument("--options", default="{}", help="backend options as JSON")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    parser.add_argument("--batch", type=int, help="override the suite's batch size")
+    parser.add_argument("--target", help="the GPU to plan for on a machine without one")
     args = parser.parse_args(argv)
+    args.input_given = args.input is not None
+    args.input = args.input or "1,3,64,64"
     return SUITES[args.suite].main(args)
 
 

@@ -40,6 +40,10 @@ TILING_KEYS = ("M_TILES",)
 def SPACE(spec: ConvSpec, s: Schedule, device: Device | None) -> None:
     if s["REDUCTION"] == "tap" and spec.in_channels_per_group < 16 and s["BLOCK_K"] > 16:
         raise InvalidSchedule("tap reduction with < 16 channels per group wastes BLOCK_K > 16")
+    if device is not None and s["REDUCTION"] == "flat" and s["num_warps"] < 8:
+        # the flat reduction's per-element window arithmetic spilled with 4 warps on sm_80
+        # (static report, MobileNetV2 depthwise 3x3 shapes)
+        raise InvalidSchedule("flat reduction needs 8 warps on a GPU")
     T.check_gemm_tiles(spec, s, device)
 
 

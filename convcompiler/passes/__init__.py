@@ -29,10 +29,20 @@ PRE_GRAD_PASSES: tuple[GraphPass, ...] = (find_conv_padding_modes,)
 POST_GRAD_PASSES: tuple[GraphPass, ...] = (match_conv,)
 
 
+def dump_graph(gm: torch.fx.GraphModule, ctx: PassContext, step: int, name: str) -> None:
+    """With a debug dump directory: write the graph as readable code, one file per step."""
+    if ctx.dump_dir is None:
+        return
+    path = ctx.dump_dir / ctx.stage / f"{step:02d}_{name}.py"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(gm.print_readable(print_output=False, include_stride=True))
+
+
 def run_passes(
     passes: Sequence[GraphPass], gm: torch.fx.GraphModule, ctx: PassContext
 ) -> torch.fx.GraphModule:
-    for graph_pass in passes:
+    dump_graph(gm, ctx, 0, "input")
+    for step, graph_pass in enumerate(passes, start=1):
         start = time.perf_counter()
         gm = graph_pass(gm, ctx)
         counters[f"pass.{graph_pass.__name__}"] += 1
@@ -42,7 +52,15 @@ def run_passes(
             ctx.stage,
             1e3 * (time.perf_counter() - start),
         )
+        dump_graph(gm, ctx, step, graph_pass.__name__)
     return gm
 
 
-__all__ = ["PRE_GRAD_PASSES", "POST_GRAD_PASSES", "PassContext", "Region", "run_passes"]
+__all__ = [
+    "POST_GRAD_PASSES",
+    "PRE_GRAD_PASSES",
+    "PassContext",
+    "Region",
+    "dump_graph",
+    "run_passes",
+]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..config import Config
@@ -39,6 +40,7 @@ class PassContext:
     stage: str  # "pre_grad", "forward", "inference" or "backward"
     facts: dict[str, Any] = field(default_factory=dict)
     regions: list[Region] = field(default_factory=list)
+    dump_dir: Path | None = None  # the compile's debug dump directory, if any
 
     def new_region_name(self, kind: str) -> str:
         taken = self.facts.setdefault("region_names", {})

@@ -1,0 +1,244 @@
+"""The `convcompiler` command (also `python -m convcompiler`).
+
+    convcompiler explain MODEL --input 1,3,64,64 [--json FILE] [--explain] [--run]
+    convcompiler kernels list | show [NAME]
+    convcompiler cache stats | clear | export FILE | import FILE
+    convcompiler aot --arch sm_90,sm_80 MODEL --input 1,3,64,64
+    convcompiler roofline MODEL --input 1,3,64,64 [--target h100] [--out roofline.png]
+
+MODEL is torchvision:NAME, timm:NAME or path.py:factory (random weights). Without --run,
+models are compiled with cpu="plan": kernels are planned and written for the target GPU and
+ATen runs the CPU forward, so nothing waits on Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from .aot import ARCHS, KernelStats, static_report
+from .cache import open_cache
+from .config import Config
+from .devices import lookup
+from .models import load_model, make_input
+from .report import Report, next_compile_id, reports_since
+
+ARCH_TARGETS = {"sm_90": "h100", "sm_80": "a100", "sm_89": "l4", "sm_86": "l4"}
+
+
+def compile_model(model: str, shape: str, dtype: str, options: dict) -> list[Report]:
+    """Compile and run `model` once under no_grad; the reports of every graph compiled."""
+    module = load_model(model).to(getattr(torch, dtype))
+    x = make_input(shape, dtype)
+    torch._dynamo.reset()
+    first = next_compile_id()
+    with torch.no_grad():
+        torch.compile(module, backend="im2win", options=options)(x)
+    return reports_since(first)
+
+
+def _options(args: argparse.Namespace, **extra) -> dict:
+    options = json.loads(args.options) if args.options else {}
+    if not getattr(args, "run", False):
+        options.setdefault("cpu", "plan")
+    if getattr(args, "target", None):
+        options["target"] = args.target
+    options.update(extra)
+    Config.from_options(options)  # unknown or bad options fail here, clearly
+    return options
+
+
+# ---- explain -------------------------------------------------------------------------------
+def cmd_explain(args: argparse.Namespace) -> int:
+    reports = compile_model(args.model, args.input, args.dtype, _options(args))
+    for report in reports:
+        print(report)
+        if args.explain:
+            print(report.explain())
+    if args.json:
+        data = [json.loads(r.to_json()) for r in reports]
+        Path(args.json).write_text(json.dumps(data, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+# ---- kernels -------------------------------------------------------------------------------
+def _kernel_files(config: Config) -> list[Path]:
+    directory = config.kernel_path
+    return (
+        sorted(directory.glob("*.py"), key=lambda p: p.stat().st_mtime)
+        if directory.exists()
+        else []
+    )
+
+
+def cmd_kernels(args: argparse.Namespace) -> int:
+    config = Config(kernel_dir=args.dir)
+    files = _kernel_files(config)
+    if args.action == "list":
+        for path in files:
+            print(f"{path.stat().st_size:8d}  {path.name}")
+        print(f"{len(files)} kernel files in {config.kernel_path}")
+        return 0
+    if not files:
+        print(f"no kernel files in {config.kernel_path}", file=sys.stderr)
+        return 1
+    if args.name is None:
+        chosen = [files[-1]]  # the newest
+    else:
+        chosen = [p for p in files if p.name == args.name] or [
+            p for p in files if args.name in p.name
+        ]
+    if len(chosen) != 1:
+        matches = "\n  ".join(p.name for p in chosen) or "none"
+        print(f"{args.name!r} matches {len(chosen)} kernel files:\n  {matches}", file=sys.stderr)
+        return 1
+    print(f"# {chosen[0]}")
+    print(chosen[0].read_text(), end="")
+    return 0
+
+
+# ---- cache ---------------------------------------------------------------------------------
+def cmd_cache(args: argparse.Namespace) -> int:
+    cache = open_cache()
+    if args.action == "stats":
+        for key, value in cache.stats().items():
+            print(f"{key:12} {value}")
+    elif args.action == "clear":
+        cache.clear()
+        print(f"cleared {cache.path}")
+    elif args.action == "export":
+        print(f"exported {cache.export_json(Path(args.file))} records to {args.file}")
+    elif args.action == "import":
+        print(f"imported {cache.import_json(Path(args.file))} records from {args.file}")
+    return 0
+
+
+# ---- aot -----------------------------------------------------------------------------------
+def static_table(
+    model: str, shape: str, dtype: str, archs: list[str], options: dict
+) -> list[KernelStats]:
+    """Plan the model for each architecture's device and compile every kernel for it."""
+    stats = []
+    for arch in archs:
+        target = options.get("target") or ARCH_TARGETS[arch]
+        reports = compile_model(model, shape, dtype, {**options, "cpu": "plan", "target": target})
+        seen = set()
+        for report in reports:
+            for source, spec in report.generated:
+                if source.sha256 not in seen:
+                    seen.add(source.sha256)
+                    stats.extend(static_report(source, spec, (arch,)))
+    return stats
+
+
+def print_static(stats: list[KernelStats]) -> int:
+    """One row per compiled kernel; returns 1 if any kernel spills or overflows shared memory."""
+    print(
+        f"{'arch':6} {'kernel':24} {'REG':>4} {'spill B':>7} {'smem B':>7} "
+        f"{'wgmma':>5} {'mma':>4}  status  file"
+    )
+    bad = 0
+    for st in stats:
+        problems = st.problems()
+        bad += bool(problems)
+        status = "ok" if not problems else "FAIL: " + "; ".join(problems)
+        print(
+            f"{st.arch:6} {st.kernel:24} {st.registers:4d} {st.spill_bytes:7d} "
+            f"{st.shared_bytes:7d} {st.wgmma:5d} {st.mma:4d}  {status}  {st.source}"
+        )
+    print(f"{len(stats)} kernels, {bad} with problems")
+    return 1 if bad else 0
+
+
+def cmd_aot(args: argparse.Namespace) -> int:
+    archs = [a.strip() for a in args.arch.split(",") if a.strip()]
+    unknown = [a for a in archs if a not in ARCHS]
+    if unknown:
+        print(f"unknown arch {unknown}; known: {sorted(ARCHS)}", file=sys.stderr)
+        return 2
+    stats = static_table(args.model, args.input, args.dtype, archs, _options(args))
+    if args.json:
+        Path(args.json).write_text(json.dumps([st.__dict__ for st in stats], indent=2))
+    return print_static(stats)
+
+
+# ---- roofline ------------------------------------------------------------------------------
+def cmd_roofline(args: argparse.Namespace) -> int:
+    from .roofline import plot_roofline
+
+    options = _options(args)
+    device = lookup(options.get("target") or "h100")
+    reports = compile_model(args.model, args.input, args.dtype, options)
+    merged = Report(compile_id=reports[-1].compile_id, config=reports[-1].config)
+    for report in reports:
+        merged.regions.extend(report.regions)
+    math = {"float32": "tf32", "float16": "fp16", "bfloat16": "bf16"}[args.dtype]
+    print(f"wrote {plot_roofline(merged, device, math, Path(args.out))}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="convcompiler", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("model", help="torchvision:NAME, timm:NAME or path.py:factory")
+        p.add_argument("--input", required=True, help="input shape, e.g. 1,3,64,64")
+        p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+        p.add_argument("--options", help="backend options as JSON")
+        p.add_argument("--target", help="the GPU to plan for (h100, h200, a100, l4, rtx4090)")
+
+    p = sub.add_parser("explain", help="compile a model and print its region table")
+    model_args(p)
+    p.add_argument(
+        "--run", action="store_true", help="run the kernels (Triton's interpreter on CPU)"
+    )
+    p.add_argument("--explain", action="store_true", help="also print every region's candidates")
+    p.add_argument("--json", help="write the table as JSON to this file")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("kernels", help="list or print generated kernels")
+    p.add_argument("action", choices=("list", "show"))
+    p.add_argument("name", nargs="?", help="a kernel file name, or part of one (show)")
+    p.add_argument("--dir", help="the kernel directory (default: the cache's)")
+    p.set_defaults(func=cmd_kernels)
+
+    p = sub.add_parser("cache", help="manage the tuning cache")
+    p.add_argument("action", choices=("stats", "clear", "export", "import"))
+    p.add_argument("file", nargs="?", help="the JSON file (export, import)")
+    p.set_defaults(func=cmd_cache)
+
+    p = sub.add_parser(
+        "aot", help="compile every kernel for GPUs you do not have; report resources"
+    )
+    p.add_argument("--arch", required=True, help="comma-separated: sm_90,sm_80,sm_89,sm_86")
+    model_args(p)
+    p.add_argument("--json", help="also write the table as JSON")
+    p.set_defaults(func=cmd_aot)
+
+    p = sub.add_parser("roofline", help="plot the regions on the target's roofline (PNG)")
+    model_args(p)
+    p.add_argument("--out", default="roofline.png")
+    p.set_defaults(func=cmd_roofline)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "cache" and args.action in ("export", "import") and not args.file:
+        print(f"cache {args.action} needs a FILE", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except ValueError as err:
+        print(f"convcompiler: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""The convcompiler command: explain, kernels, cache, roofline, the debug dump and the bench."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from convcompiler import bench
+from convcompiler.bench.__main__ import main as bench_main
+from convcompiler.cli import main
+
+
+def test_explain_prints_the_region_table(capsys, tmp_path) -> None:
+    out_json = tmp_path / "regions.json"
+    assert (
+        main(["explain", "torchvision:resnet18", "--input", "1,3,64,64", "--json", str(out_json)])
+        == 0
+    )
+    out = capsys.readouterr().out
+    for column in ("region", "kind", "spec", "schedule", "predicted", "kernel / fallback reason"):
+        assert column in out
+    assert out.count("\nconv_") == 20
+    data = json.loads(out_json.read_text())
+    assert len(data[0]["regions"]) == 20
+    assert all(r["kind"] == "conv" for r in data[0]["regions"])
+
+
+def test_explain_from_a_python_file_and_candidates(capsys, tmp_path) -> None:
+    path = tmp_path / "net.py"
+    path.write_text(
+        "import torch.nn as nn\n"
+        "def make():\n    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1))\n"
+    )
+    assert (
+        main(["explain", f"{path}:make", "--input", "1,3,16,16", "--explain", "--target", "a100"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "planned for a100" in out and "predicted" in out and "->" in out
+
+
+def test_bad_model_and_options_are_clear_errors(capsys) -> None:
+    assert main(["explain", "resnet18", "--input", "1,3,8,8"]) == 2
+    assert "torchvision:NAME" in capsys.readouterr().err
+    assert (
+        main(["explain", "torchvision:resnet18", "--input", "1,3,8,8", "--options", '{"nope": 1}'])
+        == 2
+    )
+    assert "valid options are" in capsys.readouterr().err
+
+
+def test_kernels_list_and_show(capsys, tmp_path) -> None:
+    torch.compile(nn.Conv2d(3, 4, 3), backend="im2win", options={"kernel_dir": str(tmp_path)})(
+        torch.randn(1, 3, 8, 8)
+    )
+    assert main(["kernels", "list", "--dir", str(tmp_path)]) == 0
+    listing = capsys.readouterr().out
+    name = next(line.split()[-1] for line in listing.splitlines() if line.endswith(".py"))
+    assert main(["kernels", "show", "--dir", str(tmp_path)]) == 0
+    assert "@triton.jit" in capsys.readouterr().out
+    assert main(["kernels", "show", name[:30], "--dir", str(tmp_path)]) == 0
+    assert "def launch(x, weight, bias=None):" in capsys.readouterr().out
+    assert main(["kernels", "show", "no-such-kernel", "--dir", str(tmp_path)]) == 1
+
+
+def test_cache_commands(capsys, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("CONVCOMPILER_CACHE_DIR", str(tmp_path / "cache"))
+    torch.compile(nn.Conv2d(3, 4, 3), backend="im2win")(torch.randn(1, 3, 8, 8))
+    assert main(["cache", "stats"]) == 0
+    assert "records      1" in capsys.readouterr().out
+    exported = tmp_path / "cache.json"
+    assert main(["cache", "export", str(exported)]) == 0
+    assert main(["cache", "clear"]) == 0
+    assert main(["cache", "import", str(exported)]) == 0
+    assert "imported 1 records" in capsys.readouterr().out
+    assert main(["cache", "export"]) == 2
+
+
+def test_roofline_png_for_resnet50(tmp_path) -> None:
+    png = tmp_path / "roofline_resnet50.png"
+    assert (
+        main(
+            [
+                "roofline",
+                "torchvision:resnet50",
+                "--input",
+                "2,3,64,64",
+                "--target",
+                "h100",
+                "--out",
+                str(png),
+            ]
+        )
+        == 0
+    )
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+
+
+def test_debug_dump_holds_every_pass_and_kernel(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("CONVCOMPILER_DEBUG_DIR", str(tmp_path))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    x = torch.randn(1, 3, 9, 9, requires_grad=True)
+    torch.compile(model, backend="im2win")(x).sum().backward()
+    (dump,) = tmp_path.iterdir()
+    names = {str(p.relative_to(dump)) for p in dump.rglob("*")}
+    for expected in (
+        "pre_grad/00_input.py",
+        "pre_grad/01_find_conv_padding_modes.py",
+        "forward/00_input.py",
+        "forward/01_match_conv.py",
+        "forward/02_lowered.py",
+        "backward/00_input.py",
+        "regions.json",
+    ):
+        assert expected in names, sorted(names)
+    regions = json.loads((dump / "regions.json").read_text())["regions"]
+    kernels = {p.name for p in (dump / "kernels").iterdir()}
+    assert {os.path.basename(r["kernel_path"]) for r in regions} == kernels and len(kernels) == 2
+    assert "convcompiler_runtime_kernel_call" in (dump / "forward/02_lowered.py").read_text()
+
+
+def test_bench_im2win_layers_on_cpu_makes_no_speed_claim(capsys, tmp_path) -> None:
+    out_json = tmp_path / "layers.json"
+    assert bench_main(["im2win-layers", "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert "no speed is measured or claimed" in out and "band/im2col" in out
+    rows = json.loads(out_json.read_text())
+    assert [r["layer"] for r in rows] == [f"conv{i}" for i in range(1, 13)]
+    for row in rows:
+        assert 0 < row["band_bytes"] < row["im2col_bytes"]
+
+
+@pytest.mark.slow
+def test_console_script_and_module_entry(tmp_path) -> None:
+    env = dict(os.environ, CONVCOMPILER_CACHE_DIR=str(tmp_path))
+    for cmd in (
+        ["convcompiler", "--help"],
+        [sys.executable, "-m", "convcompiler", "cache", "stats"],
+    ):
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+    assert bench.__doc__

@@ -231,6 +231,15 @@ class TuningCache:
             return None
         return CachedSource(sha256, row[0], row[1])
 
+    def source_names(self) -> dict[str, str]:
+        """sha256 -> module name of every stored source."""
+        rows = self._guard(
+            "sources",
+            lambda: self._conn.execute("SELECT sha256, name FROM sources").fetchall(),
+            [],
+        )
+        return dict(rows)
+
     # ---- ATen calibration ---------------------------------------------------------------
     def add_calibration(
         self, device: str, spec_key: str, predicted: float, measured: float

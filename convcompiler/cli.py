@@ -76,29 +76,49 @@ def _kernel_files(config: Config) -> list[Path]:
     )
 
 
+def _cached_sources() -> dict[str, str]:
+    """Kernel sources stored in the tuning cache, by file name (name_sha[:16].py) -> sha."""
+    return {f"{name}_{sha[:16]}.py": sha for sha, name in open_cache().source_names().items()}
+
+
 def cmd_kernels(args: argparse.Namespace) -> int:
     config = Config(kernel_dir=args.dir)
     files = _kernel_files(config)
+    cached = _cached_sources() if args.dir is None else {}
     if args.action == "list":
+        on_disk = {p.name for p in files}
         for path in files:
             print(f"{path.stat().st_size:8d}  {path.name}")
-        print(f"{len(files)} kernel files in {config.kernel_path}")
+        for name in sorted(set(cached) - on_disk):
+            print(f"{'cache':>8}  {name}")
+        print(
+            f"{len(files)} kernel files in {config.kernel_path}, "
+            f"{len(cached)} sources in the tuning cache"
+        )
         return 0
-    if not files:
-        print(f"no kernel files in {config.kernel_path}", file=sys.stderr)
+    names = [p.name for p in files] + sorted(set(cached) - {p.name for p in files})
+    if not names:
+        print(f"no kernels in {config.kernel_path} or the tuning cache", file=sys.stderr)
         return 1
     if args.name is None:
-        chosen = [files[-1]]  # the newest
+        chosen = [files[-1].name] if files else names[-1:]  # the newest file
     else:
-        chosen = [p for p in files if p.name == args.name] or [
-            p for p in files if args.name in p.name
-        ]
+        chosen = [n for n in names if n == args.name] or [n for n in names if args.name in n]
     if len(chosen) != 1:
-        matches = "\n  ".join(p.name for p in chosen) or "none"
-        print(f"{args.name!r} matches {len(chosen)} kernel files:\n  {matches}", file=sys.stderr)
+        matches = "\n  ".join(chosen) or "none"
+        print(f"{args.name!r} matches {len(chosen)} kernels:\n  {matches}", file=sys.stderr)
         return 1
-    print(f"# {chosen[0]}")
-    print(chosen[0].read_text(), end="")
+    path = config.kernel_path / chosen[0]
+    if path.exists():
+        print(f"# {path}")
+        print(path.read_text(), end="")
+    else:
+        source = open_cache().source(cached[chosen[0]])
+        if source is None:
+            print(f"{chosen[0]}: the cached source does not match its hash", file=sys.stderr)
+            return 1
+        print(f"# {chosen[0]} (from the tuning cache)")
+        print(source.text, end="")
     return 0
 
 

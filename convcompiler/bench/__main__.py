@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import sys
 
 from . import compile_cache, layers, networks
@@ -21,10 +23,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     parser.add_argument("--batch", type=int, help="override the suite's batch size")
     parser.add_argument("--target", help="the GPU to plan for on a machine without one")
+    parser.add_argument("--table", help="also write the printed table to this file")
     args = parser.parse_args(argv)
     args.input_given = args.input is not None
     args.input = args.input or "1,3,64,64"
-    return SUITES[args.suite].main(args)
+    if not args.table:
+        return SUITES[args.suite].main(args)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(_Tee(sys.stdout, printed)):
+        status = SUITES[args.suite].main(args)
+    with open(args.table, "w") as f:
+        f.write(printed.getvalue())
+    return status
+
+
+class _Tee(io.TextIOBase):
+    def __init__(self, *streams) -> None:
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
 
 
 if __name__ == "__main__":

@@ -79,24 +79,31 @@ class KernelStats:
         return not self.problems()
 
 
-def meta_inputs(spec: ConvSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Meta tensors with the spec's shapes (at the size hints), layouts and dtype."""
+def meta_inputs(spec: ConvSpec) -> tuple[torch.Tensor | None, ...]:
+    """Meta tensors for a launcher: (x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var,
+    residual), with the spec's shapes (at the size hints), layouts and dtype."""
     dtype = getattr(torch, spec.dtype)
     n = spec.hint(spec.batch)
     h, w = (spec.hint(s) for s in spec.in_size)
+    ho, wo = (spec.hint(s) for s in spec.out_size)
     kh, kw = spec.kernel
-    x = torch.empty((n, spec.in_channels, h, w), device="meta", dtype=dtype)
-    weight = torch.empty(
-        (spec.out_channels, spec.in_channels_per_group, kh, kw), device="meta", dtype=dtype
-    )
-    if spec.input_layout == "nhwc":
-        x = x.to(memory_format=torch.channels_last)
-    if spec.weight_layout == "nhwc":
-        weight = weight.to(memory_format=torch.channels_last)
+    k = spec.out_channels
+
+    def empty(shape, layout="nchw", dt=dtype):
+        t = torch.empty(shape, device="meta", dtype=dt)
+        return t.to(memory_format=torch.channels_last) if layout == "nhwc" else t
+
+    x = empty((n, spec.in_channels, h, w), spec.input_layout)
+    weight = empty((k, spec.in_channels_per_group, kh, kw), spec.weight_layout)
+    residual = empty((n, k, ho, wo), spec.output_layout) if spec.epilogue.residual else None
     if spec.ndim == 1:
         x, weight = x.squeeze(2), weight.squeeze(2)
-    bias = torch.empty((spec.out_channels,), device="meta", dtype=dtype) if spec.has_bias else None
-    return x, weight, bias
+        residual = residual.squeeze(2) if residual is not None else None
+    bias = empty((k,)) if spec.has_bias else None
+    bn = spec.epilogue.bn
+    stats = (empty((k,), dt=torch.float32), empty((k,), dt=torch.float32)) if bn else (None, None)
+    affine = (empty((k,), dt=torch.float32),) * 2 if bn == "affine" else (None, None)
+    return (x, weight, bias, *affine, *stats, residual)
 
 
 class _Recorder:

@@ -23,11 +23,13 @@ import torch
 import torch.fx
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
+from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 from .config import Config
 from .debug import dump_dir_for, dump_lowered
 from .lowering import Lowering
 from .passes import POST_GRAD_PASSES, PRE_GRAD_PASSES, PassContext, run_passes
+from .passes.recompute import tag_weight_transforms
 from .report import new_report
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,13 @@ def _graph_compiler(
 
     compile_graph.__name__ = f"im2win_{stage}_compiler"
     return compile_graph
+
+
+def _partition(joint: torch.fx.GraphModule, joint_inputs: Sequence[Any], **kwargs: Any):
+    """Min-cut partitioning, with weight transforms (Tune mode's W * c) recomputed in the
+    backward instead of saved by the forward."""
+    tag_weight_transforms(joint)
+    return min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
 
 
 def im2win(
@@ -71,6 +80,7 @@ def im2win(
     pre_grad = PassContext(config=config, stage="pre_grad", facts=facts, dump_dir=dump)
     gm = run_passes(PRE_GRAD_PASSES, gm, pre_grad)
     compile_aot = aot_autograd(
+        partition_fn=_partition,
         fw_compiler=_graph_compiler("forward", config, facts, lowering, dump),
         bw_compiler=_graph_compiler("backward", config, facts, lowering, dump),
         inference_compiler=_graph_compiler("inference", config, facts, lowering, dump),

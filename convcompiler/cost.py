@@ -204,6 +204,14 @@ def _time(spec, schedule, device, symbolic):
         if schedule.name in PACKING_SCHEDULES and not filter_repack_free(spec):
             traffic, launches = traffic + 2 * w_bytes, launches + 1
 
+    e = spec.epilogue
+    if schedule.name == "aten":
+        # unfused: each epilogue op is its own kernel, reading and writing the output
+        ops = [bool(e.bn), e.act is not None, e.residual, e.post_act is not None]
+        traffic += (2 * ops[0] + 2 * ops[1] + 3 * ops[2] + 2 * ops[3]) * y_bytes
+        launches += sum(ops)
+    elif e.residual:
+        traffic += y_bytes  # the fused kernel reads the residual once
     compute = padded / (peak * eff)
     memory = traffic / (device.bandwidth * MEMORY_EFFICIENCY)
     launch = launches * device.launch_us * 1e-6

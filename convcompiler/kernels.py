@@ -10,6 +10,7 @@ the metadata path `torch.compile` uses.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import torch
@@ -24,7 +25,7 @@ from .passes.match_conv import conv_fallback_reason, conv_spec
 from .runtime import KernelCall, load_source
 from .schedule import Schedule
 from .select import Choice, SelectionContext, select_conv_schedule
-from .spec import ConvSpec
+from .spec import ConvSpec, Epilogue
 
 _CONV = {1: F.conv1d, 2: F.conv2d}
 
@@ -37,8 +38,10 @@ def conv_spec_of(
     padding: int | Sequence[int] = 0,
     dilation: int | Sequence[int] = 1,
     groups: int = 1,
+    epilogue: Epilogue = Epilogue(),
 ) -> ConvSpec:
-    """The ConvSpec the backend would build for `F.conv{1,2}d(x, weight, bias, ...)`."""
+    """The ConvSpec the backend would build for `F.conv{1,2}d(x, weight, bias, ...)`, with
+    `epilogue` fused after it."""
     conv = _CONV.get(weight.dim() - 2)
     if conv is None:
         raise ValueError(
@@ -53,7 +56,7 @@ def conv_spec_of(
     reason = conv_fallback_reason(node, PassContext(config=Config(), stage="inference"))
     if reason is not None:
         raise ValueError(f"this convolution has no generated kernel: {reason}")
-    return conv_spec(node)
+    return dataclasses.replace(conv_spec(node), epilogue=epilogue)
 
 
 def choose(spec: ConvSpec, config: Config | None = None) -> Choice:
@@ -85,10 +88,12 @@ def conv_kernel(
     *,
     schedule: str | Schedule | None = None,
     config: Config | None = None,
+    epilogue: Epilogue = Epilogue(),
 ) -> KernelCall:
-    """Render, write and load the kernel for one convolution; returns its launcher."""
+    """Render, write and load the kernel for one convolution (and its epilogue); returns its
+    launcher: call(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, residual)."""
     config = config or Config(cache=False)
-    spec = conv_spec_of(x, weight, bias, stride, padding, dilation, groups)
+    spec = conv_spec_of(x, weight, bias, stride, padding, dilation, groups, epilogue)
     source = conv_source(spec, schedule, config)
     module, path = load_source(source, config.kernel_path, interpret=spec.device == "cpu")
     return KernelCall("conv", spec.geometry(), getattr(module, source.entry), path)

@@ -20,6 +20,7 @@ from .cost import Prediction
 from .counters import counters
 from .devices import device_for
 from .passes import Region
+from .reference import run_aten
 from .report import RegionRecord, Report
 from .runtime import KernelCall, interpreter_notice, load_source, write_source
 from .schedule import Schedule
@@ -73,20 +74,15 @@ class Lowering:
         """A closure that runs one candidate on random inputs of the spec's shapes (GPU)."""
         from .aot import meta_inputs
 
-        x, w, b = (
+        operands = tuple(
             None if t is None else torch.randn_like(t, device="cuda") for t in meta_inputs(spec)
         )
         if pred.schedule.name == "aten":
-            stride, padding, dilation = (
-                v[2 - spec.ndim :] for v in (spec.stride, spec.padding, spec.dilation)
-            )
-            return lambda: torch.ops.aten.convolution(
-                x, w, b, stride, padding, dilation, False, [0] * spec.ndim, spec.groups
-            )
+            return lambda: run_aten(spec, *operands)
         module, _ = load_source(
             render_conv(spec, pred.schedule), self.config.kernel_path, interpret=False
         )
-        return lambda: module.launch(x, w, b)
+        return lambda: module.launch(*operands)
 
     @staticmethod
     def _verify(spec: ConvSpec, schedule: Schedule, arch: str) -> list[str]:
@@ -120,10 +116,8 @@ class Lowering:
         key, parts = ctx.key(spec)
         value = {
             "key_parts": parts,
-            "schedule": {
-                "name": choice.schedule.name,
-                "params": [list(p) for p in choice.schedule.params],
-            },
+            "schedule": _as_json(choice.schedule),
+            "plan": _as_json(choice.prediction.schedule) if choice.prediction else None,
             "origin": choice.origin,
             "why": choice.why,
             "candidates": [row.__dict__ for row in choice.candidates],
@@ -150,6 +144,8 @@ class Lowering:
             RegionRecord(
                 name=region.name,
                 kind=region.kind,
+                epilogue=_epilogue_name(region),
+                mode=region.mode,
                 stage=region.stage,
                 spec=region.summary,
                 origin=choice.origin if choice else "guard",
@@ -184,7 +180,7 @@ class Lowering:
             ctx = self.context(spec)
             choice = select_conv_schedule(spec, ctx)
             if choice.fallback_reason is not None:
-                counters["fallback.conv"] += 1
+                counters[f"fallback.{region.kind}"] += 1
                 self.remember(spec, ctx, choice, None)
                 self._record(
                     region,
@@ -204,17 +200,15 @@ class Lowering:
             if spec.device == "cpu" and self.config.cpu == "plan":
                 path = write_source(source, self.config.kernel_path)
                 reason = "option cpu='plan': kernel generated for the target; ATen runs on CPU"
-                counters["fallback.conv"] += 1
+                counters[f"fallback.{region.kind}"] += 1
             else:
                 interpret = spec.device == "cpu"
                 if interpret:
                     interpreter_notice()
                 directory = self.config.kernel_path
                 module, path = load_source(source, directory, interpret=interpret)
-                launch = getattr(module, source.entry)
-                self._replace(
-                    gm, nodes[region.nodes[-1]], KernelCall("conv", region.name, launch, path)
-                )
+                call = KernelCall(region.kind, region.name, getattr(module, source.entry), path)
+                self._replace(gm, nodes[region.nodes[-1]], call, _operands(nodes, region))
             log.debug("%s: %s -> %s (%s)", region.name, spec.describe(), path.name, choice.why)
             self._record(
                 region,
@@ -225,15 +219,45 @@ class Lowering:
                 fallback_reason=reason,
                 why=choice.why,
             )
+        gm.graph.eliminate_dead_code()  # the rest of each fused chain
         gm.graph.lint()
         gm.recompile()
         return gm
 
     @staticmethod
-    def _replace(gm: torch.fx.GraphModule, node: torch.fx.Node, call: KernelCall) -> None:
-        x, weight, bias = node.args[:3]
+    def _replace(
+        gm: torch.fx.GraphModule, node: torch.fx.Node, call: KernelCall, operands: tuple
+    ) -> None:
+        """Put `call(*operands)` where `node` (the chain's last node) was."""
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(call, (x, weight, bias))
+            new = gm.graph.call_function(call, operands)
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
+
+
+def _epilogue_name(region: Region) -> str:
+    """The fused epilogue as the report shows it; in Tune mode BN is folded into the weights."""
+    name = region.spec.epilogue.name() if region.spec else ""
+    if region.mode == "tune":
+        return "+".join(["bn"] + ([name] if name else []))
+    return name
+
+
+def _as_json(schedule: Schedule) -> dict:
+    return {"name": schedule.name, "params": [list(p) for p in schedule.params]}
+
+
+def _operands(nodes: dict[str, torch.fx.Node], region: Region) -> tuple:
+    """(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, residual) of a conv chain, read
+    from the live graph (an earlier region may have replaced the residual's producer)."""
+    roles = dict(region.roles)
+    x, weight, bias = nodes[roles["conv"]].args[:3]
+    bn = nodes[roles["bn"]].args[1:5] if "bn" in roles else (None,) * 4
+    residual = None
+    if "add" in roles:
+        names = [name for _, name in region.roles]
+        before = names[names.index(roles["add"]) - 1]
+        a, b = nodes[roles["add"]].args
+        residual = b if a.name == before else a
+    return (x, weight, bias, *bn, residual)

@@ -20,7 +20,7 @@ class RegionRecord:
     """What happened to one region."""
 
     name: str
-    kind: str  # "conv"
+    kind: str  # "conv", "conv_bn" or "batch_norm"
     stage: str  # "forward", "inference" or "backward"
     spec: str  # readable shapes and parameters
     schedule: str  # schedule name ("im2win_band", "im2win_implicit", "aten")
@@ -28,6 +28,8 @@ class RegionRecord:
     kernel_path: str | None  # the generated source file, or None when ATen runs the region
     fallback_reason: str | None  # None when a generated kernel runs the region
     why: str  # why this schedule (or this fallback)
+    epilogue: str = ""  # what the kernel fuses after the conv, e.g. "bn+add+relu"
+    mode: str | None = None  # conv_bn: "deploy", "tune" or "train"
     origin: str = "guard"  # "guard", "override", "cache", "tuned" or "model"
     predicted_us: float | None = None  # the cost model's time for the chosen schedule
     flops: float | None = None  # useful FLOPs of the region (at the size hints)

@@ -161,12 +161,14 @@ def _from_record(record: dict, spec: ConvSpec, ctx: SelectionContext) -> Choice 
         if source is None:
             return None
     rows = tuple(CandidateRow(**row) for row in record["candidates"])
+    plan = record.get("plan") or record["schedule"]  # the GPU plan, when tiles were re-picked
+    planned = Schedule(plan["name"], tuple((k, v) for k, v in plan["params"]))
     return Choice(
         schedule,
         "cache",
         f"cached {record['origin']} record: {record['why']}",
         fallback_reason=("cached decision: ATen is fastest" if schedule.name == "aten" else None),
-        prediction=predict(spec, schedule, ctx.device, ctx.calibration),
+        prediction=predict(spec, planned, ctx.device, ctx.calibration),
         candidates=rows,
         valid_for=record.get("valid_for"),
         source=source,

@@ -25,6 +25,55 @@ def _fmt(v: object) -> str:
     return str(v)
 
 
+ACTIVATIONS = (
+    "relu",
+    "hardtanh",
+    "silu",
+    "gelu",
+    "gelu_tanh",
+    "hardswish",
+    "leaky_relu",
+    "sigmoid",
+    "hardsigmoid",
+)
+
+
+@dataclass(frozen=True)
+class Activation:
+    """A pointwise activation fused after the conv: a name from ACTIVATIONS and its
+    constant arguments (hardtanh: min, max; leaky_relu: negative slope)."""
+
+    name: str
+    args: tuple[float, ...] = ()
+
+    def __str__(self) -> str:
+        if self.name == "hardtanh" and self.args == (0.0, 6.0):
+            return "relu6"
+        return self.name
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """What a conv kernel applies to its fp32 accumulator before the store, in order:
+
+    conv bias -> batch norm with running stats -> act -> + residual -> post_act
+    """
+
+    bn: str | None = None  # None, "affine" (weight and bias) or "plain" (no affine)
+    bn_eps: float = 1e-5
+    act: Activation | None = None
+    residual: bool = False
+    post_act: Activation | None = None
+
+    def name(self) -> str:
+        """e.g. "bn+relu", "bn+add+relu", "" for a plain conv."""
+        parts = ["bn"] if self.bn else []
+        parts += [str(self.act)] if self.act else []
+        parts += ["add"] if self.residual else []
+        parts += [str(self.post_act)] if self.post_act else []
+        return "+".join(parts)
+
+
 @dataclass(frozen=True)
 class ConvSpec:
     """One `aten.convolution` (1-D or 2-D, not transposed), in 2-D form.
@@ -52,6 +101,7 @@ class ConvSpec:
     device: str  # "cpu" or "cuda"
     precision: str  # how a float32 tl.dot runs on a GPU: "ieee" or "tf32"
     hints: tuple[tuple[str, int], ...] = ()  # size hints for the symbols in the sizes
+    epilogue: Epilogue = Epilogue()  # what is fused after the conv
 
     # ---- derived sizes -------------------------------------------------------------
     @property
@@ -100,6 +150,7 @@ class ConvSpec:
             f"conv{self.ndim}d_k{kh}x{kw}_s{_fmt(self.stride)}_p{_fmt(self.padding)}"
             f"_d{_fmt(self.dilation)}_g{self.groups}_{self.dtype}_{self.input_layout}"
             f"_to_{self.output_layout}"
+            + (f"_{self.epilogue.name().replace('+', '_')}" if self.epilogue.name() else "")
         )
 
     def key(self) -> str:
@@ -130,4 +181,5 @@ class ConvSpec:
             extra.append(f"d{_fmt(self.dilation[2 - self.ndim :])}")
         if self.groups != 1:
             extra.append("dw" if self.is_depthwise else f"g{self.groups}")
-        return " ".join([shape, ks, *extra, self.dtype, self.output_layout])
+        fused = [f"+{self.epilogue.name()}"] if self.epilogue.name() else []
+        return " ".join([shape, ks, *extra, self.dtype, self.output_layout, *fused])

@@ -25,10 +25,12 @@ def test_explain_prints_the_region_table(capsys, tmp_path) -> None:
     out = capsys.readouterr().out
     for column in ("region", "kind", "spec", "schedule", "predicted", "kernel / fallback reason"):
         assert column in out
-    assert out.count("\nconv_") == 20
+    assert out.count("\nconv_bn_") == 20
     data = json.loads(out_json.read_text())
     assert len(data[0]["regions"]) == 20
-    assert all(r["kind"] == "conv" for r in data[0]["regions"])
+    assert all(
+        r["kind"] == "conv_bn" and r["epilogue"].startswith("bn") for r in data[0]["regions"]
+    )
 
 
 def test_explain_from_a_python_file_and_candidates(capsys, tmp_path) -> None:
@@ -65,7 +67,7 @@ def test_kernels_list_and_show(capsys, tmp_path) -> None:
     assert main(["kernels", "show", "--dir", str(tmp_path)]) == 0
     assert "@triton.jit" in capsys.readouterr().out
     assert main(["kernels", "show", name[:30], "--dir", str(tmp_path)]) == 0
-    assert "def launch(x, weight, bias=None):" in capsys.readouterr().out
+    assert "def launch(x, weight, bias=None, bn_weight=None" in capsys.readouterr().out
     assert main(["kernels", "show", "no-such-kernel", "--dir", str(tmp_path)]) == 1
 
 

@@ -25,11 +25,11 @@ RESNET18 = textwrap.dedent(
     import convcompiler, os
     report = convcompiler.last_report()
     print(report)
-    assert len(report) == 20 and all(r.kind == "conv" for r in report), len(report)
+    assert len(report) == 20 and all(r.kind == "conv_bn" for r in report), len(report)
     for r in report:
         assert r.fallback_reason is None, r
         assert r.kernel_path is not None and os.path.exists(r.kernel_path), r
-    assert convcompiler.counters["launch.conv"] == 20, convcompiler.counters
+    assert convcompiler.counters["launch.conv_bn"] == 20, convcompiler.counters
     print("RESNET18 OK", err)
     """
 )

@@ -7,9 +7,9 @@ import contextlib
 import io
 import sys
 
-from . import compile_cache, layers, networks
+from . import compile_cache, layers, networks, transfer
 
-SUITES = {"compile-cache": compile_cache, "im2win-layers": layers}
+SUITES = {"compile-cache": compile_cache, "im2win-layers": layers, "transfer-learning": transfer}
 SUITES.update({name: networks for name in networks.SUITES})
 
 

@@ -52,16 +52,18 @@ ${helpers}
 @triton.jit
 def conv_depthwise_direct(
     # pointers
-    x_ptr, w_ptr, b_ptr, y_ptr,
+    x_ptr, w_ptr, y_ptr,
+    # epilogue operands (None when unused): conv bias, batch norm, residual
+    b_ptr, bnw_ptr, bnb_ptr, mean_ptr, var_ptr, r_ptr,
     # sizes
     N, H, W, HO, WO, K, KG,
     # strides (the weight is read as it is: no repacking)
-    sxn, sxc, sxh, sxw, swk, swh, sww, syn, syk, syh, syw,
+    sxn, sxc, sxh, sxw, swk, swh, sww, syn, syk, syh, syw, srn, src, srh, srw,
     # conv geometry (baked from the spec)
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     # meta-parameters
-    INT64: tl.constexpr, IMAGE_TILES: tl.constexpr,
+    WIDEN: tl.constexpr, INT64: tl.constexpr, IMAGE_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # ---- 1. the tile: BLOCK_M output pixels x BLOCK_C output channels ----
@@ -78,7 +80,7 @@ def conv_depthwise_direct(
     x_row = n * sxn + hi0 * sxh + wi0 * sxw
 
     # ---- 3. taps: acc[m, k] += x[n, k // KG, hi, wi] * w[k, 0, ky, kx], fp32 on CUDA cores ----
-    acc = tl.full((BLOCK_M, BLOCK_C), 0.0, dtype=tl.float32)
+    acc = _zeros(BLOCK_M, BLOCK_C, WIDEN)
     for tap in range(0, KW * KH):
         kx = tap // KH
         ky = tap - kx * KH
@@ -88,12 +90,13 @@ def conv_depthwise_direct(
         a = tl.load(x_ptr + (x_row + ky * DH * sxh + kx * DW * sxw)[:, None] + x_col[None, :],
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_ptr + w_col + ky * swh + kx * sww, mask=k_ok, other=0.0)
-        acc += a.to(tl.float32) * b.to(tl.float32)[None, :]
+        acc += a.to(acc.dtype) * b.to(acc.dtype)[None, :]
 
 ${epilogue}
 
 
-def launch(x, weight, bias=None):
+def launch(x, weight, bias=None, bn_weight=None, bn_bias=None, bn_mean=None, bn_var=None,
+           residual=None):
 ${prepare}
     # ---- 3. launch: (pixel tiles x channel tiles, 1, images when tiles stay in one) ----
     int64 = max(x.numel(), y.numel(), weight.numel()) >= INDEX_LIMIT
@@ -101,10 +104,11 @@ ${prepare}
         triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_C"]), 1,
         N if image else 1)
     conv_depthwise_direct[direct_grid](
-        x, weight, bias, out,
+        x, weight, out, *epilogue_operands,
         N, H, W, HO, WO, K, KG,
-        *x.stride(), weight.stride(0), weight.stride(2), weight.stride(3), *out.stride(),
-        **GEOMETRY, INT64=int64, IMAGE_TILES=image, **META, **LAUNCH)
+        *x.stride(), weight.stride(0), weight.stride(2), weight.stride(3),
+        *out.stride(), *residual_strides,
+        **GEOMETRY, WIDEN=widen, INT64=int64, IMAGE_TILES=image, **META, **LAUNCH)
 ${finish}"""
 
 

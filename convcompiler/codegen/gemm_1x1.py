@@ -47,16 +47,18 @@ ${helpers}
 @triton.jit
 def conv_gemm_1x1(
     # pointers
-    x_ptr, w_ptr, b_ptr, y_ptr,
+    x_ptr, w_ptr, y_ptr,
+    # epilogue operands (None when unused): conv bias, batch norm, residual
+    b_ptr, bnw_ptr, bnb_ptr, mean_ptr, var_ptr, r_ptr,
     # sizes
     N, H, W, HO, WO, CG, KG,
     # strides (w_ptr is the packed filter: [K, CG] contiguous)
-    sxn, sxc, sxh, sxw, syn, syk, syh, syw,
+    sxn, sxc, sxh, sxw, syn, syk, syh, syw, srn, src, srh, srw,
     # conv geometry (baked from the spec)
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     # meta-parameters
-    PIXELS_FLAT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PIXELS_FLAT: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr,
     INT64: tl.constexpr, IMAGE_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -80,7 +82,7 @@ def conv_gemm_1x1(
     offs_c = tl.arange(0, BLOCK_K)
 
     # ---- 3. reduction over the input channels: acc[m, k] += x[m, c] * w[k, c] ----
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+    acc = _zeros(BLOCK_M, BLOCK_N, WIDEN)
     for c0 in range(0, CG, BLOCK_K):
         c = c0 + offs_c
         c_ok = c < CG
@@ -88,22 +90,23 @@ def conv_gemm_1x1(
                     mask=m_ok[:, None] & c_ok[None, :], other=0.0)
         b = tl.load(w_ptr + w_col[None, :] + c[:, None],
                     mask=c_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = _mma(a, b, acc, UPCAST, PRECISION)
+        acc = _mma(a, b, acc, WIDEN, PRECISION)
 
 ${epilogue}
 
 
-def launch(x, weight, bias=None):
+def launch(x, weight, bias=None, bn_weight=None, bn_bias=None, bn_mean=None, bn_var=None,
+           residual=None):
 ${prepare}
     # ---- 3. launch on the GEMM grid ----
     int64 = max(x.numel(), y.numel(), weight.numel()) >= INDEX_LIMIT
     flat = (image and g["SH"] == 1 and g["SW"] == 1 and x.stride(3) == 1
             and x.stride(2) == W)
     conv_gemm_1x1[grid](
-        x, w_packed, bias, out,
+        x, w_packed, out, *epilogue_operands,
         N, H, W, HO, WO, CG, KG,
-        *x.stride(), *out.stride(),
-        **GEOMETRY, PIXELS_FLAT=flat, PRECISION=PRECISION, UPCAST=upcast, INT64=int64,
+        *x.stride(), *out.stride(), *residual_strides,
+        **GEOMETRY, PIXELS_FLAT=flat, PRECISION=PRECISION, WIDEN=widen, INT64=int64,
         IMAGE_TILES=image, **META, **LAUNCH)
 ${finish}"""
 

@@ -113,16 +113,18 @@ def im2win_band_fill(
 @triton.jit
 def conv_im2win_band_gemm(
     # pointers
-    band_ptr, w_ptr, b_ptr, y_ptr,
+    band_ptr, w_ptr, y_ptr,
+    # epilogue operands (None when unused): conv bias, batch norm, residual
+    b_ptr, bnw_ptr, bnb_ptr, mean_ptr, var_ptr, r_ptr,
     # sizes
     N, HO, WO, WB, CG, KG, G,
-    # strides of the output (w_ptr is the packed filter: [K, KW, KH, CG] contiguous)
-    syn, syk, syh, syw,
+    # strides of the output and the residual (w_ptr: the packed filter [K, KW, KH, CG])
+    syn, syk, syh, syw, srn, src, srh, srw,
     # conv geometry (baked from the spec)
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     # meta-parameters
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, INT64: tl.constexpr,
+    PRECISION: tl.constexpr, WIDEN: tl.constexpr, INT64: tl.constexpr,
     IMAGE_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -144,7 +146,7 @@ def conv_im2win_band_gemm(
     offs_r = tl.arange(0, BLOCK_K)
 
     # ---- 3. reduction: acc[m, k] += band[window(m) + r] * w_packed[k, r] ----
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+    acc = _zeros(BLOCK_M, BLOCK_N, WIDEN)
     for r0 in range(0, R, BLOCK_K):
         r = r0 + offs_r
         r_ok = r < R
@@ -156,12 +158,13 @@ def conv_im2win_band_gemm(
                     mask=m_ok[:, None] & r_ok[None, :], other=0.0)
         b = tl.load(w_ptr + w_col[None, :] + r[:, None],
                     mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = _mma(a, b, acc, UPCAST, PRECISION)
+        acc = _mma(a, b, acc, WIDEN, PRECISION)
 
 ${epilogue}
 
 
-def launch(x, weight, bias=None):
+def launch(x, weight, bias=None, bn_weight=None, bn_bias=None, bn_mean=None, bn_var=None,
+           residual=None):
 ${prepare}
     # ---- 3a. materialise the im2win band [N, G, HO, WB, KH, CG] ----
     WB = (WO - 1) * g["SW"] + (g["KW"] - 1) * g["DW"] + 1
@@ -174,10 +177,10 @@ ${prepare}
 
     # ---- 3b. GEMM over the band, on the GEMM grid ----
     conv_im2win_band_gemm[grid](
-        band, w_packed, bias, out,
+        band, w_packed, out, *epilogue_operands,
         N, HO, WO, WB, CG, KG, GROUPS,
-        *out.stride(),
-        **GEOMETRY, PRECISION=PRECISION, UPCAST=upcast, INT64=int64,
+        *out.stride(), *residual_strides,
+        **GEOMETRY, PRECISION=PRECISION, WIDEN=widen, INT64=int64,
         IMAGE_TILES=image, **META, **LAUNCH)
 ${finish}"""
 

@@ -58,16 +58,18 @@ ${helpers}
 @triton.jit
 def conv_im2win_implicit(
     # pointers
-    x_ptr, w_ptr, b_ptr, y_ptr,
+    x_ptr, w_ptr, y_ptr,
+    # epilogue operands (None when unused): conv bias, batch norm, residual
+    b_ptr, bnw_ptr, bnb_ptr, mean_ptr, var_ptr, r_ptr,
     # sizes
     N, H, W, HO, WO, CG, KG, R,
     # strides (w_ptr is the packed filter: [K, KW, KH, CG] contiguous)
-    sxn, sxc, sxh, sxw, syn, syk, syh, syw,
+    sxn, sxc, sxh, sxw, syn, syk, syh, syw, srn, src, srh, srw,
     # conv geometry (baked from the spec)
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     # meta-parameters
-    REDUCTION: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, INT64: tl.constexpr,
+    REDUCTION: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr, INT64: tl.constexpr,
     IMAGE_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -90,7 +92,7 @@ def conv_im2win_implicit(
     offs_r = tl.arange(0, BLOCK_K)
 
     # ---- 3. reduction over the window: acc[m, k] += band[m, r] * w[k, r] ----
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+    acc = _zeros(BLOCK_M, BLOCK_N, WIDEN)
     if REDUCTION == "flat":
         for r0 in range(0, R, BLOCK_K):
             r = r0 + offs_r
@@ -104,7 +106,7 @@ def conv_im2win_implicit(
             a = tl.load(x_base + a_off, mask=a_ok, other=0.0)
             b = tl.load(w_ptr + w_col[None, :] + r[:, None],
                         mask=(r < R)[:, None] & k_ok[None, :], other=0.0)
-            acc = _mma(a, b, acc, UPCAST, PRECISION)
+            acc = _mma(a, b, acc, WIDEN, PRECISION)
     else:
         c_steps = (CG + BLOCK_K - 1) // BLOCK_K
         for it in range(0, KW * KH * c_steps):
@@ -120,20 +122,21 @@ def conv_im2win_implicit(
             a = tl.load(x_base + a_off, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
             b = tl.load(w_ptr + w_col[None, :] + (tap * CG + c)[:, None],
                         mask=c_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = _mma(a, b, acc, UPCAST, PRECISION)
+            acc = _mma(a, b, acc, WIDEN, PRECISION)
 
 ${epilogue}
 
 
-def launch(x, weight, bias=None):
+def launch(x, weight, bias=None, bn_weight=None, bn_bias=None, bn_mean=None, bn_var=None,
+           residual=None):
 ${prepare}
     # ---- 3. launch on the GEMM grid ----
     int64 = max(x.numel(), y.numel(), weight.numel()) >= INDEX_LIMIT
     conv_im2win_implicit[grid](
-        x, w_packed, bias, out,
+        x, w_packed, out, *epilogue_operands,
         N, H, W, HO, WO, CG, KG, R,
-        *x.stride(), *out.stride(),
-        **GEOMETRY, PRECISION=PRECISION, UPCAST=upcast, INT64=int64,
+        *x.stride(), *out.stride(), *residual_strides,
+        **GEOMETRY, PRECISION=PRECISION, WIDEN=widen, INT64=int64,
         IMAGE_TILES=image, **META, **LAUNCH)
 ${finish}"""
 

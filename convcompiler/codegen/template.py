@@ -4,7 +4,8 @@ A template is readable Triton/Python text with `${hook}` slots (string.Template)
 
     header     the module docstring: what the region computes and which schedule runs it
     helpers    @triton.jit helpers shared by the conv templates (tile order, output store)
-    epilogue   code applied to the fp32 accumulator (bias today), then the store
+    epilogue   code applied to the fp32 accumulator (bias, batch norm, activations,
+               residual; see epilogue.py), then the store
     constants  the spec's geometry and the schedule's parameters, as Python dicts
     prepare    the launcher's constraint checks, output-shape arithmetic and allocation
     finish     the launcher's last lines (the interpreter's bf16 rounding, the 1-D squeeze)
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from ..devices import Device
 from ..schedule import InvalidSchedule, Schedule
 from ..spec import ConvSpec
+from .epilogue import epilogue
 
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -132,6 +134,9 @@ def constants(spec: ConvSpec, schedule: Schedule, **groups: tuple[str, ...]) -> 
         f"GROUPS = {spec.groups}",
         f"DTYPE = torch.{spec.dtype}",
         f"HAS_BIAS = {spec.has_bias}",
+        f"BATCH_NORM = {spec.epilogue.bn is not None}",
+        f"BN_AFFINE = {spec.epilogue.bn == 'affine'}",
+        f"RESIDUAL = {spec.epilogue.residual}",
         f"OUT_CHANNELS_LAST = {spec.output_layout == 'nhwc'}",
         f"PRECISION = {spec.precision!r}",
         "INDEX_LIMIT = 2**31  # tensors this large get 64-bit offsets",
@@ -159,12 +164,21 @@ def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: 
 
 
 @triton.jit
-def _mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    # acc += a @ b on tensor cores, fp32 accumulation. UPCAST: Triton's interpreter gets
-    # bf16 arithmetic wrong, so interpreted bf16 operands are widened after the load.
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
+def _zeros(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WIDEN: tl.constexpr):
+    # The accumulator: fp32 on a GPU; fp64 under Triton's interpreter (WIDEN).
+    if WIDEN:
+        return tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float64)
+    return tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+
+
+@triton.jit
+def _mma(a, b, acc, WIDEN: tl.constexpr, PRECISION: tl.constexpr):
+    # acc += a @ b: on a GPU on tensor cores with fp32 accumulation. Under Triton's
+    # interpreter (WIDEN) the operands are widened to fp64 after the load: the interpreter
+    # multiplies bf16 bit patterns, and fp64 makes a CPU run as close to exact as it gets.
+    if WIDEN:
+        a = a.to(tl.float64)
+        b = b.to(tl.float64)
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
@@ -192,50 +206,22 @@ def _tile_rows(N, HO, WO, KG, IMAGE_TILES: tl.constexpr, INT64: tl.constexpr,
 
 
 @triton.jit
-def _store_tile(y_ptr, acc, offs_m, m_ok, offs_k, k_ok, HO, WO, syn, syk, syh, syw,
-                IMAGE_TILES: tl.constexpr, INT64: tl.constexpr):
-    # Output pixel m and channel k land where eager's memory format puts them.
+def _tile_offsets(offs_m, offs_k, HO, WO, sn, sk, sh, sw, IMAGE_TILES: tl.constexpr,
+                  INT64: tl.constexpr):
+    # Where output pixel m, channel k lives in a tensor with strides (sn, sk, sh, sw).
     if IMAGE_TILES:
-        # contiguous NCHW: pixel p = ho*WO + wo of image n sits at y[n, k] + p
+        # contiguous NCHW: pixel p = ho*WO + wo of image n sits at t[n, k] + p
         n = tl.program_id(2)
         if INT64:
             n = n.to(tl.int64)
-        y_off = n * syn + offs_m[:, None] + offs_k[None, :] * syk
-    else:
-        wo = offs_m % WO
-        ho = (offs_m // WO) % HO
-        n = offs_m // (WO * HO)
-        if INT64:
-            n = n.to(tl.int64)
-        y_off = (n * syn + ho * syh + wo * syw)[:, None] + offs_k[None, :] * syk
-    mask = m_ok[:, None] & k_ok[None, :]
-    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        return n * sn + offs_m[:, None] + offs_k[None, :] * sk
+    wo = offs_m % WO
+    ho = (offs_m // WO) % HO
+    n = offs_m // (WO * HO)
+    if INT64:
+        n = n.to(tl.int64)
+    return (n * sn + ho * sh + wo * sw)[:, None] + offs_k[None, :] * sk
 """
-
-
-# ---- hook: epilogue ----------------------------------------------------------------------
-STORE = """
-# ---- 5. store in eager's memory format ----
-_store_tile(y_ptr, acc, offs_m, m_ok, offs_k, k_ok, HO, WO, syn, syk, syh, syw,
-            IMAGE_TILES, INT64)
-"""
-
-
-def epilogue(spec: ConvSpec) -> str:
-    """Code run on the fp32 accumulator `acc` [BLOCK_M, BLOCK_N], then the store.
-
-    In scope: `acc`, `offs_m`, `m_ok`, `offs_k` (global output channels of the tile), `k_ok`,
-    `b_ptr` and the output strides.
-    """
-    if not spec.has_bias:
-        body = "# ---- 4. epilogue: none (no bias) ----"
-    else:
-        body = """
-        # ---- 4. epilogue: acc += bias[k] ----
-        bias = tl.load(b_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-        acc += bias[None, :]
-        """
-    return indent(body) + "\n\n" + indent(STORE)
 
 
 # ---- the whole module --------------------------------------------------------------------
@@ -270,8 +256,13 @@ PREPARE = """
                          f"{tuple(weight.shape)}")
     if x.dtype != DTYPE or weight.dtype != DTYPE:
         raise TypeError(f"kernel built for {DTYPE}, got {x.dtype} and {weight.dtype}")
-    if (bias is not None) != HAS_BIAS:
-        raise ValueError("kernel built " + ("with" if HAS_BIAS else "without") + " a bias")
+    for name, given, built in (("a bias", bias, HAS_BIAS), ("batch norm", bn_mean, BATCH_NORM),
+                               ("a residual", residual, RESIDUAL)):
+        if (given is not None) != built:
+            raise ValueError(f"kernel built {'with' if built else 'without'} {name}")
+    if BATCH_NORM and (bn_var is None or (bn_weight is not None) != BN_AFFINE
+                       or (bn_bias is not None) != BN_AFFINE):
+        raise ValueError("batch norm needs running mean and var, plus weight and bias iff affine")
     if NDIM == 1:  # a 1-D conv runs as a 2-D conv over a 1-row image
         x, weight = x.unsqueeze(2), weight.unsqueeze(2)
     N, C, H, W = x.shape
@@ -295,16 +286,26 @@ PREPARE = """
     y = torch.empty((N, K, HO, WO), device=x.device, dtype=x.dtype, memory_format=fmt)
     if y.numel() == 0:
         return y.squeeze(2) if NDIM == 1 else y
-    # Triton's interpreter gets bf16 arithmetic wrong and truncates fp32 -> bf16: when
-    # interpreting bf16, upcast after each load, store fp32, and let torch round the result.
-    upcast = x.device.type == "cpu" and x.dtype == torch.bfloat16
-    out = torch.empty_like(y, dtype=torch.float32) if upcast else y
+    # Under Triton's interpreter (CPU tensors) the kernel accumulates in fp64; it also
+    # truncates when it casts to bf16, so a bf16 result is stored in fp32 and torch rounds it.
+    widen = x.device.type == "cpu"
+    out = torch.empty_like(y, dtype=torch.float32) if widen and x.dtype == torch.bfloat16 else y
     # The GEMM grid: (pixel tiles x channel tiles, groups, images when tiles stay in one).
     image = TILING["M_TILES"] == "image"
     rows = HO * WO if image else M
     grid = lambda meta: (
         triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(KG, meta["BLOCK_N"]), GROUPS,
         N if image else 1)
+    # The epilogue's operands; image tiles address the residual like the contiguous output.
+    residual_strides = (0, 0, 0, 0)
+    if residual is not None:
+        residual = residual.unsqueeze(2) if NDIM == 1 else residual
+        if residual.shape != y.shape:
+            raise ValueError(f"residual {tuple(residual.shape)} != output {tuple(y.shape)}")
+        if image and residual.stride() != y.stride():
+            residual = residual.contiguous()
+        residual_strides = residual.stride()
+    epilogue_operands = (bias, bn_weight, bn_bias, bn_mean, bn_var, residual)
 """
 
 # ---- hook: finish ------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import torch.fx
 
 from ..counters import counters
 from .context import PassContext, Region
+from .conv_bn_tune import fold_conv_bn_tune
 from .match_conv import match_conv
 from .padding_modes import find_conv_padding_modes
 
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 
 GraphPass = Callable[[torch.fx.GraphModule, PassContext], torch.fx.GraphModule]
 
-PRE_GRAD_PASSES: tuple[GraphPass, ...] = (find_conv_padding_modes,)
+PRE_GRAD_PASSES: tuple[GraphPass, ...] = (find_conv_padding_modes, fold_conv_bn_tune)
 POST_GRAD_PASSES: tuple[GraphPass, ...] = (match_conv,)
 
 

@@ -19,13 +19,15 @@ class Region:
     """
 
     name: str  # unique within one compile, e.g. "conv_3"
-    kind: str  # "conv"
+    kind: str  # "conv", "conv_bn" or "batch_norm"
     rule: str  # the equation of the pattern that matched
     stage: str  # the graph it was found in: "forward", "inference" or "backward"
     nodes: tuple[str, ...]  # FX node names; nodes[-1] produces the region's output
     summary: str  # readable shapes and parameters, for reports
     spec: ConvSpec | None
     fallback_reason: str | None = None
+    roles: tuple[tuple[str, str], ...] = ()  # (role, node name) along a conv epilogue chain
+    mode: str | None = None  # conv_bn: "deploy", "tune" or "train"
 
 
 @dataclass

@@ -1,9 +1,15 @@
-"""Post-grad pass: every `aten.convolution` becomes a conv region.
+"""Post-grad pass: every `aten.convolution` becomes a conv region, with its epilogue chain.
 
-Rule:  convolution(x, w, b) => im2win_conv(x, w, b)
+Rules:
+    convolution(x, w, b) => im2win_conv(x, w, b)
+    post_act(act(batch_norm(convolution(x, w, b), mean, var, g, beta)) + r)
+        => im2win_conv[bn+act+add+post_act](x, w, b, g, beta, mean, var, r)
 
-The guards run in order; the first that fails is the region's fallback reason and the node
-stays ATen. A region without a reason runs a generated im2win kernel.
+The guards run in order; the first that fails is the region's fallback reason and the
+nodes stay ATen. The chain (conv_chain.py) takes what a kernel can fuse; a BN in eval mode
+fed by the conv is folded into the kernel ("deploy"). A BN in train mode stays ATen and its
+conv is a "train" region; a conv that the pre-grad Tune rewrite produced is a "tune" region.
+Batch norms that no conv absorbs are recorded as fallbacks with their reason.
 """
 
 from __future__ import annotations
@@ -12,11 +18,16 @@ import torch
 import torch.fx
 
 from ..counters import counters
-from ..spec import DTYPES, ConvSpec
+from ..spec import DTYPES, ConvSpec, Epilogue
 from .context import PassContext, Region
+from .conv_chain import BN_EVAL, BN_TRAIN, Chain, grow_chain
 from .meta import dynamo_sources, fake_value, memory_layout, shape_summary, size_hints, sizes
 
-RULE = "convolution(x, w, b) => im2win_conv(x, w, b)"
+RULES = {
+    "conv": "convolution(x, w, b) => im2win_conv(x, w, b)",
+    "conv_bn": "post_act(act(batch_norm(convolution(x, w, b))) + r) => im2win_conv[epilogue](...)",
+    "batch_norm": "batch_norm(x) (not fed by a convolution) => ATen",
+}
 aten = torch.ops.aten
 
 
@@ -64,10 +75,13 @@ def conv_fallback_reason(node: torch.fx.Node, ctx: PassContext) -> str | None:
     return None
 
 
-def conv_spec(node: torch.fx.Node) -> ConvSpec:
-    """The ConvSpec of a supported convolution node, in 2-D form."""
+def conv_spec(
+    node: torch.fx.Node, epilogue: Epilogue = Epilogue(), out_node: torch.fx.Node | None = None
+) -> ConvSpec:
+    """The ConvSpec of a supported convolution node, in 2-D form; `out_node` is the last
+    node of its epilogue chain (its value is what the kernel writes)."""
     x, w, b, stride, padding, dilation, _, _, groups = node.args
-    xv, wv, out = fake_value(x), fake_value(w), fake_value(node)
+    xv, wv, out = fake_value(x), fake_value(w), fake_value(out_node or node)
     xs, ws, os_ = sizes(xv), sizes(wv), sizes(out)
     if len(ws) == 3:  # conv1d as a 2-D conv over a 1-row image
         xs, ws, os_ = (*xs[:2], 1, xs[2]), (*ws[:2], 1, ws[2]), (*os_[:2], 1, os_[2])
@@ -93,25 +107,82 @@ def conv_spec(node: torch.fx.Node) -> ConvSpec:
         device=device,
         precision=_conv_precision() if xv.dtype == torch.float32 else "ieee",
         hints=size_hints(xv, out),
+        epilogue=epilogue,
     )
 
 
+def _mode(node: torch.fx.Node, chain: Chain, ctx: PassContext) -> str | None:
+    if chain.epilogue.bn:
+        return "deploy"
+    tuned = ctx.facts.get("conv_bn_tune", set())
+    if any(name in tuned for name in dynamo_sources(node)):
+        return "tune"
+    if any(user.target is BN_TRAIN and user.args[0] is node for user in node.users):
+        return "train"
+    return None
+
+
 def match_conv(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:
-    for node in gm.graph.nodes:
+    claimed: set[str] = set()
+    for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target != aten.convolution.default:
             continue
         reason = conv_fallback_reason(node, ctx)
-        spec = conv_spec(node) if reason is None else None
-        region = Region(
-            name=ctx.new_region_name("conv"),
-            kind="conv",
-            rule=RULE,
-            stage=ctx.stage,
-            nodes=(node.name,),
-            summary=spec.describe() if spec is not None else shape_summary(node),
-            spec=spec,
-            fallback_reason=reason,
+        chain = Chain((("conv", node.name),), Epilogue(), node)
+        if reason is None:
+            chain = grow_chain(node, claimed)
+            out = fake_value(chain.last)
+            if (
+                out is None
+                or out.dtype != fake_value(node).dtype
+                or memory_layout(out) == "strided"
+            ):
+                chain = Chain((("conv", node.name),), Epilogue(), node)
+        claimed.update(name for _, name in chain.roles)
+        mode = _mode(node, chain, ctx)
+        kind = "conv_bn" if mode else "conv"
+        spec = conv_spec(node, chain.epilogue, chain.last) if reason is None else None
+        ctx.regions.append(
+            Region(
+                name=ctx.new_region_name(kind),
+                kind=kind,
+                rule=RULES["conv_bn" if chain.epilogue.name() else "conv"],
+                stage=ctx.stage,
+                nodes=tuple(name for _, name in chain.roles),
+                summary=spec.describe() if spec is not None else shape_summary(node),
+                spec=spec,
+                fallback_reason=reason,
+                roles=chain.roles,
+                mode=mode,
+            )
         )
-        ctx.regions.append(region)
-        counters["match.conv" if reason is None else "fallback.conv"] += 1
+        counters[f"match.{kind}" if reason is None else f"fallback.{kind}"] += 1
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in (BN_EVAL, BN_TRAIN):
+            source = node.args[0]
+            fed_by_conv = (
+                isinstance(source, torch.fx.Node) and source.target == aten.convolution.default
+            )
+            if node.name in claimed or (node.target is BN_TRAIN and fed_by_conv):
+                continue
+            reason = (
+                "the convolution's output has other users, so BN cannot be folded into it"
+                if fed_by_conv
+                else "batch_norm not fed directly by a convolution (e.g. BN -> ReLU -> conv,"
+                " as in DenseNet): it stays ATen"
+            )
+            ctx.regions.append(
+                Region(
+                    name=ctx.new_region_name("batch_norm"),
+                    kind="batch_norm",
+                    rule=RULES["batch_norm"],
+                    stage=ctx.stage,
+                    nodes=(node.name,),
+                    summary=shape_summary(node),
+                    spec=None,
+                    fallback_reason=reason,
+                    mode="train" if node.target is BN_TRAIN else "eval",
+                )
+            )
+            counters["fallback.batch_norm"] += 1
     return gm

@@ -1,0 +1,100 @@
+"""Suite `transfer-learning`: ResNet-50 fine-tuning with BN frozen in eval mode.
+
+Side by side in one run: eager, Inductor with `efficient_conv_bn_eval_fx_passes` off and
+on, and im2win (Tune mode). For each: the bytes saved for backward, counted with
+`saved_tensors_hooks` by unique storage, parameters included. On a GPU also the peak memory
+and the step time (do_bench median of forward + backward).
+
+On CPU im2win runs with cpu="aten": which tensors are saved is decided by the graph, not by
+the kernels, and Triton's interpreter would take minutes per step at 224 px.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch._inductor.config as inductor_config
+from torch.autograd.graph import saved_tensors_hooks
+
+CONFIGS = ((8, 224), (2, 64))
+VARIANTS = ("eager", "inductor", "inductor+efficient_conv_bn_eval", "im2win")
+
+
+def saved_bytes(step) -> int:
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(seen.values())
+
+
+def build(variant: str, model: torch.nn.Module, gpu: bool):
+    torch._dynamo.reset()
+    inductor_config.efficient_conv_bn_eval_fx_passes = variant.endswith("efficient_conv_bn_eval")
+    if variant == "eager":
+        return model
+    if variant.startswith("inductor"):
+        return torch.compile(model)
+    return torch.compile(model, backend="im2win", options={} if gpu else {"cpu": "aten"})
+
+
+def main(args) -> int:
+    import torchvision
+
+    gpu = torch.cuda.is_available()
+    device = "cuda" if gpu else "cpu"
+    where = torch.cuda.get_device_name() if gpu else "CPU (no timing)"
+    print(f"transfer-learning: resnet50, BN frozen (eval), weights trained; {where}")
+    print(
+        f"{'batch':>5} {'px':>4} {'variant':34} {'saved MiB':>10} {'vs eager':>8}"
+        + (f" {'peak MiB':>9} {'step ms':>8}" if gpu else "")
+    )
+    rows = []
+    for batch, px in CONFIGS:
+        torch.manual_seed(0)
+        model = torchvision.models.resnet50().eval().to(device)
+        x = torch.randn(batch, 3, px, px, device=device)
+        eager_bytes = None
+        for variant in VARIANTS:
+            net = build(variant, model, gpu)
+
+            def step():
+                net(x).square().mean().backward()
+
+            step()  # compile outside the measurement
+            model.zero_grad(set_to_none=True)
+            saved = saved_bytes(step)
+            eager_bytes = eager_bytes or saved
+            row = {
+                "batch": batch,
+                "px": px,
+                "variant": variant,
+                "saved_bytes": saved,
+                "vs_eager": saved / eager_bytes,
+            }
+            extra = ""
+            if gpu:
+                from triton.testing import do_bench
+
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                step()
+                torch.cuda.synchronize()
+                row["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+                row["step_ms"] = do_bench(step, return_mode="median")
+                extra = f" {row['peak_mb']:9.1f} {row['step_ms']:8.2f}"
+            rows.append(row)
+            print(
+                f"{batch:5d} {px:4d} {variant:34} {saved / 2**20:10.1f} "
+                f"{saved / eager_bytes:7.2f}x{extra}"
+            )
+    inductor_config.efficient_conv_bn_eval_fx_passes = False
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0

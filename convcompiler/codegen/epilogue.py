@@ -1,0 +1,88 @@
+"""The epilogue hook: what a conv kernel does to its fp32 accumulator before the store.
+
+    conv bias -> batch norm (running statistics) -> activation -> + residual -> activation
+
+Batch norm is folded from the live parameters inside the kernel, per output channel:
+
+    scale = gamma * rsqrt(running_var + eps)        (gamma = 1 without affine)
+    acc   = acc * scale + (beta - running_mean * scale)
+
+so a compiled model stays correct when its parameters or statistics change. Activations
+are written with core Triton builtins only (no tl.sigmoid: see template.py).
+"""
+
+from __future__ import annotations
+
+from ..spec import Activation, ConvSpec
+
+
+def activation_code(act: Activation, v: str = "acc") -> str:
+    """The fp32 expression of `act` applied to `v`."""
+    if act.name == "relu":
+        return f"tl.maximum({v}, 0.0)"
+    if act.name == "hardtanh":
+        lo, hi = act.args
+        return f"tl.minimum(tl.maximum({v}, {lo!r}), {hi!r})"
+    if act.name == "silu":
+        return f"{v} / (1.0 + tl.exp(-{v}))"
+    if act.name == "sigmoid":
+        return f"1.0 / (1.0 + tl.exp(-{v}))"
+    if act.name == "gelu":
+        return f"0.5 * {v} * (1.0 + tl.erf({v} * 0.7071067811865476))"
+    if act.name == "gelu_tanh":  # tanh(z) = 2 / (1 + exp(-2z)) - 1
+        z = f"(0.7978845608028654 * ({v} + 0.044715 * {v} * {v} * {v}))"
+        return f"0.5 * {v} * (2.0 / (1.0 + tl.exp(-2.0 * {z})))"
+    if act.name == "hardswish":
+        return f"{v} * tl.minimum(tl.maximum({v} + 3.0, 0.0), 6.0) / 6.0"
+    if act.name == "hardsigmoid":
+        return f"tl.minimum(tl.maximum({v} + 3.0, 0.0), 6.0) / 6.0"
+    if act.name == "leaky_relu":
+        (slope,) = act.args
+        return f"tl.where({v} > 0.0, {v}, {v} * {slope!r})"
+    raise ValueError(f"no epilogue code for activation {act.name!r}")
+
+
+def _load(ptr: str, other: str = "0.0") -> str:
+    return f"tl.load({ptr} + offs_k, mask=k_ok, other={other}).to(acc.dtype)"
+
+
+STORE = """
+# ---- 5. store in eager's memory format ----
+y_off = _tile_offsets(offs_m, offs_k, HO, WO, syn, syk, syh, syw, IMAGE_TILES, INT64)
+tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
+"""
+
+
+def epilogue(spec: ConvSpec) -> str:
+    """Kernel code run on `acc` [BLOCK_M, BLOCK_N], then the store (4-space indented).
+
+    In scope: `acc`, `offs_m`, `m_ok`, `offs_k` (global output channels), `k_ok`, the
+    epilogue pointers (`b_ptr`, `bnw_ptr`, `bnb_ptr`, `mean_ptr`, `var_ptr`, `r_ptr`) and
+    the output and residual strides.
+    """
+    e = spec.epilogue
+    steps = (["bias"] if spec.has_bias else []) + ([e.name()] if e.name() else [])
+    lines = [f"# ---- 4. epilogue: {' + '.join(steps) if steps else 'none'} ----"]
+    if spec.has_bias:
+        lines.append(f"acc += {_load('b_ptr')}[None, :]")
+    if e.bn:
+        lines.append(f"scale = tl.rsqrt({_load('var_ptr', '1.0')} + {e.bn_eps!r})")
+        lines.append(f"mean = {_load('mean_ptr')}")
+        if e.bn == "affine":
+            lines.append(f"scale = scale * {_load('bnw_ptr')}")
+            lines.append(f"shift = {_load('bnb_ptr')} - mean * scale")
+        else:
+            lines.append("shift = -mean * scale")
+        lines.append("acc = acc * scale[None, :] + shift[None, :]")
+    if e.act:
+        lines.append(f"acc = {activation_code(e.act)}")
+    if e.residual:
+        lines.append(
+            "r_off = _tile_offsets(offs_m, offs_k, HO, WO, srn, src, srh, srw, IMAGE_TILES, INT64)"
+        )
+        lines.append("r_mask = m_ok[:, None] & k_ok[None, :]")
+        lines.append("acc += tl.load(r_ptr + r_off, mask=r_mask, other=0.0).to(acc.dtype)")
+    if e.post_act:
+        lines.append(f"acc = {activation_code(e.post_act)}")
+    body = "\n".join(lines) + "\n" + STORE
+    return "\n".join("    " + line if line else "" for line in body.strip("\n").split("\n"))

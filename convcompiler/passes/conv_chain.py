@@ -1,0 +1,88 @@
+"""Grow a convolution's epilogue chain: the pointwise ops its kernel can apply before storing.
+
+    conv -> [batch_norm (running stats) -> getitem 0] -> [act] -> [add residual] -> [act]
+
+A node joins the chain only if it is the sole user of the chain so far (otherwise the
+intermediate value is needed elsewhere and must be materialised), and only if no other
+chain has claimed it. The residual is the add's other operand, of the same shape and dtype.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+from ..spec import Epilogue
+from .activations import as_activation
+from .meta import fake_value
+
+aten = torch.ops.aten
+BN_EVAL = aten._native_batch_norm_legit_no_training.default
+BN_TRAIN = aten._native_batch_norm_legit_functional.default
+
+
+@dataclass(frozen=True)
+class Chain:
+    roles: tuple[tuple[str, str], ...]  # (role, node name): conv, bn, getitem, act, add, post_act
+    epilogue: Epilogue
+    last: torch.fx.Node
+
+
+def _sole_user(node: torch.fx.Node, claimed: set[str]) -> torch.fx.Node | None:
+    users = list(node.users)
+    if len(users) != 1 or users[0].name in claimed or users[0].op != "call_function":
+        return None
+    return users[0]
+
+
+def _same_tensor_meta(a: object, b: object) -> bool:
+    va, vb = fake_value(a), fake_value(b)
+    return va is not None and vb is not None and va.shape == vb.shape and va.dtype == vb.dtype
+
+
+def grow_chain(conv: torch.fx.Node, claimed: set[str], *, fuse_bn: bool = True) -> Chain:
+    roles = [("conv", conv.name)]
+    cur, fields = conv, {}
+    user = _sole_user(cur, claimed)
+    if fuse_bn and user is not None and user.target is BN_EVAL and user.args[0] is cur:
+        weight, bias, mean, var, _momentum, eps = user.args[1:7]
+        items = list(user.users)
+        if (
+            (weight is None) == (bias is None)
+            and isinstance(eps, (int, float))
+            and len(items) == 1
+            and items[0].target is operator.getitem
+            and items[0].args[1] == 0
+        ):
+            fields.update(bn="plain" if weight is None else "affine", bn_eps=float(eps))
+            roles += [("bn", user.name), ("getitem", items[0].name)]
+            cur = items[0]
+            user = _sole_user(cur, claimed)
+    act = as_activation(user) if user is not None and user.args[0] is cur else None
+    if act is not None:
+        fields["act"] = act
+        roles.append(("act", user.name))
+        cur = user
+        user = _sole_user(cur, claimed)
+    if (
+        user is not None
+        and user.target is aten.add.Tensor
+        and len(user.args) == 2
+        and user.kwargs.get("alpha", 1) == 1
+        and all(isinstance(a, torch.fx.Node) for a in user.args)
+        and user.args[0] is not user.args[1]
+        and _same_tensor_meta(*user.args)
+    ):
+        fields["residual"] = True
+        roles.append(("add", user.name))
+        cur = user
+        user = _sole_user(cur, claimed)
+        post = as_activation(user) if user is not None and user.args[0] is cur else None
+        if post is not None:
+            fields["post_act"] = post
+            roles.append(("post_act", user.name))
+            cur = user
+    return Chain(tuple(roles), Epilogue(**fields), cur)

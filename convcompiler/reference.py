@@ -1,0 +1,55 @@
+"""What a conv region computes, in ATen: the tuner's ATen candidate and the tests' oracle."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .spec import Activation, ConvSpec
+
+
+def activation(act: Activation, x: torch.Tensor) -> torch.Tensor:
+    fns = {
+        "relu": F.relu,
+        "silu": F.silu,
+        "gelu": F.gelu,
+        "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+        "hardswish": F.hardswish,
+        "sigmoid": torch.sigmoid,
+        "hardsigmoid": F.hardsigmoid,
+    }
+    if act.name == "hardtanh":
+        return F.hardtanh(x, *act.args)
+    if act.name == "leaky_relu":
+        return F.leaky_relu(x, *act.args)
+    return fns[act.name](x)
+
+
+def run_aten(
+    spec: ConvSpec,
+    x,
+    weight,
+    bias=None,
+    bn_weight=None,
+    bn_bias=None,
+    bn_mean=None,
+    bn_var=None,
+    residual=None,
+) -> torch.Tensor:
+    """conv -> batch norm (running stats) -> act -> + residual -> act, as separate ATen ops."""
+    stride, padding, dilation = (
+        v[2 - spec.ndim :] for v in (spec.stride, spec.padding, spec.dilation)
+    )
+    y = torch.ops.aten.convolution(
+        x, weight, bias, stride, padding, dilation, False, [0] * spec.ndim, spec.groups
+    )
+    e = spec.epilogue
+    if e.bn:
+        y = F.batch_norm(y, bn_mean, bn_var, bn_weight, bn_bias, False, 0.0, e.bn_eps)
+    if e.act:
+        y = activation(e.act, y)
+    if e.residual:
+        y = y + residual
+    if e.post_act:
+        y = activation(e.post_act, y)
+    return y

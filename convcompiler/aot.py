@@ -31,7 +31,7 @@ from triton.compiler import ASTSource
 
 from .codegen import KernelSource
 from .runtime.loader import exec_module
-from .spec import ConvSpec
+from .spec import AttentionSpec, ConvSpec
 
 ARCHS = {"sm_80": 80, "sm_86": 86, "sm_89": 89, "sm_90": 90}
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
@@ -58,7 +58,7 @@ class KernelStats:
     shared_bytes: int
     wgmma: int
     mma: int
-    uses_dot: bool
+    uses_dot: bool  # tensor-core dots expected (see _expects_tensor_cores)
 
     @property
     def tensor_core_ops(self) -> int:
@@ -79,9 +79,31 @@ class KernelStats:
         return not self.problems()
 
 
-def meta_inputs(spec: ConvSpec) -> tuple[torch.Tensor | None, ...]:
+def attention_meta_inputs(spec: AttentionSpec) -> tuple[torch.Tensor | None, ...]:
+    """(q, k, v, bias, mask, general, logit_scale): q, k, v as views of one qkv projection."""
+    dtype = getattr(torch, spec.dtype)
+    b, h, n, d = spec.hint(spec.batch), spec.heads, spec.tokens, spec.head_dim
+
+    def empty(*shape):
+        return torch.empty(shape, device="meta", dtype=dtype)
+
+    qkv = empty(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
+    return (
+        qkv[0],
+        qkv[1],
+        qkv[2],
+        empty(1, h, n, n) if spec.bias else None,
+        empty(spec.windows, n, n) if spec.mask else None,
+        empty(b, h, n, n) if spec.general else None,
+        empty(h, 1, 1) if spec.logit_scale else None,
+    )
+
+
+def meta_inputs(spec: ConvSpec | AttentionSpec) -> tuple[torch.Tensor | None, ...]:
     """Meta tensors for a launcher: (x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var,
-    residual), with the spec's shapes (at the size hints), layouts and dtype."""
+    residual) for a conv, with the spec's shapes (at the size hints), layouts and dtype."""
+    if isinstance(spec, AttentionSpec):
+        return attention_meta_inputs(spec)
     dtype = getattr(torch, spec.dtype)
     n = spec.hint(spec.batch)
     h, w = (spec.hint(s) for s in spec.in_size)
@@ -185,8 +207,21 @@ def compile_launch(launch: Launch, arch: str, source_name: str = "") -> KernelSt
         shared_bytes=compiled.metadata.shared + usage.get("SHARED", 0),
         wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)),
         mma=len(re.findall(r"\bmma\.sync", ptx)),
-        uses_dot="tl.dot(" in launch.fn.src,
+        uses_dot=_expects_tensor_cores(launch),
     )
+
+
+def _expects_tensor_cores(launch: Launch) -> bool:
+    """Whether the kernel's dots should run on tensor cores: it calls tl.dot (directly or
+    through the shared `_mma`) and is not a float32 dot at "ieee" precision (exact fp32 dots
+    run on the FMA units, as torch's matmul does without TF32)."""
+    src = launch.fn.src
+    if "tl.dot(" not in src and "_mma(" not in src:
+        return False
+    bound = dict(launch.args)
+    first = next((v for _, v in launch.args if isinstance(v, torch.Tensor)), None)
+    exact = first is not None and first.dtype == torch.float32
+    return not (exact and bound.get("PRECISION") == "ieee")
 
 
 def static_report(

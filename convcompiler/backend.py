@@ -29,7 +29,7 @@ from .config import Config
 from .debug import dump_dir_for, dump_lowered
 from .lowering import Lowering
 from .passes import POST_GRAD_PASSES, PRE_GRAD_PASSES, PassContext, run_passes
-from .passes.recompute import tag_weight_transforms
+from .passes.recompute import tag_attention_intermediates, tag_weight_transforms
 from .report import new_report
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def _graph_compiler(
     def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         ctx = PassContext(config=config, stage=stage, facts=facts, dump_dir=dump)
         gm = run_passes(POST_GRAD_PASSES, gm, ctx)
-        gm = lowering.lower_conv_regions(gm, ctx.regions)
+        gm = lowering.lower_regions(gm, ctx.regions)
         dump_lowered(gm, ctx, len(POST_GRAD_PASSES) + 1, lowering.report)
         return make_boxed_func(gm.forward)
 
@@ -52,9 +52,10 @@ def _graph_compiler(
 
 
 def _partition(joint: torch.fx.GraphModule, joint_inputs: Sequence[Any], **kwargs: Any):
-    """Min-cut partitioning, with weight transforms (Tune mode's W * c) recomputed in the
-    backward instead of saved by the forward."""
+    """Min-cut partitioning, with weight transforms (Tune mode's W * c) and the inside of
+    window attentions recomputed in the backward instead of saved by the forward."""
     tag_weight_transforms(joint)
+    tag_attention_intermediates(joint, kwargs["num_fwd_outputs"])
     return min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
 
 

@@ -29,7 +29,7 @@ import torch
 
 from .devices import Device
 from .schedule import Schedule
-from .spec import ConvSpec
+from .spec import AttentionSpec, ConvSpec
 
 Num = Union[int, float, sympy.Expr]
 
@@ -102,6 +102,14 @@ def math_kind(spec: ConvSpec, schedule: Schedule) -> str:
     ):
         return "fp32"
     return {"float32": "tf32", "float16": "fp16", "bfloat16": "bf16"}[spec.dtype]
+
+
+def _math(spec, schedule: Schedule) -> str:
+    if isinstance(spec, AttentionSpec):
+        from .cost_attention import math_kind as attention_math
+
+        return attention_math(spec)
+    return math_kind(spec, schedule)
 
 
 def conv_class(spec: ConvSpec) -> str:
@@ -229,7 +237,7 @@ def _time(spec, schedule, device, symbolic):
 
 
 def predict(
-    spec: ConvSpec,
+    spec: ConvSpec | AttentionSpec,
     schedule: Schedule,
     device: Device,
     calibration: float = 1.0,
@@ -239,12 +247,15 @@ def predict(
 
     With dynamic sizes and `symbolic`, `.seconds` is a sympy expression in them."""
     scale = calibration if schedule.name == "aten" else 1.0
-    total, compute, memory, launch, flops, padded, traffic, ws, ctas = _time(
+    timer = _time
+    if isinstance(spec, AttentionSpec):
+        from .cost_attention import attention_time as timer
+    total, compute, memory, launch, flops, padded, traffic, ws, ctas = timer(
         spec, schedule, device, False
     )
     seconds = total * scale
     if symbolic and spec.is_dynamic:
-        seconds = _time(spec, schedule, device, True)[0] * scale
+        seconds = timer(spec, schedule, device, True)[0] * scale
     return Prediction(
         schedule=schedule,
         seconds=seconds,
@@ -256,7 +267,7 @@ def predict(
         padded_flops=float(padded),
         bytes=float(traffic),
         workspace_bytes=float(ws),
-        math=math_kind(spec, schedule),
+        math=_math(spec, schedule),
         ctas=int(ctas),
     )
 
@@ -278,8 +289,12 @@ def rank(
     )
 
 
-def interpreter_steps(spec: ConvSpec, schedule: Schedule) -> int:
+def interpreter_steps(spec: ConvSpec | AttentionSpec, schedule: Schedule) -> int:
     """Programs x loop trips: what Triton's interpreter pays for, roughly per step."""
+    if isinstance(spec, AttentionSpec):
+        from .cost_attention import attention_steps
+
+        return attention_steps(spec, schedule)
     z = _Sizes(spec, symbolic=False)
     s = schedule.as_dict()
     rows = z.p if s.get("M_TILES") == "image" else z.m

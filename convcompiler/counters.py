@@ -6,6 +6,8 @@ Keys are dotted names, for example:
     fallback.conv    a conv ran ATen; the reason is in the report
     codegen.conv     a kernel source was rendered
     launch.conv      a generated conv kernel was launched at run time
+    launch.window_attention   a fused window-attention kernel was launched
+    shape_constant.built      a shape-only subgraph (Swin's shift mask) was evaluated
 
 Tests reset it with `counters.reset()` and assert on the numbers, the way Inductor's
 `torch._dynamo.utils.counters` is used.

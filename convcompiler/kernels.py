@@ -1,11 +1,13 @@
-"""Build the generated kernel for one convolution, outside torch.compile.
+"""Build the generated kernel for one convolution or window attention, outside torch.compile.
 
     call = conv_kernel(x, weight, bias, stride=2, padding=1)      # a KernelCall
     y = call(x, weight, bias)
+    call = attention_kernel(q, k, v, bias, mask)                  # q, k, v: [B, H, N, D]
+    y = call(q, k, v, bias, mask)
 
-The spec is read the way the backend reads it: the conv is traced to an aten graph with
-fake tensors and `match_conv` inspects the node, so tests and benchmarks exercise exactly
-the metadata path `torch.compile` uses.
+The spec is read the way the backend reads it: the op is traced to an aten graph with
+fake tensors and the post-grad matcher inspects it, so tests and benchmarks exercise
+exactly the metadata path `torch.compile` uses.
 """
 
 from __future__ import annotations
@@ -17,15 +19,21 @@ import torch
 import torch.nn.functional as F
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from .codegen import KernelSource, render_conv
+from .codegen import KernelSource, render_conv, render_region
 from .config import Config
 from .devices import device_for
 from .passes import PassContext
+from .passes.attention_pattern import find_attention
+from .passes.match_attention import (
+    attention_fallback_reason,
+    attention_spec,
+    is_attention_candidate,
+)
 from .passes.match_conv import conv_fallback_reason, conv_spec
 from .runtime import KernelCall, load_source
 from .schedule import Schedule
-from .select import Choice, SelectionContext, select_conv_schedule
-from .spec import ConvSpec, Epilogue
+from .select import Choice, SelectionContext, select_conv_schedule, select_schedule
+from .spec import AttentionSpec, ConvSpec, Epilogue
 
 _CONV = {1: F.conv1d, 2: F.conv2d}
 
@@ -97,3 +105,64 @@ def conv_kernel(
     source = conv_source(spec, schedule, config)
     module, path = load_source(source, config.kernel_path, interpret=spec.device == "cpu")
     return KernelCall("conv", spec.geometry(), getattr(module, source.entry), path)
+
+
+def attention_spec_of(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    output: str = "bhnd",
+) -> AttentionSpec:
+    """The AttentionSpec the backend would build for
+
+        softmax(scale * q @ k^T + bias[h] + mask[b mod nW]) @ v
+
+    with q, k, v [B, H, N, D], bias [H, N, N], mask [nW, N, N]; `output` "bnc" returns
+    [B, N, H*D] (transpose + reshape, as Swin's projection reads it)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+
+    def f(q, k, v, bias, mask):
+        b, h, n, _ = q.shape
+        s = (q * scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            s = s + bias.unsqueeze(0)
+        if mask is not None:
+            nw = mask.shape[0]
+            s = (s.view(b // nw, nw, h, n, n) + mask.unsqueeze(1).unsqueeze(0)).view(b, h, n, n)
+        out = s.softmax(dim=-1) @ v
+        return out.transpose(1, 2).reshape(b, n, -1) if output == "bnc" else out
+
+    gm = make_fx(f, tracing_mode="fake")(q, k, v, bias, mask)
+    match = find_attention(next(n for n in gm.graph.nodes if is_attention_candidate(n)))
+    reason = attention_fallback_reason(match, private=True)
+    if reason is not None:
+        raise ValueError(f"this attention has no generated kernel: {reason}")
+    return attention_spec(match)
+
+
+def attention_kernel(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    output: str = "bhnd",
+    schedule: Schedule | None = None,
+    config: Config | None = None,
+) -> KernelCall:
+    """Render, write and load the fused window-attention kernel (see attention_spec_of);
+    returns its launcher: call(q, k, v, bias, mask, general, logit_scale)."""
+    config = config or Config(cache=False)
+    spec = attention_spec_of(q, k, v, bias, mask, scale=scale, output=output)
+    if schedule is None:
+        device, reason = device_for(config.target, spec.device)
+        schedule = select_schedule(spec, SelectionContext(config, device, reason)).schedule
+    source = render_region(spec, schedule)
+    module, path = load_source(source, config.kernel_path, interpret=spec.device == "cpu")
+    return KernelCall("window_attention", spec.geometry(), getattr(module, source.entry), path)

@@ -14,18 +14,18 @@ import torch
 import torch.fx
 
 from .cache import CachedSource, open_cache
-from .codegen import TEMPLATES, KernelSource, render_conv
+from .codegen import TEMPLATES, KernelSource, render_conv, spec_kind
 from .config import Config
 from .cost import Prediction
 from .counters import counters
 from .devices import device_for
 from .passes import Region
-from .reference import run_aten
+from .reference import run_aten, run_attention
 from .report import RegionRecord, Report
 from .runtime import KernelCall, interpreter_notice, load_source, write_source
 from .schedule import Schedule
 from .select import Choice, SelectionContext, select_conv_schedule
-from .spec import ConvSpec
+from .spec import AttentionSpec, ConvSpec
 from .tuning import benchmarker
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,8 @@ class Lowering:
             None if t is None else torch.randn_like(t, device="cuda") for t in meta_inputs(spec)
         )
         if pred.schedule.name == "aten":
+            if isinstance(spec, AttentionSpec):
+                return lambda: run_attention(spec, *operands)
             return lambda: run_aten(spec, *operands)
         module, _ = load_source(
             render_conv(spec, pred.schedule), self.config.kernel_path, interpret=False
@@ -89,7 +91,7 @@ class Lowering:
         """Compile the schedule's kernel for `arch` (no GPU needed): what keeps it off."""
         from .aot import static_report
 
-        counters["verify.conv"] += 1
+        counters[f"verify.{spec_kind(spec)}"] += 1
         stats = static_report(render_conv(spec, schedule), spec, (arch,))
         return [f"{st.kernel}: {p}" for st in stats for p in st.problems()]
 
@@ -104,7 +106,7 @@ class Lowering:
                 spec.key(),
                 template.KERNELS,
             )
-        counters["codegen.conv"] += 1
+        counters[f"codegen.{spec_kind(spec)}"] += 1
         return render_conv(spec, choice.schedule)
 
     def remember(
@@ -159,10 +161,10 @@ class Lowering:
             )
         )
 
-    def lower_conv_regions(
+    def lower_regions(
         self, gm: torch.fx.GraphModule, regions: list[Region]
     ) -> torch.fx.GraphModule:
-        """Replace each runnable conv region's node by a call to its generated kernel."""
+        """Replace each runnable region's nodes by a call to its generated kernel."""
         nodes = {node.name: node for node in gm.graph.nodes}
         for region in regions:
             if region.fallback_reason is not None:
@@ -238,7 +240,7 @@ class Lowering:
 
 def _epilogue_name(region: Region) -> str:
     """The fused epilogue as the report shows it; in Tune mode BN is folded into the weights."""
-    name = region.spec.epilogue.name() if region.spec else ""
+    name = region.spec.epilogue.name() if isinstance(region.spec, ConvSpec) else ""
     if region.mode == "tune":
         return "+".join(["bn"] + ([name] if name else []))
     return name
@@ -248,10 +250,16 @@ def _as_json(schedule: Schedule) -> dict:
     return {"name": schedule.name, "params": [list(p) for p in schedule.params]}
 
 
+ATTENTION_OPERANDS = ("q", "k", "v", "bias", "mask", "general", "logit_scale")
+
+
 def _operands(nodes: dict[str, torch.fx.Node], region: Region) -> tuple:
-    """(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, residual) of a conv chain, read
-    from the live graph (an earlier region may have replaced the residual's producer)."""
+    """The kernel's arguments, read from the live graph (an earlier region may have replaced
+    an operand's producer). A conv chain: (x, weight, bias, bn_weight, bn_bias, bn_mean,
+    bn_var, residual); window attention: (q, k, v, bias, mask, general, logit_scale)."""
     roles = dict(region.roles)
+    if region.kind == "window_attention":
+        return tuple(nodes[roles[r]] if r in roles else None for r in ATTENTION_OPERANDS)
     x, weight, bias = nodes[roles["conv"]].args[:3]
     bn = nodes[roles["bn"]].args[1:5] if "bn" in roles else (None,) * 4
     residual = None

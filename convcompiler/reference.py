@@ -53,3 +53,28 @@ def run_aten(
     if e.post_act:
         y = activation(e.post_act, y)
     return y
+
+
+def run_attention(spec, q, k, v, bias=None, mask=None, general=None, logit_scale=None):
+    """The canonical window attention (AttentionSpec), as separate ATen ops."""
+    if spec.cosine:
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    s = (q * spec.scale) @ k.transpose(-2, -1)
+    if logit_scale is not None:
+        s = s * logit_scale.reshape(1, -1, 1, 1)
+    b, h, n = s.shape[0], s.shape[1], s.shape[2]
+    if bias is not None:
+        s = (
+            s + bias.reshape(-1, n, n)[None]
+            if bias.numel() != h * n * n
+            else s + bias.reshape(1, h, n, n)
+        )
+    if mask is not None:
+        nw = mask.reshape(-1, n, n).shape[0]
+        s = (s.view(b // nw, nw, h, n, n) + mask.reshape(1, nw, 1, n, n)).view(b, h, n, n)
+    if general is not None:
+        s = s + general
+    out = torch.softmax(s, dim=-1) @ v
+    if spec.output == "bnc":
+        out = out.transpose(1, 2).reshape(b, n, h * out.shape[-1])
+    return out

@@ -27,13 +27,15 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .cache import CachedSource, TuningCache, record_key
-from .codegen import SPACES, TEMPLATES
+from .codegen import SPACES, TEMPLATES, kind_spaces, spec_kind
 from .config import Config
 from .cost import Prediction, interpreter_steps, predict, rank
 from .devices import Device
 from .schedule import ATEN, InvalidSchedule, Schedule
-from .spec import ConvSpec
+from .spec import AttentionSpec, ConvSpec
 from .tuning import Benchmarker, autotune
+
+Spec = ConvSpec | AttentionSpec
 
 log = logging.getLogger(__name__)
 
@@ -71,32 +73,34 @@ class SelectionContext:
     device_reason: str
     cache: TuningCache | None = None
     bench: Benchmarker | None = None
-    make_runner: Callable[[ConvSpec, Prediction], Callable[[], object]] | None = None
+    make_runner: Callable[[Spec, Prediction], Callable[[], object]] | None = None
     calibration: float = 1.0
     # verify(spec, schedule) -> problems ([] when the kernel fits the planning device)
-    verify: Callable[[ConvSpec, Schedule], list[str]] | None = None
+    verify: Callable[[Spec, Schedule], list[str]] | None = None
     keys: dict[str, tuple[str, dict]] = field(default_factory=dict)
 
-    def key(self, spec: ConvSpec) -> tuple[str, dict]:
+    def key(self, spec: Spec) -> tuple[str, dict]:
         if spec.key() not in self.keys:
             fields = {name: getattr(self.config, name) for name in self.config.codegen_fields}
             bench = self.bench.name if self.bench is not None else "none"
-            self.keys[spec.key()] = record_key("conv", spec.key(), self.device, fields, bench)
+            self.keys[spec.key()] = record_key(
+                spec_kind(spec), spec.key(), self.device, fields, bench
+            )
         return self.keys[spec.key()]
 
 
-def interpreted(spec: ConvSpec, config: Config) -> bool:
+def interpreted(spec: Spec, config: Config) -> bool:
     return spec.device == "cpu" and config.cpu == "interpret"
 
 
 MODEL_STAGES = 3  # the model does not tell pipeline depths apart; the tuner does
 
 
-def model_candidates(spec: ConvSpec, device: Device, *, include_aten: bool) -> list[Schedule]:
+def model_candidates(spec: Spec, device: Device, *, include_aten: bool) -> list[Schedule]:
     """ATen (optionally) and every schedule of every template valid on `device`, with the
     pipeline depth pinned."""
     found = [ATEN] if include_aten else []
-    for name, space in SPACES.items():
+    for name, space in kind_spaces(spec).items():
         derived = getattr(TEMPLATES[name], "derived", None)
         stages = dict(space.choices)["num_stages"]
         pinned = {"num_stages": MODEL_STAGES if MODEL_STAGES in stages else max(stages)}
@@ -123,7 +127,7 @@ def _why(winner: Prediction, ranked: list[Prediction]) -> str:
 
 
 def valid_range(
-    spec: ConvSpec, winner: Schedule, top: list[Schedule], ctx: SelectionContext
+    spec: Spec, winner: Schedule, top: list[Schedule], ctx: SelectionContext
 ) -> str | None:
     """For dynamic sizes: the range of each symbol (others at their hints, powers of two
     plus the hint) over which `winner` stays the model's pick among `top`."""
@@ -152,7 +156,7 @@ def valid_range(
     return ", ".join(ranges)
 
 
-def _from_record(record: dict, spec: ConvSpec, ctx: SelectionContext) -> Choice | None:
+def _from_record(record: dict, spec: Spec, ctx: SelectionContext) -> Choice | None:
     sched = record["schedule"]
     schedule = Schedule(sched["name"], tuple((k, v) for k, v in sched["params"]))
     source = None
@@ -175,7 +179,7 @@ def _from_record(record: dict, spec: ConvSpec, ctx: SelectionContext) -> Choice 
     )
 
 
-def select_conv_schedule(spec: ConvSpec, ctx: SelectionContext) -> Choice:
+def select_schedule(spec: Spec, ctx: SelectionContext) -> Choice:
     """Pick the schedule for one conv region (the order is in the module docstring)."""
     choice = _select(spec, ctx)
     if interpreted(spec, ctx.config) and choice.origin != "cache":
@@ -183,7 +187,10 @@ def select_conv_schedule(spec: ConvSpec, ctx: SelectionContext) -> Choice:
     return choice
 
 
-def _select(spec: ConvSpec, ctx: SelectionContext) -> Choice:
+select_conv_schedule = select_schedule  # the name the conv-only callers know
+
+
+def _select(spec: Spec, ctx: SelectionContext) -> Choice:
     config = ctx.config
     # 1. explicit overrides
     if spec.device == "cpu" and config.cpu == "aten":
@@ -289,7 +296,7 @@ def _select(spec: ConvSpec, ctx: SelectionContext) -> Choice:
 TILE_PARAMS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_C", "num_warps")
 
 
-def for_interpreter(spec: ConvSpec, choice: Choice) -> Choice:
+def for_interpreter(spec: Spec, choice: Choice) -> Choice:
     """Same schedule and variants, tiles re-picked for Triton's interpreter, which pays per
     program and per loop trip rather than per FLOP (the GPU plan's tiles stay in `why`)."""
     schedule = choice.schedule
@@ -319,7 +326,7 @@ MAX_VERIFIED = 8
 
 
 def _first_verified(
-    spec: ConvSpec, preds: list[Prediction], ctx: SelectionContext
+    spec: Spec, preds: list[Prediction], ctx: SelectionContext
 ) -> tuple[Prediction, tuple[str, ...]]:
     """The first prediction whose kernel passes the static check (ATen always does)."""
     rejected = []
@@ -338,9 +345,7 @@ def _first_verified(
     return preds[0], tuple(rejected)
 
 
-def _with_stages(
-    spec: ConvSpec, schedule: Schedule, stages: int, device: Device
-) -> Schedule | None:
+def _with_stages(spec: Spec, schedule: Schedule, stages: int, device: Device) -> Schedule | None:
     params = {**schedule.as_dict(), "num_stages": stages}
     try:
         return SPACES[schedule.name].make(spec, device=device, **params)

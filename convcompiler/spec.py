@@ -183,3 +183,72 @@ class ConvSpec:
             extra.append("dw" if self.is_depthwise else f"g{self.groups}")
         fused = [f"+{self.epilogue.name()}"] if self.epilogue.name() else []
         return " ".join([shape, ks, *extra, self.dtype, self.output_layout, *fused])
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """One window multi-head self-attention, canonicalised:
+
+        out[b, h] = softmax(scale * q[b, h] @ k[b, h]^T  (x logit_scale[h])
+                            + bias[h] + mask[b mod windows] + general[b, h]) @ v[b, h]
+
+    q, k, v are [batch, heads, tokens, head_dim] views (read through their strides); with
+    `cosine`, q and k rows are L2-normalised first (SwinV2). `batch` is windows x images.
+    """
+
+    batch: Size
+    heads: int
+    tokens: int  # N = window area (49, 64, 144, ...)
+    head_dim: int
+    dtype: str
+    scale: float
+    cosine: bool
+    logit_scale: bool  # a per-head multiplier tensor (SwinV2: exp(clamp(logit_scale)))
+    bias: bool  # a per-head [heads, N, N] additive term (relative position bias)
+    mask: bool  # a per-window [windows, N, N] additive term (shifted-window mask)
+    windows: int  # windows per image: the period of `mask` over the batch (1 without mask)
+    general: bool  # a [batch, heads, N, N] additive term that did not split into the two above
+    output: str  # "bnc": [batch, N, heads * head_dim]; "bhnd": [batch, heads, N, head_dim]
+    device: str
+    precision: str  # how a float32 tl.dot runs on a GPU (torch's matmul precision)
+    hints: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def is_dynamic(self) -> bool:
+        return bool(self.hints)
+
+    def hint(self, size: Size) -> int:
+        if isinstance(size, int):
+            return size
+        known = dict(self.hints)
+        return int(size.xreplace({s: known[s.name] for s in size.free_symbols}))
+
+    def terms(self) -> str:
+        parts = (["cosine"] if self.cosine else []) + (["bias"] if self.bias else [])
+        parts += (["mask"] if self.mask else []) + (["attn_mask"] if self.general else [])
+        return "+".join(parts)
+
+    def geometry(self) -> str:
+        terms = self.terms().replace("+", "_")
+        return f"window_attention_n{self.tokens}_d{self.head_dim}_{self.dtype}_{self.output}" + (
+            f"_{terms}" if terms else ""
+        )
+
+    def key(self) -> str:
+        parts = [f"{f.name}={_fmt(getattr(self, f.name))}" for f in fields(self)]
+        return "AttentionSpec(" + ",".join(parts) + ")"
+
+    def describe(self) -> str:
+        mask = f"[{self.windows},N,N] per window" if self.mask else "none"
+        text = (
+            f"N={self.tokens} heads={self.heads} head_dim={self.head_dim} batch={self.batch} "
+            f"bias={'[heads,N,N]' if self.bias else 'none'} mask={mask}"
+        )
+        if self.general:
+            text += " attn_mask=[batch,heads,N,N]"
+        if self.cosine:
+            text += f" cosine{'+logit_scale' if self.logit_scale else ''}"
+        return f"{text} {self.dtype} out={self.output}"
+
+    def flops(self) -> int:
+        return 4 * self.hint(self.batch) * self.heads * self.tokens**2 * self.head_dim

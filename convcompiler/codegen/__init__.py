@@ -6,24 +6,35 @@ One template per module; each declares its schedule space (`SPACE`) next to its 
 from __future__ import annotations
 
 from ..schedule import InvalidSchedule, Schedule, ScheduleSpace
-from ..spec import ConvSpec
-from . import direct_depthwise, gemm_1x1, im2win_band, im2win_implicit
+from ..spec import AttentionSpec, ConvSpec
+from . import direct_depthwise, gemm_1x1, im2win_band, im2win_implicit, window_attention
 from .template import KernelSource
 
-TEMPLATES = {
-    module.SPACE.name: module
-    for module in (im2win_band, im2win_implicit, direct_depthwise, gemm_1x1)
+KIND_TEMPLATES = {
+    "conv": (im2win_band, im2win_implicit, direct_depthwise, gemm_1x1),
+    "window_attention": (window_attention,),
 }
-
+TEMPLATES = {m.SPACE.name: m for modules in KIND_TEMPLATES.values() for m in modules}
 SPACES: dict[str, ScheduleSpace] = {name: module.SPACE for name, module in TEMPLATES.items()}
 
 
-def render_conv(spec: ConvSpec, schedule: Schedule) -> KernelSource:
-    """The generated module for one conv region under one schedule."""
+def spec_kind(spec: ConvSpec | AttentionSpec) -> str:
+    """The template family a spec belongs to ("conv" or "window_attention")."""
+    return "window_attention" if isinstance(spec, AttentionSpec) else "conv"
+
+
+def kind_spaces(spec: ConvSpec | AttentionSpec) -> dict[str, ScheduleSpace]:
+    return {m.SPACE.name: m.SPACE for m in KIND_TEMPLATES[spec_kind(spec)]}
+
+
+def render_region(spec: ConvSpec | AttentionSpec, schedule: Schedule) -> KernelSource:
+    """The generated module for one region under one schedule."""
     template = TEMPLATES.get(schedule.name)
-    if template is None:
-        raise InvalidSchedule(f"no kernel template for schedule {schedule.name!r}")
+    if template is None or schedule.name not in kind_spaces(spec):
+        raise InvalidSchedule(f"no {spec_kind(spec)} template for schedule {schedule.name!r}")
     return template.render(spec, schedule)
 
 
-__all__ = ["KernelSource", "SPACES", "TEMPLATES", "render_conv"]
+render_conv = render_region  # the name the conv-only callers know
+
+__all__ = ["KernelSource", "SPACES", "TEMPLATES", "kind_spaces", "render_region", "spec_kind"]

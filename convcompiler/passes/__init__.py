@@ -19,15 +19,21 @@ import torch.fx
 from ..counters import counters
 from .context import PassContext, Region
 from .conv_bn_tune import fold_conv_bn_tune
+from .match_attention import match_window_attention
 from .match_conv import match_conv
 from .padding_modes import find_conv_padding_modes
+from .shape_constants import hoist_shape_constants
 
 log = logging.getLogger(__name__)
 
 GraphPass = Callable[[torch.fx.GraphModule, PassContext], torch.fx.GraphModule]
 
 PRE_GRAD_PASSES: tuple[GraphPass, ...] = (find_conv_padding_modes, fold_conv_bn_tune)
-POST_GRAD_PASSES: tuple[GraphPass, ...] = (match_conv,)
+POST_GRAD_PASSES: tuple[GraphPass, ...] = (
+    hoist_shape_constants,
+    match_conv,
+    match_window_attention,
+)
 
 
 def dump_graph(gm: torch.fx.GraphModule, ctx: PassContext, step: int, name: str) -> None:

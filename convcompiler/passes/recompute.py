@@ -65,3 +65,39 @@ def tag_weight_transforms(joint: torch.fx.GraphModule) -> int:
             tagged += 1
             stack.extend(node.all_input_nodes)
     return tagged
+
+
+def forward_nodes(joint: torch.fx.GraphModule, num_fwd_outputs: int) -> set[torch.fx.Node]:
+    """The nodes the joint graph's forward outputs depend on."""
+    output = next(n for n in reversed(joint.graph.nodes) if n.op == "output")
+    stack = [a for a in output.args[0][:num_fwd_outputs] if isinstance(a, torch.fx.Node)]
+    seen: set[torch.fx.Node] = set()
+    while stack:
+        node = stack.pop()
+        if node not in seen:
+            seen.add(node)
+            stack.extend(node.all_input_nodes)
+    return seen
+
+
+def tag_attention_intermediates(joint: torch.fx.GraphModule, num_fwd_outputs: int) -> int:
+    """Tag the inside of every window attention (scores, softmax, their copies) for
+    recomputation: the backward recomputes them in ATen from q, k, v and the additive terms,
+    and the forward keeps them private, so the fused forward kernel can replace them."""
+    from .attention_pattern import NoMatch, find_attention
+    from .match_attention import is_attention_candidate
+
+    forward = forward_nodes(joint, num_fwd_outputs)
+    tagged = 0
+    for node in list(joint.graph.nodes):
+        if node not in forward or not is_attention_candidate(node):
+            continue
+        try:
+            match = find_attention(node, forward)
+        except NoMatch:
+            continue
+        for inner in match.interior:
+            if inner.meta.get("recompute") is None:
+                inner.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+                tagged += 1
+    return tagged

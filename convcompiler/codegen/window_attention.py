@@ -1,0 +1,260 @@
+"""Schedule `window_attention`: one fused kernel for Swin-style window attention.
+
+One program computes BLOCK_M query rows of one (window, head) pair:
+
+    s = scale * q @ k^T  [x logit_scale[h]]  + bias[h] + mask[b mod windows] + general[b, h]
+    out = softmax(s) @ v
+
+q, k and v are read straight from the projection's output through their strides (no
+layout copies); the keys are visited BLOCK_N at a time with an online softmax in fp32, so no
+N x N score tensor ever exists in memory; rows and columns past N (49 is not a power of two)
+are masked. The output is written in the layout the next projection reads: [B, N, H*D]
+("bnc") or [B, H, N, D] ("bhnd"). With `cosine` (SwinV2), q and k rows are L2-normalised
+in the kernel.
+"""
+
+from __future__ import annotations
+
+from ..devices import Device
+from ..schedule import InvalidSchedule, Schedule, schedule_space
+from ..spec import AttentionSpec
+from . import template as T
+
+KERNELS = ("window_attention",)
+LAUNCH_KEYS = ("num_warps", "num_stages")
+
+
+@schedule_space(
+    "window_attention",
+    BLOCK_M=(16, 32, 64, 128),
+    BLOCK_N=(16, 32, 64, 128),
+    num_warps=(2, 4, 8),
+    num_stages=(1, 2, 3),
+)
+def SPACE(spec: AttentionSpec, s: Schedule, device: Device | None) -> None:
+    if spec.head_dim < 16 or spec.head_dim > 256:
+        raise InvalidSchedule(f"head_dim {spec.head_dim} outside 16..256")
+    if device is None:
+        return
+    # Budgets from the static sm_80/sm_90 report: beyond them the score tile, its bias and
+    # mask loads and the accumulator spilled (fp32 key tiles of 64 spilled on sm_80).
+    d = 1 << (spec.head_dim - 1).bit_length()
+    threads = 32 * s["num_warps"]
+    if s["BLOCK_M"] * s["BLOCK_N"] // threads > 16:
+        raise InvalidSchedule("more than 16 score values per thread")
+    if s["BLOCK_M"] * d // threads > 32:
+        raise InvalidSchedule("more than 32 accumulator values per thread")
+    if spec.dtype == "float32" and s["BLOCK_N"] > 32:
+        raise InvalidSchedule("float32 key tiles over 32 spill on sm_80")
+
+
+TEMPLATE = '''${header}
+import torch
+import triton
+import triton.language as tl
+
+TOKENS = ${tokens}
+HEADS = ${heads}
+HEAD_DIM = ${head_dim}
+HEAD_DIM_P2 = ${head_dim_p2}
+DTYPE = torch.${dtype}
+SCALE = ${scale}
+COSINE = ${cosine}
+OUTPUT = ${output}
+PRECISION = ${precision}
+INDEX_LIMIT = 2**31  # tensors this large get 64-bit offsets
+META = ${meta}
+LAUNCH = ${launch}
+
+
+# Row reductions combine with Triton's own sum and max functions: Triton's interpreter
+# recognises them and reduces with NumPy, where a combine function of ours would run
+# element by element in Python (95% of a CPU run of swin_t).
+_add = tl.standard._sum_combine
+_max = tl.standard._elementwise_max
+
+
+@triton.jit
+def _unit_rows(x):
+    # L2-normalise each row (F.normalize, eps 1e-12)
+    norm = tl.sqrt(tl.reduce(x * x, 1, _add))
+    return x / tl.maximum(norm, 1e-12)[:, None]
+
+
+@triton.jit
+def window_attention(
+    # q, k, v: [B, H, N, D] views; o: the output; the additive terms (None when absent)
+    q_ptr, k_ptr, v_ptr, o_ptr, bias_ptr, mask_ptr, general_ptr, ls_ptr,
+    # sizes
+    H, N, NW,
+    # strides: q, k, v, o as (b, h, n, d); bias (h, i, j); mask (w, i, j); general (b, h, i, j)
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+    sbh, sbi, sbj, smw, smi, smj, sgb, sgh, sgi, sgj,
+    # meta-parameters
+    SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr, COSINE: tl.constexpr,
+    PRECISION: tl.constexpr, WIDEN: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # ---- 1. the tile: BLOCK_M query rows of window-batch b, head h ----
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    if INT64:
+        b = b.to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    m_ok = offs_m < N
+    d_ok = offs_d < HEAD_DIM
+    if WIDEN:
+        work = tl.float64
+    else:
+        work = tl.float32
+    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    if WIDEN:
+        q = q.to(tl.float64)
+    if COSINE:
+        q = _unit_rows(q.to(work)).to(q.dtype)
+
+    # ---- 2. keys BLOCK_N at a time, online softmax in fp32 ----
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=work)
+    l_i = tl.full((BLOCK_M,), 0.0, dtype=work)
+    acc = tl.full((BLOCK_M, D), 0.0, dtype=work)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                    mask=kv_mask, other=0.0)
+        if WIDEN:
+            k = k.to(tl.float64)
+        if COSINE:
+            k = _unit_rows(k.to(work)).to(k.dtype)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(work) * SCALE
+        pair = m_ok[:, None] & n_ok[None, :]
+        if ls_ptr is not None:  # per-head logit scale (SwinV2)
+            s = s * tl.load(ls_ptr + h).to(work)
+        if bias_ptr is not None:  # relative position bias[h, i, j]
+            s += tl.load(bias_ptr + h * sbh + offs_m[:, None] * sbi + offs_n[None, :] * sbj,
+                         mask=pair, other=0.0).to(work)
+        if mask_ptr is not None:  # shifted-window mask[b mod NW, i, j]
+            w = b % NW
+            s += tl.load(mask_ptr + w * smw + offs_m[:, None] * smi + offs_n[None, :] * smj,
+                         mask=pair, other=0.0).to(work)
+        if general_ptr is not None:  # any other additive mask[b, h, i, j]
+            s += tl.load(general_ptr + b * sgb + h * sgh + offs_m[:, None] * sgi
+                         + offs_n[None, :] * sgj, mask=pair, other=0.0).to(work)
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, _max))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.reduce(p, 1, _add)
+        v = tl.load(v_ptr + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                    mask=kv_mask, other=0.0)
+        if WIDEN:
+            v = v.to(tl.float64)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(work)
+        m_i = m_new
+
+    # ---- 3. normalise and store in the layout the projection reads ----
+    out = acc / l_i[:, None]
+    o_off = b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod
+    tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+
+def _as_3d(t, name):
+    """A [.., X, N, N] term with leading broadcast dims of size 1 as a 3-D view."""
+    while t.dim() > 3 and t.shape[0] == 1:
+        t = t.squeeze(0)
+    if t.dim() == 4 and t.shape[1] == 1:
+        t = t.squeeze(1)
+    if t.dim() != 3 or t.shape[1:] != (TOKENS, TOKENS):
+        raise ValueError(f"{name} of shape {tuple(t.shape)} is not [X, {TOKENS}, {TOKENS}]")
+    return t
+
+
+def launch(q, k, v, bias=None, mask=None, general=None, logit_scale=None):
+    # ---- 1. check constraints ----
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4 or t.dtype != DTYPE or tuple(t.shape[1:]) != (HEADS, TOKENS, HEAD_DIM):
+            raise ValueError(f"{name} {tuple(t.shape)} {t.dtype}: expected [B, {HEADS}, "
+                             f"{TOKENS}, {HEAD_DIM}] {DTYPE}")
+    B = q.shape[0]
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError("q, k and v disagree on the batch")
+    zero3, zero4 = (0, 0, 0), (0, 0, 0, 0)
+    bias_strides = mask_strides = zero3
+    general_strides = zero4
+    NW = 1
+    if bias is not None:
+        bias = _as_3d(bias, "bias")
+        if bias.shape[0] not in (1, HEADS):
+            raise ValueError(f"bias has {bias.shape[0]} heads, expected {HEADS}")
+        bias_strides = (bias.stride(0) if bias.shape[0] > 1 else 0, *bias.stride()[1:])
+    if mask is not None:
+        mask = _as_3d(mask, "mask")
+        NW = mask.shape[0]
+        if B % NW:
+            raise ValueError(f"batch {B} is not a multiple of the {NW} windows of the mask")
+        mask_strides = mask.stride()
+    if general is not None:
+        if general.dim() != 4 or tuple(general.shape[-2:]) != (TOKENS, TOKENS):
+            raise ValueError(f"attention mask {tuple(general.shape)} is not [B, H, N, N]")
+        general = general.expand(B, HEADS, TOKENS, TOKENS)
+        general_strides = general.stride()
+    if logit_scale is not None:
+        logit_scale = logit_scale.reshape(-1).contiguous()
+        if logit_scale.numel() != HEADS:
+            raise ValueError(f"logit scale has {logit_scale.numel()} values, expected {HEADS}")
+
+    # ---- 2. allocate the output in the layout the projection reads ----
+    if OUTPUT == "bnc":
+        y = torch.empty((B, TOKENS, HEADS * HEAD_DIM), device=q.device, dtype=q.dtype)
+    else:
+        y = torch.empty((B, HEADS, TOKENS, HEAD_DIM), device=q.device, dtype=q.dtype)
+    if y.numel() == 0:
+        return y
+    # Under Triton's interpreter (CPU) the kernel works in fp64, and a bf16 result is stored
+    # in fp32 for torch to round (the interpreter truncates fp32 -> bf16).
+    widen = q.device.type == "cpu"
+    out = torch.empty_like(y, dtype=torch.float32) if widen and y.dtype == torch.bfloat16 else y
+    if OUTPUT == "bnc":  # (b, h, n, d) -> b*N*H*D + n*H*D + h*D + d
+        o_strides = (out.stride(0), HEAD_DIM * out.stride(2), out.stride(1), out.stride(2))
+    else:
+        o_strides = out.stride()
+    int64 = max(t.numel() for t in (q, k, v, out)) >= INDEX_LIMIT
+
+    # ---- 3. launch: (query-row blocks, window-batch x heads) ----
+    grid = lambda meta: (triton.cdiv(TOKENS, meta["BLOCK_M"]), B * HEADS)
+    window_attention[grid](
+        q, k, v, out, bias, mask, general, logit_scale,
+        HEADS, TOKENS, NW,
+        *q.stride(), *k.stride(), *v.stride(), *o_strides,
+        *bias_strides, *mask_strides, *general_strides,
+        SCALE=SCALE, HEAD_DIM=HEAD_DIM, D=HEAD_DIM_P2, COSINE=COSINE, PRECISION=PRECISION,
+        WIDEN=widen, INT64=int64, **META, **LAUNCH)
+    if out is not y:
+        y.copy_(out)
+    return y
+'''
+
+
+def render(spec: AttentionSpec, schedule: Schedule) -> T.KernelSource:
+    params = dict(schedule.params)
+    text = T.render(
+        TEMPLATE,
+        header=T.header(spec, schedule, "fused window multi-head self-attention"),
+        tokens=str(spec.tokens),
+        heads=str(spec.heads),
+        head_dim=str(spec.head_dim),
+        head_dim_p2=str(max(16, 1 << (spec.head_dim - 1).bit_length())),
+        dtype=spec.dtype,
+        scale=repr(float(spec.scale)),
+        cosine=str(spec.cosine),
+        output=repr(spec.output),
+        precision=repr(spec.precision),
+        meta=repr({k: v for k, v in params.items() if k not in LAUNCH_KEYS}),
+        launch=repr({k: v for k, v in params.items() if k in LAUNCH_KEYS}),
+    )
+    return T.KernelSource(f"{spec.geometry()}_{schedule.name}", text, schedule, spec.key(), KERNELS)

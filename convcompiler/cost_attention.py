@@ -1,0 +1,66 @@
+"""The cost model for window attention (see cost.py for the roofline it shares).
+
+ATen runs about nine kernels: layout copies of q, k^T and v, a bmm writing the N x N scores,
+the bias add and the mask add (each reading and writing the scores), the softmax (read and
+write), the second bmm (reading them again) and a transpose copy of the output. The fused
+kernel reads q, k and v once (plus the bias and mask, which stay in L2) and writes the output;
+its scores live in registers, tiled BLOCK_M x BLOCK_N with the rows and keys padded up.
+"""
+
+from __future__ import annotations
+
+from .cost import MEMORY_EFFICIENCY, _cdiv, _max
+from .devices import Device
+from .schedule import Schedule
+from .spec import AttentionSpec
+
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+FUSED_EFFICIENCY = 0.45  # small tiles and an exp per score: well below GEMM efficiency
+ATEN_EFFICIENCY = 0.50
+ATEN_KERNELS = 9
+
+
+def math_kind(spec: AttentionSpec) -> str:
+    if spec.dtype == "float32":
+        return "tf32" if spec.precision == "tf32" else "fp32"
+    return {"float16": "fp16", "bfloat16": "bf16"}[spec.dtype]
+
+
+def attention_time(spec: AttentionSpec, schedule: Schedule, device: Device, symbolic: bool):
+    """(seconds, compute, memory, launch, useful flops, padded flops, bytes, workspace, ctas)."""
+    b = spec.batch if symbolic else spec.hint(spec.batch)
+    h, n, d, e = spec.heads, spec.tokens, spec.head_dim, ITEMSIZE[spec.dtype]
+    flops = 4 * b * h * n * n * d
+    qkvo = 4 * b * h * n * d * e
+    peak = device.peak(math_kind(spec))
+    if schedule.name == "aten":
+        scores = b * h * n * n * e
+        passes = 1 + 2 * (spec.bias + spec.mask + spec.general) + 2 + 1  # bmm, adds, softmax, bmm
+        traffic = 2 * qkvo + passes * scores  # q, k, v and the output each copied once more
+        padded, launches, ctas, eff = flops, ATEN_KERNELS, 1, ATEN_EFFICIENCY
+    else:
+        bm, bn = schedule["BLOCK_M"], schedule["BLOCK_N"]
+        dp = max(16, 1 << (d - 1).bit_length())
+        rows, keys = _cdiv(n, bm) * bm, _cdiv(n, bn) * bn
+        padded = 4 * b * h * rows * keys * dp
+        terms = (spec.bias * h + spec.mask * spec.windows) * n * n * 4
+        traffic = qkvo + terms
+        ctas = _cdiv(n, bm) * b * h
+        launches, eff = 1, FUSED_EFFICIENCY
+        slots = device.sms * (2 if schedule["num_warps"] <= 4 else 1)
+        padded = padded * (_cdiv(ctas, slots) * slots) / ctas
+    compute = padded / (peak * eff)
+    memory = traffic / (device.bandwidth * MEMORY_EFFICIENCY)
+    launch = launches * device.launch_us * 1e-6
+    return _max(compute, memory) + launch, compute, memory, launch, flops, padded, traffic, 0, ctas
+
+
+def attention_steps(spec: AttentionSpec, schedule: Schedule) -> int:
+    """Programs x key blocks: what Triton's interpreter pays for."""
+    b = spec.hint(spec.batch)
+    return (
+        _cdiv(spec.tokens, schedule["BLOCK_M"])
+        * b
+        * spec.heads
+        * _cdiv(spec.tokens, schedule["BLOCK_N"])
+    )

@@ -1,0 +1,129 @@
+"""Post-grad pass: window multi-head self-attention becomes one region.
+
+Rule:  softmax(scale * q @ k^T + bias[h] + mask[b mod nW]) @ v  =>  window_attention(q, k, v, ...)
+
+Every `_softmax` (and SDPA call) is tried with attention_pattern.find_attention. A softmax
+whose scores do not come from a matmul is not attention and is left alone silently; an
+attention-like one that does not fit is recorded as a fallback with the reason. In a
+training forward graph the attention's intermediates are recomputed in backward (see
+recompute.py), so they are private to the region here too; the backward graph's recomputed
+softmax feeds _softmax_backward_data and is left to ATen without a region.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from ..counters import counters
+from ..spec import DTYPES, AttentionSpec
+from .attention_pattern import SDPA, AttentionMatch, NoMatch, _reaches, find_attention
+from .context import PassContext, Region
+from .meta import as_size, fake_value, size_hints
+
+RULE = "softmax(scale * q @ k^T + bias[h] + mask[b mod nW]) @ v => window_attention(q, k, v, ...)"
+aten = torch.ops.aten
+
+
+def is_attention_candidate(node: torch.fx.Node) -> bool:
+    """A softmax over matmul scores, or an SDPA call."""
+    if node.op != "call_function":
+        return False
+    if node.target in SDPA:
+        return True
+    return node.target is aten._softmax.default and _reaches(node.args[0], {aten.bmm.default})
+
+
+def _matmul_precision(dtype: torch.dtype) -> str:
+    if dtype != torch.float32:
+        return "ieee"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def attention_fallback_reason(m: AttentionMatch, private: bool) -> str | None:
+    q = fake_value(m.q)
+    dtype = str(q.dtype).removeprefix("torch.")
+    if dtype not in DTYPES:
+        return f"dtype {dtype} is not supported"
+    if q.device.type not in ("cpu", "cuda"):
+        return f"device {q.device.type!r} is not supported"
+    _, heads, n, d = q.shape
+    if not all(isinstance(s, int) for s in (heads, n, d)):
+        return "heads, tokens and head_dim must be static"
+    if not 16 <= d <= 256:
+        return f"head_dim {d} outside 16..256"
+    for t in (m.k, m.v):
+        if fake_value(t).dtype != q.dtype:
+            return "q, k and v dtypes differ"
+    if private:
+        inside = set(m.interior) | {m.final}
+        for node in m.interior:
+            if any(user not in inside for user in node.users):
+                return f"{node.name}, inside the attention, is also used outside it"
+    return None
+
+
+def attention_spec(m: AttentionMatch) -> AttentionSpec:
+    q = fake_value(m.q)
+    b, heads, n, d = q.shape
+    return AttentionSpec(
+        batch=as_size(b),
+        heads=int(heads),
+        tokens=int(n),
+        head_dim=int(d),
+        dtype=str(q.dtype).removeprefix("torch."),
+        scale=float(m.scale),
+        cosine=m.cosine,
+        logit_scale=m.logit_scale is not None,
+        bias=m.bias is not None,
+        mask=m.mask is not None,
+        windows=int(m.windows),
+        general=m.general is not None,
+        output=m.output,
+        device=q.device.type,
+        precision=_matmul_precision(q.dtype),
+        hints=size_hints(q),
+    )
+
+
+def match_window_attention(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:
+    if ctx.stage == "backward":
+        return gm  # the backward recomputes the attention in ATen (see recompute.py)
+    for node in list(gm.graph.nodes):
+        if not is_attention_candidate(node):
+            continue
+        try:
+            m = find_attention(node)
+        except NoMatch as err:
+            reason, m = f"not window attention: {err}", None
+        else:
+            reason = attention_fallback_reason(m, private=True)
+        spec = attention_spec(m) if m is not None and reason is None else None
+        roles = ()
+        if m is not None:
+            operands = (
+                ("q", m.q),
+                ("k", m.k),
+                ("v", m.v),
+                ("bias", m.bias),
+                ("mask", m.mask),
+                ("general", m.general),
+                ("logit_scale", m.logit_scale),
+            )
+            roles = tuple((role, n.name) for role, n in operands if n is not None)
+            roles += (("final", m.final.name),)
+        ctx.regions.append(
+            Region(
+                name=ctx.new_region_name("window_attention"),
+                kind="window_attention",
+                rule=RULE,
+                stage=ctx.stage,
+                nodes=tuple(n.name for n in (m.interior + [m.final])) if m else (node.name,),
+                summary=spec.describe() if spec else str(tuple(fake_value(node).shape)),
+                spec=spec,
+                fallback_reason=reason,
+                roles=roles,
+            )
+        )
+        counters["match.window_attention" if reason is None else "fallback.window_attention"] += 1
+    return gm

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import re
+from collections import Counter
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -12,6 +15,13 @@ import convcompiler
 
 # Relative tolerances, max|y - ref| / max|ref|, against a float64 reference.
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def lowered_ops(dump_root: Path, stage: str = "inference") -> Counter:
+    """aten ops left in the lowered graph of the one compile dumped under `dump_root`."""
+    (compile_dir,) = list(dump_root.iterdir())
+    (lowered,) = (compile_dir / stage).glob("*_lowered.py")
+    return Counter(re.findall(r"torch\.ops\.aten\.([a-z_0-9]+)", lowered.read_text()))
 
 
 def kernel_launches() -> int:

@@ -1,0 +1,295 @@
+"""Window attention: the fused kernel's numerics (through Triton's interpreter, against a
+float64 eager formula), the matcher on each implementation's layout, the mask built once,
+and training through the fused forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from attention_modules import (
+    HFWindowAttention,
+    MicrosoftWindowAttention,
+    shift_mask,
+)
+from helpers import TOL, assert_close, float64_copy, lowered_ops, rel_error
+
+import convcompiler
+from convcompiler.codegen import SPACES
+from convcompiler.kernels import attention_kernel, attention_spec_of
+
+
+def eager_attention(q, k, v, bias=None, mask=None, scale=None):
+    """softmax(scale q k^T + bias[h] + mask[b mod nW]) v in float64."""
+    q, k, v = q.double(), k.double(), v.double()
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = scale * q @ k.transpose(-2, -1)
+    if bias is not None:
+        s = s + bias.double()
+    if mask is not None:
+        b, h, n, _ = s.shape
+        nw = mask.shape[0]
+        s = (s.view(b // nw, nw, h, n, n) + mask.double()[None, :, None]).view(b, h, n, n)
+    return s.softmax(-1) @ v
+
+
+def qkv_views(b: int, heads: int, n: int, d: int, dtype: torch.dtype):
+    """q, k, v as strided views of one [B, N, 3, H, D] projection output, as Swin has them."""
+    qkv = torch.randn(b, n, 3, heads, d).to(dtype).permute(2, 0, 3, 1, 4)
+    return qkv[0], qkv[1], qkv[2]
+
+
+def window_side(n: int) -> int:
+    return int(round(n**0.5))
+
+
+KERNEL_CASES = [
+    # (windows x images, heads, N, head_dim, mask, dtype)
+    (8, 3, 49, 32, True, torch.float32),
+    (2, 2, 49, 16, False, torch.float32),
+    (4, 2, 64, 64, True, torch.float32),
+    (1, 2, 64, 16, False, torch.float32),
+    (4, 1, 144, 32, True, torch.float32),
+    (1, 2, 144, 64, False, torch.float32),
+    (4, 2, 49, 32, True, torch.float16),
+    (2, 2, 64, 64, False, torch.float16),
+    (4, 2, 49, 16, True, torch.bfloat16),
+    (4, 1, 144, 64, True, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("b,heads,n,d,masked,dtype", KERNEL_CASES)
+def test_fused_kernel_matches_float64(b, heads, n, d, masked, dtype):
+    torch.manual_seed(n + d)
+    q, k, v = qkv_views(b, heads, n, d, dtype)
+    bias = torch.randn(heads, n, n).to(dtype)
+    side = window_side(n)
+    mask = shift_mask(2 * side, 2 * side, side, side // 2).to(dtype) if masked else None
+    call = attention_kernel(q, k, v, bias, mask, output="bnc")
+    before = convcompiler.counters["launch.window_attention"]
+    y = call(q, k, v, bias, mask)
+    assert convcompiler.counters["launch.window_attention"] == before + 1
+    ref = eager_attention(q, k, v, bias, mask).transpose(1, 2).reshape(b, n, heads * d)
+    assert y.dtype == dtype
+    assert_close(y, ref, dtype)
+
+
+def test_random_tiles_match_float64():
+    """Tiles other than the interpreter's choice: partial row and key blocks of N = 49."""
+    torch.manual_seed(1)
+    q, k, v = qkv_views(4, 2, 49, 32, torch.float32)
+    bias, mask = torch.randn(2, 49, 49), shift_mask(14, 14, 7, 3)
+    spec = attention_spec_of(q, k, v, bias, mask)
+    ref = eager_attention(q, k, v, bias, mask)
+    for block_m, block_n in ((16, 16), (64, 32), (32, 64)):
+        schedule = SPACES["window_attention"].make(
+            spec, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2
+        )
+        y = attention_kernel(q, k, v, bias, mask, schedule=schedule)(q, k, v, bias, mask)
+        assert_close(y, ref, torch.float32, f"BLOCK_M={block_m} BLOCK_N={block_n}")
+
+
+def test_spec_reads_bias_mask_and_layout():
+    q, k, v = qkv_views(4, 3, 49, 32, torch.float32)
+    spec = attention_spec_of(
+        q, k, v, torch.randn(3, 49, 49), shift_mask(14, 14, 7, 3), output="bnc"
+    )
+    assert (spec.tokens, spec.heads, spec.head_dim, spec.windows) == (49, 3, 32, 4)
+    assert spec.bias and spec.mask and not spec.cosine and spec.output == "bnc"
+    assert spec.scale == pytest.approx(32**-0.5)
+
+
+def check_attention_module(module, inputs, *, regions: int, dtype=torch.float32, mask=None):
+    """Compiled == float64 eager, with `regions` fused window-attention regions launched."""
+    reference = float64_copy(module)
+    with torch.no_grad():
+        ref = reference(
+            *[x.double() for x in inputs], *([mask.double()] if mask is not None else [])
+        )
+    convcompiler.counters.reset()
+    compiled = torch.compile(module, backend="im2win")
+    with torch.no_grad():
+        y = compiled(*inputs, *([mask] if mask is not None else []))
+    assert_close(y, ref, dtype)
+    report = convcompiler.last_report()
+    attention = [r for r in report.regions if r.kind == "window_attention"]
+    assert len(attention) == regions, str(report)
+    for region in attention:
+        assert region.fallback_reason is None, str(report)
+        assert region.schedule == "window_attention", str(report)
+    assert convcompiler.counters["launch.window_attention"] == regions, convcompiler.counters
+    return report
+
+
+@pytest.mark.parametrize("style", [MicrosoftWindowAttention, HFWindowAttention])
+@pytest.mark.parametrize("masked", [False, True])
+def test_reference_layouts_fuse(style, masked):
+    torch.manual_seed(2)
+    window, dim, heads = 7, 48, 3
+    module = style(dim, window, heads).eval()
+    mask = shift_mask(14, 14, window, 3) if masked else None
+    x = torch.randn(2 * 4, window * window, dim)
+    report = check_attention_module(module, (x,), regions=1, mask=mask)
+    region = next(r for r in report.regions if r.kind == "window_attention")
+    assert "N=49 heads=3 head_dim=16" in region.spec and "bias=[heads,N,N]" in region.spec
+    assert ("mask=[4,N,N] per window" in region.spec) == masked, region.spec
+    assert "out=bnc" in region.spec, "the output should be written in the projection's layout"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reference_layout_half_precision(dtype):
+    torch.manual_seed(3)
+    module = MicrosoftWindowAttention(32, 8, 2).eval()
+    x = torch.randn(4, 64, 32)
+    ref = float64_copy(module)(x.double(), shift_mask(16, 16, 8, 4).double())
+    compiled = torch.compile(module.to(dtype), backend="im2win")
+    with torch.no_grad():
+        y = compiled(x.to(dtype), shift_mask(16, 16, 8, 4).to(dtype))
+    # the projections run ATen in `dtype`; the tolerance is the dtype's
+    assert rel_error(y, ref) <= TOL[dtype]
+    assert convcompiler.counters["launch.window_attention"] == 1
+
+
+# ---- the implementations as the models ship them ----------------------------------------------
+def _tv_attention(version: int, dim: int = 32, heads: int = 2, shift: int = 3):
+    from torchvision.models import swin_transformer as tv
+
+    layer = tv.ShiftedWindowAttention if version == 1 else tv.ShiftedWindowAttentionV2
+    module = layer(dim, [7, 7], [shift, shift], heads).eval()
+    if version == 2:  # a non-trivial per-head logit scale, some clamped at log(100)
+        with torch.no_grad():
+            module.logit_scale.copy_(torch.tensor([0.5, 5.0]).log().view(-1, 1, 1) + 2.0)
+    return module
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_torchvision_shifted_window_attention_pads_and_masks(version, tmp_path):
+    """torchvision pads before the roll: a 10 x 11 map (not a multiple of 7) becomes 14 x 14,
+    four windows, and the padding tokens take part exactly as in eager."""
+    torch.manual_seed(4)
+    module = _tv_attention(version)
+    x = torch.randn(2, 10, 11, 32)
+    ref = float64_copy(module)(x.double())
+    compiled = torch.compile(module, backend="im2win", options={"debug_dir": str(tmp_path)})
+    with torch.no_grad():
+        y = compiled(x)
+        built = convcompiler.counters["shape_constant.built"]
+        for _ in range(2):
+            y_again = compiled(x)
+    assert_close(y, ref, torch.float32)
+    assert torch.equal(y, y_again)
+    (region,) = [r for r in convcompiler.last_report().regions if r.kind == "window_attention"]
+    assert region.fallback_reason is None and region.schedule == "window_attention"
+    assert "mask=[4,N,N] per window" in region.spec and "N=49 heads=2 head_dim=16" in region.spec
+    assert ("cosine+logit_scale" in region.spec) == (version == 2), region.spec
+    assert convcompiler.counters["launch.window_attention"] == 3
+    # the shift mask was built on the first call only; no mask construction is left per call
+    assert built >= 1 and convcompiler.counters["shape_constant.built"] == built
+    ops = lowered_ops(tmp_path)
+    for op in ("new_zeros", "masked_fill", "fill", "_softmax", "bmm"):
+        assert ops[op] == 0, ops
+    # v2 zeroes the k third of the qkv bias (a parameter: that stays); the mask's nine
+    # slice fills are gone
+    assert ops["slice_scatter"] == version - 1, ops
+
+
+def test_last_stage_has_no_shift_and_no_mask():
+    torch.manual_seed(5)
+    module = _tv_attention(1, shift=0)
+    report = check_attention_module(module, (torch.randn(1, 7, 7, 32),), regions=1)
+    assert "mask=none" in report.regions[-1].spec
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["matmul", "sdpa"])
+def test_timm_block_rolls_then_pads(fused):
+    """timm rolls, then pads; with fused_attn (TIMM_FUSED_ATTN=2) the bias and mask reach
+    SDPA as one attn_mask, which the matcher splits back into bias[h] and mask[b mod nW]."""
+    timm_swin = pytest.importorskip("timm.models.swin_transformer")
+    torch.manual_seed(6)
+    block = timm_swin.SwinTransformerBlock(32, (10, 10), num_heads=2, window_size=7, shift_size=3)
+    block.attn.fused_attn = fused
+    report = check_attention_module(block.eval(), (torch.randn(2, 10, 10, 32),), regions=1)
+    region = next(r for r in report.regions if r.kind == "window_attention")
+    assert "bias=[heads,N,N] mask=[4,N,N] per window" in region.spec, region.spec
+
+
+# ---- training: fused forward, ATen recompute in backward --------------------------------------
+@pytest.mark.parametrize("version", [1, 2])
+def test_training_small_swin_gradients(version):
+    from torchvision.models import swin_transformer as tv
+
+    torch.manual_seed(7)
+    extra = (
+        {}
+        if version == 1
+        else dict(block=tv.SwinTransformerBlockV2, downsample_layer=tv.PatchMergingV2)
+    )
+    model = tv.SwinTransformer(
+        patch_size=[4, 4],
+        embed_dim=32,
+        depths=[2, 2],
+        num_heads=[2, 2],
+        window_size=[4, 4],
+        stochastic_depth_prob=0.0,
+        num_classes=10,
+        **extra,
+    )
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    reference = float64_copy(model)
+    x_ref = x.detach().double().requires_grad_()
+    reference(x_ref).square().sum().backward()
+    y = torch.compile(model, backend="im2win")(x)
+    y.square().sum().backward()
+    forward = [
+        r
+        for r in convcompiler.last_report().regions
+        if r.kind == "window_attention" and r.stage == "forward"
+    ]
+    assert len(forward) == 4 and all(r.fallback_reason is None for r in forward)
+    assert convcompiler.counters["launch.window_attention"] == 4
+    assert rel_error(x.grad, x_ref.grad) <= 1e-3
+    names = []
+    for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):
+        assert rel_error(p.grad, p_ref.grad) <= 1e-3, name
+        names.append(name)
+    wanted = ("qkv.weight", "relative_position_bias_table" if version == 1 else "cpb_mlp")
+    assert all(any(w in n for n in names) for w in wanted)
+    assert version == 1 or any("logit_scale" in n for n in names)
+
+
+# ---- whole models at 224 x 224 ------------------------------------------------------------------
+def _swin(name: str) -> torch.nn.Module:
+    if name.startswith("timm"):
+        timm = pytest.importorskip("timm")
+        # TIMM_FUSED_ATTN=2, as the environment variable sets it at import
+        timm.layers.set_fused_attn(True, experimental=name == "timm-sdpa")
+        try:
+            model = timm.create_model("swin_tiny_patch4_window7_224")
+        finally:
+            timm.layers.set_fused_attn(False)
+        assert model.layers[0].blocks[0].attn.fused_attn == (name == "timm-sdpa")
+        return model
+    import torchvision
+
+    return getattr(torchvision.models, name)()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["swin_t", "swin_v2_t", "timm", "timm-sdpa"])
+def test_swin_models_run_every_attention_fused(name):
+    torch.manual_seed(8)
+    model = _swin(name).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        ref = float64_copy(model)(x.double())
+        y = torch.compile(model, backend="im2win")(x)
+    assert_close(y, ref, torch.float32)
+    report = convcompiler.last_report()
+    attention = [r for r in report.regions if r.kind == "window_attention"]
+    assert len(attention) == 12, str(report)
+    assert all(r.fallback_reason is None and r.schedule == "window_attention" for r in attention)
+    assert not report.fallbacks(), str(report)
+    assert convcompiler.counters["launch.window_attention"] == 12
+    n = 64 if name == "swin_v2_t" else 49
+    assert all(f"N={n} " in r.spec and "head_dim=32" in r.spec for r in attention)
+    assert sum("per window" in r.spec for r in attention) == 5  # shifted blocks, stages 1-3
+    assert sum("cosine+logit_scale" in r.spec for r in attention) == 12 * (name == "swin_v2_t")

@@ -141,6 +141,21 @@ def test_bench_im2win_layers_on_cpu_makes_no_speed_claim(capsys, tmp_path) -> No
         assert 0 < row["band_bytes"] < row["im2col_bytes"]
 
 
+def test_bench_window_attention_prints_bytes_from_shapes(capsys, tmp_path) -> None:
+    out_json = tmp_path / "attention.json"
+    assert bench_main(["window-attention", "--batch", "2", "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert "no speed is measured or claimed" in out and "computed from shapes" in out
+    rows = json.loads(out_json.read_text())
+    assert [r["stage"] for r in rows] == ["stage1", "stage2", "stage3", "stage4"]
+    for row in rows:
+        # q, k, v, out: 4 x B*nW*H*N*D*4 bytes; the scores alone are B*nW*H*N*N*4
+        assert row["aten_materialised_bytes"] > 2 * row["fused_bytes"]
+        assert "_softmax.default" in row["aten_ops"] and "bmm.default" in row["aten_ops"]
+    # stage 1 at batch 2: 128 windows x 3 heads x 49 x 32 floats for each of q, k, v, out
+    assert rows[0]["fused_bytes"] == 4 * 128 * 3 * 49 * 32 * 4 + 3 * 49 * 49 * 4 + 64 * 49 * 49 * 4
+
+
 @pytest.mark.slow
 def test_console_script_and_module_entry(tmp_path) -> None:
     env = dict(os.environ, CONVCOMPILER_CACHE_DIR=str(tmp_path))

@@ -7,9 +7,14 @@ import contextlib
 import io
 import sys
 
-from . import compile_cache, layers, networks, transfer
+from . import compile_cache, layers, networks, transfer, window_attention
 
-SUITES = {"compile-cache": compile_cache, "im2win-layers": layers, "transfer-learning": transfer}
+SUITES = {
+    "compile-cache": compile_cache,
+    "im2win-layers": layers,
+    "transfer-learning": transfer,
+    "window-attention": window_attention,
+}
 SUITES.update({name: networks for name in networks.SUITES})
 
 

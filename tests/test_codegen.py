@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from convcompiler.aot import static_report
-from convcompiler.codegen import SPACES
+from convcompiler.codegen import SPACES, render_region
 from convcompiler.devices import DEVICES
-from convcompiler.kernels import conv_source, conv_spec_of
+from convcompiler.kernels import attention_spec_of, conv_source, conv_spec_of
 from convcompiler.spec import Activation, Epilogue
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
@@ -37,6 +37,24 @@ def gpu_spec(x_shape, w_shape, stride, padding, dilation, groups, dtype, channel
 def fixed(spec, name, **params):
     params = {"GROUP_M": 8, "num_stages": 3, **params}
     return spec, SPACES[name].make(spec, device=DEVICES["h100"], **params)
+
+
+def swin_stage1_attention(dtype):
+    """Swin-T stage 1, batch 8: 512 windows x 3 heads, N = 49, head_dim 32, shifted."""
+    q = torch.empty(512, 3, 49, 32, dtype=dtype)
+    spec = attention_spec_of(
+        q,
+        q,
+        q,
+        torch.empty(3, 49, 49, dtype=dtype),
+        torch.empty(64, 49, 49, dtype=dtype),
+        output="bnc",
+    )
+    spec = dataclasses.replace(spec, device="cuda")
+    schedule = SPACES["window_attention"].make(
+        spec, device=DEVICES["h100"], BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=2
+    )
+    return spec, schedule
 
 
 GEMM = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8)
@@ -88,13 +106,14 @@ FIXED = {
         M_TILES="image",
         **GEMM,
     ),
+    "swin_window_attention_fp16_mask": swin_stage1_attention(torch.float16),
 }
 
 
 @pytest.mark.parametrize("name", sorted(FIXED))
 def test_source_snapshot(name: str) -> None:
     spec, schedule = FIXED[name]
-    text = conv_source(spec, schedule).text
+    text = render_region(spec, schedule).text
     path = SNAPSHOTS / f"{name}.py.txt"
     if os.environ.get("CONVCOMPILER_UPDATE_SNAPSHOTS"):
         path.parent.mkdir(exist_ok=True)
@@ -118,7 +137,7 @@ def test_rendered_source_is_readable_and_self_describing() -> None:
 def test_static_report_no_spills_and_tensor_cores(name: str) -> None:
     """Compile for sm_90 and sm_80 without a GPU: no spills, shared memory fits, mma/wgmma."""
     spec, schedule = FIXED[name]
-    stats = static_report(conv_source(spec, schedule), spec, ("sm_90", "sm_80"))
+    stats = static_report(render_region(spec, schedule), spec, ("sm_90", "sm_80"))
     assert stats
     for st in stats:
         assert st.ok, (st, st.problems())

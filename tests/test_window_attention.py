@@ -299,3 +299,20 @@ def test_swin_models_run_every_attention_fused(name, tmp_path):
         assert convcompiler.counters["shape_constant.built"] == 5
         ops = lowered_ops(tmp_path)
         assert ops["new_zeros"] == ops["masked_fill"] == ops["_softmax"] == 0, ops
+
+
+def test_minus_inf_mask_blocks_fully_masked_key_blocks():
+    """A 0/-inf mask (some implementations use -inf, not -100) that hides a whole key block
+    from some rows: the online softmax must not turn -inf - -inf into NaN."""
+    torch.manual_seed(9)
+    q, k, v = qkv_views(4, 2, 49, 16, torch.float32)
+    bias = torch.randn(2, 49, 49)
+    mask = torch.zeros(4, 49, 49)
+    mask[:, :20, :16] = float("-inf")  # rows 0-19 never see keys 0-15 (the first key block)
+    mask[1, 30:, 40:] = float("-inf")  # and a partial last block
+    schedule = SPACES["window_attention"].make(
+        attention_spec_of(q, k, v, bias, mask), BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2
+    )
+    y = attention_kernel(q, k, v, bias, mask, schedule=schedule)(q, k, v, bias, mask)
+    assert not y.isnan().any()
+    assert_close(y, eager_attention(q, k, v, bias, mask), torch.float32)

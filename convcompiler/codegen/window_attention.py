@@ -147,8 +147,11 @@ def window_attention(
                          + offs_n[None, :] * sgj, mask=pair, other=0.0).to(work)
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.reduce(s, 1, _max))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
+        # a row whose keys so far are all masked with -inf has m_new = -inf: shift by 0
+        # instead, so exp gives 0 rather than exp(-inf - -inf) = NaN
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_shift[:, None])
+        alpha = tl.exp(m_i - m_shift)
         l_i = l_i * alpha + tl.reduce(p, 1, _add)
         v = tl.load(v_ptr + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
                     mask=kv_mask, other=0.0)

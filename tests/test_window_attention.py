@@ -316,3 +316,20 @@ def test_minus_inf_mask_blocks_fully_masked_key_blocks():
     y = attention_kernel(q, k, v, bias, mask, schedule=schedule)(q, k, v, bias, mask)
     assert not y.isnan().any()
     assert_close(y, eager_attention(q, k, v, bias, mask), torch.float32)
+
+
+def test_dynamic_batch_falls_back_with_a_reason():
+    """Dynamo reads the window batch as a symbolic size from inside the attention; until
+    that is rewired, the region runs ATen (correctly) and says why."""
+    torch.manual_seed(10)
+    module = MicrosoftWindowAttention(32, 7, 2).eval()
+    mask = shift_mask(14, 14, 7, 3)
+    compiled = torch.compile(module, backend="im2win")
+    reference = float64_copy(module)
+    for b in (4, 8):
+        x = torch.randn(b, 49, 32)
+        torch._dynamo.mark_dynamic(x, 0)
+        with torch.no_grad():
+            assert_close(compiled(x, mask), reference(x.double(), mask.double()), torch.float32)
+    (region,) = [r for r in convcompiler.last_report().regions if r.kind == "window_attention"]
+    assert "dynamic shapes" in region.fallback_reason

@@ -58,7 +58,13 @@ def attention_fallback_reason(m: AttentionMatch, private: bool) -> str | None:
     if private:
         inside = set(m.interior) | {m.final}
         for node in m.interior:
-            if any(user not in inside for user in node.users):
+            outside = [user for user in node.users if user not in inside]
+            if any(user.target is aten.sym_size.int for user in outside):
+                return (
+                    f"a symbolic size of {node.name}, inside the attention, is read outside it "
+                    "(dynamic shapes: not supported yet)"
+                )
+            if outside:
                 return f"{node.name}, inside the attention, is also used outside it"
     return None
 

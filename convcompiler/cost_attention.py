@@ -26,6 +26,14 @@ def math_kind(spec: AttentionSpec) -> str:
     return {"float16": "fp16", "bfloat16": "bf16"}[spec.dtype]
 
 
+def fused_bytes(spec: AttentionSpec, batch) -> int:
+    """What the fused kernel reads and writes: q, k, v and the output once, the bias and the
+    mask once (their re-reads by other programs hit L2)."""
+    h, n, e = spec.heads, spec.tokens, ITEMSIZE[spec.dtype]
+    terms = (spec.bias * h + spec.mask * spec.windows) * n * n * e
+    return 4 * batch * h * n * spec.head_dim * e + terms
+
+
 def attention_time(spec: AttentionSpec, schedule: Schedule, device: Device, symbolic: bool):
     """(seconds, compute, memory, launch, useful flops, padded flops, bytes, workspace, ctas)."""
     b = spec.batch if symbolic else spec.hint(spec.batch)
@@ -43,8 +51,7 @@ def attention_time(spec: AttentionSpec, schedule: Schedule, device: Device, symb
         dp = max(16, 1 << (d - 1).bit_length())
         rows, keys = _cdiv(n, bm) * bm, _cdiv(n, bn) * bn
         padded = 4 * b * h * rows * keys * dp
-        terms = (spec.bias * h + spec.mask * spec.windows) * n * n * 4
-        traffic = qkvo + terms
+        traffic = fused_bytes(spec, b)
         ctas = _cdiv(n, bm) * b * h
         launches, eff = 1, FUSED_EFFICIENCY
         slots = device.sms * (2 if schedule["num_warps"] <= 4 else 1)

@@ -32,7 +32,7 @@ from .passes.match_attention import (
 from .passes.match_conv import conv_fallback_reason, conv_spec
 from .runtime import KernelCall, load_source
 from .schedule import Schedule
-from .select import Choice, SelectionContext, select_conv_schedule, select_schedule
+from .select import Choice, SelectionContext, select_schedule
 from .spec import AttentionSpec, ConvSpec, Epilogue
 
 _CONV = {1: F.conv1d, 2: F.conv2d}
@@ -67,11 +67,11 @@ def conv_spec_of(
     return dataclasses.replace(conv_spec(node), epilogue=epilogue)
 
 
-def choose(spec: ConvSpec, config: Config | None = None) -> Choice:
+def choose(spec: ConvSpec | AttentionSpec, config: Config | None = None) -> Choice:
     """The backend's choice for `spec` (no tuning cache), with its candidates and reasons."""
     config = config or Config(cache=False)
     device, reason = device_for(config.target, spec.device)
-    return select_conv_schedule(spec, SelectionContext(config, device, reason))
+    return select_schedule(spec, SelectionContext(config, device, reason))
 
 
 def conv_source(
@@ -102,9 +102,13 @@ def conv_kernel(
     launcher: call(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, residual)."""
     config = config or Config(cache=False)
     spec = conv_spec_of(x, weight, bias, stride, padding, dilation, groups, epilogue)
-    source = conv_source(spec, schedule, config)
+    return _kernel_call("conv", spec, conv_source(spec, schedule, config), config)
+
+
+def _kernel_call(kind: str, spec, source: KernelSource, config: Config) -> KernelCall:
+    """Write and load `source` (hash-checked; interpreted for CPU specs) as a KernelCall."""
     module, path = load_source(source, config.kernel_path, interpret=spec.device == "cpu")
-    return KernelCall("conv", spec.geometry(), getattr(module, source.entry), path)
+    return KernelCall(kind, spec.geometry(), getattr(module, source.entry), path)
 
 
 def attention_spec_of(
@@ -161,8 +165,5 @@ def attention_kernel(
     config = config or Config(cache=False)
     spec = attention_spec_of(q, k, v, bias, mask, scale=scale, output=output)
     if schedule is None:
-        device, reason = device_for(config.target, spec.device)
-        schedule = select_schedule(spec, SelectionContext(config, device, reason)).schedule
-    source = render_region(spec, schedule)
-    module, path = load_source(source, config.kernel_path, interpret=spec.device == "cpu")
-    return KernelCall("window_attention", spec.geometry(), getattr(module, source.entry), path)
+        schedule = choose(spec, config).schedule
+    return _kernel_call("window_attention", spec, render_region(spec, schedule), config)

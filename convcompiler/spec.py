@@ -74,8 +74,24 @@ class Epilogue:
         return "+".join(parts)
 
 
+class SizeHints:
+    """Concrete values for the symbolic sizes of a spec, from its `hints` field
+    ((symbol name, value) pairs)."""
+
+    @property
+    def is_dynamic(self) -> bool:
+        return bool(self.hints)
+
+    def hint(self, size: Size) -> int:
+        """A concrete value for a (possibly symbolic) size, from the recorded hints."""
+        if isinstance(size, int):
+            return size
+        known = dict(self.hints)
+        return int(size.xreplace({s: known[s.name] for s in size.free_symbols}))
+
+
 @dataclass(frozen=True)
-class ConvSpec:
+class ConvSpec(SizeHints):
     """One `aten.convolution` (1-D or 2-D, not transposed), in 2-D form.
 
     A 1-D conv is described as a 2-D conv with H = 1 and a 1-row kernel, exactly how the
@@ -120,17 +136,6 @@ class ConvSpec:
     @property
     def is_depthwise(self) -> bool:
         return self.groups > 1 and self.in_channels_per_group == 1
-
-    @property
-    def is_dynamic(self) -> bool:
-        return bool(self.hints)
-
-    def hint(self, size: Size) -> int:
-        """A concrete value for a (possibly symbolic) size, from the recorded hints."""
-        if isinstance(size, int):
-            return size
-        known = dict(self.hints)
-        return int(size.xreplace({s: known[s.name] for s in size.free_symbols}))
 
     @property
     def output_pixels(self) -> Size:
@@ -186,7 +191,7 @@ class ConvSpec:
 
 
 @dataclass(frozen=True)
-class AttentionSpec:
+class AttentionSpec(SizeHints):
     """One window multi-head self-attention, canonicalised:
 
         out[b, h] = softmax(scale * q[b, h] @ k[b, h]^T  (x logit_scale[h])
@@ -212,16 +217,6 @@ class AttentionSpec:
     device: str
     precision: str  # how a float32 tl.dot runs on a GPU (torch's matmul precision)
     hints: tuple[tuple[str, int], ...] = ()
-
-    @property
-    def is_dynamic(self) -> bool:
-        return bool(self.hints)
-
-    def hint(self, size: Size) -> int:
-        if isinstance(size, int):
-            return size
-        known = dict(self.hints)
-        return int(size.xreplace({s: known[s.name] for s in size.free_symbols}))
 
     def terms(self) -> str:
         parts = (["cosine"] if self.cosine else []) + (["bias"] if self.bias else [])

@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from ..cost_attention import fused_bytes
 from ..passes.attention_pattern import find_attention
 from ..passes.match_attention import attention_spec, is_attention_candidate
-from .common import ITEMSIZE, mib, time_gpu
+from .common import mib, time_gpu
 
 VIEWS = {
     "view",
@@ -83,9 +84,7 @@ def stage_bytes(stage: Stage, batch: int, dtype: torch.dtype) -> dict:
         if n.op == "call_function" and n.target.__name__.split(".")[0] not in VIEWS
     ]
     aten = sum(n.meta["val"].numel() * n.meta["val"].element_size() for n in ops)
-    e = ITEMSIZE[spec.dtype]
-    b, h, n, d = spec.batch, spec.heads, spec.tokens, spec.head_dim
-    fused = 4 * b * h * n * d * e + h * n * n * e + spec.mask * spec.windows * n * n * e
+    fused = fused_bytes(spec, spec.batch)
     return {
         "stage": stage.name,
         "spec": spec.describe(),

@@ -125,7 +125,7 @@ def _peel_operand(node: object, interior: list) -> tuple[torch.fx.Node, float, b
         return node, scale, cosine
 
 
-def _reaches(node: object, target: set, depth: int = 12) -> bool:
+def reaches(node: object, target: set, depth: int = 12) -> bool:
     while depth and isinstance(node, torch.fx.Node) and node.op == "call_function":
         if node.target in target:
             return True
@@ -150,8 +150,8 @@ def _peel_scores(node: object, interior: list, terms: list, factors: list) -> to
             return node
         if node.target is aten.add.Tensor and node.kwargs.get("alpha", 1) == 1:
             a, b = node.args
-            on_path, term = (a, b) if _reaches(a, bmm) else (b, a)
-            if not _reaches(on_path, bmm) or not isinstance(term, torch.fx.Node):
+            on_path, term = (a, b) if reaches(a, bmm) else (b, a)
+            if not reaches(on_path, bmm) or not isinstance(term, torch.fx.Node):
                 raise NoMatch("an add on the scores has no score operand")
             terms.append((term, len(_shape(node))))
         elif node.target in (aten.mul.Tensor, aten.div.Tensor):
@@ -160,7 +160,7 @@ def _peel_scores(node: object, interior: list, terms: list, factors: list) -> to
                 factors.append(float(b) if node.target is aten.mul.Tensor else 1.0 / float(b))
                 on_path = a
             elif node.target is aten.mul.Tensor:
-                on_path, factor = (a, b) if _reaches(a, bmm) else (b, a)
+                on_path, factor = (a, b) if reaches(a, bmm) else (b, a)
                 factors.append(factor)
             else:
                 raise NoMatch("the scores are divided by a tensor")

@@ -17,7 +17,7 @@ import torch.fx
 
 from ..counters import counters
 from ..spec import DTYPES, AttentionSpec
-from .attention_pattern import SDPA, AttentionMatch, NoMatch, _reaches, find_attention
+from .attention_pattern import SDPA, AttentionMatch, NoMatch, find_attention, reaches
 from .context import PassContext, Region
 from .meta import as_size, fake_value, size_hints
 
@@ -31,7 +31,7 @@ def is_attention_candidate(node: torch.fx.Node) -> bool:
         return False
     if node.target in SDPA:
         return True
-    return node.target is aten._softmax.default and _reaches(node.args[0], {aten.bmm.default})
+    return node.target is aten._softmax.default and reaches(node.args[0], {aten.bmm.default})
 
 
 def _matmul_precision(dtype: torch.dtype) -> str:

@@ -13,6 +13,9 @@ import torch
 import torch.fx
 from torch.utils.checkpoint import CheckpointPolicy
 
+from .attention_pattern import NoMatch, find_attention
+from .match_attention import is_attention_candidate
+
 aten = torch.ops.aten
 CHEAP = {
     aten.mul.Tensor,
@@ -84,9 +87,6 @@ def tag_attention_intermediates(joint: torch.fx.GraphModule, num_fwd_outputs: in
     """Tag the inside of every window attention (scores, softmax, their copies) for
     recomputation: the backward recomputes them in ATen from q, k, v and the additive terms,
     and the forward keeps them private, so the fused forward kernel can replace them."""
-    from .attention_pattern import NoMatch, find_attention
-    from .match_attention import is_attention_candidate
-
     forward = forward_nodes(joint, num_fwd_outputs)
     tagged = 0
     for node in list(joint.graph.nodes):

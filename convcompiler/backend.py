@@ -14,6 +14,7 @@ there (convcompiler/debug.py).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -29,8 +30,8 @@ from .config import Config
 from .debug import dump_dir_for, dump_lowered
 from .lowering import Lowering
 from .passes import POST_GRAD_PASSES, PRE_GRAD_PASSES, PassContext, run_passes
-from .passes.recompute import tag_attention_intermediates, tag_weight_transforms
-from .report import new_report
+from .passes.recompute import tag_attention_intermediates, tag_cheap_stems, tag_weight_transforms
+from .report import Report, new_report
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +52,19 @@ def _graph_compiler(
     return compile_graph
 
 
-def _partition(joint: torch.fx.GraphModule, joint_inputs: Sequence[Any], **kwargs: Any):
-    """Min-cut partitioning, with weight transforms (Tune mode's W * c) and the inside of
-    window attentions recomputed in the backward instead of saved by the forward."""
+def _partition(
+    joint: torch.fx.GraphModule,
+    joint_inputs: Sequence[Any],
+    *,
+    config: Config,
+    report: Report,
+    **kwargs: Any,
+):
+    """Min-cut partitioning, with weight transforms (Tune mode's W * c), cheap stems and the
+    inside of window attentions recomputed in the backward instead of saved by the forward."""
     tag_weight_transforms(joint)
+    stems = tag_cheap_stems(joint, kwargs["num_fwd_outputs"], config.recompute_conv_macs)
+    report.recomputed.extend(stems)
     tag_attention_intermediates(joint, kwargs["num_fwd_outputs"])
     return min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
 
@@ -81,7 +91,7 @@ def im2win(
     pre_grad = PassContext(config=config, stage="pre_grad", facts=facts, dump_dir=dump)
     gm = run_passes(PRE_GRAD_PASSES, gm, pre_grad)
     compile_aot = aot_autograd(
-        partition_fn=_partition,
+        partition_fn=functools.partial(_partition, config=config, report=report),
         fw_compiler=_graph_compiler("forward", config, facts, lowering, dump),
         bw_compiler=_graph_compiler("backward", config, facts, lowering, dump),
         inference_compiler=_graph_compiler("inference", config, facts, lowering, dump),

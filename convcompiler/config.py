@@ -47,6 +47,10 @@ class Config:
         is taken). The result is cached with the decision, so only a cold compile pays it.
     kernel_dir: where generated kernel sources are written. None means
         <cache dir>/kernels (see CONVCOMPILER_CACHE_DIR).
+    recompute_conv_macs: in training, a convolution that reads a graph input and does at most
+        this many multiply-adds per output element (C_in/groups x kernel volume) is
+        recomputed in the backward, with the activations and max pooling after it, instead
+        of saving their outputs (a CNN's stem: ResNet's 7x7 is 147). 0 turns it off.
     debug_dir: write a debug dump of every compile under this directory: the graphs before
         and after each pass, regions.json and the kernels. Default: $CONVCOMPILER_DEBUG_DIR.
     """
@@ -60,6 +64,7 @@ class Config:
     cache: bool = True
     verify: bool = True
     kernel_dir: str | None = None
+    recompute_conv_macs: int = 256
     debug_dir: str | None = None
 
     # Fields that change the generated source text or the schedule picked for a region;
@@ -82,6 +87,9 @@ class Config:
                 raise ValueError(f"option {name!r} must be True or False")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 1:
             raise ValueError(f"option 'top_k' must be a positive int, got {self.top_k!r}")
+        macs = self.recompute_conv_macs
+        if not isinstance(macs, int) or isinstance(macs, bool) or macs < 0:
+            raise ValueError(f"option 'recompute_conv_macs' must be an int >= 0, got {macs!r}")
         if self.benchmarker not in BENCHMARKERS:
             raise ValueError(f"option 'benchmarker' must be one of {BENCHMARKERS}")
         if self.debug_dir is None and os.environ.get("CONVCOMPILER_DEBUG_DIR"):

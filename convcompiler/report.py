@@ -49,6 +49,7 @@ class Report:
     devices: dict[str, str] = field(default_factory=dict)  # tensor device -> planning device
     compile_seconds: float | None = None  # backend time: aot_autograd, passes, lowering
     generated: list = field(default_factory=list, repr=False)  # (KernelSource, spec) pairs
+    recomputed: list[str] = field(default_factory=list)  # stems the backward recomputes
 
     def __iter__(self):
         return iter(list(self.regions))
@@ -75,6 +76,7 @@ class Report:
                 "compile_id": self.compile_id,
                 "devices": self.devices,
                 "regions": [asdict(r) for r in self.regions],
+                "recomputed": self.recomputed,
             },
             indent=2,
         )
@@ -113,6 +115,7 @@ class Report:
         ]
         for row in (head, *rows):
             lines.append("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
+        lines.extend(f"recompute: {line}" for line in self.recomputed)
         return "\n".join(lines)
 
     def explain(self) -> str:

@@ -8,7 +8,9 @@ trains the weights. The im2win backend folds each BN into its conv before autogr
     conv(x, W * c, beta + c * (b - mean)),   c = gamma / sqrt(running_var + eps)
 
 so the backward no longer needs the conv outputs BN would have saved, and the folded
-weight is recomputed in backward rather than stored. Gradients equal eager's in eval mode.
+weight is recomputed in backward rather than stored, and so is the cheap 7x7 stem (conv,
+relu, max-pool), whose outputs are the largest activations. Gradients equal eager's in eval
+mode.
 This script prints the bytes saved for backward (eager against im2win) and a loss going down.
 """
 

@@ -12,9 +12,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from helpers import assert_close, float64_copy, kernel_launches, lowered_ops, rel_error
-from torch.autograd.graph import saved_tensors_hooks
 
 import convcompiler
+from convcompiler.bench.transfer import saved_bytes
 from convcompiler.kernels import conv_kernel, conv_spec_of
 from convcompiler.reference import run_aten
 from convcompiler.spec import Activation, Epilogue
@@ -209,20 +209,6 @@ def test_bn_before_conv_falls_back_with_reason() -> None:
 
 
 # ---- Tune mode: transfer learning with frozen BN --------------------------------------------
-def saved_bytes(fn) -> int:
-    """Bytes saved for backward, by unique storage, parameters included."""
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
-
 @pytest.mark.slow
 def test_tune_mode_resnet50_gradients_match_eager() -> None:
     torch.manual_seed(0)
@@ -232,9 +218,13 @@ def test_tune_mode_resnet50_gradients_match_eager() -> None:
     torch.compile(model, backend="im2win")(x).square().sum().backward()
     reference(x.double()).square().sum().backward()
     report = convcompiler.last_report()
-    assert len(report) == 53 and all(r.mode == "tune" and r.kind == "conv_bn" for r in report)
-    assert Counter(r.epilogue for r in report)["bn+add+relu"] == 16
-    assert convcompiler.counters["launch.conv_bn"] == 53
+    assert all(r.mode == "tune" and r.kind == "conv_bn" for r in report)
+    forward = [r for r in report if r.stage == "forward"]
+    assert len(forward) == 53 and Counter(r.epilogue for r in forward)["bn+add+relu"] == 16
+    # the backward recomputes the 7x7 stem (conv + relu + max-pool) instead of saving it
+    (stem,) = [r for r in report if r.stage == "backward"]
+    assert "7x7" in stem.spec and stem.fallback_reason is None and len(report.recomputed) == 1
+    assert convcompiler.counters["launch.conv_bn"] == 54
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         assert_close(p.grad, q.grad, torch.float32, f"grad of {name}")
     for mod, ref_mod in zip(model.modules(), reference.modules()):
@@ -302,5 +292,7 @@ def test_train_mode_resnet18_three_steps_match_eager() -> None:
             ours_err, eager_err = rel_error(ours, ref), rel_error(eager, ref)
             assert ours_err <= max(1e-4, 2 * eager_err), (step, name, ours_err, eager_err)
     report = convcompiler.last_report()
-    assert all(r.kind == "conv_bn" and r.mode == "train" for r in report)
+    assert all(r.kind == "conv_bn" and r.mode == "train" for r in report if r.stage == "forward")
+    (stem,) = [r for r in report if r.stage == "backward"]  # recomputed for BN's backward
+    assert stem.kind == "conv" and "7x7" in stem.spec and stem.fallback_reason is None
     assert convcompiler.counters["launch.conv_bn"] > 0

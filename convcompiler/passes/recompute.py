@@ -1,13 +1,28 @@
-"""Joint-graph pass (run by the partitioner): weight transforms are recomputed, not saved.
+"""Joint-graph passes (run by the partitioner): what the backward recomputes instead of saving.
 
-A convolution whose weight is computed from primal inputs by cheap pointwise and view ops
-(Tune mode's W * c, for example) would otherwise save that weight-sized value for backward,
-which costs as much memory as the activations Tune mode removes. Such nodes are tagged
-MUST_RECOMPUTE, so the min-cut partitioner saves W and c (already alive) and the backward
-recomputes W * c.
+Weight transforms. A convolution whose weight is computed from primal inputs by cheap
+pointwise and view ops (Tune mode's W * c, for example) would otherwise save that
+weight-sized value for backward, which costs as much memory as the activations Tune mode
+removes. Such nodes are tagged MUST_RECOMPUTE, so the min-cut partitioner saves W and c
+(already alive) and the backward recomputes W * c.
+
+Cheap stems. A convolution that reads a graph input the backward keeps anyway (for the
+convolution's own weight gradient) and does few multiply-adds per output element
+(C_in/groups x kernel volume <= Config.recompute_conv_macs) is recomputed in the backward,
+together with the activations and max pooling right after it. Its outputs are a CNN's
+largest activations (full resolution, before the first pooling) and the cheapest to rebuild:
+ResNet-50's 7x7 stem is 147 MACs per output, about 2% of a training step's FLOPs, and
+saving its ReLU output, max-pool indices and max-pool output costs 43 MiB per 8 images at
+224 px.
+
+Window attention. The scores and softmax inside a matched attention are recomputed in ATen
+by the backward, so the fused forward kernel can keep them private.
 """
 
 from __future__ import annotations
+
+import math
+import operator
 
 import torch
 import torch.fx
@@ -30,6 +45,22 @@ CHEAP = {
     aten._unsafe_view.default,
     aten.unsqueeze.default,
     aten.expand.default,
+}
+
+
+# What a cheap stem's recomputation follows after the convolution: one-input activations
+# and max pooling (with its getitems).
+STEM_CHAIN = {
+    aten.relu.default,
+    aten.hardtanh.default,
+    aten.silu.default,
+    aten.gelu.default,
+    aten.hardswish.default,
+    aten.leaky_relu.default,
+    aten.sigmoid.default,
+    aten.max_pool2d_with_indices.default,
+    aten.max_pool1d_with_indices.default,
+    operator.getitem,
 }
 
 
@@ -101,3 +132,59 @@ def tag_attention_intermediates(joint: torch.fx.GraphModule, num_fwd_outputs: in
                 inner.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
                 tagged += 1
     return tagged
+
+
+def _is_primal(node: object) -> bool:
+    return (
+        isinstance(node, torch.fx.Node)
+        and node.op == "placeholder"
+        and (node.name.startswith("primals"))
+    )
+
+
+def conv_macs_per_output(conv: torch.fx.Node) -> int | None:
+    """Multiply-adds per output element of an aten.convolution (None for transposed)."""
+    weight = conv.args[1].meta.get("val") if isinstance(conv.args[1], torch.fx.Node) else None
+    if weight is None or conv.args[6]:
+        return None
+    return int(weight.shape[1]) * math.prod(int(k) for k in weight.shape[2:])
+
+
+def tag_cheap_stems(joint: torch.fx.GraphModule, num_fwd_outputs: int, max_macs: int) -> list[str]:
+    """Tag cheap stem convolutions and the activation/pooling chain after them for
+    recomputation (see the module docstring); returns one line per recomputed stem."""
+    if max_macs <= 0:
+        return []
+    forward = forward_nodes(joint, num_fwd_outputs)
+    stems = []
+    for conv in joint.graph.nodes:
+        if conv not in forward or conv.target is not aten.convolution.default:
+            continue
+        x = conv.args[0]
+        if not _is_primal(x) or all(user in forward for user in x.users):
+            continue  # the backward would have to keep an input it does not keep now
+        macs = conv_macs_per_output(conv)
+        if macs is None or macs > max_macs:
+            continue
+        chain, stack = [conv], list(conv.users)
+        while stack:
+            node = stack.pop()
+            if node in chain or node.op != "call_function" or node.target not in STEM_CHAIN:
+                continue
+            if any(arg not in chain for arg in node.all_input_nodes):
+                continue
+            chain.append(node)
+            stack.extend(node.users)
+        for node in chain:
+            if node.meta.get("recompute") is None:
+                node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+        weight = conv.args[1].meta["val"]
+        kernel = "x".join(str(k) for k in weight.shape[2:])
+        ops = [n.target._opname for n in chain[1:] if n.target is not operator.getitem]
+        shape = ",".join(str(d) for d in x.meta["val"].shape)
+        stems.append(
+            f"convolution {kernel} {weight.shape[1]}->{weight.shape[0]}"
+            + "".join(f" + {op}" for op in ops)
+            + f" ({macs} MACs per output): recomputed in backward from the input [{shape}]"
+        )
+    return stems

@@ -20,12 +20,10 @@ function of them, and `.at_hint` its value at the size hints.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Iterable, Union
 
 import sympy
-import torch
 
 from .devices import Device
 from .schedule import Schedule
@@ -122,14 +120,23 @@ def conv_class(spec: ConvSpec) -> str:
     return "general"
 
 
-@functools.lru_cache(maxsize=4096)
 def filter_repack_free(spec: ConvSpec) -> bool:
-    """True when the weight is already in im2win order ([K, KW, KH, C/G] contiguous)."""
+    """True when the weight is already in im2win order ([K, KW, KH, C/G] contiguous).
+
+    Decided from the strides alone (no tensor is made: this runs under aot_autograd's fake
+    mode, where even a meta tensor op costs milliseconds)."""
+    k, c = spec.out_channels, spec.in_channels_per_group
     kh, kw = spec.kernel
-    w = torch.empty((spec.out_channels, spec.in_channels_per_group, kh, kw), device="meta")
-    if spec.weight_layout == "nhwc":
-        w = w.to(memory_format=torch.channels_last)
-    return w.permute(0, 3, 2, 1).is_contiguous()
+    if spec.weight_layout == "nhwc":  # channels_last: [K, C, KH, KW] with C innermost
+        strides = {"k": kh * kw * c, "c": 1, "kh": kw * c, "kw": c}
+    else:
+        strides = {"k": c * kh * kw, "c": kh * kw, "kh": kw, "kw": 1}
+    expected = 1  # walk [K, KW, KH, C] from the innermost dim; size-1 dims never matter
+    for dim, size in (("c", c), ("kh", kh), ("kw", kw), ("k", k)):
+        if size != 1 and strides[dim] != expected:
+            return False
+        expected *= size
+    return True
 
 
 class _Sizes:

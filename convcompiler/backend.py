@@ -28,6 +28,9 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 from .config import Config
 from .debug import dump_dir_for, dump_lowered
+from .graph_cache import graph_key
+from .graph_cache import load as load_graph
+from .graph_cache import store as store_graph
 from .lowering import Lowering
 from .passes import POST_GRAD_PASSES, PRE_GRAD_PASSES, PassContext, run_passes
 from .passes.recompute import tag_attention_intermediates, tag_cheap_stems, tag_weight_transforms
@@ -39,13 +42,20 @@ _MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-c
 
 
 def _graph_compiler(
-    stage: str, config: Config, facts: dict, lowering: Lowering, dump: Path | None
+    stage: str,
+    config: Config,
+    facts: dict,
+    lowering: Lowering,
+    dump: Path | None,
+    lowered: Callable[[torch.fx.GraphModule], object] | None = None,
 ) -> Callable:
     def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         ctx = PassContext(config=config, stage=stage, facts=facts, dump_dir=dump)
         gm = run_passes(POST_GRAD_PASSES, gm, ctx)
         gm = lowering.lower_regions(gm, ctx.regions)
         dump_lowered(gm, ctx, len(POST_GRAD_PASSES) + 1, lowering.report)
+        if lowered is not None:
+            lowered(gm)
         return make_boxed_func(gm.forward)
 
     compile_graph.__name__ = f"im2win_{stage}_compiler"
@@ -86,6 +96,18 @@ def im2win(
     start = time.perf_counter()
     report = new_report(config)
     lowering = Lowering(config, report)
+    key = graph_key(gm, example_inputs, config) if lowering.cache is not None else None
+    if key is not None:
+        cached = load_graph(lowering.cache, key, report, config)
+        if cached is not None:
+            report.compile_seconds = time.perf_counter() - start
+            return cached
+
+    def store(lowered: torch.fx.GraphModule) -> None:
+        if key is not None:
+            args = (lowering.cache, key, lowered, report, lowering.record_keys)
+            store_graph(*args, num_inputs=len(example_inputs))
+
     facts: dict[str, Any] = {}
     dump = dump_dir_for(config, report.compile_id)
     pre_grad = PassContext(config=config, stage="pre_grad", facts=facts, dump_dir=dump)
@@ -94,7 +116,7 @@ def im2win(
         partition_fn=functools.partial(_partition, config=config, report=report),
         fw_compiler=_graph_compiler("forward", config, facts, lowering, dump),
         bw_compiler=_graph_compiler("backward", config, facts, lowering, dump),
-        inference_compiler=_graph_compiler("inference", config, facts, lowering, dump),
+        inference_compiler=_graph_compiler("inference", config, facts, lowering, dump, store),
     )
     compiled = compile_aot(gm, example_inputs)
     report.compile_seconds = time.perf_counter() - start

@@ -7,6 +7,7 @@ Tables:
                  and measured times, origin ("tuned" or "model"), source hash, when
     sources      sha256 -> generated module text (checked against its hash when read)
     calibration  (device, spec) -> predicted and measured ATen seconds
+    graphs       key -> JSON value: a lowered inference graph (graph_cache.py)
 
 Values are JSON, never pickle. A record and its source are written in one transaction, so
 an entry is complete or absent. A database that is truncated or not a database at all is
@@ -45,6 +46,8 @@ CREATE TABLE IF NOT EXISTS records (
     key TEXT PRIMARY KEY, value TEXT NOT NULL, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS sources (
     sha256 TEXT PRIMARY KEY, name TEXT NOT NULL, text TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS graphs (
+    key TEXT PRIMARY KEY, value TEXT NOT NULL, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS calibration (
     device TEXT NOT NULL, spec TEXT NOT NULL, predicted REAL NOT NULL, measured REAL NOT NULL,
     PRIMARY KEY (device, spec));
@@ -215,6 +218,34 @@ class TuningCache:
         self._guard("put", write, None)
         counters["cache.store"] += 1
 
+    def get_graph(self, key: str, parts: dict[str, Any]) -> dict[str, Any] | None:
+        """The graph entry under `key`, if its recorded key parts are exactly `parts`."""
+        row = self._guard(
+            "get_graph",
+            lambda: self._conn.execute("SELECT value FROM graphs WHERE key = ?", (key,)).fetchone(),
+            None,
+        )
+        try:
+            value = json.loads(row[0]) if row is not None else None
+        except json.JSONDecodeError:
+            value = None
+        if value is None or value.get("key_parts") != parts:
+            counters["graph_cache.miss"] += 1
+            return None
+        return value
+
+    def put_graph(self, key: str, value: dict[str, Any]) -> None:
+        text = json.dumps(value, sort_keys=True)
+        self._guard(
+            "put_graph",
+            lambda: self._conn.execute(
+                "INSERT OR REPLACE INTO graphs (key, value, created) VALUES (?, ?, ?)",
+                (key, text, time.time()),
+            ),
+            None,
+        )
+        counters["graph_cache.store"] += 1
+
     def source(self, sha256: str) -> CachedSource | None:
         """A stored kernel source, only if its text still hashes to `sha256`."""
         row = self._guard(
@@ -276,11 +307,12 @@ class TuningCache:
             "records": self._guard("stats", lambda: count("records"), 0),
             "sources": self._guard("stats", lambda: count("sources"), 0),
             "calibration": self._guard("stats", lambda: count("calibration"), 0),
+            "graphs": self._guard("stats", lambda: count("graphs"), 0),
         }
 
     def clear(self) -> None:
         def wipe() -> None:
-            for table in ("records", "sources", "calibration"):
+            for table in ("records", "sources", "calibration", "graphs"):
                 self._conn.execute(f"DELETE FROM {table}")
 
         self._guard("clear", wipe, None)

@@ -39,6 +39,7 @@ class Lowering:
         self.report = report
         self.cache = open_cache() if config.cache else None
         self._contexts: dict[str, SelectionContext] = {}
+        self.record_keys: list[tuple[str, dict]] = []  # the cache records this compile used
 
     # ---- selection context per tensor device ----------------------------------------------
     def context(self, spec: ConvSpec) -> SelectionContext:
@@ -181,6 +182,8 @@ class Lowering:
             spec = region.spec
             ctx = self.context(spec)
             choice = select_conv_schedule(spec, ctx)
+            if self.cache is not None and choice.origin in ("cache", "tuned", "model"):
+                self.record_keys.append(ctx.key(spec))
             if choice.fallback_reason is not None:
                 counters[f"fallback.{region.kind}"] += 1
                 self.remember(spec, ctx, choice, None)

@@ -88,7 +88,7 @@ REUSE = textwrap.dedent(
     np.save(sys.argv[1], out.numpy())
     c = convcompiler.counters
     print("COUNTERS", c["tune.benchmark"], c["codegen.conv"], c["launch.conv_bn"],
-          len(convcompiler.last_report().kernels()))
+          len(convcompiler.last_report().kernels()), c["graph_cache.hit"])
     """
 )
 
@@ -106,10 +106,10 @@ def test_reuse_across_processes(tmp_path) -> None:
     env = dict(os.environ, CONVCOMPILER_CACHE_DIR=str(tmp_path / "cache"))
     first = run_python(REUSE, str(tmp_path / "a.npy"), env=env).split("COUNTERS")[1].split()
     second = run_python(REUSE, str(tmp_path / "b.npy"), env=env).split("COUNTERS")[1].split()
-    bench1, codegen1, launches1, kernels1 = map(int, first)
-    bench2, codegen2, launches2, kernels2 = map(int, second)
-    assert bench1 > 0 and codegen1 > 0 and kernels1 == 20
-    assert bench2 == 0 and codegen2 == 0, second
+    bench1, codegen1, launches1, kernels1, graph1 = map(int, first)
+    bench2, codegen2, launches2, kernels2, graph2 = map(int, second)
+    assert bench1 > 0 and codegen1 > 0 and kernels1 == 20 and graph1 == 0
+    assert bench2 == 0 and codegen2 == 0 and graph2 == 1, second
     assert launches2 == kernels2 == 20
     a, b = np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy")
     torch.manual_seed(0)

@@ -19,6 +19,7 @@ global is a module, a float constant, a type it names, or a generated kernel.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib
 import json
@@ -46,6 +47,7 @@ _MODULES = ("torch", "math", "operator", "builtins", "torch.fx._pytree", "torch.
 _TYPES = {"NoneType": type(None), "device": torch.device}
 
 
+@functools.lru_cache(maxsize=1)
 def package_hash() -> str:
     """SHA-256 over every source file of convcompiler: any change to the backend is a miss."""
     digest = hashlib.sha256()
@@ -138,7 +140,7 @@ def store(
     key: tuple[str, dict[str, Any]],
     gm: torch.fx.GraphModule,
     report: Report,
-    record_keys: list[tuple[str, dict]],
+    record_keys: list[tuple[str, dict, str | None]],
     num_inputs: int,
 ) -> bool:
     """Store the lowered inference graph `gm` under `key`; False when it is not cacheable."""
@@ -190,8 +192,9 @@ def load(
     if hashlib.sha256(value["code"].encode()).hexdigest() != value["code_sha256"]:
         log.warning("graph cache entry %s does not match its hash; recompiling", key[0][:18])
         return None
-    for record_key, parts in value["records"]:
-        if cache.get(record_key, parts) is None:
+    for record_key, parts, sha256 in value["records"]:
+        record = cache.get(record_key, parts)
+        if record is None or (record.get("source") or {}).get("sha256") != sha256:
             return None  # a region's decision is gone or changed: compile it again
     namespace: dict[str, Any] = {}
     for name, item in value["globals"].items():

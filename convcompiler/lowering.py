@@ -39,7 +39,8 @@ class Lowering:
         self.report = report
         self.cache = open_cache() if config.cache else None
         self._contexts: dict[str, SelectionContext] = {}
-        self.record_keys: list[tuple[str, dict]] = []  # the cache records this compile used
+        # (key, key parts, source sha256) of each cache record this compile's decisions are in
+        self.record_keys: list[tuple[str, dict, str | None]] = []
 
     # ---- selection context per tensor device ----------------------------------------------
     def context(self, spec: ConvSpec) -> SelectionContext:
@@ -140,6 +141,14 @@ class Lowering:
                     ctx.device.name, spec.key(), aten.predicted_s, aten.measured_s
                 )
 
+    def _note_record(
+        self, spec: ConvSpec, ctx: SelectionContext, choice: Choice, source: KernelSource | None
+    ) -> None:
+        """Note the cache record this decision is stored under, and the source it names."""
+        if self.cache is not None and choice.origin in ("cache", "tuned", "model"):
+            key, parts = ctx.key(spec)
+            self.record_keys.append((key, parts, source.sha256 if source else None))
+
     # ---- the graph rewrite ------------------------------------------------------------------
     def _record(self, region: Region, choice: Choice | None, **fields) -> None:
         pred = choice.prediction if choice else None
@@ -182,11 +191,10 @@ class Lowering:
             spec = region.spec
             ctx = self.context(spec)
             choice = select_conv_schedule(spec, ctx)
-            if self.cache is not None and choice.origin in ("cache", "tuned", "model"):
-                self.record_keys.append(ctx.key(spec))
             if choice.fallback_reason is not None:
                 counters[f"fallback.{region.kind}"] += 1
                 self.remember(spec, ctx, choice, None)
+                self._note_record(spec, ctx, choice, None)
                 self._record(
                     region,
                     choice,
@@ -200,6 +208,7 @@ class Lowering:
             source = self.source_for(spec, choice)
             if choice.source is None:
                 self.remember(spec, ctx, choice, source)
+            self._note_record(spec, ctx, choice, source)
             self.report.generated.append((source, spec))
             reason = None
             if spec.device == "cpu" and self.config.cpu == "plan":

@@ -109,6 +109,12 @@ def test_a_changed_region_record_invalidates_the_graph(cache_dir) -> None:
     model, x = Net().eval(), torch.randn(1, 3, 9, 9)
     compile_run(model, x)
     cache = open_cache()
+    (key, record, _), *_ = cache.records()
+    record["source"]["sha256"] = "0" * 64  # re-tuned to another kernel since
+    with cache._conn:
+        cache._conn.execute("UPDATE records SET value = ? WHERE key = ?", (json.dumps(record), key))
+    compile_run(model, x)
+    assert convcompiler.counters["graph_cache.hit"] == 0
     with cache._conn:
         cache._conn.execute("DELETE FROM records")
     compile_run(model, x)

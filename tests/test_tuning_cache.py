@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
@@ -192,6 +193,12 @@ def test_four_processes_at_once(tmp_path) -> None:
     for key, value, _ in records:
         assert {"schedule", "origin", "candidates", "source", "key_parts"} <= set(value)
         assert cache.source(value["source"]["sha256"]) is not None
+    graphs = [json.loads(v) for (v,) in cache._conn.execute("SELECT value FROM graphs")]
+    assert len(graphs) == 2  # one inference graph per model, complete
+    for graph in graphs:
+        assert hashlib.sha256(graph["code"].encode()).hexdigest() == graph["code_sha256"]
+        kernels = [g for g in graph["globals"].values() if "sha256" in g]
+        assert len(kernels) == 3 and all(cache.source(g["sha256"]) for g in kernels)
 
 
 def test_entries_from_another_triton_or_device_are_not_used(cache_dir, monkeypatch, caplog) -> None:

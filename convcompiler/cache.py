@@ -17,6 +17,7 @@ cache to another machine or a teammate.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -54,14 +55,20 @@ CREATE TABLE IF NOT EXISTS calibration (
 """
 
 
+@functools.lru_cache(maxsize=None)
+def files_hash(*names: str) -> str:
+    """SHA-256 over convcompiler source files (glob patterns relative to the package),
+    read once per process."""
+    root = Path(__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(p for name in names for p in root.glob(name)):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def templates_hash() -> str:
     """SHA-256 over the kernel template sources (convcompiler/codegen/*.py) and the cost model."""
-    root = Path(__file__).parent
-    files = sorted((root / "codegen").glob("*.py")) + [root / "cost.py"]
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
+    return files_hash("codegen/*.py", "cost.py")
 
 
 def record_key(

@@ -19,19 +19,17 @@ global is a module, a float constant, a type it names, or a generated kernel.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import importlib
 import json
 import logging
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx
 import triton
 
-from .cache import TuningCache
+from .cache import TuningCache, files_hash
 from .codegen import KernelSource
 from .config import Config
 from .counters import counters
@@ -47,14 +45,9 @@ _MODULES = ("torch", "math", "operator", "builtins", "torch.fx._pytree", "torch.
 _TYPES = {"NoneType": type(None), "device": torch.device}
 
 
-@functools.lru_cache(maxsize=1)
 def package_hash() -> str:
     """SHA-256 over every source file of convcompiler: any change to the backend is a miss."""
-    digest = hashlib.sha256()
-    root = Path(__file__).parent
-    for path in sorted(root.rglob("*.py")):
-        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
+    return files_hash("**/*.py")
 
 
 def graph_key(
@@ -128,7 +121,8 @@ def _plain_function(metadata: Any, gm: torch.fx.GraphModule, num_inputs: int) ->
 
 def _describe(value: Any, kernels: dict[str, dict]) -> dict | None:
     if isinstance(value, KernelCall):
-        return kernels.get(value.path.name)
+        kernel = kernels.get(value.path.name)
+        return kernel and {**kernel, "kind": value.kind, "region": value.region}
     if isinstance(value, type(torch)) and value.__name__ in _MODULES:
         return {"module": value.__name__}
     if isinstance(value, float):
@@ -169,8 +163,6 @@ def store(
         if names[name] is None:
             log.debug("graph cache: global %s (%r) cannot be stored", name, value)
             return False
-        if isinstance(value, KernelCall):
-            names[name] = {**names[name], "kind": value.kind, "region": value.region}
     value = {
         "key_parts": key[1],
         "code": code.src,

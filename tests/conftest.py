@@ -20,6 +20,13 @@ def _private_cache_dir(tmp_path_factory: pytest.TempPathFactory):
         os.environ["CONVCOMPILER_CACHE_DIR"] = old
 
 
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    """A private, empty convcompiler cache root for one test."""
+    monkeypatch.setenv("CONVCOMPILER_CACHE_DIR", str(tmp_path))
+    return tmp_path
+
+
 @pytest.fixture(autouse=True)
 def _fresh_state():
     import convcompiler

@@ -26,12 +26,6 @@ class Net(nn.Module):
         return self.head(torch.relu(self.bn(self.conv(x))))
 
 
-@pytest.fixture
-def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("CONVCOMPILER_CACHE_DIR", str(tmp_path))
-    return tmp_path
-
-
 def compile_run(model: nn.Module, x: torch.Tensor, **options) -> torch.Tensor:
     torch._dynamo.reset()
     convcompiler.counters.reset()

@@ -29,12 +29,6 @@ def small_model() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
 
 
-@pytest.fixture
-def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("CONVCOMPILER_CACHE_DIR", str(tmp_path))
-    return tmp_path
-
-
 def test_target_option_plans_for_that_gpu_on_cpu(cache_dir) -> None:
     x = torch.randn(1, 3, 12, 11)
     report = check_model(small_model(), [x], expect_kernels=2, options={"target": "h100"})

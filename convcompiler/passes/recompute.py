@@ -28,6 +28,7 @@ import torch
 import torch.fx
 from torch.utils.checkpoint import CheckpointPolicy
 
+from .activations import as_activation
 from .attention_pattern import NoMatch, find_attention
 from .match_attention import is_attention_candidate
 
@@ -48,20 +49,19 @@ CHEAP = {
 }
 
 
-# What a cheap stem's recomputation follows after the convolution: one-input activations
-# and max pooling (with its getitems).
-STEM_CHAIN = {
-    aten.relu.default,
-    aten.hardtanh.default,
-    aten.silu.default,
-    aten.gelu.default,
-    aten.hardswish.default,
-    aten.leaky_relu.default,
-    aten.sigmoid.default,
+# What a cheap stem's recomputation follows after the convolution, besides the activations
+# a conv epilogue knows (activations.py): max pooling and its getitems.
+STEM_POOLS = {
     aten.max_pool2d_with_indices.default,
     aten.max_pool1d_with_indices.default,
     operator.getitem,
 }
+
+
+def _in_stem_chain(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and (
+        node.target in STEM_POOLS or as_activation(node) is not None
+    )
 
 
 def _from_primals(node: object, memo: dict[torch.fx.Node, bool]) -> bool:
@@ -70,7 +70,7 @@ def _from_primals(node: object, memo: dict[torch.fx.Node, bool]) -> bool:
         return True  # a constant
     if node not in memo:
         if node.op == "placeholder":
-            memo[node] = node.name.startswith("primals")
+            memo[node] = _is_primal(node)
         elif node.op == "call_function" and node.target in CHEAP:
             memo[node] = all(_from_primals(a, memo) for a in node.all_input_nodes)
         else:
@@ -169,7 +169,7 @@ def tag_cheap_stems(joint: torch.fx.GraphModule, num_fwd_outputs: int, max_macs:
         chain, stack = [conv], list(conv.users)
         while stack:
             node = stack.pop()
-            if node in chain or node.op != "call_function" or node.target not in STEM_CHAIN:
+            if node in chain or not _in_stem_chain(node):
                 continue
             if any(arg not in chain for arg in node.all_input_nodes):
                 continue

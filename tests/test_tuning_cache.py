@@ -286,6 +286,7 @@ def test_dynamic_batch_reports_the_symbolic_cost(cache_dir) -> None:
             x = torch.randn(n, 3, 13, 11)
             assert_close(compiled(x), reference(x.double()), torch.float32, f"batch {n}")
     report = convcompiler.last_report()
+    assert len(report.kernels()) == 2 and convcompiler.counters["launch.conv"] >= 2 * 3
     for region in report.kernels():
         assert region.cost is not None and "s" in region.cost, region
         assert region.valid_for is not None and "<=" in region.valid_for

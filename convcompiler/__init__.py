@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from .config import Config
 from .counters import counters
-from .report import RegionRecord, Report, last_report
+from .inspection.report import RegionRecord, Report, last_report
 
 __version__ = "0.1.0"
 
@@ -24,7 +24,7 @@ def _register_backend() -> None:
     registry._discover_entrypoint_backends()  # reads the torch_dynamo_backends group
     if "im2win" in registry._BACKENDS:
         return
-    from .backend import im2win
+    from .frontend.backend import im2win
 
     registry.register_backend(im2win, name="im2win")
 

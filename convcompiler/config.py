@@ -34,7 +34,7 @@ class Config:
         target GPU (report, kernel files, static checks) but runs ATen: for `explain` and
         `aot` on a machine without a GPU.
     schedule: force one conv schedule for every conv region (one of CONV_SCHEDULES).
-        None lets the backend choose (see convcompiler/select.py).
+        None lets the backend choose (see convcompiler/selection/select.py).
     target: the GPU to plan for ("h100", "h200", "a100", "l4", "rtx4090"). None: the GPU
         in use, or "h100" when there is none.
     autotune: measure the cost model's top_k candidates (also on with mode="max-autotune").
@@ -79,7 +79,7 @@ class Config:
                 f"option 'schedule' must be None or one of {CONV_SCHEDULES}, got {self.schedule!r}"
             )
         if self.target is not None:
-            from .devices import lookup
+            from .selection.devices import lookup
 
             lookup(self.target)  # raises ValueError naming the known targets
         for name in ("autotune", "cache", "verify"):

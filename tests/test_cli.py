@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from convcompiler import bench
 from convcompiler.bench.__main__ import main as bench_main
-from convcompiler.cli import main
+from convcompiler.inspection.cli import main
 
 
 def test_explain_prints_the_region_table(capsys, tmp_path) -> None:

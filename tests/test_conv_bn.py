@@ -15,8 +15,8 @@ from helpers import assert_close, float64_copy, kernel_launches, lowered_ops, re
 
 import convcompiler
 from convcompiler.bench.transfer import saved_bytes
-from convcompiler.kernels import conv_kernel, conv_spec_of
-from convcompiler.reference import run_aten
+from convcompiler.frontend.kernels import conv_kernel, conv_spec_of
+from convcompiler.runtime.reference import run_aten
 from convcompiler.spec import Activation, Epilogue
 
 ACTS = [

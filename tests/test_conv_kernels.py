@@ -18,7 +18,7 @@ from helpers import assert_close, fake_output
 import convcompiler
 from convcompiler.codegen import SPACES
 from convcompiler.config import Config
-from convcompiler.kernels import choose, conv_kernel, conv_spec_of
+from convcompiler.frontend.kernels import choose, conv_kernel, conv_spec_of
 from convcompiler.schedule import InvalidSchedule
 
 SWEEP_SIZE = 240

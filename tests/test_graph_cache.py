@@ -11,7 +11,7 @@ import torch.nn as nn
 from helpers import assert_close, float64_copy
 
 import convcompiler
-from convcompiler.cache import open_cache
+from convcompiler.selection.cache import open_cache
 
 
 class Net(nn.Module):

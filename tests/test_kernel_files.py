@@ -16,7 +16,7 @@ import torch.nn as nn
 from helpers import run_compiled
 
 import convcompiler
-from convcompiler.kernels import conv_source, conv_spec_of
+from convcompiler.frontend.kernels import conv_source, conv_spec_of
 from convcompiler.runtime import KernelIntegrityError, load_source, load_verified, loader
 
 

@@ -69,7 +69,7 @@ def test_import_registers_when_no_entry_point_did(monkeypatch) -> None:
     from torch._dynamo.backends import registry
 
     import convcompiler
-    from convcompiler.backend import im2win
+    from convcompiler.frontend.backend import im2win
 
     monkeypatch.delitem(registry._BACKENDS, "im2win", raising=False)
     monkeypatch.delitem(registry._COMPILER_FNS, "im2win", raising=False)

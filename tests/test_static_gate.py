@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from convcompiler.cli import static_table
+from convcompiler.inspection.cli import static_table
 
 ARCHS = ["sm_90", "sm_80"]
 GATE = {

@@ -19,7 +19,7 @@ import triton
 from helpers import assert_close, check_model, float64_copy, run_compiled
 
 import convcompiler
-from convcompiler.cache import TuningCache, open_cache
+from convcompiler.selection.cache import TuningCache, open_cache
 
 FAKE_TUNING = {"autotune": True, "benchmarker": "fake"}
 
@@ -136,7 +136,7 @@ def test_damaged_database_is_rebuilt(cache_dir, damage: str, caplog) -> None:
         path.write_bytes(os.urandom(len(data) or 8192))
     else:
         path.write_bytes(data[: len(data) // 2])
-    from convcompiler import cache as cache_module
+    from convcompiler.selection import cache as cache_module
 
     cache_module._OPEN.clear()
     torch._dynamo.reset()

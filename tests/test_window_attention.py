@@ -15,7 +15,7 @@ from helpers import TOL, assert_close, float64_copy, lowered_ops, rel_error
 
 import convcompiler
 from convcompiler.codegen import SPACES
-from convcompiler.kernels import attention_kernel, attention_spec_of
+from convcompiler.frontend.kernels import attention_kernel, attention_spec_of
 
 
 def eager_attention(q, k, v, bias=None, mask=None, scale=None):

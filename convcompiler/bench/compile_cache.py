@@ -31,7 +31,7 @@ CHILD = textwrap.dedent(
     """
     import json, sys, time, torch, torchvision
     import convcompiler
-    from convcompiler.backend import im2win
+    from convcompiler.frontend.backend import im2win
     name, shape = sys.argv[1], [int(s) for s in sys.argv[2].split(",")]
     options = json.loads(sys.argv[3])
     runs = []  # seconds of each run of a compiled graph

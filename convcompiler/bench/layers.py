@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..aot import static_report
 from ..codegen import render_conv
 from ..config import Config
-from ..devices import device_for
-from ..kernels import conv_spec_of
-from ..select import SelectionContext, select_conv_schedule
+from ..frontend.kernels import conv_spec_of
+from ..inspection.aot import static_report
+from ..selection.devices import device_for
+from ..selection.select import SelectionContext, select_conv_schedule
 from .common import VARIANTS, im2col_bytes, mib, time_gpu, workspace_bytes
 
 LAYERS = Path(__file__).with_name("im2win_layers.json")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ..aot import static_report
-from ..cli import compile_model
+from ..inspection.aot import static_report
+from ..inspection.cli import compile_model
 from .common import VARIANTS, im2col_bytes, mib, time_gpu, workspace_bytes
 
 SUITES = {
@@ -26,7 +26,7 @@ SUITES = {
 
 
 def run_gpu(model: str, shape: str, dtype: str) -> dict:
-    from ..models import load_model, make_input
+    from ..inspection.models import load_model, make_input
 
     module = load_model(model).to("cuda", getattr(torch, dtype))
     x = make_input(shape, dtype).to("cuda")

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from ..cost_attention import fused_bytes
 from ..passes.attention_pattern import find_attention
 from ..passes.match_attention import attention_spec, is_attention_candidate
+from ..selection.cost_attention import fused_bytes
 from .common import mib, time_gpu
 
 VIEWS = {

@@ -9,8 +9,8 @@ k // KG (KG output channels per input channel: the depth multiplier).
 
 from __future__ import annotations
 
-from ..devices import Device
 from ..schedule import InvalidSchedule, Schedule, schedule_space
+from ..selection.devices import Device
 from ..spec import ConvSpec
 from . import template as T
 

@@ -16,8 +16,8 @@ Two reduction orders (parameter REDUCTION):
 
 from __future__ import annotations
 
-from ..devices import Device
 from ..schedule import InvalidSchedule, Schedule, schedule_space
+from ..selection.devices import Device
 from ..spec import ConvSpec
 from . import template as T
 

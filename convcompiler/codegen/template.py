@@ -24,8 +24,8 @@ import string
 import textwrap
 from dataclasses import dataclass
 
-from ..devices import Device
 from ..schedule import InvalidSchedule, Schedule
+from ..selection.devices import Device
 from ..spec import ConvSpec
 from .epilogue import epilogue
 
@@ -75,8 +75,8 @@ def check_gemm_tiles(spec: ConvSpec, s: Schedule, device: Device | None) -> None
 
     Per thread: the fp32 accumulator <= 32 values and each operand tile <= 16 elements
     (their addresses live in registers too). Derived from the static sm_80/sm_90 report
-    (convcompiler.aot): configurations beyond these budgets spilled on at least one of the
-    ResNet, AlexNet or depthwise shapes. The pipelined operand tiles must fit the device's
+    (convcompiler.inspection.aot): configurations beyond these budgets spilled on at least one
+    of the ResNet, AlexNet or depthwise shapes. The pipelined operand tiles must fit the device's
     shared memory."""
     check_row_tiling(spec, s)
     if device is None:

@@ -15,8 +15,8 @@ in the kernel.
 
 from __future__ import annotations
 
-from ..devices import Device
 from ..schedule import InvalidSchedule, Schedule, schedule_space
+from ..selection.devices import Device
 from ..spec import AttentionSpec
 from . import template as T
 

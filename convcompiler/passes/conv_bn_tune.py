@@ -7,7 +7,7 @@ Applied on the Dynamo graph, before autograd, when grad mode is on and the conv 
 the BN affine parameters require grad: autograd then differentiates through the weight
 transform, so every gradient equals eager's in eval mode, the running statistics are not
 updated (eval BN never updates them), and BN's backward no longer needs the conv output.
-W * c is cheap to recompute, so the min-cut partitioner (see backend.py) keeps W and c
+W * c is cheap to recompute, so the min-cut partitioner (see frontend/backend.py) keeps W and c
 rather than saving the folded weight. In inference the BN is instead folded into the conv
 kernel's epilogue after autograd ("deploy", match_conv.py).
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch.fx
 
-from .config import Config
-from .passes import PassContext, dump_graph
+from ..config import Config
+from ..passes import PassContext, dump_graph
+from ..runtime import private_dir
 from .report import Report
-from .runtime import private_dir
 
 
 def dump_dir_for(config: Config, compile_id: int) -> Path | None:

@@ -29,13 +29,13 @@ import torch
 import torch.fx
 import triton
 
+from ..codegen import KernelSource
+from ..config import Config
+from ..counters import counters
+from ..inspection.report import RegionRecord, Report
+from ..runtime import KernelCall, interpreter_notice, load_source
+from ..schedule import Schedule
 from .cache import TuningCache, files_hash
-from .codegen import KernelSource
-from .config import Config
-from .counters import counters
-from .report import RegionRecord, Report
-from .runtime import KernelCall, interpreter_notice, load_source
-from .schedule import Schedule
 from .select import CandidateRow
 
 log = logging.getLogger(__name__)

@@ -25,9 +25,9 @@ from typing import Iterable, Union
 
 import sympy
 
+from ..schedule import Schedule
+from ..spec import AttentionSpec, ConvSpec
 from .devices import Device
-from .schedule import Schedule
-from .spec import AttentionSpec, ConvSpec
 
 Num = Union[int, float, sympy.Expr]
 

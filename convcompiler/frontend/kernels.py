@@ -19,21 +19,21 @@ import torch
 import torch.nn.functional as F
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from .codegen import KernelSource, render_conv, render_region
-from .config import Config
-from .devices import device_for
-from .passes import PassContext
-from .passes.attention_pattern import find_attention
-from .passes.match_attention import (
+from ..codegen import KernelSource, render_conv, render_region
+from ..config import Config
+from ..passes import PassContext
+from ..passes.attention_pattern import find_attention
+from ..passes.match_attention import (
     attention_fallback_reason,
     attention_spec,
     is_attention_candidate,
 )
-from .passes.match_conv import conv_fallback_reason, conv_spec
-from .runtime import KernelCall, load_source
-from .schedule import Schedule
-from .select import Choice, SelectionContext, select_schedule
-from .spec import AttentionSpec, ConvSpec, Epilogue
+from ..passes.match_conv import conv_fallback_reason, conv_spec
+from ..runtime import KernelCall, load_source
+from ..schedule import Schedule
+from ..selection.devices import device_for
+from ..selection.select import Choice, SelectionContext, select_schedule
+from ..spec import AttentionSpec, ConvSpec, Epilogue
 
 _CONV = {1: F.conv1d, 2: F.conv2d}
 

@@ -12,7 +12,7 @@ import json
 import threading
 from dataclasses import asdict, dataclass, field
 
-from .config import Config
+from ..config import Config
 
 
 @dataclass(frozen=True)

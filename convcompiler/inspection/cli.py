@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
+from ..config import Config
+from ..selection.cache import open_cache
+from ..selection.devices import lookup
 from .aot import ARCHS, KernelStats, static_report
-from .cache import open_cache
-from .config import Config
-from .devices import lookup
 from .models import load_model, make_input
 from .report import Report, next_compile_id, reports_since
 

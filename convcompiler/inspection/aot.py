@@ -29,9 +29,9 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
 
-from .codegen import KernelSource
-from .runtime.loader import exec_module
-from .spec import AttentionSpec, ConvSpec
+from ..codegen import KernelSource
+from ..runtime.loader import exec_module
+from ..spec import AttentionSpec, ConvSpec
 
 ARCHS = {"sm_80": 80, "sm_86": 86, "sm_89": 89, "sm_90": 90}
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}

@@ -17,8 +17,8 @@ from typing import Callable, Protocol, Sequence
 
 from tqdm.auto import tqdm
 
+from ..counters import counters
 from .cost import Prediction
-from .counters import counters
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .devices import Device
+from ..selection.devices import Device
 from .report import Report
 
 

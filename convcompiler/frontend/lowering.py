@@ -13,20 +13,20 @@ from typing import Callable
 import torch
 import torch.fx
 
-from .cache import CachedSource, open_cache
-from .codegen import TEMPLATES, KernelSource, render_conv, spec_kind
-from .config import Config
-from .cost import Prediction
-from .counters import counters
-from .devices import device_for
-from .passes import Region
-from .reference import run_aten, run_attention
-from .report import RegionRecord, Report
-from .runtime import KernelCall, interpreter_notice, load_source, write_source
-from .schedule import Schedule
-from .select import Choice, SelectionContext, select_conv_schedule
-from .spec import AttentionSpec, ConvSpec
-from .tuning import benchmarker
+from ..codegen import TEMPLATES, KernelSource, render_conv, spec_kind
+from ..config import Config
+from ..counters import counters
+from ..inspection.report import RegionRecord, Report
+from ..passes import Region
+from ..runtime import KernelCall, interpreter_notice, load_source, write_source
+from ..runtime.reference import run_aten, run_attention
+from ..schedule import Schedule
+from ..selection.cache import CachedSource, open_cache
+from ..selection.cost import Prediction
+from ..selection.devices import device_for
+from ..selection.select import Choice, SelectionContext, select_conv_schedule
+from ..selection.tuning import benchmarker
+from ..spec import AttentionSpec, ConvSpec
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class Lowering:
 
     def _runner(self, spec: ConvSpec, pred: Prediction) -> Callable[[], object]:
         """A closure that runs one candidate on random inputs of the spec's shapes (GPU)."""
-        from .aot import meta_inputs
+        from ..inspection.aot import meta_inputs
 
         operands = tuple(
             None if t is None else torch.randn_like(t, device="cuda") for t in meta_inputs(spec)
@@ -91,7 +91,7 @@ class Lowering:
     @staticmethod
     def _verify(spec: ConvSpec, schedule: Schedule, arch: str) -> list[str]:
         """Compile the schedule's kernel for `arch` (no GPU needed): what keeps it off."""
-        from .aot import static_report
+        from ..inspection.aot import static_report
 
         counters[f"verify.{spec_kind(spec)}"] += 1
         stats = static_report(render_conv(spec, schedule), spec, (arch,))

@@ -9,10 +9,10 @@ its scores live in registers, tiled BLOCK_M x BLOCK_N with the rows and keys pad
 
 from __future__ import annotations
 
+from ..schedule import Schedule
+from ..spec import AttentionSpec
 from .cost import MEMORY_EFFICIENCY, _cdiv, _max
 from .devices import Device
-from .schedule import Schedule
-from .spec import AttentionSpec
 
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 FUSED_EFFICIENCY = 0.45  # small tiles and an exp per score: well below GEMM efficiency

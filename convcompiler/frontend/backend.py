@@ -26,15 +26,15 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
-from .config import Config
-from .debug import dump_dir_for, dump_lowered
-from .graph_cache import graph_key
-from .graph_cache import load as load_graph
-from .graph_cache import store as store_graph
+from ..config import Config
+from ..inspection.debug import dump_dir_for, dump_lowered
+from ..inspection.report import Report, new_report
+from ..passes import POST_GRAD_PASSES, PRE_GRAD_PASSES, PassContext, run_passes
+from ..passes.recompute import tag_attention_intermediates, tag_cheap_stems, tag_weight_transforms
+from ..selection.graph_cache import graph_key
+from ..selection.graph_cache import load as load_graph
+from ..selection.graph_cache import store as store_graph
 from .lowering import Lowering
-from .passes import POST_GRAD_PASSES, PRE_GRAD_PASSES, PassContext, run_passes
-from .passes.recompute import tag_attention_intermediates, tag_cheap_stems, tag_weight_transforms
-from .report import Report, new_report
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .spec import Activation, ConvSpec
+from ..spec import Activation, ConvSpec
 
 
 def activation(act: Activation, x: torch.Tensor) -> torch.Tensor:

@@ -32,9 +32,9 @@ from typing import Any, Callable, TypeVar
 import torch
 import triton
 
-from .counters import counters
+from ..counters import counters
+from ..runtime.loader import private_dir, sha256_of
 from .devices import Device
-from .runtime.loader import private_dir, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def files_hash(*names: str) -> str:
 
 def templates_hash() -> str:
     """SHA-256 over the kernel template sources (convcompiler/codegen/*.py) and the cost model."""
-    return files_hash("codegen/*.py", "cost.py")
+    return files_hash("codegen/*.py", "selection/cost.py", "selection/cost_attention.py")
 
 
 def record_key(
@@ -371,7 +371,7 @@ class TuningCache:
 
 
 def default_path() -> Path:
-    from .config import cache_root
+    from ..config import cache_root
 
     return cache_root() / "tuning.sqlite3"
 

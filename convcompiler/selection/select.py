@@ -26,13 +26,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ..codegen import SPACES, TEMPLATES, kind_spaces, spec_kind
+from ..config import Config
+from ..schedule import ATEN, InvalidSchedule, Schedule
+from ..spec import AttentionSpec, ConvSpec
 from .cache import CachedSource, TuningCache, record_key
-from .codegen import SPACES, TEMPLATES, kind_spaces, spec_kind
-from .config import Config
 from .cost import Prediction, interpreter_steps, predict, rank
 from .devices import Device
-from .schedule import ATEN, InvalidSchedule, Schedule
-from .spec import AttentionSpec, ConvSpec
 from .tuning import Benchmarker, autotune
 
 Spec = ConvSpec | AttentionSpec

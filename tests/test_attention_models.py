@@ -106,3 +106,31 @@ def test_hf_swinv2_mask_added_twice():
     regions = check_fused(model, torch.randn(2, 3, 64, 64), attentions=4, shifted=2)
     assert sum("per window x2" in r.spec for r in regions) == 2
     assert all("cosine+logit_scale" in r.spec for r in regions)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "attn,dtype", [("eager", torch.float16), ("sdpa", torch.bfloat16)], ids=["eager", "sdpa"]
+)
+def test_hf_swin_half_precision(attn, dtype):
+    """HF's eager path takes the softmax in float32 and casts back (`_to_copy` on the
+    probabilities): the fused kernel does the same in one pass."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(4)
+    config = transformers.SwinConfig(
+        image_size=32,
+        embed_dim=32,
+        depths=[2],
+        num_heads=[2],
+        window_size=4,
+        attn_implementation=attn,
+    )
+    model = transformers.SwinModel(config).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = float64_copy(model)(x.double()).last_hidden_state
+    y, report = run_compiled(model.to(dtype), [x.to(dtype)], options=FAST)
+    assert_close(y.last_hidden_state, ref, dtype)
+    regions = [r for r in report.regions if r.kind == "window_attention"]
+    assert len(regions) == 2 and all(r.fallback_reason is None for r in regions), str(report)
+    assert convcompiler.counters["launch.window_attention"] == 2

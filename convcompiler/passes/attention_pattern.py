@@ -226,6 +226,8 @@ def _sdpa(node: torch.fx.Node, interior: list, terms: list, forward: set | None)
 
 def _check_qkv(q: Operand, k: Operand, v: Operand, gqa: bool = False) -> None:
     (b, heads, n, d), (bk, hk, nk, dk), (bv, hv, nv, dv) = (shape(x.node) for x in (q, k, v))
+    if 0 in (b, heads, n, d, bk, hk, nk, dk, bv, hv, nv, dv):
+        raise NoMatch("zero-size q, k or v: nothing to compute, ATen returns eager's result")
     if nk != n or nv != nk:
         raise NoMatch(f"cross-attention: {n} queries, {nk} keys and {nv} values (Nq != Nk)")
     if hk != heads or hv != heads:

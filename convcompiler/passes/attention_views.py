@@ -73,14 +73,17 @@ def same_values(node: object) -> bool:
 
 
 def is_float_cast(node: object) -> bool:
-    """A dtype conversion between floating-point dtypes (values kept up to rounding)."""
+    """A conversion between floating-point dtypes on the same device (values kept up to
+    rounding; a memory format changes strides only)."""
     if not _call(node) or node.target not in CASTS or not isinstance(node.args[0], torch.fx.Node):
         return False
-    extra = {k: v for k, v in node.kwargs.items() if k not in ("dtype", "memory_format")}
-    if any(v is not None for k, v in extra.items() if k != "layout") or extra.get("layout") not in (
-        None,
-        torch.strided,
-    ):
+    kwargs = node.kwargs
+    if kwargs.get("layout") not in (None, torch.strided):
+        return False
+    if kwargs.get("pin_memory") or kwargs.get("non_blocking"):
+        return False
+    device, source = kwargs.get("device"), fake_value(node.args[0])
+    if source is None or (device is not None and torch.device(device) != source.device):
         return False
     return dtype(node).is_floating_point and dtype(node.args[0]).is_floating_point
 

@@ -116,11 +116,9 @@ def is_last_two_transpose(node: object) -> bool:
 
 def merged_source(node: object) -> torch.fx.Node | None:
     """x if `node` is a view of a 4-D x [B, H, R, C] as [B*H, R, C], else None."""
-    if not _call(node) or node.target not in VIEWS | {aten.expand.default}:
+    if not _call(node) or node.target not in VIEWS or not isinstance(node.args[0], torch.fx.Node):
         return None
     src = node.args[0]
-    if not isinstance(src, torch.fx.Node) or node.target is aten.expand.default:
-        return None
     out, inp = shape(node), shape(src)
     if len(out) == 3 and len(inp) == 4 and out == (inp[0] * inp[1], *inp[2:]):
         return src

@@ -2,7 +2,7 @@
 # Check this checkout on the GPU machine's software stack, on a CPU:
 # torch 2.11.0, triton 3.6.0 and torchvision 0.26.0 (the lent H200's Python packages).
 #
-#   scripts/check_gpu_stack.sh [DRY_RUN_OUT]
+#   scripts/check_gpu_stack.sh [DRY_RUN_OUT [DRY_RUN_OPTIONS...]]
 #
 # 1. creates (once; reused afterwards) a virtualenv with that stack under
 #    ${TMPDIR:-/tmp}/convcompiler-stack-torch2.11.0-triton3.6.0-torchvision0.26.0
@@ -20,6 +20,7 @@ TRITON=3.6.0
 VISION=0.26.0
 VENV="${CONVCOMPILER_STACK_VENV:-${TMPDIR:-/tmp}/convcompiler-stack-torch$TORCH-triton$TRITON-torchvision$VISION}"
 OUT="${1:-$(mktemp -d)}"
+shift || true  # the rest are options for the dry run (the test passes --limit)
 PY="$VENV/bin/python"
 
 step() {  # step NAME COMMAND...: run it, print its wall time
@@ -52,4 +53,4 @@ assert torch.__version__.startswith('$TORCH') and triton.__version__ == '$TRITON
 step "quickstart" "$PY" examples/quickstart.py
 step "static gate (aot sm_90, resnet18)" \
     "$PY" -m convcompiler aot --arch sm_90 torchvision:resnet18 --input 1,3,64,64
-step "GPU command dry run" "$PY" -m convcompiler.bench gpu --dry-run --out "$OUT"
+step "GPU command dry run" "$PY" -m convcompiler.bench gpu --dry-run --out "$OUT" "$@"

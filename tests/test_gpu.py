@@ -87,16 +87,15 @@ def test_autotuning_measures_with_do_bench(cache_dir) -> None:
         assert measured and all(0 < s < 1 for s in measured)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_resnet18_end_to_end_on_cuda(dtype) -> None:
+def test_resnet18_end_to_end_on_cuda() -> None:
+    dtype = torch.float16
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     model = torchvision.models.resnet18().eval().to("cuda", dtype)
     x = torch.randn(2, 3, 64, 64, device="cuda", dtype=dtype)
     out, report = run_compiled(model, [x])
     ref = reference(model, x)
-    tol = 2e-2 if dtype == torch.float16 else TOL_TF32
-    assert rel_error(out, ref) <= tol
+    assert rel_error(out, ref) <= 2e-2
     # 20 convs; the cost model may leave a few to cuDNN on a GPU, with the reason recorded
     assert kernel_launches() >= 10
     assert all(r.fallback_reason for r in report.regions if r.schedule == "aten")

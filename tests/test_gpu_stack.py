@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_gpu_command import check_dry_run
+from test_gpu_command import SUITE_LIMIT, check_dry_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_quickstart_static_gate_and_dry_run_on_the_gpu_machines_stack(tmp_path) -> None:
     start = time.monotonic()
     done = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "check_gpu_stack.sh"), str(tmp_path / "dry")],
+        ["bash", str(ROOT / "scripts" / "check_gpu_stack.sh"), str(tmp_path / "dry"), *SUITE_LIMIT],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -27,6 +27,7 @@ import json
 import multiprocessing
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -43,9 +44,9 @@ GPU_BUDGETS = {
     "correctness": 75,
     "layer_speed": 90,
     "window_attention": 40,
-    "end_to_end": 150,
+    "end_to_end": 130,
     "autotune": 50,
-    "gpu_tests": 40,
+    "gpu_tests": 60,
 }
 DRY_BUDGETS = {
     "correctness": 70,
@@ -193,8 +194,8 @@ def run_tests(part: PartBudget, budget: Budget, out: Path, dry_run: bool, notes:
         notes.append(f"{tests} is not in this checkout")
         return []
     junit = out / "logs" / "gpu_tests.xml"
-    args = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", str(tests)]
-    args += ["--collect-only"] if dry_run else ["--junitxml", str(junit)]
+    args = [sys.executable, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", str(tests)]
+    args += ["--collect-only", "-q"] if dry_run else ["-v", "--junitxml", str(junit)]
     log = out / "logs" / "gpu_tests.log"
     if _wait([_spawn(args, log, _worker_env())], time.monotonic() + budget.kill_after_s(part)):
         notes.append("pytest killed at the part's deadline")
@@ -203,9 +204,14 @@ def run_tests(part: PartBudget, budget: Budget, out: Path, dry_run: bool, notes:
         if not ids:
             notes.append(f"no GPU test collected: {log.read_text()[-600:]}")
         return [{"case": x.strip(), "status": "collected"} for x in ids]
-    if not junit.exists():
-        notes.append(f"pytest wrote no results: {log.read_text()[-600:]}")
-        return []
+    if not junit.exists():  # killed: pytest -v printed each outcome as it went
+        notes.append("pytest wrote no JUnit file; outcomes read from its log")
+        return [
+            {"case": case, "status": outcome.lower(), "seconds": 0.0, "message": ""}
+            for case, outcome in re.findall(
+                r"^(\S+::\S+) (PASSED|FAILED|SKIPPED)", log.read_text(), flags=re.M
+            )
+        ]
     rows = []
     for case in ET.parse(junit).getroot().iter("testcase"):
         bad = case.find("failure") if case.find("failure") is not None else case.find("error")

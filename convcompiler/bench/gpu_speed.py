@@ -19,6 +19,7 @@ launches every kernel once, so Triton's JIT compiles land in its on-disk cache.
 from __future__ import annotations
 
 import math
+import time
 import traceback
 
 import torch
@@ -33,6 +34,7 @@ from .gpu_cases import ConvCase, layer_cases, plan
 from .gpu_native import load_kernel
 
 REP_MS = 50  # do_bench repetition window per measurement
+MAX_AUTOTUNE_FIRST_ESTIMATE_S = 20.0  # Inductor max-autotune of one conv, before one is seen
 
 
 def autotune_cases() -> list[ConvCase]:
@@ -136,11 +138,14 @@ def run_layer_speed(part: PartBudget, cases: list[ConvCase], device: Device, emi
             return
         emit(_guarded(case, lambda c=case: time_layer(c, device)))
         part.step_done()
+    slowest = MAX_AUTOTUNE_FIRST_ESTIMATE_S
     for case in max_autotune_order(cases):
-        if not part.admits():  # estimate: the slowest step so far (a max-autotune compile)
+        if not part.admits(slowest):  # a max-autotune compile, not a timing, is the step now
             return
+        started = time.monotonic()
         emit(_guarded(case, lambda c=case: time_max_autotune(c)))
         part.step_done()
+        slowest = max(slowest, time.monotonic() - started)
 
 
 # ---- part e ----------------------------------------------------------------------------------

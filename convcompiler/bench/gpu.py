@@ -37,6 +37,7 @@ from pathlib import Path
 
 from . import gpu_report
 from .budget import Budget, PartBudget
+from .gpu_cases import NETWORKS
 
 ORDER = ("correctness", "layer_speed", "window_attention", "end_to_end", "autotune", "gpu_tests")
 # Seconds per part. GPU: 480 s (8 minutes) start to end; dry run: under 5 minutes on 2 CPUs.
@@ -49,10 +50,10 @@ GPU_BUDGETS = {
     "gpu_tests": 60,
 }
 DRY_BUDGETS = {
-    "correctness": 70,
-    "layer_speed": 75,
-    "window_attention": 15,
-    "end_to_end": 50,
+    "correctness": 60,
+    "layer_speed": 70,
+    "window_attention": 10,
+    "end_to_end": 75,
     "autotune": 45,
     "gpu_tests": 15,
 }
@@ -243,7 +244,8 @@ def run_part(name: str, budget: Budget, out: Path, dry_run: bool, workers: int) 
     else:
         common = dict(notes=notes, records=records)
         if dry_run:
-            planned = run_stage(name, part, budget, out, stage="plan", shards=workers,
+            shards = len(NETWORKS) if name == "end_to_end" else workers  # one model each
+            planned = run_stage(name, part, budget, out, stage="plan", shards=shards,
                                 seconds=part.remaining(), **common)  # fmt: skip
         elif name == "correctness":  # the check is its own warm-up: all of it in parallel
             planned = run_stage(name, part, budget, out, stage="warm", shards=workers,

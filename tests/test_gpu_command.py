@@ -81,10 +81,11 @@ def test_budgets_that_cannot_fit_are_refused() -> None:
 
 
 def test_the_commands_budgets_fit_their_limits() -> None:
-    for mode, budgets in (("gpu", gpu.GPU_BUDGETS), ("dry-run", gpu.DRY_BUDGETS)):
-        limit, reserve, grace = gpu.LIMITS[mode]
-        Budget(limit, budgets, reserve_s=reserve, grace_s=grace)  # raises when they do not
-        assert list(budgets) == list(gpu.ORDER)
+    for mode in ("gpu", "dry-run"):
+        for wanted in (None, 60.0, 300.0, 900.0, 1234.5):
+            limit, reserve, grace, budgets = gpu.scaled_budgets(mode, wanted)
+            Budget(limit, budgets, reserve_s=reserve, grace_s=grace)  # raises when they do not
+            assert list(budgets) == list(gpu.ORDER) and limit == (wanted or gpu.LIMITS[mode][0])
     assert gpu.LIMITS["gpu"][0] <= 8 * 60 and gpu.LIMITS["dry-run"][0] < 5 * 60
 
 

@@ -98,7 +98,7 @@ class Budget:
     ) -> None:
         if grace_s >= reserve_s:
             raise ValueError("the kill grace must be shorter than the reserve for the report")
-        if sum(parts.values()) + reserve_s > limit_s:
+        if sum(parts.values()) + reserve_s > limit_s * (1 + 1e-9):  # scaled budgets: rounding
             raise ValueError(
                 f"allotments {sum(parts.values()):.0f} s + reserve {reserve_s:.0f} s exceed the "
                 f"limit {limit_s:.0f} s"

@@ -62,6 +62,17 @@ WARM_SHARE = 0.4  # of a timed part's time, for compiling in parallel before the
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: PYTHONPATH for the workers
 
 
+def scaled_budgets(mode: str, limit: float | None = None) -> tuple[float, float, float, dict]:
+    """(limit, reserve, grace, budgets) of a mode; with `limit`, everything scaled to it."""
+    default, reserve, grace = LIMITS[mode]
+    budgets = DRY_BUDGETS if mode == "dry-run" else GPU_BUDGETS
+    if not limit:
+        return default, reserve, grace, dict(budgets)
+    scale = limit / default
+    reserve *= scale
+    return limit, reserve, min(grace, reserve / 2), {k: v * scale for k, v in budgets.items()}
+
+
 def machine(dry_run: bool) -> dict:
     import torch
     import triton
@@ -290,13 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     if not dry_run and not torch.cuda.is_available():
         parser.error("no GPU here: use --dry-run")
     mode = "dry-run" if dry_run else "gpu"
-    limit, reserve, grace = LIMITS[mode]
-    budgets = DRY_BUDGETS if dry_run else GPU_BUDGETS
-    if args.limit:
-        scale = args.limit / limit
-        limit, reserve = args.limit, reserve * scale
-        grace = min(grace, reserve / 2)
-        budgets = {k: v * scale for k, v in budgets.items()}
+    limit, reserve, grace, budgets = scaled_budgets(mode, args.limit)
     if dry_run:  # the forked workers start with these imported
         import torchvision  # noqa: F401
 

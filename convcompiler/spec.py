@@ -213,10 +213,14 @@ class AttentionSpec(SizeHints):
     mask: bool  # a per-window [windows, N, N] additive term (shifted-window mask)
     windows: int  # windows per image: the period of `mask` over the batch (1 without mask)
     general: bool  # a [batch, heads, N, N] additive term that did not split into the two above
-    output: str  # "bnc": [batch, N, heads * head_dim]; "bhnd": [batch, heads, N, head_dim]
+    # "bnc": [batch, N, heads * head_dim]; "bhnd": [batch, heads, N, head_dim] contiguous;
+    # "bnhd": [batch, heads, N, head_dim] stored as [batch, N, heads, head_dim]
+    output: str
     device: str
     precision: str  # how a float32 tl.dot runs on a GPU (torch's matmul precision)
     hints: tuple[tuple[str, int], ...] = ()
+    mask_repeat: int = 1  # the mask is added this many times (HF Swinv2 adds it twice)
+    safe_softmax: bool = False  # a row of all -inf scores gives 0 (SDPA), not NaN (softmax)
 
     def terms(self) -> str:
         parts = (["cosine"] if self.cosine else []) + (["bias"] if self.bias else [])
@@ -235,6 +239,8 @@ class AttentionSpec(SizeHints):
 
     def describe(self) -> str:
         mask = f"[{self.windows},N,N] per window" if self.mask else "none"
+        if self.mask and self.mask_repeat != 1:
+            mask += f" x{self.mask_repeat}"
         text = (
             f"N={self.tokens} heads={self.heads} head_dim={self.head_dim} batch={self.batch} "
             f"bias={'[heads,N,N]' if self.bias else 'none'} mask={mask}"
@@ -243,6 +249,10 @@ class AttentionSpec(SizeHints):
             text += " attn_mask=[batch,heads,N,N]"
         if self.cosine:
             text += f" cosine{'+logit_scale' if self.logit_scale else ''}"
+        elif self.logit_scale:
+            text += " logit_scale"
+        if self.safe_softmax:
+            text += " safe_softmax"
         return f"{text} {self.dtype} out={self.output}"
 
     def flops(self) -> int:

@@ -16,13 +16,24 @@ from __future__ import annotations
 from ..spec import Activation, ConvSpec
 
 
+def _clamp(v: str, lo: str | None, hi: str | None) -> str:
+    """min(max(v, lo), hi) that keeps NaN, as torch.clamp does: tl.maximum and tl.minimum
+    return the other operand for NaN on a GPU, so the bounds are applied with tl.where."""
+    if lo is not None:
+        v = f"tl.where({v} < {lo}, {lo}, {v})"
+    if hi is not None:
+        v = f"tl.where({v} > {hi}, {hi}, {v})"
+    return v
+
+
 def activation_code(act: Activation, v: str = "acc") -> str:
-    """The fp32 expression of `act` applied to `v`."""
+    """The fp32 expression of `act` applied to `v`. NaN and +-Inf come out as eager's
+    (float64) do: NaN stays NaN, relu(-inf) = 0, silu(-inf) = hardswish(-inf) = NaN, ..."""
     if act.name == "relu":
-        return f"tl.maximum({v}, 0.0)"
+        return _clamp(v, "0.0", None)
     if act.name == "hardtanh":
         lo, hi = act.args
-        return f"tl.minimum(tl.maximum({v}, {lo!r}), {hi!r})"
+        return _clamp(v, repr(lo), repr(hi))
     if act.name == "silu":
         return f"{v} / (1.0 + tl.exp(-{v}))"
     if act.name == "sigmoid":
@@ -33,9 +44,9 @@ def activation_code(act: Activation, v: str = "acc") -> str:
         z = f"(0.7978845608028654 * ({v} + 0.044715 * {v} * {v} * {v}))"
         return f"0.5 * {v} * (2.0 / (1.0 + tl.exp(-2.0 * {z})))"
     if act.name == "hardswish":
-        return f"{v} * tl.minimum(tl.maximum({v} + 3.0, 0.0), 6.0) / 6.0"
+        return f"{v} * {_clamp(f'{v} + 3.0', '0.0', '6.0')} / 6.0"
     if act.name == "hardsigmoid":
-        return f"tl.minimum(tl.maximum({v} + 3.0, 0.0), 6.0) / 6.0"
+        return f"{_clamp(f'{v} + 3.0', '0.0', '6.0')} / 6.0"
     if act.name == "leaky_relu":
         (slope,) = act.args
         return f"tl.where({v} > 0.0, {v}, {v} * {slope!r})"

@@ -274,6 +274,14 @@ PREPARE = """
     HO = (H + 2 * g["PH"] - g["DH"] * (g["KH"] - 1) - 1) // g["SH"] + 1
     WO = (W + 2 * g["PW"] - g["DW"] * (g["KW"] - 1) - 1) // g["SW"] + 1
     KG = K // GROUPS
+    # The epilogue reads each per-channel vector (conv bias, batch-norm parameters) as one
+    # contiguous run of K values: a strided or broadcast (expanded) vector is copied first.
+    vectors = (bias, bn_weight, bn_bias, bn_mean, bn_var)
+    for t in vectors:
+        if t is not None and tuple(t.shape) != (K,):
+            raise ValueError(f"per-channel vector of shape {tuple(t.shape)}, expected ({K},)")
+    bias, bn_weight, bn_bias, bn_mean, bn_var = (
+        t if t is None or t.is_contiguous() else t.contiguous() for t in vectors)
     M = N * HO * WO
     R = KW * KH * CG
     # The im2win filter order: w_packed[k, kx, ky, c], so a window's weights are one run.

@@ -60,6 +60,8 @@ HEAD_DIM_P2 = ${head_dim_p2}
 DTYPE = torch.${dtype}
 SCALE = ${scale}
 COSINE = ${cosine}
+MASK_REPEAT = ${mask_repeat}  # the mask is added this many times
+SAFE_SOFTMAX = ${safe_softmax}  # a row of all -inf scores gives 0 (SDPA), not NaN
 OUTPUT = ${output}
 PRECISION = ${precision}
 INDEX_LIMIT = 2**31  # tensors this large get 64-bit offsets
@@ -92,6 +94,7 @@ def window_attention(
     sbh, sbi, sbj, smw, smi, smj, sgb, sgh, sgi, sgj,
     # meta-parameters
     SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr, COSINE: tl.constexpr,
+    MASK_REPEAT: tl.constexpr, SAFE_SOFTMAX: tl.constexpr,
     PRECISION: tl.constexpr, WIDEN: tl.constexpr, INT64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -141,7 +144,7 @@ def window_attention(
         if mask_ptr is not None:  # shifted-window mask[b mod NW, i, j]
             w = b % NW
             s += tl.load(mask_ptr + w * smw + offs_m[:, None] * smi + offs_n[None, :] * smj,
-                         mask=pair, other=0.0).to(work)
+                         mask=pair, other=0.0).to(work) * MASK_REPEAT
         if general_ptr is not None:  # any other additive mask[b, h, i, j]
             s += tl.load(general_ptr + b * sgb + h * sgh + offs_m[:, None] * sgi
                          + offs_n[None, :] * sgj, mask=pair, other=0.0).to(work)
@@ -162,23 +165,34 @@ def window_attention(
 
     # ---- 3. normalise and store in the layout the projection reads ----
     out = acc / l_i[:, None]
+    if SAFE_SOFTMAX:  # every key masked with -inf: 0 rather than 0 / 0
+        out = tl.where(l_i[:, None] == 0.0, 0.0, out)
     o_off = b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod
     tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
-def _as_3d(t, name):
-    """A [.., X, N, N] term with leading broadcast dims of size 1 as a 3-D view."""
-    while t.dim() > 3 and t.shape[0] == 1:
-        t = t.squeeze(0)
-    if t.dim() == 4 and t.shape[1] == 1:
-        t = t.squeeze(1)
-    if t.dim() != 3 or t.shape[1:] != (TOKENS, TOKENS):
-        raise ValueError(f"{name} of shape {tuple(t.shape)} is not [X, {TOKENS}, {TOKENS}]")
-    return t
+def _per_head(bias):
+    """bias[h, i, j] from a term broadcast over the batch: [.., 1, H|1, N|1, N|1]."""
+    while bias.dim() > 3:
+        bias = bias[0]
+    return bias.expand(HEADS, TOKENS, TOKENS)
+
+
+def _per_window(mask):
+    """mask[w, i, j] from [nW, N, N], [nW, 1, N, N] or [1, nW, 1, N, N] (size-1 dims of N
+    broadcast): a per-window mask as the per-window view [I, nW, H, N, N] of the scores
+    sees it."""
+    if mask.dim() == 5:
+        mask = mask[0, :, 0]
+    elif mask.dim() == 4:
+        mask = mask[:, 0]
+    while mask.dim() < 3:
+        mask = mask.unsqueeze(0)
+    return mask.expand(mask.shape[0], TOKENS, TOKENS)
 
 
 def launch(q, k, v, bias=None, mask=None, general=None, logit_scale=None):
-    # ---- 1. check constraints ----
+    # ---- 1. check constraints; view the additive terms as the kernel indexes them ----
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4 or t.dtype != DTYPE or tuple(t.shape[1:]) != (HEADS, TOKENS, HEAD_DIM):
             raise ValueError(f"{name} {tuple(t.shape)} {t.dtype}: expected [B, {HEADS}, "
@@ -191,29 +205,27 @@ def launch(q, k, v, bias=None, mask=None, general=None, logit_scale=None):
     general_strides = zero4
     NW = 1
     if bias is not None:
-        bias = _as_3d(bias, "bias")
-        if bias.shape[0] not in (1, HEADS):
-            raise ValueError(f"bias has {bias.shape[0]} heads, expected {HEADS}")
-        bias_strides = (bias.stride(0) if bias.shape[0] > 1 else 0, *bias.stride()[1:])
+        bias = _per_head(bias)
+        bias_strides = bias.stride()
     if mask is not None:
-        mask = _as_3d(mask, "mask")
+        mask = _per_window(mask)
         NW = mask.shape[0]
         if B % NW:
             raise ValueError(f"batch {B} is not a multiple of the {NW} windows of the mask")
         mask_strides = mask.stride()
     if general is not None:
-        if general.dim() != 4 or tuple(general.shape[-2:]) != (TOKENS, TOKENS):
-            raise ValueError(f"attention mask {tuple(general.shape)} is not [B, H, N, N]")
         general = general.expand(B, HEADS, TOKENS, TOKENS)
         general_strides = general.stride()
     if logit_scale is not None:
-        logit_scale = logit_scale.reshape(-1).contiguous()
-        if logit_scale.numel() != HEADS:
-            raise ValueError(f"logit scale has {logit_scale.numel()} values, expected {HEADS}")
+        logit_scale = logit_scale.reshape(-1)
+        logit_scale = logit_scale.expand(HEADS).contiguous()
 
     # ---- 2. allocate the output in the layout the projection reads ----
     if OUTPUT == "bnc":
         y = torch.empty((B, TOKENS, HEADS * HEAD_DIM), device=q.device, dtype=q.dtype)
+    elif OUTPUT == "bnhd":  # [B, H, N, D] stored as [B, N, H, D], as the SDPA op writes it
+        y = torch.empty((B, TOKENS, HEADS, HEAD_DIM), device=q.device, dtype=q.dtype)
+        y = y.transpose(1, 2)
     else:
         y = torch.empty((B, HEADS, TOKENS, HEAD_DIM), device=q.device, dtype=q.dtype)
     if y.numel() == 0:
@@ -235,8 +247,9 @@ def launch(q, k, v, bias=None, mask=None, general=None, logit_scale=None):
         HEADS, TOKENS, NW,
         *q.stride(), *k.stride(), *v.stride(), *o_strides,
         *bias_strides, *mask_strides, *general_strides,
-        SCALE=SCALE, HEAD_DIM=HEAD_DIM, D=HEAD_DIM_P2, COSINE=COSINE, PRECISION=PRECISION,
-        WIDEN=widen, INT64=int64, **META, **LAUNCH)
+        SCALE=SCALE, HEAD_DIM=HEAD_DIM, D=HEAD_DIM_P2, COSINE=COSINE, MASK_REPEAT=MASK_REPEAT,
+        SAFE_SOFTMAX=SAFE_SOFTMAX, PRECISION=PRECISION, WIDEN=widen, INT64=int64, **META,
+        **LAUNCH)
     if out is not y:
         y.copy_(out)
     return y
@@ -255,6 +268,8 @@ def render(spec: AttentionSpec, schedule: Schedule) -> T.KernelSource:
         dtype=spec.dtype,
         scale=repr(float(spec.scale)),
         cosine=str(spec.cosine),
+        mask_repeat=repr(float(spec.mask_repeat)),
+        safe_softmax=str(spec.safe_softmax),
         output=repr(spec.output),
         precision=repr(spec.precision),
         meta=repr({k: v for k, v in params.items() if k not in LAUNCH_KEYS}),

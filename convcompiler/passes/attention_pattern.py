@@ -1,56 +1,66 @@
-"""Canonicalise window multi-head self-attention in an aten graph into one pattern:
+"""Canonicalise attention in an aten graph into the one pattern the fused kernel computes:
 
     out = softmax(scale * q @ k^T [x logit_scale[h]] + bias[h] + mask[b mod nW] + general) @ v
 
-`find_attention(softmax_or_sdpa_node)` walks the graph around a softmax (or an SDPA call)
-and returns an `AttentionMatch`, or the reason it is not one. What it looks through, so that
-one pattern covers the implementations (torchvision, timm with and without SDPA, the
-original Microsoft code, HF transformers, SwinV2):
+`find_attention(node)` starts at a softmax (`_softmax`, `_safe_softmax`) or an SDPA call and
+returns an `AttentionMatch`, or raises NoMatch with the reason. It proves what it accepts:
 
-* copies and views: view, _unsafe_view, reshape, clone, expand, alias, unsqueeze;
-* q, k, v from `select` or `unbind`, of one qkv projection or of separate ones;
-* a scale applied to q before the matmul, or to the scores after it (mul or div);
-* cosine attention: q and k each divided by clamp_min(linalg_vector_norm(., 2, -1), eps);
-* additive terms on the [B, H, N, N] scores (per-head bias), on the [B/nW, nW, H, N, N] view
-  (per-window mask), or SDPA's attn_mask, which is split into its bias and mask parts;
-* dropout with p = 0 (eval models have none).
+* SDPA: every argument is read from the op's schema (positional or keyword). dropout_p != 0,
+  is_causal, grouped-query heads, cross-attention (Nq != Nk), a boolean mask and a v head
+  dim other than q's are refused; the scale is the given one or 1/sqrt(D).
+* softmax: over the last dim only; the scores are walked back to the q @ k^T matmul through
+  views, casts, scalings and adds (attention_views.py), and forward through casts, copies
+  and dropout(p=0) to the matmul with v. masked_fill, a division by a tensor, or a factor
+  that would also scale an additive term are refused.
+* additive terms and factors are filed under bias, mask, general and logit scale with
+  their shapes proved (attention_terms.py); the output is read in its layout: [B, N, H*D]
+  after transpose + reshape ("bnc"), or [B, H, N, D] stored as [B, H, N, D] ("bhnd") or as
+  [B, N, H, D] ("bnhd").
+
+SDPA and `_safe_softmax` give 0 for a row whose scores are all -inf; `_softmax` gives NaN.
+The match records which (`safe_softmax`), and the kernel does the same.
 """
 
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import optimization_hint
 
+from .attention_terms import Term, check_form, classify, file_factor
+from .attention_views import (
+    VIEWS,
+    NoMatch,
+    Operand,
+    dtype,
+    first_output,
+    is_float_cast,
+    is_reshape,
+    operand,
+    same_values,
+    scalar_factor,
+    shape,
+)
 from .meta import fake_value
 
 aten = torch.ops.aten
-COPIES = {
-    aten.view.default,
-    aten._unsafe_view.default,
-    aten.reshape.default,
-    aten.clone.default,
-    aten.expand.default,
-    aten.alias.default,
-    aten.unsqueeze.default,
-    aten.detach.default,
-}
-SDPA = {
+SOFTMAX = {aten._softmax.default, aten._safe_softmax.default}
+SDPA_COMPOSITE = aten.scaled_dot_product_attention.default  # returns the output itself
+SDPA = {SDPA_COMPOSITE} | {
     getattr(aten, name).default
     for name in (
         "_scaled_dot_product_flash_attention_for_cpu",
         "_scaled_dot_product_efficient_attention",
         "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_fused_attention_overrideable",
     )
     if hasattr(aten, name)
 }
-
-
-class NoMatch(Exception):
-    """The softmax is not window attention; the message says why."""
+__all__ = ["SDPA", "SOFTMAX", "AttentionMatch", "NoMatch", "find_attention", "reaches_matmul"]
 
 
 @dataclass
@@ -65,160 +75,96 @@ class AttentionMatch:
     mask: torch.fx.Node | None
     windows: int
     general: torch.fx.Node | None
-    output: str  # "bnc" or "bhnd"
+    output: str  # "bnc", "bhnd" or "bnhd"
     final: torch.fx.Node  # the node whose value the fused kernel produces
+    mask_repeat: int = 1  # how many times the mask is added
+    safe_softmax: bool = False  # all -inf rows give 0 (SDPA, _safe_softmax), not NaN
     interior: list[torch.fx.Node] = field(default_factory=list)  # replaced by the kernel
 
 
-def _shape(node: object) -> tuple[int, ...]:
-    value = fake_value(node)
-    if value is None:
-        raise NoMatch(f"no metadata on {getattr(node, 'name', node)}")
-    return tuple(value.shape)
+def _call(node: object) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "call_function"
 
 
-def _strip(node: object, interior: list) -> torch.fx.Node:
-    """Follow copies and views back to the node that produced the values."""
-    while isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in COPIES:
-        interior.append(node)
-        node = node.args[0]
-    if not isinstance(node, torch.fx.Node):
-        raise NoMatch("an operand is not a tensor")
-    return node
+def reaches_matmul(node: object, depth: int = 12) -> bool:
+    """True if a bmm is among the first few producers of `node` (a softmax's input)."""
+    if depth <= 0 or not _call(node):
+        return False
+    if node.target is aten.bmm.default:
+        return True
+    args = [a for a in node.args if isinstance(a, torch.fx.Node)]
+    if node.target in (aten.add.Tensor, aten.mul.Tensor, aten.sub.Tensor):
+        return any(reaches_matmul(a, depth - 1) for a in args)
+    return bool(args) and reaches_matmul(args[0], depth - 1)
 
 
-def _normalized(node: torch.fx.Node) -> torch.fx.Node | None:
-    """x if node is x / clamp_min(linalg_vector_norm(x, 2, [-1], True), eps), else None."""
-    if node.target is not aten.div.Tensor or not isinstance(node.args[1], torch.fx.Node):
-        return None
-    x, den = node.args
-    chain: list = []
-    den = _strip(den, chain)
-    if den.target is not aten.clamp_min.default:
-        return None
-    norm = den.args[0]
-    if not isinstance(norm, torch.fx.Node) or norm.target is not aten.linalg_vector_norm.default:
-        return None
-    if norm.args[0] is not x or norm.args[1] != 2 or list(norm.args[2]) not in ([-1], [3]):
-        return None
-    return x
+def _keeps_last_two(node: object) -> bool:
+    """A view that regroups the leading dims of the scores and keeps [.., Nq, Nk]."""
+    if not _call(node) or node.target not in VIEWS or not isinstance(node.args[0], torch.fx.Node):
+        return False
+    out, inp = shape(node), shape(node.args[0])
+    return len(out) >= 3 and len(inp) >= 3 and out[-2:] == inp[-2:]
 
 
-def _peel_operand(node: object, interior: list) -> tuple[torch.fx.Node, float, bool]:
-    """(base tensor, scalar factor, cosine-normalised) of a q or k operand."""
-    scale, cosine = 1.0, False
-    while True:
-        node = _strip(node, interior)
-        if node.target in (aten.mul.Tensor, aten.div.Tensor) and isinstance(
-            node.args[1], (int, float)
-        ):
-            factor = float(node.args[1])
-            scale *= factor if node.target is aten.mul.Tensor else 1.0 / factor
-            interior.append(node)
-            node = node.args[0]
-            continue
-        base = _normalized(node)
-        if base is not None and not cosine:
-            interior.append(node)
-            cosine, node = True, base
-            continue
-        return node, scale, cosine
-
-
-def reaches(node: object, target: set, depth: int = 12) -> bool:
-    while depth and isinstance(node, torch.fx.Node) and node.op == "call_function":
-        if node.target in target:
+def _on_score_path(node: object, depth: int = 16) -> bool:
+    """True if `node` is computed from a bmm by the ops a score path may hold."""
+    while depth > 0 and _call(node):
+        if node.target is aten.bmm.default:
             return True
-        if node.target in COPIES or node.target in (
-            aten.add.Tensor,
-            aten.mul.Tensor,
-            aten.div.Tensor,
+        if (
+            same_values(node)
+            or is_float_cast(node)
+            or _keeps_last_two(node)
+            or scalar_factor(node) is not None
         ):
             node, depth = node.args[0], depth - 1
             continue
+        if node.target in (aten.add.Tensor, aten.mul.Tensor):
+            return any(_on_score_path(a, depth - 1) for a in node.args)
         return False
     return False
 
 
-def _peel_scores(node: object, interior: list, terms: list, factors: list) -> torch.fx.Node:
-    """Walk back from the softmax input to the q @ k^T bmm, collecting additive terms
-    (with the rank of the scores they were added to) and multiplicative factors."""
-    bmm = {aten.bmm.default}
+def _score_path(node: object, interior: list, terms: list, factors: list) -> torch.fx.Node:
+    """Walk back from the softmax input to the q @ k^T bmm, collecting additive terms and
+    factors (each with the shape of the scores it applies to)."""
     while True:
-        node = _strip(node, interior)
+        if not _call(node):
+            raise NoMatch("the scores are not computed in the graph")
         if node.target is aten.bmm.default:
             return node
-        if node.target is aten.add.Tensor and node.kwargs.get("alpha", 1) == 1:
+        step = None
+        if same_values(node) or is_float_cast(node) or _keeps_last_two(node):
+            step = node.args[0]
+        elif node.target is aten.add.Tensor and node.kwargs.get("alpha", 1) == 1:
             a, b = node.args
-            on_path, term = (a, b) if reaches(a, bmm) else (b, a)
-            if not reaches(on_path, bmm) or not isinstance(term, torch.fx.Node):
-                raise NoMatch("an add on the scores has no score operand")
-            terms.append((term, len(_shape(node))))
-        elif node.target in (aten.mul.Tensor, aten.div.Tensor):
+            if not all(isinstance(x, torch.fx.Node) for x in (a, b)):
+                raise NoMatch("a constant is added to the scores")
+            if _on_score_path(a) == _on_score_path(b):
+                raise NoMatch("an add on the scores has no single score operand")
+            if factors:
+                raise NoMatch("the scores are scaled after an additive term (it would scale it)")
+            step, term = (a, b) if _on_score_path(a) else (b, a)
+            terms.append(Term(term, shape(node)))
+        elif (factor := scalar_factor(node)) is not None:
+            factors.append(factor)
+            step = node.args[0]
+        elif node.target is aten.mul.Tensor and all(
+            isinstance(x, torch.fx.Node) for x in node.args
+        ):
             a, b = node.args
-            if isinstance(b, (int, float)):
-                factors.append(float(b) if node.target is aten.mul.Tensor else 1.0 / float(b))
-                on_path = a
-            elif node.target is aten.mul.Tensor:
-                on_path, factor = (a, b) if reaches(a, bmm) else (b, a)
-                factors.append(factor)
-            else:
-                raise NoMatch("the scores are divided by a tensor")
+            if _on_score_path(a) == _on_score_path(b):
+                raise NoMatch("a product on the scores has no single score operand")
+            step, factor_node = (a, b) if _on_score_path(a) else (b, a)
+            factors.append(Term(factor_node, shape(node)))
+        elif node.target in (aten.div.Tensor, aten.div.Scalar):
+            raise NoMatch("the scores are divided by a tensor")
+        elif node.target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self):
+            raise NoMatch(f"{node.target.__name__} on the scores (e.g. a causal mask): not fused")
         else:
-            raise NoMatch(f"unexpected {node.target} on the score path")
+            raise NoMatch(f"{getattr(node.target, '__name__', node.target)} on the score path")
         interior.append(node)
-        node = on_path
-
-
-def _window_mask(term: torch.fx.Node, heads: int, n: int) -> tuple[torch.fx.Node, int] | None:
-    """(base, nW) if `term` ([B, H, N, N]) is a [nW, N, N] mask repeated over images and
-    heads (timm's SDPA path: view [1, nW, 1, N, N] -> expand -> reshape)."""
-    chain: list = []
-    node = term
-    while node.op == "call_function" and node.target in COPIES - {aten.expand.default}:
-        node = node.args[0]
-    if node.target is not aten.expand.default:
-        return None
-    shape = _shape(node)
-    if len(shape) != 5 or shape[2] != heads or shape[3:] != (n, n):
-        return None
-    base = _strip(node.args[0], chain)
-    inner = _shape(node.args[0])
-    if len(inner) != 5 or inner[0] != 1 or inner[2] != 1:
-        return None
-    return base, inner[1]
-
-
-def _classify(term: torch.fx.Node, rank: int, heads: int, n: int, out: AttentionMatch) -> None:
-    """File an additive term under bias, mask or general."""
-    shape = _shape(term)
-    if rank == 5:
-        if len(shape) != 5 or shape[0] != 1 or shape[2] != 1 or shape[3:] != (n, n):
-            raise NoMatch(f"a term {shape} on the per-window scores is not [1, nW, 1, N, N]")
-        if out.mask is not None:
-            raise NoMatch("two per-window masks")
-        out.mask, out.windows = _strip(term, []), shape[1]
-        return
-    if term.target is aten.add.Tensor and all(isinstance(a, torch.fx.Node) for a in term.args):
-        for part in term.args:  # SDPA's attn_mask = bias + mask: split it
-            _classify(part, rank, heads, n, out)
-        return
-    squeezed = (
-        tuple(shape[shape.index(next(s for s in shape if s != 1)) :])
-        if any(s != 1 for s in shape)
-        else shape
-    )
-    if squeezed == (heads, n, n) and out.bias is None:
-        out.bias = _strip(term, [])
-        return
-    mask = _window_mask(term, heads, n) if len(shape) == 4 else None
-    if mask is not None and out.mask is None:
-        out.mask, out.windows = mask
-        return
-    if len(shape) == 4 and shape[1:] == (heads, n, n) and out.general is None:
-        out.general = term
-        return
-    raise NoMatch(f"an additive term of shape {shape} fits neither bias, mask nor attn_mask")
+        node = step
 
 
 def _sole_user(node: torch.fx.Node, forward: set | None) -> torch.fx.Node | None:
@@ -228,11 +174,141 @@ def _sole_user(node: torch.fx.Node, forward: set | None) -> torch.fx.Node | None
     return users[0] if len(users) == 1 else None
 
 
-def _output_chain(
-    node: torch.fx.Node, interior: list, forward: set | None
-) -> tuple[torch.fx.Node, str]:
-    """From the [B, H, N, D] attention output, follow transpose(1, 2) (or permute(0, 2, 1, 3))
-    -> copies -> [B, N, H*D]."""
+def sdpa_arguments(node: torch.fx.Node) -> dict[str, object]:
+    """Every argument of an SDPA call by its schema name (positional, keyword or default)."""
+    bound: dict[str, object] = {}
+    for i, arg in enumerate(node.target._schema.arguments):
+        if i < len(node.args):
+            bound[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            bound[arg.name] = node.kwargs[arg.name]
+        else:
+            bound[arg.name] = arg.default_value if arg.has_default_value() else None
+    return bound
+
+
+def _sdpa(node: torch.fx.Node, interior: list, terms: list, forward: set | None):
+    """q, k, v operands, the score scale and the output node of an SDPA call."""
+    args = sdpa_arguments(node)
+    if args.get("dropout_p") not in (None, 0, 0.0):
+        raise NoMatch(f"SDPA with dropout_p={args['dropout_p']}")
+    if args.get("is_causal"):
+        raise NoMatch("SDPA with is_causal=True: the kernel has no causal mask")
+    if args.get("return_debug_mask"):
+        raise NoMatch("SDPA returning its debug mask")
+    scale = args.get("scale")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise NoMatch(f"SDPA scale {scale!r} is not a number")
+    q = operand(args["query"], interior, role="q", transposed=False, scalable=True)
+    k = operand(args["key"], interior, role="k", transposed=False, scalable=True)
+    v = operand(args["value"], interior, role="v", transposed=False, scalable=False)
+    _check_qkv(q, k, v, gqa=bool(args.get("enable_gqa")))
+    mask = args.get("attn_mask", args.get("attn_bias"))
+    if mask is not None:
+        if not isinstance(mask, torch.fx.Node):
+            raise NoMatch("SDPA attn_mask is not a tensor")
+        if dtype(mask) == torch.bool:
+            raise NoMatch("a boolean attn_mask reaches the SDPA op")
+        b, heads, n, _ = shape(q.node)
+        terms.append(Term(mask, (b, heads, n, n)))
+    interior.append(node)
+    if node.target is SDPA_COMPOSITE:
+        start = node
+    else:
+        start = first_output(node, forward)
+        if start is None:
+            raise NoMatch("the SDPA output is not read")
+        interior += [u for u in node.users if u is not start and not u.users]  # dead outputs
+    d = shape(q.node)[-1]
+    base = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    return q, k, v, base * q.scale * k.scale, start
+
+
+def _check_qkv(q: Operand, k: Operand, v: Operand, gqa: bool = False) -> None:
+    (b, heads, n, d), (bk, hk, nk, dk), (bv, hv, nv, dv) = (shape(x.node) for x in (q, k, v))
+    if 0 in (b, heads, n, d, bk, hk, nk, dk, bv, hv, nv, dv):
+        raise NoMatch("zero-size q, k or v: nothing to compute, ATen returns eager's result")
+    if nk != n or nv != nk:
+        raise NoMatch(f"cross-attention: {n} queries, {nk} keys and {nv} values (Nq != Nk)")
+    if hk != heads or hv != heads:
+        what = "grouped-query attention" if gqa or heads % max(hk, 1) == 0 else "attention"
+        raise NoMatch(f"{what}: q has {heads} heads, k {hk} and v {hv}")
+    if bk != b or bv != b:
+        raise NoMatch(f"q, k and v batches differ: {b}, {bk}, {bv}")
+    if dk != d or dv != d:
+        raise NoMatch(f"head dims differ: q {d}, k {dk}, v {dv} (the kernel writes q's)")
+    if q.cosine != k.cosine:
+        raise NoMatch("only one of q and k is normalised")
+
+
+def _softmax(node: torch.fx.Node, interior: list, terms: list, factors: list, forward):
+    """q, k, v operands, the score scale and the output node of softmax(scores) @ v."""
+    rank = len(shape(node))
+    if node.args[1] % rank != rank - 1:
+        raise NoMatch(f"softmax over dim {node.args[1]}, not the last (keys) dim")
+    if node.target is aten._softmax.default and node.args[2]:
+        raise NoMatch("softmax with half_to_float")
+    bmm = _score_path(node.args[0], interior, terms, factors)
+    q = operand(bmm.args[0], interior, role="q", transposed=False, scalable=True)
+    k = operand(bmm.args[1], interior, role="k", transposed=True, scalable=True)
+    interior += [bmm, node]
+    cur = node
+    while True:  # softmax -> casts, copies, dropout(p=0) -> bmm(p, v)
+        user = _sole_user(cur, forward)
+        if user is None:
+            readers = sorted(str(getattr(u.target, "__name__", u.target)) for u in cur.users)
+            raise NoMatch(f"the probabilities are read by {', '.join(readers) or 'nothing'}")
+        if user.target is aten.bmm.default and user.args[0] is cur:
+            break
+        if same_values(user) or is_float_cast(user) or _keeps_last_two(user):
+            cur = user
+        elif user.target is aten.native_dropout.default:
+            if user.args[1] != 0:
+                raise NoMatch(f"dropout with p={user.args[1]} on the probabilities")
+            interior.append(user)
+            cur = first_output(user, forward)
+            if cur is None or len([u for u in user.users if forward is None or u in forward]) > 1:
+                raise NoMatch("dropout's mask is used")
+        else:
+            what = getattr(user.target, "__name__", user.target)
+            raise NoMatch(f"the probabilities go through {what}, not straight to the matmul with v")
+        interior.append(cur)
+    v = operand(user.args[1], interior, role="v", transposed=False, scalable=False)
+    _check_qkv(q, k, v)
+    b, heads, n, d = shape(q.node)
+    check_form(shape(node), b, heads, n)
+    interior.append(user)
+    start = user  # the bmm output [B*H, N, D], viewed back as [B, H, N, D]
+    while shape(start) != (b, heads, n, d):
+        nxt = _sole_user(start, forward)
+        if nxt is None or not (same_values(nxt) or is_reshape(nxt)):
+            raise NoMatch("the attention output is not viewed as [B, H, N, D]")
+        interior.append(start)
+        start = nxt
+    return q, k, v, q.scale * k.scale, start
+
+
+def _hinted(values) -> tuple[int, ...]:
+    return tuple(optimization_hint(v) if isinstance(v, torch.SymInt) else int(v) for v in values)
+
+
+def _strides_match(value: torch.Tensor, order: tuple[int, ...]) -> bool:
+    """True if `value`'s strides are those of a contiguous tensor with its dims permuted to
+    `order` (outermost first); size-1 dims are ignored."""
+    sizes, strides = _hinted(value.shape), _hinted(value.stride())
+    running = 1
+    for dim in reversed(order):
+        if sizes[dim] != 1 and strides[dim] != running:
+            return False
+        running *= sizes[dim]
+    return True
+
+
+def _output_chain(node: torch.fx.Node, interior: list, forward: set | None):
+    """(final node, output layout) from the [B, H, N, D] attention output: transpose(1, 2)
+    (or permute(0, 2, 1, 3)) -> copies -> [B, N, H*D] is "bnc"; else the output itself, in
+    its own strides."""
+    b, h, n, d = shape(node)
     user = _sole_user(node, forward)
     swaps_h_n = user is not None and (
         user.target is aten.transpose.int
@@ -240,103 +316,60 @@ def _output_chain(
         or user.target is aten.permute.default
         and [a % 4 for a in user.args[1]] == [0, 2, 1, 3]
     )
-    if not swaps_h_n:
+    if swaps_h_n:
+        chain, cur = [user], user
+        while (nxt := _sole_user(cur, forward)) is not None and (
+            same_values(nxt) or is_reshape(nxt)
+        ):
+            chain.append(nxt)
+            cur = nxt
+            if shape(cur) == (b, n, h * d) and _strides_match(fake_value(cur), (0, 1, 2)):
+                interior.append(node)
+                interior.extend(chain[:-1])
+                return cur, "bnc"
+    value = fake_value(node)
+    if _strides_match(value, (0, 1, 2, 3)):
         return node, "bhnd"
-    b, h, n, d = _shape(node)
-    chain, cur = [user], user
-    while (nxt := _sole_user(cur, forward)) is not None and nxt.target in COPIES:
-        chain.append(nxt)
-        cur = nxt
-        if _shape(cur) == (b, n, h * d):
-            interior.append(node)
-            interior.extend(chain[:-1])
-            return cur, "bnc"
-    return node, "bhnd"
+    if _strides_match(value, (0, 2, 1, 3)):
+        return node, "bnhd"
+    raise NoMatch(f"the attention output has strides {tuple(value.stride())}")
 
 
 def find_attention(node: torch.fx.Node, forward: set | None = None) -> AttentionMatch:
-    """The window attention around `node` (a _softmax or an SDPA call); raises NoMatch.
+    """The attention around `node` (a softmax or an SDPA call); raises NoMatch.
     `forward`, for a joint graph, is the set of forward nodes: only their uses count."""
     interior: list[torch.fx.Node] = []
-    terms: list = []
+    terms: list[Term] = []
     factors: list = []
     if node.target in SDPA:
-        q, k, v = node.args[:3]
-        mask = node.kwargs.get("attn_mask", node.kwargs.get("attn_bias"))
-        if node.kwargs.get("dropout_p", 0.0) not in (0, 0.0) or node.kwargs.get("is_causal"):
-            raise NoMatch("SDPA with dropout or a causal mask")
-        if mask is not None:
-            terms.append((mask, 4))
-        q, k, v = _strip(q, interior), _strip(k, interior), _strip(v, interior)
-        scale = node.kwargs.get("scale") or 1.0 / math.sqrt(_shape(q)[-1])
-        cosine = False
-        items = [u for u in node.users if u.target is operator.getitem]
-        out = next((u for u in items if u.args[1] == 0), None)
-        if out is None:
-            raise NoMatch("the SDPA output is not read")
-        interior += [node]
-        start = out
+        q, k, v, scale, start = _sdpa(node, interior, terms, forward)
+    elif node.target in SOFTMAX:
+        q, k, v, scale, start = _softmax(node, interior, terms, factors, forward)
     else:
-        if node.args[1] not in (-1, 3) or node.args[2]:
-            raise NoMatch("softmax not over the last dim in the input dtype")
-        bmm = _peel_scores(node.args[0], interior, terms, factors)
-        a, b = bmm.args
-        interior.append(bmm)
-        q, q_scale, q_cos = _peel_operand(a, interior)
-        kt = _strip(b, interior)
-        if kt.target is not aten.transpose.int or sorted(x % 4 for x in kt.args[1:]) != [2, 3]:
-            raise NoMatch("the second matmul operand is not k transposed")
-        interior.append(kt)
-        k, k_scale, k_cos = _peel_operand(kt.args[0], interior)
-        if q_cos != k_cos:
-            raise NoMatch("only one of q and k is normalised")
-        scale, cosine = q_scale * k_scale, q_cos
-        # softmax -> [dropout p=0] -> copies -> bmm(p, v)
-        cur, after = node, node
-        interior.append(node)
-        while (user := _sole_user(cur, forward)) is not None:
-            if user.target in COPIES:
-                interior.append(user)
-                cur = user
-            elif user.target is aten.native_dropout.default and user.args[1] == 0:
-                interior.append(user)
-                items = [u for u in user.users if forward is None or u in forward]
-                if len(items) != 1 or items[0].args[1] != 0:
-                    raise NoMatch("dropout's mask is used")
-                cur = items[0]
-                interior.append(cur)
-            else:
-                after = user
-                break
-        if (
-            after.target is not aten.bmm.default
-            or _strip(after.args[0], []) is not node
-            and after.args[0] is not cur
-        ):
-            raise NoMatch("the softmax does not feed the matmul with v")
-        v = _strip(after.args[1], interior)
-        interior.append(after)
-        start = after
-        while (
-            (user := _sole_user(start, forward)) is not None
-            and user.target in COPIES
-            and len(_shape(user)) == 4
-        ):
-            interior.append(start)
-            start = user
-    match = AttentionMatch(q, k, v, scale, cosine, None, None, None, 1, None, "bhnd", start)
-    b, heads, n, d = _shape(q)
-    if _shape(k) != (b, heads, n, d) or _shape(v) != (b, heads, n, d):
-        raise NoMatch(f"q {_shape(q)}, k {_shape(k)}, v {_shape(v)} differ")
+        raise NoMatch(f"{node.target} is neither a softmax nor an SDPA call")
+    b, heads, n, _ = shape(q.node)
+    filed = classify(terms, b, heads, n)
     for factor in factors:
         if isinstance(factor, float):
-            match.scale *= factor
-        elif match.logit_scale is None and math.prod(_shape(factor)) == heads:
-            match.logit_scale = factor
+            scale *= factor
         else:
-            raise NoMatch("a multiplicative factor is neither a scalar nor per head")
-    for term, rank in terms:
-        _classify(term, rank, heads, n, match)
-    match.final, match.output = _output_chain(start, interior, forward)
-    match.interior = [x for x in dict.fromkeys(interior) if x is not match.final]
+            file_factor(filed, factor, b, heads, n)
+    final, output = _output_chain(start, interior, forward)
+    match = AttentionMatch(
+        q=q.node,
+        k=k.node,
+        v=v.node,
+        scale=scale,
+        cosine=q.cosine,
+        logit_scale=filed.logit_scale,
+        bias=filed.bias,
+        mask=filed.mask,
+        windows=filed.windows,
+        general=filed.general,
+        output=output,
+        final=final,
+        mask_repeat=filed.mask_repeat,
+        safe_softmax=node.target in SDPA or node.target is aten._safe_softmax.default,
+    )
+    match.interior = [x for x in dict.fromkeys(interior) if x is not final]
     return match

@@ -17,9 +17,16 @@ import torch.fx
 
 from ..counters import counters
 from ..spec import DTYPES, AttentionSpec
-from .attention_pattern import SDPA, AttentionMatch, NoMatch, find_attention, reaches
+from .attention_pattern import (
+    SDPA,
+    SOFTMAX,
+    AttentionMatch,
+    NoMatch,
+    find_attention,
+    reaches_matmul,
+)
 from .context import PassContext, Region
-from .meta import as_size, fake_value, size_hints
+from .meta import as_size, fake_value, shape_summary, size_hints
 
 RULE = "softmax(scale * q @ k^T + bias[h] + mask[b mod nW]) @ v => window_attention(q, k, v, ...)"
 aten = torch.ops.aten
@@ -31,7 +38,7 @@ def is_attention_candidate(node: torch.fx.Node) -> bool:
         return False
     if node.target in SDPA:
         return True
-    return node.target is aten._softmax.default and reaches(node.args[0], {aten.bmm.default})
+    return node.target in SOFTMAX and reaches_matmul(node.args[0])
 
 
 def _matmul_precision(dtype: torch.dtype) -> str:
@@ -47,9 +54,11 @@ def attention_fallback_reason(m: AttentionMatch, private: bool) -> str | None:
         return f"dtype {dtype} is not supported"
     if q.device.type not in ("cpu", "cuda"):
         return f"device {q.device.type!r} is not supported"
-    _, heads, n, d = q.shape
+    b, heads, n, d = q.shape
     if not all(isinstance(s, int) for s in (heads, n, d)):
         return "heads, tokens and head_dim must be static"
+    if 0 in (b, heads, n, d):
+        return "zero-size q: nothing to compute, ATen returns eager's empty result"
     if not 16 <= d <= 256:
         return f"head_dim {d} outside 16..256"
     for t in (m.k, m.v):
@@ -89,6 +98,8 @@ def attention_spec(m: AttentionMatch) -> AttentionSpec:
         device=q.device.type,
         precision=_matmul_precision(q.dtype),
         hints=size_hints(q),
+        mask_repeat=m.mask_repeat,
+        safe_softmax=m.safe_softmax,
     )
 
 
@@ -125,7 +136,7 @@ def match_window_attention(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.
                 rule=RULE,
                 stage=ctx.stage,
                 nodes=tuple(n.name for n in (m.interior + [m.final])) if m else (node.name,),
-                summary=spec.describe() if spec else str(tuple(fake_value(node).shape)),
+                summary=spec.describe() if spec else shape_summary(node),
                 spec=spec,
                 fallback_reason=reason,
                 roles=roles,

@@ -43,6 +43,19 @@ def _conv_precision() -> str:
     return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
 
 
+def conv_params(node: torch.fx.Node) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """(stride, padding, dilation) of an aten.convolution, one value per spatial dim.
+
+    ATen broadcasts a one-element list over the spatial dims: `padding="valid"` reaches the
+    aten graph as `padding=[0]` for a 2-D convolution."""
+    _, w, _, stride, padding, dilation = node.args[:6]
+    spatial = len(fake_value(w).shape) - 2
+    return tuple(
+        tuple(int(v) for v in (values if len(values) == spatial else list(values) * spatial))
+        for values in (stride, padding, dilation)
+    )
+
+
 def conv_fallback_reason(node: torch.fx.Node, ctx: PassContext) -> str | None:
     """Why this convolution cannot run a generated kernel, or None if it can."""
     x, w, b, stride, padding, dilation, transposed, output_padding, groups = node.args
@@ -54,6 +67,14 @@ def conv_fallback_reason(node: torch.fx.Node, ctx: PassContext) -> str | None:
     spatial = len(wv.shape) - 2
     if spatial not in (1, 2):
         return f"{spatial}-D convolution: only 1-D and 2-D convolutions are supported"
+    if any(len(values) not in (1, spatial) for values in (stride, padding, dilation)):
+        return "stride, padding or dilation does not give one value per spatial dim"
+    empty = [name for name, t in (("input", xv), ("weight", wv), ("output", out)) if 0 in sizes(t)]
+    if empty:
+        return (
+            f"zero-size {' and '.join(empty)}: nothing to compute, ATen returns eager's empty "
+            "result"
+        )
     mode = ctx.facts.get("conv_padding_mode", {})
     for name in sorted(dynamo_sources(node)):
         if name in mode:
@@ -80,7 +101,9 @@ def conv_spec(
 ) -> ConvSpec:
     """The ConvSpec of a supported convolution node, in 2-D form; `out_node` is the last
     node of its epilogue chain (its value is what the kernel writes)."""
-    x, w, b, stride, padding, dilation, _, _, groups = node.args
+    x, w, b = node.args[:3]
+    groups = node.args[8]
+    stride, padding, dilation = conv_params(node)
     xv, wv, out = fake_value(x), fake_value(w), fake_value(out_node or node)
     xs, ws, os_ = sizes(xv), sizes(wv), sizes(out)
     if len(ws) == 3:  # conv1d as a 2-D conv over a 1-row image
@@ -127,10 +150,13 @@ def _mode(node: torch.fx.Node, chain: Chain, ctx: PassContext) -> str | None:
 
 def match_conv(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:
     claimed: set[str] = set()
+    conv_reasons: dict[str, str] = {}  # the convolutions that stay ATen, and why
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target != aten.convolution.default:
             continue
         reason = conv_fallback_reason(node, ctx)
+        if reason is not None:
+            conv_reasons[node.name] = reason
         chain = Chain((("conv", node.name),), Epilogue(), node)
         if reason is None:
             chain = grow_chain(node, claimed)
@@ -168,12 +194,15 @@ def match_conv(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModu
             )
             if node.name in claimed or (node.target is BN_TRAIN and fed_by_conv):
                 continue
-            reason = (
-                "the convolution's output has other users, so BN cannot be folded into it"
-                if fed_by_conv
-                else "batch_norm not fed directly by a convolution (e.g. BN -> ReLU -> conv,"
-                " as in DenseNet): it stays ATen"
-            )
+            if fed_by_conv and source.name in conv_reasons:
+                reason = f"its convolution runs ATen: {conv_reasons[source.name]}"
+            elif fed_by_conv:
+                reason = "the convolution's output has other users, so BN cannot be folded into it"
+            else:
+                reason = (
+                    "batch_norm not fed directly by a convolution (e.g. BN -> ReLU -> conv,"
+                    " as in DenseNet): it stays ATen"
+                )
             ctx.regions.append(
                 Region(
                     name=ctx.new_region_name("batch_norm"),

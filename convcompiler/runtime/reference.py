@@ -56,25 +56,32 @@ def run_aten(
 
 
 def run_attention(spec, q, k, v, bias=None, mask=None, general=None, logit_scale=None):
-    """The canonical window attention (AttentionSpec), as separate ATen ops."""
+    """The canonical window attention (AttentionSpec), as separate ATen ops. The operands
+    are viewed as the kernel's launcher views them (see codegen/window_attention.py)."""
+    b, h, n = q.shape[0], spec.heads, spec.tokens
     if spec.cosine:
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
     s = (q * spec.scale) @ k.transpose(-2, -1)
     if logit_scale is not None:
-        s = s * logit_scale.reshape(1, -1, 1, 1)
-    b, h, n = s.shape[0], s.shape[1], s.shape[2]
+        s = s * logit_scale.reshape(-1).expand(h).reshape(1, h, 1, 1)
     if bias is not None:
-        s = (
-            s + bias.reshape(-1, n, n)[None]
-            if bias.numel() != h * n * n
-            else s + bias.reshape(1, h, n, n)
-        )
+        while bias.dim() > 3:
+            bias = bias[0]
+        s = s + bias
     if mask is not None:
-        nw = mask.reshape(-1, n, n).shape[0]
-        s = (s.view(b // nw, nw, h, n, n) + mask.reshape(1, nw, 1, n, n)).view(b, h, n, n)
+        mask = mask[0, :, 0] if mask.dim() == 5 else mask[:, 0] if mask.dim() == 4 else mask
+        mask = mask.expand(-1, n, n) if mask.dim() == 3 else mask.expand(1, n, n)
+        nw = mask.shape[0]
+        s = s.view(b // nw, nw, h, n, n)
+        for _ in range(spec.mask_repeat):
+            s = s + mask[None, :, None]
+        s = s.view(b, h, n, n)
     if general is not None:
         s = s + general
-    out = torch.softmax(s, dim=-1) @ v
+    p = torch.ops.aten._safe_softmax(s, -1) if spec.safe_softmax else torch.softmax(s, dim=-1)
+    out = p.to(v.dtype) @ v
     if spec.output == "bnc":
-        out = out.transpose(1, 2).reshape(b, n, h * out.shape[-1])
+        return out.transpose(1, 2).reshape(b, n, h * out.shape[-1])
+    if spec.output == "bnhd":
+        return out.transpose(1, 2).contiguous().transpose(1, 2)
     return out

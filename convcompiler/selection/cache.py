@@ -60,9 +60,9 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 
 @functools.lru_cache(maxsize=None)
 def files_hash(*names: str) -> str:
-    """SHA-256 over convcompiler source files (glob patterns relative to the package),
-    read once per process."""
-    root = Path(__file__).parent
+    """SHA-256 over convcompiler source files (glob patterns relative to the package root,
+    convcompiler/), read once per process."""
+    root = Path(__file__).parent.parent
     digest = hashlib.sha256()
     for path in sorted(p for name in names for p in root.glob(name)):
         digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())

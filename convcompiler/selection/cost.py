@@ -209,7 +209,7 @@ def _time(spec, schedule, device, symbolic):
                 a_bytes, launches = workspace, 2
         ctas = tiles_m * tiles_n * groups
         slots = device.sms * (2 if s["num_warps"] <= 4 else 1)
-        padded = padded * (_cdiv(ctas, slots) * slots) / ctas  # idle SMs in the last wave
+        padded = padded * (_cdiv(ctas, slots) * slots) / _max(ctas, 1)  # idle SMs in the last wave
         traffic = (
             _reread(a_bytes, tiles_n, device)
             + _reread(w_bytes, tiles_m, device)

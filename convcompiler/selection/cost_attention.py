@@ -55,7 +55,7 @@ def attention_time(spec: AttentionSpec, schedule: Schedule, device: Device, symb
         ctas = _cdiv(n, bm) * b * h
         launches, eff = 1, FUSED_EFFICIENCY
         slots = device.sms * (2 if schedule["num_warps"] <= 4 else 1)
-        padded = padded * (_cdiv(ctas, slots) * slots) / ctas
+        padded = padded * (_cdiv(ctas, slots) * slots) / _max(ctas, 1)
     compute = padded / (peak * eff)
     memory = traffic / (device.bandwidth * MEMORY_EFFICIENCY)
     launch = launches * device.launch_us * 1e-6

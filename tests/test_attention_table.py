@@ -1,0 +1,315 @@
+"""The attention matcher proves what it fuses: every SDPA argument and every bias or mask
+shape is computed exactly by the kernel, or refused at match time with the reason.
+
+Each row compiles one attention, compares it with float64 eager, and asserts either that
+the region ran the fused kernel or that it fell back with the expected reason. Rows also
+cover eager's edges: NaN and Inf in q, k, v and the masks, rows masked entirely with -inf
+(softmax gives NaN, SDPA and _safe_softmax give 0), and zero-size batches and token dims.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_close, run_compiled
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import convcompiler
+from convcompiler.passes.attention_pattern import NoMatch, find_attention
+from convcompiler.passes.match_attention import is_attention_candidate
+
+B, H, N, D = 2, 2, 20, 16
+FAST = {"verify": False}  # the static sm_90 check adds nothing to numerics
+sdpa = F.scaled_dot_product_attention
+
+
+def hand(q, k, v, add=None, scale=None, dim=-1):
+    """softmax(scale * q @ k^T + add, dim) @ v, written out."""
+    s = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if add is not None:
+        s = s + add
+    return s.softmax(dim) @ v
+
+
+def masked_fill_causal(q, k, v):
+    s = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    causal = torch.ones(s.shape[-2], s.shape[-1], dtype=torch.bool, device=q.device).triu(1)
+    return s.masked_fill(causal, float("-inf")).softmax(-1) @ v
+
+
+def scaled_after_add(q, k, v, m):
+    return (((q @ k.transpose(-2, -1)) + m) * 0.25).softmax(-1) @ v
+
+
+def per_head_factor(q, k, v, t):
+    return ((q @ k.transpose(-2, -1)) * t).softmax(-1) @ v
+
+
+def gqa_by_hand(q, k, v):
+    """Grouped-query attention written with repeat_interleave: k and v become H heads."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
+    return hand(q, k, v)
+
+
+def rand(*shape):
+    return torch.randn(*shape)
+
+
+def bool_mask():
+    m = torch.rand(N, N) > 0.3
+    m[3] = False  # a row that sees no key: SDPA gives 0 there
+    return m
+
+
+# name: (function, inputs (callables: fresh tensors), None (fused) or the fallback reason)
+ROWS = {
+    "sdpa": (sdpa, lambda: (rand(B, H, N, D), rand(B, H, N, D), rand(B, H, N, D)), None),
+    "sdpa_causal": (
+        lambda q, k, v: sdpa(q, k, v, is_causal=True),
+        lambda: (rand(B, H, N, D), rand(B, H, N, D), rand(B, H, N, D)),
+        "is_causal=True",
+    ),
+    "sdpa_scale": (
+        lambda q, k, v: sdpa(q, k, v, scale=0.3),
+        lambda: (rand(B, H, N, D), rand(B, H, N, D), rand(B, H, N, D)),
+        None,
+    ),
+    "sdpa_bool_mask": (
+        lambda q, k, v, m: sdpa(q, k, v, attn_mask=m),
+        lambda: (rand(B, H, N, D), rand(B, H, N, D), rand(B, H, N, D), bool_mask()),
+        None,
+    ),
+    "sdpa_mask_NN": (
+        lambda q, k, v, m: sdpa(q, k, v, attn_mask=m),
+        lambda: (rand(B, H, N, D), rand(B, H, N, D), rand(B, H, N, D), rand(N, N)),
+        None,
+    ),
+    "sdpa_mask_HNN": (
+        lambda q, k, v, m: sdpa(q, k, v, attn_mask=m),
+        lambda: (rand(B, H, N, D), rand(B, H, N, D), rand(B, H, N, D), rand(H, N, N)),
+        None,
+    ),
+    "sdpa_mask_B1NN": (
+        lambda q, k, v, m: sdpa(q, k, v, attn_mask=m),
+        lambda: (rand(B, H, N, D), rand(B, H, N, D), rand(B, H, N, D), rand(B, 1, N, N)),
+        None,
+    ),
+    "sdpa_mask_1HNN": (
+        lambda q, k, v, m: sdpa(q, k, v, attn_mask=m),
+        lambda: (rand(B, H, N, D), rand(B, H, N, D), rand(B, H, N, D), rand(1, H, N, N)),
+        None,
+    ),
+    "sdpa_mask_BHNN": (
+        lambda q, k, v, m: sdpa(q, k, v, attn_mask=m),
+        lambda: (rand(B, H, N, D), rand(B, H, N, D), rand(B, H, N, D), rand(B, H, N, N)),
+        None,
+    ),
+    "sdpa_mask_BH1N": (  # broadcast over the query rows
+        lambda q, k, v, m: sdpa(q, k, v, attn_mask=m),
+        lambda: (rand(B, H, N, D), rand(B, H, N, D), rand(B, H, N, D), rand(B, H, 1, N)),
+        None,
+    ),
+    "sdpa_cross_attention": (
+        sdpa,
+        lambda: (rand(B, H, N, D), rand(B, H, 13, D), rand(B, H, 13, D)),
+        "cross-attention",
+    ),
+    "sdpa_gqa": (
+        lambda q, k, v: sdpa(q, k, v, enable_gqa=True),
+        lambda: (rand(B, 4, N, D), rand(B, 2, N, D), rand(B, 2, N, D)),
+        "grouped-query",
+    ),
+    "sdpa_v_head_dim": (
+        sdpa,
+        lambda: (rand(B, H, N, D), rand(B, H, N, D), rand(B, H, N, 24)),
+        "head dims differ",
+    ),
+    "sdpa_3d": (sdpa, lambda: (rand(B, N, D), rand(B, N, D), rand(B, N, D)), None),  # H = 1
+    "hand": (hand, lambda: (rand(B, H, N, D), rand(B, H, N, D), rand(B, H, N, D)), None),
+    "hand_mask_NN": (
+        hand,
+        lambda: (rand(B, H, N, D), rand(B, H, N, D), rand(B, H, N, D), rand(N, N)),
+        None,
+    ),
+    "hand_mask_B1NN": (
+        hand,
+        lambda: (rand(B, H, N, D), rand(B, H, N, D), rand(B, H, N, D), rand(B, 1, N, N)),
+        None,
+    ),
+    "hand_softmax_dim_-2": (
+        lambda q, k, v: hand(q, k, v, dim=-2),
+        lambda: (rand(B, H, N, D), rand(B, H, N, D), rand(B, H, N, D)),
+        "softmax over dim -2",
+    ),
+    "hand_masked_fill_causal": (
+        masked_fill_causal,
+        lambda: (rand(B, H, N, D), rand(B, H, N, D), rand(B, H, N, D)),
+        "masked_fill",
+    ),
+    "hand_scaled_after_add": (
+        scaled_after_add,
+        lambda: (rand(B, H, N, D), rand(B, H, N, D), rand(B, H, N, D), rand(N, N)),
+        "scaled after an additive term",
+    ),
+    "hand_per_head_factor": (
+        per_head_factor,
+        lambda: (rand(B, H, N, D), rand(B, H, N, D), rand(B, H, N, D), rand(H, 1, 1)),
+        None,
+    ),
+    "hand_per_batch_factor": (
+        per_head_factor,
+        lambda: (rand(B, H, N, D), rand(B, H, N, D), rand(B, H, N, D), rand(B, 1, 1, 1)),
+        "varies over more than heads",
+    ),
+    "hand_cross_attention": (
+        hand,
+        lambda: (rand(B, H, N, D), rand(B, H, 13, D), rand(B, H, 13, D)),
+        "cross-attention",
+    ),
+    "hand_gqa": (
+        gqa_by_hand,
+        lambda: (rand(B, 4, N, D), rand(B, 2, N, D), rand(B, 2, N, D)),
+        None,  # repeat_interleave materialises k and v with 4 heads: plain attention
+    ),
+}
+
+
+def check_row(fn, inputs, expected: str | None, dtype=torch.float32):
+    """Compiled fn == float64 eager; fused with a launch, or a fallback with the reason."""
+    ref = fn(*(t.double() if t.is_floating_point() else t for t in inputs))
+    inputs = [t.to(dtype) if t.is_floating_point() else t for t in inputs]
+    y, report = run_compiled(fn, inputs, options=FAST)
+    regions = [r for r in report.regions if r.kind == "window_attention"]
+    assert len(regions) == 1, str(report)
+    (region,) = regions
+    if expected is None:
+        assert region.fallback_reason is None and region.schedule == "window_attention", str(report)
+        assert convcompiler.counters["launch.window_attention"] == 1
+    else:
+        assert region.fallback_reason is not None and expected in region.fallback_reason, (
+            region.fallback_reason
+        )
+        assert convcompiler.counters["launch.window_attention"] == 0
+    finite = ref.isfinite()
+    assert torch.equal(y.isnan(), ref.isnan()) and torch.equal(y.isinf(), ref.isinf())
+    assert_close(y.double()[finite], ref[finite], dtype)
+    return region
+
+
+@pytest.mark.parametrize("name", list(ROWS))
+def test_attention_row(name):
+    torch.manual_seed(sum(map(ord, name)))
+    fn, make, expected = ROWS[name]
+    check_row(fn, make(), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attention_rows_half_precision(dtype):
+    torch.manual_seed(11)
+    q, k, v = (rand(B, H, N, D) for _ in range(3))
+    check_row(
+        lambda q, k, v, m: sdpa(q, k, v, attn_mask=m), (q, k, v, rand(1, H, N, N)), None, dtype
+    )
+    torch._dynamo.reset()
+    convcompiler.counters.reset()
+    check_row(hand, (q, k, v, rand(B, 1, N, N)), None, dtype)
+
+
+@pytest.mark.parametrize(
+    "argument,value,reason",
+    [
+        (3, 0.5, "dropout_p=0.5"),  # positional, as aten graphs pass them
+        (4, True, "is_causal=True"),
+        ("dropout_p", 0.25, "dropout_p=0.25"),  # keyword
+        ("is_causal", True, "is_causal=True"),
+        ("scale", 0.5, None),
+    ],
+)
+def test_sdpa_arguments_are_read_from_the_schema(argument, value, reason):
+    """Every SDPA argument is read by name from the op's schema, positional or keyword: a
+    dropout or causal flag is refused at match time, never dropped; a scale is used."""
+    q, k, v = (rand(B, H, N, D) for _ in range(3))
+    gm = make_fx(lambda q, k, v: sdpa(q, k, v))(q, k, v)
+    (node,) = [n for n in gm.graph.nodes if is_attention_candidate(n)]
+    assert node.target is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    if isinstance(argument, int):
+        args = list(node.args) + [0.0, False][len(node.args) - 3 :]
+        args[argument] = value
+        node.args = tuple(args)
+    else:
+        node.kwargs = {**node.kwargs, argument: value}
+    if reason is None:
+        assert find_attention(node).scale == value
+    else:
+        with pytest.raises(NoMatch, match=reason):
+            find_attention(node)
+
+
+def test_dropout_on_the_probabilities_is_refused():
+    """SDPA's math path with dropout: the probabilities feed a random mask, not the matmul."""
+    q, k, v = (rand(B, H, N, D) for _ in range(3))
+    gm = make_fx(lambda q, k, v: sdpa(q, k, v, dropout_p=0.5))(q, k, v)
+    (node,) = [n for n in gm.graph.nodes if is_attention_candidate(n)]
+    with pytest.raises(NoMatch, match="probabilities are read by"):
+        find_attention(node)
+
+
+# ---- NaN, Inf and fully masked rows --------------------------------------------------------
+def nonfinite_qkv():
+    q, k, v = (rand(4, H, N, D) for _ in range(3))
+    q[0, 0, 2, 3] = float("nan")
+    q[3, 1, 7, 0] = -float("inf")
+    k[1, 1, 4, 0] = float("inf")
+    v[2, 0, 6, 1] = float("inf")
+    bias = rand(H, N, N)
+    mask = torch.zeros(2, N, N)
+    mask[1, 3] = -float("inf")  # a row of window 1 sees no key
+    mask[0, 5, :7] = -float("inf")
+    return q, k, v, bias, mask
+
+
+def swin_softmax(q, k, v, bias, mask):
+    b, h, n, d = q.shape
+    nw = mask.shape[0]
+    s = (q * d**-0.5) @ k.transpose(-2, -1) + bias
+    s = (s.view(b // nw, nw, h, n, n) + mask.unsqueeze(1).unsqueeze(0)).view(b, h, n, n)
+    return (s.softmax(-1) @ v).transpose(1, 2).reshape(b, n, h * d)
+
+
+def swin_sdpa(q, k, v, bias, mask):
+    b, h, n, d = q.shape
+    nw = mask.shape[0]
+    m = bias + mask.unsqueeze(1).unsqueeze(0).expand(b // nw, nw, h, n, n).reshape(b, h, n, n)
+    return sdpa(q, k, v, attn_mask=m).transpose(1, 2).reshape(b, n, h * d)
+
+
+@pytest.mark.parametrize("fn", [swin_softmax, swin_sdpa], ids=["softmax", "sdpa"])
+def test_nan_inf_and_fully_masked_rows_match_eager(fn):
+    """NaN and Inf spread as in eager; a row masked entirely is NaN under softmax and 0
+    under SDPA, in the fused kernel as in eager."""
+    inputs = nonfinite_qkv()
+    region = check_row(fn, inputs, None)
+    assert "mask=[2,N,N] per window" in region.spec and "bias=[heads,N,N]" in region.spec
+    y = torch.compile(fn, backend="im2win", options=FAST)(*inputs)
+    row = y.view(4, N, H, D)[1, 3, 0]  # batch 1 is window 1; head 0 has no Inf in k
+    assert row.isnan().all() if fn is swin_softmax else (row == 0).all()
+
+
+@pytest.mark.parametrize("fn", [swin_softmax, swin_sdpa], ids=["softmax", "sdpa"])
+@pytest.mark.parametrize("shape", [(0, H, N, D), (4, H, 0, D)], ids=["batch", "tokens"])
+def test_zero_size_attention_gives_eagers_result(fn, shape):
+    q, k, v = (torch.randn(shape) for _ in range(3))
+    bias, mask = torch.randn(H, shape[2], shape[2]), torch.zeros(2, shape[2], shape[2])
+    eager = fn(q, k, v, bias, mask)
+    y, report = run_compiled(fn, [q, k, v, bias, mask], options=FAST)
+    assert y.shape == eager.shape and y.numel() == 0
+    # SDPA on empty tensors traces to `zeros` (no attention left); the softmax form stays
+    # and falls back with the reason
+    regions = [r for r in report.regions if r.kind == "window_attention"]
+    assert len(regions) == (fn is swin_softmax), str(report)
+    assert all("zero-size" in r.fallback_reason for r in regions), str(report)
+    assert convcompiler.counters["launch.window_attention"] == 0

@@ -269,7 +269,7 @@ LAYOUTS = ("nchw", "nhwc", "strided")
 PRECISIONS = ("ieee", "tf32")
 DEVICES = ("cpu", "cuda")
 BN_KINDS = (None, "affine", "plain")
-OUTPUTS = ("bnc", "bhnd")
+OUTPUTS = ("bnc", "bhnd", "bnhd")
 
 
 class SpecError(ValueError):
@@ -430,6 +430,8 @@ def spec_from_json(data: object) -> ConvSpec | AttentionSpec:
             windows=_int(data["windows"], "windows", 1),
             general=_bool(data["general"], "general"),
             output=_check(data["output"], OUTPUTS, "output"),
+            mask_repeat=_int(data["mask_repeat"], "mask_repeat", 1),
+            safe_softmax=_bool(data["safe_softmax"], "safe_softmax"),
             **common,
         )
     e = data["epilogue"]

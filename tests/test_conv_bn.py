@@ -294,5 +294,6 @@ def test_train_mode_resnet18_three_steps_match_eager() -> None:
     report = convcompiler.last_report()
     assert all(r.kind == "conv_bn" and r.mode == "train" for r in report if r.stage == "forward")
     (stem,) = [r for r in report if r.stage == "backward"]  # recomputed for BN's backward
-    assert stem.kind == "conv" and "7x7" in stem.spec and stem.fallback_reason is None
+    assert stem.kind == "conv_bn" and stem.mode == "train" and "7x7" in stem.spec
+    assert stem.fallback_reason is None
     assert convcompiler.counters["launch.conv_bn"] > 0

@@ -41,6 +41,7 @@ ANCHORS = (
     aten.leaky_relu.default,
     aten.clamp.default,
     aten._softmax.default,
+    aten._safe_softmax.default,
     aten.linalg_vector_norm.default,
 )
 

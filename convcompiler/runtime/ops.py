@@ -126,9 +126,12 @@ def window_attention(
 def _window_attention_fake(q, k, v, bias, mask, general, logit_scale, kernel):
     spec = decode(kernel).spec
     b = q.shape[0]
+    h, n, d = spec.heads, spec.tokens, spec.head_dim
     if spec.output == "bnc":
-        return q.new_empty((b, spec.tokens, spec.heads * spec.head_dim))
-    return q.new_empty((b, spec.heads, spec.tokens, spec.head_dim))
+        return q.new_empty((b, n, h * d))
+    if spec.output == "bnhd":  # [B, H, N, D] stored as [B, N, H, D]
+        return q.new_empty((b, n, h, d)).transpose(1, 2)
+    return q.new_empty((b, h, n, d))
 
 
 OPS = {

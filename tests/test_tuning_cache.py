@@ -221,6 +221,24 @@ def test_entries_from_another_triton_or_device_are_not_used(cache_dir, monkeypat
     assert any("other key parts" in r.getMessage() for r in caplog.records)
 
 
+def test_key_hashes_cover_the_template_and_package_sources() -> None:
+    """A template edit must invalidate cached records and graphs: the hashes read the files."""
+    from pathlib import Path
+
+    from convcompiler.selection.cache import files_hash, templates_hash
+
+    empty = hashlib.sha256().hexdigest()
+    package = Path(convcompiler.__file__).parent
+    templates = sorted(package.glob("codegen/*.py"))
+    assert len(templates) >= 6
+    digest = hashlib.sha256()
+    for path in templates:
+        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    assert files_hash("codegen/*.py") == digest.hexdigest()
+    assert templates_hash() not in (empty, files_hash("codegen/*.py"))  # + the cost model
+    assert files_hash("**/*.py") != empty
+
+
 def test_altered_kernel_file_is_regenerated_on_a_warm_compile(cache_dir) -> None:
     x = torch.randn(1, 3, 10, 10)
     _, report = run_compiled(small_model(), [x])

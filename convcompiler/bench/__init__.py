@@ -1,1 +1,2 @@
-"""Benchmarks (`python -m convcompiler.bench SUITE`). Never run by the test suite."""
+"""Benchmarks (`python -m convcompiler.bench SUITE`) and the prepared GPU check
+(`python -m convcompiler.bench gpu`). The test suite runs only the GPU check's --dry-run."""

@@ -1,4 +1,4 @@
-"""python -m convcompiler.bench SUITE [options]"""
+"""python -m convcompiler.bench SUITE [options]; python -m convcompiler.bench gpu --out DIR"""
 
 from __future__ import annotations
 
@@ -20,8 +20,13 @@ SUITES.update({name: networks for name in networks.SUITES})
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["gpu"]:  # the prepared GPU check has its own options (bench/gpu.py)
+        from . import gpu
+
+        return gpu.main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m convcompiler.bench")
-    parser.add_argument("suite", choices=sorted(SUITES))
+    parser.add_argument("suite", choices=sorted(SUITES) + ["gpu"])
     parser.add_argument("--model", help="a torchvision model name")
     parser.add_argument("--input", help="input shape, comma separated")
     parser.add_argument("--options", default="{}", help="backend options as JSON")

@@ -61,8 +61,8 @@ def conv_im2win_implicit(
     x_ptr, w_ptr, y_ptr,
     # epilogue operands (None when unused): conv bias, batch norm, residual
     b_ptr, bnw_ptr, bnb_ptr, mean_ptr, var_ptr, r_ptr,
-    # sizes
-    N, H, W, HO, WO, CG, KG, R,
+    # sizes; CG and R are fixed by the spec, so the reduction loops have constant bounds
+    N, H, W, HO, WO, CG: tl.constexpr, KG, R: tl.constexpr,
     # strides (w_ptr is the packed filter: [K, KW, KH, CG] contiguous)
     sxn, sxc, sxh, sxw, syn, syk, syh, syw, srn, src, srh, srw,
     # conv geometry (baked from the spec)
@@ -108,8 +108,10 @@ def conv_im2win_implicit(
                         mask=(r < R)[:, None] & k_ok[None, :], other=0.0)
             acc = _mma(a, b, acc, WIDEN, PRECISION)
     else:
+        # (loop bounds are written out from constexprs: Triton 3.6's interpreter turns every
+        # assigned name into a tensor, which range() cannot take)
         c_steps = (CG + BLOCK_K - 1) // BLOCK_K
-        for it in range(0, KW * KH * c_steps):
+        for it in range(0, KW * KH * ((CG + BLOCK_K - 1) // BLOCK_K)):
             tap = it // c_steps
             c = (it - tap * c_steps) * BLOCK_K + offs_r
             kx = tap // KH

@@ -176,9 +176,10 @@ def _mma(a, b, acc, WIDEN: tl.constexpr, PRECISION: tl.constexpr):
     # acc += a @ b: on a GPU on tensor cores with fp32 accumulation. Under Triton's
     # interpreter (WIDEN) the operands are widened to fp64 after the load: the interpreter
     # multiplies bf16 bit patterns, and fp64 makes a CPU run as close to exact as it gets.
+    # (out_dtype names the fp64 accumulator: Triton 3.6 checks it against a float32 default.)
     if WIDEN:
-        a = a.to(tl.float64)
-        b = b.to(tl.float64)
+        return tl.dot(a.to(tl.float64), b.to(tl.float64), acc, input_precision=PRECISION,
+                      out_dtype=tl.float64)
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 

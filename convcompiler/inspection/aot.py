@@ -172,6 +172,23 @@ def _specialise(launch: Launch) -> tuple[dict, dict, dict]:
     return signature, constexprs, attrs
 
 
+def launch_key(launch: Launch, arch: str, hints: bool = True) -> str:
+    """What Triton's compile of `launch` depends on: the kernel's text, its specialisation and
+    the launch options (launches with equal keys compile to the same binary). `hints=False`
+    leaves out the divisibility hints, keeping the constexprs and argument types."""
+    signature, constexprs, attrs = _specialise(launch)
+    return repr(
+        (
+            launch.fn.src,
+            arch,
+            sorted(signature.items()),
+            sorted((k, repr(v)) for k, v in constexprs.items()),
+            sorted((k, repr(v)) for k, v in attrs.items()) if hints else None,
+            launch.options,
+        )
+    )
+
+
 def _cuobjdump(cubin: bytes) -> dict[str, int]:
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,9 +7,16 @@ from __future__ import annotations
 
 import torch
 import torch.fx
-from torch.fx.experimental.symbolic_shapes import optimization_hint
+from torch.fx.experimental import symbolic_shapes
 
 from ..spec import Size
+
+# A SymInt's hint, read without adding a guard: `optimization_hint` in recent torch (2.14);
+# torch 2.11 has no such name, and its `size_hint` reads the same recorded value.
+if hasattr(symbolic_shapes, "optimization_hint"):
+    optimization_hint = symbolic_shapes.optimization_hint
+else:
+    optimization_hint = symbolic_shapes.size_hint
 
 
 def fake_value(node: object) -> torch.Tensor | None:

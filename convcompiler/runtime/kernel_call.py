@@ -6,6 +6,8 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from ..counters import counters
 
 log = logging.getLogger(__name__)
@@ -24,6 +26,14 @@ def interpreter_notice() -> None:
         )
 
 
+def _cuda_index(args: tuple) -> int | None:
+    """The CUDA device of the first tensor argument (None for CPU tensors)."""
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            return arg.device.index if arg.device.type == "cuda" else None
+    return None
+
+
 class KernelCall:
     """Counts a launch under `launch.<kind>`, then runs the generated module's launcher."""
 
@@ -40,6 +50,11 @@ class KernelCall:
 
     def __call__(self, *args: Any) -> Any:
         counters[self._counter] += 1
+        device = _cuda_index(args)
+        if device is not None and device != torch.cuda.current_device():
+            # Triton launches on the current device: make it the one the tensors live on.
+            with torch.cuda.device(device):
+                return self._launch(*args)
         return self._launch(*args)
 
     def __repr__(self) -> str:

@@ -62,7 +62,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 def files_hash(*names: str) -> str:
     """SHA-256 over convcompiler source files (glob patterns relative to the package root,
     convcompiler/), read once per process."""
-    root = Path(__file__).parent.parent
+    root = Path(__file__).parent.parent  # this file is convcompiler/selection/cache.py
     digest = hashlib.sha256()
     for path in sorted(p for name in names for p in root.glob(name)):
         digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())

@@ -1,0 +1,407 @@
+"""The cases of the GPU command's parts, as plain frozen values (no GPU needed to build them).
+
+    correctness_cases()   part a: >= 150 random configurations over every kernel family,
+                          dtype and layout, plus the 12 im2win layers in each dtype
+    layer_cases()         parts b and e: the 12 im2win layers and ResNet-50's distinct convs
+    SWIN_T stages         part c (bench/window_attention.py)
+    NETWORKS              part d
+
+A case is resolved to a spec and a schedule by `plan_conv` / `plan_attention` with a
+planning device, the same way on the GPU (the device in use) and in the dry run (the h200
+entry of the device table), so the dry run compiles exactly the kernels the GPU run launches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass
+
+import torch
+
+from ..codegen import SPACES
+from ..config import Config
+from ..frontend.kernels import attention_spec_of, conv_spec_of
+from ..schedule import ATEN, InvalidSchedule, Schedule
+from ..selection.cost import rank
+from ..selection.devices import Device
+from ..selection.select import SelectionContext, model_candidates, select_schedule
+from ..spec import Activation, AttentionSpec, ConvSpec, Epilogue
+from .layers import load_layers
+
+DTYPES = ("float32", "float16", "bfloat16")
+FAMILIES = (
+    "im2win_band",
+    "im2win_implicit:tap",
+    "im2win_implicit:flat",
+    "direct_depthwise",
+    "gemm_1x1",
+    "conv_bn",
+)
+NETWORKS = ("resnet50", "convnext_tiny", "swin_t")
+RANDOM_CONFIGS = 150
+SHAPES_PER_VARIANT = 4  # runtime sizes drawn per kernel variant (they share one compile)
+
+
+@dataclass(frozen=True)
+class ConvCase:
+    """One convolution: its sizes, parameters, and how its schedule is picked.
+
+    family None: the cost model's choice among every schedule (ATen included), as the
+    backend picks, or its best generated kernel (`pick="kernel"`); otherwise that schedule
+    family (`name` or `name:REDUCTION`), with the model's best tiles (`pick="model"`, made
+    at `plan_sizes` when given) or seeded random valid tiles (`pick="random"`)."""
+
+    id: str
+    variant: str  # cases of one variant share a kernel source: kept in one worker
+    batch: int
+    in_channels: int
+    out_channels: int
+    size: tuple[int, int]
+    kernel: tuple[int, int]
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    bias: bool = False
+    dtype: str = "float16"
+    layout: str = "nchw"
+    epilogue: Epilogue = Epilogue()
+    family: str | None = None
+    pick: str = "model"
+    plan_sizes: tuple[int, int, int, int] | None = None  # (batch, K, H, W) the pick is made at
+
+    def tensors(self, device: str = "cpu", make=torch.empty) -> tuple:
+        dtype = getattr(torch, self.dtype)
+        x = make(self.batch, self.in_channels, *self.size, device=device, dtype=dtype)
+        w = make(
+            self.out_channels,
+            self.in_channels // self.groups,
+            *self.kernel,
+            device=device,
+            dtype=dtype,
+        )
+        if self.layout == "nhwc":
+            x = x.to(memory_format=torch.channels_last)
+        b = make(self.out_channels, device=device, dtype=dtype) if self.bias else None
+        return x, w, b
+
+    def flops(self) -> int:
+        ho, wo = out_size(self)
+        macs = self.batch * self.out_channels * ho * wo * (self.in_channels // self.groups)
+        return 2 * macs * self.kernel[0] * self.kernel[1]
+
+
+@dataclass(frozen=True)
+class AttentionCase:
+    id: str
+    variant: str
+    images: int
+    windows: int
+    heads: int
+    tokens: int
+    head_dim: int
+    dtype: str
+    bias: bool
+    mask: bool
+    output: str  # "bnc" or "bhnd": the attention's "layout"
+
+    @property
+    def batch(self) -> int:
+        return self.images * self.windows
+
+
+def out_size(case: ConvCase) -> tuple[int, int]:
+    return tuple(
+        (s + 2 * p - d * (k - 1) - 1) // st + 1
+        for s, p, d, k, st in zip(case.size, case.padding, case.dilation, case.kernel, case.stride)
+    )
+
+
+# ---- part a: random configurations ---------------------------------------------------------
+def _geometry(rng: random.Random, family: str) -> dict:
+    """Kernel size, stride, padding, dilation, channels and groups for one family."""
+    if family == "gemm_1x1":
+        s = rng.choice((1, 1, 2))
+        return dict(kernel=(1, 1), stride=(s, s), in_channels=rng.randint(3, 96), groups=1)
+    if family == "direct_depthwise":
+        k = rng.choice((3, 5, 7))
+        c = rng.randint(3, 48)
+        return dict(
+            kernel=(k, k),
+            stride=(rng.choice((1, 2)),) * 2,
+            padding=(k // 2,) * 2,
+            dilation=(rng.choice((1, 1, 2)),) * 2,
+            in_channels=c,
+            groups=c,
+            multiplier=rng.choice((1, 2)),
+        )
+    kh, kw = rng.choice(((3, 3), (5, 5), (7, 7), (1, 3), (3, 1), (11, 11), (2, 2)))
+    tap = family == "im2win_implicit:tap"
+    groups = rng.choice((1, 1, 2))
+    per_group = rng.randint(16, 48) if tap else rng.randint(1, 24)
+    return dict(
+        kernel=(kh, kw),
+        stride=(rng.choice((1, 2)), rng.choice((1, 2))),
+        padding=(rng.randint(0, kh // 2), rng.randint(0, kw // 2)),
+        dilation=(rng.choice((1, 1, 2)), rng.choice((1, 1, 2))),
+        in_channels=per_group * groups,
+        groups=groups,
+    )
+
+
+def _epilogue(rng: random.Random) -> Epilogue:
+    acts = (
+        Activation("relu"),
+        Activation("hardtanh", (0.0, 6.0)),
+        Activation("silu"),
+        Activation("gelu"),
+        Activation("gelu_tanh"),
+        Activation("hardswish"),
+        Activation("leaky_relu", (0.1,)),
+        Activation("sigmoid"),
+        Activation("hardsigmoid"),
+    )
+    residual = rng.random() < 0.5
+    return Epilogue(
+        bn=rng.choice(("affine", "plain")),
+        act=rng.choice(acts + (None,)),
+        residual=residual,
+        post_act=rng.choice((Activation("relu"), None)) if residual else None,
+    )
+
+
+def _conv_variant(rng: random.Random, index: int, family: str, dtype: str, layout: str) -> list:
+    """SHAPES_PER_VARIANT cases of one kernel: the geometry, channels per group, bias and
+    epilogue are the variant's; batch, output channels and image size are drawn per case."""
+    base = rng.choice(FAMILIES[:3] + ("gemm_1x1",)) if family == "conv_bn" else family
+    geo = _geometry(rng, base)
+    multiplier = geo.pop("multiplier", 1)
+    epilogue = _epilogue(rng) if family == "conv_bn" else Epilogue()
+    bias = rng.random() < 0.5
+    variant = f"a{index:03d}"
+    cases, first = [], None
+    for j in range(SHAPES_PER_VARIANT):
+        groups = geo["groups"]
+        k = groups * multiplier if base == "direct_depthwise" else groups * rng.randint(2, 40)
+        size = (rng.randint(geo["kernel"][0] * 2, 29), rng.randint(geo["kernel"][1] * 2, 31))
+        batch = rng.randint(1, 3)
+        first = first or (batch, k, *size)  # the variant's tiles are picked at its first shape
+        pick = "model" if index % 2 == 0 else "random"
+        cases.append(
+            ConvCase(
+                id=f"{variant}.{j} {family} {dtype} {layout}",
+                variant=variant,
+                batch=batch,
+                out_channels=k,
+                size=size,
+                bias=bias,
+                dtype=dtype,
+                layout=layout,
+                epilogue=epilogue,
+                family=base,
+                pick=pick,
+                plan_sizes=first,
+                **geo,
+            )
+        )
+    return cases
+
+
+def _attention_variant(rng: random.Random, index: int, dtype: str, output: str) -> list:
+    tokens = rng.choice((49, 64, 16, 50))
+    head_dim = rng.choice((16, 32, 64))
+    heads = rng.randint(1, 6)
+    mask = rng.random() < 0.6
+    bias = rng.random() < 0.8
+    variant = f"a{index:03d}"
+    cases = []
+    for j in range(SHAPES_PER_VARIANT):
+        windows = rng.choice((2, 4)) if mask else 1
+        cases.append(
+            AttentionCase(
+                f"{variant}.{j} window_attention {dtype} {output}",
+                variant,
+                rng.randint(1, 3),
+                windows,
+                heads,
+                tokens,
+                head_dim,
+                dtype,
+                bias,
+                mask,
+                output,
+            )
+        )
+    return cases
+
+
+def correctness_cases(seed: int = 0) -> list:
+    """Part a: every family x dtype x layout in turn until >= RANDOM_CONFIGS random cases,
+    then the 12 im2win layers (batch 2) in each dtype."""
+    rng = random.Random(seed)
+    combos = [
+        (f, d, lay)
+        for f in FAMILIES + ("window_attention",)
+        for d in DTYPES
+        for lay in ("nchw", "nhwc")
+    ]
+    cases: list = []
+    index = 0
+    while len(cases) < RANDOM_CONFIGS or index < len(combos):  # every combination at least once
+        family, dtype, layout = combos[index % len(combos)]
+        if family == "window_attention":
+            output = "bnc" if layout == "nchw" else "bhnd"
+            cases += _attention_variant(rng, index, dtype, output)
+        else:
+            cases += _conv_variant(rng, index, family, dtype, layout)
+        index += 1
+    for dtype in DTYPES:
+        layers = im2win_layer_cases(batch=2, dtype=dtype)
+        cases += [dataclasses.replace(case, pick="kernel") for case in layers]
+    return cases
+
+
+# ---- parts b and e: layers ------------------------------------------------------------------
+def im2win_layer_cases(batch: int, dtype: str) -> list[ConvCase]:
+    return [
+        ConvCase(
+            id=f"{layer['name']} b{batch} {dtype}",
+            variant=f"{layer['name']} {dtype}",
+            batch=batch,
+            in_channels=layer["C"],
+            out_channels=layer["K"],
+            size=(layer["H"], layer["W"]),
+            kernel=(layer["kernel"],) * 2,
+            stride=(layer["stride"],) * 2,
+            padding=(layer["padding"],) * 2,
+            dtype=dtype,
+        )
+        for layer in load_layers()
+    ]
+
+
+def resnet50_conv_shapes() -> list[dict]:
+    """ResNet-50's distinct convolutions at 224 x 224 (read from the torchvision model on
+    the meta device: nothing is computed)."""
+    import torchvision
+
+    with torch.device("meta"):
+        model = torchvision.models.resnet50()
+    seen: dict[tuple, dict] = {}
+
+    def hook(module, inputs, _output):
+        _, c, h, w = inputs[0].shape
+        shape = dict(
+            C=c,
+            H=h,
+            W=w,
+            K=module.out_channels,
+            kernel=module.kernel_size[0],
+            stride=module.stride[0],
+            padding=module.padding[0],
+        )
+        seen.setdefault(tuple(shape.values()), shape)
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(hook)
+    with torch.no_grad():
+        model(torch.empty(1, 3, 224, 224, device="meta"))
+    return list(seen.values())
+
+
+def resnet50_layer_cases(batch: int, dtype: str) -> list[ConvCase]:
+    return [
+        ConvCase(
+            id=f"r50.{i:02d} {s['C']}x{s['H']}->{s['K']} {s['kernel']}x{s['kernel']}"
+            f"/{s['stride']} b{batch} {dtype}",
+            variant=f"r50.{i:02d} {dtype}",
+            batch=batch,
+            in_channels=s["C"],
+            out_channels=s["K"],
+            size=(s["H"], s["W"]),
+            kernel=(s["kernel"],) * 2,
+            stride=(s["stride"],) * 2,
+            padding=(s["padding"],) * 2,
+            dtype=dtype,
+        )
+        for i, s in enumerate(resnet50_conv_shapes())
+    ]
+
+
+def layer_cases(batches=(1, 32), dtypes=("float16", "float32")) -> list[ConvCase]:
+    """Parts b and e: the 12 im2win layers and ResNet-50's distinct convs."""
+    return [
+        case
+        for dtype in dtypes
+        for batch in batches
+        for case in im2win_layer_cases(batch, dtype) + resnet50_layer_cases(batch, dtype)
+    ]
+
+
+# ---- resolving a case: spec + schedule -------------------------------------------------------
+def conv_case_spec(case: ConvCase) -> ConvSpec:
+    """The spec the backend builds for this conv on a GPU (built from CPU shapes)."""
+    x, w, b = case.tensors()
+    spec = conv_spec_of(
+        x, w, b, case.stride, case.padding, case.dilation, case.groups, case.epilogue
+    )
+    return dataclasses.replace(spec, device="cuda")
+
+
+def attention_case_spec(case: AttentionCase) -> AttentionSpec:
+    q = torch.empty(
+        case.batch, case.heads, case.tokens, case.head_dim, dtype=getattr(torch, case.dtype)
+    )
+    n = case.tokens
+    bias = torch.empty(case.heads, n, n, dtype=q.dtype) if case.bias else None
+    mask = torch.empty(case.windows, n, n, dtype=q.dtype) if case.mask else None
+    spec = attention_spec_of(q, q, q, bias, mask, output=case.output)
+    return dataclasses.replace(spec, device="cuda")
+
+
+def plan(case, device: Device, top: int = 1) -> tuple[ConvSpec | AttentionSpec, list[Schedule]]:
+    """The spec and schedule(s) of a case on `device`: the first `top` of the model's
+    ranking for a conv case without family (ATen included), else the family's pick."""
+    if isinstance(case, AttentionCase):
+        spec = attention_case_spec(case)
+        return spec, [_select(spec, device).schedule]
+    spec = conv_case_spec(case)
+    if case.family is None and case.pick == "kernel":  # the best generated kernel, not ATen
+        return spec, [
+            rank(spec, model_candidates(spec, device, include_aten=False), device)[0].schedule
+        ]
+    if case.family is None:
+        if top == 1:
+            return spec, [_select(spec, device).schedule]
+        ranked = rank(spec, model_candidates(spec, device, include_aten=True), device)
+        return spec, [p.schedule for p in ranked[:top]]
+    name, _, reduction = case.family.partition(":")
+    fixed = {"REDUCTION": reduction} if reduction else {}
+    options = [
+        s
+        for s in model_candidates(spec, device, include_aten=False)
+        if s.name == name and all(s.get(k) == v for k, v in fixed.items())
+    ]
+    if not options:
+        raise ValueError(f"{case.id}: no {case.family} schedule can run {spec.describe()}")
+    if case.pick == "random":
+        return spec, [random.Random(case.variant).choice(options)]
+    if case.plan_sizes is not None:  # one pick per variant: its cases share a kernel
+        batch, k, h, w = case.plan_sizes
+        at = dataclasses.replace(case, batch=batch, out_channels=k, size=(h, w), plan_sizes=None)
+        pick = rank(conv_case_spec(at), options, device)[0].schedule
+        try:
+            return spec, [SPACES[pick.name].make(spec, device=device, **pick.as_dict())]
+        except InvalidSchedule:
+            pass
+    return spec, [rank(spec, options, device)[0].schedule]
+
+
+def _select(spec, device: Device):
+    return select_schedule(spec, SelectionContext(Config(cache=False), device, "planned"))
+
+
+def kernel_schedules(schedules: list[Schedule]) -> list[Schedule]:
+    return [s for s in schedules if s != ATEN]

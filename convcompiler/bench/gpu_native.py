@@ -1,0 +1,184 @@
+"""Kernel-level pieces of the GPU command: building a case's kernel, the static sm_90 check
+of the dry run, and part a (native correctness).
+
+Part a, per case: random inputs (odd sizes; q, k, v as strided views of one projection), the
+generated kernel, cuDNN / eager in the same dtype, and a float64 reference. A case is a
+mismatch when the kernel's error exceeds max(the dtype's tolerance, 4 x cuDNN's own error):
+
+    rel = max|y - ref| / max|ref|     fp32: 1e-4 (5e-4 with TF32), fp16 / bf16: 1e-2
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import traceback
+import zlib
+from typing import Any
+
+import torch
+
+from ..codegen import KernelSource, render_region
+from ..config import Config
+from ..inspection.aot import capture_launches, compile_launch, launch_key
+from ..runtime.loader import load_source
+from ..runtime.reference import run_aten, run_attention
+from ..schedule import Schedule
+from ..spec import AttentionSpec, ConvSpec
+from .gpu_cases import AttentionCase, ConvCase, plan
+
+TOLERANCE = {"float32": 1e-4, "tf32": 5e-4, "float16": 1e-2, "bfloat16": 1e-2}
+ARCH = "sm_90"
+
+
+def load_kernel(spec: ConvSpec | AttentionSpec, schedule: Schedule):
+    """The generated module's launcher for `spec` under `schedule`, compiled for the GPU
+    (interpreted for CPU specs)."""
+    source = render_region(spec, schedule)
+    module, _ = load_source(source, Config(cache=False).kernel_path, interpret=spec.device == "cpu")
+    return getattr(module, source.entry)
+
+
+# ---- the dry run's static check ------------------------------------------------------------
+class StaticChecker:
+    """Compile every kernel for sm_90 without a GPU, once per kernel text and constexpr set.
+
+    Kernels of one template that differ only in their docstring share a compile. The
+    divisibility hints Triton's JIT adds per shape (16-aligned sizes and strides) are taken
+    from the first launch of each such kernel; the other alignment variants are not each
+    compiled (they change vector widths, not the tiles that decide spills)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, dict] = {}
+
+    def check(self, spec: ConvSpec | AttentionSpec, schedule: Schedule) -> list[dict]:
+        return self.check_source(render_region(spec, schedule), spec)
+
+    def check_source(self, source: KernelSource, spec: ConvSpec | AttentionSpec) -> list[dict]:
+        rows = []
+        for launch in capture_launches(source, spec):
+            key = launch_key(launch, ARCH, hints=False)
+            if key not in self.seen:
+                stats = compile_launch(launch, ARCH, source.filename)
+                self.seen[key] = {
+                    "kernel": stats.kernel,
+                    "registers": stats.registers,
+                    "spill_bytes": stats.spill_bytes,
+                    "shared_bytes": stats.shared_bytes,
+                    "tensor_core_ops": stats.tensor_core_ops,
+                    "problems": stats.problems(),
+                }
+                rows.append({**self.seen[key], "compiled": True})
+            else:
+                rows.append({**self.seen[key], "compiled": False})
+        return rows
+
+
+def dry_run_case(
+    case, device, checker: StaticChecker, top: int = 1, best_kernel: bool = False
+) -> dict:
+    """Plan one case and compile its kernel(s) for sm_90 (the model's first `top`; with
+    `best_kernel` also the best generated kernel, timed even when ATen is the choice)."""
+    spec, schedules = plan(case, device, top)
+    if best_kernel:
+        best = plan(dataclasses.replace(case, pick="kernel"), device)[1][0]
+        schedules += [best] if best not in schedules else []
+    kernels = []
+    for schedule in schedules:
+        if schedule.name != "aten":
+            kernels += checker.check(spec, schedule)
+    problems = [f"{k['kernel']}: {p}" for k in kernels for p in k["problems"]]
+    return {
+        "case": case.id,
+        "status": "problem" if problems else "planned",
+        "schedule": " | ".join(s.describe() for s in schedules),
+        "spec": spec.describe(),
+        "kernels": kernels,
+        "problems": problems,
+    }
+
+
+# ---- part a: native correctness ------------------------------------------------------------
+def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    scale = ref.abs().max().item()
+    err = (y.double() - ref).abs().max().item()
+    return err / scale if scale else err
+
+
+def _conv_inputs(case: ConvCase, spec: ConvSpec, device: str, gen: torch.Generator) -> list:
+    def randn(*shape, dtype=getattr(torch, case.dtype)):
+        return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
+
+    x, w, b = case.tensors(device, make=lambda *s, **kw: randn(*s, dtype=kw["dtype"]))
+    k = case.out_channels
+    bn = case.epilogue.bn
+    f32 = torch.float32
+    stats = (randn(k, dtype=f32), randn(k, dtype=f32).abs() + 0.5) if bn else (None, None)
+    affine = (randn(k, dtype=f32), randn(k, dtype=f32)) if bn == "affine" else (None, None)
+    residual = None
+    if case.epilogue.residual:
+        ho, wo = (spec.hint(s) for s in spec.out_size)
+        residual = randn(case.batch, k, ho, wo)
+        if spec.output_layout == "nhwc":
+            residual = residual.to(memory_format=torch.channels_last)
+    return [x, w, b, *affine, *stats, residual]
+
+
+def _attention_inputs(case: AttentionCase, device: str, gen: torch.Generator) -> list:
+    dtype = getattr(torch, case.dtype)
+    b, h, n, d = case.batch, case.heads, case.tokens, case.head_dim
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=device).to(dtype)
+
+    qkv = randn(b, n, 3, h, d).permute(2, 0, 3, 1, 4)  # strided views, as Swin's projection
+    bias = randn(h, n, n) if case.bias else None
+    mask = None
+    if case.mask:
+        mask = torch.where(torch.rand(case.windows, n, n, generator=gen, device=device) < 0.3,
+                           -100.0, 0.0).to(dtype)  # fmt: skip
+    return [qkv[0], qkv[1], qkv[2], bias, mask]
+
+
+def check_case(case, device) -> dict:
+    """Part a on the GPU (or, for tests, through Triton's interpreter): one record."""
+    where = "cuda" if torch.cuda.is_available() else "cpu"
+    record: dict[str, Any] = {"case": case.id}
+    try:
+        try:
+            spec, [schedule] = plan(case, device)
+        except ValueError as err:  # no generated kernel can run it: ATen would (a fallback)
+            record.update(status="fallback", error=str(err))
+            return record
+        if where == "cpu":  # tests: the same kernel through Triton's interpreter
+            spec = dataclasses.replace(spec, device="cpu")
+        record.update(schedule=schedule.describe(), spec=spec.describe())
+        gen = torch.Generator(device=where).manual_seed(zlib.crc32(case.id.encode()))
+        if isinstance(case, AttentionCase):
+            args = _attention_inputs(case, where, gen)
+            y = load_kernel(spec, schedule)(*args)
+            ref = run_attention(spec, *[a.double() if a is not None else None for a in args])
+            eager = run_attention(spec, *args)
+        else:
+            args = _conv_inputs(case, spec, where, gen)
+            y = load_kernel(spec, schedule)(*args)
+            ref = run_aten(spec, *[a.double() if a is not None else None for a in args])
+            eager = run_aten(spec, *args)
+        tol_key = "tf32" if spec.precision == "tf32" and where == "cuda" else case.dtype
+        err, eager_err = _rel(y, ref), _rel(eager, ref)
+        tol = max(TOLERANCE[tol_key], 4 * eager_err)
+        same_format = y.shape == eager.shape and y.stride() == eager.stride()
+        ok = err <= tol and same_format and bool(torch.isfinite(y).all())
+        record.update(
+            status="ok" if ok else "mismatch",
+            rel_err=err,
+            eager_rel_err=eager_err,
+            tolerance=tol,
+            layout_matches_eager=same_format,
+        )
+    except Exception as err:  # a case that fails is listed with its error, and the run goes on
+        record.update(
+            status="error",
+            error=f"{type(err).__name__}: {err}",
+            traceback=traceback.format_exc(limit=4)[-1500:],
+        )
+    return record

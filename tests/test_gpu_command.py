@@ -1,0 +1,301 @@
+"""The prepared GPU command without a GPU: its budget logic on a fake clock, its cases, the
+GPU code paths of its parts run through Triton's interpreter, the report's schema and
+documentation, and (slow) the whole --dry-run as CI runs it."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from convcompiler.bench import gpu, gpu_cases, gpu_native, gpu_report
+from convcompiler.bench.budget import Budget, PartBudget
+from convcompiler.selection.devices import DEVICES
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+# ---- budget ----------------------------------------------------------------------------------
+def test_part_deadline_is_its_allotment_or_the_runs_end_less_the_reserve() -> None:
+    clock = FakeClock()
+    budget = Budget(100, {"a": 40, "b": 40}, reserve_s=15, grace_s=5, clock=clock)
+    a = budget.start("a")
+    assert a.deadline == clock.now + 40
+    clock.advance(50)  # a overran its allotment (killed in real life)
+    budget.finish(a)
+    b = budget.start("b")
+    assert b.deadline == budget.deadline - 15  # 35 s left, not 40
+    clock.advance(35)
+    assert not b.admits() and "cut short after 0 step(s)" in b.cut
+    assert budget.kill_after_s(b) == 5
+
+
+def test_a_step_is_admitted_only_when_its_estimate_fits() -> None:
+    clock = FakeClock()
+    part = PartBudget.for_seconds("x", 10, clock)
+    assert part.admits()  # the first step always gets a try
+    clock.advance(4)
+    assert part.step_done() == 4
+    assert part.admits()  # 6 s left, slowest step 4 s
+    clock.advance(4)
+    part.step_done()
+    assert not part.admits()  # 2 s left < 4 s
+    assert "after 2 step(s)" in part.cut and "~4.0 s" in part.cut
+    assert not part.admits(0.1)  # a cut part stays cut
+    other = PartBudget.for_seconds("y", 10, clock)
+    assert not other.admits(estimate_s=11)
+
+
+def test_a_part_starting_after_the_runs_time_is_skipped() -> None:
+    clock = FakeClock()
+    budget = Budget(60, {"a": 20, "b": 20}, reserve_s=10, grace_s=3, clock=clock)
+    clock.advance(55)
+    part = budget.start("b")
+    assert part.cut.startswith("skipped") and part.remaining() == 0 and not part.admits()
+
+
+def test_budgets_that_cannot_fit_are_refused() -> None:
+    with pytest.raises(ValueError, match="exceed the limit"):
+        Budget(100, {"a": 60, "b": 40}, reserve_s=10, grace_s=3)
+    with pytest.raises(ValueError, match="grace"):
+        Budget(100, {"a": 10}, reserve_s=5, grace_s=5)
+
+
+def test_the_commands_budgets_fit_their_limits() -> None:
+    for mode in ("gpu", "dry-run"):
+        for wanted in (None, 60.0, 300.0, 900.0, 1234.5):
+            limit, reserve, grace, budgets = gpu.scaled_budgets(mode, wanted)
+            Budget(limit, budgets, reserve_s=reserve, grace_s=grace)  # raises when they do not
+            assert list(budgets) == list(gpu.ORDER) and limit == (wanted or gpu.LIMITS[mode][0])
+    assert gpu.LIMITS["gpu"][0] <= 8 * 60 and gpu.LIMITS["dry-run"][0] < 5 * 60
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    allotments=st.lists(st.floats(1, 120), min_size=1, max_size=6),
+    steps=st.lists(st.floats(0, 200), min_size=1, max_size=40),
+)
+def test_no_part_can_push_the_run_past_its_limit(allotments, steps) -> None:
+    """Parts run steps of arbitrary length (a step may hang far past its estimate); the
+    command kills a part's process at kill_after_s. The run always ends, report included,
+    within its limit."""
+    clock = FakeClock()
+    reserve, grace, report_s = 20.0, 8.0, 11.0  # writing the report: < reserve - grace
+    limit = sum(allotments) + reserve + 1
+    budget = Budget(limit, {str(i): a for i, a in enumerate(allotments)},
+                    reserve_s=reserve, grace_s=grace, clock=clock)  # fmt: skip
+    durations = iter(steps * 10)
+    for name in budget.parts:
+        part = budget.start(name)
+        kill_at = clock.now + budget.kill_after_s(part)
+        while part.admits():
+            clock.now = min(clock.now + next(durations, 1.0), kill_at)
+            part.step_done()
+            if clock.now >= kill_at:
+                break  # killed
+        assert clock.now <= budget.deadline - reserve + grace
+        budget.finish(part)
+    clock.advance(report_s)
+    assert budget.elapsed_s() <= limit
+
+
+# ---- cases -------------------------------------------------------------------------------------
+def test_correctness_cases_cover_every_family_dtype_and_layout() -> None:
+    cases = gpu_cases.correctness_cases()
+    random_cases = [c for c in cases if c.id.startswith("a")]
+    assert len(random_cases) >= 150
+    combos = {tuple(c.id.split()[1:4]) for c in random_cases}
+    for family in gpu_cases.FAMILIES:
+        for dtype in gpu_cases.DTYPES:
+            for layout in ("nchw", "nhwc"):
+                assert (family, dtype, layout) in combos
+    for dtype in gpu_cases.DTYPES:
+        assert ("window_attention", dtype, "bnc") in combos
+        assert ("window_attention", dtype, "bhnd") in combos
+    layers = [c for c in cases if c.id.startswith("conv")]
+    assert len(layers) == 12 * 3
+    assert len({c.id for c in cases}) == len(cases)
+    assert gpu_cases.correctness_cases() == cases  # deterministic: the dry run checks these
+
+
+def test_layer_cases_are_the_im2win_layers_and_resnet50s_distinct_convs() -> None:
+    shapes = gpu_cases.resnet50_conv_shapes()
+    assert len(shapes) == 23 and shapes[0] == dict(C=3, H=224, W=224, K=64, kernel=7,
+                                                  stride=2, padding=3)  # fmt: skip
+    cases = gpu_cases.layer_cases()
+    assert len(cases) == (12 + 23) * 2 * 2
+    assert {c.batch for c in cases} == {1, 32} and {c.dtype for c in cases} == {
+        "float16",
+        "float32",
+    }
+
+
+def test_family_cases_run_their_family() -> None:
+    h200 = DEVICES["h200"]
+    cases = gpu_cases.correctness_cases()
+    for case in cases[:60]:
+        spec, [schedule] = gpu_cases.plan(case, h200)
+        family = case.id.split()[1]
+        if family == "window_attention":
+            assert schedule.name == "window_attention"
+            continue
+        expected = gpu_cases.conv_case_spec(case)
+        assert spec == expected
+        if family != "conv_bn":
+            name, _, reduction = family.partition(":")
+            assert schedule.name == name and (not reduction or schedule["REDUCTION"] == reduction)
+        else:
+            assert spec.epilogue.bn is not None
+
+
+# ---- part a's GPU code path, through Triton's interpreter ------------------------------------
+def _tiny(case):
+    import dataclasses
+
+    if isinstance(case, gpu_cases.AttentionCase):
+        return dataclasses.replace(case, images=1)
+    return dataclasses.replace(case, batch=1, size=tuple(min(s, 12) for s in case.size))
+
+
+def test_correctness_check_runs_each_family_through_the_interpreter() -> None:
+    seen = {}
+    for case in gpu_cases.correctness_cases():
+        family = case.id.split()[1]
+        if family not in seen and "bfloat16" not in case.id:
+            seen[family] = case
+    h200 = DEVICES["h200"]
+    for family, case in seen.items():
+        row = gpu_native.check_case(_tiny(case), h200)
+        assert row["status"] == "ok", (family, row)
+        assert row["rel_err"] <= row["tolerance"] and row["layout_matches_eager"]
+
+
+def test_correctness_check_reports_a_wrong_kernel_as_a_mismatch(monkeypatch) -> None:
+    case = _tiny(next(c for c in gpu_cases.correctness_cases() if "gemm_1x1 float32" in c.id))
+    real = gpu_native.load_kernel
+
+    def off_by_one_percent(spec, schedule):
+        launch = real(spec, schedule)
+        return lambda *args: launch(*args) * 1.01
+
+    monkeypatch.setattr(gpu_native, "load_kernel", off_by_one_percent)
+    row = gpu_native.check_case(case, DEVICES["h200"])
+    assert row["status"] == "mismatch" and row["rel_err"] > row["tolerance"]
+
+
+def test_flexattention_score_mod_adds_the_same_bias_and_mask() -> None:
+    from convcompiler.bench.gpu_models import attention_inputs, flex_variant
+    from convcompiler.runtime.reference import run_attention
+
+    case = gpu_cases.AttentionCase("t", "t", 2, 4, 3, 49, 16, "float32", True, True, "bhnd")
+    spec = gpu_cases.attention_case_spec(case)
+    q, k, v, bias, mask = attention_inputs(case, "cpu")
+    flex = flex_variant(spec, bias, mask, compiled=False)
+    with pytest.warns(UserWarning, match="without torch.compile"):
+        out = flex(q, k, v)
+    ref = run_attention(spec, q, k, v, bias, mask)
+    assert (out - ref).abs().max().item() < 1e-5
+
+
+def test_a_hung_worker_is_killed_at_the_deadline(tmp_path) -> None:
+    proc = gpu._spawn([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "log",
+                      gpu._worker_env())  # fmt: skip
+    start = time.monotonic()
+    assert gpu._wait([proc], time.monotonic() + 1.0) == [0]
+    assert time.monotonic() - start < 10 and proc.returncode is not None
+
+
+# ---- the report: schema and documentation ------------------------------------------------------
+def test_validator_finds_what_breaks_the_schema() -> None:
+    schema = json.loads(gpu_report.SCHEMA.read_text())
+    assert gpu_report.validate({}, schema)  # everything missing
+    bad = {"format": "other", "limit_s": -1, "parts": [{"name": "x", "rows": [{}]}]}
+    errors = " ".join(gpu_report.validate(bad, schema))
+    assert "'other' is not one of" in errors and "-1 < 0" in errors
+    assert (
+        "$.parts[0]: missing 'title'" in errors and "$.parts[0].rows[0]: missing 'case'" in errors
+    )
+    assert "is not one of" in errors
+
+
+def _readme_gpu_section() -> str:
+    start = README.index("## The GPU command")
+    end = README.index("\n## ", start + 5)
+    return README[start:end]
+
+
+def test_readme_documents_the_report_format() -> None:
+    section = _readme_gpu_section()
+    assert "python -m convcompiler.bench gpu --out" in section and "--dry-run" in section
+    schema = json.loads(gpu_report.SCHEMA.read_text())
+    part = schema["properties"]["parts"]["items"]
+    row = part["properties"]["rows"]["items"]
+    for name in schema["required"] + part["required"] + row["required"]:
+        assert f"`{name}`" in section, f"README's GPU section does not document {name!r}"
+    for status in part["properties"]["status"]["enum"] + row["properties"]["status"]["enum"]:
+        assert f"`{status}`" in section, f"README does not say what status {status!r} means"
+    documented = re.findall(r"^ *#+ (.+?) {2,}", section, flags=re.M)
+    assert tuple(documented) == ("convcompiler GPU report",) + gpu_report.MARKDOWN_SECTIONS
+    for name, seconds in gpu.GPU_BUDGETS.items():
+        assert re.search(rf"`{name}`.*\b{seconds} s", section), f"budget of {name} not in README"
+
+
+# ---- the dry run, as CI runs it ------------------------------------------------------------------
+# The dry run's own limit is 290 s, and it takes about half that alone on this 2-core machine.
+# In the suite it shares the cores with the other tests (and the second stack's dry run), so
+# the tests give it a longer limit: a slow CI machine must not turn into a cut, i.e. a failure.
+SUITE_LIMIT = ["--limit", "900"]
+
+
+def check_dry_run(out: Path, seconds: float) -> dict:
+    """Assertions on a finished dry run's directory (shared with the second-stack test)."""
+    report = json.loads((out / "gpu_report.json").read_text())
+    assert gpu_report.validate(report) == []
+    assert report["mode"] == "dry-run" and report["complete"], report["problems"]
+    assert report["problems"] == [] and seconds < 900
+    parts = {p["name"]: p for p in report["parts"]}
+    assert list(parts) == list(gpu.ORDER)
+    assert all(p["status"] == "complete" for p in parts.values())
+    assert parts["correctness"]["done"] == len(gpu_cases.correctness_cases()) >= 186
+    assert parts["layer_speed"]["done"] == len(gpu_cases.layer_cases())
+    assert parts["window_attention"]["done"] == 4 and parts["end_to_end"]["done"] == 3
+    assert parts["gpu_tests"]["done"] >= 5
+    kernels = [k for p in parts.values() for r in p["rows"] for k in r.get("kernels", ())]
+    assert sum(k["compiled"] for k in kernels) >= 150
+    assert all(k["spill_bytes"] == 0 and not k["problems"] for k in kernels)
+    md = (out / "gpu_report.md").read_text()
+    for section in gpu_report.MARKDOWN_SECTIONS:
+        assert f"\n## {section}\n" in md
+    return report
+
+
+@pytest.mark.slow
+def test_dry_run_plans_and_compiles_everything(tmp_path) -> None:
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "convcompiler.bench", "gpu", "--dry-run", "--out", str(tmp_path)]
+        + SUITE_LIMIT,
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    seconds = time.monotonic() - start
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    check_dry_run(tmp_path, seconds)

@@ -186,8 +186,10 @@ class CompileSession:
         cache = self.lowering.cache
         value = cache.get_report(self.report_key) if cache is not None else None
         if value is None or value.get("version") != REPORT_VERSION:
-            log.info("compile %d came from Inductor's caches; its regions were not recorded",
-                     self.report.compile_id)
+            log.info(
+                "compile %d came from Inductor's caches; its regions were not recorded",
+                self.report.compile_id,
+            )
             return
         try:
             rows = [_restored_row(row) for row in value["regions"]]

@@ -27,7 +27,7 @@ import torch
 from ..counters import counters
 from ..spec import ConvSpec
 from . import packing
-from .kernel_call import interpreter_notice
+from .kernel_call import interpreter_notice, launch_on_device
 from .kernel_ref import KernelRef, decode
 from .loader import load_source
 
@@ -82,7 +82,9 @@ def conv(
     if not ref.packed:
         weight = packing.packed_view(weight)
     counters[f"launch.{ref.kind}"] += 1
-    return launch(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, residual)
+    return launch_on_device(
+        launch, (x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, residual)
+    )
 
 
 def conv_output_shape(spec: ConvSpec, x: Tensor) -> tuple:
@@ -119,7 +121,7 @@ def window_attention(
     ref = decode(kernel)
     launch = launcher(ref, interpret=q.device.type == "cpu")
     counters[f"launch.{ref.kind}"] += 1
-    return launch(q, k, v, bias, mask, general, logit_scale)
+    return launch_on_device(launch, (q, k, v, bias, mask, general, logit_scale))
 
 
 @window_attention.register_fake

@@ -259,9 +259,7 @@ class TuningCache:
         the cache that cost-model decisions do not determine on their own."""
         rows = self._guard(
             "tuned_digest",
-            lambda: self._conn.execute(
-                "SELECT key, value FROM records ORDER BY key"
-            ).fetchall(),
+            lambda: self._conn.execute("SELECT key, value FROM records ORDER BY key").fetchall(),
             [],
         )
         calibration = self._guard(

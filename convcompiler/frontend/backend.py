@@ -57,6 +57,12 @@ def _host(config: Config, example_inputs: Sequence[Any]) -> str:
     global _warned_no_compiler
     if config.host != "inductor":
         return config.host
+    if any(isinstance(t, torch.Tensor) and t.numel() == 0 for t in example_inputs):
+        # Dynamo specialises empty tensors, so this compile only ever sees them. Inductor
+        # mis-lowers some ops on them (convolution_backward on an empty batch asserts a
+        # wrong weight-gradient stride, torch 2.14), while ATen gives eager's results.
+        log.info("convcompiler: a graph input is empty; running it as ATen (host='aten')")
+        return "aten"
     cpu = any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in example_inputs)
     if cpu and cpp_compiler() is None:
         if not _warned_no_compiler:

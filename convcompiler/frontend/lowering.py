@@ -28,6 +28,7 @@ from ..passes import Region
 from ..runtime import load_source, ops, write_source
 from ..runtime.kernel_ref import KernelRef
 from ..runtime.packing import is_packed
+from ..runtime.packing import order as packing_order
 from ..runtime.reference import run_aten, run_attention
 from ..schedule import Schedule
 from ..selection.cache import CachedSource, open_cache
@@ -262,10 +263,11 @@ class Lowering:
         with graph.inserting_before(last):
             if ref.packed:
                 weight = operands[1]
+                perm = packing_order(weight.meta["val"].dim())
                 for target, args, kwargs in (
-                    (aten.permute.default, ([0, 3, 2, 1],), {}),
+                    (aten.permute.default, (perm,), {}),
                     (aten.clone.default, (), {"memory_format": torch.contiguous_format}),
-                    (aten.permute.default, ([0, 3, 2, 1],), {}),
+                    (aten.permute.default, (perm,), {}),
                 ):
                     weight = graph.call_function(target, (weight, *args), kwargs)
                     added.append(weight)

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx
-from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from .attention_terms import Term, check_form, classify, file_factor
 from .attention_views import (
@@ -44,7 +43,7 @@ from .attention_views import (
     scalar_factor,
     shape,
 )
-from .meta import fake_value
+from .meta import fake_value, optimization_hint
 
 aten = torch.ops.aten
 SOFTMAX = {aten._softmax.default, aten._safe_softmax.default}

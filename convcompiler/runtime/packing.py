@@ -40,15 +40,23 @@ class _Entry:
 _PACKS: dict[int, _Entry] = {}
 
 
+def order(ndim: int) -> list[int]:
+    """The permutation that puts a conv weight in im2win order: [K, KW, KH, C/G] for a 2-D
+    conv's [K, C/G, KH, KW], [K, KW, C/G] for a 1-D conv's [K, C/G, KW] (it is its own
+    inverse)."""
+    return [0, *range(ndim - 1, 0, -1)]
+
+
 def is_packed(weight: torch.Tensor) -> bool:
-    """True when `weight.permute(0, 3, 2, 1)` is already contiguous (no copy needed)."""
-    return weight.dim() != 4 or weight.permute(0, 3, 2, 1).is_contiguous()
+    """True when the weight is already stored in im2win order (no copy needed)."""
+    return weight.dim() not in (3, 4) or weight.permute(order(weight.dim())).is_contiguous()
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
-    """A [K, C/G, KH, KW] view of a fresh copy of `weight` in im2win order."""
+    """A view, shaped like `weight`, of a fresh copy of it in im2win order."""
+    perm = order(weight.dim())
     with torch.no_grad():
-        return weight.permute(0, 3, 2, 1).contiguous().permute(0, 3, 2, 1)
+        return weight.permute(perm).contiguous().permute(perm)
 
 
 def _forget(key: int) -> None:

@@ -34,10 +34,12 @@ class Config:
         "aten" runs ATen's convolution instead. "plan" plans and writes the kernels for the
         target GPU (report, kernel files, static checks) but runs ATen: for `explain` and
         `aot` on a machine without a GPU.
-    host: what compiles everything outside the regions. "inductor" (default): Inductor
-        fuses and compiles it (C++ on CPU, Triton on GPU) and calls the regions' ops.
-        "aten": it runs as ATen ops under aot_autograd, with no compiler; a CPU compile
-        falls back to this, with one warning, when no C++ compiler is found.
+    host: what compiles everything outside the regions. "inductor": Inductor fuses and
+        compiles it (C++ on CPU, Triton on GPU) and calls the regions' ops. "aten": it runs
+        as ATen ops under aot_autograd, with no compiler. None (default): "inductor", except
+        that a CPU compile with cpu="plan" (it plans GPU kernels; what runs on the CPU does
+        not matter) or with empty inputs uses "aten", and a CPU compile falls back to "aten",
+        with one warning, when no C++ compiler is found.
     schedule: force one conv schedule for every conv region (one of CONV_SCHEDULES).
         None lets the backend choose (see convcompiler/selection/select.py).
     target: the GPU to plan for ("h100", "h200", "a100", "l4", "rtx4090"). None: the GPU
@@ -61,7 +63,7 @@ class Config:
     """
 
     cpu: str = "interpret"
-    host: str = "inductor"
+    host: str | None = None
     schedule: str | None = None
     target: str | None = None
     autotune: bool = False
@@ -80,8 +82,10 @@ class Config:
     def __post_init__(self) -> None:
         if self.cpu not in CPU_MODES:
             raise ValueError(f"option 'cpu' must be one of {CPU_MODES}, got {self.cpu!r}")
-        if self.host not in HOSTS:
-            raise ValueError(f"option 'host' must be one of {HOSTS}, got {self.host!r}")
+        if self.host is not None and self.host not in HOSTS:
+            raise ValueError(
+                f"option 'host' must be None or one of {HOSTS}, got {self.host!r}"
+            )
         if self.schedule is not None and self.schedule not in CONV_SCHEDULES:
             raise ValueError(
                 f"option 'schedule' must be None or one of {CONV_SCHEDULES}, got {self.schedule!r}"

@@ -18,6 +18,7 @@ to, with one warning, when no C++ compiler is found.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import shutil
@@ -31,7 +32,7 @@ from torch._functorch.aot_autograd import make_boxed_func
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 from ..config import Config
-from .inductor import anchored_decompositions, config_patches
+from .inductor import anchored_decompositions, config_patches, graph_caches_off
 from .session import CompileSession
 
 log = logging.getLogger(__name__)
@@ -54,16 +55,20 @@ _warned_no_compiler = False
 
 
 def _host(config: Config, example_inputs: Sequence[Any]) -> str:
+    """The host compiler for this graph (see Config.host)."""
     global _warned_no_compiler
-    if config.host != "inductor":
+    if config.host is not None:
         return config.host
-    if any(isinstance(t, torch.Tensor) and t.numel() == 0 for t in example_inputs):
+    tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
+    if any(t.numel() == 0 for t in tensors):
         # Dynamo specialises empty tensors, so this compile only ever sees them. Inductor
         # mis-lowers some ops on them (convolution_backward on an empty batch asserts a
         # wrong weight-gradient stride, torch 2.14), while ATen gives eager's results.
         log.info("convcompiler: a graph input is empty; running it as ATen (host='aten')")
         return "aten"
-    cpu = any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in example_inputs)
+    cpu = any(t.device.type == "cpu" for t in tensors)
+    if cpu and config.cpu == "plan" and all(t.device.type == "cpu" for t in tensors):
+        return "aten"  # planning GPU kernels: how the CPU runs the rest does not matter
     if cpu and cpp_compiler() is None:
         if not _warned_no_compiler:
             _warned_no_compiler = True
@@ -117,12 +122,14 @@ def im2win(
     if host == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
-        compiled = compile_fx(
-            gm,
-            example_inputs,
-            config_patches=config_patches(session, mode),
-            decompositions=anchored_decompositions(),
-        )
+        off = torch._functorch.config.patch(enable_autograd_cache=False)
+        with off if graph_caches_off(session) else contextlib.nullcontext():
+            compiled = compile_fx(
+                gm,
+                example_inputs,
+                config_patches=config_patches(session, mode),
+                decompositions=anchored_decompositions(),
+            )
     else:
         if mode == "reduce-overhead":
             log.info("mode='reduce-overhead' (CUDA graphs) needs host='inductor'")

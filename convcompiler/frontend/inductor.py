@@ -142,6 +142,11 @@ def _live_hook(kind: str, uuid: str) -> _SessionHook:
     return _LIVE[(kind, uuid)]
 
 
+def graph_caches_off(session: Any) -> bool:
+    """Option cache=False, or a debug dump (which needs the passes to run), compile afresh."""
+    return not session.config.cache or session.dump_dir is not None
+
+
 def config_patches(session: Any, mode: str | None) -> dict[str, Any]:
     """Inductor config for one compile: the hooks, plus what `mode` means to Inductor."""
     patches: dict[str, Any] = {}
@@ -152,16 +157,24 @@ def config_patches(session: Any, mode: str | None) -> dict[str, Any]:
         custom_partitioner_fn=PartitionerHook(session),
         post_grad_custom_pre_pass=PostGradHook(session),
     )
-    if not session.config.cache:  # option cache=False: compile afresh, Inductor included
-        patches["force_disable_caches"] = True
+    if graph_caches_off(session):
+        # Inductor's FX-graph cache must not serve this compile (its AOT-autograd cache is
+        # switched off around compile_fx: frontend/backend.py); its kernel caches still do.
+        patches["fx_graph_cache"] = False
     if session.dump_dir is not None:
         # The debug dump also holds Inductor's output code (<dump>/torchinductor/*/
-        # output_code.py), so this compile must not come from Inductor's caches.
+        # output_code.py) and its post-grad graph, nothing heavier.
         patches.update(
             {
                 "trace.enabled": True,
                 "trace.debug_dir": str(session.dump_dir),
-                "force_disable_caches": True,
+                "trace.output_code": True,
+                "trace.fx_graph": False,
+                "trace.fx_graph_transformed": True,
+                "trace.ir_pre_fusion": False,
+                "trace.ir_post_fusion": False,
+                "trace.graph_diagram": False,
+                "trace.draw_orig_fx_graph": False,
             }
         )
     return patches

@@ -23,6 +23,7 @@ CPU_MODES = ("interpret", "aten", "plan")
 CONV_SCHEDULES = ("im2win_band", "im2win_implicit", "direct_depthwise", "gemm_1x1", "aten")
 BENCHMARKERS = ("do_bench", "fake")
 HOSTS = ("inductor", "aten")
+LAUNCHES = ("op", "inductor")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,12 @@ class Config:
         that a CPU compile with cpu="plan" (it plans GPU kernels; what runs on the CPU does
         not matter) or with empty inputs uses "aten", and a CPU compile falls back to "aten",
         with one warning, when no C++ compiler is found.
+    launch: how a region's kernels are launched on a GPU under host "inductor". "op"
+        (default): the region is one `torch.ops.im2win.*` op, which Inductor calls and which
+        launches its kernels. "inductor": the launcher is traced into the graph
+        (`wrap_triton`), so Inductor's own wrapper launches the kernels (no Python dispatch
+        per launch; CUDA graphs hold them). CPU tensors always use "op" (the interpreter).
+        Not yet run on a GPU: opt in.
     schedule: force one conv schedule for every conv region (one of CONV_SCHEDULES).
         None lets the backend choose (see convcompiler/selection/select.py).
     target: the GPU to plan for ("h100", "h200", "a100", "l4", "rtx4090"). None: the GPU
@@ -64,6 +71,7 @@ class Config:
 
     cpu: str = "interpret"
     host: str | None = None
+    launch: str = "op"
     schedule: str | None = None
     target: str | None = None
     autotune: bool = False
@@ -83,9 +91,9 @@ class Config:
         if self.cpu not in CPU_MODES:
             raise ValueError(f"option 'cpu' must be one of {CPU_MODES}, got {self.cpu!r}")
         if self.host is not None and self.host not in HOSTS:
-            raise ValueError(
-                f"option 'host' must be None or one of {HOSTS}, got {self.host!r}"
-            )
+            raise ValueError(f"option 'host' must be None or one of {HOSTS}, got {self.host!r}")
+        if self.launch not in LAUNCHES:
+            raise ValueError(f"option 'launch' must be one of {LAUNCHES}, got {self.launch!r}")
         if self.schedule is not None and self.schedule not in CONV_SCHEDULES:
             raise ValueError(
                 f"option 'schedule' must be None or one of {CONV_SCHEDULES}, got {self.schedule!r}"

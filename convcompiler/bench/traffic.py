@@ -190,13 +190,17 @@ def capture(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.fx.GraphModu
     return gm, inputs
 
 
-def _plan_with_inductor(gm, inputs, patches: dict, decompositions=None) -> list:
+def _plan_with_inductor(
+    gm, inputs, patches: dict, variant: str, target: str, decompositions=None
+) -> Traffic:
+    """Inductor's kernels for `gm`, counted inside its scheduler (which the byte estimates
+    need), then the compile is abandoned: no code is generated or compiled."""
     from torch._inductor.compile_fx import compile_fx
 
-    seen: list = []
+    seen: list[Traffic] = []
 
     def after_fusion(nodes):
-        seen.extend(nodes)
+        seen.append(count_scheduler(nodes, variant, target))
         raise _Planned
 
     patches = {**patches, "_post_fusion_custom_pass": after_fusion}
@@ -208,7 +212,9 @@ def _plan_with_inductor(gm, inputs, patches: dict, decompositions=None) -> list:
     except Exception as err:  # Inductor wraps exceptions raised inside its passes
         if not any(isinstance(e, _Planned) for e in _chain(err)):
             raise
-    return seen
+    if not seen:
+        raise RuntimeError("Inductor finished without scheduling the graph")
+    return seen[0]
 
 
 def _chain(err: BaseException):
@@ -226,35 +232,30 @@ def _eager_graph(gm, inputs) -> torch.fx.GraphModule:
 
 
 def plan_model(model: torch.nn.Module, x: torch.Tensor, target: str) -> list[Traffic]:
-    """The four variants of one model at the input `x`."""
+    """The four variants of one model at the input `x` (inference: no grad)."""
     import copy
+
+    from torch._functorch.aot_autograd import aot_export_module
 
     from ..config import Config
     from ..frontend.inductor import anchored_decompositions, config_patches
     from ..frontend.session import CompileSession
 
     gm, inputs = capture(model, x)
-    rows = [count_graph(_eager_graph(copy.deepcopy(gm), inputs), "eager", target)]
-    rows.append(
-        count_scheduler(_plan_with_inductor(copy.deepcopy(gm), inputs, {}), "inductor", target)
-    )
-
-    options = {"cpu": "interpret", "verify": False, "target": target}
-    session = CompileSession(Config(host="aten", **options), gm, inputs)
-    lowered: list = []
-    session.pre_grad(graph := copy.deepcopy(gm))
-    from torch._functorch.aot_autograd import aot_export_module
-
     with torch.no_grad():
-        aten_graph, _ = aot_export_module(graph, inputs, trace_joint=False)
-    lowered.append(session.post_grad(aten_graph))
-    rows.append(count_graph(lowered[0], "im2win-aten", target))
+        rows = [count_graph(_eager_graph(copy.deepcopy(gm), inputs), "eager", target)]
+        rows.append(_plan_with_inductor(copy.deepcopy(gm), inputs, {}, "inductor", target))
 
-    session = CompileSession(Config(**options), gm, inputs)
-    nodes = _plan_with_inductor(
-        copy.deepcopy(gm), inputs, config_patches(session, None), anchored_decompositions()
-    )
-    rows.append(count_scheduler(nodes, "im2win", target))
+        options = {"cpu": "interpret", "verify": False, "target": target}
+        session = CompileSession(Config(host="aten", **options), gm, inputs)
+        graph = session.pre_grad(copy.deepcopy(gm))
+        aten_graph, _ = aot_export_module(graph, inputs, trace_joint=False)
+        rows.append(count_graph(session.post_grad(aten_graph), "im2win-aten", target))
+
+        session = CompileSession(Config(**options), gm, inputs)
+        patches = config_patches(session, None)
+        graph, decompositions = copy.deepcopy(gm), anchored_decompositions()
+        rows.append(_plan_with_inductor(graph, inputs, patches, "im2win", target, decompositions))
     return rows
 
 

@@ -13,6 +13,7 @@ graphs), and otherwise by the op itself, cached per weight tensor (runtime/packi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Callable
@@ -217,17 +218,14 @@ class Lowering:
                 path = write_source(source, self.config.kernel_path)
                 reason = "option cpu='plan': kernel generated for the target; ATen runs on CPU"
                 counters[f"fallback.{region.kind}"] += 1
+            elif self._direct(spec):
+                path = write_source(source, self.config.kernel_path)
+                reason = self._inline_launch(gm, nodes, region, source)
+                if reason is not None:  # trace what could not be inlined as an op instead
+                    log.info("%s: launched through its op (%s)", region.name, reason)
+                    path, reason = self._as_op(gm, nodes, region, spec, choice, source, kernels)
             else:
-                interpret = spec.device == "cpu"
-                packed = self._pack_in_graph(spec, choice.schedule, nodes, region)
-                ref = KernelRef.of(region.kind, source, spec, packed=packed)
-                path = ops.preload(ref, self.config.kernel_path, interpret=interpret)
-                reason = self._replace(gm, nodes, region, ref)
-                if reason is None:
-                    kernels[ref.encode()] = interpret
-                else:
-                    counters[f"fallback.{region.kind}"] += 1
-                    path = None
+                path, reason = self._as_op(gm, nodes, region, spec, choice, source, kernels)
             log.debug("%s: %s -> %s (%s)", region.name, spec.describe(), path, choice.why)
             self._record(
                 region,
@@ -242,6 +240,49 @@ class Lowering:
         gm.graph.lint()
         gm.recompile()
         return kernels
+
+    def _as_op(self, gm, nodes, region, spec, choice, source, kernels):
+        """Replace the region by its `im2win.*` op; (kernel file or None, fallback reason)."""
+        interpret = spec.device == "cpu"
+        packed = self._pack_in_graph(spec, choice.schedule, nodes, region)
+        ref = KernelRef.of(region.kind, source, spec, packed=packed)
+        path = ops.preload(ref, self.config.kernel_path, interpret=interpret)
+        reason = self._replace(gm, nodes, region, ref)
+        if reason is None:
+            kernels[ref.encode()] = interpret
+            return path, None
+        counters[f"fallback.{region.kind}"] += 1
+        return None, reason
+
+    def _direct(self, spec) -> bool:
+        """Whether Inductor's wrapper launches this region's kernels (runtime/direct.py)."""
+        return self.config.launch == "inductor" and spec.device == "cuda" and not spec.is_dynamic
+
+    def _inline_launch(self, gm, nodes, region: Region, source: KernelSource) -> str | None:
+        """Trace the launcher into the graph in the region's place; None, or why not."""
+        from ..runtime.direct import inline, trace_launch
+
+        last = nodes[region.nodes[-1]]
+        operands = list(_operands(nodes, region))
+        values = [o.meta["val"] if isinstance(o, torch.fx.Node) else None for o in operands]
+        try:
+            from torch._guards import detect_fake_mode
+
+            mode = detect_fake_mode([v for v in values if v is not None])
+            with mode if mode is not None else contextlib.nullcontext():
+                traced = trace_launch(source, values)
+            out, added = inline(gm.graph, traced, operands, last)
+        except Exception as err:  # a launcher that cannot be traced keeps its op
+            return f"tracing its launcher failed: {type(err).__name__}: {err}"
+        reason = layout_mismatch(out.meta.get("val"), last.meta.get("val"))
+        if reason is not None:
+            for node in reversed(added):
+                gm.graph.erase_node(node)
+            return reason
+        last.replace_all_uses_with(out)
+        gm.graph.erase_node(last)
+        counters[f"inline.{region.kind}"] += 1
+        return None
 
     def _pack_in_graph(self, spec, schedule: Schedule, nodes: dict, region: Region) -> bool:
         """Whether this conv's weight is packed by graph ops (see the module docstring)."""

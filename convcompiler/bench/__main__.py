@@ -35,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, help="override the suite's batch size")
     parser.add_argument("--target", help="the GPU to plan for on a machine without one")
     parser.add_argument("--table", help="also write the printed table to this file")
+    parser.add_argument(
+        "--fusion",
+        choices=("gpu", "cpu"),
+        default="gpu",
+        help="traffic: Inductor's kernels as it fuses for a GPU (planned without one) or this CPU",
+    )
     args = parser.parse_args(argv)
     args.input_given = args.input is not None
     args.input = args.input or "1,3,64,64"

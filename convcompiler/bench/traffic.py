@@ -17,11 +17,15 @@ traced once by Dynamo on fake outputs, then each variant is planned.
 A region's op moves what the cost model says its kernel moves (`Prediction.bytes`, planned for
 --target, default h100); other compute (conv, matmul, SDPA) moves its inputs and outputs.
 "Memory-bound" is everything else: elementwise ops, norms, reductions, copies and pooling.
-Inductor is traced on the CPU: its CPU fusion decisions stand in for its GPU ones.
+`--fusion gpu` (the default) plans Inductor's kernels for a CUDA device without one: the
+inputs are fake CUDA tensors and Inductor is told it has an H100 (`_described_gpu`), so
+its GPU fusion decisions are counted (a LayerNorm is one kernel there, two on the CPU).
+`--fusion cpu` counts Inductor's CPU kernels instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -85,8 +89,8 @@ class Traffic:
     launches: int  # memory-bound launches per forward
     compute: int  # compute launches (conv, matmul, attention, regions)
     memory_bytes: float  # modelled HBM bytes of the memory-bound launches
-    region_bytes: float  # ... of the regions' kernels (or what they replace: conv, attention)
-    matmul_bytes: float  # ... of the other compute (linear layers: the same in every variant)
+    region_bytes: float  # ... of the regions' kernels, or of what they replace (conv, bmm, SDPA)
+    matmul_bytes: float  # ... of the linear layers' matmuls (the same in every variant)
 
     @property
     def bytes(self) -> float:
@@ -149,7 +153,8 @@ def count_graph(gm: torch.fx.GraphModule, variant: str, target: str) -> Traffic:
 
 def _compute_kind(name: str) -> str:
     """A compute op's bytes count as a region's when a region would take its place."""
-    return "region" if "conv" in name or "scaled_dot_product" in name else "matmul"
+    attention = "scaled_dot_product" in name or "bmm" in name  # a window attention's matmuls
+    return "region" if "conv" in name or attention else "matmul"
 
 
 def count_scheduler(nodes: list, variant: str, target: str) -> Traffic:
@@ -183,6 +188,52 @@ def count_scheduler(nodes: list, variant: str, target: str) -> Traffic:
         moved["memory"] += node.get_read_write_buffers_sizes()
         launches += 1
     return Traffic(variant, launches, compute, moved["memory"], moved["region"], moved["matmul"])
+
+
+@contextlib.contextmanager
+def _described_gpu():
+    """Inductor, planning for cuda:0 on a machine without a GPU: it reads an H100's
+    properties and does not ask the driver. Only fusion is planned; nothing is compiled."""
+    from unittest import mock
+
+    import torch._inductor.runtime.hints as hints
+
+    h100 = hints.DeviceProperties(
+        type="cuda",
+        index=0,
+        multi_processor_count=132,
+        cc=90,
+        major=9,
+        regs_per_multiprocessor=65536,
+        max_threads_per_multi_processor=2048,
+        max_threads_per_block=1024,
+        warp_size=32,
+    )
+    patches = (
+        mock.patch.object(hints.DeviceProperties, "create", classmethod(lambda cls, d: h100)),
+        mock.patch("torch._inductor.scheduler.has_triton", lambda: True),
+        mock.patch("torch.cuda.get_device_capability", lambda *a, **k: (9, 0)),
+        mock.patch("torch.cuda.current_device", lambda: 0),
+        mock.patch("torch.cuda.device_count", lambda: 1),
+    )
+    with contextlib.ExitStack() as stack:
+        for patch in patches:
+            stack.enter_context(patch)
+        yield
+
+
+def _fake_cuda(inputs: list) -> list:
+    from torch._subclasses import FakeTensorMode
+
+    with torch.no_grad():
+        inputs = [t.detach() if isinstance(t, torch.Tensor) else t for t in inputs]
+    mode = FakeTensorMode()
+    with mode, torch.no_grad():
+        return [mode.from_tensor(t).to("cuda") if torch.is_tensor(t) else t for t in inputs]
+
+
+# Constant folding would run real CUDA ops on the fake device.
+_GPU_PLAN = {"joint_graph_constant_folding": False, "freezing": False}
 
 
 def capture(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.fx.GraphModule, list]:
@@ -250,8 +301,11 @@ def _eager_graph(gm, inputs) -> torch.fx.GraphModule:
     return graph
 
 
-def plan_model(model: torch.nn.Module, x: torch.Tensor, target: str) -> list[Traffic]:
-    """The four variants of one model at the input `x` (inference: no grad)."""
+def plan_model(
+    model: torch.nn.Module, x: torch.Tensor, target: str, fusion: str = "gpu"
+) -> list[Traffic]:
+    """The four variants of one model at the input `x` (inference: no grad); Inductor's
+    kernels as it fuses for a GPU (`fusion="gpu"`) or for this CPU."""
     import copy
 
     from torch._functorch.aot_autograd import aot_export_module
@@ -261,9 +315,14 @@ def plan_model(model: torch.nn.Module, x: torch.Tensor, target: str) -> list[Tra
     from ..frontend.session import CompileSession
 
     gm, inputs = capture(model, x)
+    gpu = fusion == "gpu"
+    planned = _fake_cuda(inputs) if gpu else inputs
+    extra = _GPU_PLAN if gpu else {}
+    inductor_context = _described_gpu if gpu else contextlib.nullcontext
     with torch.no_grad():
         rows = [count_graph(_eager_graph(copy.deepcopy(gm), inputs), "eager", target)]
-        rows.append(_plan_with_inductor(copy.deepcopy(gm), inputs, {}, "inductor", target))
+        with inductor_context():
+            rows.append(_plan_with_inductor(copy.deepcopy(gm), planned, extra, "inductor", target))
 
         options = {"cpu": "interpret", "verify": False, "target": target}
         session = CompileSession(Config(host="aten", **options), gm, inputs)
@@ -271,10 +330,13 @@ def plan_model(model: torch.nn.Module, x: torch.Tensor, target: str) -> list[Tra
         aten_graph, _ = aot_export_module(graph, inputs, trace_joint=False)
         rows.append(count_graph(session.post_grad(aten_graph), "im2win-aten", target))
 
-        session = CompileSession(Config(**options), gm, inputs)
-        patches = config_patches(session, None)
-        graph, decompositions = copy.deepcopy(gm), anchored_decompositions()
-        rows.append(_plan_with_inductor(graph, inputs, patches, "im2win", target, decompositions))
+        with inductor_context():
+            session = CompileSession(Config(**options), gm, planned)
+            patches = {**config_patches(session, None), **extra}
+            graph, decompositions = copy.deepcopy(gm), anchored_decompositions()
+            rows.append(
+                _plan_with_inductor(graph, planned, patches, "im2win", target, decompositions)
+            )
     return rows
 
 
@@ -288,11 +350,12 @@ def main(args) -> int:
     results = {}
     print(
         f"memory-bound launches per forward and modelled HBM bytes (MiB); batch {batch}, "
-        f"{dtype}, regions' bytes planned for {target}; traced shapes, nothing timed"
+        f"{dtype}, regions' bytes planned for {target}; Inductor's {args.fusion.upper()} "
+        "fusion; traced shapes, nothing timed"
     )
     print(
-        "MiB = memory-bound launches + regions (conv, attention); linear layers' matmuls are "
-        "the same in every variant and shown apart"
+        "MiB = memory-bound launches + regions (conv and attention, or the conv, bmm and SDPA "
+        "they replace); linear layers' matmuls are the same in every variant, shown apart"
     )
     print(
         f"{'model':20} {'variant':12} {'mem-bound':>9} {'compute':>8} {'mem MiB':>9} "
@@ -302,7 +365,7 @@ def main(args) -> int:
         model = load_model(MODELS.get(name, name)).to(getattr(torch, dtype))
         size = 224 if not args.input_given else int(args.input.split(",")[-1])
         x = make_input(f"{batch},3,{size},{size}", dtype)
-        rows = plan_model(model, x, target)
+        rows = plan_model(model, x, target, args.fusion)
         eager = rows[0].bytes
         for row in rows:
             print(

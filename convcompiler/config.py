@@ -22,6 +22,8 @@ from typing import Any, Mapping
 CPU_MODES = ("interpret", "aten", "plan")
 CONV_SCHEDULES = ("im2win_band", "im2win_implicit", "direct_depthwise", "gemm_1x1", "aten")
 BENCHMARKERS = ("do_bench", "fake")
+HOSTS = ("inductor", "aten")
+LAUNCHES = ("op", "inductor")
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,18 @@ class Config:
         "aten" runs ATen's convolution instead. "plan" plans and writes the kernels for the
         target GPU (report, kernel files, static checks) but runs ATen: for `explain` and
         `aot` on a machine without a GPU.
+    host: what compiles everything outside the regions. "inductor": Inductor fuses and
+        compiles it (C++ on CPU, Triton on GPU) and calls the regions' ops. "aten": it runs
+        as ATen ops under aot_autograd, with no compiler. None (default): "inductor", except
+        that a CPU compile with cpu="plan" (it plans GPU kernels; what runs on the CPU does
+        not matter) or with empty inputs uses "aten", and a CPU compile falls back to "aten",
+        with one warning, when no C++ compiler is found.
+    launch: how a region's kernels are launched on a GPU under host "inductor". "op"
+        (default): the region is one `torch.ops.im2win.*` op, which Inductor calls and which
+        launches its kernels. "inductor": the launcher is traced into the graph
+        (`wrap_triton`), so Inductor's own wrapper launches the kernels (no Python dispatch
+        per launch; CUDA graphs hold them). CPU tensors always use "op" (the interpreter).
+        Not yet run on a GPU: opt in.
     schedule: force one conv schedule for every conv region (one of CONV_SCHEDULES).
         None lets the backend choose (see convcompiler/selection/select.py).
     target: the GPU to plan for ("h100", "h200", "a100", "l4", "rtx4090"). None: the GPU
@@ -56,6 +70,8 @@ class Config:
     """
 
     cpu: str = "interpret"
+    host: str | None = None
+    launch: str = "op"
     schedule: str | None = None
     target: str | None = None
     autotune: bool = False
@@ -74,6 +90,10 @@ class Config:
     def __post_init__(self) -> None:
         if self.cpu not in CPU_MODES:
             raise ValueError(f"option 'cpu' must be one of {CPU_MODES}, got {self.cpu!r}")
+        if self.host is not None and self.host not in HOSTS:
+            raise ValueError(f"option 'host' must be None or one of {HOSTS}, got {self.host!r}")
+        if self.launch not in LAUNCHES:
+            raise ValueError(f"option 'launch' must be one of {LAUNCHES}, got {self.launch!r}")
         if self.schedule is not None and self.schedule not in CONV_SCHEDULES:
             raise ValueError(
                 f"option 'schedule' must be None or one of {CONV_SCHEDULES}, got {self.schedule!r}"

@@ -257,3 +257,213 @@ class AttentionSpec(SizeHints):
 
     def flops(self) -> int:
         return 4 * self.hint(self.batch) * self.heads * self.tokens**2 * self.head_dim
+
+
+# ---- specs as data ---------------------------------------------------------------------
+# A generated op carries its spec as JSON (see runtime/kernel_ref.py), so a compiled graph
+# served from Inductor's caches can regenerate exactly the kernel it was built with. Decoding
+# is strict: every field is checked against its type and, for names that reach a template
+# (dtype, layouts, activations), against the closed set of values the templates know.
+
+LAYOUTS = ("nchw", "nhwc", "strided")
+PRECISIONS = ("ieee", "tf32")
+DEVICES = ("cpu", "cuda")
+BN_KINDS = (None, "affine", "plain")
+OUTPUTS = ("bnc", "bhnd", "bnhd")
+
+
+class SpecError(ValueError):
+    """Stored or passed spec data that is not a valid spec."""
+
+
+# Symbolic sizes travel as expression trees of an allow-listed set of sympy classes and are
+# rebuilt by calling those classes: nothing is parsed or evaluated as Python.
+def _expr_classes() -> dict[str, type]:
+    from torch.utils._sympy.functions import CeilDiv, FloorDiv, Mod, ModularIndexing
+
+    classes = {c.__name__: c for c in (sympy.Add, sympy.Mul, sympy.Pow, sympy.Max, sympy.Min)}
+    classes.update(
+        {c.__name__: c for c in (FloorDiv, CeilDiv, Mod, ModularIndexing)},
+        floor=sympy.floor,
+        ceiling=sympy.ceiling,
+    )
+    return classes
+
+
+MAX_EXPR_NODES = 64
+
+
+def _size_to_json(v: Size) -> object:
+    if isinstance(v, int):
+        return v
+    if isinstance(v, sympy.Integer):
+        return int(v)
+    if isinstance(v, sympy.Symbol):
+        return {"sym": v.name}
+    name = type(v).__name__ if type(v).__name__ in _expr_classes() else v.func.__name__
+    return {"fn": name, "args": [_size_to_json(a) for a in v.args]}
+
+
+def _size_from_json(v: object, budget: list[int] | None = None) -> Size:
+    budget = [MAX_EXPR_NODES] if budget is None else budget
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise SpecError("size expression too large")
+    if isinstance(v, bool):
+        raise SpecError(f"size {v!r} is not an int")
+    if isinstance(v, int):
+        return v
+    if isinstance(v, dict) and set(v) == {"sym"}:
+        name = v["sym"]
+        if not isinstance(name, str) or not name.isidentifier() or len(name) > 32:
+            raise SpecError(f"symbol {name!r} is not a name")
+        return sympy.Symbol(name, integer=True, positive=True)
+    if isinstance(v, dict) and set(v) == {"fn", "args"} and isinstance(v["args"], list):
+        cls = _expr_classes().get(v["fn"]) if isinstance(v["fn"], str) else None
+        if cls is None or not 1 <= len(v["args"]) <= 8:
+            raise SpecError(f"size function {v['fn']!r} is not allowed")
+        args = [_size_from_json(a, budget) for a in v["args"]]
+        expr = cls(*[sympy.Integer(a) if isinstance(a, int) else a for a in args])
+        return int(expr) if isinstance(expr, sympy.Integer) else expr
+    raise SpecError(f"size {v!r} is neither an int nor an expression")
+
+
+def _check(value: object, allowed: tuple, name: str) -> object:
+    if value not in allowed or isinstance(value, bool) and value not in (True, False):
+        raise SpecError(f"{name}={value!r} is not one of {allowed}")
+    return value
+
+
+def _int(value: object, name: str, low: int = 0) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise SpecError(f"{name}={value!r} is not an int >= {low}")
+    return value
+
+
+def _float(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SpecError(f"{name}={value!r} is not a number")
+    return float(value)
+
+
+def _bool(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise SpecError(f"{name}={value!r} is not a bool")
+    return value
+
+
+def _pair(value: object, name: str, low: int) -> tuple[int, int]:
+    if not isinstance(value, list) or len(value) != 2:
+        raise SpecError(f"{name}={value!r} is not a pair")
+    return (_int(value[0], name, low), _int(value[1], name, low))
+
+
+def _activation_from_json(value: object) -> Activation | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != 2 or not isinstance(value[1], list):
+        raise SpecError(f"activation {value!r} is not [name, args]")
+    name = _check(value[0], ACTIVATIONS, "activation")
+    return Activation(name, tuple(_float(a, "activation argument") for a in value[1]))
+
+
+def spec_to_json(spec: ConvSpec | AttentionSpec) -> dict:
+    """A JSON-ready dict of every field (sizes as ints or expression strings)."""
+    out: dict = {"type": type(spec).__name__}
+    for f in fields(spec):
+        v = getattr(spec, f.name)
+        if f.name == "epilogue":
+            e = v
+            act = [e.act.name, list(e.act.args)] if e.act else None
+            post = [e.post_act.name, list(e.post_act.args)] if e.post_act else None
+            v = {
+                "bn": e.bn,
+                "bn_eps": e.bn_eps,
+                "act": act,
+                "residual": e.residual,
+                "post_act": post,
+            }
+        elif f.name == "hints":
+            v = [[name, value] for name, value in v]
+        elif isinstance(v, tuple):
+            v = [_size_to_json(x) for x in v]
+        elif isinstance(v, sympy.Basic):
+            v = _size_to_json(v)
+        out[f.name] = v
+    return out
+
+
+def spec_from_json(data: object) -> ConvSpec | AttentionSpec:
+    """The spec `spec_to_json` wrote; raises SpecError for anything else."""
+    if not isinstance(data, dict):
+        raise SpecError("a spec is a JSON object")
+    kind = data.get("type")
+    cls = {"ConvSpec": ConvSpec, "AttentionSpec": AttentionSpec}.get(kind)
+    if cls is None:
+        raise SpecError(f"unknown spec type {kind!r}")
+    names = {f.name for f in fields(cls)}
+    if set(data) - {"type"} != names:
+        raise SpecError(f"{kind} fields differ: {sorted(set(data) - {'type'} ^ names)}")
+    hints = data["hints"]
+    if not isinstance(hints, list) or not all(
+        isinstance(h, list) and len(h) == 2 and isinstance(h[0], str) and len(h[0]) < 40
+        for h in hints
+    ):
+        raise SpecError(f"hints {hints!r} are not [[name, value], ...]")
+    common = dict(
+        batch=_size_from_json(data["batch"]),
+        dtype=_check(data["dtype"], DTYPES, "dtype"),
+        device=_check(data["device"], DEVICES, "device"),
+        precision=_check(data["precision"], PRECISIONS, "precision"),
+        hints=tuple((name, _int(value, "hint")) for name, value in hints),
+    )
+    if cls is AttentionSpec:
+        return AttentionSpec(
+            heads=_int(data["heads"], "heads", 1),
+            tokens=_int(data["tokens"], "tokens", 1),
+            head_dim=_int(data["head_dim"], "head_dim", 1),
+            scale=_float(data["scale"], "scale"),
+            cosine=_bool(data["cosine"], "cosine"),
+            logit_scale=_bool(data["logit_scale"], "logit_scale"),
+            bias=_bool(data["bias"], "bias"),
+            mask=_bool(data["mask"], "mask"),
+            windows=_int(data["windows"], "windows", 1),
+            general=_bool(data["general"], "general"),
+            output=_check(data["output"], OUTPUTS, "output"),
+            mask_repeat=_int(data["mask_repeat"], "mask_repeat", 1),
+            safe_softmax=_bool(data["safe_softmax"], "safe_softmax"),
+            **common,
+        )
+    e = data["epilogue"]
+    if not isinstance(e, dict) or set(e) != {"bn", "bn_eps", "act", "residual", "post_act"}:
+        raise SpecError(f"epilogue {e!r} is not an epilogue")
+    epilogue = Epilogue(
+        bn=_check(e["bn"], BN_KINDS, "bn"),
+        bn_eps=_float(e["bn_eps"], "bn_eps"),
+        act=_activation_from_json(e["act"]),
+        residual=_bool(e["residual"], "residual"),
+        post_act=_activation_from_json(e["post_act"]),
+    )
+    sizes = {}
+    for name in ("in_size", "out_size"):
+        value = data[name]
+        if not isinstance(value, list) or len(value) != 2:
+            raise SpecError(f"{name}={value!r} is not a pair")
+        sizes[name] = tuple(_size_from_json(v) for v in value)
+    return ConvSpec(
+        ndim=_check(data["ndim"], (1, 2), "ndim"),
+        in_channels=_int(data["in_channels"], "in_channels", 1),
+        out_channels=_int(data["out_channels"], "out_channels", 1),
+        kernel=_pair(data["kernel"], "kernel", 1),
+        stride=_pair(data["stride"], "stride", 1),
+        padding=_pair(data["padding"], "padding", 0),
+        dilation=_pair(data["dilation"], "dilation", 1),
+        groups=_int(data["groups"], "groups", 1),
+        has_bias=_bool(data["has_bias"], "has_bias"),
+        input_layout=_check(data["input_layout"], LAYOUTS, "input_layout"),
+        weight_layout=_check(data["weight_layout"], LAYOUTS, "weight_layout"),
+        output_layout=_check(data["output_layout"], LAYOUTS[:2], "output_layout"),
+        epilogue=epilogue,
+        **sizes,
+        **common,
+    )

@@ -24,6 +24,18 @@ def lowered_ops(dump_root: Path, stage: str = "inference") -> Counter:
     return Counter(re.findall(r"torch\.ops\.aten\.([a-z_0-9]+)", lowered.read_text()))
 
 
+def inductor_kernels(dump_root: Path) -> list[str]:
+    """Names of the kernels Inductor generated for the one compile dumped under `dump_root`
+    (its trace of the compile: torchinductor/*/output_code.py), one entry per launch site."""
+    (compile_dir,) = list(dump_root.iterdir())
+    names: list[str] = []
+    for code in sorted(compile_dir.glob("torchinductor/*/output_code.py")):
+        text = code.read_text()
+        call = text[text.index("def call(") :] if "def call(" in text else text
+        names += re.findall(r"^\s+((?:cpp|triton)_\w+)\(", call, flags=re.M)
+    return names
+
+
 def kernel_launches() -> int:
     """Launches of generated kernels of every kind (conv, conv_bn, ...)."""
     return sum(v for k, v in convcompiler.counters.items() if k.startswith("launch."))

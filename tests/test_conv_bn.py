@@ -261,10 +261,15 @@ def test_tune_mode_does_not_save_the_folded_weight(tmp_path) -> None:
 def test_train_mode_resnet18_three_steps_match_eager() -> None:
     """Parameters, running stats and num_batches_tracked after each of 3 SGD steps.
 
-    Against float64 eager, as close as eager fp32 is (or within 1e-4): ReLU and max-pool make
-    the fp32 gradients of an untrained net jump when a value near a threshold rounds the
-    other way, and eager fp32 is not immune (on this input its conv1 gradient is 3% off
-    float64 at the first step; the compiled model's is 3e-6)."""
+    Against float64 eager, as close as eager fp32 is (or within 1e-4). ReLU and max-pool make
+    the fp32 gradients of an untrained net jump when a value within rounding of a threshold
+    (a ReLU's 0, a near-tie in a pooling window) rounds the other way, and eager fp32 is not
+    immune: at 8x3x64x64 its conv1 gradient is 3% off float64 at the first step. Inductor
+    computes train-mode BN with its own formula, so the compiled model's roundings differ
+    from eager's and so do its jumps (at that size, 3e-3 on layer1.0.bn1.bias; the same
+    graph on the ATen host: 1e-6). Such near-ties grow with the number of pooling windows
+    and activations; this input (4x3x40x40) has none for eager, float64 or the compiled
+    model, so every difference left is a real one."""
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10).train()
     eager32, eager64 = copy.deepcopy(model), float64_copy(model)
@@ -277,8 +282,8 @@ def test_train_mode_resnet18_three_steps_match_eager() -> None:
     opts = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in params.items()}
     gen = torch.Generator().manual_seed(0)
     for step in range(3):
-        x = torch.randn(8, 3, 64, 64, generator=gen)
-        y = torch.randint(0, 10, (8,), generator=gen)
+        x = torch.randn(4, 3, 40, 40, generator=gen)
+        y = torch.randint(0, 10, (4,), generator=gen)
         for key, net in nets.items():
             opts[key].zero_grad()
             F.cross_entropy(net(x.double() if key == "eager64" else x), y).backward()
@@ -294,5 +299,6 @@ def test_train_mode_resnet18_three_steps_match_eager() -> None:
     report = convcompiler.last_report()
     assert all(r.kind == "conv_bn" and r.mode == "train" for r in report if r.stage == "forward")
     (stem,) = [r for r in report if r.stage == "backward"]  # recomputed for BN's backward
-    assert stem.kind == "conv" and "7x7" in stem.spec and stem.fallback_reason is None
+    assert stem.kind == "conv_bn" and stem.mode == "train" and "7x7" in stem.spec
+    assert stem.fallback_reason is None
     assert convcompiler.counters["launch.conv_bn"] > 0

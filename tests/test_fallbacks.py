@@ -53,8 +53,8 @@ def test_float64_falls_back() -> None:
     model = nn.Conv2d(3, 4, 3).double().eval()
     x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
     out, report = run_compiled(model, [x])
-    with torch.no_grad():
-        assert torch.equal(out, model(x))
+    with torch.no_grad():  # the host compiler runs it: float64 agrees to rounding
+        torch.testing.assert_close(out, model(x), rtol=1e-12, atol=1e-12)
     assert "dtype float64" in report[0].fallback_reason
     assert convcompiler.counters["launch.conv"] == 0
 

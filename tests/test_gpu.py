@@ -111,3 +111,22 @@ def test_swin_window_attention_fused_on_cuda() -> None:
     out, _ = run_compiled(block, [x])
     assert rel_error(out, reference(block, x)) <= 2e-2
     assert convcompiler.counters["launch.window_attention"] == 1
+
+
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_inductor_launches_the_kernels_itself(mode, tmp_path) -> None:
+    """Option launch="inductor": the regions' launchers are traced into the graph, so
+    Inductor's wrapper launches the generated kernels (no im2win op in its output code);
+    mode="reduce-overhead" replays them in a CUDA graph. Correct on every call."""
+    model = small_net().cuda()
+    options = {"launch": "inductor", "debug_dir": str(tmp_path)}
+    compiled = torch.compile(model, backend="im2win", options=options, mode=mode)
+    for _ in range(3):
+        x = torch.randn(2, 3, 33, 31, device="cuda")
+        with torch.no_grad():
+            out = compiled(x)
+        assert rel_error(out, reference(model, x)) <= TOL_TF32
+    assert convcompiler.counters["inline.conv"] + convcompiler.counters["inline.conv_bn"] >= 3
+    (dump,) = tmp_path.iterdir()
+    code = "\n".join(p.read_text() for p in dump.glob("torchinductor/*/output_code.py"))
+    assert "torch.ops.im2win" not in code and "conv_im2win" in code + "conv_gemm_1x1"

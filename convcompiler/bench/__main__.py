@@ -7,11 +7,12 @@ import contextlib
 import io
 import sys
 
-from . import compile_cache, layers, networks, transfer, window_attention
+from . import compile_cache, layers, networks, traffic, transfer, window_attention
 
 SUITES = {
     "compile-cache": compile_cache,
     "im2win-layers": layers,
+    "traffic": traffic,
     "transfer-learning": transfer,
     "window-attention": window_attention,
 }
@@ -26,17 +27,27 @@ def main(argv: list[str] | None = None) -> int:
         return gpu.main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m convcompiler.bench")
     parser.add_argument("suite", choices=sorted(SUITES) + ["gpu"])
-    parser.add_argument("--model", default="resnet18", help="a torchvision model name")
+    parser.add_argument("--model", help="a torchvision model name")
     parser.add_argument("--input", help="input shape, comma separated")
     parser.add_argument("--options", default="{}", help="backend options as JSON")
     parser.add_argument("--json", help="also write the results to this JSON file")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"))
     parser.add_argument("--batch", type=int, help="override the suite's batch size")
     parser.add_argument("--target", help="the GPU to plan for on a machine without one")
     parser.add_argument("--table", help="also write the printed table to this file")
+    parser.add_argument(
+        "--fusion",
+        choices=("gpu", "cpu"),
+        default="gpu",
+        help="traffic: Inductor's kernels as it fuses for a GPU (planned without one) or this CPU",
+    )
     args = parser.parse_args(argv)
     args.input_given = args.input is not None
     args.input = args.input or "1,3,64,64"
+    args.model_given = args.model is not None
+    args.model = args.model or "resnet18"
+    args.dtype_given = args.dtype is not None
+    args.dtype = args.dtype or "float32"
     if not args.table:
         return SUITES[args.suite].main(args)
     printed = io.StringIO()

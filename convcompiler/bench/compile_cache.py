@@ -1,14 +1,17 @@
 """Suite `compile-cache`: cold versus warm compile of a torchvision model, each in a new process.
 
-Cold: an empty convcompiler cache and an empty Triton cache. Warm: the cache the cold run
-left, a fresh Triton cache again (so only convcompiler's cache differs). Each run times:
+Cold: empty convcompiler, Inductor and Triton caches. Warm: the convcompiler and Inductor
+caches the cold run left, a fresh Triton cache again. On a warm compile Inductor's FX-graph
+and AOT-autograd caches serve the compiled graph, the hooks do not run, convcompiler restores
+the report and renders each kernel once to check its hash (`kernel.regenerated`; `codegen`
+counts kernels rendered for a new decision and must be 0). Each run times:
 
     first call   the first call of the compiled model: compile, then the graph's first run
     steady       the second call (the graph's run alone)
     compile      the first call minus the time the compiled graph itself ran inside it:
-                 Dynamo tracing plus the backend (aot_autograd, passes, lowering with
+                 Dynamo tracing plus the backend (Inductor with the passes, lowering with
                  selection, static checks, code generation and kernel loading; on a warm
-                 run the graph cache skips all but the kernel loading)
+                 run Inductor's caches skip all but the kernel loading)
     backend      the backend's own part of compile (report.compile_seconds)
     1st-run      the graph's first run minus its steady run: per-process setup that no
                  compile cache removes (on CPU, Triton's interpreter rewriting each
@@ -63,7 +66,8 @@ CHILD = textwrap.dedent(
     print(json.dumps(dict(first=first, steady=steady, compile=first - first_runs,
         setup=first_runs - steady_runs, backend=report.compile_seconds,
         kernels=len(report.kernels()), codegen=c["codegen.conv"], verify=c["verify.conv"],
-        hits=c["cache.hit"], graph_hits=c["graph_cache.hit"], benchmarks=c["tune.benchmark"])))
+        hits=c["cache.hit"], served=c["inductor_cache.served"], regenerated=c["kernel.regenerated"],
+        benchmarks=c["tune.benchmark"])))
     """
 )
 
@@ -72,6 +76,7 @@ def run_child(model: str, shape: str, options: dict, cache_dir: str) -> dict:
     env = dict(
         os.environ,
         CONVCOMPILER_CACHE_DIR=cache_dir,
+        TORCHINDUCTOR_CACHE_DIR=os.path.join(cache_dir, "inductor"),
         TRITON_CACHE_DIR=tempfile.mkdtemp(prefix="triton-cache-"),
     )
     out = subprocess.run(
@@ -101,7 +106,8 @@ def main(args) -> int:
             f"{name:5} {r['first']:10.2f}s {r['steady']:7.2f}s {r['compile']:7.2f}s "
             f"{r['backend']:7.2f}s {r['setup']:7.2f}s  kernels={r['kernels']} "
             f"codegen={r['codegen']} static-checks={r['verify']} cache-hits={r['hits']} "
-            f"graph-cache-hits={r['graph_hits']} benchmarks={r['benchmarks']}"
+            f"inductor-served={r['served']} regenerated={r['regenerated']} "
+            f"benchmarks={r['benchmarks']}"
         )
     cold, warm = runs["cold"], runs["warm"]
     ratio_compile = warm["compile"] / cold["compile"]

@@ -1,23 +1,28 @@
 """The `im2win` torch.compile backend (entry point `torch_dynamo_backends: im2win`).
 
-    compiled = torch.compile(model, backend="im2win", options={...})
+    compiled = torch.compile(model, backend="im2win", options={...}, mode=...)
 
-Stages of one compile:
-    1. PRE_GRAD_PASSES on the Dynamo graph (torch-level ops), before autograd;
-    2. aot_autograd traces forward/backward (or inference) aten graphs;
-    3. POST_GRAD_PASSES find regions in each aten graph;
-    4. lowering selects a schedule per region, renders and loads its kernel and rewrites
-       the node; everything not matched runs as ATen.
-With a debug dump directory, each step's graph, the report and the kernels are written
-there (convcompiler/debug.py).
+Inductor hosts the compile (`compile_fx`) and compiles everything outside the regions; the
+project's passes run on its hooks (frontend/inductor.py):
+
+    1. pre-grad, on the Dynamo graph: padding modes, train-mode BN, ConvBN Tune fold;
+    2. the partitioner, on the joint graph: what the backward recomputes;
+    3. post-grad, on each forward, backward or inference graph: regions are found, a
+       schedule is selected, the kernel rendered and loaded, and the region's nodes become
+       one `torch.ops.im2win.*` op; Inductor then fuses and compiles the rest.
+
+Option `host="aten"` runs the same passes under aot_autograd alone and everything outside
+the regions as ATen ops: no C++ compiler needed. It is also what a CPU compile falls back
+to, with one warning, when no C++ compiler is found.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import shutil
 import time
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -27,56 +32,75 @@ from torch._functorch.aot_autograd import make_boxed_func
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 from ..config import Config
-from ..inspection.debug import dump_dir_for, dump_lowered
-from ..inspection.report import Report, new_report
-from ..passes import POST_GRAD_PASSES, PRE_GRAD_PASSES, PassContext, run_passes
-from ..passes.recompute import tag_attention_intermediates, tag_cheap_stems, tag_weight_transforms
-from ..selection.graph_cache import graph_key
-from ..selection.graph_cache import load as load_graph
-from ..selection.graph_cache import store as store_graph
-from .lowering import Lowering
+from .inductor import anchored_decompositions, config_patches, graph_caches_off
+from .session import CompileSession
 
 log = logging.getLogger(__name__)
 
 _MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def _graph_compiler(
-    stage: str,
-    config: Config,
-    facts: dict,
-    lowering: Lowering,
-    dump: Path | None,
-    lowered: Callable[[torch.fx.GraphModule], object] | None = None,
+@functools.lru_cache(maxsize=1)
+def cpp_compiler() -> str | None:
+    """The C++ compiler Inductor would use for CPU code, or None when there is none."""
+    from torch._inductor import config as inductor_config
+
+    for name in inductor_config.cpp.cxx:
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+_warned_no_compiler = False
+
+
+def _host(config: Config, example_inputs: Sequence[Any]) -> str:
+    """The host compiler for this graph (see Config.host)."""
+    global _warned_no_compiler
+    if config.host is not None:
+        return config.host
+    tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
+    if any(t.numel() == 0 for t in tensors):
+        # Dynamo specialises empty tensors, so this compile only ever sees them. Inductor
+        # mis-lowers some ops on them (convolution_backward on an empty batch asserts a
+        # wrong weight-gradient stride, torch 2.14), while ATen gives eager's results.
+        log.info("convcompiler: a graph input is empty; running it as ATen (host='aten')")
+        return "aten"
+    cpu = any(t.device.type == "cpu" for t in tensors)
+    if cpu and config.cpu == "plan" and all(t.device.type == "cpu" for t in tensors):
+        return "aten"  # planning GPU kernels: how the CPU runs the rest does not matter
+    if cpu and cpp_compiler() is None:
+        if not _warned_no_compiler:
+            _warned_no_compiler = True
+            log.warning(
+                "convcompiler: Inductor needs a C++ compiler for CPU code and none was found "
+                "(looked for %s); everything outside the regions runs as ATen instead. "
+                "Install one (e.g. `apt-get install g++`, or set CXX), or pass "
+                "options={'host': 'aten'} to choose this explicitly.",
+                ", ".join(n for n in torch._inductor.config.cpp.cxx if n),
+            )
+        return "aten"
+    return "inductor"
+
+
+def _compile_with_aten(
+    session: CompileSession, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]
 ) -> Callable:
-    def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-        ctx = PassContext(config=config, stage=stage, facts=facts, dump_dir=dump)
-        gm = run_passes(POST_GRAD_PASSES, gm, ctx)
-        gm = lowering.lower_regions(gm, ctx.regions)
-        dump_lowered(gm, ctx, len(POST_GRAD_PASSES) + 1, lowering.report)
-        if lowered is not None:
-            lowered(gm)
-        return make_boxed_func(gm.forward)
+    """aot_autograd alone: the same hooks, and ATen for everything outside the regions."""
+    gm = session.pre_grad(gm)
 
-    compile_graph.__name__ = f"im2win_{stage}_compiler"
-    return compile_graph
+    def stage(graph: torch.fx.GraphModule, _inputs: Sequence[Any]) -> Callable:
+        session.post_grad(graph)
+        return make_boxed_func(graph.forward)
 
+    def partition(joint: torch.fx.GraphModule, joint_inputs: Sequence[Any], **kwargs: Any):
+        session.tag_recompute(joint, kwargs["num_fwd_outputs"])
+        return min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
 
-def _partition(
-    joint: torch.fx.GraphModule,
-    joint_inputs: Sequence[Any],
-    *,
-    config: Config,
-    report: Report,
-    **kwargs: Any,
-):
-    """Min-cut partitioning, with weight transforms (Tune mode's W * c), cheap stems and the
-    inside of window attentions recomputed in the backward instead of saved by the forward."""
-    tag_weight_transforms(joint)
-    stems = tag_cheap_stems(joint, kwargs["num_fwd_outputs"], config.recompute_conv_macs)
-    report.recomputed.extend(stems)
-    tag_attention_intermediates(joint, kwargs["num_fwd_outputs"])
-    return min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
+    compile_aot = aot_autograd(
+        fw_compiler=stage, bw_compiler=stage, inference_compiler=stage, partition_fn=partition
+    )
+    return compile_aot(gm, example_inputs)
 
 
 def im2win(
@@ -85,39 +109,31 @@ def im2win(
     options: dict[str, Any] | None = None,
     mode: str | None = None,
 ) -> Callable:
-    """Compile one Dynamo graph: convolutions run generated im2win Triton kernels."""
+    """Compile one Dynamo graph: regions run generated Triton kernels, Inductor the rest."""
     config = Config.from_options(options)
     if mode not in _MODES:
         raise ValueError(f"unknown torch.compile mode {mode!r} for backend 'im2win'")
     if mode in ("max-autotune", "max-autotune-no-cudagraphs"):
         config = config.replace(autotune=True)
-    elif mode == "reduce-overhead":
-        log.info("mode='reduce-overhead' (CUDA graphs) is not implemented by the im2win backend")
     start = time.perf_counter()
-    report = new_report(config)
-    lowering = Lowering(config, report)
-    key = graph_key(gm, example_inputs, config) if lowering.cache is not None else None
-    if key is not None:
-        cached = load_graph(lowering.cache, key, report, config)
-        if cached is not None:
-            report.compile_seconds = time.perf_counter() - start
-            return cached
+    host = _host(config, example_inputs)
+    session = CompileSession(config, gm, example_inputs, mode)
+    session.report.host = host
+    if host == "inductor":
+        from torch._inductor.compile_fx import compile_fx
 
-    def store(lowered: torch.fx.GraphModule) -> None:
-        if key is not None:
-            args = (lowering.cache, key, lowered, report, lowering.record_keys)
-            store_graph(*args, num_inputs=len(example_inputs))
-
-    facts: dict[str, Any] = {}
-    dump = dump_dir_for(config, report.compile_id)
-    pre_grad = PassContext(config=config, stage="pre_grad", facts=facts, dump_dir=dump)
-    gm = run_passes(PRE_GRAD_PASSES, gm, pre_grad)
-    compile_aot = aot_autograd(
-        partition_fn=functools.partial(_partition, config=config, report=report),
-        fw_compiler=_graph_compiler("forward", config, facts, lowering, dump),
-        bw_compiler=_graph_compiler("backward", config, facts, lowering, dump),
-        inference_compiler=_graph_compiler("inference", config, facts, lowering, dump, store),
-    )
-    compiled = compile_aot(gm, example_inputs)
-    report.compile_seconds = time.perf_counter() - start
+        off = torch._functorch.config.patch(enable_autograd_cache=False)
+        with off if graph_caches_off(session) else contextlib.nullcontext():
+            compiled = compile_fx(
+                gm,
+                example_inputs,
+                config_patches=config_patches(session, mode),
+                decompositions=anchored_decompositions(),
+            )
+    else:
+        if mode == "reduce-overhead":
+            log.info("mode='reduce-overhead' (CUDA graphs) needs host='inductor'")
+        compiled = _compile_with_aten(session, gm, example_inputs)
+    session.finish()
+    session.report.compile_seconds = time.perf_counter() - start
     return compiled

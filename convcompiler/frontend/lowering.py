@@ -1,11 +1,19 @@
-"""Lowering: region -> schedule -> kernel source -> loaded kernel -> rewritten graph node.
+"""Lowering: region -> schedule -> kernel source -> `im2win.*` op node in the aten graph.
 
-This is where passes (regions) meet codegen (sources) and selection (cost model, tuning
-cache, autotuning); neither side imports the other.
+This is where passes (regions) meet codegen (sources), selection (cost model, tuning cache,
+autotuning) and the runtime (ops, loading); neither passes nor codegen imports the other.
+
+A runnable region's nodes are replaced by one call of its op (runtime/ops.py) whose last
+argument names the kernel (runtime/kernel_ref.py). The op's fake value must have exactly
+the sizes and strides of the node it replaces, or the region falls back with that reason.
+A conv weight that the GEMM schedules read in im2win order is packed by visible graph ops
+when `pack_in_graph` (training: Inductor fuses the pack with Tune mode's W * c; CUDA
+graphs), and otherwise by the op itself, cached per weight tensor (runtime/packing.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Callable
@@ -13,16 +21,19 @@ from typing import Callable
 import torch
 import torch.fx
 
-from ..codegen import TEMPLATES, KernelSource, render_conv, spec_kind
+from ..codegen import KernelSource, render_conv, spec_kind
 from ..config import Config
 from ..counters import counters
 from ..inspection.report import RegionRecord, Report
 from ..passes import Region
-from ..runtime import KernelCall, interpreter_notice, load_source, write_source
+from ..runtime import load_source, ops, write_source
+from ..runtime.kernel_ref import KernelRef
+from ..runtime.packing import is_packed
+from ..runtime.packing import order as packing_order
 from ..runtime.reference import run_aten, run_attention
 from ..schedule import Schedule
 from ..selection.cache import CachedSource, open_cache
-from ..selection.cost import Prediction
+from ..selection.cost import PACKING_SCHEDULES, Prediction, filter_repack_free
 from ..selection.devices import device_for
 from ..selection.select import Choice, SelectionContext, select_conv_schedule
 from ..selection.tuning import benchmarker
@@ -34,13 +45,12 @@ log = logging.getLogger(__name__)
 class Lowering:
     """Lowers the regions of one compile; holds the per-compile selection contexts."""
 
-    def __init__(self, config: Config, report: Report) -> None:
+    def __init__(self, config: Config, report: Report, *, pack_in_graph: bool = False) -> None:
         self.config = config
         self.report = report
+        self.pack_in_graph = pack_in_graph
         self.cache = open_cache() if config.cache else None
         self._contexts: dict[str, SelectionContext] = {}
-        # (key, key parts, source sha256) of each cache record this compile's decisions are in
-        self.record_keys: list[tuple[str, dict, str | None]] = []
 
     # ---- selection context per tensor device ----------------------------------------------
     def context(self, spec: ConvSpec) -> SelectionContext:
@@ -99,17 +109,20 @@ class Lowering:
 
     # ---- sources ---------------------------------------------------------------------------
     def source_for(self, spec: ConvSpec, choice: Choice) -> KernelSource:
-        if choice.source is not None:
-            template = TEMPLATES[choice.schedule.name]
-            return KernelSource(
-                choice.source.name,
-                choice.source.text,
-                choice.schedule,
-                spec.key(),
-                template.KERNELS,
+        """The kernel source of a choice, always rendered by the installed templates. A cached
+        decision whose stored source hash differs is reported and the rendering wins."""
+        source = render_conv(spec, choice.schedule)
+        if choice.source is None:
+            counters[f"codegen.{spec_kind(spec)}"] += 1
+        elif choice.source.sha256 != source.sha256:
+            counters["cache.invalid"] += 1
+            log.warning(
+                "cached decision for %s names source %s; the templates render %s",
+                spec.describe(),
+                choice.source.sha256[:16],
+                source.sha256[:16],
             )
-        counters[f"codegen.{spec_kind(spec)}"] += 1
-        return render_conv(spec, choice.schedule)
+        return source
 
     def remember(
         self, spec: ConvSpec, ctx: SelectionContext, choice: Choice, source: KernelSource | None
@@ -141,14 +154,6 @@ class Lowering:
                     ctx.device.name, spec.key(), aten.predicted_s, aten.measured_s
                 )
 
-    def _note_record(
-        self, spec: ConvSpec, ctx: SelectionContext, choice: Choice, source: KernelSource | None
-    ) -> None:
-        """Note the cache record this decision is stored under, and the source it names."""
-        if self.cache is not None and choice.origin in ("cache", "tuned", "model"):
-            key, parts = ctx.key(spec)
-            self.record_keys.append((key, parts, source.sha256 if source else None))
-
     # ---- the graph rewrite ------------------------------------------------------------------
     def _record(self, region: Region, choice: Choice | None, **fields) -> None:
         pred = choice.prediction if choice else None
@@ -171,11 +176,11 @@ class Lowering:
             )
         )
 
-    def lower_regions(
-        self, gm: torch.fx.GraphModule, regions: list[Region]
-    ) -> torch.fx.GraphModule:
-        """Replace each runnable region's nodes by a call to its generated kernel."""
+    def lower_regions(self, gm: torch.fx.GraphModule, regions: list[Region]) -> dict[str, bool]:
+        """Replace each runnable region's nodes by its op; returns {encoded KernelRef:
+        interpreted} for every kernel the rewritten graph calls."""
         nodes = {node.name: node for node in gm.graph.nodes}
+        kernels: dict[str, bool] = {}
         for region in regions:
             if region.fallback_reason is not None:
                 self._record(
@@ -194,7 +199,6 @@ class Lowering:
             if choice.fallback_reason is not None:
                 counters[f"fallback.{region.kind}"] += 1
                 self.remember(spec, ctx, choice, None)
-                self._note_record(spec, ctx, choice, None)
                 self._record(
                     region,
                     choice,
@@ -208,46 +212,168 @@ class Lowering:
             source = self.source_for(spec, choice)
             if choice.source is None:
                 self.remember(spec, ctx, choice, source)
-            self._note_record(spec, ctx, choice, source)
             self.report.generated.append((source, spec))
             reason = None
             if spec.device == "cpu" and self.config.cpu == "plan":
                 path = write_source(source, self.config.kernel_path)
                 reason = "option cpu='plan': kernel generated for the target; ATen runs on CPU"
                 counters[f"fallback.{region.kind}"] += 1
+            elif self._direct(spec):
+                path = write_source(source, self.config.kernel_path)
+                reason = self._inline_launch(gm, nodes, region, source)
+                if reason is not None:  # trace what could not be inlined as an op instead
+                    log.info("%s: launched through its op (%s)", region.name, reason)
+                    path, reason = self._as_op(gm, nodes, region, spec, choice, source, kernels)
             else:
-                interpret = spec.device == "cpu"
-                if interpret:
-                    interpreter_notice()
-                directory = self.config.kernel_path
-                module, path = load_source(source, directory, interpret=interpret)
-                call = KernelCall(region.kind, region.name, getattr(module, source.entry), path)
-                self._replace(gm, nodes[region.nodes[-1]], call, _operands(nodes, region))
-            log.debug("%s: %s -> %s (%s)", region.name, spec.describe(), path.name, choice.why)
+                path, reason = self._as_op(gm, nodes, region, spec, choice, source, kernels)
+            log.debug("%s: %s -> %s (%s)", region.name, spec.describe(), path, choice.why)
             self._record(
                 region,
                 choice,
-                schedule=choice.schedule.name,
+                schedule=choice.schedule.name if path is not None else "aten",
                 params=" ".join(f"{k}={v}" for k, v in choice.schedule.params),
-                kernel_path=str(path),
+                kernel_path=str(path) if path is not None else None,
                 fallback_reason=reason,
                 why=choice.why,
             )
         gm.graph.eliminate_dead_code()  # the rest of each fused chain
         gm.graph.lint()
         gm.recompile()
-        return gm
+        return kernels
 
-    @staticmethod
+    def _as_op(self, gm, nodes, region, spec, choice, source, kernels):
+        """Replace the region by its `im2win.*` op; (kernel file or None, fallback reason)."""
+        interpret = spec.device == "cpu"
+        packed = self._pack_in_graph(spec, choice.schedule, nodes, region)
+        ref = KernelRef.of(region.kind, source, spec, packed=packed)
+        path = ops.preload(ref, self.config.kernel_path, interpret=interpret)
+        reason = self._replace(gm, nodes, region, ref)
+        if reason is None:
+            kernels[ref.encode()] = interpret
+            return path, None
+        counters[f"fallback.{region.kind}"] += 1
+        return None, reason
+
+    def _direct(self, spec) -> bool:
+        """Whether Inductor's wrapper launches this region's kernels (runtime/direct.py)."""
+        return self.config.launch == "inductor" and spec.device == "cuda" and not spec.is_dynamic
+
+    def _inline_launch(self, gm, nodes, region: Region, source: KernelSource) -> str | None:
+        """Trace the launcher into the graph in the region's place; None, or why not."""
+        from ..runtime.direct import inline, trace_launch
+
+        last = nodes[region.nodes[-1]]
+        operands = list(_operands(nodes, region))
+        values = [o.meta["val"] if isinstance(o, torch.fx.Node) else None for o in operands]
+        try:
+            from torch._guards import detect_fake_mode
+
+            mode = detect_fake_mode([v for v in values if v is not None])
+            with mode if mode is not None else contextlib.nullcontext():
+                traced = trace_launch(source, values)
+            out, added = inline(gm.graph, traced, operands, last)
+        except Exception as err:  # a launcher that cannot be traced keeps its op
+            return f"tracing its launcher failed: {type(err).__name__}: {err}"
+        reason = layout_mismatch(out.meta.get("val"), last.meta.get("val"))
+        if reason is not None:
+            for node in reversed(added):
+                gm.graph.erase_node(node)
+            return reason
+        last.replace_all_uses_with(out)
+        gm.graph.erase_node(last)
+        counters[f"inline.{region.kind}"] += 1
+        return None
+
+    def _pack_in_graph(self, spec, schedule: Schedule, nodes: dict, region: Region) -> bool:
+        """Whether this conv's weight is packed by graph ops (see the module docstring)."""
+        if not isinstance(spec, ConvSpec) or schedule.name not in PACKING_SCHEDULES:
+            return False
+        if filter_repack_free(spec):
+            return False
+        weight = nodes[dict(region.roles)["conv"]].args[1]
+        return self.pack_in_graph or weight.op != "placeholder"
+
     def _replace(
-        gm: torch.fx.GraphModule, node: torch.fx.Node, call: KernelCall, operands: tuple
-    ) -> None:
-        """Put `call(*operands)` where `node` (the chain's last node) was."""
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(call, operands)
-        new.meta.update(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        self, gm: torch.fx.GraphModule, nodes: dict, region: Region, ref: KernelRef
+    ) -> str | None:
+        """Put the region's op where its last node was; None, or why it could not."""
+        graph = gm.graph
+        last = nodes[region.nodes[-1]]
+        operands = list(_operands(nodes, region))
+        added: list[torch.fx.Node] = []
+        with graph.inserting_before(last):
+            if ref.packed:
+                weight = operands[1]
+                perm = packing_order(weight.meta["val"].dim())
+                for target, args, kwargs in (
+                    (aten.permute.default, (perm,), {}),
+                    (aten.clone.default, (), {"memory_format": torch.contiguous_format}),
+                    (aten.permute.default, (perm,), {}),
+                ):
+                    weight = graph.call_function(target, (weight, *args), kwargs)
+                    added.append(weight)
+                operands[1] = weight
+            new = graph.call_function(ops.OPS[region.kind], (*operands, ref.encode()))
+            added.append(new)
+        try:
+            for node in added:
+                node.meta["val"] = meta_value(node)
+        except Exception as err:  # a fake implementation that cannot run is a fallback
+            reason = f"the op's fake implementation failed: {type(err).__name__}: {err}"
+        else:
+            reason = layout_mismatch(new.meta["val"], last.meta.get("val"))
+            if ref.packed and reason is None and not is_packed(added[-2].meta["val"]):
+                reason = "the packed weight is not in im2win order"
+        if reason is not None:
+            for node in reversed(added):
+                graph.erase_node(node)
+            return reason
+        for key in ("stack_trace", "nn_module_stack", "from_node", "seq_nr"):
+            if key in last.meta:
+                new.meta[key] = last.meta[key]
+        last.replace_all_uses_with(new)
+        graph.erase_node(last)
+        return None
+
+
+aten = torch.ops.aten
+
+
+def meta_value(node: torch.fx.Node):
+    """Run `node`'s target on its arguments' fake values, in their fake mode."""
+    from torch._guards import detect_fake_mode
+
+    def val(a):
+        return a.meta["val"] if isinstance(a, torch.fx.Node) else a
+
+    args = torch.fx.map_arg(node.args, val)
+    kwargs = torch.fx.map_arg(node.kwargs, val)
+    fakes = [a.meta["val"] for a in node.all_input_nodes]
+    mode = detect_fake_mode(fakes)
+    with mode if mode is not None else torch._subclasses.FakeTensorMode():
+        return node.target(*args, **kwargs)
+
+
+def _same(a, b) -> bool:
+    """Sizes equal for every value of the symbols (no guard is added)."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return statically_known_true(a == b)
+
+
+def layout_mismatch(new, old) -> str | None:
+    """Why the op's output cannot stand in for the node it replaces (sizes, strides of every
+    dimension longer than 1, dtype), or None."""
+    if not isinstance(old, torch.Tensor):
+        return "the replaced node has no tensor metadata"
+    if new.dtype != old.dtype or len(new.shape) != len(old.shape):
+        return f"the op would give {new.dtype} {len(new.shape)}-D, eager {old.dtype}"
+    if not all(_same(a, b) for a, b in zip(new.shape, old.shape)):
+        return f"the op's shape {tuple(new.shape)} differs from eager's {tuple(old.shape)}"
+    for size, a, b in zip(new.shape, new.stride(), old.stride()):
+        if not _same(size, 1) and not _same(a, b):
+            return f"the op's strides {new.stride()} differ from eager's {old.stride()}"
+    return None
 
 
 def _epilogue_name(region: Region) -> str:

@@ -5,6 +5,8 @@
         forward|backward|inference/00_input.py ...   the aten graphs, then NN_lowered.py
         regions.json                                 the report (rewritten after each stage)
         kernels/                                     a copy of every kernel file the compile used
+        torchinductor/<graph>/output_code.py ...     Inductor's trace of the same compile:
+                                                     its output code calls the im2win ops
 
 Enabled by the `debug_dir` option or $CONVCOMPILER_DEBUG_DIR.
 """

@@ -30,7 +30,9 @@ class RegionRecord:
     why: str  # why this schedule (or this fallback)
     epilogue: str = ""  # what the kernel fuses after the conv, e.g. "bn+add+relu"
     mode: str | None = None  # conv_bn: "deploy", "tune" or "train"
-    origin: str = "guard"  # "guard", "override", "cache", "tuned" or "model"
+    # "guard", "override", "cache", "tuned", "model", or "restored" (Inductor's caches served
+    # the compile; the row is the stored report of the compile that built it)
+    origin: str = "guard"
     predicted_us: float | None = None  # the cost model's time for the chosen schedule
     flops: float | None = None  # useful FLOPs of the region (at the size hints)
     bytes_moved: float | None = None  # bytes the chosen schedule moves, per the cost model
@@ -47,7 +49,8 @@ class Report:
     config: Config
     regions: list[RegionRecord] = field(default_factory=list)
     devices: dict[str, str] = field(default_factory=dict)  # tensor device -> planning device
-    compile_seconds: float | None = None  # backend time: aot_autograd, passes, lowering
+    compile_seconds: float | None = None  # backend time: the host compile, passes, lowering
+    host: str = "inductor"  # what compiled everything outside the regions
     generated: list = field(default_factory=list, repr=False)  # (KernelSource, spec) pairs
     recomputed: list[str] = field(default_factory=list)  # stems the backward recomputes
 

@@ -2,8 +2,9 @@
 
 Two ordered lists, run by `run_passes`:
 
-    PRE_GRAD_PASSES   on the Dynamo graph (torch-level ops), before aot_autograd
-    POST_GRAD_PASSES  on the aten graphs aot_autograd produces (forward, backward, inference)
+    PRE_GRAD_PASSES   on the Dynamo graph (torch-level ops), before autograd
+    POST_GRAD_PASSES  on the aten graphs (forward, backward, inference), before the host
+                      compiler lowers them
 
 Each pass is `pass(gm, ctx) -> gm`, named by its function name.
 """
@@ -22,18 +23,18 @@ from .conv_bn_tune import fold_conv_bn_tune
 from .match_attention import match_window_attention
 from .match_conv import match_conv
 from .padding_modes import find_conv_padding_modes
-from .shape_constants import hoist_shape_constants
+from .train_bn import find_train_batch_norms
 
 log = logging.getLogger(__name__)
 
 GraphPass = Callable[[torch.fx.GraphModule, PassContext], torch.fx.GraphModule]
 
-PRE_GRAD_PASSES: tuple[GraphPass, ...] = (find_conv_padding_modes, fold_conv_bn_tune)
-POST_GRAD_PASSES: tuple[GraphPass, ...] = (
-    hoist_shape_constants,
-    match_conv,
-    match_window_attention,
+PRE_GRAD_PASSES: tuple[GraphPass, ...] = (
+    find_conv_padding_modes,
+    find_train_batch_norms,
+    fold_conv_bn_tune,
 )
+POST_GRAD_PASSES: tuple[GraphPass, ...] = (match_conv, match_window_attention)
 
 
 def dump_graph(gm: torch.fx.GraphModule, ctx: PassContext, step: int, name: str) -> None:

@@ -94,6 +94,8 @@ def reaches_matmul(node: object, depth: int = 12) -> bool:
     args = [a for a in node.args if isinstance(a, torch.fx.Node)]
     if node.target in (aten.add.Tensor, aten.mul.Tensor, aten.sub.Tensor):
         return any(reaches_matmul(a, depth - 1) for a in args)
+    if node.target is aten.where.self:  # masked_fill, as Inductor decomposes it
+        return any(reaches_matmul(a, depth - 1) for a in args[1:])
     return bool(args) and reaches_matmul(args[0], depth - 1)
 
 
@@ -159,7 +161,7 @@ def _score_path(node: object, interior: list, terms: list, factors: list) -> tor
         elif node.target in (aten.div.Tensor, aten.div.Scalar):
             raise NoMatch("the scores are divided by a tensor")
         elif node.target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self):
-            raise NoMatch(f"{node.target.__name__} on the scores (e.g. a causal mask): not fused")
+            raise NoMatch("masked_fill (where) on the scores (e.g. a causal mask): not fused")
         else:
             raise NoMatch(f"{getattr(node.target, '__name__', node.target)} on the score path")
         interior.append(node)

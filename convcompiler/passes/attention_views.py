@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
+from .dims import Dim, dims
 from .meta import fake_value
 
 aten = torch.ops.aten
@@ -43,11 +44,13 @@ class NoMatch(Exception):
     """The node is not attention the kernel computes exactly; the message says why."""
 
 
-def shape(node: object) -> tuple[int, ...]:
+def shape(node: object) -> tuple[int | Dim, ...]:
+    """The node's sizes as ints, or Dims when dynamic: comparing them never adds a guard on a
+    dynamic size (dims.py)."""
     value = fake_value(node)
     if value is None:
         raise NoMatch(f"no tensor metadata on {getattr(node, 'name', node)}")
-    return tuple(value.shape)
+    return dims(value)
 
 
 def dtype(node: object) -> torch.dtype:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .context import PassContext
 
-_CONVS = {torch.conv1d: 1, torch.conv2d: 2, F.conv1d: 1, F.conv2d: 2}
+CONVS = {torch.conv1d: 1, torch.conv2d: 2, F.conv1d: 1, F.conv2d: 2}
 _BATCH_NORMS = {F.batch_norm, torch.batch_norm}
 
 
@@ -35,7 +35,7 @@ def _example(node: object) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
-def _bn_args(node: torch.fx.Node) -> dict | None:
+def bn_args(node: torch.fx.Node) -> dict | None:
     """F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)."""
     names = (
         "input",
@@ -68,6 +68,10 @@ def _bn_args(node: torch.fx.Node) -> dict | None:
     return args if all(k in args for k in names) else None
 
 
+def is_batch_norm(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and node.target in _BATCH_NORMS
+
+
 def _tunable(conv: torch.fx.Node, bn: dict) -> bool:
     if bn["training"] is not False or not isinstance(bn["eps"], (int, float)):
         return False
@@ -83,14 +87,14 @@ def fold_conv_bn_tune(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.Gr
         return gm
     graph = gm.graph
     for bn_node in list(graph.nodes):
-        if bn_node.op != "call_function" or bn_node.target not in _BATCH_NORMS:
+        if not is_batch_norm(bn_node):
             continue
-        bn = _bn_args(bn_node)
+        bn = bn_args(bn_node)
         conv = bn["input"] if bn else None
         if (
             not isinstance(conv, torch.fx.Node)
             or conv.op != "call_function"
-            or conv.target not in _CONVS
+            or conv.target not in CONVS
             or len(conv.users) != 1
             or not _tunable(conv, bn)
         ):
@@ -98,7 +102,7 @@ def fold_conv_bn_tune(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.Gr
         x, weight = conv.args[:2]
         conv_bias = conv.args[2] if len(conv.args) > 2 else conv.kwargs.get("bias")
         rest = conv.args[3:]
-        shape = (-1,) + (1,) * (_CONVS[conv.target] + 1)
+        shape = (-1,) + (1,) * (CONVS[conv.target] + 1)
         with graph.inserting_before(bn_node):
             var_eps = graph.call_function(operator.add, (bn["running_var"], float(bn["eps"])))
             c = graph.call_function(torch.rsqrt, (var_eps,))

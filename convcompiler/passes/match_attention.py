@@ -26,6 +26,7 @@ from .attention_pattern import (
     reaches_matmul,
 )
 from .context import PassContext, Region
+from .dims import Dim, dims
 from .meta import as_size, fake_value, shape_summary, size_hints
 
 RULE = "softmax(scale * q @ k^T + bias[h] + mask[b mod nW]) @ v => window_attention(q, k, v, ...)"
@@ -54,7 +55,7 @@ def attention_fallback_reason(m: AttentionMatch, private: bool) -> str | None:
         return f"dtype {dtype} is not supported"
     if q.device.type not in ("cpu", "cuda"):
         return f"device {q.device.type!r} is not supported"
-    b, heads, n, d = q.shape
+    b, heads, n, d = dims(q)
     if not all(isinstance(s, int) for s in (heads, n, d)):
         return "heads, tokens and head_dim must be static"
     if 0 in (b, heads, n, d):
@@ -76,6 +77,32 @@ def attention_fallback_reason(m: AttentionMatch, private: bool) -> str | None:
             if outside:
                 return f"{node.name}, inside the attention, is also used outside it"
     return None
+
+
+def rewire_sizes(gm: torch.fx.GraphModule, m: AttentionMatch) -> None:
+    """Dynamic shapes: a size that nodes outside the attention read from a node inside it
+    (`sym_size(scores, 0)`, say) is read instead from an equal size computed before the
+    attention (a SymInt input, typically), so the fused kernel can replace the inside."""
+    inside = set(m.interior) | {m.final}
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    first = min(order[node] for node in inside)
+    earlier = [
+        node
+        for node in gm.graph.nodes
+        if order[node] < first and isinstance(node.meta.get("val"), torch.SymInt)
+    ]
+    for node in m.interior:
+        for user in list(node.users):
+            if user in inside or user.target is not aten.sym_size.int:
+                continue
+            if not all(u in inside for u in user.users):
+                size = Dim.of(user.meta["val"]) if "val" in user.meta else None
+                twin = next((c for c in earlier if Dim.of(c.meta["val"]) == size), None)
+                if size is not None and twin is not None:
+                    user.replace_all_uses_with(twin, delete_user_cb=lambda u: u not in inside)
+            if all(u in inside for u in user.users):  # now read only inside: part of it
+                m.interior.append(user)
+                inside.add(user)
 
 
 def attention_spec(m: AttentionMatch) -> AttentionSpec:
@@ -114,6 +141,7 @@ def match_window_attention(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.
         except NoMatch as err:
             reason, m = f"not window attention: {err}", None
         else:
+            rewire_sizes(gm, m)
             reason = attention_fallback_reason(m, private=True)
         spec = attention_spec(m) if m is not None and reason is None else None
         roles = ()

@@ -140,6 +140,9 @@ def _mode(node: torch.fx.Node, chain: Chain, ctx: PassContext) -> str | None:
     tuned = ctx.facts.get("conv_bn_tune", set())
     if any(name in tuned for name in dynamo_sources(node)):
         return "tune"
+    trained = ctx.facts.get("conv_bn_train", set())
+    if any(name in trained for name in dynamo_sources(node)):
+        return "train"
     if any(user.target is BN_TRAIN and user.args[0] is node for user in node.users):
         return "train"
     return None

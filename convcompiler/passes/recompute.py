@@ -55,6 +55,10 @@ STEM_POOLS = {
     aten.max_pool2d_with_indices.default,
     aten.max_pool1d_with_indices.default,
     operator.getitem,
+} | {  # Inductor's decomposition of max pooling: values and int8 offsets, then indices
+    getattr(torch.ops.prims, name).default
+    for name in ("_low_memory_max_pool_with_offsets", "_low_memory_max_pool_offsets_to_indices")
+    if hasattr(torch.ops.prims, name)
 }
 
 
@@ -150,6 +154,15 @@ def conv_macs_per_output(conv: torch.fx.Node) -> int | None:
     return int(weight.shape[1]) * math.prod(int(k) for k in weight.shape[2:])
 
 
+def _pretty(target) -> str:
+    """The op's name as the report shows it: max pooling reads "max_pool2d" (or 1d) whether
+    it is one op or Inductor's decomposition (values and offsets, then indices)."""
+    name = target._opname
+    if name.startswith("_low_memory_max_pool") or name.startswith("max_pool"):
+        return "max_pool1d" if "1d" in name else "max_pool2d"
+    return name
+
+
 def tag_cheap_stems(joint: torch.fx.GraphModule, num_fwd_outputs: int, max_macs: int) -> list[str]:
     """Tag cheap stem convolutions and the activation/pooling chain after them for
     recomputation (see the module docstring); returns one line per recomputed stem."""
@@ -180,7 +193,9 @@ def tag_cheap_stems(joint: torch.fx.GraphModule, num_fwd_outputs: int, max_macs:
                 node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
         weight = conv.args[1].meta["val"]
         kernel = "x".join(str(k) for k in weight.shape[2:])
-        ops = [n.target._opname for n in chain[1:] if n.target is not operator.getitem]
+        ops = list(
+            dict.fromkeys(_pretty(n.target) for n in chain[1:] if n.target is not operator.getitem)
+        )
         shape = ",".join(str(d) for d in x.meta["val"].shape)
         stems.append(
             f"convolution {kernel} {weight.shape[1]}->{weight.shape[0]}"

@@ -34,6 +34,16 @@ def _cuda_index(args: tuple) -> int | None:
     return None
 
 
+def launch_on_device(launch: Callable[..., Any], args: tuple) -> Any:
+    """Run `launch(*args)` with the tensors' CUDA device current: Triton launches on the
+    current device, which need not be the one the tensors live on."""
+    device = _cuda_index(args)
+    if device is not None and device != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            return launch(*args)
+    return launch(*args)
+
+
 class KernelCall:
     """Counts a launch under `launch.<kind>`, then runs the generated module's launcher."""
 
@@ -50,12 +60,7 @@ class KernelCall:
 
     def __call__(self, *args: Any) -> Any:
         counters[self._counter] += 1
-        device = _cuda_index(args)
-        if device is not None and device != torch.cuda.current_device():
-            # Triton launches on the current device: make it the one the tensors live on.
-            with torch.cuda.device(device):
-                return self._launch(*args)
-        return self._launch(*args)
+        return launch_on_device(self._launch, args)
 
     def __repr__(self) -> str:
         return f"KernelCall({self.region}, {self.path.name})"

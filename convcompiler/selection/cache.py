@@ -7,7 +7,8 @@ Tables:
                  and measured times, origin ("tuned" or "model"), source hash, when
     sources      sha256 -> generated module text (checked against its hash when read)
     calibration  (device, spec) -> predicted and measured ATen seconds
-    graphs       key -> JSON value: a lowered inference graph (graph_cache.py)
+    reports      key -> JSON value: the region rows of one compile, restored when Inductor's
+                 caches serve that compile (frontend/session.py); data only, never code
 
 Values are JSON, never pickle. A record and its source are written in one transaction, so
 an entry is complete or absent. A database that is truncated or not a database at all is
@@ -22,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import sqlite3
 import statistics
 import time
@@ -47,11 +49,12 @@ CREATE TABLE IF NOT EXISTS records (
     key TEXT PRIMARY KEY, value TEXT NOT NULL, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS sources (
     sha256 TEXT PRIMARY KEY, name TEXT NOT NULL, text TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS graphs (
+CREATE TABLE IF NOT EXISTS reports (
     key TEXT PRIMARY KEY, value TEXT NOT NULL, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS calibration (
     device TEXT NOT NULL, spec TEXT NOT NULL, predicted REAL NOT NULL, measured REAL NOT NULL,
     PRIMARY KEY (device, spec));
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
@@ -225,33 +228,57 @@ class TuningCache:
         self._guard("put", write, None)
         counters["cache.store"] += 1
 
-    def get_graph(self, key: str, parts: dict[str, Any]) -> dict[str, Any] | None:
-        """The graph entry under `key`, if its recorded key parts are exactly `parts`."""
+    def get_report(self, key: str) -> dict[str, Any] | None:
+        """The stored report of the compile `key`, or None."""
         row = self._guard(
-            "get_graph",
-            lambda: self._conn.execute("SELECT value FROM graphs WHERE key = ?", (key,)).fetchone(),
+            "get_report",
+            lambda: self._conn.execute(
+                "SELECT value FROM reports WHERE key = ?", (key,)
+            ).fetchone(),
             None,
         )
         try:
             value = json.loads(row[0]) if row is not None else None
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             value = None
-        if value is None or value.get("key_parts") != parts:
-            counters["graph_cache.miss"] += 1
-            return None
-        return value
+        return value if isinstance(value, dict) else None
 
-    def put_graph(self, key: str, value: dict[str, Any]) -> None:
+    def put_report(self, key: str, value: dict[str, Any]) -> None:
         text = json.dumps(value, sort_keys=True)
         self._guard(
-            "put_graph",
+            "put_report",
             lambda: self._conn.execute(
-                "INSERT OR REPLACE INTO graphs (key, value, created) VALUES (?, ?, ?)",
+                "INSERT OR REPLACE INTO reports (key, value, created) VALUES (?, ?, ?)",
                 (key, text, time.time()),
             ),
             None,
         )
-        counters["graph_cache.store"] += 1
+
+    def tuned_digest(self) -> str:
+        """SHA-256 over every tuned record and every calibration measurement: the state of
+        the cache that cost-model decisions do not determine on their own."""
+        rows = self._guard(
+            "tuned_digest",
+            lambda: self._conn.execute("SELECT key, value FROM records ORDER BY key").fetchall(),
+            [],
+        )
+        calibration = self._guard(
+            "tuned_digest",
+            lambda: self._conn.execute(
+                "SELECT device, spec, predicted, measured FROM calibration ORDER BY device, spec"
+            ).fetchall(),
+            [],
+        )
+        digest = hashlib.sha256()
+        for key, value in rows:
+            try:
+                tuned = json.loads(value).get("origin") == "tuned"
+            except (json.JSONDecodeError, RecursionError, AttributeError):
+                continue
+            if tuned:
+                digest.update(key.encode() + b"\0" + value.encode() + b"\0")
+        digest.update(json.dumps(calibration).encode())
+        return digest.hexdigest()
 
     def source(self, sha256: str) -> CachedSource | None:
         """A stored kernel source, only if its text still hashes to `sha256`."""
@@ -314,15 +341,30 @@ class TuningCache:
             "records": self._guard("stats", lambda: count("records"), 0),
             "sources": self._guard("stats", lambda: count("sources"), 0),
             "calibration": self._guard("stats", lambda: count("calibration"), 0),
-            "graphs": self._guard("stats", lambda: count("graphs"), 0),
+            "reports": self._guard("stats", lambda: count("reports"), 0),
         }
 
     def clear(self) -> None:
         def wipe() -> None:
-            for table in ("records", "sources", "calibration", "graphs"):
+            for table in ("records", "sources", "calibration", "reports", "meta"):
                 self._conn.execute(f"DELETE FROM {table}")
 
         self._guard("clear", wipe, None)
+
+    def generation(self) -> str:
+        """A random token made when this database was created or last cleared. It is part of
+        every compile's hook uuid, so Inductor's caches never serve a compile whose report
+        this database cannot restore (another cache root, or a cleared cache)."""
+
+        def get_or_make() -> str:
+            self._conn.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('generation', ?)",
+                (secrets.token_hex(16),),
+            )
+            row = self._conn.execute("SELECT value FROM meta WHERE key = 'generation'")
+            return row.fetchone()[0]
+
+        return self._guard("generation", get_or_make, "unavailable")
 
     def records(self) -> list[tuple[str, dict[str, Any], float]]:
         rows = self._guard(

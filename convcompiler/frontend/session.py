@@ -1,0 +1,223 @@
+"""One compile of one Dynamo graph: its Config, report, facts and lowering, and the hooks'
+entry points (pre-grad, partitioner, post-grad), whichever host drives them.
+
+The session's `uuid` is what Inductor's FX-graph and AOT-autograd caches key our hooks on.
+It changes with anything that changes what the hooks produce:
+
+    * every convcompiler source file (templates, passes, cost model, selection);
+    * every Config field;
+    * the tuning cache's tuned records and calibration (`TuningCache.tuned_digest`), the only
+      decisions that the code and Config do not determine, and the cache's generation (a
+      token renewed when it is created or cleared: Inductor never serves a compile whose
+      report this cache cannot restore);
+    * the precision flags the passes read (cuDNN and matmul TF32), the torch.compile mode,
+      the CUDA device names, torch and triton versions.
+
+When Inductor serves a compile from its caches, no hook runs; the region rows are then
+restored from the report this session's key stored (data only), and the kernels they name
+are rendered again and hash-checked (`ops.preload`), so the first call does no setup.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx
+import triton
+
+from ..config import Config
+from ..counters import counters
+from ..inspection.debug import dump_dir_for, dump_lowered
+from ..inspection.report import RegionRecord, new_report
+from ..passes import POST_GRAD_PASSES, PRE_GRAD_PASSES, PassContext, run_passes
+from ..passes.recompute import tag_attention_intermediates, tag_cheap_stems, tag_weight_transforms
+from ..runtime import ops
+from ..runtime.kernel_ref import decode
+from ..runtime.loader import KernelIntegrityError
+from ..selection.cache import files_hash
+from ..selection.select import CandidateRow
+from .lowering import Lowering
+
+log = logging.getLogger(__name__)
+
+REPORT_VERSION = 1
+
+
+def precision_flags() -> dict[str, Any]:
+    """The global flags the passes read to pick a float32 kernel's precision."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    return {
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+        "cudnn_conv_fp32_precision": getattr(conv, "fp32_precision", None),
+        "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+    }
+
+
+def _cuda_names() -> list[str]:
+    if not torch.cuda.is_available():
+        return []
+    return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+
+
+def _input_meta(value: object) -> object:
+    if isinstance(value, torch.Tensor):
+        return [
+            [str(s) for s in value.shape],
+            [str(s) for s in value.stride()],
+            str(value.dtype),
+            str(value.device),
+            value.requires_grad,
+        ]
+    return str(value) if isinstance(value, (int, float, torch.SymInt)) else type(value).__name__
+
+
+class CompileSession:
+    """What one backend call shares between its hooks."""
+
+    def __init__(
+        self,
+        config: Config,
+        gm: torch.fx.GraphModule,
+        example_inputs: Sequence[Any],
+        mode: str | None = None,
+    ) -> None:
+        self.config = config
+        self.mode = mode
+        self.report = new_report(config)
+        self.facts: dict[str, Any] = {}
+        self.training = torch.is_grad_enabled() and any(
+            isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs
+        )
+        cudagraphs = mode in ("reduce-overhead", "max-autotune")
+        self.lowering = Lowering(config, self.report, pack_in_graph=self.training or cudagraphs)
+        self.dump_dir = dump_dir_for(config, self.report.compile_id)
+        cache = self.lowering.cache
+        parts = {
+            "package": files_hash("**/*.py"),
+            "config": {f.name: getattr(config, f.name) for f in dataclasses.fields(config)},
+            "tuned": cache.tuned_digest() if cache is not None else None,
+            "cache": cache.generation() if cache is not None else None,
+            "precision": precision_flags(),
+            "mode": mode,
+            "cuda": _cuda_names(),
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+        }
+        self.uuid = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+        graph = {
+            "uuid": self.uuid,
+            "code": gm.code,
+            "inputs": [_input_meta(t) for t in example_inputs],
+            "grad": torch.is_grad_enabled(),
+        }
+        text = json.dumps(graph, sort_keys=True)
+        self.report_key = "report:" + hashlib.sha256(text.encode()).hexdigest()
+        self.stages_lowered: list[str] = []
+        self._kernels: dict[str, bool] = {}  # encoded KernelRef -> interpreted
+
+    # ---- hooks ------------------------------------------------------------------------------
+    def pre_grad(self, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        ctx = PassContext(self.config, "pre_grad", self.facts, dump_dir=self.dump_dir)
+        return run_passes(PRE_GRAD_PASSES, gm, ctx)
+
+    def tag_recompute(self, joint: torch.fx.GraphModule, num_fwd_outputs: int) -> None:
+        """Weight transforms (Tune mode's W * c), cheap stems and the inside of window
+        attentions are recomputed in the backward instead of saved by the forward."""
+        tag_weight_transforms(joint)
+        stems = tag_cheap_stems(joint, num_fwd_outputs, self.config.recompute_conv_macs)
+        self.report.recomputed.extend(stems)
+        tag_attention_intermediates(joint, num_fwd_outputs)
+
+    def stage_of(self, gm: torch.fx.GraphModule) -> str:
+        placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        if any(name.startswith("tangents") for name in placeholders):
+            return "backward"
+        return "forward" if self.training else "inference"
+
+    def post_grad(
+        self,
+        gm: torch.fx.GraphModule,
+        redecompose: Callable[[torch.fx.Graph], int] | None = None,
+    ) -> torch.fx.GraphModule:
+        """Find the regions of one aten graph and replace them by `im2win.*` ops; anchors no
+        region took are decomposed again (`redecompose`) for the host compiler."""
+        stage = self.stage_of(gm)
+        self.report.regions[:] = [
+            r for r in self.report.regions if not (r.origin == "restored" and r.stage == stage)
+        ]
+        ctx = PassContext(self.config, stage, self.facts, dump_dir=self.dump_dir)
+        gm = run_passes(POST_GRAD_PASSES, gm, ctx)
+        lowered = self.lowering.lower_regions(gm, ctx.regions)
+        self._kernels.update(lowered)
+        if redecompose is not None:
+            redecompose(gm.graph)
+            gm.graph.eliminate_dead_code()
+            gm.recompile()
+        dump_lowered(gm, ctx, len(POST_GRAD_PASSES) + 1, self.report)
+        self.stages_lowered.append(stage)
+        self._store()
+        return gm
+
+    # ---- the report when Inductor's caches answer --------------------------------------------
+    def _store(self) -> None:
+        cache = self.lowering.cache
+        if cache is None:
+            return
+        value = {
+            "version": REPORT_VERSION,
+            "regions": [dataclasses.asdict(r) for r in self.report.regions],
+            "devices": self.report.devices,
+            "recomputed": self.report.recomputed,
+            "kernels": sorted(self._kernels.items()),
+        }
+        cache.put_report(self.report_key, value)
+
+    def finish(self) -> None:
+        """After the host compiled the forward (or inference) graph: if no hook ran, the
+        compile came from Inductor's caches; restore its rows and load its kernels."""
+        if self.stages_lowered:
+            return
+        counters["inductor_cache.served"] += 1
+        cache = self.lowering.cache
+        value = cache.get_report(self.report_key) if cache is not None else None
+        if value is None or value.get("version") != REPORT_VERSION:
+            log.info(
+                "compile %d came from Inductor's caches; its regions were not recorded",
+                self.report.compile_id,
+            )
+            return
+        try:
+            rows = [_restored_row(row) for row in value["regions"]]
+            kernels = [(decode(text), bool(interp)) for text, interp in value["kernels"]]
+        except (KeyError, TypeError, ValueError) as err:
+            log.warning("stored report %s is malformed (%s); not restored", self.report_key, err)
+            counters["cache.invalid"] += 1
+            return
+        for ref, interpret in kernels:
+            try:
+                ops.preload(ref, self.config.kernel_path, interpret=interpret)
+            except KernelIntegrityError as err:
+                log.warning("%s", err)
+            counters["kernel.regenerated"] += 1
+        self.report.regions.extend(rows)
+        self.report.devices.update(value.get("devices", {}))
+        self.report.recomputed.extend(value.get("recomputed", []))
+        log.info(
+            "compile %d came from Inductor's caches: %d regions restored, %d kernels loaded",
+            self.report.compile_id,
+            len(rows),
+            len(kernels),
+        )
+
+
+def _restored_row(row: dict) -> RegionRecord:
+    row = dict(row)
+    row["candidates"] = tuple(CandidateRow(**c) for c in row["candidates"])
+    row["why"] = f"restored from the report of an identical compile: {row['why']}"
+    row["origin"] = "restored"
+    return RegionRecord(**row)

@@ -1,0 +1,143 @@
+"""The `torch.ops.im2win.*` ops a compiled graph calls in place of each region.
+
+    im2win::conv(x, weight, bias?, bn_weight?, bn_bias?, bn_mean?, bn_var?, residual?, kernel)
+    im2win::window_attention(q, k, v, bias?, mask?, general?, logit_scale?, kernel)
+
+`kernel` is a KernelRef (kernel_ref.py): the spec and schedule the kernel was generated
+from and the hash of its source. Inductor keeps the ops opaque, fuses what is around them and
+calls them from its wrapper. Their fake implementations give exactly the sizes and strides
+the kernels write (Inductor asserts them): the conv output in the memory format eager
+produces, the attention output as [B, N, H*D] or [B, H, N, D], contiguous; sizes may be
+symbolic.
+
+The first call of a kernel in a process renders its source again, checks the hash, writes
+the file and loads it (`preload` does this at compile time); later calls find it loaded.
+On CPU tensors the kernels run through Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..counters import counters
+from ..spec import ConvSpec
+from . import packing
+from .kernel_call import interpreter_notice, launch_on_device
+from .kernel_ref import KernelRef, decode
+from .loader import load_source
+
+log = logging.getLogger(__name__)
+Tensor = torch.Tensor
+
+_LAUNCHERS: dict[tuple[str, bool], Callable[..., Any]] = {}
+_lock = threading.Lock()
+
+
+def default_kernel_dir() -> Path:
+    from ..config import cache_root
+
+    return cache_root() / "kernels"
+
+
+def preload(ref: KernelRef, directory: Path, *, interpret: bool) -> Path:
+    """Render, check, write and load `ref`'s kernel now; returns its file."""
+    source = ref.source()
+    if interpret:
+        interpreter_notice()
+    module, path = load_source(source, directory, interpret=interpret)
+    with _lock:
+        _LAUNCHERS[(ref.sha256, interpret)] = getattr(module, source.entry)
+    return path
+
+
+def launcher(ref: KernelRef, *, interpret: bool) -> Callable[..., Any]:
+    found = _LAUNCHERS.get((ref.sha256, interpret))
+    if found is None:
+        counters["kernel.loaded_at_call"] += 1
+        preload(ref, default_kernel_dir(), interpret=interpret)
+        found = _LAUNCHERS[(ref.sha256, interpret)]
+    return found
+
+
+# ---- im2win::conv ---------------------------------------------------------------------------
+@torch.library.custom_op("im2win::conv", mutates_args=())
+def conv(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    bn_weight: Tensor | None,
+    bn_bias: Tensor | None,
+    bn_mean: Tensor | None,
+    bn_var: Tensor | None,
+    residual: Tensor | None,
+    kernel: str,
+) -> Tensor:
+    ref = decode(kernel)
+    launch = launcher(ref, interpret=x.device.type == "cpu")
+    if not ref.packed:
+        weight = packing.packed_view(weight)
+    counters[f"launch.{ref.kind}"] += 1
+    return launch_on_device(
+        launch, (x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, residual)
+    )
+
+
+def conv_output_shape(spec: ConvSpec, x: Tensor) -> tuple:
+    """(N, K, HO, WO) of the conv `spec` on `x` (2-D form; sizes may be symbolic)."""
+    n, h, w = x.shape[0], (1 if spec.ndim == 1 else x.shape[-2]), x.shape[-1]
+    (kh, kw), (sh, sw) = spec.kernel, spec.stride
+    (ph, pw), (dh, dw) = spec.padding, spec.dilation
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    return n, spec.out_channels, ho, wo
+
+
+@conv.register_fake
+def _conv_fake(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, residual, kernel):
+    spec = decode(kernel).spec
+    n, k, ho, wo = conv_output_shape(spec, x)
+    fmt = torch.channels_last if spec.output_layout == "nhwc" else torch.contiguous_format
+    y = torch.empty((n, k, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
+    return y.squeeze(2) if spec.ndim == 1 else y
+
+
+# ---- im2win::window_attention ---------------------------------------------------------------
+@torch.library.custom_op("im2win::window_attention", mutates_args=())
+def window_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    general: Tensor | None,
+    logit_scale: Tensor | None,
+    kernel: str,
+) -> Tensor:
+    ref = decode(kernel)
+    launch = launcher(ref, interpret=q.device.type == "cpu")
+    counters[f"launch.{ref.kind}"] += 1
+    return launch_on_device(launch, (q, k, v, bias, mask, general, logit_scale))
+
+
+@window_attention.register_fake
+def _window_attention_fake(q, k, v, bias, mask, general, logit_scale, kernel):
+    spec = decode(kernel).spec
+    b = q.shape[0]
+    h, n, d = spec.heads, spec.tokens, spec.head_dim
+    if spec.output == "bnc":
+        return q.new_empty((b, n, h * d))
+    if spec.output == "bnhd":  # [B, H, N, D] stored as [B, N, H, D]
+        return q.new_empty((b, n, h, d)).transpose(1, 2)
+    return q.new_empty((b, h, n, d))
+
+
+OPS = {
+    "conv": torch.ops.im2win.conv.default,
+    "conv_bn": torch.ops.im2win.conv.default,
+    "window_attention": torch.ops.im2win.window_attention.default,
+}

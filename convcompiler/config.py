@@ -6,6 +6,7 @@ from the options dict plus a few documented environment variables:
     CONVCOMPILER_CACHE_DIR   root of the per-user cache (kernels live in <root>/kernels).
                              Default: $XDG_CACHE_HOME/convcompiler or ~/.cache/convcompiler.
     CONVCOMPILER_DEBUG_DIR   default for the debug_dir option.
+    CONVCOMPILER_CPU         default for the cpu option: aten (when unset), interpret, plan.
 
 Every field that changes generated code is listed in `Config.codegen_fields`; later stages
 put exactly those fields into their cache keys.
@@ -30,11 +31,13 @@ LAUNCHES = ("op", "inductor")
 class Config:
     """Options of the im2win backend (pass them as `torch.compile(options={...})`).
 
-    cpu: what runs convolutions on CPU tensors. "interpret" (default) runs this project's
-        generated Triton kernels through Triton's interpreter: slow, meant for verification.
-        "aten" runs ATen's convolution instead. "plan" plans and writes the kernels for the
-        target GPU (report, kernel files, static checks) but runs ATen: for `explain` and
-        `aot` on a machine without a GPU.
+    cpu: what runs the regions on CPU tensors. "aten" (default; the generated kernels target
+        GPUs): the host compiler's own code (Inductor's conv lowering, C++ around it).
+        "interpret": this project's generated Triton kernels through Triton's interpreter,
+        about 250x slower than eager, for verification. "plan": plan and write the kernels
+        for the target GPU (report, kernel files, static checks) but run ATen: for `explain`
+        and `aot` on a machine without a GPU. $CONVCOMPILER_CPU sets the default for a
+        process (for example CONVCOMPILER_CPU=interpret for a test suite).
     host: what compiles everything outside the regions. "inductor": Inductor fuses and
         compiles it (C++ on CPU, Triton on GPU) and calls the regions' ops. "aten": it runs
         as ATen ops under aot_autograd, with no compiler. None (default): "inductor", except
@@ -69,7 +72,7 @@ class Config:
         and after each pass, regions.json and the kernels. Default: $CONVCOMPILER_DEBUG_DIR.
     """
 
-    cpu: str = "interpret"
+    cpu: str = dataclasses.field(default_factory=lambda: default_cpu_mode())
     host: str | None = None
     launch: str = "op"
     schedule: str | None = None
@@ -85,7 +88,8 @@ class Config:
 
     # Fields that change the generated source text or the schedule picked for a region;
     # they are part of every tuning-cache key.
-    codegen_fields = ("schedule", "target", "verify")
+    # cpu: "interpret" re-picks the tiles for Triton's interpreter, "plan" keeps the GPU's
+    codegen_fields = ("cpu", "schedule", "target", "verify")
 
     def __post_init__(self) -> None:
         if self.cpu not in CPU_MODES:
@@ -150,6 +154,14 @@ class Config:
         if self.kernel_dir is not None:
             return Path(self.kernel_dir)
         return cache_root() / "kernels"
+
+
+def default_cpu_mode() -> str:
+    """$CONVCOMPILER_CPU, else "aten"."""
+    mode = os.environ.get("CONVCOMPILER_CPU", "").strip() or "aten"
+    if mode not in CPU_MODES:
+        raise ValueError(f"CONVCOMPILER_CPU must be one of {CPU_MODES}, got {mode!r}")
+    return mode
 
 
 def cache_root() -> Path:

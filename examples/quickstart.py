@@ -3,8 +3,10 @@
     python examples/quickstart.py
 
 No import of convcompiler is needed to use the backend: the package registers "im2win"
-with torch.compile through an entry point. On a machine without a GPU the generated Triton
-kernels run through Triton's interpreter, so results still come from this project's kernels.
+with torch.compile through an entry point. The generated kernels target GPUs; on CPU tensors
+the backend's default (cpu="aten") runs the host compiler's code for the regions. This demo
+asks for cpu="interpret" so that, on a machine without a GPU, the generated Triton kernels
+run through Triton's interpreter and the results come from this project's kernels.
 """
 
 import time
@@ -37,7 +39,7 @@ def main() -> None:
     model = SmallCNN().eval()
     x = torch.randn(2, 3, 64, 64)
 
-    compiled = torch.compile(model, backend="im2win")
+    compiled = torch.compile(model, backend="im2win", options={"cpu": "interpret"})
     with torch.no_grad():
         start = time.perf_counter()
         out = compiled(x)

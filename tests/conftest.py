@@ -8,6 +8,9 @@ import os
 # about half the compile time (CPU speed is never measured here). Subprocesses inherit the
 # environment variable; this process is set below.
 os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
+# The suite verifies the generated kernels: on CPU tensors they run through Triton's
+# interpreter (the default, cpu="aten", would run the host compiler's code instead).
+os.environ.setdefault("CONVCOMPILER_CPU", "interpret")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

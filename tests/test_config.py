@@ -11,11 +11,25 @@ import torch.nn as nn
 from convcompiler import Config
 
 
-def test_defaults_and_frozen() -> None:
+def test_defaults_and_frozen(monkeypatch) -> None:
+    monkeypatch.delenv("CONVCOMPILER_CPU", raising=False)  # the suite sets it (conftest.py)
     config = Config.from_options(None)
-    assert config == Config() and config.cpu == "interpret" and config.schedule is None
+    assert config == Config() and config.cpu == "aten" and config.schedule is None
     with pytest.raises(dataclasses.FrozenInstanceError):
-        config.cpu = "aten"
+        config.cpu = "interpret"
+
+
+@pytest.mark.parametrize("mode", ["interpret", "aten", "plan"])
+def test_cpu_default_comes_from_the_environment(monkeypatch, mode: str) -> None:
+    monkeypatch.setenv("CONVCOMPILER_CPU", mode)
+    assert Config().cpu == mode
+    assert Config.from_options({"cpu": "aten"}).cpu == "aten"  # an option still wins
+
+
+def test_bad_cpu_environment_names_the_variable(monkeypatch) -> None:
+    monkeypatch.setenv("CONVCOMPILER_CPU", "gpu")
+    with pytest.raises(ValueError, match="CONVCOMPILER_CPU"):
+        Config()
 
 
 def test_unknown_option_lists_the_valid_ones() -> None:

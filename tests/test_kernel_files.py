@@ -71,11 +71,11 @@ def test_interpreter_notice_is_logged_once(caplog) -> None:
     from convcompiler.runtime import kernel_call
 
     kernel_call._interpreter_notice_given = False
-    with caplog.at_level(logging.WARNING, logger="convcompiler"):
+    with caplog.at_level(logging.INFO, logger="convcompiler"):
         for _ in range(2):
             torch._dynamo.reset()
             run_compiled(nn.Conv2d(3, 4, 3).eval(), [torch.randn(1, 3, 8, 8)])
-    notices = [r for r in caplog.records if "interpreter" in r.getMessage()]
+    notices = [r for r in caplog.records if "interpreter (cpu='interpret')" in r.getMessage()]
     assert len(notices) == 1
 
 

@@ -41,6 +41,23 @@ def test_target_option_plans_for_that_gpu_on_cpu(cache_dir) -> None:
     assert [r.predicted_us for r in report] != h100
 
 
+@pytest.mark.parametrize("first,second", [("plan", "interpret"), ("interpret", "plan")])
+def test_planned_and_interpreted_decisions_do_not_share_keys(cache_dir, first, second) -> None:
+    """cpu="plan" keeps the GPU's tiles, cpu="interpret" re-picks them for the interpreter:
+    in either order, neither reuses the other's decisions (the interpreter once ran the GPU
+    tiles at about 20x the time per call)."""
+    x = torch.randn(1, 3, 12, 11)
+    run_compiled(small_model(), [x], options={"cpu": first})
+    convcompiler.counters.reset()
+    torch._dynamo.reset()
+    _, report = run_compiled(small_model(), [x], options={"cpu": second})
+    assert convcompiler.counters["cache.hit"] == 0
+    assert [r.origin for r in report] == ["model", "model"]
+    torch._dynamo.reset()
+    _, report = run_compiled(small_model(), [x], options={"cpu": second})
+    assert {r.origin for r in report} <= {"cache", "restored"}  # its own decisions are reused
+
+
 def test_unknown_target_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="known targets"):
         convcompiler.Config(target="tpu")

@@ -91,6 +91,8 @@ def run_child(model: str, shape: str, options: dict, cache_dir: str) -> dict:
 
 def main(args) -> int:
     options = json.loads(args.options)
+    # CPU tensors: the generated kernels (interpreted), so that there is codegen to cache
+    options.setdefault("cpu", "interpret")
     cache_dir = tempfile.mkdtemp(prefix="convcompiler-bench-")
     print(f"compile-cache: {args.model} input {args.input}, options {options}")
     print(f"machine: {os.cpu_count()} CPUs; no timing here is a GPU speed claim")

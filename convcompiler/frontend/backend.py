@@ -52,6 +52,22 @@ def cpp_compiler() -> str | None:
 
 
 _warned_no_compiler = False
+_cpu_notice_given = False
+
+
+def _cpu_notice(config: Config, example_inputs: Sequence[Any]) -> None:
+    """Say once per process what the regions run on CPU tensors by default."""
+    global _cpu_notice_given
+    if _cpu_notice_given or config.cpu != "aten":
+        return
+    if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in example_inputs):
+        _cpu_notice_given = True
+        log.info(
+            "convcompiler: the generated kernels target GPUs; on CPU tensors the regions run "
+            "the host compiler's own code (cpu='aten'). options={'cpu': 'interpret'} or "
+            "CONVCOMPILER_CPU=interpret runs the generated kernels through Triton's "
+            "interpreter, for verification (slow)."
+        )
 
 
 def _host(config: Config, example_inputs: Sequence[Any]) -> str:
@@ -116,6 +132,7 @@ def im2win(
     if mode in ("max-autotune", "max-autotune-no-cudagraphs"):
         config = config.replace(autotune=True)
     start = time.perf_counter()
+    _cpu_notice(config, example_inputs)
     host = _host(config, example_inputs)
     session = CompileSession(config, gm, example_inputs, mode)
     session.report.host = host

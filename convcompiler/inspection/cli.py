@@ -43,8 +43,8 @@ def compile_model(model: str, shape: str, dtype: str, options: dict) -> list[Rep
 
 def _options(args: argparse.Namespace, **extra) -> dict:
     options = json.loads(args.options) if args.options else {}
-    if not getattr(args, "run", False):
-        options.setdefault("cpu", "plan")
+    # --run runs the generated kernels (Triton's interpreter on CPU); otherwise plan only
+    options.setdefault("cpu", "interpret" if getattr(args, "run", False) else "plan")
     if getattr(args, "target", None):
         options["target"] = args.target
     options.update(extra)

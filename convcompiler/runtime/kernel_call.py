@@ -19,10 +19,10 @@ def interpreter_notice() -> None:
     global _interpreter_notice_given
     if not _interpreter_notice_given:
         _interpreter_notice_given = True
-        log.warning(
+        log.info(
             "convcompiler: CPU tensors run the generated Triton kernels through Triton's "
-            "interpreter, which is slow and meant for verification; "
-            "pass options={'cpu': 'aten'} to run ATen on CPU instead."
+            "interpreter (cpu='interpret'), which is slow and meant for verification; "
+            "cpu='aten' (the default) runs the host compiler's code on CPU instead."
         )
 
 

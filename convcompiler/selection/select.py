@@ -194,7 +194,10 @@ def _select(spec: Spec, ctx: SelectionContext) -> Choice:
     config = ctx.config
     # 1. explicit overrides
     if spec.device == "cpu" and config.cpu == "aten":
-        reason = "option cpu='aten': convolutions on CPU tensors run ATen"
+        reason = (
+            "cpu='aten' (the default for CPU tensors): the host compiler runs it; "
+            "cpu='interpret' runs the generated kernel through Triton's interpreter"
+        )
         return Choice(ATEN, "override", reason, fallback_reason=reason)
     if config.schedule == "aten":
         return Choice(

@@ -57,6 +57,57 @@ def test_bad_model_and_options_are_clear_errors(capsys) -> None:
     assert "valid options are" in capsys.readouterr().err
 
 
+CLI_ERRORS = {
+    "missing import file": (["cache", "import", "{tmp}/missing.json"], "no such file"),
+    "import file not JSON": (["cache", "import", "{tmp}/bad.json"], "bad.json is not valid JSON"),
+    "import file not an export": (["cache", "import", "{tmp}/list.json"], "not a convcompiler"),
+    "import file of another format": (["cache", "import", "{tmp}/other.json"], "export"),
+    "export without a file": (["cache", "export"], "needs a FILE"),
+    "options not JSON": (
+        ["explain", "torchvision:resnet18", "--input", "1,3,8,8", "--options", "{bad"],
+        "--options is not valid JSON",
+    ),
+    "options not an object": (
+        ["explain", "torchvision:resnet18", "--input", "1,3,8,8", "--options", "[1]"],
+        "--options must be a JSON object",
+    ),
+    "unknown option": (
+        ["explain", "torchvision:resnet18", "--input", "1,3,8,8", "--options", '{"nope": 1}'],
+        "valid options are",
+    ),
+    "unknown torchvision model": (
+        ["explain", "torchvision:resnet_nope", "--input", "1,3,8,8"],
+        "torchvision has no model 'resnet_nope'",
+    ),
+    "model without a kind": (["explain", "resnet18", "--input", "1,3,8,8"], "torchvision:NAME"),
+    "missing model file": (["explain", "{tmp}/nope.py:make", "--input", "1,3,8,8"], "nope.py"),
+    "bad input shape": (["explain", "torchvision:resnet18", "--input", "1,x"], "input shape"),
+    "unknown arch": (
+        ["aot", "--arch", "sm_70", "torchvision:resnet18", "--input", "1,3,8,8"],
+        "sm_70",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CLI_ERRORS))
+def test_cli_errors_are_one_line_and_a_hint(case: str, tmp_path) -> None:
+    """Each documented error: exit 2, one error line and one hint line, no traceback."""
+    (tmp_path / "bad.json").write_text('{"format": ')
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "other.json").write_text('{"format": "something-else"}')
+    argv, expected = CLI_ERRORS[case]
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    env = {**os.environ, "CONVCOMPILER_CACHE_DIR": str(tmp_path / "cache")}
+    run = subprocess.run(
+        [sys.executable, "-m", "convcompiler", *argv], capture_output=True, text=True, env=env
+    )
+    lines = [ln for ln in run.stderr.splitlines() if ln.startswith(("convcompiler:", "  hint:"))]
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr, run.stderr
+    assert len(lines) == 2 and lines[0].startswith("convcompiler: error: "), run.stderr
+    assert lines[1].startswith("  hint: ") and expected in lines[0], run.stderr
+
+
 def test_kernels_list_and_show(capsys, tmp_path) -> None:
     torch.compile(nn.Conv2d(3, 4, 3), backend="im2win", options={"kernel_dir": str(tmp_path)})(
         torch.randn(1, 3, 8, 8)

@@ -40,6 +40,14 @@ from ..selection.tuning import benchmarker
 from ..spec import AttentionSpec, ConvSpec
 
 log = logging.getLogger(__name__)
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """A warning about an option that cannot take effect, once per process."""
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
 
 
 class Lowering:
@@ -62,7 +70,10 @@ class Lowering:
                 if gpu or self.config.benchmarker == "fake":
                     bench = benchmarker(self.config.benchmarker)
                 else:
-                    log.info("autotuning needs a GPU (or benchmarker='fake'); using the cost model")
+                    _warn_once(
+                        "autotune=True cannot take effect: autotuning needs a GPU (or "
+                        "benchmarker='fake'); using the cost model's choices"
+                    )
             calibration = self.cache.calibration(device.name) if self.cache else 1.0
             verify = (
                 (lambda s, sched, arch=device.arch: self._verify(s, sched, arch))

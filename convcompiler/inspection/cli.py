@@ -30,6 +30,21 @@ from .report import Report, next_compile_id, reports_since
 ARCH_TARGETS = {"sm_90": "h100", "sm_80": "a100", "sm_89": "l4", "sm_86": "l4"}
 
 
+class CliError(Exception):
+    """A user error: printed as one line and a hint, exit code 2, no traceback."""
+
+    def __init__(self, message: str, hint: str) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+def _read_json(text: str, what: str, hint: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CliError(f"{what} is not valid JSON: {err}", hint) from None
+
+
 def compile_model(model: str, shape: str, dtype: str, options: dict) -> list[Report]:
     """Compile and run `model` once under no_grad; the reports of every graph compiled."""
     module = load_model(model).to(getattr(torch, dtype))
@@ -42,7 +57,12 @@ def compile_model(model: str, shape: str, dtype: str, options: dict) -> list[Rep
 
 
 def _options(args: argparse.Namespace, **extra) -> dict:
-    options = json.loads(args.options) if args.options else {}
+    options = {}
+    if args.options:
+        hint = """pass a JSON object, e.g. --options '{"verify": false}'"""
+        options = _read_json(args.options, "--options", hint)
+        if not isinstance(options, dict):
+            raise CliError("--options must be a JSON object", hint)
     # --run runs the generated kernels (Triton's interpreter on CPU); otherwise plan only
     options.setdefault("cpu", "interpret" if getattr(args, "run", False) else "plan")
     if getattr(args, "target", None):
@@ -134,7 +154,18 @@ def cmd_cache(args: argparse.Namespace) -> int:
     elif args.action == "export":
         print(f"exported {cache.export_json(Path(args.file))} records to {args.file}")
     elif args.action == "import":
-        print(f"imported {cache.import_json(Path(args.file))} records from {args.file}")
+        path = Path(args.file)
+        hint = "a file written by `convcompiler cache export FILE`"
+        if not path.is_file():
+            raise CliError(f"cache import: {path}: no such file", hint)
+        payload = _read_json(path.read_text(errors="replace"), f"cache import: {path}", hint)
+        if not isinstance(payload, dict):
+            raise CliError(f"cache import: {path} is not a convcompiler export", hint)
+        try:
+            imported = cache.import_json(path)
+        except (KeyError, TypeError, AttributeError) as err:
+            raise CliError(f"cache import: {path} is not a valid export ({err!r})", hint) from None
+        print(f"imported {imported} records from {args.file}")
     return 0
 
 
@@ -179,8 +210,7 @@ def cmd_aot(args: argparse.Namespace) -> int:
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
     unknown = [a for a in archs if a not in ARCHS]
     if unknown:
-        print(f"unknown arch {unknown}; known: {sorted(ARCHS)}", file=sys.stderr)
-        return 2
+        raise CliError(f"unknown arch {', '.join(unknown)}", f"known: {', '.join(sorted(ARCHS))}")
     stats = static_table(args.model, args.input, args.dtype, archs, _options(args))
     if args.json:
         Path(args.json).write_text(json.dumps([st.__dict__ for st in stats], indent=2))
@@ -251,13 +281,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "cache" and args.action in ("export", "import") and not args.file:
-        print(f"cache {args.action} needs a FILE", file=sys.stderr)
+        _error(f"cache {args.action} needs a FILE", f"convcompiler cache {args.action} FILE")
         return 2
     try:
         return args.func(args)
-    except ValueError as err:
-        print(f"convcompiler: {err}", file=sys.stderr)
-        return 2
+    except CliError as err:
+        _error(str(err), err.hint)
+    except (ValueError, OSError) as err:  # bad model names, shapes, options; unreadable files
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        _error(message, f"see `convcompiler {args.command} --help`")
+    return 2
+
+
+def _error(message: str, hint: str) -> None:
+    print(f"convcompiler: error: {message}", file=sys.stderr)
+    print(f"  hint: {hint}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,11 @@ def load_model(name: str) -> torch.nn.Module:
     if kind == "torchvision":
         import torchvision
 
+        if rest not in torchvision.models.list_models():
+            raise ValueError(
+                f"model {name!r}: torchvision has no model {rest!r} "
+                "(torchvision.models.list_models() names them)"
+            )
         return torchvision.models.get_model(rest, weights=None).eval()
     if kind == "timm":
         try:

@@ -19,12 +19,7 @@ SUITES = {
 SUITES.update({name: networks for name in networks.SUITES})
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["gpu"]:  # the prepared GPU check has its own options (bench/gpu.py)
-        from . import gpu
-
-        return gpu.main(argv[1:])
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m convcompiler.bench")
     parser.add_argument("suite", choices=sorted(SUITES) + ["gpu"])
     parser.add_argument("--model", help="a torchvision model name")
@@ -41,7 +36,16 @@ def main(argv: list[str] | None = None) -> int:
         default="gpu",
         help="traffic: Inductor's kernels as it fuses for a GPU (planned without one) or this CPU",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["gpu"]:  # the prepared GPU check has its own options (bench/gpu.py)
+        from . import gpu
+
+        return gpu.main(argv[1:])
+    args = build_parser().parse_args(argv)
     args.input_given = args.input is not None
     args.input = args.input or "1,3,64,64"
     args.model_given = args.model is not None

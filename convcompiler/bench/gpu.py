@@ -285,7 +285,7 @@ def run_part(name: str, budget: Budget, out: Path, dry_run: bool, workers: int) 
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m convcompiler.bench gpu")
     parser.add_argument("--out", required=True, help="directory for the report")
     parser.add_argument("--dry-run", action="store_true", help="plan and compile, no GPU")
@@ -294,6 +294,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--limit", type=float, help="the run's limit in seconds (every budget scales with it)"
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     import torch
 

@@ -1,0 +1,70 @@
+"""The README documents every command, suite and flag the CLIs have, and names none they lack
+(issue 14): adding a flag without docs, or docs without the flag, fails here."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from convcompiler.bench import __main__ as bench_cli
+from convcompiler.bench import gpu
+from convcompiler.inspection import cli
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def _flags(parser: argparse.ArgumentParser) -> set[str]:
+    flags = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                flags |= _flags(sub)
+        flags |= {o for o in action.option_strings if o.startswith("--") and o != "--help"}
+    return flags
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(sub.choices)
+
+
+def _choices(parser: argparse.ArgumentParser, dest: str) -> list[str]:
+    return [c for a in parser._actions if a.dest == dest for c in (a.choices or ())]
+
+
+PARSERS = (cli.build_parser(), bench_cli.build_parser(), gpu.build_parser())
+
+
+def _mentioned(flag: str) -> bool:
+    return re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", README) is not None
+
+
+def test_every_flag_is_documented() -> None:
+    missing = sorted(f for p in PARSERS for f in _flags(p) if not _mentioned(f))
+    assert not missing, f"flags the README does not mention: {missing}"
+
+
+def test_every_documented_flag_exists() -> None:
+    known = set().union(*(_flags(p) for p in PARSERS))
+    # flags written in the README's command lines and tables (`--x`), not other tools' flags
+    documented = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", README))
+    others = {"--no-deps", "--arch", "--help"}  # pip's, and aot's (checked through cli)
+    unknown = sorted(documented - known - others)
+    assert not unknown, f"the README names flags no command has: {unknown}"
+
+
+def test_every_command_and_action_is_documented() -> None:
+    for name, sub in _subcommands(cli.build_parser()).items():
+        assert f"convcompiler {name}" in README, name
+        for action in _choices(sub, "action"):
+            assert re.search(rf"convcompiler {name} .*\b{action}\b", README), (name, action)
+
+
+def test_bench_suites_match_the_table() -> None:
+    suites = set(_choices(bench_cli.build_parser(), "suite"))
+    table = README[README.index("## Benchmarks") :]
+    table = table[: table.index("\n\n", table.index("| suite |"))]
+    rows = [line.split("|")[1] for line in table.splitlines()[2:] if line.startswith("|")]
+    documented = {name for row in rows for name in re.findall(r"`([\w-]+)`", row)}
+    assert suites == documented, (sorted(suites - documented), sorted(documented - suites))

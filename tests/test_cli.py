@@ -129,7 +129,10 @@ def test_cache_commands(capsys, tmp_path, monkeypatch) -> None:
     assert "records      1" in capsys.readouterr().out
     exported = tmp_path / "cache.json"
     assert main(["cache", "export", str(exported)]) == 0
+    assert list((tmp_path / "cache" / "kernels").glob("*.py"))
     assert main(["cache", "clear"]) == 0
+    assert "and 1 kernel files" in capsys.readouterr().out
+    assert not list((tmp_path / "cache" / "kernels").glob("*.py"))
     assert main(["cache", "import", str(exported)]) == 0
     assert "imported 1 records" in capsys.readouterr().out
     assert main(["cache", "export"]) == 2
@@ -156,12 +159,14 @@ def test_roofline_png_for_resnet50(tmp_path) -> None:
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
 
 
-def test_debug_dump_holds_every_pass_and_kernel(tmp_path, monkeypatch) -> None:
+def test_debug_dump_holds_every_pass_and_kernel(tmp_path, monkeypatch, caplog) -> None:
     monkeypatch.setenv("CONVCOMPILER_DEBUG_DIR", str(tmp_path))
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
     x = torch.randn(1, 3, 9, 9, requires_grad=True)
-    torch.compile(model, backend="im2win")(x).sum().backward()
+    with caplog.at_level("INFO", logger="convcompiler"):
+        torch.compile(model, backend="im2win")(x).sum().backward()
     (dump,) = tmp_path.iterdir()
+    assert any(str(dump) in r.getMessage() for r in caplog.records)  # it says where
     names = {str(p.relative_to(dump)) for p in dump.rglob("*")}
     for expected in (
         "pre_grad/00_input.py",

@@ -150,7 +150,11 @@ def cmd_cache(args: argparse.Namespace) -> int:
             print(f"{key:12} {value}")
     elif args.action == "clear":
         cache.clear()
-        print(f"cleared {cache.path}")
+        kernels = Config.from_options(None).kernel_path
+        files = sorted(kernels.glob("*.py")) if kernels.is_dir() else []
+        for path in files:  # generated kernel sources; they are regenerated when needed
+            path.unlink(missing_ok=True)
+        print(f"cleared {cache.path} and {len(files)} kernel files in {kernels}")
     elif args.action == "export":
         print(f"exported {cache.export_json(Path(args.file))} records to {args.file}")
     elif args.action == "import":

@@ -13,6 +13,7 @@ Enabled by the `debug_dir` option or $CONVCOMPILER_DEBUG_DIR.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -24,11 +25,15 @@ from ..passes import PassContext, dump_graph
 from ..runtime import private_dir
 from .report import Report
 
+log = logging.getLogger(__name__)
+
 
 def dump_dir_for(config: Config, compile_id: int) -> Path | None:
     if config.debug_dir is None:
         return None
-    return private_dir(Path(config.debug_dir) / f"compile-{compile_id:03d}-{os.getpid()}")
+    path = private_dir(Path(config.debug_dir) / f"compile-{compile_id:03d}-{os.getpid()}")
+    log.info("convcompiler: debug dump of compile %d in %s", compile_id, path)
+    return path
 
 
 def dump_lowered(gm: torch.fx.GraphModule, ctx: PassContext, step: int, report: Report) -> None:

@@ -190,6 +190,25 @@ def test_debug_dump_holds_every_pass_and_kernel(tmp_path, monkeypatch, caplog) -
     assert "torch.ops.im2win.conv" in (dump / "forward/03_lowered.py").read_text()
 
 
+@pytest.mark.parametrize(
+    "suite,shape", [("resnet50", "1,3,32,32"), ("swin_t", "2,3,112,112"), ("convnext_tiny", "")]
+)
+def test_bench_network_suites_on_cpu_honour_their_flags(suite, shape, capsys, tmp_path) -> None:
+    """Each network suite in its small form on CPU: --input, --batch and --json take effect,
+    window attention regions included (`bench swin_t` used to crash on them)."""
+    out_json = tmp_path / "net.json"
+    sizes = ["--input", shape] if shape else ["--input", "4,3,32,32", "--batch", "1"]
+    assert bench_main([suite, *sizes, "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert "no speed is measured or claimed" in out and "0 with problems" in out
+    regions = json.loads(out_json.read_text())["regions"]
+    batch = int((shape or "1").split(",")[0])
+    assert regions and all(r["planned_bytes"] >= 0 for r in regions), regions
+    assert f"[{batch}," in out or f"batch={batch} " in out
+    if suite == "swin_t":
+        assert sum(r["region"].startswith("window_attention") for r in regions) == 12
+
+
 def test_bench_im2win_layers_on_cpu_makes_no_speed_claim(capsys, tmp_path) -> None:
     out_json = tmp_path / "layers.json"
     assert bench_main(["im2win-layers", "--json", str(out_json)]) == 0

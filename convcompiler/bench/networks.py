@@ -16,6 +16,7 @@ import torch
 
 from ..inspection.aot import static_report
 from ..inspection.cli import compile_model
+from ..spec import ConvSpec
 from .common import VARIANTS, im2col_bytes, mib, time_gpu, workspace_bytes
 
 SUITES = {
@@ -38,8 +39,8 @@ def run_gpu(model: str, shape: str, dtype: str) -> dict:
     return {v: t.__dict__ for v, t in times.items()}
 
 
-def run_cpu(model: str, shape: str, dtype: str, target: str | None) -> dict:
-    options = {"cpu": "plan", **({"target": target} if target else {})}
+def run_cpu(model: str, shape: str, dtype: str, target: str | None, extra: dict) -> dict:
+    options = {**extra, "cpu": "plan", **({"target": target} if target else {})}
     reports = compile_model(model, shape, dtype, options)
     print("no GPU: workspace per conv region (MiB) and the static sm_90 report; no timing")
     print(f"{'region':8} {'plan':16} {'im2col':>8} {'band':>8} {'planned':>8}  spec")
@@ -54,9 +55,10 @@ def run_cpu(model: str, shape: str, dtype: str, target: str | None) -> dict:
                 if source.sha256 not in seen:
                     seen.add(source.sha256)
                     stats.extend(static_report(source, spec, ("sm_90",)))
-            col = im2col_bytes(spec) if spec else 0
-            band = workspace_bytes(spec, "im2win_band") if spec else 0
-            planned = workspace_bytes(spec, region.schedule) if spec else 0
+            conv = isinstance(spec, ConvSpec)  # attention regions have no conv workspace
+            col = im2col_bytes(spec) if conv else 0
+            band = workspace_bytes(spec, "im2win_band") if conv else 0
+            planned = workspace_bytes(spec, region.schedule) if conv else 0
             rows.append(
                 {
                     "region": region.name,
@@ -77,13 +79,18 @@ def run_cpu(model: str, shape: str, dtype: str, target: str | None) -> dict:
 
 def main(args) -> int:
     model, shape = SUITES[args.suite]
+    if args.model_given:
+        model = args.model if ":" in args.model else f"torchvision:{args.model}"
     shape = args.input if args.input_given else shape
+    if args.batch:
+        shape = ",".join([str(args.batch), *shape.split(",")[1:]])
+    extra = json.loads(args.options)
     if torch.cuda.is_available():
         print(f"{args.suite} {shape} {args.dtype} on {torch.cuda.get_device_name()}")
         result = run_gpu(model, shape, args.dtype)
     else:
         print(f"{args.suite} {shape} {args.dtype}: no GPU, so no speed is measured or claimed")
-        result = run_cpu(model, shape, args.dtype, args.target)
+        result = run_cpu(model, shape, args.dtype, args.target, extra)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.json}")

@@ -68,3 +68,29 @@ def test_bench_suites_match_the_table() -> None:
     rows = [line.split("|")[1] for line in table.splitlines()[2:] if line.startswith("|")]
     documented = {name for row in rows for name in re.findall(r"`([\w-]+)`", row)}
     assert suites == documented, (sorted(suites - documented), sorted(documented - suites))
+
+
+def test_readme_sample_report_has_a_fresh_runs_shape() -> None:
+    """The sample in "Reading the report" against a fresh compile of the same model and input
+    (planned, not run: the columns, names and kinds do not depend on it)."""
+    import torch
+    import torchvision
+
+    import convcompiler
+
+    section = README[README.index("resnet18 on a 2x3x64x64 input") :]
+    block = section[section.index("```\n") + 4 :]
+    sample = block[: block.index("```")].splitlines()
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    with torch.no_grad():
+        torch.compile(model, backend="im2win", options={"cpu": "plan"})(torch.randn(2, 3, 64, 64))
+    fresh = str(convcompiler.last_report()).splitlines()
+    assert sample[0].split(";")[0].startswith("convcompiler compile ")
+    assert sample[1].split() == fresh[1].split()  # the column names
+    for doc, run in zip(sample[2:], fresh[2:]):
+        if doc == "...":
+            break
+        # name, kind, stage and the epilogue; the kernel file name differs only in "..."
+        assert doc.split()[:3] == run.split()[:3], (doc, run)
+        assert doc.split(" im2win")[0].split()[-1] == run.split(" im2win")[0].split()[-1]

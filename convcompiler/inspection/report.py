@@ -109,9 +109,10 @@ class Report:
         widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
         planned = "; ".join(f"{k} tensors planned for {v}" for k, v in self.devices.items())
         planned_only = len(self.generated_kernels()) - len(self.kernels())
-        counts = f"{len(self.kernels())} kernels, {len(self.fallbacks())} fallbacks"
-        if planned_only:
-            counts += f" ({planned_only} of them planned kernels, not run here)"
+        counts = f"{len(self.kernels())} kernels"
+        if planned_only:  # cpu="plan": a kernel was planned and written; ATen runs it here
+            counts += f", {planned_only} planned kernels (written for the GPU, ATen runs here)"
+        counts += f", {len(self.fallbacks()) - planned_only} fallbacks"
         lines = [
             f"convcompiler compile {self.compile_id}: {counts}"
             + (f"; {planned}" if planned else "")

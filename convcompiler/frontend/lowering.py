@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 import torch.fx
+from tqdm.auto import tqdm
 
 from ..codegen import KernelSource, render_conv, spec_kind
 from ..config import Config
@@ -192,7 +193,16 @@ class Lowering:
         interpreted} for every kernel the rewritten graph calls."""
         nodes = {node.name: node for node in gm.graph.nodes}
         kernels: dict[str, bool] = {}
-        for region in regions:
+        # a progress bar on a terminal when there are many regions (selection, rendering and
+        # static checks take about a second each); none in logs, CI or tests (disable=None)
+        progress = tqdm(
+            regions,
+            desc="convcompiler: regions",
+            unit="region",
+            leave=False,
+            disable=None if len(regions) >= 8 else True,
+        )
+        for region in progress:
             if region.fallback_reason is not None:
                 self._record(
                     region,

@@ -209,6 +209,28 @@ def test_bench_network_suites_on_cpu_honour_their_flags(suite, shape, capsys, tm
         assert sum(r["region"].startswith("window_attention") for r in regions) == 12
 
 
+@pytest.mark.slow
+def test_bench_transfer_learning_in_its_small_form(capsys, tmp_path) -> None:
+    """--model, --input and --json take effect; im2win (Tune mode) saves less than eager."""
+    out_json = tmp_path / "transfer.json"
+    argv = ["transfer-learning", "--model", "resnet18", "--input", "2,3,32,32"]
+    assert bench_main([*argv, "--json", str(out_json)]) == 0
+    assert "transfer-learning: resnet18" in capsys.readouterr().out
+    rows = {r["variant"]: r for r in json.loads(out_json.read_text())}
+    assert {r["batch"] for r in rows.values()} == {2} and {r["px"] for r in rows.values()} == {32}
+    assert rows["im2win"]["saved_bytes"] < rows["eager"]["saved_bytes"]
+
+
+@pytest.mark.slow
+def test_bench_compile_cache_in_its_small_form(capsys) -> None:
+    """Cold then warm, each in a new process: the warm one renders no new kernel and is
+    served by Inductor's caches."""
+    assert bench_main(["compile-cache", "--input", "1,3,16,16"]) == 0
+    out = capsys.readouterr().out
+    warm = next(line for line in out.splitlines() if line.startswith("warm "))
+    assert "codegen=0" in warm and "inductor-served=1" in warm, out
+
+
 def test_bench_im2win_layers_on_cpu_makes_no_speed_claim(capsys, tmp_path) -> None:
     out_json = tmp_path / "layers.json"
     assert bench_main(["im2win-layers", "--json", str(out_json)]) == 0

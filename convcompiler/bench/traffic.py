@@ -344,7 +344,7 @@ def main(args) -> int:
     from ..inspection.models import load_model, make_input
 
     names = [args.model] if args.model_given else list(MODELS)
-    batch = args.batch or 32
+    batch = args.batch or (int(args.input.split(",")[0]) if args.input_given else 32)
     dtype = args.dtype_given and args.dtype or "float16"
     target = args.target or "h100"
     results = {}

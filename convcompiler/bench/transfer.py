@@ -50,15 +50,22 @@ def main(args) -> int:
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
     where = torch.cuda.get_device_name() if gpu else "CPU (no timing)"
-    print(f"transfer-learning: resnet50, BN frozen (eval), weights trained; {where}")
+    name = args.model if args.model_given else "resnet50"
+    configs = CONFIGS
+    if args.input_given:  # one configuration: --input N,3,H,W (and --batch N)
+        n, _, px, _ = (int(v) for v in args.input.split(","))
+        configs = ((args.batch or n, px),)
+    elif args.batch:
+        configs = tuple((args.batch, px) for _, px in CONFIGS)
+    print(f"transfer-learning: {name}, BN frozen (eval), weights trained; {where}")
     print(
         f"{'batch':>5} {'px':>4} {'variant':34} {'saved MiB':>10} {'vs eager':>8}"
         + (f" {'peak MiB':>9} {'step ms':>8}" if gpu else "")
     )
     rows = []
-    for batch, px in CONFIGS:
+    for batch, px in configs:
         torch.manual_seed(0)
-        model = torchvision.models.resnet50().eval().to(device)
+        model = torchvision.models.get_model(name, weights=None).eval().to(device)
         x = torch.randn(batch, 3, px, px, device=device)
         eager_bytes = None
         for variant in VARIANTS:

@@ -48,7 +48,7 @@ def test_explain_from_a_python_file_and_candidates(capsys, tmp_path) -> None:
 
 
 def test_bad_model_and_options_are_clear_errors(capsys) -> None:
-    assert main(["explain", "resnet18", "--input", "1,3,8,8"]) == 2
+    assert main(["explain", "resnet_x:make", "--input", "1,3,8,8"]) == 2
     assert "torchvision:NAME" in capsys.readouterr().err
     assert (
         main(["explain", "torchvision:resnet18", "--input", "1,3,8,8", "--options", '{"nope": 1}'])
@@ -79,7 +79,7 @@ CLI_ERRORS = {
         ["explain", "torchvision:resnet_nope", "--input", "1,3,8,8"],
         "torchvision has no model 'resnet_nope'",
     ),
-    "model without a kind": (["explain", "resnet18", "--input", "1,3,8,8"], "torchvision:NAME"),
+    "unknown model kind": (["explain", "resnet_x:make", "--input", "1,3,8,8"], "torchvision:NAME"),
     "missing model file": (["explain", "{tmp}/nope.py:make", "--input", "1,3,8,8"], "nope.py"),
     "bad input shape": (["explain", "torchvision:resnet18", "--input", "1,x"], "input shape"),
     "unknown arch": (
@@ -207,6 +207,24 @@ def test_bench_network_suites_on_cpu_honour_their_flags(suite, shape, capsys, tm
     assert f"[{batch}," in out or f"batch={batch} " in out
     if suite == "swin_t":
         assert sum(r["region"].startswith("window_attention") for r in regions) == 12
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["window-attention", "--input", "1,3,8,8"],
+        ["im2win-layers", "--model", "resnet18"],
+        ["compile-cache", "--batch", "2"],
+        ["transfer-learning", "--dtype", "float16"],
+        ["resnet50", "--fusion", "cpu"],
+    ],
+)
+def test_bench_refuses_a_flag_its_suite_does_not_read(argv, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        bench_main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{argv[1]} has no effect on suite {argv[0]!r}" in err
 
 
 @pytest.mark.slow

@@ -45,7 +45,16 @@ def main(argv: list[str] | None = None) -> int:
         from . import gpu
 
         return gpu.main(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given = {a[2:].split("=")[0] for a in argv if a.startswith("--")} - {"table"}
+    ignored = sorted(given - SUITES[args.suite].FLAGS)
+    if ignored:
+        reads = ", ".join(f"--{f}" for f in sorted(SUITES[args.suite].FLAGS))
+        parser.error(
+            f"{', '.join('--' + f for f in ignored)} has no effect on suite {args.suite!r} "
+            f"(it reads {reads}, and --table)"
+        )
     args.input_given = args.input is not None
     args.input = args.input or "1,3,64,64"
     args.model_given = args.model is not None

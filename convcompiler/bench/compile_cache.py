@@ -30,11 +30,15 @@ import sys
 import tempfile
 import textwrap
 
+# the optional flags this suite reads; the others are refused (bench/__main__.py)
+FLAGS = frozenset({"input", "json", "model", "options"})
+
 CHILD = textwrap.dedent(
     """
     import json, sys, time, torch, torchvision
     import convcompiler
     from convcompiler.frontend.backend import im2win
+    from convcompiler.inspection.models import load_model
     name, shape = sys.argv[1], [int(s) for s in sys.argv[2].split(",")]
     options = json.loads(sys.argv[3])
     runs = []  # seconds of each run of a compiled graph
@@ -53,7 +57,7 @@ CHILD = textwrap.dedent(
         return run
 
     torch.manual_seed(0)
-    model = getattr(torchvision.models, name)().eval()
+    model = load_model(name)
     x = torch.randn(*shape)
     compiled = torch.compile(model, backend=backend)
     with torch.no_grad():

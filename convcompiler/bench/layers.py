@@ -24,6 +24,9 @@ from ..selection.devices import device_for
 from ..selection.select import SelectionContext, select_conv_schedule
 from .common import VARIANTS, im2col_bytes, mib, time_gpu, workspace_bytes
 
+# the optional flags this suite reads; the others are refused (bench/__main__.py)
+FLAGS = frozenset({"batch", "dtype", "json", "target"})
+
 LAYERS = Path(__file__).with_name("im2win_layers.json")
 
 

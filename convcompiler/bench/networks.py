@@ -19,6 +19,9 @@ from ..inspection.cli import compile_model
 from ..spec import ConvSpec
 from .common import VARIANTS, im2col_bytes, mib, time_gpu, workspace_bytes
 
+# the optional flags this suite reads; the others are refused (bench/__main__.py)
+FLAGS = frozenset({"batch", "dtype", "input", "json", "model", "options", "target"})
+
 SUITES = {
     "resnet50": ("torchvision:resnet50", "8,3,224,224"),
     "swin_t": ("torchvision:swin_t", "8,3,224,224"),

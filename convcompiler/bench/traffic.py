@@ -38,6 +38,9 @@ from ..runtime.kernel_ref import decode
 from ..selection.cost import predict
 from ..selection.devices import lookup
 
+# the optional flags this suite reads; the others are refused (bench/__main__.py)
+FLAGS = frozenset({"batch", "dtype", "fusion", "input", "json", "model", "target"})
+
 COMPUTE = {
     "convolution",
     "mm",

@@ -18,6 +18,9 @@ import torch
 import torch._inductor.config as inductor_config
 from torch.autograd.graph import saved_tensors_hooks
 
+# the optional flags this suite reads; the others are refused (bench/__main__.py)
+FLAGS = frozenset({"batch", "input", "json", "model"})
+
 CONFIGS = ((8, 224), (2, 64))
 VARIANTS = ("eager", "inductor", "inductor+efficient_conv_bn_eval", "im2win")
 
@@ -45,7 +48,7 @@ def build(variant: str, model: torch.nn.Module, gpu: bool):
 
 
 def main(args) -> int:
-    import torchvision
+    from ..inspection.models import load_model
 
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
@@ -65,7 +68,7 @@ def main(args) -> int:
     rows = []
     for batch, px in configs:
         torch.manual_seed(0)
-        model = torchvision.models.get_model(name, weights=None).eval().to(device)
+        model = load_model(name).to(device)
         x = torch.randn(batch, 3, px, px, device=device)
         eager_bytes = None
         for variant in VARIANTS:

@@ -28,6 +28,9 @@ from ..passes.match_attention import attention_spec, is_attention_candidate
 from ..selection.cost_attention import fused_bytes
 from .common import mib, time_gpu
 
+# the optional flags this suite reads; the others are refused (bench/__main__.py)
+FLAGS = frozenset({"batch", "dtype", "json"})
+
 VIEWS = {
     "view",
     "_unsafe_view",

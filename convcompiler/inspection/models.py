@@ -16,6 +16,9 @@ import torch
 
 
 def load_model(name: str) -> torch.nn.Module:
+    """torchvision:NAME, timm:NAME or path.py:factory; a bare NAME is torchvision's."""
+    if ":" not in name and not name.endswith(".py"):
+        name = f"torchvision:{name}"
     kind, sep, rest = name.partition(":")
     if not sep or not rest:
         raise ValueError(f"model {name!r}: use torchvision:NAME, timm:NAME or path.py:factory")
@@ -36,7 +39,10 @@ def load_model(name: str) -> torch.nn.Module:
         return timm.create_model(rest, pretrained=False).eval()
     path, factory = Path(kind), rest
     if path.suffix != ".py" or not path.exists():
-        raise ValueError(f"model {name!r}: {path} is not a Python file")
+        raise ValueError(
+            f"model {name!r}: {path} is not a Python file "
+            "(models are torchvision:NAME, timm:NAME or path.py:factory)"
+        )
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

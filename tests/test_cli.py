@@ -63,6 +63,7 @@ CLI_ERRORS = {
     "import file not an export": (["cache", "import", "{tmp}/list.json"], "not a convcompiler"),
     "import file of another format": (["cache", "import", "{tmp}/other.json"], "export"),
     "export without a file": (["cache", "export"], "needs a FILE"),
+    "no kernel of that name": (["kernels", "show", "no-such-kernel"], "no kernels in"),
     "options not JSON": (
         ["explain", "torchvision:resnet18", "--input", "1,3,8,8", "--options", "{bad"],
         "--options is not valid JSON",

@@ -118,16 +118,21 @@ def cmd_kernels(args: argparse.Namespace) -> int:
         return 0
     names = [p.name for p in files] + sorted(set(cached) - {p.name for p in files})
     if not names:
-        print(f"no kernels in {config.kernel_path} or the tuning cache", file=sys.stderr)
-        return 1
+        raise CliError(
+            f"no kernels in {config.kernel_path} or the tuning cache",
+            "compile a model first, e.g. `convcompiler explain torchvision:resnet18 --input "
+            "1,3,64,64`",
+        )
     if args.name is None:
         chosen = [files[-1].name] if files else names[-1:]  # the newest file
     else:
         chosen = [n for n in names if n == args.name] or [n for n in names if args.name in n]
     if len(chosen) != 1:
-        matches = "\n  ".join(chosen) or "none"
-        print(f"{args.name!r} matches {len(chosen)} kernels:\n  {matches}", file=sys.stderr)
-        return 1
+        shown = ", ".join(chosen[:3]) + (", ..." if len(chosen) > 3 else "")
+        raise CliError(
+            f"{args.name!r} matches {len(chosen)} kernels" + (f": {shown}" if chosen else ""),
+            "give more of the name; `convcompiler kernels list` lists them",
+        )
     path = config.kernel_path / chosen[0]
     if path.exists():
         print(f"# {path}")

@@ -120,7 +120,7 @@ def test_kernels_list_and_show(capsys, tmp_path) -> None:
     assert "@triton.jit" in capsys.readouterr().out
     assert main(["kernels", "show", name[:30], "--dir", str(tmp_path)]) == 0
     assert "def launch(x, weight, bias=None, bn_weight=None" in capsys.readouterr().out
-    assert main(["kernels", "show", "no-such-kernel", "--dir", str(tmp_path)]) == 1
+    assert main(["kernels", "show", "no-such-kernel", "--dir", str(tmp_path)]) == 2
 
 
 def test_cache_commands(capsys, tmp_path, monkeypatch) -> None:

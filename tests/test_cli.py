@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -45,6 +46,13 @@ def test_explain_from_a_python_file_and_candidates(capsys, tmp_path) -> None:
     )
     out = capsys.readouterr().out
     assert "planned for a100" in out and "predicted" in out and "->" in out
+    # why the winner won (its time and the deciding term), then what runs on this CPU
+    assert re.search(r"-> \w+ \(model\): \w+: [\d.]+ us \((compute|memory|launch)", out)
+    assert "runs here: option cpu='plan'" in out
+    # tile variants the cost model cannot tell apart are one row
+    assert "tile variants, the same time" in out
+    rows = [ln for ln in out.splitlines() if "us predicted" in ln]
+    assert len(rows) == len({tuple(r.split()[:1]) + (r.split("(")[0],) for r in rows})
 
 
 def test_bad_model_and_options_are_clear_errors(capsys) -> None:

@@ -127,15 +127,56 @@ class Report:
         out = []
         for r in self.regions:
             out.append(f"{r.name} [{r.stage}] {r.spec}")
-            out.append(f"  -> {r.schedule} ({r.origin}): {r.fallback_reason or r.why}")
+            out.append(f"  -> {r.schedule} ({r.origin}): {r.why}")
+            if r.fallback_reason and r.fallback_reason != r.why:
+                out.append(f"  runs here: {r.fallback_reason}")
             if r.cost:
                 out.append(f"  cost: {r.cost}")
             if r.valid_for:
                 out.append(f"  choice holds for {r.valid_for}")
-            for c in r.candidates:
+            rows = _collapse_ties(r.candidates)
+            if len(rows) > 1:
+                (best, _), (second, _) = rows[0], rows[1]
+                out.append(
+                    f"  won by {_time(second) / _time(best):.2f}x: {_name(best)} "
+                    f"{_time(best) * 1e6:.1f} us against {_name(second)} "
+                    f"{_time(second) * 1e6:.1f} us"
+                )
+            for c, ties in rows:
                 measured = f"  measured {c.measured_s * 1e6:9.1f} us" if c.measured_s else ""
-                out.append(f"     {c.predicted_s * 1e6:9.1f} us predicted{measured}  {c.schedule}")
+                more = f"  (+{ties} tile variants, the same time)" if ties else ""
+                out.append(
+                    f"     {c.predicted_s * 1e6:9.1f} us predicted{measured}  {c.schedule}{more}"
+                )
         return "\n".join(out)
+
+
+def _name(candidate) -> str:
+    return candidate.schedule.split("(")[0]
+
+
+def _time(candidate) -> float:
+    return candidate.measured_s or candidate.predicted_s
+
+
+def _collapse_ties(candidates) -> list[tuple]:
+    """(candidate, how many more) per run of unmeasured candidates of one schedule with the
+    same predicted time: tile variants the cost model cannot tell apart are one row."""
+    rows: list[list] = []
+    for c in candidates:
+        last = rows[-1][0] if rows else None
+        tied = (
+            last is not None
+            and not c.measured_s
+            and not last.measured_s
+            and _name(c) == _name(last)
+            and abs(c.predicted_s - last.predicted_s) <= 1e-3 * last.predicted_s
+        )
+        if tied:
+            rows[-1][1] += 1
+        else:
+            rows.append([c, 0])
+    return [tuple(row) for row in rows]
 
 
 _lock = threading.Lock()

@@ -94,9 +94,9 @@ def conv_regions(report, stage=None):
     return [r for r in report.regions if r.kind in kinds and stage in (None, r.stage)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name", KERNEL_OPS)
-def test_opinfo_samples_run_generated_kernels(name, dtype):
+def run_inference(name, dtype):
+    """Every sample of `name` compiled together and run once: (samples, outputs, report,
+    conv regions), with one region per sample checked."""
     samples = all_samples(name, dtype)
     compiled, flat = compile_together(samples)
     with torch.no_grad():
@@ -104,6 +104,13 @@ def test_opinfo_samples_run_generated_kernels(name, dtype):
     report = convcompiler.last_report()
     regions = conv_regions(report)
     assert len(regions) == len(samples), str(report)
+    return samples, outs, report, regions
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", KERNEL_OPS)
+def test_opinfo_samples_run_generated_kernels(name, dtype):
+    samples, outs, report, regions = run_inference(name, dtype)
     assert all(r.fallback_reason is None and r.kernel_path for r in regions), str(report)
     assert convcompiler.counters["launch.conv"] == len(samples)
     for (what, tensors, fn), y in zip(samples, outs):
@@ -140,13 +147,7 @@ def test_opinfo_float32_gradients(name):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", FALLBACK_OPS)
 def test_opinfo_fallback_samples_are_correct(name, dtype):
-    samples = all_samples(name, dtype)
-    compiled, flat = compile_together(samples)
-    with torch.no_grad():
-        outs = compiled(*flat)
-    report = convcompiler.last_report()
-    regions = conv_regions(report)
-    assert len(regions) == len(samples), str(report)
+    samples, outs, report, regions = run_inference(name, dtype)
     expected = "transposed" if "transpose" in name else "3-D convolution"
     assert all(expected in (r.fallback_reason or "") for r in regions), str(report)
     assert convcompiler.counters["launch.conv"] == 0

@@ -68,3 +68,22 @@ def workspace_bytes(spec: ConvSpec, schedule: str) -> int:
 
 def mib(n: float) -> str:
     return f"{n / 2**20:.1f}"
+
+
+# aten ops that only make a view (no kernel, no traffic): what the byte models skip
+VIEWS = frozenset(
+    {
+        "view",
+        "_unsafe_view",
+        "reshape",
+        "expand",
+        "transpose",
+        "permute",
+        "select",
+        "unbind",
+        "unsqueeze",
+        "alias",
+        "detach",
+        "t",
+    }
+)

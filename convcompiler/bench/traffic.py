@@ -37,6 +37,7 @@ import torch.fx
 from ..runtime.kernel_ref import decode
 from ..selection.cost import predict
 from ..selection.devices import lookup
+from . import common
 
 # the optional flags this suite reads; the others are refused (bench/__main__.py)
 FLAGS = frozenset({"batch", "dtype", "fusion", "input", "json", "model", "target"})
@@ -55,20 +56,9 @@ COMPUTE = {
     "window_attention",
     "mkldnn_rnn_layer",
 }
-VIEWS = {
-    "view",
-    "_unsafe_view",
-    "reshape",
-    "expand",
-    "transpose",
-    "permute",
-    "select",
-    "unbind",
-    "unsqueeze",
+# also free here: the rest of the view family and graph bookkeeping
+VIEWS = common.VIEWS | {
     "squeeze",
-    "alias",
-    "detach",
-    "t",
     "slice",
     "split",
     "split_with_sizes",

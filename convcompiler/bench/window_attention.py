@@ -26,25 +26,11 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from ..passes.attention_pattern import find_attention
 from ..passes.match_attention import attention_spec, is_attention_candidate
 from ..selection.cost_attention import fused_bytes
-from .common import mib, time_gpu
+from .common import VIEWS, mib, time_gpu
 
 # the optional flags this suite reads; the others are refused (bench/__main__.py)
 FLAGS = frozenset({"batch", "dtype", "json"})
 
-VIEWS = {
-    "view",
-    "_unsafe_view",
-    "reshape",
-    "expand",
-    "transpose",
-    "permute",
-    "select",
-    "unbind",
-    "unsqueeze",
-    "alias",
-    "detach",
-    "t",
-}
 VARIANTS = ("eager", "inductor", "im2win")
 
 

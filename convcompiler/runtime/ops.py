@@ -64,6 +64,13 @@ def launcher(ref: KernelRef, *, interpret: bool) -> Callable[..., Any]:
     return found
 
 
+def _launch(ref: KernelRef, args: tuple) -> Tensor:
+    """Count one launch of the kernel `ref` names and run it on `args` (activation first)."""
+    launch = launcher(ref, interpret=args[0].device.type == "cpu")
+    counters[f"launch.{ref.kind}"] += 1
+    return launch_on_device(launch, args)
+
+
 # ---- im2win::conv ---------------------------------------------------------------------------
 @torch.library.custom_op("im2win::conv", mutates_args=())
 def conv(
@@ -78,13 +85,9 @@ def conv(
     kernel: str,
 ) -> Tensor:
     ref = decode(kernel)
-    launch = launcher(ref, interpret=x.device.type == "cpu")
     if not ref.packed:
         weight = packing.packed_view(weight)
-    counters[f"launch.{ref.kind}"] += 1
-    return launch_on_device(
-        launch, (x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, residual)
-    )
+    return _launch(ref, (x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, residual))
 
 
 def conv_output_shape(spec: ConvSpec, x: Tensor) -> tuple:
@@ -118,10 +121,7 @@ def window_attention(
     logit_scale: Tensor | None,
     kernel: str,
 ) -> Tensor:
-    ref = decode(kernel)
-    launch = launcher(ref, interpret=q.device.type == "cpu")
-    counters[f"launch.{ref.kind}"] += 1
-    return launch_on_device(launch, (q, k, v, bias, mask, general, logit_scale))
+    return _launch(decode(kernel), (q, k, v, bias, mask, general, logit_scale))
 
 
 @window_attention.register_fake

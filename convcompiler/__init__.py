@@ -6,9 +6,14 @@ Public API:
     Config          the backend's options (torch.compile(options={...}))
     last_report()   the regions of the most recent compile
     counters        launches, matches and fallbacks (resettable)
+
+Importing the package imports neither torch nor triton (the `convcompiler cache` commands
+start without them).
 """
 
 from __future__ import annotations
+
+import sys
 
 from .config import Config
 from .counters import counters
@@ -17,7 +22,15 @@ from .inspection.report import RegionRecord, Report, last_report
 __version__ = "0.1.0"
 
 
-def _register_backend() -> None:
+def _installed_entry_point() -> bool:
+    """Whether `im2win` is in the torch_dynamo_backends entry points (a pip install), so
+    Dynamo finds the backend by itself the first time it is named."""
+    from importlib.metadata import entry_points
+
+    return any(ep.name == "im2win" for ep in entry_points(group="torch_dynamo_backends"))
+
+
+def register_backend() -> None:
     """Register `im2win` with Dynamo unless the entry point (or anyone) already did."""
     from torch._dynamo.backends import registry
 
@@ -29,6 +42,9 @@ def _register_backend() -> None:
     registry.register_backend(im2win, name="im2win")
 
 
-_register_backend()
+# A pip install registers the backend through its entry point, and torch is only imported
+# when someone uses it. A source checkout on PYTHONPATH has no entry point: register now.
+if "torch" in sys.modules or not _installed_entry_point():
+    register_backend()
 
 __all__ = ["Config", "RegionRecord", "Report", "counters", "last_report", "__version__"]

@@ -73,6 +73,51 @@ def test_import_registers_when_no_entry_point_did(monkeypatch) -> None:
 
     monkeypatch.delitem(registry._BACKENDS, "im2win", raising=False)
     monkeypatch.delitem(registry._COMPILER_FNS, "im2win", raising=False)
-    convcompiler._register_backend()
+    convcompiler.register_backend()
     assert registry.lookup_backend("im2win") is im2win
-    convcompiler._register_backend()  # a second import is a no-op, not "duplicate name"
+    convcompiler.register_backend()  # a second import is a no-op, not "duplicate name"
+
+
+CHECKOUT = textwrap.dedent(
+    """
+    import importlib.metadata, sys
+    real = importlib.metadata.entry_points
+
+    def without_ours(**kw):  # a source checkout on PYTHONPATH: no entry point
+        eps = real(**kw)
+        if kw.get("group") != "torch_dynamo_backends":
+            return eps
+        return importlib.metadata.EntryPoints(e for e in eps if e.name != "im2win")
+
+    importlib.metadata.entry_points = without_ours
+    import convcompiler
+    assert "torch" in sys.modules  # registering needs Dynamo
+    import torch
+    from torch._dynamo.backends.registry import lookup_backend
+    from convcompiler.frontend.backend import im2win
+    assert lookup_backend("im2win") is im2win
+    print("CHECKOUT OK")
+    """
+)
+
+INSTALLED = textwrap.dedent(
+    """
+    import sys
+    import convcompiler
+    assert "torch" not in sys.modules, "import convcompiler imported torch"
+    assert convcompiler.counters["launch.conv"] == 0
+    import torch
+    with torch.no_grad():
+        torch.compile(torch.nn.Conv2d(3, 4, 3), backend="im2win")(torch.randn(1, 3, 6, 6))
+    assert convcompiler.counters["launch.conv"] == 1
+    print("INSTALLED OK")
+    """
+)
+
+
+def test_a_checkout_without_the_entry_point_registers_on_import(tmp_path) -> None:
+    assert "CHECKOUT OK" in run_python(CHECKOUT, tmp_path)
+
+
+def test_import_alone_stays_light_and_the_entry_point_still_works(tmp_path) -> None:
+    assert "INSTALLED OK" in run_python(INSTALLED, tmp_path)

@@ -9,6 +9,9 @@
 MODEL is torchvision:NAME, timm:NAME or path.py:factory (random weights). Without --run,
 models are compiled with cpu="plan": kernels are planned and written for the target GPU and
 ATen runs the CPU forward, so nothing waits on Triton's interpreter.
+
+`--help`, `cache` and `kernels` never import torch (it alone takes seconds to import); the
+commands that compile models import it when they run.
 """
 
 from __future__ import annotations
@@ -18,14 +21,14 @@ import json
 import sys
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
 from ..config import Config
 from ..selection.cache import open_cache
-from ..selection.devices import lookup
-from .aot import ARCHS, KernelStats, static_report
-from .models import load_model, make_input
-from .report import Report, next_compile_id, reports_since
+
+if TYPE_CHECKING:
+    from .aot import KernelStats
+    from .report import Report
 
 ARCH_TARGETS = {"sm_90": "h100", "sm_80": "a100", "sm_89": "l4", "sm_86": "l4"}
 
@@ -47,6 +50,11 @@ def _read_json(text: str, what: str, hint: str):
 
 def compile_model(model: str, shape: str, dtype: str, options: dict) -> list[Report]:
     """Compile and run `model` once under no_grad; the reports of every graph compiled."""
+    import torch
+
+    from .models import load_model, make_input
+    from .report import next_compile_id, reports_since
+
     module = load_model(model).to(getattr(torch, dtype))
     x = make_input(shape, dtype)
     torch._dynamo.reset()
@@ -183,6 +191,8 @@ def static_table(
     model: str, shape: str, dtype: str, archs: list[str], options: dict
 ) -> list[KernelStats]:
     """Plan the model for each architecture's device and compile every kernel for it."""
+    from .aot import static_report
+
     stats = []
     for arch in archs:
         target = options.get("target") or ARCH_TARGETS[arch]
@@ -216,6 +226,8 @@ def print_static(stats: list[KernelStats]) -> int:
 
 
 def cmd_aot(args: argparse.Namespace) -> int:
+    from .aot import ARCHS
+
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
     unknown = [a for a in archs if a not in ARCHS]
     if unknown:
@@ -228,6 +240,8 @@ def cmd_aot(args: argparse.Namespace) -> int:
 
 # ---- roofline ------------------------------------------------------------------------------
 def cmd_roofline(args: argparse.Namespace) -> int:
+    from ..selection.devices import lookup
+    from .report import Report
     from .roofline import plot_roofline
 
     options = _options(args)

@@ -13,7 +13,6 @@ or compiled when it wraps a function, so a module is executed once per mode, wit
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import linecache
 import logging
 import os
@@ -26,6 +25,7 @@ import triton
 
 from ..codegen import KernelSource
 from ..counters import counters
+from ..files import private_dir, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +34,6 @@ _MODULES: dict[tuple[str, bool], types.ModuleType] = {}
 
 class KernelIntegrityError(RuntimeError):
     """A kernel file's content does not match the hash it is expected to have."""
-
-
-def private_dir(path: Path) -> Path:
-    """Create `path` (and parents) readable by this user only (mode 0700)."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return path
-
-
-def sha256_of(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def write_source(source: KernelSource, directory: Path) -> Path:

@@ -29,14 +29,13 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
-
-import torch
-import triton
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from ..counters import counters
-from ..runtime.loader import private_dir, sha256_of
-from .devices import Device
+from ..files import private_dir, sha256_of
+
+if TYPE_CHECKING:  # torch and triton stay unimported: `convcompiler cache` starts fast
+    from .devices import Device
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +88,9 @@ def record_key(
       * the benchmarker that measured the candidates ("do_bench", or "fake" in tests);
       * CACHE_VERSION, bumped when the record format changes.
     """
+    import torch
+    import triton
+
     parts = {
         "version": CACHE_VERSION,
         "kind": kind,

@@ -38,6 +38,10 @@ def test_transposed_3d_and_circular_fall_back_with_reasons() -> None:
     assert any("padding_mode='circular'" in r for r in found), found
     assert any("3-D convolution" in r for r in found), found
     assert convcompiler.counters["fallback.conv"] == 3
+    # fallback rows keep the conv's shapes and parameters, as a kernel row shows them
+    specs = {r.fallback_reason.split(" ")[0]: r.spec for r in report.fallbacks()}
+    assert "[2,3,7,6] -> [2,4,15,13] 3x3 s2x2 transposed float32 nchw" in specs.values(), specs
+    assert any(s.endswith(" 1x3x3 float32 nchw") for s in specs.values()), specs  # 3-D
     for region in report.fallbacks():
         assert region.schedule == "aten" and region.kernel_path is None
 

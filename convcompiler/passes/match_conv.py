@@ -21,7 +21,15 @@ from ..counters import counters
 from ..spec import DTYPES, ConvSpec, Epilogue
 from .context import PassContext, Region
 from .conv_chain import BN_EVAL, BN_TRAIN, Chain, grow_chain
-from .meta import dynamo_sources, fake_value, memory_layout, shape_summary, size_hints, sizes
+from .meta import (
+    conv_summary,
+    dynamo_sources,
+    fake_value,
+    memory_layout,
+    shape_summary,
+    size_hints,
+    sizes,
+)
 
 RULES = {
     "conv": "convolution(x, w, b) => im2win_conv(x, w, b)",
@@ -178,7 +186,7 @@ def match_conv(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModu
                 rule=RULES["conv_bn" if chain.epilogue.name() else "conv"],
                 stage=ctx.stage,
                 nodes=tuple(name for _, name in chain.roles),
-                summary=spec.describe() if spec is not None else shape_summary(node),
+                summary=spec.describe() if spec is not None else conv_summary(node),
                 spec=spec,
                 fallback_reason=reason,
                 roles=chain.roles,

@@ -95,6 +95,29 @@ def shape_summary(node: torch.fx.Node) -> str:
     return f"{fmt(inputs[0] if inputs else None)} -> {fmt(out)}"
 
 
+def conv_summary(node: torch.fx.Node) -> str:
+    """A fallback conv's row, as a spec would describe it, from the node alone:
+    "[1,8,14,14] -> [1,4,15,15] 2x2 s2x2 transposed float32 nchw"."""
+    x, w = fake_value(node.args[0]), fake_value(node.args[1])
+    if x is None or w is None or len(node.args) < 9:
+        return shape_summary(node)
+    stride, padding, dilation, transposed, _, groups = node.args[3:9]
+
+    def dims(values) -> str:
+        return "x".join(str(v) for v in values)
+
+    parts = [shape_summary(node), dims(sizes(w)[2:]) or "0-d"]
+    for letter, values, unit in (("s", stride, 1), ("p", padding, 0), ("d", dilation, 1)):
+        if any(v != unit for v in values):
+            parts.append(letter + dims(values))
+    if groups != 1:
+        parts.append(f"g{groups}")
+    if transposed:
+        parts.append("transposed")
+    parts += [str(x.dtype).removeprefix("torch."), memory_layout(x)]
+    return " ".join(parts)
+
+
 def dynamo_sources(node: torch.fx.Node) -> set[str]:
     """Names of the Dynamo-graph nodes an aten node was created from (`meta["from_node"]`)."""
     names: set[str] = set()

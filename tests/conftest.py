@@ -45,3 +45,6 @@ def _fresh_state():
     convcompiler.counters.reset()
     yield
     torch._dynamo.reset()
+
+
+from redis_server import redis_server, silent_server  # noqa: E402, F401 (fixtures)

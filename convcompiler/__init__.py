@@ -5,6 +5,7 @@
 Public API:
     Config          the backend's options (torch.compile(options={...}))
     last_report()   the regions of the most recent compile
+    last_reports()  every piece of the most recent Dynamo graph (DDP splits graphs)
     counters        launches, matches and fallbacks (resettable)
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from .config import Config
 from .counters import counters
-from .inspection.report import RegionRecord, Report, last_report
+from .inspection.report import RegionRecord, Report, last_report, last_reports
 
 __version__ = "0.1.0"
 
@@ -31,4 +32,12 @@ def _register_backend() -> None:
 
 _register_backend()
 
-__all__ = ["Config", "RegionRecord", "Report", "counters", "last_report", "__version__"]
+__all__ = [
+    "Config",
+    "RegionRecord",
+    "Report",
+    "counters",
+    "last_report",
+    "last_reports",
+    "__version__",
+]

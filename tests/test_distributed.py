@@ -248,3 +248,45 @@ def test_second_rank_uses_the_first_ranks_decisions(monkeypatch, cache_dir) -> N
     assert (first.schedule, first.params) == (second.schedule, second.params)
     assert Path(first.kernel_path).name == Path(second.kernel_path).name  # the same source
     assert agreement._off is None
+
+
+def test_reports_of_one_compile_context_are_its_pieces() -> None:
+    """What Dynamo's DDP optimizer does: several backend calls in one CompileContext."""
+    from torch._guards import CompileContext, CompileId
+
+    from convcompiler.inspection.report import new_report
+
+    config = convcompiler.Config()
+    split = CompileContext(CompileId(frame_id=7, frame_compile_id=0))
+    pieces = [new_report(config, split) for _ in range(3)]
+    assert convcompiler.last_reports() == pieces
+    assert [(r.graph, r.piece, r.pieces()) for r in pieces] == [("7/0", i, 3) for i in range(3)]
+    assert str(pieces[1]).startswith("convcompiler compile ")
+    assert "(graph 7/0, piece 2 of 3): 0 kernels" in str(pieces[1]).splitlines()[0]
+    other = new_report(config, CompileContext(CompileId(frame_id=7, frame_compile_id=0)))
+    assert convcompiler.last_reports() == [other]  # the same id after a reset: a new graph
+    assert (other.piece, other.pieces(), pieces[0].pieces()) == (0, 1, 3)
+    assert "piece" not in str(other).splitlines()[0]
+
+
+def test_graph_breaks_are_separate_graphs_not_pieces() -> None:
+    class Broken(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Conv2d(3, 4, 3)
+            self.b = torch.nn.Conv2d(4, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.a(x)
+            torch._dynamo.graph_break()
+            return self.b(x)
+
+    from convcompiler.inspection.report import next_compile_id, reports_since
+
+    first = next_compile_id()
+    with torch.no_grad():
+        torch.compile(Broken(), backend="im2win")(torch.randn(1, 3, 9, 9))
+    reports = reports_since(first)
+    assert len(reports) == 2 and reports[0].graph != reports[1].graph
+    assert convcompiler.last_reports() == [convcompiler.last_report()] == reports[-1:]
+    assert all(r.piece == 0 and r.pieces() == 1 for r in reports)

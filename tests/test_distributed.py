@@ -217,9 +217,15 @@ def test_a_rank_whose_decision_never_comes_decides_alone(tmp_path) -> None:
 
 
 # ---- in one process ---------------------------------------------------------------------------
-def test_not_distributed_means_no_agreement() -> None:
-    assert not torch.distributed.is_initialized()
+def test_not_distributed_or_one_rank_means_no_agreement() -> None:
+    dist = torch.distributed
+    assert not dist.is_initialized()
     assert agreement_for(convcompiler.Config()) is None
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        assert agreement_for(convcompiler.Config()) is None
+    finally:
+        dist.destroy_process_group()
 
 
 def test_second_rank_uses_the_first_ranks_decisions(monkeypatch, cache_dir) -> None:

@@ -24,7 +24,7 @@ different graphs never wait for each other, and DDP's own collectives never inte
 it. A rank only waits for a claim someone else holds, and a claim is published before its
 rank waits for anything, so ranks cannot wait on each other in a cycle.
 
-Nothing here raises into a compile. If the store cannot be used, or a decision does not
+Agreement never makes a compile fail. If the store cannot be used, or a decision does not
 arrive within option `rank_timeout` seconds (the claiming rank died or hangs), the rank logs
 one warning, decides by itself, and stops agreeing for the rest of the process. Not
 distributed, world size 1, or rank_timeout=0: no agreement and no store traffic.

@@ -5,6 +5,7 @@
 Public API:
     Config          the backend's options (torch.compile(options={...}))
     last_report()   the regions of the most recent compile
+    last_reports()  every piece of the most recent Dynamo graph (DDP splits graphs)
     counters        launches, matches and fallbacks (resettable)
 
 Importing the package imports neither torch nor triton (the `convcompiler cache` commands
@@ -17,7 +18,7 @@ import sys
 
 from .config import Config
 from .counters import counters
-from .inspection.report import RegionRecord, Report, last_report
+from .inspection.report import RegionRecord, Report, last_report, last_reports
 
 __version__ = "0.1.0"
 
@@ -47,4 +48,12 @@ def register_backend() -> None:
 if "torch" in sys.modules or not _installed_entry_point():
     register_backend()
 
-__all__ = ["Config", "RegionRecord", "Report", "counters", "last_report", "__version__"]
+__all__ = [
+    "Config",
+    "RegionRecord",
+    "Report",
+    "counters",
+    "last_report",
+    "last_reports",
+    "__version__",
+]

@@ -70,6 +70,10 @@ class Config:
         of saving their outputs (a CNN's stem: ResNet's 7x7 is 147). 0 turns it off.
     debug_dir: write a debug dump of every compile under this directory: the graphs before
         and after each pass, regions.json and the kernels. Default: $CONVCOMPILER_DEBUG_DIR.
+    rank_timeout: under torch.distributed (world size > 1) the first rank to reach a region
+        decides its schedule and the others use that decision (selection/agreement.py); this
+        is how many seconds a rank waits for it before deciding alone (and agreeing no more
+        in that process). 0 turns rank agreement off: every rank decides for itself.
     """
 
     cpu: str = dataclasses.field(default_factory=lambda: default_cpu_mode())
@@ -85,6 +89,7 @@ class Config:
     kernel_dir: str | None = None
     recompute_conv_macs: int = 256
     debug_dir: str | None = None
+    rank_timeout: float = 600.0
 
     # Fields that change the generated source text or the schedule picked for a region;
     # they are part of every tuning-cache key.
@@ -114,6 +119,9 @@ class Config:
         macs = self.recompute_conv_macs
         if not isinstance(macs, int) or isinstance(macs, bool) or macs < 0:
             raise ValueError(f"option 'recompute_conv_macs' must be an int >= 0, got {macs!r}")
+        timeout = self.rank_timeout
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0:
+            raise ValueError(f"option 'rank_timeout' must be seconds >= 0, got {timeout!r}")
         if self.benchmarker not in BENCHMARKERS:
             raise ValueError(f"option 'benchmarker' must be one of {BENCHMARKERS}")
         if self.debug_dir is None and os.environ.get("CONVCOMPILER_DEBUG_DIR"):

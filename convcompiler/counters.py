@@ -8,6 +8,9 @@ Keys are dotted names, for example:
     launch.conv      a generated conv kernel was launched at run time
     launch.window_attention   a fused window-attention kernel was launched
     shape_constant.built      a shape-only subgraph (Swin's shift mask) was evaluated
+    tune.region      a region was autotuned (tune.benchmark: each candidate timed)
+    agree.decided    under torch.distributed, this rank decided a region for every rank
+    agree.received   ... and took another rank's decision (agree.failed: it could not)
 
 Tests reset it with `counters.reset()` and assert on the numbers, the way Inductor's
 `torch._dynamo.utils.counters` is used.

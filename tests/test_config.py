@@ -47,6 +47,8 @@ def test_unknown_option_lists_the_valid_ones() -> None:
         ({"cpu": "gpu"}, "cpu"),
         ({"schedule": "im2col"}, "schedule"),
         ({"kernel_dir": 3}, "kernel_dir"),
+        ({"rank_timeout": -1}, "rank_timeout"),
+        ({"rank_timeout": "60"}, "rank_timeout"),
     ],
 )
 def test_bad_values_are_rejected(options: dict, match: str) -> None:

@@ -33,6 +33,7 @@ from ..runtime.packing import is_packed
 from ..runtime.packing import order as packing_order
 from ..runtime.reference import run_aten, run_attention
 from ..schedule import Schedule
+from ..selection.agreement import agreement_for
 from ..selection.cache import CachedSource, open_cache
 from ..selection.cost import PACKING_SCHEDULES, Prediction, filter_repack_free
 from ..selection.devices import device_for
@@ -90,6 +91,7 @@ class Lowering:
                 self._runner if gpu else None,
                 calibration,
                 verify=verify,
+                agreement=agreement_for(self.config),
             )
             self.report.devices[spec.device] = f"{device.name} ({reason})"
         return self._contexts[spec.device]
@@ -139,15 +141,20 @@ class Lowering:
     def remember(
         self, spec: ConvSpec, ctx: SelectionContext, choice: Choice, source: KernelSource | None
     ) -> None:
-        """Store a new tuned or model decision (and its source) in the tuning cache."""
-        if self.cache is None or choice.origin not in ("tuned", "model"):
+        """Store a new tuned or model decision (and its source) in the tuning cache. Another
+        rank's decision is kept too, as a tuned record when it measured its candidates: any
+        rank that claims the region in a later job finds it (selection/agreement.py)."""
+        origin = choice.origin
+        if origin == "remote":
+            origin = "tuned" if any(row.measured_s for row in choice.candidates) else "model"
+        if self.cache is None or origin not in ("tuned", "model"):
             return
         key, parts = ctx.key(spec)
         value = {
             "key_parts": parts,
             "schedule": _as_json(choice.schedule),
             "plan": _as_json(choice.prediction.schedule) if choice.prediction else None,
-            "origin": choice.origin,
+            "origin": origin,
             "why": choice.why,
             "candidates": [row.__dict__ for row in choice.candidates],
             "valid_for": choice.valid_for,

@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx
 import triton
+from torch._guards import CompileContext
 
 from ..config import Config
 from ..counters import counters
@@ -88,7 +89,8 @@ class CompileSession:
     ) -> None:
         self.config = config
         self.mode = mode
-        self.report = new_report(config)
+        # the pieces of a graph that DDP's optimizer split are compiled in one CompileContext
+        self.report = new_report(config, CompileContext.try_get())
         self.facts: dict[str, Any] = {}
         self.training = torch.is_grad_enabled() and any(
             isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs

@@ -3,6 +3,11 @@
 report = convcompiler.last_report()
 print(report)                      # a table
 [r.fallback_reason for r in report]
+
+One backend call makes one report. Dynamo's DDP optimizer splits a graph at DDP's bucket
+boundaries and calls the backend once per piece, so a DDP-wrapped model makes several
+reports for one Dynamo graph: they share `graph` (Dynamo's compile id, "0/0") and are
+numbered by `piece`; `last_reports()` returns all of them.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import collections
 import json
 import threading
+import weakref
 from dataclasses import asdict, dataclass, field
 
 from ..config import Config
@@ -30,8 +36,9 @@ class RegionRecord:
     why: str  # why this schedule (or this fallback)
     epilogue: str = ""  # what the kernel fuses after the conv, e.g. "bn+add+relu"
     mode: str | None = None  # conv_bn: "deploy", "tune" or "train"
-    # "guard", "override", "cache", "tuned", "model", or "restored" (Inductor's caches served
-    # the compile; the row is the stored report of the compile that built it)
+    # "guard", "override", "cache", "tuned", "model", "remote" (under torch.distributed: the
+    # decision another rank made, see selection/agreement.py), or "restored" (Inductor's
+    # caches served the compile; the row is the stored report of the compile that built it)
     origin: str = "guard"
     predicted_us: float | None = None  # the cost model's time for the chosen schedule
     flops: float | None = None  # useful FLOPs of the region (at the size hints)
@@ -43,10 +50,13 @@ class RegionRecord:
 
 @dataclass
 class Report:
-    """The regions of one backend compile (one Dynamo graph), in graph order."""
+    """The regions of one backend compile (one Dynamo graph, or one piece of it), in order."""
 
     compile_id: int
     config: Config
+    graph: str | None = None  # Dynamo's compile id of the graph ("0/0"), when Dynamo called
+    piece: int = 0  # which backend call for that graph: DDP's optimizer compiles pieces
+    group: int = field(default=-1, repr=False)  # reports of one Dynamo compile share it
     regions: list[RegionRecord] = field(default_factory=list)
     devices: dict[str, str] = field(default_factory=dict)  # tensor device -> planning device
     compile_seconds: float | None = None  # backend time: the host compile, passes, lowering
@@ -73,10 +83,16 @@ class Report:
         """Regions with a generated kernel file (run here or, with cpu='plan', only planned)."""
         return [r for r in self.regions if r.kernel_path is not None]
 
+    def pieces(self) -> int:
+        """How many backend calls (pieces) this report's Dynamo graph has had so far."""
+        return len(pieces_of(self))
+
     def to_json(self) -> str:
         return json.dumps(
             {
                 "compile_id": self.compile_id,
+                "graph": self.graph,
+                "piece": self.piece,
                 "devices": self.devices,
                 "regions": [asdict(r) for r in self.regions],
                 "recomputed": self.recomputed,
@@ -113,8 +129,10 @@ class Report:
         if planned_only:  # cpu="plan": a kernel was planned and written; ATen runs it here
             counts += f", {planned_only} planned kernels (written for the GPU, ATen runs here)"
         counts += f", {len(self.fallbacks()) - planned_only} fallbacks"
+        pieces = self.pieces()
+        split = f" (graph {self.graph}, piece {self.piece + 1} of {pieces})" if pieces > 1 else ""
         lines = [
-            f"convcompiler compile {self.compile_id}: {counts}"
+            f"convcompiler compile {self.compile_id}{split}: {counts}"
             + (f"; {planned}" if planned else "")
         ]
         for row in (head, *rows):
@@ -184,19 +202,47 @@ _history: collections.deque[Report] = collections.deque(maxlen=256)
 _next_id = 0
 
 
-def new_report(config: Config) -> Report:
-    """Start the record of a new compile; it becomes `last_report()`."""
-    global _next_id
+_last_context: weakref.ref | None = None  # the Dynamo compile the newest report belongs to
+
+
+def new_report(config: Config, context: object | None = None) -> Report:
+    """Start the record of a new compile; it becomes `last_report()`. `context` is Dynamo's
+    CompileContext of the graph being compiled: backend calls made within one (the pieces
+    of a graph DDP's optimizer split) share `graph` and `group` and count `piece` up."""
+    global _next_id, _last_context
     with _lock:
-        report = Report(compile_id=_next_id, config=config)
+        last = _history[-1] if _history else None
+        same = context is not None and _last_context is not None and _last_context() is context
+        if same and last is not None:
+            graph, group, piece = last.graph, last.group, last.piece + 1
+        else:
+            compile_id = getattr(context, "compile_id", None)
+            graph = str(compile_id) if compile_id is not None else None
+            group, piece = _next_id, 0
+        _last_context = weakref.ref(context) if context is not None else None
+        report = Report(_next_id, config, graph=graph, piece=piece, group=group)
         _next_id += 1
         _history.append(report)
     return report
 
 
 def last_report() -> Report | None:
-    """The most recent compile's regions (None before the first compile)."""
+    """The most recent compile's regions (None before the first compile). Under DDP that is
+    only the last piece of the graph: `last_reports()` has every piece."""
     return _history[-1] if _history else None
+
+
+def last_reports() -> list[Report]:
+    """Every report of the most recent Dynamo graph, piece by piece (one report when the
+    graph was not split, [] before the first compile)."""
+    return pieces_of(_history[-1]) if _history else []
+
+
+def pieces_of(report: Report) -> list[Report]:
+    """The reports of `report`'s Dynamo graph (the pieces DDP's optimizer compiled), in order."""
+    if report.group < 0:  # not made by new_report
+        return [report]
+    return [r for r in _history if r.group == report.group] or [report]
 
 
 def reports_since(compile_id: int) -> list[Report]:

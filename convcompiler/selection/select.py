@@ -1,11 +1,14 @@
 """Schedule selection for conv regions: one function, a fixed order.
 
     1. an explicit override: option cpu="aten" on CPU tensors, then option schedule=...
-    2. a cached record for this exact key (see cache.record_key): a tuned one always; a
+    2. under torch.distributed (world size > 1): the decision of the rank that reached this
+       region first (selection/agreement.py); that rank goes on with 3 to 5 and publishes
+       its choice, the others use it ("remote") and neither read their cache nor tune
+    3. a cached record for this exact key (see cache.record_key): a tuned one always; a
        cost-model one only while autotuning is off
-    3. autotuning, when enabled (option autotune=True or mode="max-autotune") and a
+    4. autotuning, when enabled (option autotune=True or mode="max-autotune") and a
        benchmarker can run: a GPU, or the fake benchmarker in tests
-    4. the cost model's pick
+    5. the cost model's pick
 
 A tuned or model pick must also pass the static check (option verify): its kernel is
 compiled ahead of time for the planning device and refused if it spills registers or
@@ -24,16 +27,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..codegen import SPACES, TEMPLATES, kind_spaces, spec_kind
 from ..config import Config
+from ..counters import counters
 from ..schedule import ATEN, InvalidSchedule, Schedule
 from ..spec import AttentionSpec, ConvSpec
 from .cache import CachedSource, TuningCache, record_key
 from .cost import Prediction, interpreter_steps, predict, rank
 from .devices import Device
 from .tuning import Benchmarker, autotune
+
+if TYPE_CHECKING:
+    from .agreement import Agreement
 
 Spec = ConvSpec | AttentionSpec
 
@@ -54,7 +61,7 @@ class CandidateRow:
 @dataclass(frozen=True)
 class Choice:
     schedule: Schedule
-    origin: str  # "override", "cache", "tuned" or "model"
+    origin: str  # "override", "cache", "tuned", "model" or "remote" (another rank's)
     why: str
     fallback_reason: str | None = None
     prediction: Prediction | None = None
@@ -77,6 +84,8 @@ class SelectionContext:
     calibration: float = 1.0
     # verify(spec, schedule) -> problems ([] when the kernel fits the planning device)
     verify: Callable[[Spec, Schedule], list[str]] | None = None
+    # under torch.distributed: one rank decides each region for all (selection/agreement.py)
+    agreement: Agreement | None = None
     keys: dict[str, tuple[str, dict]] = field(default_factory=dict)
 
     def key(self, spec: Spec) -> tuple[str, dict]:
@@ -181,18 +190,29 @@ def _from_record(record: dict, spec: Spec, ctx: SelectionContext) -> Choice | No
 
 def select_schedule(spec: Spec, ctx: SelectionContext) -> Choice:
     """Pick the schedule for one conv region (the order is in the module docstring)."""
-    choice = _select(spec, ctx)
-    if interpreted(spec, ctx.config) and choice.origin != "cache":
-        choice = for_interpreter(spec, choice)
-    return choice
+    choice = _override(spec, ctx)  # 1
+    if choice is not None:
+        return _for_cpu(spec, ctx, choice)
+    if ctx.agreement is not None:  # 2
+        key, _ = ctx.key(spec)
+        return ctx.agreement.agree(key, spec, ctx, lambda: _for_cpu(spec, ctx, _search(spec, ctx)))
+    return _for_cpu(spec, ctx, _search(spec, ctx))  # 3 to 5
 
 
 select_conv_schedule = select_schedule  # the name the conv-only callers know
 
 
-def _select(spec: Spec, ctx: SelectionContext) -> Choice:
+def _for_cpu(spec: Spec, ctx: SelectionContext, choice: Choice) -> Choice:
+    """Under cpu="interpret", the tiles re-picked for the interpreter (a cached record has
+    them already)."""
+    if interpreted(spec, ctx.config) and choice.origin != "cache":
+        return for_interpreter(spec, choice)
+    return choice
+
+
+def _override(spec: Spec, ctx: SelectionContext) -> Choice | None:
+    """1. An explicit override, or None."""
     config = ctx.config
-    # 1. explicit overrides
     if spec.device == "cpu" and config.cpu == "aten":
         reason = (
             "cpu='aten' (the default for CPU tensors): the host compiler runs it; "
@@ -203,7 +223,6 @@ def _select(spec: Spec, ctx: SelectionContext) -> Choice:
         return Choice(
             ATEN, "override", "option schedule='aten'", fallback_reason="option schedule='aten'"
         )
-    include_aten = not interpreted(spec, config)
     if config.schedule is not None:
         forced = [
             s
@@ -220,8 +239,14 @@ def _select(spec: Spec, ctx: SelectionContext) -> Choice:
                 candidates=_rows([best]),
             )
         log.warning("schedule %r cannot run %s; choosing another", config.schedule, spec.describe())
+    return None
 
-    # 2. a cached record
+
+def _search(spec: Spec, ctx: SelectionContext) -> Choice:
+    """3 to 5: a cached record, else tuning, else the cost model."""
+    config = ctx.config
+    include_aten = not interpreted(spec, config)
+    # 3. a cached record
     tuning = config.autotune and ctx.bench is not None
     key, parts = ctx.key(spec)
     if ctx.cache is not None:
@@ -231,7 +256,7 @@ def _select(spec: Spec, ctx: SelectionContext) -> Choice:
             if choice is not None:
                 return choice
 
-    # 3 and 4: rank every candidate with the cost model; tune the top-k when enabled
+    # 4 and 5: rank every candidate with the cost model; tune the top-k when enabled
     ranked = rank(
         spec,
         model_candidates(spec, ctx.device, include_aten=include_aten),
@@ -253,6 +278,7 @@ def _select(spec: Spec, ctx: SelectionContext) -> Choice:
                             predict(spec, variant, ctx.device, ctx.calibration, symbolic=False)
                         )
         runner = (lambda pred: ctx.make_runner(spec, pred)) if ctx.make_runner else None
+        counters["tune.region"] += 1
         measured = autotune(pool, spec.key(), ctx.bench, runner, spec.describe())
         if measured:
             times = {m.prediction.schedule: m.seconds for m in measured}

@@ -170,8 +170,8 @@ def test_ranks_agree_on_tuned_kernels(tmp_path) -> None:
         assert row["kernel"] and row["kernel"] == other["kernel"], key  # the same source
         assert (row["schedule"], row["params"]) == (other["schedule"], other["params"])
         origins = {row["origin"], other["origin"]}
-        assert "remote" in origins and origins & {"tuned", "cache"}, (key, origins)
-        remote = row if row["origin"] == "remote" else other
+        assert "peer" in origins and origins & {"tuned", "cache"}, (key, origins)
+        remote = row if row["origin"] == "peer" else other
         assert remote["why"].startswith("rank "), remote["why"]
     kernels = {key: row["kernel"] for key, row in rows[0].items()}
 
@@ -179,7 +179,7 @@ def test_ranks_agree_on_tuned_kernels(tmp_path) -> None:
     assert sum(r["counters"].get("tune.region", 0) for r in again) == 0
     for result in again:
         assert {(x["stage"], x["spec"]): x["kernel"] for x in regions(result)} == kernels
-        assert {x["origin"] for x in regions(result)} <= {"cache", "remote"}
+        assert {x["origin"] for x in regions(result)} <= {"cache", "peer"}
 
 
 @pytest.mark.slow
@@ -249,7 +249,7 @@ def test_second_rank_uses_the_first_ranks_decisions(monkeypatch, cache_dir) -> N
         reports.append(convcompiler.last_report())
         assert convcompiler.counters["tune.region"] == (1 if rank == 0 else 0)
     (first,), (second,) = reports
-    assert first.origin == "tuned" and second.origin == "remote"
+    assert first.origin == "tuned" and second.origin == "peer"
     assert second.why.startswith("rank 0's decision (tuned): tuned:")
     assert (first.schedule, first.params) == (second.schedule, second.params)
     assert Path(first.kernel_path).name == Path(second.kernel_path).name  # the same source

@@ -145,7 +145,7 @@ class Lowering:
         rank's decision is kept too, as a tuned record when it measured its candidates: any
         rank that claims the region in a later job finds it (selection/agreement.py)."""
         origin = choice.origin
-        if origin == "remote":
+        if origin == "peer":
             origin = "tuned" if any(row.measured_s for row in choice.candidates) else "model"
         if self.cache is None or origin not in ("tuned", "model"):
             return

@@ -36,7 +36,7 @@ class RegionRecord:
     why: str  # why this schedule (or this fallback)
     epilogue: str = ""  # what the kernel fuses after the conv, e.g. "bn+add+relu"
     mode: str | None = None  # conv_bn: "deploy", "tune" or "train"
-    # "guard", "override", "cache", "tuned", "model", "remote" (under torch.distributed: the
+    # "guard", "override", "cache", "tuned", "model", "peer" (under torch.distributed: the
     # decision another rank made, see selection/agreement.py), or "restored" (Inductor's
     # caches served the compile; the row is the stored report of the compile that built it)
     origin: str = "guard"

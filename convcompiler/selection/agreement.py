@@ -10,7 +10,7 @@ makes runs differ between ranks. Instead, past the explicit overrides (select.py
       -> decides as usual: its tuning cache, else tuning, else the cost model
       -> publishes the decision                    store.set("decision/<key>", JSON)
     every other rank waits for that decision       store.wait(["decision/<key>"], timeout)
-      -> runs it (origin "remote"); it neither reads its own tuning cache nor tunes, and
+      -> runs it (origin "peer"); it neither reads its own tuning cache nor tunes, and
          keeps the decision in its tuning cache, so whichever rank claims the region in a
          later job finds it there
 
@@ -131,7 +131,7 @@ class Agreement:
             log.warning("a malformed decision for %s (%s); deciding here", spec.describe(), err)
             counters["agree.invalid"] += 1
             return decide()
-        counters["agree.received" if choice.origin == "remote" else "agree.reused"] += 1
+        counters["agree.received" if choice.origin == "peer" else "agree.reused"] += 1
         return choice
 
     def _publish(self, key: str, payload: dict) -> None:
@@ -181,13 +181,13 @@ def encode(choice: Choice, rank: int) -> dict:
 
 
 def decode(payload: dict, spec: Spec, ctx: SelectionContext, rank: int) -> Choice:
-    """The Choice a payload describes, as this rank reports it: "remote" when another rank
+    """The Choice a payload describes, as this rank reports it: "peer" when another rank
     decided, "cache" when it is this rank's own decision from earlier in the job."""
     sender = int(payload["rank"])
     if sender == rank:
         origin, why = "cache", f"this rank's decision earlier in this job ({payload['origin']})"
     else:
-        origin, why = "remote", f"rank {sender}'s decision ({payload['origin']})"
+        origin, why = "peer", f"rank {sender}'s decision ({payload['origin']})"
     fallback = payload["fallback_reason"]
     return Choice(
         _schedule(payload["schedule"]),

@@ -3,7 +3,7 @@
     1. an explicit override: option cpu="aten" on CPU tensors, then option schedule=...
     2. under torch.distributed (world size > 1): the decision of the rank that reached this
        region first (selection/agreement.py); that rank goes on with 3 to 5 and publishes
-       its choice, the others use it ("remote") and neither read their cache nor tune
+       its choice, the others use it ("peer") and neither read their cache nor tune
     3. a cached record for this exact key (see cache.record_key): a tuned one always; a
        cost-model one only while autotuning is off
     4. autotuning, when enabled (option autotune=True or mode="max-autotune") and a
@@ -61,7 +61,7 @@ class CandidateRow:
 @dataclass(frozen=True)
 class Choice:
     schedule: Schedule
-    origin: str  # "override", "cache", "tuned", "model" or "remote" (another rank's)
+    origin: str  # "override", "cache", "tuned", "model" or "peer" (another rank's)
     why: str
     fallback_reason: str | None = None
     prediction: Prediction | None = None

@@ -88,8 +88,10 @@ class Config:
 
     # Fields that change the generated source text or the schedule picked for a region;
     # they are part of every tuning-cache key.
-    # cpu: "interpret" re-picks the tiles for Triton's interpreter, "plan" keeps the GPU's
-    codegen_fields = ("cpu", "schedule", "target", "verify")
+    # cpu: "interpret" re-picks the tiles for Triton's interpreter, "plan" keeps the GPU's;
+    # target: the planning device; verify: the static check refuses candidates; top_k: how
+    # many candidates autotuning measures (and how many the report lists).
+    codegen_fields = ("cpu", "schedule", "target", "verify", "top_k")
 
     def __post_init__(self) -> None:
         if self.cpu not in CPU_MODES:

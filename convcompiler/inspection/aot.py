@@ -14,12 +14,14 @@ constants, 16-divisible ints and aligned pointers get divisibility hints), compi
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import triton
@@ -30,6 +32,8 @@ from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
 
 from ..codegen import KernelSource
+from ..config import cache_root
+from ..files import ENV_VAR, private_dir, unusable
 from ..runtime.loader import exec_module
 from ..spec import AttentionSpec, ConvSpec
 
@@ -189,6 +193,45 @@ def launch_key(launch: Launch, arch: str, hints: bool = True) -> str:
     )
 
 
+_fallback_cache: list[str] = []
+
+
+@contextlib.contextmanager
+def triton_cache() -> Iterator[None]:
+    """Where Triton caches what these compiles make: `<cache root>/triton` when
+    CONVCOMPILER_CACHE_DIR is set and usable, else Triton's own folder, else (it cannot be
+    written, e.g. a read-only $HOME) a private temporary folder for this process. Files are
+    created 0600 and folders 0700 (umask 077 while Triton writes)."""
+    folder = None
+    if os.environ.get(ENV_VAR):
+        try:
+            folder = str(private_dir(cache_root() / "triton"))
+        except OSError as err:
+            unusable(cache_root(), err.strerror or err, "Triton's cache is not kept there")
+    if folder is None and not _writable(triton.knobs.cache.dir):
+        if not _fallback_cache:
+            _fallback_cache.append(tempfile.mkdtemp(prefix="convcompiler-triton-"))
+        folder = _fallback_cache[0]
+    old_umask = os.umask(0o077)
+    try:
+        with triton.knobs.cache.scope():
+            if folder is not None:
+                triton.knobs.cache.dir = folder
+            yield
+    finally:
+        os.umask(old_umask)
+
+
+def _writable(folder: str | None) -> bool:
+    if not folder:
+        return False
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)
+
+
 def _cuobjdump(cubin: bytes) -> dict[str, int]:
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.TemporaryDirectory() as tmp:
@@ -208,11 +251,12 @@ def compile_launch(launch: Launch, arch: str, source_name: str = "") -> KernelSt
     """Compile one recorded launch for `arch` (e.g. "sm_90") and measure it."""
     cap = ARCHS[arch]
     signature, constexprs, attrs = _specialise(launch)
-    compiled = triton.compile(
-        ASTSource(launch.fn, signature, constexprs, attrs),
-        target=GPUTarget("cuda", cap, 32),
-        options=dict(launch.options),
-    )
+    with triton_cache():
+        compiled = triton.compile(
+            ASTSource(launch.fn, signature, constexprs, attrs),
+            target=GPUTarget("cuda", cap, 32),
+            options=dict(launch.options),
+        )
     usage = _cuobjdump(compiled.asm["cubin"])
     ptx = compiled.asm["ptx"]
     return KernelStats(

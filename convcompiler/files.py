@@ -2,6 +2,7 @@
 did not make is used only when it is this user's alone.
 
     private_dir(path)        create (0700) or check a folder; raises UnsafeDirectory
+    cache_subdir(path)       the same, checking the cache root first when path is in it
     dir_problem(path)        why a folder cannot hold this user's cache, or None
     write_private(path, ..)  write a file atomically, mode 0600
     tighten(path)            drop group and other bits under a folder (a debug dump)
@@ -67,6 +68,17 @@ def private_dir(path: Path) -> Path:
     if problem is not None:
         raise UnsafeDirectory(f"{path} {problem}")
     return path
+
+
+def cache_subdir(path: Path) -> Path:
+    """private_dir(path), and when `path` lies inside the cache root, the root is checked
+    (and made) first: a folder in a root that is not this user's alone is never used."""
+    from .config import cache_root
+
+    root = cache_root()
+    if root in Path(path).parents:
+        private_dir(root)
+    return private_dir(path)
 
 
 def write_private(path: Path, data: bytes | str) -> Path:

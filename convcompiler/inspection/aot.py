@@ -33,7 +33,7 @@ from triton.compiler import ASTSource
 
 from ..codegen import KernelSource
 from ..config import cache_root
-from ..files import ENV_VAR, private_dir, unusable
+from ..files import ENV_VAR, cache_subdir, unusable
 from ..runtime.loader import exec_module
 from ..spec import AttentionSpec, ConvSpec
 
@@ -196,28 +196,35 @@ def launch_key(launch: Launch, arch: str, hints: bool = True) -> str:
 _fallback_cache: list[str] = []
 
 
+def _private_temp() -> str:
+    if not _fallback_cache:
+        _fallback_cache.append(tempfile.mkdtemp(prefix="convcompiler-triton-"))
+    return _fallback_cache[0]
+
+
 @contextlib.contextmanager
-def triton_cache() -> Iterator[None]:
-    """Where Triton caches what these compiles make: `<cache root>/triton` when
-    CONVCOMPILER_CACHE_DIR is set and usable, else Triton's own folder, else (it cannot be
-    written, e.g. a read-only $HOME) a private temporary folder for this process. Files are
-    created 0600 and folders 0700 (umask 077 while Triton writes)."""
-    folder = None
-    if os.environ.get(ENV_VAR):
+def triton_cache(temporary: bool = False) -> Iterator[str]:
+    """Where Triton caches what these compiles make (yields the folder): `<cache
+    root>/triton` when CONVCOMPILER_CACHE_DIR is set and it can be written, else Triton's
+    own folder if it can be, else (or with `temporary`: it failed) a private temporary
+    folder for this process. Files are created 0600 and folders 0700 (umask 077 while
+    Triton writes)."""
+    folder = _private_temp() if temporary else None
+    if folder is None and os.environ.get(ENV_VAR):
         try:
-            folder = str(private_dir(cache_root() / "triton"))
+            folder = str(cache_subdir(cache_root() / "triton"))
         except OSError as err:
-            unusable(cache_root(), err.strerror or err, "Triton's cache is not kept there")
-    if folder is None and not _writable(triton.knobs.cache.dir):
-        if not _fallback_cache:
-            _fallback_cache.append(tempfile.mkdtemp(prefix="convcompiler-triton-"))
-        folder = _fallback_cache[0]
+            unusable(cache_root(), err.strerror or err, "Triton's cache is kept elsewhere")
+        if folder is not None and not _writable(folder):
+            folder = None
+    if folder is None:
+        default = triton.knobs.cache.dir
+        folder = default if _writable(default) else _private_temp()
     old_umask = os.umask(0o077)
     try:
         with triton.knobs.cache.scope():
-            if folder is not None:
-                triton.knobs.cache.dir = folder
-            yield
+            triton.knobs.cache.dir = folder
+            yield folder
     finally:
         os.umask(old_umask)
 
@@ -226,10 +233,27 @@ def _writable(folder: str | None) -> bool:
     if not folder:
         return False
     try:
-        os.makedirs(folder, exist_ok=True)
+        os.makedirs(folder, mode=0o700, exist_ok=True)
     except OSError:
         return False
     return os.access(folder, os.W_OK)
+
+
+def _compile(src: ASTSource, target: GPUTarget, options: dict) -> Any:
+    """triton.compile, with Triton's cache as `triton_cache` says; a cache folder that
+    fails while Triton writes it (a full disk) is replaced by a private temporary one."""
+    with triton_cache() as folder:
+        try:
+            return triton.compile(src, target=target, options=options)
+        except OSError as err:
+            failed = (folder, err)
+    unusable(
+        Path(failed[0]),
+        failed[1].strerror or failed[1],
+        "Triton's cache moves to a private temporary folder",
+    )
+    with triton_cache(temporary=True):
+        return triton.compile(src, target=target, options=options)
 
 
 def _cuobjdump(cubin: bytes) -> dict[str, int]:
@@ -251,12 +275,11 @@ def compile_launch(launch: Launch, arch: str, source_name: str = "") -> KernelSt
     """Compile one recorded launch for `arch` (e.g. "sm_90") and measure it."""
     cap = ARCHS[arch]
     signature, constexprs, attrs = _specialise(launch)
-    with triton_cache():
-        compiled = triton.compile(
-            ASTSource(launch.fn, signature, constexprs, attrs),
-            target=GPUTarget("cuda", cap, 32),
-            options=dict(launch.options),
-        )
+    compiled = _compile(
+        ASTSource(launch.fn, signature, constexprs, attrs),
+        GPUTarget("cuda", cap, 32),
+        dict(launch.options),
+    )
     usage = _cuobjdump(compiled.asm["cubin"])
     ptx = compiled.asm["ptx"]
     return KernelStats(

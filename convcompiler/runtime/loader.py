@@ -28,7 +28,7 @@ import triton
 
 from ..codegen import KernelSource
 from ..counters import counters
-from ..files import private_dir, safe_name, sha256_of, unusable, write_private
+from ..files import cache_subdir, safe_name, sha256_of, unusable, write_private
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class KernelIntegrityError(RuntimeError):
 def write_source(source: KernelSource, directory: Path) -> Path:
     """Make `directory/source.filename` hold exactly `source.text`; returns the path.
     Raises OSError (UnsafeDirectory included) when the folder cannot hold it."""
-    path = _private_kernel_dir(Path(directory)) / safe_name(source.filename)
+    path = cache_subdir(Path(directory)) / safe_name(source.filename)
     if path.exists():
         if sha256_of(path.read_bytes()) == source.sha256:
             counters["kernel_file.reused"] += 1
@@ -62,16 +62,6 @@ def keep_source(source: KernelSource, directory: Path) -> Path:
     except OSError as err:
         unusable(Path(directory), err.strerror or err, "kernel files are not written")
         return Path(directory) / safe_name(source.filename)
-
-
-def _private_kernel_dir(directory: Path) -> Path:
-    """The kernel folder, created 0700; under the cache root the root is checked first."""
-    from ..config import cache_root
-
-    root = cache_root()
-    if root in directory.parents:
-        private_dir(root)
-    return private_dir(directory)
 
 
 @contextlib.contextmanager

@@ -5,6 +5,8 @@ from the options dict plus a few documented environment variables:
 
     CONVCOMPILER_CACHE_DIR   root of the per-user cache (kernels live in <root>/kernels).
                              Default: $XDG_CACHE_HOME/convcompiler or ~/.cache/convcompiler.
+                             Created 0700; used only if this user owns it and group and
+                             others cannot write it (files.py), else caching is off.
     CONVCOMPILER_DEBUG_DIR   default for the debug_dir option.
     CONVCOMPILER_CPU         default for the cpu option: aten (when unset), interpret, plan.
 

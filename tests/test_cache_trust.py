@@ -196,7 +196,7 @@ def test_unknown_schedule_and_bad_params_are_misses(cache_dir) -> None:
         assert convcompiler.counters["cache.hit"] == 0
 
 
-def test_stored_values_written_by_this_version_match_their_schemas(cache_dir) -> None:
+def test_stored_values_written_by_this_version_match_their_schemas(cache_dir, capsys) -> None:
     """What the backend writes passes its own checks (or every warm compile would miss),
     and the report schema names RegionRecord's fields exactly."""
     x = torch.randn(1, 3, 8, 8)
@@ -213,6 +213,16 @@ def test_stored_values_written_by_this_version_match_their_schemas(cache_dir) ->
     fields = {f.name for f in dataclasses.fields(convcompiler.RegionRecord)}
     assert set(cache_values.REGION_ROW) == fields
     assert convcompiler.counters["cache.invalid"] == 0
+    # `cache list` shows both decisions; `cache verify` regenerates both and the report
+    assert main(["cache", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert "2 decisions" in listing and "im2win" in listing and "gemm_1x1" in listing
+    assert main(["cache", "verify"]) == 0
+    assert capsys.readouterr().out.splitlines()[-3:] == [
+        "records: 2 ok",
+        "reports: 1 ok",
+        "integrity: ok",
+    ]
 
 
 def _key_args() -> dict:

@@ -5,6 +5,8 @@ from the options dict plus a few documented environment variables:
 
     CONVCOMPILER_CACHE_DIR   root of the per-user cache (kernels live in <root>/kernels).
                              Default: $XDG_CACHE_HOME/convcompiler or ~/.cache/convcompiler.
+                             Created 0700; used only if this user owns it and group and
+                             others cannot write it (files.py), else caching is off.
     CONVCOMPILER_DEBUG_DIR   default for the debug_dir option.
     CONVCOMPILER_CPU         default for the cpu option: aten (when unset), interpret, plan.
 
@@ -93,8 +95,10 @@ class Config:
 
     # Fields that change the generated source text or the schedule picked for a region;
     # they are part of every tuning-cache key.
-    # cpu: "interpret" re-picks the tiles for Triton's interpreter, "plan" keeps the GPU's
-    codegen_fields = ("cpu", "schedule", "target", "verify")
+    # cpu: "interpret" re-picks the tiles for Triton's interpreter, "plan" keeps the GPU's;
+    # target: the planning device; verify: the static check refuses candidates; top_k: how
+    # many candidates autotuning measures (and how many the report lists).
+    codegen_fields = ("cpu", "schedule", "target", "verify", "top_k")
 
     def __post_init__(self) -> None:
         if self.cpu not in CPU_MODES:

@@ -11,6 +11,9 @@ os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
 # The suite verifies the generated kernels: on CPU tensors they run through Triton's
 # interpreter (the default, cpu="aten", would run the host compiler's code instead).
 os.environ.setdefault("CONVCOMPILER_CPU", "interpret")
+# One Triton cache for the whole suite (the static check's AOT compiles): without it every
+# test with its own CONVCOMPILER_CACHE_DIR would compile its kernels cold, under that root.
+os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".triton", "cache"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -313,9 +313,11 @@ print("NO TORCH OK")
 
 
 def test_help_cache_and_kernels_commands_never_import_torch(tmp_path) -> None:
-    """`--help`, `cache` and `kernels` start without torch (it alone takes seconds)."""
+    """`--help`, `cache` and `kernels` start without torch (it alone takes seconds); `cache
+    verify` renders kernels again, so it may import torch."""
     argvs = [["--help"], ["cache", "--help"], ["cache", "stats"], ["kernels", "list"]]
-    argvs += [["cache", "export", str(tmp_path / "x.json")], ["cache", "clear"]]
+    argvs += [["cache", "list"], ["cache", "export", str(tmp_path / "x.json")]]
+    argvs += [["cache", "import", str(tmp_path / "x.json")], ["cache", "clear"]]
     env = dict(os.environ, CONVCOMPILER_CACHE_DIR=str(tmp_path / "cache"))
     code = NO_TORCH.format(argvs=", ".join(map(repr, argvs)))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)

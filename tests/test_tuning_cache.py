@@ -20,6 +20,7 @@ from helpers import assert_close, check_model, float64_copy, run_compiled
 
 import convcompiler
 from convcompiler.selection.cache import TuningCache, open_cache
+from convcompiler.selection.cache_verify import regenerate
 
 FAKE_TUNING = {"autotune": True, "benchmarker": "fake"}
 
@@ -211,7 +212,7 @@ def test_four_processes_at_once(tmp_path) -> None:
     assert len(records) == 6  # 3 convs x 2 distinct models
     for key, value, _ in records:
         assert {"schedule", "origin", "candidates", "source", "key_parts"} <= set(value)
-        assert cache.source(value["source"]["sha256"]) is not None
+        assert regenerate(value).sha256 == value["source"]["sha256"]
     reports = [json.loads(v) for (v,) in cache._conn.execute("SELECT value FROM reports")]
     assert len(reports) == 2  # one stored report per model, complete
     for report in reports:
@@ -280,16 +281,23 @@ def test_altered_kernel_file_is_regenerated_on_a_warm_compile(cache_dir) -> None
     assert "tampered" not in open(path).read()
 
 
-def test_tampered_cached_source_is_not_used(cache_dir) -> None:
+def test_a_record_naming_another_source_is_a_miss(cache_dir) -> None:
+    """The cache stores no source text; a record whose source hash is not what the installed
+    templates render is a counted miss, and the decision is made again."""
     x = torch.randn(1, 3, 10, 10)
     cache = fill_cache(x)
     with cache._conn:
-        cache._conn.execute("UPDATE sources SET text = text || '\\n# edited'")
+        for key, value, _ in cache.records():
+            value["source"]["sha256"] = hashlib.sha256(b"other").hexdigest()
+            cache._conn.execute(
+                "UPDATE records SET value = ? WHERE key = ?", (json.dumps(value), key)
+            )
     torch._dynamo.reset()
     convcompiler.counters.reset()
     with torch._inductor.config.patch(force_disable_caches=True):
         check_model(small_model(), [x], expect_kernels=2)
-    assert convcompiler.counters["codegen.conv"] == 2  # the stored text is never used
+    assert convcompiler.counters["codegen.conv"] == 2
+    assert convcompiler.counters["cache.invalid"] == 2 and convcompiler.counters["cache.hit"] == 0
 
 
 def test_export_and_import(cache_dir, tmp_path) -> None:
@@ -305,9 +313,9 @@ def test_export_and_import(cache_dir, tmp_path) -> None:
     convcompiler.counters.reset()
     check_model(small_model(), [x], expect_kernels=2)
     assert convcompiler.counters["codegen.conv"] == 0 and convcompiler.counters["cache.hit"] == 2
-    # A shipped file whose source was edited loses that source and the records naming it.
+    # A shipped record whose key is not the hash of its key parts is rejected.
     payload = json.loads(exported.read_text())
-    payload["sources"][0]["text"] += "\n# edited"
+    payload["records"][0]["key"] = hashlib.sha256(b"other").hexdigest()
     exported.write_text(json.dumps(payload))
     cache.clear()
     assert cache.import_json(exported) == 1

@@ -20,7 +20,10 @@ or precision setting (see session.py).
 from __future__ import annotations
 
 import functools
+import logging
+import os
 import weakref
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +31,9 @@ import torch.fx
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 from torch._inductor.custom_graph_pass import CustomGraphPass, CustomPartitionerFn
 
+from ..files import dir_problem
+
+log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
 # Ops the matchers read, kept whole until the post-grad pass has taken what it can.
@@ -143,8 +149,32 @@ def _live_hook(kind: str, uuid: str) -> _SessionHook:
 
 
 def graph_caches_off(session: Any) -> bool:
-    """Option cache=False, or a debug dump (which needs the passes to run), compile afresh."""
-    return not session.config.cache or session.dump_dir is not None
+    """Option cache=False, or a debug dump (which needs the passes to run), compile afresh;
+    so does a compile whose Inductor cache folder is not this user's alone."""
+    return not session.config.cache or session.dump_dir is not None or not inductor_dir_private()
+
+
+_warned_dirs: set[str] = set()
+
+
+def inductor_dir_private() -> bool:
+    """Whether Inductor's cache folder (TORCHINDUCTOR_CACHE_DIR, default
+    /tmp/torchinductor_$USER) is owned by this user and not writable by group or others.
+    Inductor runs the compiled graphs it finds there (pickles and Python code) on trust, so
+    its graph caches are used only when nobody else can write them (one warning if not)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir()
+    problem = dir_problem(Path(folder))
+    if problem is not None and folder not in _warned_dirs:
+        _warned_dirs.add(folder)
+        log.warning(
+            "convcompiler: Inductor's cache folder %s %s; Inductor's graph caches stay off for "
+            "convcompiler's compiles. Set TORCHINDUCTOR_CACHE_DIR to a folder only you can write.",
+            folder,
+            problem,
+        )
+    return problem is None
 
 
 def config_patches(session: Any, mode: str | None) -> dict[str, Any]:

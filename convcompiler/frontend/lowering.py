@@ -27,19 +27,19 @@ from ..config import Config
 from ..counters import counters
 from ..inspection.report import RegionRecord, Report
 from ..passes import Region
-from ..runtime import load_source, ops, write_source
+from ..runtime import keep_source, load_source, ops
 from ..runtime.kernel_ref import KernelRef
 from ..runtime.packing import is_packed
 from ..runtime.packing import order as packing_order
 from ..runtime.reference import run_aten, run_attention
 from ..schedule import Schedule
 from ..selection.agreement import agreement_for
-from ..selection.cache import CachedSource, open_cache
+from ..selection.cache import open_cache
 from ..selection.cost import PACKING_SCHEDULES, Prediction, filter_repack_free
 from ..selection.devices import device_for
 from ..selection.select import Choice, SelectionContext, select_conv_schedule
 from ..selection.tuning import benchmarker
-from ..spec import AttentionSpec, ConvSpec
+from ..spec import AttentionSpec, ConvSpec, spec_to_json
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()
@@ -123,27 +123,21 @@ class Lowering:
 
     # ---- sources ---------------------------------------------------------------------------
     def source_for(self, spec: ConvSpec, choice: Choice) -> KernelSource:
-        """The kernel source of a choice, always rendered by the installed templates. A cached
-        decision whose stored source hash differs is reported and the rendering wins."""
-        source = render_conv(spec, choice.schedule)
-        if choice.source is None:
-            counters[f"codegen.{spec_kind(spec)}"] += 1
-        elif choice.source.sha256 != source.sha256:
-            counters["cache.invalid"] += 1
-            log.warning(
-                "cached decision for %s names source %s; the templates render %s",
-                spec.describe(),
-                choice.source.sha256[:16],
-                source.sha256[:16],
-            )
-        return source
+        """The kernel source of a choice, always rendered by the installed templates (a cached
+        decision's was rendered and checked against its recorded hash by selection)."""
+        if choice.source is not None:
+            return choice.source
+        counters[f"codegen.{spec_kind(spec)}"] += 1
+        return render_conv(spec, choice.schedule)
 
     def remember(
         self, spec: ConvSpec, ctx: SelectionContext, choice: Choice, source: KernelSource | None
     ) -> None:
-        """Store a new tuned or model decision (and its source) in the tuning cache. Another
-        rank's decision is kept too, as a tuned record when it measured its candidates: any
-        rank that claims the region in a later job finds it (selection/agreement.py)."""
+        """Store a new tuned or model decision in the tuning cache: data only (the schedule,
+        the spec it is for and the hash of the source it renders; selection/cache_values.py
+        RECORD), never the source. Another rank's decision is kept too, as a tuned record when
+        it measured its candidates: any rank that claims the region in a later job finds it
+        (selection/agreement.py)."""
         origin = choice.origin
         if origin == "peer":
             origin = "tuned" if any(row.measured_s for row in choice.candidates) else "model"
@@ -152,6 +146,8 @@ class Lowering:
         key, parts = ctx.key(spec)
         value = {
             "key_parts": parts,
+            "spec": spec_to_json(spec),
+            "calibration": ctx.calibration,
             "schedule": _as_json(choice.schedule),
             "plan": _as_json(choice.prediction.schedule) if choice.prediction else None,
             "origin": origin,
@@ -162,8 +158,7 @@ class Lowering:
             "source": None if source is None else {"sha256": source.sha256, "name": source.name},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        cached = None if source is None else CachedSource(source.sha256, source.name, source.text)
-        self.cache.put(key, value, cached)
+        self.cache.put(key, value)
         if choice.origin == "tuned":
             aten = next(
                 (r for r in choice.candidates if r.schedule == "aten" and r.measured_s), None
@@ -243,11 +238,11 @@ class Lowering:
             self.report.generated.append((source, spec))
             reason = None
             if spec.device == "cpu" and self.config.cpu == "plan":
-                path = write_source(source, self.config.kernel_path)
+                path = keep_source(source, self.config.kernel_path)
                 reason = "option cpu='plan': kernel generated for the target; ATen runs on CPU"
                 counters[f"fallback.{region.kind}"] += 1
             elif self._direct(spec):
-                path = write_source(source, self.config.kernel_path)
+                path = keep_source(source, self.config.kernel_path)
                 reason = self._inline_launch(gm, nodes, region, source)
                 if reason is not None:  # trace what could not be inlined as an op instead
                     log.info("%s: launched through its op (%s)", region.name, reason)

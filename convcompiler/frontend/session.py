@@ -14,8 +14,9 @@ It changes with anything that changes what the hooks produce:
       the CUDA device names, torch and triton versions.
 
 When Inductor serves a compile from its caches, no hook runs; the region rows are then
-restored from the report this session's key stored (data only), and the kernels they name
-are rendered again and hash-checked (`ops.preload`), so the first call does no setup.
+restored from the report this session's key stored (data only, checked against
+cache_values.REPORT), and the kernels they name are rendered again and hash-checked
+(`ops.preload`), so the first call does no setup. A report that does not hold is a miss.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -33,15 +35,17 @@ from torch._guards import CompileContext
 
 from ..config import Config
 from ..counters import counters
-from ..inspection.debug import dump_dir_for, dump_lowered
+from ..inspection.debug import dump_dir_for, dump_lowered, finish_dump
 from ..inspection.report import RegionRecord, new_report
 from ..passes import POST_GRAD_PASSES, PRE_GRAD_PASSES, PassContext, run_passes
 from ..passes.recompute import tag_attention_intermediates, tag_cheap_stems, tag_weight_transforms
 from ..runtime import ops
 from ..runtime.kernel_ref import decode
 from ..runtime.loader import KernelIntegrityError
-from ..selection.cache import files_hash
+from ..selection.cache import files_hash, templates_hash
+from ..selection.cache_values import invalid
 from ..selection.select import CandidateRow
+from ..spec import SpecError
 from .lowering import Lowering
 
 log = logging.getLogger(__name__)
@@ -172,6 +176,7 @@ class CompileSession:
             return
         value = {
             "version": REPORT_VERSION,
+            "templates": templates_hash(),
             "regions": [dataclasses.asdict(r) for r in self.report.regions],
             "devices": self.report.devices,
             "recomputed": self.report.recomputed,
@@ -182,39 +187,59 @@ class CompileSession:
     def finish(self) -> None:
         """After the host compiled the forward (or inference) graph: if no hook ran, the
         compile came from Inductor's caches; restore its rows and load its kernels."""
+        if self.dump_dir is not None:
+            finish_dump(self.dump_dir)
         if self.stages_lowered:
             return
         counters["inductor_cache.served"] += 1
         cache = self.lowering.cache
         value = cache.get_report(self.report_key) if cache is not None else None
-        if value is None or value.get("version") != REPORT_VERSION:
+        restored = self._restore(value) if value is not None else None
+        if restored is None:
             log.info(
                 "compile %d came from Inductor's caches; its regions were not recorded",
                 self.report.compile_id,
             )
             return
-        try:
-            rows = [_restored_row(row) for row in value["regions"]]
-            kernels = [(decode(text), bool(interp)) for text, interp in value["kernels"]]
-        except (KeyError, TypeError, ValueError) as err:
-            log.warning("stored report %s is malformed (%s); not restored", self.report_key, err)
-            counters["cache.invalid"] += 1
-            return
-        for ref, interpret in kernels:
-            try:
-                ops.preload(ref, self.config.kernel_path, interpret=interpret)
-            except KernelIntegrityError as err:
-                log.warning("%s", err)
-            counters["kernel.regenerated"] += 1
-        self.report.regions.extend(rows)
-        self.report.devices.update(value.get("devices", {}))
-        self.report.recomputed.extend(value.get("recomputed", []))
+        self.report.regions.extend(restored)
+        self.report.devices.update(value["devices"])
+        self.report.recomputed.extend(value["recomputed"])
         log.info(
             "compile %d came from Inductor's caches: %d regions restored, %d kernels loaded",
             self.report.compile_id,
-            len(rows),
-            len(kernels),
+            len(restored),
+            len(value["kernels"]),
         )
+
+    def _restore(self, value: dict) -> list[RegionRecord] | None:
+        """The rows of a stored report (cache_values.REPORT shape), after loading the kernels
+        it names: each is rendered again from its reference and hash-checked. A reference
+        that does not decode, or a row naming a kernel file none of them is, makes the report
+        a miss (cache.invalid)."""
+        files: dict[str, Path] = {}
+        for text, interpret in value["kernels"]:
+            try:
+                ref = decode(text)
+            except SpecError as err:
+                invalid("report", f"a kernel reference: {err}")
+                return None
+            try:
+                path = ops.preload(ref, self.config.kernel_path, interpret=interpret)
+            except KernelIntegrityError as err:
+                log.warning("%s", err)
+                continue
+            counters["kernel.regenerated"] += 1
+            files[path.name] = path
+        rows = []
+        for row in value["regions"]:
+            if row["kernel_path"] is not None:
+                path = files.get(Path(row["kernel_path"]).name)
+                if path is None:
+                    invalid("report", "a region names a kernel file it does not load")
+                    return None
+                row = {**row, "kernel_path": str(path)}  # this process's file, not the stored
+            rows.append(_restored_row(row))
+        return rows
 
 
 def _restored_row(row: dict) -> RegionRecord:

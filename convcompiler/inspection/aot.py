@@ -14,12 +14,14 @@ constants, 16-divisible ints and aligned pointers get divisibility hints), compi
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import triton
@@ -30,6 +32,8 @@ from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
 
 from ..codegen import KernelSource
+from ..config import cache_root
+from ..files import ENV_VAR, cache_subdir, unusable
 from ..runtime.loader import exec_module
 from ..spec import AttentionSpec, ConvSpec
 
@@ -189,6 +193,71 @@ def launch_key(launch: Launch, arch: str, hints: bool = True) -> str:
     )
 
 
+_fallback_cache: list[str] = []
+
+
+def _private_temp() -> str:
+    if not _fallback_cache:
+        _fallback_cache.append(tempfile.mkdtemp(prefix="convcompiler-triton-"))
+    return _fallback_cache[0]
+
+
+@contextlib.contextmanager
+def triton_cache(temporary: bool = False) -> Iterator[str]:
+    """Where Triton caches what these compiles make (yields the folder): `<cache
+    root>/triton` when CONVCOMPILER_CACHE_DIR is set and it can be written (unless
+    TRITON_CACHE_DIR names Triton's folder explicitly: that choice wins), else Triton's
+    own folder if it can be, else (or with `temporary`: it failed) a private temporary
+    folder for this process. Files are created 0600 and folders 0700 (umask 077 while
+    Triton writes)."""
+    folder = _private_temp() if temporary else None
+    explicit = bool(os.environ.get("TRITON_CACHE_DIR"))
+    if folder is None and os.environ.get(ENV_VAR) and not explicit:
+        try:
+            folder = str(cache_subdir(cache_root() / "triton"))
+        except OSError as err:
+            unusable(cache_root(), err.strerror or err, "Triton's cache is kept elsewhere")
+        if folder is not None and not _writable(folder):
+            folder = None
+    if folder is None:
+        default = triton.knobs.cache.dir
+        folder = default if _writable(default) else _private_temp()
+    old_umask = os.umask(0o077)
+    try:
+        with triton.knobs.cache.scope():
+            triton.knobs.cache.dir = folder
+            yield folder
+    finally:
+        os.umask(old_umask)
+
+
+def _writable(folder: str | None) -> bool:
+    if not folder:
+        return False
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)
+
+
+def _compile(src: ASTSource, target: GPUTarget, options: dict) -> Any:
+    """triton.compile, with Triton's cache as `triton_cache` says; a cache folder that
+    fails while Triton writes it (a full disk) is replaced by a private temporary one."""
+    with triton_cache() as folder:
+        try:
+            return triton.compile(src, target=target, options=options)
+        except OSError as err:
+            failed = (folder, err)
+    unusable(
+        Path(failed[0]),
+        failed[1].strerror or failed[1],
+        "Triton's cache moves to a private temporary folder",
+    )
+    with triton_cache(temporary=True):
+        return triton.compile(src, target=target, options=options)
+
+
 def _cuobjdump(cubin: bytes) -> dict[str, int]:
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.TemporaryDirectory() as tmp:
@@ -208,10 +277,10 @@ def compile_launch(launch: Launch, arch: str, source_name: str = "") -> KernelSt
     """Compile one recorded launch for `arch` (e.g. "sm_90") and measure it."""
     cap = ARCHS[arch]
     signature, constexprs, attrs = _specialise(launch)
-    compiled = triton.compile(
+    compiled = _compile(
         ASTSource(launch.fn, signature, constexprs, attrs),
-        target=GPUTarget("cuda", cap, 32),
-        options=dict(launch.options),
+        GPUTarget("cuda", cap, 32),
+        dict(launch.options),
     )
     usage = _cuobjdump(compiled.asm["cubin"])
     ptx = compiled.asm["ptx"]

@@ -2,7 +2,7 @@
 
     convcompiler explain MODEL --input 1,3,64,64 [--json FILE] [--explain] [--run]
     convcompiler kernels list | show [NAME]
-    convcompiler cache stats | clear | export FILE | import FILE
+    convcompiler cache stats | list | verify | clear | export FILE | import FILE
     convcompiler aot --arch sm_90,sm_80 MODEL --input 1,3,64,64
     convcompiler roofline MODEL --input 1,3,64,64 [--target h100] [--out roofline.png]
 
@@ -10,13 +10,15 @@ MODEL is torchvision:NAME, timm:NAME or path.py:factory (random weights). Withou
 models are compiled with cpu="plan": kernels are planned and written for the target GPU and
 ATen runs the CPU forward, so nothing waits on Triton's interpreter.
 
-`--help`, `cache` and `kernels` never import torch (it alone takes seconds to import); the
-commands that compile models import it when they run.
+`--help`, `cache` (but `verify`) and `kernels` (but `show` of a kernel that has no file) never
+import torch (it alone takes seconds to import); the commands that compile models, and
+those that render kernels again, import it when they run.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import sys
 from pathlib import Path
@@ -103,27 +105,33 @@ def _kernel_files(config: Config) -> list[Path]:
     )
 
 
-def _cached_sources() -> dict[str, str]:
-    """Kernel sources stored in the tuning cache, by file name (name_sha[:16].py) -> sha."""
-    return {f"{name}_{sha[:16]}.py": sha for sha, name in open_cache().source_names().items()}
+def _cached_kernels() -> dict[str, tuple[str, dict]]:
+    """Kernels the tuning cache's decisions name, by file name -> (key, record). The cache
+    stores no source: `kernels show` renders one again from its decision."""
+    found = {}
+    for key, value, _ in open_cache().records():
+        if value["source"] is not None:
+            name = f"{value['source']['name']}_{value['source']['sha256'][:16]}.py"
+            found[name] = (key, value)
+    return found
 
 
 def cmd_kernels(args: argparse.Namespace) -> int:
     config = Config(kernel_dir=args.dir)
     files = _kernel_files(config)
-    cached = _cached_sources() if args.dir is None else {}
+    on_disk = {p.name for p in files}
+    cached = _cached_kernels() if args.dir is None else {}
     if args.action == "list":
-        on_disk = {p.name for p in files}
         for path in files:
             print(f"{path.stat().st_size:8d}  {path.name}")
         for name in sorted(set(cached) - on_disk):
             print(f"{'cache':>8}  {name}")
         print(
             f"{len(files)} kernel files in {config.kernel_path}, "
-            f"{len(cached)} sources in the tuning cache"
+            f"{len(cached)} kernels named by tuning-cache decisions"
         )
         return 0
-    names = [p.name for p in files] + sorted(set(cached) - {p.name for p in files})
+    names = [p.name for p in files] + sorted(set(cached) - on_disk)
     if not names:
         raise CliError(
             f"no kernels in {config.kernel_path} or the tuning cache",
@@ -140,17 +148,20 @@ def cmd_kernels(args: argparse.Namespace) -> int:
             f"{args.name!r} matches {len(chosen)} kernels" + (f": {shown}" if chosen else ""),
             "give more of the name; `convcompiler kernels list` lists them",
         )
-    path = config.kernel_path / chosen[0]
-    if path.exists():
+    if chosen[0] in on_disk:  # a listed file, never a stored name turned into a path
+        path = config.kernel_path / chosen[0]
         print(f"# {path}")
         print(path.read_text(), end="")
-    else:
-        source = open_cache().source(cached[chosen[0]])
-        if source is None:
-            print(f"{chosen[0]}: the cached source does not match its hash", file=sys.stderr)
-            return 1
-        print(f"# {chosen[0]} (from the tuning cache)")
-        print(source.text, end="")
+        return 0
+    from ..selection.cache_verify import regenerate
+
+    key, value = cached[chosen[0]]
+    source = regenerate(value)
+    if source is None or source.sha256 != value["source"]["sha256"]:
+        print(f"{chosen[0]}: the installed templates do not render this kernel", file=sys.stderr)
+        return 1
+    print(f"# {chosen[0]} (rendered again from tuning-cache decision {key[:12]})")
+    print(source.text, end="")
     return 0
 
 
@@ -160,6 +171,10 @@ def cmd_cache(args: argparse.Namespace) -> int:
     if args.action == "stats":
         for key, value in cache.stats().items():
             print(f"{key:12} {value}")
+    elif args.action == "list":
+        _list_records(cache)
+    elif args.action == "verify":
+        return _verify(cache)
     elif args.action == "clear":
         cache.clear()
         kernels = Config.from_options(None).kernel_path
@@ -179,10 +194,43 @@ def cmd_cache(args: argparse.Namespace) -> int:
             raise CliError(f"cache import: {path} is not a convcompiler export", hint)
         try:
             imported = cache.import_json(path)
-        except (KeyError, TypeError, AttributeError) as err:
-            raise CliError(f"cache import: {path} is not a valid export ({err!r})", hint) from None
+        except ValueError as err:
+            raise CliError(f"cache import: {err}", hint) from None
         print(f"imported {imported} records from {args.file}")
     return 0
+
+
+def _list_records(cache) -> None:
+    """One line per stored decision, oldest first (torch is not imported)."""
+    records = cache.records()
+    print(f"{'key':12}  {'origin':6}  {'kind':16}  {'device':8}  {'cpu':9}  schedule / kernel")
+    for key, value, _ in records:
+        parts = value["key_parts"]
+        schedule = value["schedule"]
+        params = " ".join(f"{k}={v}" for k, v in schedule["params"])
+        kernel = value["source"]["name"] if value["source"] else "ATen"
+        print(
+            f"{key[:12]:12}  {value['origin']:6}  {parts['kind']:16}  {parts['device']:8}  "
+            f"{str(parts['config'].get('cpu')):9}  {schedule['name']}({params}) {kernel}"
+        )
+    print(f"{len(records)} decisions in {cache.path}")
+
+
+def _verify(cache) -> int:
+    """The file's integrity and every decision regenerated; 1 on any problem."""
+    from ..selection.cache_verify import MALFORMED, MISMATCH, verify
+
+    integrity, findings = verify(cache)
+    for finding in findings:
+        if finding.status != "ok":
+            print(f"{finding.table:8} {finding.key:20} {finding.status}: {finding.detail}")
+    counts = collections.Counter((f.table, f.status) for f in findings)
+    for table in ("records", "reports"):
+        shown = [f"{n} {status}" for (t, status), n in sorted(counts.items()) if t == table]
+        print(f"{table}: {', '.join(shown) or 'none'}")
+    print(f"integrity: {'; '.join(integrity)}")
+    bad = any(f.status in (MALFORMED, MISMATCH) for f in findings) or integrity != ["ok"]
+    return 1 if bad else 0
 
 
 # ---- aot -----------------------------------------------------------------------------------
@@ -281,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_kernels)
 
     p = sub.add_parser("cache", help="manage the tuning cache")
-    p.add_argument("action", choices=("stats", "clear", "export", "import"))
+    p.add_argument("action", choices=("stats", "list", "verify", "clear", "export", "import"))
     p.add_argument("file", nargs="?", help="the JSON file (export, import)")
     p.set_defaults(func=cmd_cache)
 

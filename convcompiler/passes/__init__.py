@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import torch.fx
 
 from ..counters import counters
+from ..files import private_dir, write_private
 from .context import PassContext, Region
 from .conv_bn_tune import fold_conv_bn_tune
 from .match_attention import match_window_attention
@@ -41,9 +42,9 @@ def dump_graph(gm: torch.fx.GraphModule, ctx: PassContext, step: int, name: str)
     """With a debug dump directory: write the graph as readable code, one file per step."""
     if ctx.dump_dir is None:
         return
-    path = ctx.dump_dir / ctx.stage / f"{step:02d}_{name}.py"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(gm.print_readable(print_output=False, include_stride=True))
+    folder = private_dir(ctx.dump_dir / ctx.stage)
+    text = gm.print_readable(print_output=False, include_stride=True)
+    write_private(folder / f"{step:02d}_{name}.py", text)
 
 
 def run_passes(

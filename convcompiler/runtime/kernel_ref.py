@@ -75,7 +75,7 @@ def _schedule(data: object, spec) -> Schedule:
     if not (isinstance(data, list) and len(data) == 2 and isinstance(data[1], list)):
         raise SpecError(f"schedule {data!r} is not [name, params]")
     name, params = data
-    if name not in SPACES or name not in _kind_space_names(spec):
+    if not isinstance(name, str) or name not in SPACES or name not in _kind_space_names(spec):
         raise SpecError(f"schedule {name!r} is not a template of this spec")
     if not all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) for p in params):
         raise SpecError(f"schedule parameters {params!r} are not [[name, value], ...]")

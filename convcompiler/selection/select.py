@@ -5,7 +5,9 @@
        region first (selection/agreement.py); that rank goes on with 3 to 5 and publishes
        its choice, the others use it ("peer") and neither read their cache nor tune
     3. a cached record for this exact key (see cache.record_key): a tuned one always; a
-       cost-model one only while autotuning is off
+       cost-model one only while autotuning is off and under the same ATen calibration.
+       Its schedule is rebuilt through its template's space and its kernel rendered again;
+       it is used only if that rendering hashes to the recorded source hash
     4. autotuning, when enabled (option autotune=True or mode="max-autotune") and a
        benchmarker can run: a GPU, or the fake benchmarker in tests
     5. the cost model's pick
@@ -29,12 +31,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-from ..codegen import SPACES, TEMPLATES, kind_spaces, spec_kind
+from ..codegen import SPACES, TEMPLATES, KernelSource, kind_spaces, render_region, spec_kind
 from ..config import Config
 from ..counters import counters
 from ..schedule import ATEN, InvalidSchedule, Schedule
 from ..spec import AttentionSpec, ConvSpec
-from .cache import CachedSource, TuningCache, record_key
+from .cache import TuningCache, record_key
+from .cache_values import invalid
 from .cost import Prediction, interpreter_steps, predict, rank
 from .devices import Device
 from .tuning import Benchmarker, autotune
@@ -67,7 +70,7 @@ class Choice:
     prediction: Prediction | None = None
     candidates: tuple[CandidateRow, ...] = ()
     valid_for: str | None = None
-    source: CachedSource | None = None  # the kernel text, when the cache had it
+    source: KernelSource | None = None  # a cached decision's source, rendered and checked
     rejected: tuple[str, ...] = ()  # candidates the static check refused, with the reason
 
 
@@ -165,25 +168,49 @@ def valid_range(
     return ", ".join(ranges)
 
 
+def _stored_schedule(data: dict, spec: Spec) -> Schedule:
+    """A stored schedule rebuilt through its template's space (InvalidSchedule otherwise)."""
+    if data["name"] == "aten" and not data["params"]:
+        return ATEN
+    space = kind_spaces(spec).get(data["name"])
+    if space is None:
+        raise InvalidSchedule(f"{data['name']!r} is not a template of this region")
+    return space.make(spec, device=None, **dict(data["params"]))
+
+
 def _from_record(record: dict, spec: Spec, ctx: SelectionContext) -> Choice | None:
-    sched = record["schedule"]
-    schedule = Schedule(sched["name"], tuple((k, v) for k, v in sched["params"]))
+    """A cached decision, used only if it still holds (None: a miss):
+
+    * a model record only under the ATen calibration it was ranked with;
+    * its schedule (and plan) must be valid schedules of this region's templates;
+    * a kernel's source is rendered again by the installed templates and must hash to the
+      recorded SHA-256. Nothing stored is executed: the rendering is what runs.
+
+    `record` has the cache_values.RECORD shape (TuningCache.get checked it)."""
+    if record["origin"] == "model" and record["calibration"] != ctx.calibration:
+        return None
+    try:
+        schedule = _stored_schedule(record["schedule"], spec)
+        planned = _stored_schedule(record["plan"] or record["schedule"], spec)
+    except (InvalidSchedule, TypeError) as err:
+        invalid("record", f"its schedule: {err}")
+        return None
     source = None
     if schedule.name != "aten":
-        source = ctx.cache.source(record["source"]["sha256"]) if ctx.cache else None
-        if source is None:
+        source = render_region(spec, schedule)
+        stored = record["source"]
+        if stored is None or stored["sha256"] != source.sha256:
+            invalid("record", "its source hash is not what the installed templates render")
             return None
-    rows = tuple(CandidateRow(**row) for row in record["candidates"])
-    plan = record.get("plan") or record["schedule"]  # the GPU plan, when tiles were re-picked
-    planned = Schedule(plan["name"], tuple((k, v) for k, v in plan["params"]))
+    counters["cache.hit"] += 1
     return Choice(
         schedule,
         "cache",
         f"cached {record['origin']} record: {record['why']}",
         fallback_reason=("cached decision: ATen is fastest" if schedule.name == "aten" else None),
         prediction=predict(spec, planned, ctx.device, ctx.calibration),
-        candidates=rows,
-        valid_for=record.get("valid_for"),
+        candidates=tuple(CandidateRow(**row) for row in record["candidates"]),
+        valid_for=record["valid_for"],
         source=source,
     )
 
@@ -251,10 +278,12 @@ def _search(spec: Spec, ctx: SelectionContext) -> Choice:
     key, parts = ctx.key(spec)
     if ctx.cache is not None:
         record = ctx.cache.get(key, parts)
-        if record is not None and (record["origin"] == "tuned" or not tuning):
-            choice = _from_record(record, spec, ctx)
+        if record is not None:
+            usable = record["origin"] == "tuned" or not tuning
+            choice = _from_record(record, spec, ctx) if usable else None
             if choice is not None:
                 return choice
+            counters["cache.miss"] += 1
 
     # 4 and 5: rank every candidate with the cost model; tune the top-k when enabled
     ranked = rank(

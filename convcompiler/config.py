@@ -9,6 +9,7 @@ from the options dict plus a few documented environment variables:
                              others cannot write it (files.py), else caching is off.
     CONVCOMPILER_DEBUG_DIR   default for the debug_dir option.
     CONVCOMPILER_CPU         default for the cpu option: aten (when unset), interpret, plan.
+    CONVCOMPILER_REMOTE_CACHE  default for the remote_cache option (redis://host:port/db).
 
 Every field that changes generated code is listed in `Config.codegen_fields`; later stages
 put exactly those fields into their cache keys.
@@ -76,6 +77,9 @@ class Config:
         decides its schedule and the others use that decision (selection/agreement.py); this
         is how many seconds a rank waits for it before deciding alone (and agreeing no more
         in that process). 0 turns rank agreement off: every rank decides for itself.
+    remote_cache: a Redis URL (redis://host:port/db) whose decisions a fleet shares, as a
+        second level under the local tuning cache (selection/remote.py); decisions only,
+        never code. Default: $CONVCOMPILER_REMOTE_CACHE. Off when `cache` is off.
     """
 
     cpu: str = dataclasses.field(default_factory=lambda: default_cpu_mode())
@@ -92,6 +96,7 @@ class Config:
     recompute_conv_macs: int = 256
     debug_dir: str | None = None
     rank_timeout: float = 600.0
+    remote_cache: str | None = None
 
     # Fields that change the generated source text or the schedule picked for a region;
     # they are part of every tuning-cache key.
@@ -130,6 +135,14 @@ class Config:
             raise ValueError(f"option 'benchmarker' must be one of {BENCHMARKERS}")
         if self.debug_dir is None and os.environ.get("CONVCOMPILER_DEBUG_DIR"):
             object.__setattr__(self, "debug_dir", os.environ["CONVCOMPILER_DEBUG_DIR"])
+        if self.remote_cache is None and os.environ.get("CONVCOMPILER_REMOTE_CACHE"):
+            object.__setattr__(self, "remote_cache", os.environ["CONVCOMPILER_REMOTE_CACHE"])
+        if self.remote_cache is not None:
+            from .selection.remote import check_url
+
+            if not isinstance(self.remote_cache, str):
+                raise ValueError(f"option 'remote_cache' must be a URL, got {self.remote_cache!r}")
+            check_url(self.remote_cache)
         for name in ("kernel_dir", "debug_dir"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, os.PathLike)):

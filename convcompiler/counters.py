@@ -11,6 +11,8 @@ Keys are dotted names, for example:
     tune.region      a region was autotuned (tune.benchmark: each candidate timed)
     agree.decided    under torch.distributed, this rank decided a region for every rank
     agree.received   ... and took another rank's decision (agree.failed: it could not)
+    remote.hit       a decision came from the Redis remote cache (remote.miss, remote.store,
+                     remote.invalid: malformed there, remote.error: unreachable or too slow)
 
 Tests reset it with `counters.reset()` and assert on the numbers, the way Inductor's
 `torch._dynamo.utils.counters` is used.

@@ -37,6 +37,7 @@ from ..selection.agreement import agreement_for
 from ..selection.cache import open_cache
 from ..selection.cost import PACKING_SCHEDULES, Prediction, filter_repack_free
 from ..selection.devices import device_for
+from ..selection.remote import open_remote
 from ..selection.select import Choice, SelectionContext, select_conv_schedule
 from ..selection.tuning import benchmarker
 from ..spec import AttentionSpec, ConvSpec, spec_to_json
@@ -60,6 +61,7 @@ class Lowering:
         self.report = report
         self.pack_in_graph = pack_in_graph
         self.cache = open_cache() if config.cache else None
+        self.remote = open_remote(config.remote_cache) if config.cache else None
         self._contexts: dict[str, SelectionContext] = {}
 
     # ---- selection context per tensor device ----------------------------------------------
@@ -92,6 +94,7 @@ class Lowering:
                 calibration,
                 verify=verify,
                 agreement=agreement_for(self.config),
+                remote=self.remote,
             )
             self.report.devices[spec.device] = f"{device.name} ({reason})"
         return self._contexts[spec.device]
@@ -159,6 +162,8 @@ class Lowering:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         self.cache.put(key, value)
+        if self.remote is not None and choice.origin in ("tuned", "model"):
+            self.remote.put(key, value)  # the fleet's copy (not one that came from a peer)
         if choice.origin == "tuned":
             aten = next(
                 (r for r in choice.candidates if r.schedule == "aten" and r.measured_s), None

@@ -4,7 +4,9 @@
     2. under torch.distributed (world size > 1): the decision of the rank that reached this
        region first (selection/agreement.py); that rank goes on with 3 to 5 and publishes
        its choice, the others use it ("peer") and neither read their cache nor tune
-    3. a cached record for this exact key (see cache.record_key): a tuned one always; a
+    3. a cached record for this exact key (see cache.record_key), from the local tuning
+       cache, else from the remote one (option remote_cache: Redis, selection/remote.py;
+       a hit there fills the local cache): a tuned one always; a
        cost-model one only while autotuning is off and under the same ATen calibration.
        Its schedule is rebuilt through its template's space and its kernel rendered again;
        it is used only if that rendering hashes to the recorded source hash
@@ -37,13 +39,14 @@ from ..counters import counters
 from ..schedule import ATEN, InvalidSchedule, Schedule
 from ..spec import AttentionSpec, ConvSpec
 from .cache import TuningCache, record_key
-from .cache_values import invalid
+from .cache_values import RECORD, checked, invalid
 from .cost import Prediction, interpreter_steps, predict, rank
 from .devices import Device
 from .tuning import Benchmarker, autotune
 
 if TYPE_CHECKING:
     from .agreement import Agreement
+    from .remote import RemoteCache
 
 Spec = ConvSpec | AttentionSpec
 
@@ -89,6 +92,10 @@ class SelectionContext:
     verify: Callable[[Spec, Schedule], list[str]] | None = None
     # under torch.distributed: one rank decides each region for all (selection/agreement.py)
     agreement: Agreement | None = None
+    # a fleet's decisions on Redis, under the local cache (selection/remote.py), and the
+    # keys this compile took from it (a later region with the same key reports "remote" too)
+    remote: RemoteCache | None = None
+    from_remote: set[str] = field(default_factory=set)
     keys: dict[str, tuple[str, dict]] = field(default_factory=dict)
 
     def key(self, spec: Spec) -> tuple[str, dict]:
@@ -269,6 +276,23 @@ def _override(spec: Spec, ctx: SelectionContext) -> Choice | None:
     return None
 
 
+def _records(key: str, parts: dict, ctx: SelectionContext):
+    """The stored decisions for `key`, nearest first: ("local", record), then ("remote",
+    record). The remote is asked only when the local one is missing or cannot be used, and
+    its value is checked against the same schema and key parts as a local record."""
+    if ctx.cache is not None:
+        record = ctx.cache.get(key, parts)
+        if record is not None:
+            yield "local", record
+    if ctx.remote is not None:
+        value = ctx.remote.get(key)
+        record = checked(value, RECORD, "remote record") if value else None
+        if value is not None and (record is None or record["key_parts"] != parts):
+            counters["remote.invalid"] += 1
+        elif record is not None:
+            yield "remote", record
+
+
 def _search(spec: Spec, ctx: SelectionContext) -> Choice:
     """3 to 5: a cached record, else tuning, else the cost model."""
     config = ctx.config
@@ -276,14 +300,20 @@ def _search(spec: Spec, ctx: SelectionContext) -> Choice:
     # 3. a cached record
     tuning = config.autotune and ctx.bench is not None
     key, parts = ctx.key(spec)
-    if ctx.cache is not None:
-        record = ctx.cache.get(key, parts)
-        if record is not None:
-            usable = record["origin"] == "tuned" or not tuning
-            choice = _from_record(record, spec, ctx) if usable else None
-            if choice is not None:
-                return choice
+    for where, record in _records(key, parts, ctx):
+        usable = record["origin"] == "tuned" or not tuning
+        choice = _from_record(record, spec, ctx) if usable else None
+        if choice is None:
             counters["cache.miss"] += 1
+            continue
+        if where == "remote":
+            ctx.from_remote.add(key)
+            if ctx.cache is not None:
+                ctx.cache.put(key, record)  # a remote hit fills the local cache
+        if key in ctx.from_remote:
+            why = f"remote {record['origin']} record: {record['why']}"
+            choice = dataclasses.replace(choice, origin="remote", why=why)
+        return choice
 
     # 4 and 5: rank every candidate with the cost model; tune the top-k when enabled
     ranked = rank(

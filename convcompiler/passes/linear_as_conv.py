@@ -12,7 +12,8 @@ channels_last [B, C, H, W] image (reshape to [B, H, W, C], then permute(0, 3, 1,
 The layout views sit outside the pointwise chain, so match_conv sees conv -> act -> add ->
 act directly, exactly as for a convolution. In the post-grad graph a linear is
 
-    reshape(addmm(b, reshape(x, [M, C]), permute(W, [1, 0])), [*L, K])   (mm without bias)
+    reshape(addmm(b, reshape(x, [M, C]), permute(W, [1, 0])), [*L, K])   (mm without bias;
+    view, _unsafe_view and t in a graph that Inductor did not decompose)
 
 Only such linears: one with no fusable epilogue stays the host's matmul (cuBLAS on a GPU),
 where nothing would be won. The guards run in order; the first that fails leaves the linear
@@ -90,7 +91,10 @@ class _Linear:
             return f"device {xv.device.type!r} is not supported (cpu or cuda)"
         if str(xv.dtype).removeprefix("torch.") not in DTYPES:
             return f"dtype {xv.dtype} is not supported (kernels run {', '.join(DTYPES)})"
-        if wt.target is not aten.permute.default or list(wt.args[1]) != [1, 0]:
+        transposed = wt.target is aten.t.default or (
+            wt.target is aten.permute.default and list(wt.args[1]) == [1, 0]
+        )
+        if not transposed:
             return "the weight operand is not a transposed [K, C] weight (permute(W, [1, 0]))"
         self.weight = wt.args[0]
         wv = fake_value(self.weight)

@@ -181,11 +181,13 @@ def _rewrite(graph: torch.fx.Graph, lin: _Linear) -> str | None:
         b.rollback()
         return f"the rewritten chain would change the output layout: {reason}"
     last.replace_all_uses_with(out)
+    transposed = lin.mm.args[-1]
     for _, name in reversed(lin.chain.roles):
         graph.erase_node(nodes[name])
-    for node in (lin.mm, lin.mm.args[-1]):  # the matmul, then the transposed weight
-        if node.graph is graph and not node.users:
-            graph.erase_node(node)
+    if lin.out is not lin.mm:  # the reshape of the matmul was the chain's first node
+        graph.erase_node(lin.mm)
+    if not transposed.users:
+        graph.erase_node(transposed)
     return None
 
 

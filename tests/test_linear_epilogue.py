@@ -163,3 +163,28 @@ def test_training_gradients_match_eager() -> None:
     report = convcompiler.last_report()
     assert [(r.stage, r.epilogue) for r in report if r.kind == "linear"] == [("forward", "add")]
     assert convcompiler.counters["launch.linear"] == 1
+
+
+def test_dynamic_token_counts() -> None:
+    torch.manual_seed(0)
+    model = MLPBlock(10, 17).eval()
+    compiled = torch.compile(model, backend="im2win", dynamic=True)
+    reference = float64_copy(model)
+    with torch.no_grad():
+        for shape in [(1, 3, 5, 10), (2, 4, 3, 10)]:
+            x = torch.randn(shape)
+            assert_close(compiled(x), reference(x.double()), torch.float32, str(shape))
+    report = convcompiler.last_report()
+    assert linear_rows(report) == [("gelu", "gemm_1x1"), ("add", "gemm_1x1")], str(report)
+    assert report[0].spec.startswith("linear as [s"), str(report)  # a symbolic batch
+    assert convcompiler.counters["launch.linear"] == 4
+
+
+def test_aten_host_graph() -> None:
+    """host='aten' lowers the graph Inductor did not decompose (view, t, addmm, mm)."""
+    torch.manual_seed(0)
+    model, x = MLPBlock(10, 17).eval(), torch.randn(1, 3, 5, 10)
+    out, ref, report = compiled_run(model, x, {"host": "aten"})
+    assert_close(out, ref, torch.float32)
+    assert linear_rows(report) == [("gelu", "gemm_1x1"), ("add", "gemm_1x1")], str(report)
+    assert convcompiler.counters["launch.linear"] == 2

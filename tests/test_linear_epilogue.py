@@ -188,3 +188,22 @@ def test_aten_host_graph() -> None:
     assert_close(out, ref, torch.float32)
     assert linear_rows(report) == [("gelu", "gemm_1x1"), ("add", "gemm_1x1")], str(report)
     assert convcompiler.counters["launch.linear"] == 2
+
+
+def test_linear_reshaped_into_heads_is_untouched() -> None:
+    """A GELU after the linear's output is split into heads ([M, K] -> [M, 3, 4]) is not an
+    epilogue over the K output channels: the linear stays a matmul."""
+
+    class Heads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(12, 12)
+
+        def forward(self, x):
+            return F.gelu(self.fc(x).view(14, 3, 4))
+
+    torch.manual_seed(0)
+    model, x = Heads().eval(), torch.randn(14, 12)
+    out, ref, report = compiled_run(model, x)
+    assert_close(out, ref, torch.float32)
+    assert len(report) == 0 and convcompiler.counters["match.linear"] == 0, str(report)

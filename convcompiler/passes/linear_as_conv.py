@@ -112,7 +112,10 @@ class _Linear:
             return "zero-size linear: nothing to compute"
         self.bias, self.x2d, self.k, self.c = bias, x2d, k, c
         users = list(mm.users)
-        if len(users) == 1 and users[0].target in RESHAPES and 2 <= len(users[0].args[1]) <= 4:
+        if len(users) == 1 and users[0].target in RESHAPES:
+            tokens = fake_value(users[0])
+            if tokens is None or not 2 <= tokens.dim() <= 4 or tokens.shape[-1] != k:
+                return "the matmul's output is reshaped into something other than [*L, K] tokens"
             self.out, self.lead = users[0], list(users[0].args[1][:-1])
         else:
             if not isinstance(xv.shape[0], int):

@@ -7,6 +7,8 @@ Keys are dotted names, for example:
     codegen.conv     a kernel source was rendered
     launch.conv      a generated conv kernel was launched at run time
     launch.window_attention   a fused window-attention kernel was launched
+    match.linear     a linear with an activation or residual add became a 1x1-conv region
+    launch.linear    ... and its kernel (epilogue fused) was launched
     shape_constant.built      a shape-only subgraph (Swin's shift mask) was evaluated
     tune.region      a region was autotuned (tune.benchmark: each candidate timed)
     agree.decided    under torch.distributed, this rank decided a region for every rank

@@ -26,8 +26,11 @@ def test_im2win_on_inductor_moves_least() -> None:
     assert list(rows) == ["eager", "inductor", "im2win-aten", "im2win"]
     eager, inductor, aten_host, ours = rows.values()
     report = convcompiler.last_report()
-    assert [r.kind for r in report if r.kernel_path] == ["conv"] + ["window_attention"] * 2
-    # the regions replace the same compute in both im2win variants
+    kernels = [(r.kind, r.epilogue) for r in report if r.kernel_path]
+    linears = [("linear", "gelu"), ("linear", "add")] * 2  # each block's MLP
+    assert kernels == [("conv", "")] + linears + [("window_attention", "")] * 2
+    # the regions replace the same compute in both im2win variants: a conv, 2 attentions (of
+    # 2 bmm each), 4 linears (as regions) and the other linears (as matmuls)
     assert ours.compute == aten_host.compute == 3 + (eager.compute - 1 - 4)
     assert ours.region_bytes == aten_host.region_bytes > 0
     # Inductor fuses what the ATen host ran op by op ...
@@ -35,6 +38,25 @@ def test_im2win_on_inductor_moves_least() -> None:
     assert ours.memory_bytes < aten_host.memory_bytes
     # ... and the fused attention moves less than Inductor's bmm/softmax kernels
     assert ours.launches < inductor.launches and ours.bytes < inductor.bytes < eager.bytes
+
+
+def test_fused_linear_epilogues_move_fewer_bytes(monkeypatch) -> None:
+    """The MLP's GELU and residual add run in the linears' GEMM epilogues: their traffic
+    leaves the memory-bound launches, and the residual read joins the matmul column."""
+    import convcompiler.frontend.session as session
+    from convcompiler.passes import linear_as_conv
+
+    model, x = tiny_swin(), torch.randn(2, 3, 32, 32)
+    ours = plan_model(model, x, "h100", "gpu")[-1]
+    without = tuple(p for p in session.POST_GRAD_PASSES if p is not linear_as_conv)
+    monkeypatch.setattr(session, "POST_GRAD_PASSES", without)
+    before = plan_model(model, x, "h100", "gpu")[-1]
+    assert not [r for r in convcompiler.last_report() if r.kind == "linear"]
+    assert ours.region_bytes == before.region_bytes
+    assert ours.launches < before.launches
+    assert ours.memory_bytes < 0.7 * before.memory_bytes
+    assert before.matmul_bytes < ours.matmul_bytes < 1.2 * before.matmul_bytes
+    assert ours.total_bytes < before.total_bytes
 
 
 def test_traffic_command_in_its_small_form(tmp_path, capsys) -> None:

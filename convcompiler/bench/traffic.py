@@ -17,6 +17,12 @@ traced once by Dynamo on fake outputs, then each variant is planned.
 A region's op moves what the cost model says its kernel moves (`Prediction.bytes`, planned for
 --target, default h100); other compute (conv, matmul, SDPA) moves its inputs and outputs.
 "Memory-bound" is everything else: elementwise ops, norms, reductions, copies and pooling.
+The linear layers' matmuls are a column of their own: an extern mm/addmm in the other
+variants; in im2win, a linear followed by an activation or a residual add is a "linear"
+region (passes/linear_as_conv.py) whose kernel also applies that epilogue, so its bytes stay
+in that column and the activation's and the add's traffic leaves the memory-bound one.
+Both totals are printed: "MiB" (memory-bound + conv/attention regions, the issue's metric)
+and "total MiB" (everything, the matmuls included).
 `--fusion gpu` (the default) plans Inductor's kernels for a CUDA device without one: the
 inputs are fake CUDA tensors and Inductor is told it has an H100 (`_described_gpu`), so
 its GPU fusion decisions are counted (a LayerNorm is one kernel there, two on the CPU).
@@ -83,7 +89,7 @@ class Traffic:
     compute: int  # compute launches (conv, matmul, attention, regions)
     memory_bytes: float  # modelled HBM bytes of the memory-bound launches
     region_bytes: float  # ... of the regions' kernels, or of what they replace (conv, bmm, SDPA)
-    matmul_bytes: float  # ... of the linear layers' matmuls (the same in every variant)
+    matmul_bytes: float  # ... of the linear layers' matmuls (im2win: with fused epilogues)
 
     @property
     def bytes(self) -> float:
@@ -92,6 +98,7 @@ class Traffic:
 
     @property
     def total_bytes(self) -> float:
+        """Everything: memory-bound launches, regions and the linear layers' matmuls."""
         return self.bytes + self.matmul_bytes
 
 
@@ -113,9 +120,11 @@ def _op_name(target: Any) -> str:
     return "getitem" if name == "getitem" else packet
 
 
-def _region_bytes(kernel: str, target: str) -> float:
+def _region_bytes(kernel: str, target: str) -> tuple[str, float]:
+    """(the column a region's op counts in, the bytes its kernel moves)."""
     ref = decode(kernel)
-    return float(predict(ref.spec, ref.schedule, lookup(target), symbolic=False).bytes)
+    moved = float(predict(ref.spec, ref.schedule, lookup(target), symbolic=False).bytes)
+    return ("matmul" if ref.kind == "linear" else "region"), moved
 
 
 def count_graph(gm: torch.fx.GraphModule, variant: str, target: str) -> Traffic:
@@ -131,7 +140,8 @@ def count_graph(gm: torch.fx.GraphModule, variant: str, target: str) -> Traffic:
         kernel = next((a for a in node.args if isinstance(a, str)), None)
         if name in ("conv", "window_attention") and kernel is not None:
             compute += 1
-            moved["region"] += _region_bytes(kernel, target)
+            column, size = _region_bytes(kernel, target)
+            moved[column] += size
             continue
         inputs = {a for a in node.all_input_nodes}
         size = sum(_nbytes(a.meta.get("val")) for a in inputs) + _nbytes(node.meta.get("val"))
@@ -167,7 +177,8 @@ def count_scheduler(nodes: list, variant: str, target: str) -> Traffic:
             kernel = next((a for a in getattr(ir, "constant_args", ()) if isinstance(a, str)), None)
             if name in ("conv", "window_attention") and kernel is not None:
                 compute += 1
-                moved["region"] += _region_bytes(kernel, target)
+                column, size = _region_bytes(kernel, target)
+                moved[column] += size
                 continue
             if name in VIEWS:
                 continue
@@ -348,26 +359,31 @@ def main(args) -> int:
     )
     print(
         "MiB = memory-bound launches + regions (conv and attention, or the conv, bmm and SDPA "
-        "they replace); linear layers' matmuls are the same in every variant, shown apart"
+        "they replace); matmul MiB = the linear layers' matmuls (im2win: with the activation "
+        "or residual add they fuse); total = all three"
     )
     print(
         f"{'model':20} {'variant':12} {'mem-bound':>9} {'compute':>8} {'mem MiB':>9} "
-        f"{'region MiB':>10} {'MiB':>9} {'vs eager':>8} {'matmul MiB':>10}"
+        f"{'region MiB':>10} {'MiB':>9} {'vs eager':>8} {'matmul MiB':>10} "
+        f"{'total MiB':>9} {'vs eager':>8}"
     )
     for name in names:
         model = load_model(MODELS.get(name, name)).to(getattr(torch, dtype))
         size = 224 if not args.input_given else int(args.input.split(",")[-1])
         x = make_input(f"{batch},3,{size},{size}", dtype)
         rows = plan_model(model, x, target, args.fusion)
-        eager = rows[0].bytes
+        eager, eager_total = rows[0].bytes, rows[0].total_bytes
         for row in rows:
             print(
                 f"{name:20} {row.variant:12} {row.launches:9d} {row.compute:8d} "
                 f"{row.memory_bytes / 2**20:9.1f} {row.region_bytes / 2**20:10.1f} "
                 f"{row.bytes / 2**20:9.1f} {row.bytes / eager:8.2f} "
-                f"{row.matmul_bytes / 2**20:10.1f}"
+                f"{row.matmul_bytes / 2**20:10.1f} {row.total_bytes / 2**20:9.1f} "
+                f"{row.total_bytes / eager_total:8.2f}"
             )
-        results[name] = [{**asdict(r), "bytes": r.bytes} for r in rows]
+        results[name] = [
+            {**asdict(r), "bytes": r.bytes, "total_bytes": r.total_bytes} for r in rows
+        ]
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
         print(f"wrote {args.json}")

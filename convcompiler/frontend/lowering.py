@@ -27,6 +27,8 @@ from ..config import Config
 from ..counters import counters
 from ..inspection.report import RegionRecord, Report
 from ..passes import Region
+from ..passes.meta import layout_mismatch
+from ..passes.meta import run_on_fakes as meta_value
 from ..runtime import keep_source, load_source, ops
 from ..runtime.kernel_ref import KernelRef
 from ..runtime.packing import is_packed
@@ -365,43 +367,6 @@ class Lowering:
 
 
 aten = torch.ops.aten
-
-
-def meta_value(node: torch.fx.Node):
-    """Run `node`'s target on its arguments' fake values, in their fake mode."""
-    from torch._guards import detect_fake_mode
-
-    def val(a):
-        return a.meta["val"] if isinstance(a, torch.fx.Node) else a
-
-    args = torch.fx.map_arg(node.args, val)
-    kwargs = torch.fx.map_arg(node.kwargs, val)
-    fakes = [a.meta["val"] for a in node.all_input_nodes]
-    mode = detect_fake_mode(fakes)
-    with mode if mode is not None else torch._subclasses.FakeTensorMode():
-        return node.target(*args, **kwargs)
-
-
-def _same(a, b) -> bool:
-    """Sizes equal for every value of the symbols (no guard is added)."""
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
-
-    return statically_known_true(a == b)
-
-
-def layout_mismatch(new, old) -> str | None:
-    """Why the op's output cannot stand in for the node it replaces (sizes, strides of every
-    dimension longer than 1, dtype), or None."""
-    if not isinstance(old, torch.Tensor):
-        return "the replaced node has no tensor metadata"
-    if new.dtype != old.dtype or len(new.shape) != len(old.shape):
-        return f"the op would give {new.dtype} {len(new.shape)}-D, eager {old.dtype}"
-    if not all(_same(a, b) for a, b in zip(new.shape, old.shape)):
-        return f"the op's shape {tuple(new.shape)} differs from eager's {tuple(old.shape)}"
-    for size, a, b in zip(new.shape, new.stride(), old.stride()):
-        if not _same(size, 1) and not _same(a, b):
-            return f"the op's strides {new.stride()} differ from eager's {old.stride()}"
-    return None
 
 
 def _epilogue_name(region: Region) -> str:

@@ -37,7 +37,7 @@ from ..config import Config
 from ..counters import counters
 from ..inspection.debug import dump_dir_for, dump_lowered, finish_dump
 from ..inspection.report import RegionRecord, new_report
-from ..passes import POST_GRAD_PASSES, PRE_GRAD_PASSES, PassContext, run_passes
+from ..passes import POST_GRAD_PASSES, PRE_GRAD_PASSES, PassContext, restore_linears, run_passes
 from ..passes.recompute import tag_attention_intermediates, tag_cheap_stems, tag_weight_transforms
 from ..runtime import ops
 from ..runtime.kernel_ref import decode
@@ -60,6 +60,7 @@ def precision_flags() -> dict[str, Any]:
         "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
         "cudnn_conv_fp32_precision": getattr(conv, "fp32_precision", None),
         "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "matmul_fp32_precision": getattr(torch.backends.cuda.matmul, "fp32_precision", None),
     }
 
 
@@ -160,6 +161,7 @@ class CompileSession:
         gm = run_passes(POST_GRAD_PASSES, gm, ctx)
         lowered = self.lowering.lower_regions(gm, ctx.regions)
         self._kernels.update(lowered)
+        restore_linears(gm)  # a linear that no kernel took is the host's matmul again
         if redecompose is not None:
             redecompose(gm.graph)
             gm.graph.eliminate_dead_code()

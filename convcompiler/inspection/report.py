@@ -26,7 +26,7 @@ class RegionRecord:
     """What happened to one region."""
 
     name: str
-    kind: str  # "conv", "conv_bn" or "batch_norm"
+    kind: str  # "conv", "conv_bn", "linear", "window_attention" or "batch_norm"
     stage: str  # "forward", "inference" or "backward"
     spec: str  # readable shapes and parameters
     schedule: str  # schedule name ("im2win_band", "im2win_implicit", "aten")

@@ -21,6 +21,7 @@ from ..counters import counters
 from ..files import private_dir, write_private
 from .context import PassContext, Region
 from .conv_bn_tune import fold_conv_bn_tune
+from .linear_as_conv import linear_as_conv, restore_linears
 from .match_attention import match_window_attention
 from .match_conv import match_conv
 from .padding_modes import find_conv_padding_modes
@@ -35,7 +36,7 @@ PRE_GRAD_PASSES: tuple[GraphPass, ...] = (
     find_train_batch_norms,
     fold_conv_bn_tune,
 )
-POST_GRAD_PASSES: tuple[GraphPass, ...] = (match_conv, match_window_attention)
+POST_GRAD_PASSES: tuple[GraphPass, ...] = (linear_as_conv, match_conv, match_window_attention)
 
 
 def dump_graph(gm: torch.fx.GraphModule, ctx: PassContext, step: int, name: str) -> None:
@@ -71,5 +72,6 @@ __all__ = [
     "PassContext",
     "Region",
     "dump_graph",
+    "restore_linears",
     "run_passes",
 ]

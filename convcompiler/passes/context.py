@@ -19,7 +19,7 @@ class Region:
     """
 
     name: str  # unique within one compile, e.g. "conv_3"
-    kind: str  # "conv", "conv_bn" or "batch_norm"
+    kind: str  # "conv", "conv_bn", "linear", "window_attention" or "batch_norm"
     rule: str  # the equation of the pattern that matched
     stage: str  # the graph it was found in: "forward", "inference" or "backward"
     nodes: tuple[str, ...]  # FX node names; nodes[-1] produces the region's output

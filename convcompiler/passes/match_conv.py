@@ -21,6 +21,8 @@ from ..counters import counters
 from ..spec import DTYPES, ConvSpec, Epilogue
 from .context import PassContext, Region
 from .conv_chain import BN_EVAL, BN_TRAIN, Chain, grow_chain
+from .linear_as_conv import FROM_LINEAR, matmul_precision
+from .linear_as_conv import RULE as LINEAR_RULE
 from .meta import (
     conv_summary,
     dynamo_sources,
@@ -49,6 +51,13 @@ def _conv_precision() -> str:
     if flag is not None and flag != "none":
         return "tf32" if flag == "tf32" else "ieee"
     return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+
+
+def _precision(node: torch.fx.Node, dtype: torch.dtype) -> str:
+    """A float32 kernel's precision: a linear's is torch's matmul precision, a conv's cuDNN's."""
+    if dtype != torch.float32:
+        return "ieee"
+    return matmul_precision(dtype) if node.meta.get(FROM_LINEAR) else _conv_precision()
 
 
 def conv_params(node: torch.fx.Node) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
@@ -136,7 +145,7 @@ def conv_spec(
         weight_layout=memory_layout(wv),
         output_layout=memory_layout(out),
         device=device,
-        precision=_conv_precision() if xv.dtype == torch.float32 else "ieee",
+        precision=_precision(node, xv.dtype),
         hints=size_hints(xv, out),
         epilogue=epilogue,
     )
@@ -176,17 +185,20 @@ def match_conv(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModu
             ):
                 chain = Chain((("conv", node.name),), Epilogue(), node)
         claimed.update(name for _, name in chain.roles)
-        mode = _mode(node, chain, ctx)
-        kind = "conv_bn" if mode else "conv"
+        linear = bool(node.meta.get(FROM_LINEAR))
+        mode = None if linear else _mode(node, chain, ctx)
+        kind = "linear" if linear else "conv_bn" if mode else "conv"
         spec = conv_spec(node, chain.epilogue, chain.last) if reason is None else None
+        summary = spec.describe() if spec is not None else conv_summary(node)
+        rule = "conv_bn" if chain.epilogue.name() else "conv"
         ctx.regions.append(
             Region(
                 name=ctx.new_region_name(kind),
                 kind=kind,
-                rule=RULES["conv_bn" if chain.epilogue.name() else "conv"],
+                rule=LINEAR_RULE if linear else RULES[rule],
                 stage=ctx.stage,
                 nodes=tuple(name for _, name in chain.roles),
-                summary=spec.describe() if spec is not None else conv_summary(node),
+                summary=f"linear as {summary}" if linear else summary,
                 spec=spec,
                 fallback_reason=reason,
                 roles=chain.roles,

@@ -22,7 +22,7 @@ from ..spec import AttentionSpec, ConvSpec, SpecError, spec_from_json, spec_to_j
 from .loader import KernelIntegrityError
 
 REF_VERSION = 1
-REGION_KINDS = ("conv", "conv_bn", "window_attention")
+REGION_KINDS = ("conv", "conv_bn", "linear", "window_attention")
 
 
 @dataclass(frozen=True)

@@ -139,5 +139,6 @@ def _window_attention_fake(q, k, v, bias, mask, general, logit_scale, kernel):
 OPS = {
     "conv": torch.ops.im2win.conv.default,
     "conv_bn": torch.ops.im2win.conv.default,
+    "linear": torch.ops.im2win.conv.default,
     "window_attention": torch.ops.im2win.window_attention.default,
 }

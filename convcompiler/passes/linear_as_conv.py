@@ -1,0 +1,249 @@
+"""Post-grad canonicalisation: a linear layer whose output feeds a fusable epilogue becomes a
+1x1 convolution, so that match_conv makes it a region and its kernel applies the epilogue.
+
+Rule (a linear on channels-last tokens IS a 1x1 convolution over them):
+
+    post_act(act(linear(x, W, b)) + r)
+        => tokens(post_act(act(conv1x1(nhwc(x), W[:, :, None, None], b)) + nhwc(r)))
+
+where, for tokens x of shape [*L, C] (L = [B, H, W], [B, N] or [M]), `nhwc` views them as a
+channels_last [B, C, H, W] image (reshape to [B, H, W, C], then permute(0, 3, 1, 2); a 3-D
+[B, N, C] is [B, 1, N, C], a 2-D [M, C] is [1, 1, M, C]) and `tokens` is the inverse view.
+The layout views sit outside the pointwise chain, so match_conv sees conv -> act -> add ->
+act directly, exactly as for a convolution. In the post-grad graph a linear is
+
+    reshape(addmm(b, reshape(x, [M, C]), permute(W, [1, 0])), [*L, K])   (mm without bias;
+    view, _unsafe_view and t in a graph that Inductor did not decompose)
+
+Only such linears: one with no fusable epilogue stays the host's matmul (cuBLAS on a GPU),
+where nothing would be won. The guards run in order; the first that fails leaves the linear
+alone and is logged, with its reason, in `ctx.facts["linear_left"]`. Not on backward graphs
+(the gradients' matmuls), nor on CPU tensors under cpu="aten" (the host runs everything).
+A float32 linear keeps torch's matmul precision, not cuDNN's conv flag (`matmul_precision`).
+
+A linear-derived convolution that no kernel replaced (the cost model chose ATen, cpu="plan",
+a lowering guard) is turned back into the linear by `restore_linears` after lowering.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.fx
+
+from ..spec import DTYPES
+from .context import PassContext
+from .conv_chain import grow_chain
+from .meta import fake_value, layout_mismatch, run_on_fakes
+
+log = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+RULE = (
+    "post_act(act(linear(x, W, b)) + r) => tokens(post_act(act(conv1x1(nhwc(x), W, b)) + nhwc(r)))"
+)
+FROM_LINEAR = "im2win_from_linear"  # node.meta key on a convolution this pass made
+RESHAPES = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
+META_KEYS = ("stack_trace", "nn_module_stack", "from_node", "seq_nr")
+
+
+def matmul_precision(dtype: torch.dtype) -> str:
+    """How cuBLAS runs a float32 matmul right now: TF32 only if the user allowed it."""
+    if dtype != torch.float32:
+        return "ieee"
+    flag = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if flag is not None and flag != "none":
+        return "tf32" if flag == "tf32" else "ieee"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _lead_4d(lead: list) -> list:
+    """The token dims [*L] as [B, H, W]."""
+    if len(lead) == 3:
+        return list(lead)
+    if len(lead) == 2:
+        return [lead[0], 1, lead[1]]
+    return [1, 1, lead[0]]
+
+
+class _Linear:
+    """What the guards read off one addmm/mm node; `reason` is why it is left alone."""
+
+    def __init__(self, mm: torch.fx.Node, ctx: PassContext) -> None:
+        self.mm = mm
+        self.reason = self._check(ctx)
+
+    def _check(self, ctx: PassContext) -> str | None:
+        mm = self.mm
+        if mm.target is aten.addmm.default:
+            bias, x2d, wt = mm.args[:3]
+            if mm.kwargs.get("beta", 1) != 1 or mm.kwargs.get("alpha", 1) != 1:
+                return "addmm with beta or alpha other than 1"
+        else:
+            bias, (x2d, wt) = None, mm.args[:2]
+        out, xv, wtv = fake_value(mm), fake_value(x2d), fake_value(wt)
+        if out is None or xv is None or wtv is None:
+            return "no fake-tensor metadata on the matmul"
+        if xv.device.type == "cpu" and ctx.config.cpu == "aten":
+            return "cpu='aten' on CPU tensors: the host runs every linear"
+        if xv.device.type not in ("cpu", "cuda"):
+            return f"device {xv.device.type!r} is not supported (cpu or cuda)"
+        if str(xv.dtype).removeprefix("torch.") not in DTYPES:
+            return f"dtype {xv.dtype} is not supported (kernels run {', '.join(DTYPES)})"
+        transposed = wt.target is aten.t.default or (
+            wt.target is aten.permute.default and list(wt.args[1]) == [1, 0]
+        )
+        if not transposed:
+            return "the weight operand is not a transposed [K, C] weight (permute(W, [1, 0]))"
+        self.weight = wt.args[0]
+        wv = fake_value(self.weight)
+        if wv is None or not wv.is_contiguous() or wv.dtype != xv.dtype:
+            return "the weight is not a contiguous [K, C] tensor of the input's dtype"
+        k, c = wv.shape
+        if not (isinstance(k, int) and isinstance(c, int)):
+            return "the weight shape is symbolic; kernels need static channel counts"
+        bv = fake_value(bias)
+        if bias is not None and (bv is None or tuple(bv.shape) != (k,) or bv.dtype != xv.dtype):
+            return "the bias is not a [K] vector of the input's dtype"
+        if not xv.is_contiguous():
+            return "the tokens are not contiguous"
+        if 0 in (k, c) or (isinstance(xv.shape[0], int) and xv.shape[0] == 0):
+            return "zero-size linear: nothing to compute"
+        self.bias, self.x2d, self.k, self.c = bias, x2d, k, c
+        users = list(mm.users)
+        if len(users) == 1 and users[0].target in RESHAPES:
+            tokens = fake_value(users[0])
+            if tokens is None or not 2 <= tokens.dim() <= 4 or tokens.shape[-1] != k:
+                return "the matmul's output is reshaped into something other than [*L, K] tokens"
+            self.out, self.lead = users[0], list(users[0].args[1][:-1])
+        else:
+            if not isinstance(xv.shape[0], int):
+                return "2-D tokens with a symbolic count (not supported yet)"
+            self.out, self.lead = mm, [int(xv.shape[0])]
+        self.chain = grow_chain(self.out, set(), fuse_bn=False)
+        if not self.chain.epilogue.name():
+            return "no fusable epilogue (activation or residual add) follows: the host's mm runs it"
+        last = fake_value(self.chain.last)
+        if last is None or last.dtype != out.dtype:
+            return "the epilogue changes the dtype"
+        return None
+
+
+class _Builder:
+    """Adds nodes before `anchor`, each with its fake value; remembers them for a rollback."""
+
+    def __init__(self, graph: torch.fx.Graph, anchor: torch.fx.Node) -> None:
+        self.graph, self.anchor, self.added = graph, anchor, []
+
+    def call(self, target, args, kwargs=None, like=None) -> torch.fx.Node:
+        with self.graph.inserting_before(self.anchor):
+            node = self.graph.call_function(target, tuple(args), kwargs or {})
+        self.added.append(node)
+        node.meta["val"] = run_on_fakes(node)
+        if like is not None:
+            node.meta.update({key: like.meta[key] for key in META_KEYS if key in like.meta})
+        return node
+
+    def nhwc(self, tokens: torch.fx.Node, lead4: list, channels: int) -> torch.fx.Node:
+        """[*L, C] tokens as a channels_last [B, C, H, W] image."""
+        image = self.call(aten.reshape.default, (tokens, [*lead4, channels]))
+        return self.call(aten.permute.default, (image, [0, 3, 1, 2]))
+
+    def rollback(self) -> None:
+        for node in reversed(self.added):
+            self.graph.erase_node(node)
+
+
+def _rewrite(graph: torch.fx.Graph, lin: _Linear) -> str | None:
+    """Build the conv chain before the chain's last node; None, or why it was not kept."""
+    nodes = {node.name: node for node in graph.nodes}
+    last, lead4 = lin.chain.last, _lead_4d(lin.lead)
+    b = _Builder(graph, last)
+    x = b.nhwc(lin.x2d, lead4, lin.c)
+    w = b.call(aten.reshape.default, (lin.weight, [lin.k, lin.c, 1, 1]))
+    conv_args = (x, w, lin.bias, [1, 1], [0, 0], [1, 1], False, [0, 0], 1)
+    cur = b.call(aten.convolution.default, conv_args, like=lin.mm)
+    cur.meta[FROM_LINEAR] = True
+    prev = lin.out
+    for role, name in lin.chain.roles[1:]:
+        old = nodes[name]
+        if role == "add":
+            left, right = old.args
+            r = b.nhwc(right if left is prev else left, lead4, lin.k)
+            args = (cur, r) if left is prev else (r, cur)
+            new = b.call(old.target, args, old.kwargs, like=old)
+        else:
+            new = b.call(old.target, (cur, *old.args[1:]), old.kwargs, like=old)
+        prev, cur = old, new
+    out = b.call(aten.permute.default, (cur, [0, 2, 3, 1]))
+    if len(lin.lead) != 3:
+        out = b.call(aten.reshape.default, (out, [*lin.lead, lin.k]))
+    reason = layout_mismatch(fake_value(out), fake_value(last))
+    if reason is not None:
+        b.rollback()
+        return f"the rewritten chain would change the output layout: {reason}"
+    last.replace_all_uses_with(out)
+    transposed = lin.mm.args[-1]
+    for _, name in reversed(lin.chain.roles):
+        graph.erase_node(nodes[name])
+    if lin.out is not lin.mm:  # the reshape of the matmul was the chain's first node
+        graph.erase_node(lin.mm)
+    if not transposed.users:
+        graph.erase_node(transposed)
+    return None
+
+
+def linear_as_conv(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:
+    if ctx.stage == "backward":
+        return gm
+    left = ctx.facts.setdefault("linear_left", {})
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in (aten.addmm.default, aten.mm.default):
+            continue
+        lin = _Linear(node, ctx)
+        reason = lin.reason if lin.reason is not None else _rewrite(gm.graph, lin)
+        if reason is not None:
+            left[(ctx.stage, node.name)] = reason
+            log.debug("linear %s (%s graph) stays a matmul: %s", node.name, ctx.stage, reason)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def restore_linears(gm: torch.fx.GraphModule) -> int:
+    """After lowering: every convolution this pass made that no kernel replaced becomes the
+    linear again (addmm, or mm, on the tokens), seen through the same channels_last view, so
+    the host runs its own matmul. Returns how many."""
+    graph, restored = gm.graph, 0
+    for conv in list(graph.nodes):
+        if conv.target is not aten.convolution.default or not conv.meta.get(FROM_LINEAR):
+            continue
+        x, w, bias = conv.args[:3]
+        image = x.args[0] if x.target is aten.permute.default else None
+        if image is None or image.target is not aten.reshape.default or w.target not in RESHAPES:
+            log.warning("%s: not the convolution linear_as_conv built; kept", conv.name)
+            continue
+        tokens, lead4 = image.args[0], list(image.args[1][:-1])
+        b = _Builder(graph, conv)
+        wt = b.call(aten.permute.default, (w.args[0], [1, 0]))
+        if bias is None:
+            mm = b.call(aten.mm.default, (tokens, wt), like=conv)
+        else:
+            mm = b.call(aten.addmm.default, (bias, tokens, wt), like=conv)
+        k = fake_value(w).shape[0]
+        out = b.call(aten.reshape.default, (mm, [*lead4, k]))
+        out = b.call(aten.permute.default, (out, [0, 3, 1, 2]))
+        reason = layout_mismatch(fake_value(out), fake_value(conv))
+        if reason is not None:  # the convolution stays: correct, only not a matmul
+            log.warning("%s: the restored linear differs (%s); kept", conv.name, reason)
+            b.rollback()
+            continue
+        conv.replace_all_uses_with(out)
+        graph.erase_node(conv)
+        restored += 1
+    if restored:
+        graph.eliminate_dead_code()
+        graph.lint()
+        gm.recompile()
+    return restored

@@ -43,8 +43,8 @@ import torch.distributed as dist
 from ..config import Config
 from ..counters import counters
 from ..schedule import Schedule
+from .choice import CandidateRow, Choice, SelectionContext, Spec
 from .cost import predict
-from .select import CandidateRow, Choice, SelectionContext, Spec
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ Tables:
     meta         the file's format and generation
 
 No kernel source is stored: a decision's source is rendered again by the installed templates
-and used only if it hashes to the recorded SHA-256 (select.py `_from_record`). Values are
+and used only if it hashes to the recorded SHA-256 (stored.py `from_record`). Values are
 JSON, never pickle, and every value read back is checked against its schema
 (cache_values.py): a malformed one is a counted miss. Opening, corruption and disk faults
 are cache_db.py's: a corrupt file is rebuilt, a disk that cannot hold it leaves this process

@@ -15,7 +15,7 @@ Anything else (`[]`, `null`, a missing key, a string where a number goes, nestin
 for the parser) is a miss: `invalid` counts it (`cache.invalid`) and logs it once per kind
 of value and process. Nothing here raises on a stored value. What a schema cannot say (a
 schedule the templates do not know, a source hash the templates do not render) is checked
-where the value is used (select.py `_from_record`), with the same outcome.
+where the value is used (stored.py `from_record`), with the same outcome.
 """
 
 from __future__ import annotations

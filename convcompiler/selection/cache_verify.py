@@ -27,7 +27,7 @@ from ..schedule import InvalidSchedule
 from ..spec import SpecError, spec_from_json
 from . import cache_values as values
 from .cache import CACHE_VERSION, TuningCache, key_of, templates_hash
-from .select import _stored_schedule
+from .stored import stored_schedule
 
 OK, OTHER, MALFORMED, MISMATCH = "ok", "another installation", "malformed", "MISMATCH"
 
@@ -44,7 +44,7 @@ def regenerate(value: dict[str, Any]) -> KernelSource | None:
     """The source a well-formed record's decision renders to now (None for ATen); raises
     SpecError or InvalidSchedule when the record does not describe a region's kernel."""
     spec = spec_from_json(value["spec"])
-    schedule = _stored_schedule(value["schedule"], spec)
+    schedule = stored_schedule(value["schedule"], spec)
     return None if schedule.name == "aten" else render_region(spec, schedule)
 
 

@@ -30,82 +30,22 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
 
-from ..codegen import SPACES, TEMPLATES, KernelSource, kind_spaces, render_region, spec_kind
+from ..codegen import SPACES, TEMPLATES, kind_spaces
 from ..config import Config
 from ..counters import counters
 from ..schedule import ATEN, InvalidSchedule, Schedule
-from ..spec import AttentionSpec, ConvSpec
-from .cache import TuningCache, record_key
-from .cache_values import RECORD, checked, invalid
+from .choice import CandidateRow, Choice, SelectionContext, Spec
 from .cost import Prediction, interpreter_steps, predict, rank
 from .devices import Device
-from .tuning import Benchmarker, autotune
+from .stored import stored_decision
+from .tuning import autotune
 
-if TYPE_CHECKING:
-    from .agreement import Agreement
-    from .remote import RemoteCache
-
-Spec = ConvSpec | AttentionSpec
+__all__ = ["CandidateRow", "Choice", "SelectionContext", "select_schedule"]
 
 log = logging.getLogger(__name__)
 
 RANGE_GRID = tuple(2**i for i in range(17))
-
-
-@dataclass(frozen=True)
-class CandidateRow:
-    """One candidate as the report shows it."""
-
-    schedule: str
-    predicted_s: float
-    measured_s: float | None = None
-
-
-@dataclass(frozen=True)
-class Choice:
-    schedule: Schedule
-    origin: str  # "override", "cache", "tuned", "model" or "peer" (another rank's)
-    why: str
-    fallback_reason: str | None = None
-    prediction: Prediction | None = None
-    candidates: tuple[CandidateRow, ...] = ()
-    valid_for: str | None = None
-    source: KernelSource | None = None  # a cached decision's source, rendered and checked
-    rejected: tuple[str, ...] = ()  # candidates the static check refused, with the reason
-
-
-@dataclass
-class SelectionContext:
-    """What selection needs beyond the spec; built once per compile by the lowering."""
-
-    config: Config
-    device: Device
-    device_reason: str
-    cache: TuningCache | None = None
-    bench: Benchmarker | None = None
-    make_runner: Callable[[Spec, Prediction], Callable[[], object]] | None = None
-    calibration: float = 1.0
-    # verify(spec, schedule) -> problems ([] when the kernel fits the planning device)
-    verify: Callable[[Spec, Schedule], list[str]] | None = None
-    # under torch.distributed: one rank decides each region for all (selection/agreement.py)
-    agreement: Agreement | None = None
-    # a fleet's decisions on Redis, under the local cache (selection/remote.py), and the
-    # keys this compile took from it (a later region with the same key reports "remote" too)
-    remote: RemoteCache | None = None
-    from_remote: set[str] = field(default_factory=set)
-    keys: dict[str, tuple[str, dict]] = field(default_factory=dict)
-
-    def key(self, spec: Spec) -> tuple[str, dict]:
-        if spec.key() not in self.keys:
-            fields = {name: getattr(self.config, name) for name in self.config.codegen_fields}
-            bench = self.bench.name if self.bench is not None else "none"
-            self.keys[spec.key()] = record_key(
-                spec_kind(spec), spec.key(), self.device, fields, bench
-            )
-        return self.keys[spec.key()]
 
 
 def interpreted(spec: Spec, config: Config) -> bool:
@@ -175,53 +115,6 @@ def valid_range(
     return ", ".join(ranges)
 
 
-def _stored_schedule(data: dict, spec: Spec) -> Schedule:
-    """A stored schedule rebuilt through its template's space (InvalidSchedule otherwise)."""
-    if data["name"] == "aten" and not data["params"]:
-        return ATEN
-    space = kind_spaces(spec).get(data["name"])
-    if space is None:
-        raise InvalidSchedule(f"{data['name']!r} is not a template of this region")
-    return space.make(spec, device=None, **dict(data["params"]))
-
-
-def _from_record(record: dict, spec: Spec, ctx: SelectionContext) -> Choice | None:
-    """A cached decision, used only if it still holds (None: a miss):
-
-    * a model record only under the ATen calibration it was ranked with;
-    * its schedule (and plan) must be valid schedules of this region's templates;
-    * a kernel's source is rendered again by the installed templates and must hash to the
-      recorded SHA-256. Nothing stored is executed: the rendering is what runs.
-
-    `record` has the cache_values.RECORD shape (TuningCache.get checked it)."""
-    if record["origin"] == "model" and record["calibration"] != ctx.calibration:
-        return None
-    try:
-        schedule = _stored_schedule(record["schedule"], spec)
-        planned = _stored_schedule(record["plan"] or record["schedule"], spec)
-    except (InvalidSchedule, TypeError) as err:
-        invalid("record", f"its schedule: {err}")
-        return None
-    source = None
-    if schedule.name != "aten":
-        source = render_region(spec, schedule)
-        stored = record["source"]
-        if stored is None or stored["sha256"] != source.sha256:
-            invalid("record", "its source hash is not what the installed templates render")
-            return None
-    counters["cache.hit"] += 1
-    return Choice(
-        schedule,
-        "cache",
-        f"cached {record['origin']} record: {record['why']}",
-        fallback_reason=("cached decision: ATen is fastest" if schedule.name == "aten" else None),
-        prediction=predict(spec, planned, ctx.device, ctx.calibration),
-        candidates=tuple(CandidateRow(**row) for row in record["candidates"]),
-        valid_for=record["valid_for"],
-        source=source,
-    )
-
-
 def select_schedule(spec: Spec, ctx: SelectionContext) -> Choice:
     """Pick the schedule for one conv region (the order is in the module docstring)."""
     choice = _override(spec, ctx)  # 1
@@ -276,23 +169,6 @@ def _override(spec: Spec, ctx: SelectionContext) -> Choice | None:
     return None
 
 
-def _records(key: str, parts: dict, ctx: SelectionContext):
-    """The stored decisions for `key`, nearest first: ("local", record), then ("remote",
-    record). The remote is asked only when the local one is missing or cannot be used, and
-    its value is checked against the same schema and key parts as a local record."""
-    if ctx.cache is not None:
-        record = ctx.cache.get(key, parts)
-        if record is not None:
-            yield "local", record
-    if ctx.remote is not None:
-        value = ctx.remote.get(key)
-        record = checked(value, RECORD, "remote record") if value else None
-        if value is not None and (record is None or record["key_parts"] != parts):
-            counters["remote.invalid"] += 1
-        elif record is not None:
-            yield "remote", record
-
-
 def _search(spec: Spec, ctx: SelectionContext) -> Choice:
     """3 to 5: a cached record, else tuning, else the cost model."""
     config = ctx.config
@@ -300,19 +176,8 @@ def _search(spec: Spec, ctx: SelectionContext) -> Choice:
     # 3. a cached record
     tuning = config.autotune and ctx.bench is not None
     key, parts = ctx.key(spec)
-    for where, record in _records(key, parts, ctx):
-        usable = record["origin"] == "tuned" or not tuning
-        choice = _from_record(record, spec, ctx) if usable else None
-        if choice is None:
-            counters["cache.miss"] += 1
-            continue
-        if where == "remote":
-            ctx.from_remote.add(key)
-            if ctx.cache is not None:
-                ctx.cache.put(key, record)  # a remote hit fills the local cache
-        if key in ctx.from_remote:
-            why = f"remote {record['origin']} record: {record['why']}"
-            choice = dataclasses.replace(choice, origin="remote", why=why)
+    choice = stored_decision(key, parts, spec, ctx, tuning=tuning)
+    if choice is not None:
         return choice
 
     # 4 and 5: rank every candidate with the cost model; tune the top-k when enabled

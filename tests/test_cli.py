@@ -16,6 +16,7 @@ import torch.nn as nn
 from convcompiler import bench
 from convcompiler.bench.__main__ import main as bench_main
 from convcompiler.inspection.cli import main
+from convcompiler.passes import POST_GRAD_PASSES
 
 
 def test_explain_prints_the_region_table(capsys, tmp_path) -> None:
@@ -178,13 +179,13 @@ def test_debug_dump_holds_every_pass_and_kernel(tmp_path, monkeypatch, caplog) -
     (dump,) = tmp_path.iterdir()
     assert any(str(dump) in r.getMessage() for r in caplog.records)  # it says where
     names = {str(p.relative_to(dump)) for p in dump.rglob("*")}
+    passes = [p.__name__ for p in POST_GRAD_PASSES] + ["lowered"]  # every pass, in order
+    lowered = f"forward/{len(passes):02d}_lowered.py"
     for expected in (
         "pre_grad/00_input.py",
         "pre_grad/01_find_conv_padding_modes.py",
         "forward/00_input.py",
-        "forward/01_match_conv.py",
-        "forward/02_match_window_attention.py",
-        "forward/03_lowered.py",
+        *(f"forward/{i:02d}_{name}.py" for i, name in enumerate(passes, start=1)),
         "backward/00_input.py",
         "regions.json",
     ):
@@ -197,7 +198,7 @@ def test_debug_dump_holds_every_pass_and_kernel(tmp_path, monkeypatch, caplog) -
     regions = json.loads((dump / "regions.json").read_text())["regions"]
     kernels = {p.name for p in (dump / "kernels").iterdir()}
     assert {os.path.basename(r["kernel_path"]) for r in regions} == kernels and len(kernels) == 2
-    assert "torch.ops.im2win.conv" in (dump / "forward/03_lowered.py").read_text()
+    assert "torch.ops.im2win.conv" in (dump / lowered).read_text()
 
 
 @pytest.mark.parametrize(

@@ -45,6 +45,10 @@ class Schedule:
     def as_dict(self) -> dict[str, Param]:
         return dict(self.params)
 
+    def to_json(self) -> dict:
+        """{"name": ..., "params": [[name, value], ...]}: how records and peers store it."""
+        return {"name": self.name, "params": [list(p) for p in self.params]}
+
     def describe(self) -> str:
         inner = " ".join(f"{k}={v}" for k, v in self.params)
         return f"{self.name}({inner})" if inner else self.name

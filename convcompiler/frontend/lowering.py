@@ -153,8 +153,8 @@ class Lowering:
             "key_parts": parts,
             "spec": spec_to_json(spec),
             "calibration": ctx.calibration,
-            "schedule": _as_json(choice.schedule),
-            "plan": _as_json(choice.prediction.schedule) if choice.prediction else None,
+            "schedule": choice.schedule.to_json(),
+            "plan": choice.prediction.schedule.to_json() if choice.prediction else None,
             "origin": origin,
             "why": choice.why,
             "candidates": [row.__dict__ for row in choice.candidates],
@@ -375,10 +375,6 @@ def _epilogue_name(region: Region) -> str:
     if region.mode == "tune":
         return "+".join(["bn"] + ([name] if name else []))
     return name
-
-
-def _as_json(schedule: Schedule) -> dict:
-    return {"name": schedule.name, "params": [list(p) for p in schedule.params]}
 
 
 ATTENTION_OPERANDS = ("q", "k", "v", "bias", "mask", "general", "logit_scale")

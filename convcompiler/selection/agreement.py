@@ -156,10 +156,6 @@ class Agreement:
 
 
 # ---- the decision as JSON ----------------------------------------------------------------------
-def _schedule_json(schedule: Schedule) -> dict:
-    return {"name": schedule.name, "params": [list(p) for p in schedule.params]}
-
-
 def _schedule(value: dict) -> Schedule:
     return Schedule(value["name"], tuple((k, v) for k, v in value["params"]))
 
@@ -169,8 +165,8 @@ def encode(choice: Choice, rank: int) -> dict:
     plan = choice.prediction.schedule if choice.prediction is not None else choice.schedule
     return {
         "rank": rank,
-        "schedule": _schedule_json(choice.schedule),
-        "plan": _schedule_json(plan),  # the GPU plan, before tiles were re-picked for the CPU
+        "schedule": choice.schedule.to_json(),
+        "plan": plan.to_json(),  # the GPU plan, before tiles were re-picked for the CPU
         "origin": choice.origin,
         "why": choice.why,
         "fallback_reason": choice.fallback_reason,

@@ -35,7 +35,7 @@ import torch.fx
 from ..spec import DTYPES
 from .context import PassContext
 from .conv_chain import grow_chain
-from .meta import fake_value, layout_mismatch, run_on_fakes
+from .meta import fake_value, fp32_precision, layout_mismatch, run_on_fakes
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -52,10 +52,8 @@ def matmul_precision(dtype: torch.dtype) -> str:
     """How cuBLAS runs a float32 matmul right now: TF32 only if the user allowed it."""
     if dtype != torch.float32:
         return "ieee"
-    flag = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
-    if flag is not None and flag != "none":
-        return "tf32" if flag == "tf32" else "ieee"
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    matmul = torch.backends.cuda.matmul
+    return fp32_precision(matmul, matmul.allow_tf32)
 
 
 def _lead_4d(lead: list) -> list:

@@ -27,6 +27,7 @@ from .meta import (
     conv_summary,
     dynamo_sources,
     fake_value,
+    fp32_precision,
     memory_layout,
     shape_summary,
     size_hints,
@@ -46,11 +47,8 @@ def _conv_precision() -> str:
 
     Read for CPU tensors too: the plan is made for a GPU, and Triton's interpreter computes
     a float32 tl.dot exactly whatever the precision says."""
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    flag = getattr(conv, "fp32_precision", None) if conv is not None else None
-    if flag is not None and flag != "none":
-        return "tf32" if flag == "tf32" else "ieee"
-    return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+    cudnn = torch.backends.cudnn
+    return fp32_precision(getattr(cudnn, "conv", None), cudnn.allow_tf32)
 
 
 def _precision(node: torch.fx.Node, dtype: torch.dtype) -> str:

@@ -84,6 +84,15 @@ def memory_layout(t: torch.Tensor) -> str:
     return "strided"
 
 
+def fp32_precision(flags: object, allow_tf32: bool) -> str:
+    """How a float32 GEMM runs under one torch backend's flags (cuDNN's conv, or cuBLAS's
+    matmul): its `fp32_precision` when set, else its `allow_tf32`; "tf32" or "ieee"."""
+    flag = getattr(flags, "fp32_precision", None) if flags is not None else None
+    if flag is not None and flag != "none":
+        return "tf32" if flag == "tf32" else "ieee"
+    return "tf32" if allow_tf32 else "ieee"
+
+
 def shape_summary(node: torch.fx.Node) -> str:
     """ "[2,3,8,8] -> [2,4,6,6]": the first tensor argument's shape and the node's."""
     inputs = [fake_value(a) for a in node.args if fake_value(a) is not None]

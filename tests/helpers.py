@@ -80,6 +80,21 @@ def run_compiled(
     return out, convcompiler.last_report()
 
 
+def compile_matches_eager(
+    model: torch.nn.Module, x: torch.Tensor, *, launches: int
+) -> convcompiler.Report:
+    """A fresh compile of `model` (Dynamo reset, counters reset): its output equals float64
+    eager's, and `launches` generated kernels ran."""
+    with torch.no_grad():
+        ref = float64_copy(model)(x.double())
+    convcompiler.counters.reset()
+    torch._dynamo.reset()
+    out, report = run_compiled(model, [x])
+    assert_close(out, ref, x.dtype)
+    assert kernel_launches() == launches, convcompiler.counters
+    return report
+
+
 def check_model(
     model: torch.nn.Module,
     inputs: Sequence[torch.Tensor],

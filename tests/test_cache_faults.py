@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn as nn
 from cache_procs import compile_in_new_process, need_unshare, private_env
-from helpers import assert_close, float64_copy, kernel_launches, run_compiled
+from helpers import compile_matches_eager
 
 import convcompiler
 from convcompiler import files
@@ -101,15 +101,7 @@ def test_full_disk(tmp_path) -> None:
 def _check_compile(channels: int = 4) -> convcompiler.Report:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.ReLU()).eval()
-    x = torch.randn(1, 3, 8, 8)
-    with torch.no_grad():
-        ref = float64_copy(model)(x.double())
-    convcompiler.counters.reset()
-    torch._dynamo.reset()
-    out, report = run_compiled(model, [x])
-    assert_close(out, ref, torch.float32)
-    assert kernel_launches() == 1, convcompiler.counters
-    return report
+    return compile_matches_eager(model, torch.randn(1, 3, 8, 8), launches=1)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn as nn
 from cache_procs import compile_in_new_process, private_env
-from helpers import assert_close, float64_copy, kernel_launches, run_compiled
+from helpers import compile_matches_eager, run_compiled
 
 import convcompiler
 from convcompiler.inspection.cli import main
@@ -130,15 +130,7 @@ def small_model() -> nn.Module:
 
 def compile_and_check(x: torch.Tensor) -> convcompiler.Report:
     """Compiled == float64 eager, and both generated kernels launched."""
-    model = small_model()
-    with torch.no_grad():
-        ref = float64_copy(model)(x.double())
-    convcompiler.counters.reset()
-    torch._dynamo.reset()
-    out, report = run_compiled(model, [x])
-    assert_close(out, ref, torch.float32)
-    assert kernel_launches() == 2, convcompiler.counters
-    return report
+    return compile_matches_eager(small_model(), x, launches=2)
 
 
 REPLACEMENTS = {

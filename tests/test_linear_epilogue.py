@@ -207,3 +207,72 @@ def test_linear_reshaped_into_heads_is_untouched() -> None:
     out, ref, report = compiled_run(model, x)
     assert_close(out, ref, torch.float32)
     assert len(report) == 0 and convcompiler.counters["match.linear"] == 0, str(report)
+
+
+# ---- eager's edges ------------------------------------------------------------------------
+class ResidualMLP(nn.Module):
+    """gelu(fc1(x)) then fc2(.) + r, with the residual `r` given (possibly broadcast)."""
+
+    def __init__(self, c: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(c, hidden), nn.Linear(hidden, c)
+
+    def forward(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x))) + r
+
+
+def _run_pair(model, x, r):
+    with torch.no_grad():
+        ref = float64_copy(model)(x.double(), r.double())
+        out = torch.compile(model, backend="im2win")(x, r)
+    return out, ref, convcompiler.last_report()
+
+
+def test_a_broadcast_residual_stays_outside_the_kernel() -> None:
+    """A residual of shape [C] broadcast over the tokens: eager's result; the GELU fuses
+    into fc1, and the broadcast add is not taken as a residual (its shape differs)."""
+    torch.manual_seed(0)
+    model = ResidualMLP(11, 23).eval()
+    x, r = torch.randn(2, 5, 6, 11), torch.randn(11)
+    out, ref, report = _run_pair(model, x, r)
+    assert_close(out, ref, torch.float32)
+    assert linear_rows(report) == [("gelu", "gemm_1x1")], str(report)
+    assert convcompiler.counters["launch.linear"] == 1
+
+
+def test_non_contiguous_tokens_match_eager() -> None:
+    """Tokens read through a transpose: eager's result. ATen's linear then runs as mm plus
+    a separate bias add, which is not a fusable epilogue, so the host's matmul runs it (the
+    reason is logged); whatever was matched also launched."""
+    torch.manual_seed(0)
+    model = ResidualMLP(11, 23).eval()
+    x = torch.randn(2, 6, 5, 11).transpose(1, 2)  # [2, 5, 6, 11], not contiguous
+    out, ref, _ = _run_pair(model, x, torch.randn(2, 5, 6, 11))
+    assert_close(out, ref, torch.float32)
+    assert convcompiler.counters["launch.linear"] == convcompiler.counters["match.linear"]
+
+
+def test_nan_and_inf_through_a_linear_epilogue() -> None:
+    """NaN and +-Inf in the tokens reach the output where eager puts them."""
+    torch.manual_seed(0)
+    model = ResidualMLP(7, 9).eval()
+    x, r = torch.randn(1, 3, 4, 7), torch.randn(1, 3, 4, 7)
+    x[0, 0, 0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    r[0, 1, 2, 0] = float("inf")
+    out, ref, report = _run_pair(model, x, r)
+    assert linear_rows(report) == [("gelu", "gemm_1x1"), ("add", "gemm_1x1")], str(report)
+    assert convcompiler.counters["launch.linear"] == 2
+    assert torch.equal(out.isnan(), ref.isnan()), (out.isnan() != ref.isnan()).nonzero()
+    assert torch.equal(out.isinf(), ref.isinf()) and torch.equal(
+        out[out.isinf()], ref[ref.isinf()].float()
+    )
+    finite = ref.isfinite()
+    assert_close(out[finite], ref[finite], torch.float32)
+
+
+def test_empty_tokens_give_eagers_empty_result() -> None:
+    torch.manual_seed(0)
+    model = ResidualMLP(7, 9).eval()
+    x, r = torch.randn(0, 3, 4, 7), torch.randn(0, 3, 4, 7)
+    out, ref, _ = _run_pair(model, x, r)
+    assert out.shape == ref.shape == (0, 3, 4, 7) and out.dtype == torch.float32

@@ -93,6 +93,7 @@ def redis_server(tmp_path):
 
 @pytest.fixture
 def silent_server():
+    pytest.importorskip("redis", reason="the redis client is not installed")
     server = SilentServer()
     yield server
     server.close()

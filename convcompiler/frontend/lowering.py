@@ -6,9 +6,15 @@ autotuning) and the runtime (ops, loading); neither passes nor codegen imports t
 A runnable region's nodes are replaced by one call of its op (runtime/ops.py) whose last
 argument names the kernel (runtime/kernel_ref.py). The op's fake value must have exactly
 the sizes and strides of the node it replaces, or the region falls back with that reason.
-A conv weight that the GEMM schedules read in im2win order is packed by visible graph ops
-when `pack_in_graph` (training: Inductor fuses the pack with Tune mode's W * c; CUDA
-graphs), and otherwise by the op itself, cached per weight tensor (runtime/packing.py).
+A conv weight that the GEMM schedules read in im2win order (KernelRef.weight) is packed
+
+* by the op itself, cached per tensor (runtime/packing.py), only when the weight is a
+  parameter or buffer that reaches the op straight from a graph input, in inference;
+* otherwise by visible graph ops: in training and under CUDA graphs (`pack_in_graph`), and
+  for any weight the graph computes (autocast's cast, Tune mode's W * c, weight
+  standardisation), which Inductor fuses with the ops that compute it. Such a weight lives in
+  one of Inductor's buffers, which it reuses for other tensors and writes through raw
+  pointers, so no identity, address or version counter can tell two of them apart.
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ class Lowering:
         self.cache = open_cache() if config.cache else None
         self.remote = open_remote(config.remote_cache) if config.cache else None
         self._contexts: dict[str, SelectionContext] = {}
+        self._parameters: frozenset[str] = frozenset()  # of the graph being lowered
 
     # ---- selection context per tensor device ----------------------------------------------
     def context(self, spec: ConvSpec) -> SelectionContext:
@@ -197,10 +204,18 @@ class Lowering:
             )
         )
 
-    def lower_regions(self, gm: torch.fx.GraphModule, regions: list[Region]) -> dict[str, bool]:
+    def lower_regions(
+        self,
+        gm: torch.fx.GraphModule,
+        regions: list[Region],
+        parameters: frozenset[str] = frozenset(),
+    ) -> dict[str, bool]:
         """Replace each runnable region's nodes by its op; returns {encoded KernelRef:
-        interpreted} for every kernel the rewritten graph calls."""
+        interpreted} for every kernel the rewritten graph calls. `parameters` names the
+        placeholders that are a module's parameters or buffers
+        (session.parameter_placeholders)."""
         nodes = {node.name: node for node in gm.graph.nodes}
+        self._parameters = parameters
         kernels: dict[str, bool] = {}
         # a progress bar on a terminal when there are many regions (selection, rendering and
         # static checks take about a second each); none in logs, CI or tests (disable=None)
@@ -274,8 +289,8 @@ class Lowering:
     def _as_op(self, gm, nodes, region, spec, choice, source, kernels):
         """Replace the region by its `im2win.*` op; (kernel file or None, fallback reason)."""
         interpret = spec.device == "cpu"
-        packed = self._pack_in_graph(spec, choice.schedule, nodes, region)
-        ref = KernelRef.of(region.kind, source, spec, packed=packed)
+        weight = self._weight_handling(spec, choice.schedule, nodes, region)
+        ref = KernelRef.of(region.kind, source, spec, weight=weight)
         path = ops.preload(ref, self.config.kernel_path, interpret=interpret)
         reason = self._replace(gm, nodes, region, ref)
         if reason is None:
@@ -314,14 +329,16 @@ class Lowering:
         counters[f"inline.{region.kind}"] += 1
         return None
 
-    def _pack_in_graph(self, spec, schedule: Schedule, nodes: dict, region: Region) -> bool:
-        """Whether this conv's weight is packed by graph ops (see the module docstring)."""
+    def _weight_handling(self, spec, schedule: Schedule, nodes: dict, region: Region) -> str:
+        """How this conv's weight reaches its kernel (KernelRef.weight; module docstring)."""
         if not isinstance(spec, ConvSpec) or schedule.name not in PACKING_SCHEDULES:
-            return False
+            return "as_is"  # window attention; direct_depthwise reads the weight's strides
         if filter_repack_free(spec):
-            return False
+            return "as_is"
         weight = nodes[dict(region.roles)["conv"]].args[1]
-        return self.pack_in_graph or weight.op != "placeholder"
+        if self.pack_in_graph or weight.op != "placeholder" or weight.name not in self._parameters:
+            return "graph"
+        return "cached"
 
     def _replace(
         self, gm: torch.fx.GraphModule, nodes: dict, region: Region, ref: KernelRef

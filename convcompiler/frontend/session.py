@@ -82,6 +82,23 @@ def _input_meta(value: object) -> object:
     return str(value) if isinstance(value, (int, float, torch.SymInt)) else type(value).__name__
 
 
+def parameter_placeholders(gm: torch.fx.GraphModule) -> frozenset[str]:
+    """The placeholders of an aot graph that are a module's parameters or buffers: the
+    inputs AOT autograd calls static (`fw_metadata.static_input_indices`, which Dynamo marks
+    for every parameter and buffer of the modules it inlines). Empty when that is unknown,
+    e.g. when the placeholders do not line up with the traced inputs one to one."""
+    from torch._guards import TracingContext
+
+    context = TracingContext.try_get()
+    meta = getattr(context, "fw_metadata", None) if context is not None else None
+    if meta is None:
+        return frozenset()
+    placeholders = [n.name for n in gm.graph.find_nodes(op="placeholder")]
+    if len(placeholders) != len(meta.input_info):
+        return frozenset()
+    return frozenset(placeholders[i] for i in meta.static_input_indices)
+
+
 class CompileSession:
     """What one backend call shares between its hooks."""
 
@@ -159,7 +176,8 @@ class CompileSession:
         ]
         ctx = PassContext(self.config, stage, self.facts, dump_dir=self.dump_dir)
         gm = run_passes(POST_GRAD_PASSES, gm, ctx)
-        lowered = self.lowering.lower_regions(gm, ctx.regions)
+        parameters = parameter_placeholders(gm) if stage == "inference" else frozenset()
+        lowered = self.lowering.lower_regions(gm, ctx.regions, parameters)
         self._kernels.update(lowered)
         restore_linears(gm)  # a linear that no kernel took is the host's matmul again
         if redecompose is not None:

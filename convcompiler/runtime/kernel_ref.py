@@ -2,7 +2,7 @@
 
 The op in a compiled graph carries what the kernel was generated from, not its code:
 
-    KernelRef(kind, spec, schedule, sha256, packed).encode()  ->  a JSON string
+    KernelRef(kind, spec, schedule, sha256, weight).encode()  ->  a JSON string
 
 Whoever runs the graph (this process, or a later one that got the graph from Inductor's
 caches) renders the source again from the installed templates and uses it only if it hashes
@@ -21,25 +21,43 @@ from ..schedule import InvalidSchedule, Schedule
 from ..spec import AttentionSpec, ConvSpec, SpecError, spec_from_json, spec_to_json
 from .loader import KernelIntegrityError
 
-REF_VERSION = 1
+REF_VERSION = 2
 REGION_KINDS = ("conv", "conv_bn", "linear", "window_attention")
+
+# How a conv's weight reaches its kernel (runtime/packing.py):
+#   "as_is":  the op hands it to the launcher as it comes (it is in the order the kernel
+#             reads, the kernel reads it through its strides, or the launcher copies it);
+#   "graph":  graph ops packed it into im2win order (Inductor fuses them with whatever
+#             computes the weight);
+#   "cached": the op packs it once and reuses the pack while the tensor is unchanged; only
+#             for a parameter or buffer that reaches the op straight from a graph input.
+WEIGHT_HANDLING = ("as_is", "graph", "cached")
 
 
 @dataclass(frozen=True)
 class KernelRef:
     """Which kernel an op runs: its region kind (for counters), spec and schedule, the hash
-    of the source they render to, and whether a conv's weight arrives already packed in
-    im2win order (a graph op did it)."""
+    of the source they render to, and how a conv's weight reaches the kernel (one of
+    WEIGHT_HANDLING)."""
 
     kind: str
     spec: ConvSpec | AttentionSpec
     schedule: Schedule
     sha256: str
-    packed: bool = False
+    weight: str = "as_is"
+
+    def __post_init__(self) -> None:
+        if self.weight not in WEIGHT_HANDLING:
+            raise SpecError(f"weight handling {self.weight!r} is not one of {WEIGHT_HANDLING}")
 
     @classmethod
-    def of(cls, kind: str, source: KernelSource, spec, packed: bool = False) -> "KernelRef":
-        return cls(kind, spec, source.schedule, source.sha256, packed)
+    def of(cls, kind: str, source: KernelSource, spec, weight: str = "as_is") -> "KernelRef":
+        return cls(kind, spec, source.schedule, source.sha256, weight)
+
+    @property
+    def packed(self) -> bool:
+        """Whether graph ops packed the weight before the op."""
+        return self.weight == "graph"
 
     def encode(self) -> str:
         return json.dumps(
@@ -49,7 +67,7 @@ class KernelRef:
                 "spec": spec_to_json(self.spec),
                 "schedule": [self.schedule.name, [list(p) for p in self.schedule.params]],
                 "sha256": self.sha256,
-                "packed": self.packed,
+                "weight": self.weight,
             },
             sort_keys=True,
             separators=(",", ":"),
@@ -100,7 +118,7 @@ def decode(text: str) -> KernelRef:
         raise SpecError(f"kernel reference is not JSON: {err}") from err
     if not isinstance(data, dict) or data.get("v") != REF_VERSION:
         raise SpecError("kernel reference of an unknown version")
-    if set(data) != {"v", "kind", "spec", "schedule", "sha256", "packed"}:
+    if set(data) != {"v", "kind", "spec", "schedule", "sha256", "weight"}:
         raise SpecError(f"kernel reference fields {sorted(data)}")
     spec = spec_from_json(data["spec"])
     kind = data["kind"]
@@ -110,6 +128,6 @@ def decode(text: str) -> KernelRef:
     sha = data["sha256"]
     if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
         raise SpecError("kernel hash is not a SHA-256")
-    if not isinstance(data["packed"], bool):
-        raise SpecError("packed is not a bool")
-    return KernelRef(kind, spec, _schedule(data["schedule"], spec), sha, data["packed"])
+    if data["weight"] not in WEIGHT_HANDLING:
+        raise SpecError(f"weight handling {data['weight']!r} is not one of {WEIGHT_HANDLING}")
+    return KernelRef(kind, spec, _schedule(data["schedule"], spec), sha, data["weight"])

@@ -85,7 +85,7 @@ def conv(
     kernel: str,
 ) -> Tensor:
     ref = decode(kernel)
-    if not ref.packed:
+    if ref.weight == "cached":  # a parameter or buffer, straight from a graph input
         weight = packing.packed_view(weight)
     return _launch(ref, (x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, residual))
 

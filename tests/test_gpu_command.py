@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from convcompiler.bench import gpu, gpu_cases, gpu_native, gpu_report
+from convcompiler.bench import gpu, gpu_autocast, gpu_cases, gpu_native, gpu_report
 from convcompiler.bench.budget import Budget, PartBudget
 from convcompiler.selection.devices import DEVICES
 
@@ -202,6 +202,16 @@ def test_correctness_check_reports_a_wrong_kernel_as_a_mismatch(monkeypatch) -> 
     assert row["status"] == "mismatch" and row["rel_err"] > row["tolerance"]
 
 
+def test_autocast_cases_run_through_the_backend() -> None:
+    """Part a's autocast nets: compiled under float16 autocast (here the CPU's, with the
+    interpreter), checked against float64 within twice eager autocast's error."""
+    h200 = DEVICES["h200"]
+    case = next(c for c in gpu_autocast.autocast_cases() if c.net == "standardized")
+    row = gpu_native.check_case(case, h200)
+    assert row["status"] == "ok" and row["kernel_launches"] == 2, row
+    assert row["rel_err"] <= row["tolerance"] == max(2 * row["eager_rel_err"], 1e-3)
+
+
 def test_flexattention_score_mod_adds_the_same_bias_and_mask() -> None:
     from convcompiler.bench.gpu_models import attention_inputs, flex_variant
     from convcompiler.runtime.reference import run_attention
@@ -275,7 +285,12 @@ def check_dry_run(out: Path, seconds: float) -> dict:
     parts = {p["name"]: p for p in report["parts"]}
     assert list(parts) == list(gpu.ORDER)
     assert all(p["status"] == "complete" for p in parts.values())
-    assert parts["correctness"]["done"] == len(gpu_cases.correctness_cases()) >= 186
+    autocast = gpu_autocast.autocast_cases()
+    assert parts["correctness"]["done"] == len(gpu_cases.correctness_cases()) + len(autocast)
+    assert len(gpu_cases.correctness_cases()) >= 186
+    rows = {r["case"]: r for r in parts["correctness"]["rows"]}
+    for case in autocast:  # planned through the backend under autocast, kernels compiled
+        assert rows[case.id]["status"] == "planned" and rows[case.id]["kernels"], rows[case.id]
     assert parts["layer_speed"]["done"] == len(gpu_cases.layer_cases())
     assert parts["window_attention"]["done"] == 4 and parts["end_to_end"]["done"] == 3
     assert parts["gpu_tests"]["done"] >= 5

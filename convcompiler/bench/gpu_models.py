@@ -125,7 +125,17 @@ def time_stage(case: AttentionCase, device: Device, warm: bool = False) -> dict:
 # ---- part d ----------------------------------------------------------------------------------
 # im2win-direct: option launch="inductor" (Inductor's wrapper launches the kernels itself;
 # not yet measured on a GPU, so after the variants that decide the comparison)
-VARIANT_ORDER = ("eager", "im2win", "inductor", "im2win-direct", "inductor-max-autotune")
+# eager-autocast / im2win-autocast: the float32 model under torch.autocast(float16), as most
+# users run inference; im2win-autocast is compared with eager-autocast
+VARIANT_ORDER = (
+    "eager",
+    "im2win",
+    "inductor",
+    "eager-autocast",
+    "im2win-autocast",
+    "im2win-direct",
+    "inductor-max-autotune",
+)
 
 
 @dataclass(frozen=True)
@@ -148,11 +158,11 @@ def model_cases(planned_only: bool = False) -> list[ModelCase]:
     ]
 
 
-def _model(name: str):
+def _model(name: str, dtype: torch.dtype = torch.float16):
     from ..inspection.models import load_model
 
     torch.manual_seed(0)  # the same random weights for every variant
-    return load_model(f"torchvision:{name}").to("cuda", torch.float16)
+    return load_model(f"torchvision:{name}").to("cuda", dtype)
 
 
 def time_model(case: ModelCase, reference: dict, warm: bool = False) -> dict:
@@ -160,20 +170,25 @@ def time_model(case: ModelCase, reference: dict, warm: bool = False) -> dict:
     import convcompiler
 
     name, variant = case.model, case.kind
-    module = _model(name)
+    autocast = variant.endswith("-autocast")
+    module = _model(name, torch.float32 if autocast else torch.float16)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(BATCH, 3, 224, 224, generator=gen, device="cuda").to(torch.float16)
+    x = torch.randn(BATCH, 3, 224, 224, generator=gen, device="cuda")
+    x = x if autocast else x.to(torch.float16)
     torch._dynamo.reset()
     convcompiler.counters.reset()
     run = {
         "eager": module,
         "im2win": torch.compile(module, backend="im2win"),
         "inductor": torch.compile(module),
+        "eager-autocast": module,
+        "im2win-autocast": torch.compile(module, backend="im2win"),
         "im2win-direct": torch.compile(module, backend="im2win", options={"launch": "inductor"}),
         "inductor-max-autotune": torch.compile(module, mode="max-autotune-no-cudagraphs"),
     }[variant]
     row = {"case": case.id, "model": name, "variant": variant, "status": "ok"}
-    with torch.no_grad():
+    amp = torch.autocast("cuda", dtype=torch.float16, enabled=autocast)
+    with torch.no_grad(), amp:
         start = time.perf_counter()
         out = run(x)
         torch.cuda.synchronize()
@@ -186,13 +201,14 @@ def time_model(case: ModelCase, reference: dict, warm: bool = False) -> dict:
         if warm:
             return {"case": case.id, "status": "compiled", "warm_first_call_s": row["first_call_s"]}
         row["ms"] = bench_ms(lambda: run(x))
-    if variant == "eager":
-        reference[name] = (out.float(), row["ms"])
-    elif name in reference:
-        ref, eager_ms = reference[name]
+    key = f"{name} autocast" if autocast else name
+    if variant.startswith("eager"):
+        reference[key] = (out.float(), row["ms"])
+    elif key in reference:
+        ref, eager_ms = reference[key]
         row["rel_diff_vs_eager"] = ((out.float() - ref).abs().max() / ref.abs().max()).item()
         row["eager_over_variant"] = eager_ms / row["ms"]
-    if variant in ("im2win", "im2win-direct"):
+    if variant.startswith("im2win"):
         report = convcompiler.last_report()
         counted = "inline." if variant == "im2win-direct" else "launch."
         launches = [v for k, v in convcompiler.counters.items() if k.startswith(counted)]
@@ -230,10 +246,19 @@ def guarded(case_id: str, fn) -> dict:
 # ---- dry run ---------------------------------------------------------------------------------
 def plan_model(case: ModelCase, checker, target: str = "h200") -> dict:
     """Trace the model at fp16, batch 32, plan every region for `target` through the real
-    backend and compile each kernel for sm_90; the model is never run (a stub returns
-    empty outputs of the traced shapes)."""
-    from ..frontend.backend import im2win
+    backend and compile each kernel for sm_90; the model is never run."""
     from ..inspection.models import load_model
+
+    module = load_model(f"torchvision:{case.model}").to(torch.float16)
+    x = torch.empty(BATCH, 3, 224, 224, dtype=torch.float16)
+    return plan_module(case.model, module, x, checker, target)
+
+
+def plan_module(case_id: str, module, x, checker, target: str = "h200") -> dict:
+    """Trace `module` on `x` (under whatever autocast is active), plan every region for
+    `target` through the real backend and compile each kernel for sm_90; the module is never
+    run (a stub returns empty outputs of the traced shapes)."""
+    from ..frontend.backend import im2win
     from ..inspection.report import next_compile_id, reports_since
 
     def plan_only(gm, example_inputs):
@@ -253,9 +278,6 @@ def plan_model(case: ModelCase, checker, target: str = "h200") -> dict:
 
         return stub
 
-    name = case.model
-    module = load_model(f"torchvision:{name}").to(torch.float16)
-    x = torch.empty(BATCH, 3, 224, 224, dtype=torch.float16)
     torch._dynamo.reset()
     first = next_compile_id()
     with torch.no_grad():
@@ -268,7 +290,7 @@ def plan_model(case: ModelCase, checker, target: str = "h200") -> dict:
     regions = [r for report in reports for r in report.regions]
     problems = [f"{k['kernel']}: {p}" for k in kernels for p in k["problems"]]
     return {
-        "case": name,
+        "case": case_id,
         "status": "problem" if problems else "planned",
         "graphs": len(reports),
         "regions": len(regions),

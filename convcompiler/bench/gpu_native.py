@@ -6,6 +6,9 @@ generated kernel, cuDNN / eager in the same dtype, and a float64 reference. A ca
 mismatch when the kernel's error exceeds max(the dtype's tolerance, 4 x cuDNN's own error):
 
     rel = max|y - ref| / max|ref|     fp32: 1e-4 (5e-4 with TF32), fp16 / bf16: 1e-2
+
+Part a also compiles small nets of repeated identical layers under float16 autocast
+(gpu_autocast.py): within twice eager autocast's own error of float64.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from ..runtime.loader import load_source
 from ..runtime.reference import run_aten, run_attention
 from ..schedule import Schedule
 from ..spec import AttentionSpec, ConvSpec
+from .gpu_autocast import AutocastCase, check_autocast_case, plan_autocast_case
 from .gpu_cases import AttentionCase, ConvCase, plan
 
 TOLERANCE = {"float32": 1e-4, "tf32": 5e-4, "float16": 1e-2, "bfloat16": 1e-2}
@@ -78,6 +82,8 @@ def dry_run_case(
 ) -> dict:
     """Plan one case and compile its kernel(s) for sm_90 (the model's first `top`; with
     `best_kernel` also the best generated kernel, timed even when ATen is the choice)."""
+    if isinstance(case, AutocastCase):
+        return plan_autocast_case(case, checker)
     spec, schedules = plan(case, device, top)
     if best_kernel:
         best = plan(dataclasses.replace(case, pick="kernel"), device)[1][0]
@@ -141,6 +147,8 @@ def _attention_inputs(case: AttentionCase, device: str, gen: torch.Generator) ->
 
 def check_case(case, device) -> dict:
     """Part a on the GPU (or, for tests, through Triton's interpreter): one record."""
+    if isinstance(case, AutocastCase):
+        return check_autocast_case(case)
     where = "cuda" if torch.cuda.is_available() else "cpu"
     record: dict[str, Any] = {"case": case.id}
     try:

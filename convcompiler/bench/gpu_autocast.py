@@ -17,7 +17,6 @@ On the GPU the autocast device is CUDA; in the tests and the dry run it is the C
 from __future__ import annotations
 
 import copy
-import traceback
 from dataclasses import dataclass
 
 import torch
@@ -114,43 +113,42 @@ def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 def check_autocast_case(case: AutocastCase) -> dict:
     """Part a for one net: compiled under autocast against float64 eager (a record)."""
+    from .gpu_models import guarded
+
+    return guarded(case.id, lambda: _check(case))
+
+
+def _check(case: AutocastCase) -> dict:
     import convcompiler
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    record: dict = {"case": case.id, "schedule": "backend im2win under autocast"}
-    try:
-        net = build(case).to(device)
-        gen = torch.Generator(device=device).manual_seed(0)
-        x = torch.randn(case.batch, case.channels, case.size, case.size, generator=gen,
-                        device=device)  # fmt: skip
-        dtype = getattr(torch, case.dtype)
-        torch._dynamo.reset()
-        convcompiler.counters.reset()
-        compiled = torch.compile(net, backend="im2win")
-        with torch.no_grad():
-            ref = copy.deepcopy(net).double()(x.double())
-            with torch.autocast(device, dtype=dtype):
-                eager = net(x)
-                y = compiled(x)
-        launches = sum(v for k, v in convcompiler.counters.items() if k.startswith("launch."))
-        err, eager_err = _rel(y, ref), _rel(eager, ref)
-        tol = max(2 * eager_err, FLOOR)
-        ok = err <= tol and bool(torch.isfinite(y).all())
-        record.update(
-            status=("ok" if ok else "mismatch") if launches else "error",
-            rel_err=err,
-            eager_rel_err=eager_err,
-            tolerance=tol,
-            kernel_launches=launches,
-        )
-        if launches == 0:
-            record["error"] = "no generated kernel ran: the backend fell back everywhere"
-    except Exception as err:  # a case that fails is listed with its error, and the run goes on
-        record.update(
-            status="error",
-            error=f"{type(err).__name__}: {err}",
-            traceback=traceback.format_exc(limit=4)[-1500:],
-        )
+    net = build(case).to(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(case.batch, case.channels, case.size, case.size, generator=gen, device=device)
+    dtype = getattr(torch, case.dtype)
+    torch._dynamo.reset()
+    convcompiler.counters.reset()
+    compiled = torch.compile(net, backend="im2win")
+    with torch.no_grad():
+        ref = copy.deepcopy(net).double()(x.double())
+        with torch.autocast(device, dtype=dtype):
+            eager = net(x)
+            y = compiled(x)
+    launches = sum(v for k, v in convcompiler.counters.items() if k.startswith("launch."))
+    err, eager_err = _rel(y, ref), _rel(eager, ref)
+    tol = max(2 * eager_err, FLOOR)
+    ok = err <= tol and bool(torch.isfinite(y).all())
+    record = {
+        "case": case.id,
+        "schedule": "backend im2win under autocast",
+        "status": ("ok" if ok else "mismatch") if launches else "error",
+        "rel_err": err,
+        "eager_rel_err": eager_err,
+        "tolerance": tol,
+        "kernel_launches": launches,
+    }
+    if not launches:
+        record["error"] = "no generated kernel ran: the backend fell back everywhere"
     return record
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import torchvision
 from helpers import kernel_launches, rel_error
 from torch import nn
+from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 from torchvision.models.swin_transformer import SwinTransformer
 from torchvision.models.vision_transformer import VisionTransformer
 
@@ -108,6 +109,28 @@ def test_parameters_are_packed_once_and_each_reuse_serves_its_own_parameter() ->
     assert rel_error(y, copy.deepcopy(model).double()(x.double())) <= 1e-4
 
 
+def test_a_buffer_weight_is_cached_like_a_parameter() -> None:
+    class FrozenConv(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("w", torch.randn(8, 8, 3, 3))
+
+        def forward(self, x):
+            return F.conv2d(x, self.w, padding=1)
+
+    torch.manual_seed(0)
+    model = FrozenConv().eval()
+    x = torch.randn(1, 8, 9, 7)
+    compiled = torch.compile(model, backend="im2win")
+    packing.clear()
+    ref = F.conv2d(x.double(), model.w.double(), padding=1)
+    with torch.no_grad():
+        for _ in range(2):
+            assert rel_error(compiled(x), ref) <= 1e-4
+    assert convcompiler.counters["pack.packed"] == 1 and convcompiler.counters["pack.reused"] == 1
+    assert {s.tensor_id for s in packing.SERVED} == {id(model.w)}
+
+
 def test_a_weight_passed_as_an_input_is_packed_by_the_graph_on_every_call() -> None:
     """A weight that is a graph input but no parameter is not cached: a write that bumps no
     version counter (through NumPy) still reaches the kernel."""
@@ -137,17 +160,26 @@ def _swin() -> nn.Module:
 
 
 def _vit() -> nn.Module:
-    return VisionTransformer(
+    vit = VisionTransformer(
         image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
         num_classes=10,
     )  # fmt: skip
+    nn.init.normal_(vit.heads.head.weight)  # torchvision starts the head at zero
+    return vit
+
+
+def _convnext() -> nn.Module:
+    """convnext_tiny's blocks (7x7 depthwise, LayerNorm, MLP, layer scale) at a quarter of its
+    widths and depths: the full model takes minutes in the interpreter."""
+    stages = [CNBlockConfig(24, 48, 2), CNBlockConfig(48, 96, 2), CNBlockConfig(96, None, 1)]
+    return ConvNeXt(stages, num_classes=10)
 
 
 MODELS = {
     "efficientnet_b0": torchvision.models.efficientnet_b0,
     "mobilenet_v3_large": torchvision.models.mobilenet_v3_large,
     "resnet50": torchvision.models.resnet50,
-    "convnext_tiny": torchvision.models.convnext_tiny,
+    "convnext": _convnext,
     "swin": _swin,
     "vit": _vit,
 }

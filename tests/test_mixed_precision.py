@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from helpers import kernel_launches, rel_error
+from helpers import inductor_kernels, kernel_launches, rel_error
 from torch import nn
 from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 from torchvision.models.swin_transformer import SwinTransformer
@@ -63,6 +63,21 @@ def test_repeated_identical_layers_under_autocast(net: str, dtype: torch.dtype) 
     # the per-tensor pack cache
     assert convcompiler.counters["pack.packed"] == 0 and convcompiler.counters["pack.reused"] == 0
     assert not packing.SERVED
+
+
+def test_the_cast_and_the_pack_of_a_weight_are_one_inductor_kernel(tmp_path) -> None:
+    """Under autocast each weight's cast and its im2win pack are fused by Inductor: one
+    kernel per conv (the first also casts the input and the bias), none for the pack alone."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU()
+    ).eval()
+    compiled = torch.compile(model, backend="im2win", options={"debug_dir": str(tmp_path)})
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        compiled(torch.randn(1, 16, 9, 9))
+    kernels = inductor_kernels(tmp_path)
+    assert len(kernels) == 2 and all("_to_copy" in k for k in kernels), kernels
+    assert kernel_launches() == 2 and convcompiler.counters["pack.packed"] == 0
 
 
 def test_weight_standardised_convs_in_float32_never_use_the_pack_cache() -> None:
@@ -183,12 +198,11 @@ MODELS = {
     "swin": _swin,
     "vit": _vit,
 }
-# eager float16 autocast on CPU is itself off by about 1.0 on efficientnet_b0 (and on
-# mobilenet_v3_large): nothing to compare against there
-FP16_UNSOUND = ("efficientnet_b0", "mobilenet_v3_large")
-CASES = [(name, torch.bfloat16) for name in MODELS] + [
-    (name, torch.float16) for name in MODELS if name not in FP16_UNSOUND
-]
+# Eager float16 autocast on CPU is itself off by about 1.0 on efficientnet_b0 and
+# mobilenet_v3_large: nothing to compare against there. resnet50 in float16 matches too
+# (0.98e-3 against eager's 1.14e-3) but is left to the bfloat16 run, for the suite's time.
+FP16 = ("convnext", "swin", "vit")
+CASES = [(name, torch.bfloat16) for name in MODELS] + [(name, torch.float16) for name in FP16]
 
 
 @pytest.mark.slow

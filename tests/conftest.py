@@ -1,4 +1,5 @@
-"""Test setup: a private cache dir per test session, and a clean Dynamo/counter state per test."""
+"""Test setup: a private cache dir per test session, a clean Dynamo/counter state per test,
+and a guard that fails a test which leaves global state changed (state_guard.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(os.path.expanduser("~"), 
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+pytest_plugins = ["pytester"]  # test_state_guard.py runs the guard in a pytest of its own
 
 torch._inductor.config.cpp.vec_isa_ok = False
 
@@ -50,4 +53,15 @@ def _fresh_state():
     torch._dynamo.reset()
 
 
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    """Name the seed of a shuffled run (pytest-randomly's header line is hidden under -q)."""
+    if config.pluginmanager.hasplugin("randomly") and config.getoption("randomly_reorganize"):
+        seed = config.getoption("randomly_seed")
+        terminalreporter.write_line(
+            f"shuffled with --randomly-seed={seed} (replay: python -m pytest -p no:xdist -q "
+            f"--randomly-seed={seed}; no shuffle: -p no:randomly)"
+        )
+
+
 from redis_server import redis_server, silent_server  # noqa: E402, F401 (fixtures)
+from state_guard import global_state_guard  # noqa: E402, F401 (autouse fixture)

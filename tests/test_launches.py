@@ -134,10 +134,8 @@ CASES = [
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,size", CASES)
-def test_memory_bound_launches_per_forward(
-    name: str, size: int, monkeypatch, marked_interpreter
-) -> None:
-    monkeypatch.setattr(torch._inductor.config.cpp, "enable_kernel_profile", True)
+@torch._inductor.config.patch({"cpp.enable_kernel_profile": True})  # names its C++ kernels
+def test_memory_bound_launches_per_forward(name: str, size: int, marked_interpreter) -> None:
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None).eval()
     x = torch.randn(1, 3, size, size)

@@ -219,18 +219,17 @@ def test_four_processes_at_once(tmp_path) -> None:
         assert len(report["regions"]) == 3 and len(report["kernels"]) == 3
 
 
+# Inductor's own caches would serve the repeated compiles; this test is about records.
+@torch._inductor.config.patch(force_disable_caches=True)
 def test_entries_from_another_triton_or_device_are_not_used(cache_dir, monkeypatch, caplog) -> None:
-    # Inductor's own caches would serve the repeated compiles; this test is about records.
-    monkeypatch.setattr(torch._inductor.config, "force_disable_caches", True)
     x = torch.randn(1, 3, 10, 10)
     fill_cache(x)
     torch._dynamo.reset()
     convcompiler.counters.reset()
-    monkeypatch.setattr(triton, "__version__", "0.0.0-other")
-    check_model(small_model(), [x], expect_kernels=2)
+    with monkeypatch.context() as patched:
+        patched.setattr(triton, "__version__", "0.0.0-other")
+        check_model(small_model(), [x], expect_kernels=2)
     assert convcompiler.counters["cache.hit"] == 0 and convcompiler.counters["codegen.conv"] == 2
-    monkeypatch.undo()
-    monkeypatch.setenv("CONVCOMPILER_CACHE_DIR", str(cache_dir))
     # A record whose stored key parts name another device is ignored even under its key.
     cache = open_cache()
     with cache._conn:

@@ -39,12 +39,33 @@ def saved_bytes(step) -> int:
 
 def build(variant: str, model: torch.nn.Module, gpu: bool):
     torch._dynamo.reset()
-    inductor_config.efficient_conv_bn_eval_fx_passes = variant.endswith("efficient_conv_bn_eval")
     if variant == "eager":
         return model
     if variant.startswith("inductor"):
         return torch.compile(model)
     return torch.compile(model, backend="im2win", options={} if gpu else {"cpu": "aten"})
+
+
+def measure(net, model: torch.nn.Module, x: torch.Tensor, gpu: bool) -> dict:
+    """Bytes saved for backward by one training step of `net`; on a GPU also its peak
+    memory and step time."""
+
+    def step():
+        net(x).square().mean().backward()
+
+    step()  # compile outside the measurement
+    model.zero_grad(set_to_none=True)
+    row = {"saved_bytes": saved_bytes(step)}
+    if gpu:
+        from triton.testing import do_bench
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        row["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        row["step_ms"] = do_bench(step, return_mode="median")
+    return row
 
 
 def main(args) -> int:
@@ -72,39 +93,20 @@ def main(args) -> int:
         x = torch.randn(batch, 3, px, px, device=device)
         eager_bytes = None
         for variant in VARIANTS:
-            net = build(variant, model, gpu)
-
-            def step():
-                net(x).square().mean().backward()
-
-            step()  # compile outside the measurement
-            model.zero_grad(set_to_none=True)
-            saved = saved_bytes(step)
+            # Inductor reads the flag when step() compiles; patch() puts it back afterwards
+            efficient = variant.endswith("efficient_conv_bn_eval")
+            with inductor_config.patch(efficient_conv_bn_eval_fx_passes=efficient):
+                row = measure(build(variant, model, gpu), model, x, gpu)
+            saved = row["saved_bytes"]
             eager_bytes = eager_bytes or saved
-            row = {
-                "batch": batch,
-                "px": px,
-                "variant": variant,
-                "saved_bytes": saved,
-                "vs_eager": saved / eager_bytes,
-            }
-            extra = ""
-            if gpu:
-                from triton.testing import do_bench
-
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                step()
-                torch.cuda.synchronize()
-                row["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
-                row["step_ms"] = do_bench(step, return_mode="median")
-                extra = f" {row['peak_mb']:9.1f} {row['step_ms']:8.2f}"
+            row = {"batch": batch, "px": px, "variant": variant, **row}
+            row["vs_eager"] = saved / eager_bytes
+            extra = f" {row['peak_mb']:9.1f} {row['step_ms']:8.2f}" if gpu else ""
             rows.append(row)
             print(
                 f"{batch:5d} {px:4d} {variant:34} {saved / 2**20:10.1f} "
                 f"{saved / eager_bytes:7.2f}x{extra}"
             )
-    inductor_config.efficient_conv_bn_eval_fx_passes = False
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0

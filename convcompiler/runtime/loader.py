@@ -66,12 +66,11 @@ def keep_source(source: KernelSource, directory: Path) -> Path:
 
 @contextlib.contextmanager
 def interpret_mode(on: bool) -> Iterator[None]:
-    old = triton.knobs.runtime.interpret
-    triton.knobs.runtime.interpret = on
-    try:
+    # Setting a knob also sets its environment variable (TRITON_INTERPRET); the knobs' own
+    # scope puts both back as they were, unset included.
+    with triton.knobs.runtime.scope():
+        triton.knobs.runtime.interpret = on
         yield
-    finally:
-        triton.knobs.runtime.interpret = old
 
 
 def exec_module(text: str, path: Path, *, interpret: bool) -> types.ModuleType:

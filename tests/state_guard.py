@@ -106,6 +106,7 @@ KEPT = {
     ("convcompiler.runtime.loader", "_MODULES"): "keyed by the source's hash",
     ("convcompiler.runtime.ops", "_LAUNCHERS"): "keyed by the source's hash",
     ("convcompiler.runtime.packing", "_PACKS"): "checked against the weight's identity",
+    ("convcompiler.runtime.packing", "SERVED"): "a record of the last packs; readers clear it",
     ("convcompiler.selection.cache", "files_hash"): "keyed by the files hashed",
 }
 

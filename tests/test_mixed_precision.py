@@ -83,6 +83,7 @@ def test_the_cast_and_the_pack_of_a_weight_are_one_inductor_kernel(tmp_path) -> 
 def test_weight_standardised_convs_in_float32_never_use_the_pack_cache() -> None:
     model = build(AutocastCase(id="std", variant="std", net="standardized"))
     x = torch.randn(2, 24, 17, 13)
+    packing.clear()
     with torch.no_grad():
         ref = copy.deepcopy(model).double()(x.double())
         compiled = torch.compile(model, backend="im2win")

@@ -3,6 +3,9 @@ epilogue fused (passes/linear_as_conv.py); a linear with nothing to fuse stays t
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import pytest
 import torch
 import torch.nn as nn
@@ -123,20 +126,31 @@ def test_cpu_aten_leaves_linears_to_the_host() -> None:
     assert len(report) == 0 and convcompiler.counters["match.linear"] == 0, str(report)
 
 
+@contextlib.contextmanager
+def matmul_allow_tf32(allow: bool) -> Iterator[None]:
+    """cuBLAS's legacy switch, then every flag it moves put back: setting allow_tf32 also
+    sets torch's float32 matmul precision and the matmul's fp32_precision ("none" by
+    default), which setting allow_tf32 back would leave changed."""
+    matmul = torch.backends.cuda.matmul
+    legacy, precision = torch.get_float32_matmul_precision(), matmul.fp32_precision
+    matmul.allow_tf32 = allow
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(legacy)
+        matmul.fp32_precision = precision  # after the legacy one, or the two disagree
+
+
 def test_float32_linear_keeps_matmul_precision() -> None:
     """cuDNN's conv flag allows TF32 by default, cuBLAS's matmul flag does not: a linear
     region follows the matmul flag."""
     torch.manual_seed(0)
     model, x = MLPBlock(10, 17).eval(), torch.randn(1, 3, 5, 10)
-    old = torch.backends.cuda.matmul.allow_tf32
     for allow in (False, True):
-        torch.backends.cuda.matmul.allow_tf32 = allow
-        try:
+        with matmul_allow_tf32(allow):
             torch._dynamo.reset()
             out, ref, report = compiled_run(model, x)
             specs = [spec for _, spec in report.generated]
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = old
         assert_close(out, ref, torch.float32)
         expected = "tf32" if allow else "ieee"
         assert matmul_precision(torch.float32) == "ieee"  # restored

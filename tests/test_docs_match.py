@@ -49,7 +49,8 @@ def test_every_documented_flag_exists() -> None:
     known = set().union(*(_flags(p) for p in PARSERS))
     # flags written in the README's command lines and tables (`--x`), not other tools' flags
     documented = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", README))
-    others = {"--no-deps", "--arch", "--help"}  # pip's, and aot's (checked through cli)
+    # pip's, aot's (checked through cli), and pytest-randomly's
+    others = {"--no-deps", "--arch", "--help", "--randomly-seed"}
     unknown = sorted(documented - known - others)
     assert not unknown, f"the README names flags no command has: {unknown}"
 
@@ -94,3 +95,11 @@ def test_readme_sample_report_has_a_fresh_runs_shape() -> None:
         # name, kind, stage and the epilogue; the kernel file name differs only in "..."
         assert doc.split()[:3] == run.split()[:3], (doc, run)
         assert doc.split(" im2win")[0].split()[-1] == run.split(" im2win")[0].split()[-1]
+
+
+def test_ci_runs_exactly_the_readme_test_command() -> None:
+    """The README keeps two set-up commands; .ci/run runs the second one as written."""
+    commands = re.findall(r"```bash\n(pip install [^\n]*)\n```", README)
+    assert len(commands) == 2 and "pytest" in commands[1], commands
+    ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text().splitlines()
+    assert commands[1] in ci, (commands[1], ci)

@@ -331,8 +331,8 @@ class Lowering:
 
     def _weight_handling(self, spec, schedule: Schedule, nodes: dict, region: Region) -> str:
         """How this conv's weight reaches its kernel (KernelRef.weight; module docstring)."""
-        if not isinstance(spec, ConvSpec) or schedule.name not in PACKING_SCHEDULES:
-            return "as_is"  # window attention; direct_depthwise reads the weight's strides
+        if not isinstance(spec, ConvSpec) or schedule.name not in READS_PACKED:
+            return "as_is"  # window attention
         if filter_repack_free(spec):
             return "as_is"
         weight = nodes[dict(region.roles)["conv"]].args[1]
@@ -384,6 +384,9 @@ class Lowering:
 
 
 aten = torch.ops.aten
+# Schedules whose launcher wants the filter in im2win order (and copies it on every call when
+# it is not): the GEMM schedules, and direct_depthwise, whose launcher shares their preparation.
+READS_PACKED = (*PACKING_SCHEDULES, "direct_depthwise")
 
 
 def _epilogue_name(region: Region) -> str:

@@ -25,8 +25,8 @@ REF_VERSION = 2
 REGION_KINDS = ("conv", "conv_bn", "linear", "window_attention")
 
 # How a conv's weight reaches its kernel (runtime/packing.py):
-#   "as_is":  the op hands it to the launcher as it comes (it is in the order the kernel
-#             reads, the kernel reads it through its strides, or the launcher copies it);
+#   "as_is":  the op hands it to the launcher as it comes (already in the order the kernel
+#             reads, or not a conv);
 #   "graph":  graph ops packed it into im2win order (Inductor fuses them with whatever
 #             computes the weight);
 #   "cached": the op packs it once and reuses the pack while the tensor is unchanged; only

@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Any, Mapping
 
 CPU_MODES = ("interpret", "aten", "plan")
-CONV_SCHEDULES = ("im2win_band", "im2win_implicit", "direct_depthwise", "gemm_1x1", "aten")
+CONV_SCHEDULES = (
+    "im2win_band",
+    "im2win_implicit",
+    "direct_depthwise",
+    "gemm_1x1",
+    "transposed_phase",
+    "aten",
+)
 BENCHMARKERS = ("do_bench", "fake")
 HOSTS = ("inductor", "aten")
 LAUNCHES = ("op", "inductor")

@@ -65,9 +65,9 @@ def indent(code: str, spaces: int = 4) -> str:
 # ---- shared schedule checks ----------------------------------------------------------------
 def check_row_tiling(spec: ConvSpec, s: Schedule) -> None:
     """M_TILES: image tiles need an NCHW output and put the batch on grid axis 2."""
-    if s["M_TILES"] == "image" and spec.output_layout != "nchw":
+    if s.get("M_TILES") == "image" and spec.output_layout != "nchw":
         raise InvalidSchedule("image tiles only make stores contiguous for an NCHW output")
-    if s["M_TILES"] == "image" and spec.hint(spec.batch) > 65535:
+    if s.get("M_TILES") == "image" and spec.hint(spec.batch) > 65535:
         raise InvalidSchedule("image tiles put the batch on grid axis 2 (at most 65535)")
 
 
@@ -144,6 +144,8 @@ def constants(spec: ConvSpec, schedule: Schedule, **groups: tuple[str, ...]) -> 
         f"GEOMETRY = {geometry!r}",
         f"META = {meta!r}",
     ]
+    if spec.transposed:
+        lines.insert(-2, f"OUTPUT_PADDING = {spec.output_padding!r}")
     lines += [f"{name} = {values!r}" for name, values in grouped.items()]
     return "\n".join(lines)
 
@@ -281,16 +283,17 @@ def render_module(
     summary: str,
     kernels: tuple[str, ...],
     groups: dict[str, tuple[str, ...]],
+    prepare: str | None = None,
 ) -> KernelSource:
     """Fill every hook of a conv template; `groups` splits the schedule's parameters into
-    the launcher's dicts (see `constants`)."""
+    the launcher's dicts (see `constants`); `prepare` replaces the forward conv's PREPARE."""
     text = render(
         template,
         header=header(spec, schedule, summary),
         constants=constants(spec, schedule, **groups),
         helpers=HELPERS,
         epilogue=epilogue(spec),
-        prepare=PREPARE.strip("\n"),
+        prepare=(PREPARE if prepare is None else prepare).strip("\n"),
         finish=FINISH.strip("\n"),
     )
     return KernelSource(f"{spec.geometry()}_{schedule.name}", text, schedule, spec.key(), kernels)

@@ -121,6 +121,8 @@ def meta_inputs(spec: ConvSpec | AttentionSpec) -> tuple[torch.Tensor | None, ..
 
     x = empty((n, spec.in_channels, h, w), spec.input_layout)
     weight = empty((k, spec.in_channels_per_group, kh, kw), spec.weight_layout)
+    if spec.transposed:  # [C, K/groups, KH, KW]
+        weight = empty((spec.in_channels, spec.out_channels_per_group, kh, kw), spec.weight_layout)
     residual = empty((n, k, ho, wo), spec.output_layout) if spec.epilogue.residual else None
     if spec.ndim == 1:
         x, weight = x.squeeze(2), weight.squeeze(2)

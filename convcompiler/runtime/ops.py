@@ -95,6 +95,11 @@ def conv_output_shape(spec: ConvSpec, x: Tensor) -> tuple:
     n, h, w = x.shape[0], (1 if spec.ndim == 1 else x.shape[-2]), x.shape[-1]
     (kh, kw), (sh, sw) = spec.kernel, spec.stride
     (ph, pw), (dh, dw) = spec.padding, spec.dilation
+    if spec.transposed:
+        oph, opw = spec.output_padding
+        ho = (h - 1) * sh - 2 * ph + dh * (kh - 1) + oph + 1
+        wo = (w - 1) * sw - 2 * pw + dw * (kw - 1) + opw + 1
+        return n, spec.out_channels, ho, wo
     ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     return n, spec.out_channels, ho, wo

@@ -37,11 +37,12 @@ def run_aten(
     residual=None,
 ) -> torch.Tensor:
     """conv -> batch norm (running stats) -> act -> + residual -> act, as separate ATen ops."""
-    stride, padding, dilation = (
-        v[2 - spec.ndim :] for v in (spec.stride, spec.padding, spec.dilation)
+    stride, padding, dilation, output_padding = (
+        list(v[2 - spec.ndim :])
+        for v in (spec.stride, spec.padding, spec.dilation, spec.output_padding)
     )
     y = torch.ops.aten.convolution(
-        x, weight, bias, stride, padding, dilation, False, [0] * spec.ndim, spec.groups
+        x, weight, bias, stride, padding, dilation, spec.transposed, output_padding, spec.groups
     )
     e = spec.epilogue
     if e.bn:

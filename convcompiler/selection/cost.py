@@ -257,6 +257,8 @@ def predict(
     timer = _time
     if isinstance(spec, AttentionSpec):
         from .cost_attention import attention_time as timer
+    elif spec.transposed:
+        from .cost_transpose import transposed_time as timer
     total, compute, memory, launch, flops, padded, traffic, ws, ctas = timer(
         spec, schedule, device, False
     )
@@ -302,6 +304,10 @@ def interpreter_steps(spec: ConvSpec | AttentionSpec, schedule: Schedule) -> int
         from .cost_attention import attention_steps
 
         return attention_steps(spec, schedule)
+    if spec.transposed:
+        from .cost_transpose import transposed_steps
+
+        return transposed_steps(spec, schedule)
     z = _Sizes(spec, symbolic=False)
     s = schedule.as_dict()
     rows = z.p if s.get("M_TILES") == "image" else z.m

@@ -30,6 +30,7 @@ CONV_SCHEDULES = (
     "direct_depthwise",
     "gemm_1x1",
     "transposed_phase",
+    "wgrad_splitk",
     "aten",
 )
 BENCHMARKERS = ("do_bench", "fake")

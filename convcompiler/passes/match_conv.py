@@ -40,6 +40,7 @@ RULES = {
     "batch_norm": "batch_norm(x) (not fed by a convolution) => ATen",
 }
 aten = torch.ops.aten
+GRAD_INPUT = "conv_grad_input"  # facts: the convolutions conv_backward.py made for grad_input
 
 
 def _conv_precision() -> str:
@@ -153,12 +154,14 @@ def conv_spec(
         precision=_precision(node, xv.dtype),
         hints=size_hints(xv, out),
         epilogue=epilogue,
-        transposed=transposed,
+        op="conv_transpose" if transposed else "conv",
         output_padding=tuple(int(p) for p in output_padding),
     )
 
 
 def _mode(node: torch.fx.Node, chain: Chain, ctx: PassContext) -> str | None:
+    if node.name in ctx.facts.get(GRAD_INPUT, ()):
+        return "grad_input"
     if chain.epilogue.bn:
         return "deploy"
     tuned = ctx.facts.get("conv_bn_tune", set())
@@ -194,7 +197,7 @@ def match_conv(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModu
         claimed.update(name for _, name in chain.roles)
         linear = bool(node.meta.get(FROM_LINEAR))
         mode = None if linear else _mode(node, chain, ctx)
-        kind = "linear" if linear else "conv_bn" if mode else "conv"
+        kind = "linear" if linear else "conv_bn" if mode in ("deploy", "tune", "train") else "conv"
         spec = conv_spec(node, chain.epilogue, chain.last) if reason is None else None
         summary = spec.describe() if spec is not None else conv_summary(node)
         rule = "conv_bn" if chain.epilogue.name() else "conv"

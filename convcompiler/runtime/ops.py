@@ -1,6 +1,7 @@
 """The `torch.ops.im2win.*` ops a compiled graph calls in place of each region.
 
     im2win::conv(x, weight, bias?, bn_weight?, bn_bias?, bn_mean?, bn_var?, residual?, kernel)
+    im2win::conv_wgrad(dy, x, kernel)         a conv's weight gradient
     im2win::window_attention(q, k, v, bias?, mask?, general?, logit_scale?, kernel)
 
 `kernel` is a KernelRef (kernel_ref.py): the spec and schedule the kernel was generated
@@ -114,6 +115,21 @@ def _conv_fake(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, residual, k
     return y.squeeze(2) if spec.ndim == 1 else y
 
 
+# ---- im2win::conv_wgrad ----------------------------------------------------------------------
+@torch.library.custom_op("im2win::conv_wgrad", mutates_args=())
+def conv_wgrad(dy: Tensor, x: Tensor, kernel: str) -> Tensor:
+    return _launch(decode(kernel), (dy, x))
+
+
+@conv_wgrad.register_fake
+def _conv_wgrad_fake(dy, x, kernel):
+    spec = decode(kernel).spec
+    fmt = torch.channels_last if spec.weight_layout == "nhwc" else torch.contiguous_format
+    shape = (spec.out_channels, spec.in_channels_per_group, *spec.kernel)
+    w = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    return w.squeeze(2) if spec.ndim == 1 else w
+
+
 # ---- im2win::window_attention ---------------------------------------------------------------
 @torch.library.custom_op("im2win::window_attention", mutates_args=())
 def window_attention(
@@ -145,5 +161,6 @@ OPS = {
     "conv": torch.ops.im2win.conv.default,
     "conv_bn": torch.ops.im2win.conv.default,
     "linear": torch.ops.im2win.conv.default,
+    "conv_wgrad": torch.ops.im2win.conv_wgrad.default,
     "window_attention": torch.ops.im2win.window_attention.default,
 }

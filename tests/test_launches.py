@@ -146,8 +146,9 @@ def test_memory_bound_launches_per_forward(name: str, size: int, marked_interpre
     im2win = torch.compile(model, backend="im2win", options={"verify": False})
     for variant, fn in (("eager", model), ("inductor", inductor), ("im2win", im2win)):
         with torch.no_grad():
-            out = fn(x)  # compile, then warm (weights packed once)
-            fn(x)
+            out = fn(x)  # compile (and pack the weights, once)
+            if variant != "im2win":  # its regions are warm once run: spare the interpreter
+                fn(x)
         if variant == "im2win":
             assert_close(out, ref, torch.float32)
             report = convcompiler.last_report()

@@ -20,7 +20,7 @@ import functools
 import pytest
 import torch
 import torch.nn as nn
-from helpers import assert_close, float64_copy
+from helpers import GRADIENTS, assert_close, float64_copy
 
 import convcompiler
 
@@ -135,8 +135,9 @@ def test_opinfo_samples_run_generated_kernels(name, dtype):
 
 @pytest.mark.parametrize("name", KERNEL_OPS)
 def test_opinfo_float32_gradients(name):
-    """Forward through the generated kernels, backward through ATen: input, weight and bias
-    gradients equal float64 eager's."""
+    """Forward and backward through the generated kernels: input, weight and bias gradients
+    equal float64 eager's. A backward region may fall back only with its reason (a transposed
+    conv whose output_padding reaches its stride has no conv from dy back to x)."""
     samples = all_samples(name, torch.float32)
     leaves = [[t.detach().requires_grad_() for t in tensors] for _, tensors, _ in samples]
     samples = [(what, ts, fn) for (what, _, fn), ts in zip(samples, leaves)]
@@ -149,6 +150,15 @@ def test_opinfo_float32_gradients(name):
     assert len(forward) == len(samples), str(convcompiler.last_report())
     assert all(r.fallback_reason is None for r in forward)
     assert convcompiler.counters["launch.conv"] >= len(samples)
+    backward = [r for r in convcompiler.last_report() if r.stage == "backward"]
+    backward = [r for r in backward if r.mode in GRADIENTS]
+    fell_back = [r for r in backward if r.fallback_reason is not None]
+    print(f"{name}: {len(backward)} backward regions, {len(backward) - len(fell_back)} "
+          f"generated, {len(fell_back)} fell back: {[r.fallback_reason for r in fell_back]}")
+    assert all("output_padding >= stride" in r.fallback_reason for r in fell_back)
+    assert len(fell_back) * 10 <= len(backward)
+    # each sample's weight gradient, and its input's (but for a merged duplicate sample)
+    assert len(backward) >= len(samples) + 1, str(convcompiler.last_report())
     start = 0
     for (what, tensors, fn), g_out in zip(samples, grads_out):
         ref_in = [t.detach().double().requires_grad_() for t in tensors]

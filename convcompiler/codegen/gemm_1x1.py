@@ -33,6 +33,11 @@ def SPACE(spec: ConvSpec, s: Schedule, device: Device | None) -> None:
         raise InvalidSchedule(f"gemm_1x1 needs a 1x1 kernel, not {spec.kernel[0]}x{spec.kernel[1]}")
     if spec.padding != (0, 0):
         raise InvalidSchedule("gemm_1x1 needs padding 0")
+    if device is not None and spec.dtype == "float32":
+        # a full budget (32 fp32 accumulators per thread) spilled 8 bytes on Triton 3.6
+        # (sm_90: ResNet-50's 1x1 convs to 2048 channels, 32x128 tiles on 4 warps)
+        if s["BLOCK_M"] * s["BLOCK_N"] // (32 * s["num_warps"]) >= 32:
+            raise InvalidSchedule("float32 GEMM tile at the full accumulator budget")
     T.check_gemm_tiles(spec, s, device)
 
 

@@ -28,6 +28,7 @@ import operator
 
 import torch
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..counters import counters
 from ..spec import Epilogue
@@ -132,6 +133,14 @@ def _wgrad_region(item: torch.fx.Node, node: torch.fx.Node, ctx: PassContext) ->
     with node.graph.inserting_before(node):
         forward = _add(node.graph, aten.convolution.default, args, node)
     reason = conv_fallback_reason(forward, ctx)
+    target = fake_value(x if transposed else dy)
+    given = fake_value(forward).shape
+    if reason is None and not all(statically_known_true(a == b) for a, b in zip(given, target.shape)):
+        # a transposed conv with output_padding >= stride (allowed when dilation > stride)
+        reason = (
+            f"the conv from dy back to x gives {tuple(given)}, not "
+            f"{tuple(target.shape)}: output_padding >= stride"
+        )
     spec = None
     if reason is None:
         spec = dataclasses.replace(

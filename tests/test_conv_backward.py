@@ -121,3 +121,56 @@ def test_resnet_sgd_step_matches_float64(name: str) -> None:
     assert sum(r.mode == "grad_input" for r in grads) == convs - 1  # not the image's
     assert all(r.fallback_reason is None for r in grads)
     assert convcompiler.counters["launch.conv_wgrad"] == convs
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_gradients_accumulate_in_fp32(dtype) -> None:
+    """fp16/bf16 weights and activations: every gradient within 2x of eager's own error
+    (against float64), or the dtype's tolerance."""
+    torch.manual_seed(2)
+    model = Mixed().to(dtype)
+    x = torch.randn(2, 3, 11, 13).to(dtype)
+    eager, reference = float64_copy(model).to(dtype), float64_copy(model)
+    out = torch.compile(model, backend="im2win")(x)
+    grad = torch.randn(out.shape).to(dtype)
+    out.backward(grad)
+    eager(x).backward(grad)
+    reference(x.double()).backward(grad.double())
+    for (name, p), e, q in zip(model.named_parameters(), eager.parameters(), reference.parameters()):
+        assert p.grad.dtype == dtype
+        err, eager_err = rel_error(p.grad, q.grad), rel_error(e.grad, q.grad)
+        assert err <= max(1e-2, 2 * eager_err), f"grad of {name}: {err:.3g} ({eager_err:.3g})"
+    grads = backward_regions(convcompiler.last_report())
+    assert len(grads) == 9 and all(r.fallback_reason is None for r in grads)
+
+
+def test_strided_gradient_nan_and_dynamic_batch() -> None:
+    """A gradient that reaches the conv through a transpose, NaN in the input, and a batch
+    that changes under dynamic=True (one compile, then an empty batch)."""
+    torch.manual_seed(3)
+    conv = nn.Conv2d(4, 5, 3, stride=2, padding=1)
+    reference = float64_copy(conv)
+    compiled = torch.compile(lambda x: conv(x).transpose(2, 3), backend="im2win", dynamic=True)
+    for n in (2, 3):
+        x = torch.randn(n, 4, 9, 7, requires_grad=True)
+        with torch.no_grad():
+            x[0, 1, 2, 3] = float("nan")
+        y = compiled(x)
+        grad = torch.randn(y.shape)
+        y.backward(grad)
+        xr = x.detach().double().requires_grad_()
+        reference(xr).transpose(2, 3).backward(grad.double())
+        assert torch.equal(torch.isnan(x.grad), torch.isnan(xr.grad))
+        ok = ~torch.isnan(xr.grad)
+        assert_close(x.grad[ok], xr.grad[ok], torch.float32, f"grad of x, batch {n}")
+        for name, p in conv.named_parameters():
+            q = dict(reference.named_parameters())[name]
+            assert torch.equal(torch.isnan(p.grad), torch.isnan(q.grad)), name
+        conv.zero_grad()
+        reference.zero_grad()
+    grads = backward_regions(convcompiler.last_report())
+    assert {r.mode for r in grads} == {"grad_input", "grad_weight"}
+    assert all(r.fallback_reason is None for r in grads), grads
+    empty = compiled(torch.randn(0, 4, 9, 7, requires_grad=True))
+    empty.sum().backward()
+    assert conv.weight.grad is not None and torch.equal(conv.weight.grad, torch.zeros_like(conv.weight))

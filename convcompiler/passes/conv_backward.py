@@ -16,9 +16,9 @@ Rules (output_mask says which gradients anyone needs; the others are not compute
 A transposed conv's weight gradient is the weight gradient of the forward conv that maps dy
 to x (same stride, padding, dilation and groups): the region's spec is that conv's, and its
 op reads (x, dy) in place of (dy, x).
-Only convolutions a generated kernel could run are split (match_conv's guards on the conv the
-region would compute); the others keep their convolution_backward untouched. On CPU tensors
-under cpu="aten" nothing is split: Inductor's own lowering runs the backward there.
+Only convolutions a generated kernel could run are split (1-D and 2-D, the kernels' dtypes);
+the others keep their convolution_backward untouched. Nothing is split with option
+backward="aten", nor on CPU tensors under cpu="aten" (Inductor's own lowering runs it there).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..counters import counters
-from ..spec import Epilogue
+from ..spec import DTYPES, Epilogue
 from .context import PassContext, Region
 from .match_conv import GRAD_INPUT, conv_fallback_reason, conv_spec
 from .meta import fake_value, memory_layout, run_on_fakes
@@ -169,14 +169,16 @@ def _wgrad_region(item: torch.fx.Node, node: torch.fx.Node, ctx: PassContext) ->
 
 
 def split_conv_backward(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:
-    if ctx.stage != "backward":
+    if ctx.stage != "backward" or ctx.config.backward == "aten":
         return gm
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not aten.convolution_backward.default:
             continue
-        dy = fake_value(node.args[0])
-        if dy is None or (dy.device.type == "cpu" and ctx.config.cpu == "aten"):
+        dy, w = fake_value(node.args[0]), fake_value(node.args[2])
+        if dy is None or w is None or (dy.device.type == "cpu" and ctx.config.cpu == "aten"):
             continue
+        if w.dim() - 2 not in (1, 2) or str(dy.dtype).removeprefix("torch.") not in DTYPES:
+            continue  # no kernel would take either gradient (3-D, float64): leave it whole
         _split(gm, node, ctx)
         counters["pass.conv_backward_split"] += 1
     gm.graph.lint()

@@ -222,7 +222,11 @@ def test_tune_mode_resnet50_gradients_match_eager() -> None:
     model = randomize_bn(torchvision.models.resnet50().eval())
     reference = float64_copy(model)
     x = torch.randn(2, 3, 64, 64)
-    torch.compile(model, backend="im2win")(x).square().sum().backward()
+    # backward="aten": the conv backward's own kernels are checked on resnets in
+    # test_conv_backward.py (and with Tune mode on a small net in test_recompute.py); here
+    # the interpreter would spend minutes on 106 backward kernels that test nothing new
+    options = {"backward": "aten"}
+    torch.compile(model, backend="im2win", options=options)(x).square().sum().backward()
     reference(x.double()).square().sum().backward()
     report = convcompiler.last_report()
     assert all(r.mode == "tune" and r.kind == "conv_bn" for r in report)
@@ -281,7 +285,8 @@ def test_train_mode_resnet18_three_steps_match_eager() -> None:
     model = torchvision.models.resnet18(num_classes=10).train()
     eager32, eager64 = copy.deepcopy(model), float64_copy(model)
     nets = {
-        "compiled": torch.compile(model, backend="im2win"),
+        # (the backward's kernels: see test_conv_backward.py's resnet18 SGD step)
+        "compiled": torch.compile(model, backend="im2win", options={"backward": "aten"}),
         "eager32": eager32,
         "eager64": eager64,
     }

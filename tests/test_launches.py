@@ -128,7 +128,9 @@ CASES = [
     ("resnet50", 64),
     ("mobilenet_v3_small", 64),
     ("convnext_tiny", 64),
-    ("swin_t", 224),
+    # 112 px: the last stage is padded to a window, the same ops as at 224 on a quarter of
+    # the pixels (the interpreter's time)
+    ("swin_t", 112),
 ]
 
 

@@ -117,6 +117,25 @@ def conv_kernel(
     return _kernel_call("conv", spec, conv_source(spec, schedule, config), config)
 
 
+def wgrad_kernel(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    *,
+    schedule: str | Schedule | None = None,
+    config: Config | None = None,
+) -> KernelCall:
+    """Render, write and load the weight-gradient kernel of `F.conv{1,2}d(x, weight, ...)`;
+    returns its launcher: call(dy, x) -> dw, shaped and laid out like `weight`."""
+    config = config or Config(cache=False)
+    spec = conv_spec_of(x, weight, None, stride, padding, dilation, groups)
+    spec = dataclasses.replace(spec, op="conv_wgrad")
+    return _kernel_call("conv_wgrad", spec, conv_source(spec, schedule, config), config)
+
+
 def _kernel_call(kind: str, spec, source: KernelSource, config: Config) -> KernelCall:
     """Write and load `source` (hash-checked; interpreted for CPU specs) as a KernelCall."""
     module, path = load_source(source, config.kernel_path, interpret=spec.device == "cpu")

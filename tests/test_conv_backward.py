@@ -49,7 +49,8 @@ def train_step(model: nn.Module, x: torch.Tensor, *, lr: float = 0.1, profile: b
 def assert_params_match(model: nn.Module, eager: nn.Module, reference: nn.Module) -> None:
     """Gradients and updated parameters within max(1e-4, 2x float32 eager's error) of
     float64 eager (a deep net's first-layer gradient carries eager's own rounding)."""
-    for (name, p), e, q in zip(model.named_parameters(), eager.parameters(), reference.parameters()):
+    pairs = zip(model.named_parameters(), eager.parameters(), reference.parameters())
+    for (name, p), e, q in pairs:
         for what, ours, theirs, ref in (
             ("grad", p.grad, e.grad, q.grad),
             ("value after the step", p.detach(), e.detach(), q.detach()),
@@ -138,7 +139,8 @@ def test_half_precision_gradients_accumulate_in_fp32(dtype) -> None:
     out.backward(grad)
     eager(x).backward(grad)
     reference(x.double()).backward(grad.double())
-    for (name, p), e, q in zip(model.named_parameters(), eager.parameters(), reference.parameters()):
+    pairs = zip(model.named_parameters(), eager.parameters(), reference.parameters())
+    for (name, p), e, q in pairs:
         assert p.grad.dtype == dtype
         err, eager_err = rel_error(p.grad, q.grad), rel_error(e.grad, q.grad)
         assert err <= max(1e-2, 2 * eager_err), f"grad of {name}: {err:.3g} ({eager_err:.3g})"
@@ -175,7 +177,7 @@ def test_strided_gradient_nan_and_dynamic_batch() -> None:
     assert all(r.fallback_reason is None for r in grads), grads
     empty = compiled(torch.randn(0, 4, 9, 7, requires_grad=True))
     empty.sum().backward()
-    assert conv.weight.grad is not None and torch.equal(conv.weight.grad, torch.zeros_like(conv.weight))
+    assert torch.equal(conv.weight.grad, torch.zeros_like(conv.weight))
 
 
 # ---- the weight-gradient kernel alone: every lane's address, odd sizes, splits -----------

@@ -310,7 +310,8 @@ def test_train_mode_resnet18_three_steps_match_eager() -> None:
             assert ours_err <= max(1e-4, 2 * eager_err), (step, name, ours_err, eager_err)
     report = convcompiler.last_report()
     assert all(r.kind == "conv_bn" and r.mode == "train" for r in report if r.stage == "forward")
-    (stem,) = [r for r in report if r.stage == "backward" and r.mode not in GRADIENTS]  # recomputed for BN's backward
+    # recomputed for BN's backward
+    (stem,) = [r for r in report if r.stage == "backward" and r.mode not in GRADIENTS]
     assert stem.kind == "conv_bn" and stem.mode == "train" and "7x7" in stem.spec
     assert stem.fallback_reason is None
     assert convcompiler.counters["launch.conv_bn"] > 0

@@ -135,7 +135,8 @@ def _wgrad_region(item: torch.fx.Node, node: torch.fx.Node, ctx: PassContext) ->
     reason = conv_fallback_reason(forward, ctx)
     target = fake_value(x if transposed else dy)
     given = fake_value(forward).shape
-    if reason is None and not all(statically_known_true(a == b) for a, b in zip(given, target.shape)):
+    fits = all(statically_known_true(a == b) for a, b in zip(given, target.shape))
+    if reason is None and not fits:
         # a transposed conv with output_padding >= stride (allowed when dilation > stride)
         reason = (
             f"the conv from dy back to x gives {tuple(given)}, not "

@@ -24,10 +24,19 @@ from pathlib import Path
 from typing import Any, Mapping
 
 CPU_MODES = ("interpret", "aten", "plan")
-CONV_SCHEDULES = ("im2win_band", "im2win_implicit", "direct_depthwise", "gemm_1x1", "aten")
+CONV_SCHEDULES = (
+    "im2win_band",
+    "im2win_implicit",
+    "direct_depthwise",
+    "gemm_1x1",
+    "transposed_phase",
+    "wgrad_splitk",
+    "aten",
+)
 BENCHMARKERS = ("do_bench", "fake")
 HOSTS = ("inductor", "aten")
 LAUNCHES = ("op", "inductor")
+BACKWARDS = ("kernels", "aten")
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,11 @@ class Config:
         (`wrap_triton`), so Inductor's own wrapper launches the kernels (no Python dispatch
         per launch; CUDA graphs hold them). CPU tensors always use "op" (the interpreter).
         Not yet run on a GPU: opt in.
+    backward: how a conv's backward runs in a training graph. "kernels" (default): it is
+        split into grad_input, grad_weight and grad_bias (passes/conv_backward.py); the first
+        two are regions like any other (a generated kernel, or ATen where the cost model or
+        a guard says so). "aten": one `aten.convolution_backward` per conv, left to the host
+        compiler. CPU tensors under cpu="aten" always keep it.
     schedule: force one conv schedule for every conv region (one of CONV_SCHEDULES).
         None lets the backend choose (see convcompiler/selection/select.py).
     target: the GPU to plan for ("h100", "h200", "a100", "l4", "rtx4090"). None: the GPU
@@ -85,6 +99,7 @@ class Config:
     cpu: str = dataclasses.field(default_factory=lambda: default_cpu_mode())
     host: str | None = None
     launch: str = "op"
+    backward: str = "kernels"
     schedule: str | None = None
     target: str | None = None
     autotune: bool = False
@@ -112,6 +127,10 @@ class Config:
             raise ValueError(f"option 'host' must be None or one of {HOSTS}, got {self.host!r}")
         if self.launch not in LAUNCHES:
             raise ValueError(f"option 'launch' must be one of {LAUNCHES}, got {self.launch!r}")
+        if self.backward not in BACKWARDS:
+            raise ValueError(
+                f"option 'backward' must be one of {BACKWARDS}, got {self.backward!r}"
+            )
         if self.schedule is not None and self.schedule not in CONV_SCHEDULES:
             raise ValueError(
                 f"option 'schedule' must be None or one of {CONV_SCHEDULES}, got {self.schedule!r}"

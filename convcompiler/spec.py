@@ -17,6 +17,7 @@ import sympy
 Size = Union[int, sympy.Expr]
 
 DTYPES = ("float32", "float16", "bfloat16")
+CONV_OPS = ("conv", "conv_transpose", "conv_wgrad")
 
 
 def _fmt(v: object) -> str:
@@ -92,10 +93,17 @@ class SizeHints:
 
 @dataclass(frozen=True)
 class ConvSpec(SizeHints):
-    """One `aten.convolution` (1-D or 2-D, not transposed), in 2-D form.
+    """One `aten.convolution` (1-D or 2-D), in 2-D form.
 
     A 1-D conv is described as a 2-D conv with H = 1 and a 1-row kernel, exactly how the
-    kernels run it.
+    kernels run it. `op` says what is computed:
+
+    conv            y = conv(x, w): x [N, C, H, W], w [K, C/groups, KH, KW], y [N, K, HO, WO]
+    conv_transpose  y = conv_transpose(x, w): w [C, K/groups, KH, KW] and
+                    HO = (H - 1)*SH - 2*PH + DH*(KH - 1) + OPH + 1 (OPH: `output_padding`);
+                    channels, kernel, stride, padding and dilation keep the forward names
+    conv_wgrad      dw = the weight gradient of `conv` (this spec's sizes) from x and
+                    dy [N, K, HO, WO]: dw [K, C/groups, KH, KW] in `weight_layout`
     """
 
     ndim: int  # spatial dims of the original op: 1 or 2
@@ -118,6 +126,18 @@ class ConvSpec(SizeHints):
     precision: str  # how a float32 tl.dot runs on a GPU: "ieee" or "tf32"
     hints: tuple[tuple[str, int], ...] = ()  # size hints for the symbols in the sizes
     epilogue: Epilogue = Epilogue()  # what is fused after the conv
+    op: str = "conv"  # one of CONV_OPS: the forward conv, its transpose, its weight gradient
+    output_padding: tuple[int, int] = (0, 0)  # conv_transpose only: extra output rows/columns
+
+    def __post_init__(self) -> None:
+        if self.op not in CONV_OPS:
+            raise SpecError(f"op={self.op!r} is not one of {CONV_OPS}")
+        if self.op == "conv_wgrad" and (self.epilogue != Epilogue() or self.has_bias):
+            raise SpecError("a weight gradient has no bias and no epilogue")
+
+    @property
+    def transposed(self) -> bool:
+        return self.op == "conv_transpose"
 
     # ---- derived sizes -------------------------------------------------------------
     @property
@@ -143,7 +163,13 @@ class ConvSpec(SizeHints):
         return self.batch * self.out_size[0] * self.out_size[1]
 
     def flops(self) -> int:
-        """Multiply-adds * 2, at the size hints."""
+        """Multiply-adds * 2, at the size hints. A transposed conv multiplies every input
+        pixel by the whole kernel (its outputs sum a varying number of taps)."""
+        if self.op == "conv_transpose":
+            pixels = self.hint(self.batch * self.in_size[0] * self.in_size[1])
+            return 2 * pixels * self.in_channels * self.out_channels_per_group * (
+                self.kernel[0] * self.kernel[1]
+            )
         m = self.hint(self.output_pixels)
         return 2 * m * self.out_channels * self.reduction
 
@@ -151,8 +177,11 @@ class ConvSpec(SizeHints):
     def geometry(self) -> str:
         """A short readable name of what is baked into a kernel for this spec."""
         kh, kw = self.kernel
+        op = f"_op{_fmt(self.output_padding)}" if self.output_padding != (0, 0) else ""
+        kind = {"conv": "conv", "conv_transpose": "convT", "conv_wgrad": "convWgrad"}[self.op]
         return (
-            f"conv{self.ndim}d_k{kh}x{kw}_s{_fmt(self.stride)}_p{_fmt(self.padding)}"
+            f"{kind}{self.ndim}d_k{kh}x{kw}_s{_fmt(self.stride)}"
+            f"_p{_fmt(self.padding)}{op}"
             f"_d{_fmt(self.dilation)}_g{self.groups}_{self.dtype}_{self.input_layout}"
             f"_to_{self.output_layout}"
             + (f"_{self.epilogue.name().replace('+', '_')}" if self.epilogue.name() else "")
@@ -184,6 +213,10 @@ class ConvSpec(SizeHints):
             extra.append(f"p{_fmt(self.padding[2 - self.ndim :])}")
         if self.dilation != (1, 1):
             extra.append(f"d{_fmt(self.dilation[2 - self.ndim :])}")
+        if self.output_padding != (0, 0):
+            extra.append(f"op{_fmt(self.output_padding[2 - self.ndim :])}")
+        if self.op != "conv":
+            extra.append({"conv_transpose": "transposed", "conv_wgrad": "weight-grad"}[self.op])
         if self.groups != 1:
             extra.append("dw" if self.is_depthwise else f"g{self.groups}")
         fused = [f"+{self.epilogue.name()}"] if self.epilogue.name() else []
@@ -464,6 +497,8 @@ def spec_from_json(data: object) -> ConvSpec | AttentionSpec:
         weight_layout=_check(data["weight_layout"], LAYOUTS, "weight_layout"),
         output_layout=_check(data["output_layout"], LAYOUTS[:2], "output_layout"),
         epilogue=epilogue,
+        op=_check(data["op"], CONV_OPS, "op"),
+        output_padding=_pair(data["output_padding"], "output_padding", 0),
         **sizes,
         **common,
     )

@@ -15,6 +15,7 @@ import convcompiler
 
 # Relative tolerances, max|y - ref| / max|ref|, against a float64 reference.
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+GRADIENTS = ("grad_input", "grad_weight")  # the report modes of a conv's backward regions
 
 
 def lowered_ops(dump_root: Path, stage: str = "inference") -> Counter:

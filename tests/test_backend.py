@@ -57,7 +57,8 @@ def test_conv1d_model() -> None:
 
 
 def test_training_gradients_match_eager() -> None:
-    """Forward runs the generated kernels; every gradient matches float64 eager."""
+    """Forward and backward run the generated kernels; every gradient matches float64
+    eager."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1),
@@ -77,9 +78,15 @@ def test_training_gradients_match_eager() -> None:
     loss = compiled(xc).square().sum()
     loss.backward()
     reference(xr).square().sum().backward()
-    assert convcompiler.counters["launch.conv"] == 3
+    # forward: 3 convs; backward: grad_input of each (the input needs one here) as a conv
+    # region, and grad_weight of each as a conv_wgrad region
+    assert convcompiler.counters["launch.conv"] == 6
+    assert convcompiler.counters["launch.conv_wgrad"] == 3
     report = convcompiler.last_report()
-    assert [r.stage for r in report.kernels()] == ["forward"] * 3
+    stages = [(r.stage, r.mode) for r in report.kernels()]
+    assert stages.count(("forward", None)) == 3, stages
+    assert stages.count(("backward", "grad_input")) == 3, stages
+    assert stages.count(("backward", "grad_weight")) == 3, stages
     assert_close(xc.grad, xr.grad, torch.float32, "input grad")
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         assert_close(p.grad, q.grad, torch.float32, f"grad of {name}")

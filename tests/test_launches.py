@@ -128,7 +128,9 @@ CASES = [
     ("resnet50", 64),
     ("mobilenet_v3_small", 64),
     ("convnext_tiny", 64),
-    ("swin_t", 224),
+    # 112 px: the last stage is padded to a window, the same ops as at 224 on a quarter of
+    # the pixels (the interpreter's time)
+    ("swin_t", 112),
 ]
 
 
@@ -146,8 +148,9 @@ def test_memory_bound_launches_per_forward(name: str, size: int, marked_interpre
     im2win = torch.compile(model, backend="im2win", options={"verify": False})
     for variant, fn in (("eager", model), ("inductor", inductor), ("im2win", im2win)):
         with torch.no_grad():
-            out = fn(x)  # compile, then warm (weights packed once)
-            fn(x)
+            out = fn(x)  # compile (and pack the weights, once)
+            if variant != "im2win":  # its regions are warm once run: spare the interpreter
+                fn(x)
         if variant == "im2win":
             assert_close(out, ref, torch.float32)
             report = convcompiler.last_report()

@@ -1,11 +1,11 @@
 """PyTorch's own conv test samples through the backend, against float64 eager.
 
-* OpInfo (`op_db`): every sample of nn.functional.conv1d and conv2d and its
-  `.noncontiguous()` twin, in float32, float16 and bfloat16, each a zeros-padded conv that
-  must run a generated kernel; gradients of the float32 samples; every sample of
-  conv_transpose2d and conv3d, which fall back (with the reason) and must be correct.
-* ModuleInfo (`module_db`): every module input of nn.Conv1d, nn.Conv2d and their Lazy
-  variants, plus all four padding modes.
+* OpInfo (`op_db`): every sample of nn.functional.conv1d, conv2d, conv_transpose1d and
+  conv_transpose2d and its `.noncontiguous()` twin, in float32, float16 and bfloat16, each a
+  zeros-padded conv that must run a generated kernel; gradients of the float32 samples; every
+  sample of conv3d, which falls back (with the reason) and must be correct.
+* ModuleInfo (`module_db`): every module input of nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d,
+  nn.ConvTranspose2d and their Lazy variants, plus all four padding modes.
 
 To keep the suite fast, the samples of one op and dtype are compiled together, as one
 function returning each sample's output (each is its own conv region, checked on its own),
@@ -20,15 +20,29 @@ import functools
 import pytest
 import torch
 import torch.nn as nn
-from helpers import assert_close, float64_copy
+from helpers import GRADIENTS, assert_close, float64_copy
 
 import convcompiler
 
 FAST = {"verify": False}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-KERNEL_OPS = ["nn.functional.conv1d", "nn.functional.conv2d"]
-FALLBACK_OPS = ["nn.functional.conv_transpose2d", "nn.functional.conv3d"]
-MODULES = ["Conv1d", "Conv2d", "LazyConv1d", "LazyConv2d"]
+KERNEL_OPS = [
+    "nn.functional.conv1d",
+    "nn.functional.conv2d",
+    "nn.functional.conv_transpose1d",
+    "nn.functional.conv_transpose2d",
+]
+FALLBACK_OPS = ["nn.functional.conv3d"]
+MODULES = [
+    "Conv1d",
+    "Conv2d",
+    "LazyConv1d",
+    "LazyConv2d",
+    "ConvTranspose1d",
+    "ConvTranspose2d",
+    "LazyConvTranspose1d",
+    "LazyConvTranspose2d",
+]
 PADDING_MODES = ["zeros", "reflect", "replicate", "circular"]
 
 
@@ -121,8 +135,9 @@ def test_opinfo_samples_run_generated_kernels(name, dtype):
 
 @pytest.mark.parametrize("name", KERNEL_OPS)
 def test_opinfo_float32_gradients(name):
-    """Forward through the generated kernels, backward through ATen: input, weight and bias
-    gradients equal float64 eager's."""
+    """Forward and backward through the generated kernels: input, weight and bias gradients
+    equal float64 eager's. A backward region may fall back only with its reason (a transposed
+    conv whose output_padding reaches its stride has no conv from dy back to x)."""
     samples = all_samples(name, torch.float32)
     leaves = [[t.detach().requires_grad_() for t in tensors] for _, tensors, _ in samples]
     samples = [(what, ts, fn) for (what, _, fn), ts in zip(samples, leaves)]
@@ -135,6 +150,15 @@ def test_opinfo_float32_gradients(name):
     assert len(forward) == len(samples), str(convcompiler.last_report())
     assert all(r.fallback_reason is None for r in forward)
     assert convcompiler.counters["launch.conv"] >= len(samples)
+    backward = [r for r in convcompiler.last_report() if r.stage == "backward"]
+    backward = [r for r in backward if r.mode in GRADIENTS]
+    fell_back = [r for r in backward if r.fallback_reason is not None]
+    print(f"{name}: {len(backward)} backward regions, {len(backward) - len(fell_back)} "
+          f"generated, {len(fell_back)} fell back: {[r.fallback_reason for r in fell_back]}")
+    assert all("output_padding >= stride" in r.fallback_reason for r in fell_back)
+    assert len(fell_back) * 10 <= len(backward)
+    # each sample's weight gradient, and its input's (but for a merged duplicate sample)
+    assert len(backward) >= len(samples) + 1, str(convcompiler.last_report())
     start = 0
     for (what, tensors, fn), g_out in zip(samples, grads_out):
         ref_in = [t.detach().double().requires_grad_() for t in tensors]
@@ -148,8 +172,7 @@ def test_opinfo_float32_gradients(name):
 @pytest.mark.parametrize("name", FALLBACK_OPS)
 def test_opinfo_fallback_samples_are_correct(name, dtype):
     samples, outs, report, regions = run_inference(name, dtype)
-    expected = "transposed" if "transpose" in name else "3-D convolution"
-    assert all(expected in (r.fallback_reason or "") for r in regions), str(report)
+    assert all("3-D convolution" in (r.fallback_reason or "") for r in regions), str(report)
     assert convcompiler.counters["launch.conv"] == 0
     for (what, tensors, fn), y in zip(samples, outs):
         assert_close(y, fn(*(t.double() for t in tensors)), dtype, what)

@@ -7,11 +7,21 @@ from __future__ import annotations
 
 from ..schedule import InvalidSchedule, Schedule, ScheduleSpace
 from ..spec import AttentionSpec, ConvSpec
-from . import direct_depthwise, gemm_1x1, im2win_band, im2win_implicit, window_attention
+from . import (
+    conv_transpose,
+    conv_wgrad,
+    direct_depthwise,
+    gemm_1x1,
+    im2win_band,
+    im2win_implicit,
+    window_attention,
+)
 from .template import KernelSource
 
 KIND_TEMPLATES = {
     "conv": (im2win_band, im2win_implicit, direct_depthwise, gemm_1x1),
+    "conv_transpose": (conv_transpose,),
+    "conv_wgrad": (conv_wgrad,),
     "window_attention": (window_attention,),
 }
 TEMPLATES = {m.SPACE.name: m for modules in KIND_TEMPLATES.values() for m in modules}
@@ -19,8 +29,11 @@ SPACES: dict[str, ScheduleSpace] = {name: module.SPACE for name, module in TEMPL
 
 
 def spec_kind(spec: ConvSpec | AttentionSpec) -> str:
-    """The template family a spec belongs to ("conv" or "window_attention")."""
-    return "window_attention" if isinstance(spec, AttentionSpec) else "conv"
+    """The template family a spec belongs to: "window_attention", or the conv spec's op
+    ("conv", "conv_transpose", "conv_wgrad")."""
+    if isinstance(spec, AttentionSpec):
+        return "window_attention"
+    return spec.op
 
 
 def kind_spaces(spec: ConvSpec | AttentionSpec) -> dict[str, ScheduleSpace]:

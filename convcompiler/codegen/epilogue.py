@@ -59,7 +59,7 @@ def _load(ptr: str, other: str = "0.0") -> str:
 
 STORE = """
 # ---- 5. store in eager's memory format ----
-y_off = _tile_offsets(offs_m, offs_k, HO, WO, syn, syk, syh, syw, IMAGE_TILES, INT64)
+y_off = _tile_offsets(offs_m, offs_k, N, HO, WO, syn, syk, syh, syw, IMAGE_TILES, INT64)
 tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
 """
 
@@ -69,7 +69,9 @@ def epilogue(spec: ConvSpec) -> str:
 
     In scope: `acc`, `offs_m`, `m_ok`, `offs_k` (global output channels), `k_ok`, the
     epilogue pointers (`b_ptr`, `bnw_ptr`, `bnb_ptr`, `mean_ptr`, `var_ptr`, `r_ptr`) and
-    the output and residual strides.
+    the output and residual strides. `offs_m` and `offs_k` come from the tile helpers
+    (template.py: _tile_rows, _tile_cols), which keep them inside the output on every lane,
+    masked ones included, so every load and store here forms in-bounds addresses.
     """
     e = spec.epilogue
     steps = (["bias"] if spec.has_bias else []) + ([e.name()] if e.name() else [])
@@ -89,7 +91,8 @@ def epilogue(spec: ConvSpec) -> str:
         lines.append(f"acc = {activation_code(e.act)}")
     if e.residual:
         lines.append(
-            "r_off = _tile_offsets(offs_m, offs_k, HO, WO, srn, src, srh, srw, IMAGE_TILES, INT64)"
+            "r_off = _tile_offsets(offs_m, offs_k, N, HO, WO, srn, src, srh, srw, IMAGE_TILES,"
+            " INT64)"
         )
         lines.append("r_mask = m_ok[:, None] & k_ok[None, :]")
         lines.append("acc += tl.load(r_ptr + r_off, mask=r_mask, other=0.0).to(acc.dtype)")

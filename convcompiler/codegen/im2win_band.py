@@ -74,6 +74,34 @@ ${constants}
 ${helpers}
 
 @triton.jit
+def _band_columns(wb, c, WB, W, CG, PW: tl.constexpr):
+    # The fill's border: band column wb < WB holds input column wi = wb - PW, zero padding
+    # outside 0 <= wi < W, for channels c < CG. Columns and channels past the end wrap and a
+    # column in the padding is clamped to the image's edge (see the note over _tile_rows);
+    # the masks say which lanes are real: (col_ok, c_ok) to store, inside (the image) to load.
+    col_ok = wb < WB
+    c_ok = c < CG
+    wb = wb % WB
+    c = c % CG
+    wi = wb - PW
+    inside = col_ok & (wi >= 0) & (wi < W)
+    if PW > 0:
+        wi = tl.minimum(tl.maximum(wi, 0), W - 1)
+    return wb, wi, c, col_ok, c_ok, inside
+
+
+@triton.jit
+def _band_row(ho, ky, H, SH: tl.constexpr, PH: tl.constexpr, DH: tl.constexpr):
+    # Band row (ho, ky) holds input row hi, zero padding outside 0 <= hi < H (clamped to the
+    # image's edge).
+    hi = ho * SH - PH + ky * DH
+    ok = (hi >= 0) & (hi < H)
+    if PH > 0:
+        hi = tl.minimum(tl.maximum(hi, 0), H - 1)
+    return hi, ok
+
+
+@triton.jit
 def im2win_band_fill(
     # pointers
     x_ptr, band_ptr,
@@ -95,16 +123,13 @@ def im2win_band_fill(
     if INT64:
         n = n.to(tl.int64)
         row = row.to(tl.int64)
-    wb = tl.program_id(1) * FILL_W + tl.arange(0, FILL_W)
-    c = tl.program_id(2) * FILL_C + tl.arange(0, FILL_C)
-    wi = wb - PW
-    col_ok = wb < WB
-    c_ok = c < CG
-    inside_w = col_ok & (wi >= 0) & (wi < W)
+    wb, wi, c, col_ok, c_ok, inside_w = _band_columns(
+        tl.program_id(1) * FILL_W + tl.arange(0, FILL_W),
+        tl.program_id(2) * FILL_C + tl.arange(0, FILL_C), WB, W, CG, PW)
     src = n * sxn + (wi * sxw)[:, None] + ((g * CG + c) * sxc)[None, :]
     for ky in range(KH):
-        hi = ho * SH - PH + ky * DH
-        ok = inside_w[:, None] & c_ok[None, :] & (hi >= 0) & (hi < H)
+        hi, h_ok = _band_row(ho, ky, H, SH, PH, DH)
+        ok = inside_w[:, None] & c_ok[None, :] & h_ok
         v = tl.load(x_ptr + src + hi * sxh, mask=ok, other=0.0)
         dst = ((row * WB + wb) * KH + ky)[:, None] * CG + c[None, :]
         tl.store(band_ptr + dst, v, mask=col_ok[:, None] & c_ok[None, :])
@@ -116,8 +141,8 @@ def conv_im2win_band_gemm(
     band_ptr, w_ptr, y_ptr,
     # epilogue operands (None when unused): conv bias, batch norm, residual
     b_ptr, bnw_ptr, bnb_ptr, mean_ptr, var_ptr, r_ptr,
-    # sizes; CG is fixed by the spec, so the reduction loop has constant bounds
-    N, HO, WO, WB, CG: tl.constexpr, KG, G,
+    # sizes; CG and KG are fixed by the spec (constant loop bounds, tails known)
+    N, HO, WO, WB, CG: tl.constexpr, KG: tl.constexpr, G,
     # strides of the output and the residual (w_ptr: the packed filter [K, KW, KH, CG])
     syn, syk, syh, syw, srn, src, srh, srw,
     # conv geometry (baked from the spec)
@@ -132,9 +157,7 @@ def conv_im2win_band_gemm(
     g = tl.program_id(1)
     offs_m, m_ok, n, ho, wo, pid_n = _tile_rows(
         N, HO, WO, KG, IMAGE_TILES, INT64, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = g * KG + offs_n
-    k_ok = offs_n < KG
+    offs_k, k_ok = _tile_cols(pid_n, g, KG, BLOCK_N)
 
     # ---- 2. each pixel's window: band row (n, g, ho) from column wo*SW, KH*CG per column ----
     RUN = KH * CG
@@ -150,6 +173,8 @@ def conv_im2win_band_gemm(
     for r0 in range(0, KW * KH * CG, BLOCK_K):  # R, written out: see im2win_implicit
         r = r0 + offs_r
         r_ok = r < R
+        if (KW * KH * CG) % BLOCK_K != 0:  # steps past R wrap (see the note over _tile_rows)
+            r = r % R
         if DW == 1:
             a_col = r  # the whole window is one contiguous run
         else:

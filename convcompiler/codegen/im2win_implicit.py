@@ -56,13 +56,33 @@ ${constants}
 ${helpers}
 
 @triton.jit
+def _flat_window(x_row, hi0, wi0, m_ok, r, r_ok, H, W, sxc, sxh, sxw, CG: tl.constexpr,
+                 KH: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr,
+                 DW: tl.constexpr):
+    # Element r = (kx, ky, c) of each pixel's window: its offset in x (x_row: the window's
+    # origin) and whether it reads the image rather than the zero padding. With padding, an
+    # offset in the halo is clamped to 0 (see the note over _tile_rows): one select on the
+    # offset tile, as cheap here as clamping the rows and columns.
+    c = r % CG
+    ky = (r // CG) % KH
+    kx = r // (CG * KH)
+    hi = hi0[:, None] + (ky * DH)[None, :]
+    wi = wi0[:, None] + (kx * DW)[None, :]
+    ok = m_ok[:, None] & r_ok[None, :] & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+    off = x_row[:, None] + (c * sxc + ky * DH * sxh + kx * DW * sxw)[None, :]
+    if PH > 0 or PW > 0:
+        off = tl.where(ok, off, 0)
+    return off, ok
+
+
+@triton.jit
 def conv_im2win_implicit(
     # pointers
     x_ptr, w_ptr, y_ptr,
     # epilogue operands (None when unused): conv bias, batch norm, residual
     b_ptr, bnw_ptr, bnb_ptr, mean_ptr, var_ptr, r_ptr,
-    # sizes; CG and R are fixed by the spec, so the reduction loops have constant bounds
-    N, H, W, HO, WO, CG: tl.constexpr, KG, R: tl.constexpr,
+    # sizes; CG, KG and R are fixed by the spec (constant loop bounds, tails known)
+    N, H, W, HO, WO, CG: tl.constexpr, KG: tl.constexpr, R: tl.constexpr,
     # strides (w_ptr is the packed filter: [K, KW, KH, CG] contiguous)
     sxn, sxc, sxh, sxw, syn, syk, syh, syw, srn, src, srh, srw,
     # conv geometry (baked from the spec)
@@ -77,35 +97,33 @@ def conv_im2win_implicit(
     g = tl.program_id(1)
     offs_m, m_ok, n, ho, wo, pid_n = _tile_rows(
         N, HO, WO, KG, IMAGE_TILES, INT64, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = g * KG + offs_n
-    k_ok = offs_n < KG
+    offs_k, k_ok = _tile_cols(pid_n, g, KG, BLOCK_N)
 
     # ---- 2. where each pixel's window starts in the (virtual) im2win band ----
     hi0 = ho * SH - PH
     wi0 = wo * SW - PW
     x_base = x_ptr + g * CG * sxc
-    x_row = n * sxn + hi0 * sxh + wi0 * sxw
+    x_img = n * sxn
+    x_row = x_img + hi0 * sxh + wi0 * sxw
     w_col = offs_k * R
     if INT64:
         w_col = offs_k.to(tl.int64) * R
     offs_r = tl.arange(0, BLOCK_K)
 
     # ---- 3. reduction over the window: acc[m, k] += band[m, r] * w[k, r] ----
+    # (reduction steps past R or CG wrap, the mask keeping them out: see _tile_rows' note)
     acc = _zeros(BLOCK_M, BLOCK_N, WIDEN)
     if REDUCTION == "flat":
         for r0 in range(0, R, BLOCK_K):
             r = r0 + offs_r
-            c = r % CG
-            ky = (r // CG) % KH
-            kx = r // (CG * KH)
-            hi = hi0[:, None] + (ky * DH)[None, :]
-            wi = wi0[:, None] + (kx * DW)[None, :]
-            a_ok = m_ok[:, None] & (r < R)[None, :] & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-            a_off = x_row[:, None] + (c * sxc + ky * DH * sxh + kx * DW * sxw)[None, :]
+            r_ok = r < R
+            if R % BLOCK_K != 0:
+                r = r % R
+            a_off, a_ok = _flat_window(x_row, hi0, wi0, m_ok, r, r_ok, H, W, sxc, sxh, sxw,
+                                       CG, KH, PH, PW, DH, DW)
             a = tl.load(x_base + a_off, mask=a_ok, other=0.0)
             b = tl.load(w_ptr + w_col[None, :] + r[:, None],
-                        mask=(r < R)[:, None] & k_ok[None, :], other=0.0)
+                        mask=r_ok[:, None] & k_ok[None, :], other=0.0)
             acc = _mma(a, b, acc, WIDEN, PRECISION)
     else:
         # (loop bounds are written out from constexprs: Triton 3.6's interpreter turns every
@@ -116,12 +134,13 @@ def conv_im2win_implicit(
             c = (it - tap * c_steps) * BLOCK_K + offs_r
             kx = tap // KH
             ky = tap - kx * KH
-            hi = hi0 + ky * DH
-            wi = wi0 + kx * DW
-            row_ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            a_row, row_ok = _window_tap(x_img, hi0, wi0, m_ok, ky, kx, H, W, sxh, sxw,
+                                        PH, PW, DH, DW)
             c_ok = c < CG
-            a_off = (x_row + ky * DH * sxh + kx * DW * sxw)[:, None] + (c * sxc)[None, :]
-            a = tl.load(x_base + a_off, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+            if CG % BLOCK_K != 0:
+                c = c % CG
+            a = tl.load(x_base + a_row[:, None] + (c * sxc)[None, :],
+                        mask=row_ok[:, None] & c_ok[None, :], other=0.0)
             b = tl.load(w_ptr + w_col[None, :] + (tap * CG + c)[:, None],
                         mask=c_ok[:, None] & k_ok[None, :], other=0.0)
             acc = _mma(a, b, acc, WIDEN, PRECISION)

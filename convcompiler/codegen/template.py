@@ -3,7 +3,8 @@
 A template is readable Triton/Python text with `${hook}` slots (string.Template). Hooks:
 
     header     the module docstring: what the region computes and which schedule runs it
-    helpers    @triton.jit helpers shared by the conv templates (tile order, output store)
+    helpers    @triton.jit helpers shared by the conv templates (tile order, tile rows and
+               columns, window taps: every lane's address inside its tensor)
     epilogue   code applied to the fp32 accumulator (bias, batch norm, activations,
                residual; see epilogue.py), then the store
     constants  the spec's geometry and the schedule's parameters, as Python dicts
@@ -64,9 +65,9 @@ def indent(code: str, spaces: int = 4) -> str:
 # ---- shared schedule checks ----------------------------------------------------------------
 def check_row_tiling(spec: ConvSpec, s: Schedule) -> None:
     """M_TILES: image tiles need an NCHW output and put the batch on grid axis 2."""
-    if s["M_TILES"] == "image" and spec.output_layout != "nchw":
+    if s.get("M_TILES") == "image" and spec.output_layout != "nchw":
         raise InvalidSchedule("image tiles only make stores contiguous for an NCHW output")
-    if s["M_TILES"] == "image" and spec.hint(spec.batch) > 65535:
+    if s.get("M_TILES") == "image" and spec.hint(spec.batch) > 65535:
         raise InvalidSchedule("image tiles put the batch on grid axis 2 (at most 65535)")
 
 
@@ -143,6 +144,8 @@ def constants(spec: ConvSpec, schedule: Schedule, **groups: tuple[str, ...]) -> 
         f"GEOMETRY = {geometry!r}",
         f"META = {meta!r}",
     ]
+    if spec.transposed:
+        lines.insert(-2, f"OUTPUT_PADDING = {spec.output_padding!r}")
     lines += [f"{name} = {values!r}" for name, values in grouped.items()]
     return "\n".join(lines)
 
@@ -183,33 +186,79 @@ def _mma(a, b, acc, WIDEN: tl.constexpr, PRECISION: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
+# ---- addresses stay inside their tensors, masked lanes included ----
+# On sm_90 / sm_100 Triton may pipeline a masked tl.load into cp.async, which issues every
+# lane's address, masked or not: a lane in the padding halo (a negative offset) or past the
+# end of a tensor then faults or reads garbage (PyTorch PR 186440). So each masked index is
+# brought inside its tensor before it becomes a pointer, by the helper that computes it:
+#   tails (rows, channels or reduction steps past the end) wrap, `i % size`: the compiler
+#     sees `i` exactly as contiguous as the mask `i < size` is uniform, so loads and stores
+#     vectorise as before (`tl.where(mask, i, 0)` would make every lane look scattered);
+#     rows of batch tiles only need their image index capped at N - 1;
+#   a row or column in the padding halo is clamped to the image's edge, only on an axis
+#     that has padding (_window_tap; the flat reduction clamps its offset tile instead).
+# The masks select the same lanes as before, so the results are unchanged; sm_90 compiles
+# of the GPU command's part a kept every load's and store's vector width, with no spills.
+# tests/test_addresses.py checks every lane of every load and store on the interpreter.
 @triton.jit
 def _tile_rows(N, HO, WO, KG, IMAGE_TILES: tl.constexpr, INT64: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     # The tile's rows are output pixels, its columns output channels of one group.
     # IMAGE_TILES keeps a tile inside image n = program_id(2): the rows of an NCHW output
     # tile are then one contiguous run of pixels. Otherwise rows run over the whole batch.
+    # Rows past M (m_ok masks them) stay inside the tensors: ho and wo wrap anyway; in image
+    # tiles offs_m wraps too (it addresses pixels directly), in batch tiles n stops at N - 1.
     if IMAGE_TILES:
         M = HO * WO
     else:
         M = N * HO * WO
     pid_m, pid_n = _tile_ids(tl.program_id(0), M, KG, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
     wo = offs_m % WO
     ho = (offs_m // WO) % HO
     if IMAGE_TILES:
         n = tl.program_id(2)
+        offs_m = offs_m % M
     else:
-        n = offs_m // (WO * HO)
+        n = tl.minimum(offs_m // (WO * HO), N - 1)
     if INT64:
         n = n.to(tl.int64)
-    return offs_m, offs_m < M, n, ho, wo, pid_n
+    return offs_m, m_ok, n, ho, wo, pid_n
 
 
 @triton.jit
-def _tile_offsets(offs_m, offs_k, HO, WO, sn, sk, sh, sw, IMAGE_TILES: tl.constexpr,
+def _tile_cols(pid_n, g, KG: tl.constexpr, BLOCK_N: tl.constexpr):
+    # The tile's columns: BLOCK_N output channels of group g, which has KG; those past KG
+    # wrap to channels of the group (k_ok masks them). Returns the global channels and k_ok.
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_ok = offs_n < KG
+    if KG % BLOCK_N != 0:
+        offs_n = offs_n % KG
+    return g * KG + offs_n, k_ok
+
+
+@triton.jit
+def _window_tap(x_img, hi0, wi0, m_ok, ky, kx, H, W, sxh, sxw,
+                PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr):
+    # Tap (ky, kx) of each pixel's window: its offset in x (x_img: the image's) and whether
+    # it reads the image rather than the zero padding. A row or column in the padding is
+    # clamped to the image's edge; an axis without padding needs no clamp (its windows fit).
+    hi = hi0 + ky * DH
+    wi = wi0 + kx * DW
+    inside = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+    if PH > 0:
+        hi = tl.minimum(tl.maximum(hi, 0), H - 1)
+    if PW > 0:
+        wi = tl.minimum(tl.maximum(wi, 0), W - 1)
+    return x_img + hi * sxh + wi * sxw, inside
+
+
+@triton.jit
+def _tile_offsets(offs_m, offs_k, N, HO, WO, sn, sk, sh, sw, IMAGE_TILES: tl.constexpr,
                   INT64: tl.constexpr):
-    # Where output pixel m, channel k lives in a tensor with strides (sn, sk, sh, sw).
+    # Where output pixel m, channel k lives in a tensor with strides (sn, sk, sh, sw); inside
+    # it on every lane, as offs_m and offs_k come from _tile_rows and _tile_cols.
     if IMAGE_TILES:
         # contiguous NCHW: pixel p = ho*WO + wo of image n sits at t[n, k] + p
         n = tl.program_id(2)
@@ -218,7 +267,7 @@ def _tile_offsets(offs_m, offs_k, HO, WO, sn, sk, sh, sw, IMAGE_TILES: tl.conste
         return n * sn + offs_m[:, None] + offs_k[None, :] * sk
     wo = offs_m % WO
     ho = (offs_m // WO) % HO
-    n = offs_m // (WO * HO)
+    n = tl.minimum(offs_m // (WO * HO), N - 1)
     if INT64:
         n = n.to(tl.int64)
     return (n * sn + ho * sh + wo * sw)[:, None] + offs_k[None, :] * sk
@@ -234,16 +283,17 @@ def render_module(
     summary: str,
     kernels: tuple[str, ...],
     groups: dict[str, tuple[str, ...]],
+    prepare: str | None = None,
 ) -> KernelSource:
     """Fill every hook of a conv template; `groups` splits the schedule's parameters into
-    the launcher's dicts (see `constants`)."""
+    the launcher's dicts (see `constants`); `prepare` replaces the forward conv's PREPARE."""
     text = render(
         template,
         header=header(spec, schedule, summary),
         constants=constants(spec, schedule, **groups),
         helpers=HELPERS,
         epilogue=epilogue(spec),
-        prepare=PREPARE.strip("\n"),
+        prepare=(PREPARE if prepare is None else prepare).strip("\n"),
         finish=FINISH.strip("\n"),
     )
     return KernelSource(f"{spec.geometry()}_{schedule.name}", text, schedule, spec.key(), kernels)

@@ -83,6 +83,23 @@ def _unit_rows(x):
     return x / tl.maximum(norm, 1e-12)[:, None]
 
 
+# Every lane's address stays inside its tensor, masked lanes included: on sm_90 / sm_100 Triton
+# may pipeline a masked tl.load into cp.async, which issues the address of every lane, so an
+# index past the window's tokens or the head's dims would read outside q, k, v, the bias or
+# the mask (PyTorch PR 186440). _block wraps such indices back inside; the masks still keep
+# the lanes out of the result. (Wrapping, `i % size`, keeps the index's contiguity where
+# the mask allows it, so loads still vectorise; tl.where(ok, i, 0) would not.)
+@triton.jit
+def _block(start, SIZE: tl.constexpr, BLOCK: tl.constexpr):
+    # BLOCK indices from `start` and which are < SIZE (49 tokens, head_dim 24 in a 32-wide
+    # block); those past SIZE wrap to 0, 1, ... so that their addresses stay in bounds.
+    offs = start + tl.arange(0, BLOCK)
+    ok = offs < SIZE
+    if SIZE % BLOCK != 0:
+        offs = offs % SIZE
+    return offs, ok
+
+
 @triton.jit
 def window_attention(
     # q, k, v: [B, H, N, D] views; o: the output; the additive terms (None when absent)
@@ -105,10 +122,8 @@ def window_attention(
     h = bh % H
     if INT64:
         b = b.to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
-    m_ok = offs_m < N
-    d_ok = offs_d < HEAD_DIM
+    offs_m, m_ok = _block(pid_m * BLOCK_M, N, BLOCK_M)
+    offs_d, d_ok = _block(0, HEAD_DIM, D)
     if WIDEN:
         work = tl.float64
     else:
@@ -125,8 +140,7 @@ def window_attention(
     l_i = tl.full((BLOCK_M,), 0.0, dtype=work)
     acc = tl.full((BLOCK_M, D), 0.0, dtype=work)
     for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
+        offs_n, n_ok = _block(n0, N, BLOCK_N)
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
                     mask=kv_mask, other=0.0)

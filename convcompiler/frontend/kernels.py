@@ -36,6 +36,7 @@ from ..selection.select import Choice, SelectionContext, select_schedule
 from ..spec import AttentionSpec, ConvSpec, Epilogue
 
 _CONV = {1: F.conv1d, 2: F.conv2d}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d}
 
 
 def conv_spec_of(
@@ -47,16 +48,21 @@ def conv_spec_of(
     dilation: int | Sequence[int] = 1,
     groups: int = 1,
     epilogue: Epilogue = Epilogue(),
+    *,
+    transposed: bool = False,
+    output_padding: int | Sequence[int] = 0,
 ) -> ConvSpec:
-    """The ConvSpec the backend would build for `F.conv{1,2}d(x, weight, bias, ...)`, with
-    `epilogue` fused after it."""
-    conv = _CONV.get(weight.dim() - 2)
+    """The ConvSpec the backend would build for `F.conv{1,2}d(x, weight, bias, ...)` (with
+    `transposed`: `F.conv_transpose{1,2}d`), with `epilogue` fused after it."""
+    conv = (_CONV_T if transposed else _CONV).get(weight.dim() - 2)
     if conv is None:
         raise ValueError(
             f"only 1-D and 2-D convolutions have kernels, got weight {tuple(weight.shape)}"
         )
 
     def f(x, w, b):
+        if transposed:
+            return conv(x, w, b, stride, padding, output_padding, groups, dilation)
         return conv(x, w, b, stride, padding, dilation, groups)
 
     gm = make_fx(f, tracing_mode="fake")(x, weight, bias)
@@ -97,12 +103,37 @@ def conv_kernel(
     schedule: str | Schedule | None = None,
     config: Config | None = None,
     epilogue: Epilogue = Epilogue(),
+    transposed: bool = False,
+    output_padding: int | Sequence[int] = 0,
 ) -> KernelCall:
     """Render, write and load the kernel for one convolution (and its epilogue); returns its
-    launcher: call(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, residual)."""
+    launcher: call(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, residual).
+    `transposed` (with `output_padding`) builds `F.conv_transpose{1,2}d`'s."""
     config = config or Config(cache=False)
-    spec = conv_spec_of(x, weight, bias, stride, padding, dilation, groups, epilogue)
+    spec = conv_spec_of(
+        x, weight, bias, stride, padding, dilation, groups, epilogue,
+        transposed=transposed, output_padding=output_padding,
+    )
     return _kernel_call("conv", spec, conv_source(spec, schedule, config), config)
+
+
+def wgrad_kernel(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    *,
+    schedule: str | Schedule | None = None,
+    config: Config | None = None,
+) -> KernelCall:
+    """Render, write and load the weight-gradient kernel of `F.conv{1,2}d(x, weight, ...)`;
+    returns its launcher: call(dy, x) -> dw, shaped and laid out like `weight`."""
+    config = config or Config(cache=False)
+    spec = conv_spec_of(x, weight, None, stride, padding, dilation, groups)
+    spec = dataclasses.replace(spec, op="conv_wgrad")
+    return _kernel_call("conv_wgrad", spec, conv_source(spec, schedule, config), config)
 
 
 def _kernel_call(kind: str, spec, source: KernelSource, config: Config) -> KernelCall:

@@ -403,8 +403,12 @@ ATTENTION_OPERANDS = ("q", "k", "v", "bias", "mask", "general", "logit_scale")
 def _operands(nodes: dict[str, torch.fx.Node], region: Region) -> tuple:
     """The kernel's arguments, read from the live graph (an earlier region may have replaced
     an operand's producer). A conv chain: (x, weight, bias, bn_weight, bn_bias, bn_mean,
-    bn_var, residual); window attention: (q, k, v, bias, mask, general, logit_scale)."""
+    bn_var, residual); a weight gradient: (dy, x); window attention: (q, k, v, bias, mask,
+    general, logit_scale)."""
     roles = dict(region.roles)
+    if region.kind == "conv_wgrad":  # (dy, x); a transposed conv's: the conv from dy to x
+        dy, x = nodes[roles["wgrad"]].args[:2]
+        return (x, dy) if nodes[roles["wgrad"]].args[7] else (dy, x)
     if region.kind == "window_attention":
         return tuple(nodes[roles[r]] if r in roles else None for r in ATTENTION_OPERANDS)
     x, weight, bias = nodes[roles["conv"]].args[:3]

@@ -120,7 +120,12 @@ def meta_inputs(spec: ConvSpec | AttentionSpec) -> tuple[torch.Tensor | None, ..
         return t.to(memory_format=torch.channels_last) if layout == "nhwc" else t
 
     x = empty((n, spec.in_channels, h, w), spec.input_layout)
+    if spec.op == "conv_wgrad":  # (dy, x)
+        dy = empty((n, k, ho, wo), spec.output_layout)
+        return (dy.squeeze(2), x.squeeze(2)) if spec.ndim == 1 else (dy, x)
     weight = empty((k, spec.in_channels_per_group, kh, kw), spec.weight_layout)
+    if spec.transposed:  # [C, K/groups, KH, KW]
+        weight = empty((spec.in_channels, spec.out_channels_per_group, kh, kw), spec.weight_layout)
     residual = empty((n, k, ho, wo), spec.output_layout) if spec.epilogue.residual else None
     if spec.ndim == 1:
         x, weight = x.squeeze(2), weight.squeeze(2)

@@ -35,7 +35,8 @@ class RegionRecord:
     fallback_reason: str | None  # None when a generated kernel runs the region
     why: str  # why this schedule (or this fallback)
     epilogue: str = ""  # what the kernel fuses after the conv, e.g. "bn+add+relu"
-    mode: str | None = None  # conv_bn: "deploy", "tune" or "train"
+    # conv_bn: "deploy", "tune" or "train"; backward convs: "grad_input" or "grad_weight"
+    mode: str | None = None
     # "guard", "override", "cache", "tuned", "model", "peer" (under torch.distributed: the
     # decision another rank made, see selection/agreement.py), or "restored" (Inductor's
     # caches served the compile; the row is the stored report of the compile that built it)

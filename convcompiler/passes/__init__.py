@@ -20,6 +20,7 @@ import torch.fx
 from ..counters import counters
 from ..files import private_dir, write_private
 from .context import PassContext, Region
+from .conv_backward import split_conv_backward
 from .conv_bn_tune import fold_conv_bn_tune
 from .linear_as_conv import linear_as_conv, restore_linears
 from .match_attention import match_window_attention
@@ -36,7 +37,12 @@ PRE_GRAD_PASSES: tuple[GraphPass, ...] = (
     find_train_batch_norms,
     fold_conv_bn_tune,
 )
-POST_GRAD_PASSES: tuple[GraphPass, ...] = (linear_as_conv, match_conv, match_window_attention)
+POST_GRAD_PASSES: tuple[GraphPass, ...] = (
+    linear_as_conv,
+    split_conv_backward,
+    match_conv,
+    match_window_attention,
+)
 
 
 def dump_graph(gm: torch.fx.GraphModule, ctx: PassContext, step: int, name: str) -> None:

@@ -19,7 +19,7 @@ class Region:
     """
 
     name: str  # unique within one compile, e.g. "conv_3"
-    kind: str  # "conv", "conv_bn", "linear", "window_attention" or "batch_norm"
+    kind: str  # "conv", "conv_bn", "conv_wgrad", "linear", "window_attention" or "batch_norm"
     rule: str  # the equation of the pattern that matched
     stage: str  # the graph it was found in: "forward", "inference" or "backward"
     nodes: tuple[str, ...]  # FX node names; nodes[-1] produces the region's output
@@ -27,7 +27,8 @@ class Region:
     spec: ConvSpec | None
     fallback_reason: str | None = None
     roles: tuple[tuple[str, str], ...] = ()  # (role, node name) along a conv epilogue chain
-    mode: str | None = None  # conv_bn: "deploy", "tune" or "train"
+    # conv_bn: "deploy", "tune" or "train"; backward convs: "grad_input" or "grad_weight"
+    mode: str | None = None
 
 
 @dataclass

@@ -40,6 +40,7 @@ RULES = {
     "batch_norm": "batch_norm(x) (not fed by a convolution) => ATen",
 }
 aten = torch.ops.aten
+GRAD_INPUT = "conv_grad_input"  # facts: the convolutions conv_backward.py made for grad_input
 
 
 def _conv_precision() -> str:
@@ -58,16 +59,18 @@ def _precision(node: torch.fx.Node, dtype: torch.dtype) -> str:
     return matmul_precision(dtype) if node.meta.get(FROM_LINEAR) else _conv_precision()
 
 
-def conv_params(node: torch.fx.Node) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    """(stride, padding, dilation) of an aten.convolution, one value per spatial dim.
+def conv_params(node: torch.fx.Node) -> tuple[tuple[int, ...], ...]:
+    """(stride, padding, dilation, output_padding) of an aten.convolution, one value per
+    spatial dim (output_padding is zeros for a forward conv).
 
     ATen broadcasts a one-element list over the spatial dims: `padding="valid"` reaches the
     aten graph as `padding=[0]` for a 2-D convolution."""
-    _, w, _, stride, padding, dilation = node.args[:6]
+    _, w, _, stride, padding, dilation, transposed, output_padding = node.args[:8]
     spatial = len(fake_value(w).shape) - 2
+    output_padding = output_padding if transposed else [0]
     return tuple(
         tuple(int(v) for v in (values if len(values) == spatial else list(values) * spatial))
-        for values in (stride, padding, dilation)
+        for values in (stride, padding, dilation, output_padding)
     )
 
 
@@ -77,13 +80,13 @@ def conv_fallback_reason(node: torch.fx.Node, ctx: PassContext) -> str | None:
     out, xv, wv = fake_value(node), fake_value(x), fake_value(w)
     if out is None or xv is None or wv is None:
         return "no fake-tensor metadata on the convolution"
-    if transposed:
-        return "transposed convolution is not supported by the im2win kernels"
     spatial = len(wv.shape) - 2
     if spatial not in (1, 2):
         return f"{spatial}-D convolution: only 1-D and 2-D convolutions are supported"
     if any(len(values) not in (1, spatial) for values in (stride, padding, dilation)):
         return "stride, padding or dilation does not give one value per spatial dim"
+    if transposed and len(output_padding) not in (1, spatial):
+        return "output_padding does not give one value per spatial dim"
     empty = [name for name, t in (("input", xv), ("weight", wv), ("output", out)) if 0 in sizes(t)]
     if empty:
         return (
@@ -117,19 +120,24 @@ def conv_spec(
     """The ConvSpec of a supported convolution node, in 2-D form; `out_node` is the last
     node of its epilogue chain (its value is what the kernel writes)."""
     x, w, b = node.args[:3]
-    groups = node.args[8]
-    stride, padding, dilation = conv_params(node)
+    transposed, groups = bool(node.args[6]), node.args[8]
+    stride, padding, dilation, output_padding = conv_params(node)
     xv, wv, out = fake_value(x), fake_value(w), fake_value(out_node or node)
     xs, ws, os_ = sizes(xv), sizes(wv), sizes(out)
     if len(ws) == 3:  # conv1d as a 2-D conv over a 1-row image
         xs, ws, os_ = (*xs[:2], 1, xs[2]), (*ws[:2], 1, ws[2]), (*os_[:2], 1, os_[2])
         stride, padding, dilation = (1, *stride), (0, *padding), (1, *dilation)
+        output_padding = (0, *output_padding)
     device = xv.device.type
+    # weight: [K, C/groups, KH, KW]; transposed: [C, K/groups, KH, KW]
+    in_channels, out_channels = int(ws[1]) * int(groups), int(ws[0])
+    if transposed:
+        in_channels, out_channels = int(ws[0]), int(ws[1]) * int(groups)
     return ConvSpec(
         ndim=len(wv.shape) - 2,
         batch=xs[0],
-        in_channels=int(ws[1]) * int(groups),
-        out_channels=int(ws[0]),
+        in_channels=in_channels,
+        out_channels=out_channels,
         in_size=(xs[2], xs[3]),
         out_size=(os_[2], os_[3]),
         kernel=(int(ws[2]), int(ws[3])),
@@ -146,10 +154,14 @@ def conv_spec(
         precision=_precision(node, xv.dtype),
         hints=size_hints(xv, out),
         epilogue=epilogue,
+        op="conv_transpose" if transposed else "conv",
+        output_padding=tuple(int(p) for p in output_padding),
     )
 
 
 def _mode(node: torch.fx.Node, chain: Chain, ctx: PassContext) -> str | None:
+    if node.name in ctx.facts.get(GRAD_INPUT, ()):
+        return "grad_input"
     if chain.epilogue.bn:
         return "deploy"
     tuned = ctx.facts.get("conv_bn_tune", set())
@@ -185,7 +197,7 @@ def match_conv(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModu
         claimed.update(name for _, name in chain.roles)
         linear = bool(node.meta.get(FROM_LINEAR))
         mode = None if linear else _mode(node, chain, ctx)
-        kind = "linear" if linear else "conv_bn" if mode else "conv"
+        kind = "linear" if linear else "conv_bn" if mode in ("deploy", "tune", "train") else "conv"
         spec = conv_spec(node, chain.epilogue, chain.last) if reason is None else None
         summary = spec.describe() if spec is not None else conv_summary(node)
         rule = "conv_bn" if chain.epilogue.name() else "conv"

@@ -22,7 +22,7 @@ from ..spec import AttentionSpec, ConvSpec, SpecError, spec_from_json, spec_to_j
 from .loader import KernelIntegrityError
 
 REF_VERSION = 2
-REGION_KINDS = ("conv", "conv_bn", "linear", "window_attention")
+REGION_KINDS = ("conv", "conv_bn", "conv_wgrad", "linear", "window_attention")
 
 # How a conv's weight reaches its kernel (runtime/packing.py):
 #   "as_is":  the op hands it to the launcher as it comes (already in the order the kernel

@@ -1,6 +1,7 @@
 """The `torch.ops.im2win.*` ops a compiled graph calls in place of each region.
 
     im2win::conv(x, weight, bias?, bn_weight?, bn_bias?, bn_mean?, bn_var?, residual?, kernel)
+    im2win::conv_wgrad(dy, x, kernel)         a conv's weight gradient
     im2win::window_attention(q, k, v, bias?, mask?, general?, logit_scale?, kernel)
 
 `kernel` is a KernelRef (kernel_ref.py): the spec and schedule the kernel was generated
@@ -95,6 +96,11 @@ def conv_output_shape(spec: ConvSpec, x: Tensor) -> tuple:
     n, h, w = x.shape[0], (1 if spec.ndim == 1 else x.shape[-2]), x.shape[-1]
     (kh, kw), (sh, sw) = spec.kernel, spec.stride
     (ph, pw), (dh, dw) = spec.padding, spec.dilation
+    if spec.transposed:
+        oph, opw = spec.output_padding
+        ho = (h - 1) * sh - 2 * ph + dh * (kh - 1) + oph + 1
+        wo = (w - 1) * sw - 2 * pw + dw * (kw - 1) + opw + 1
+        return n, spec.out_channels, ho, wo
     ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     return n, spec.out_channels, ho, wo
@@ -107,6 +113,21 @@ def _conv_fake(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, residual, k
     fmt = torch.channels_last if spec.output_layout == "nhwc" else torch.contiguous_format
     y = torch.empty((n, k, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
     return y.squeeze(2) if spec.ndim == 1 else y
+
+
+# ---- im2win::conv_wgrad ----------------------------------------------------------------------
+@torch.library.custom_op("im2win::conv_wgrad", mutates_args=())
+def conv_wgrad(dy: Tensor, x: Tensor, kernel: str) -> Tensor:
+    return _launch(decode(kernel), (dy, x))
+
+
+@conv_wgrad.register_fake
+def _conv_wgrad_fake(dy, x, kernel):
+    spec = decode(kernel).spec
+    fmt = torch.channels_last if spec.weight_layout == "nhwc" else torch.contiguous_format
+    shape = (spec.out_channels, spec.in_channels_per_group, *spec.kernel)
+    w = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    return w.squeeze(2) if spec.ndim == 1 else w
 
 
 # ---- im2win::window_attention ---------------------------------------------------------------
@@ -140,5 +161,6 @@ OPS = {
     "conv": torch.ops.im2win.conv.default,
     "conv_bn": torch.ops.im2win.conv.default,
     "linear": torch.ops.im2win.conv.default,
+    "conv_wgrad": torch.ops.im2win.conv_wgrad.default,
     "window_attention": torch.ops.im2win.window_attention.default,
 }

@@ -36,12 +36,21 @@ def run_aten(
     bn_var=None,
     residual=None,
 ) -> torch.Tensor:
-    """conv -> batch norm (running stats) -> act -> + residual -> act, as separate ATen ops."""
-    stride, padding, dilation = (
-        v[2 - spec.ndim :] for v in (spec.stride, spec.padding, spec.dilation)
+    """conv -> batch norm (running stats) -> act -> + residual -> act, as separate ATen ops.
+    A weight-gradient spec takes (dy, x) and returns dw."""
+    stride, padding, dilation, output_padding = (
+        list(v[2 - spec.ndim :])
+        for v in (spec.stride, spec.padding, spec.dilation, spec.output_padding)
     )
+    if spec.op == "conv_wgrad":
+        dy, x = x, weight
+        shape = (spec.out_channels, spec.in_channels_per_group, *spec.kernel[2 - spec.ndim :])
+        return torch.ops.aten.convolution_backward(
+            dy, x, x.new_empty(shape), None, stride, padding, dilation, False, output_padding,
+            spec.groups, [False, True, False],
+        )[1]
     y = torch.ops.aten.convolution(
-        x, weight, bias, stride, padding, dilation, False, [0] * spec.ndim, spec.groups
+        x, weight, bias, stride, padding, dilation, spec.transposed, output_padding, spec.groups
     )
     e = spec.epilogue
     if e.bn:

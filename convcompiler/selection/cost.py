@@ -257,6 +257,10 @@ def predict(
     timer = _time
     if isinstance(spec, AttentionSpec):
         from .cost_attention import attention_time as timer
+    elif spec.op == "conv_transpose":
+        from .cost_backward import transposed_time as timer
+    elif spec.op == "conv_wgrad":
+        from .cost_backward import wgrad_time as timer
     total, compute, memory, launch, flops, padded, traffic, ws, ctas = timer(
         spec, schedule, device, False
     )
@@ -302,6 +306,10 @@ def interpreter_steps(spec: ConvSpec | AttentionSpec, schedule: Schedule) -> int
         from .cost_attention import attention_steps
 
         return attention_steps(spec, schedule)
+    if spec.op != "conv":
+        from .cost_backward import transposed_steps, wgrad_steps
+
+        return (transposed_steps if spec.transposed else wgrad_steps)(spec, schedule)
     z = _Sizes(spec, symbolic=False)
     s = schedule.as_dict()
     rows = z.p if s.get("M_TILES") == "image" else z.m

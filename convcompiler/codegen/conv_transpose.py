@@ -1,0 +1,213 @@
+"""Schedule `transposed_phase`: a transposed convolution split by stride phase.
+
+A transposed conv scatters each input pixel through the whole kernel:
+
+    y[n, k, ih*SH - PH + kh*DH, iw*SW - PW + kw*DW] += x[n, c, ih, iw] * w[c, k, kh, kw]
+
+Read from the output's side, tap kh reaches output row oh from input row
+ih = (oh + PH - kh*DH) / SH, only where that division is exact. Whether it is depends on the
+row's phase oh % SH alone, so the output splits into SH*SW phases (grid axis 2). In phase
+(rh, rw) every row and column has the same taps, and the others are skipped outright: no zero
+is inserted into x and no dead tap is multiplied. Per phase and group this is a GEMM,
+M = N * ceil((HO - rh)/SH) * ceil((WO - rw)/SW) output pixels, N = K/groups output channels,
+reduced over (live tap, c), BLOCK_K channels at a time. The weight is read through its
+strides as it is ([C, K/groups, KH, KW], any layout): no repacking.
+
+The epilogue (bias, batch norm, activations, residual) is the forward kernels': the phase's
+pixels are addressed as a [N, K, ceil(HO/SH), ceil(WO/SW)] tensor, strided by (SH, SW)
+from (rh, rw).
+"""
+
+from __future__ import annotations
+
+from ..schedule import InvalidSchedule, Schedule, schedule_space
+from ..selection.devices import Device
+from ..spec import ConvSpec
+from . import template as T
+
+KERNELS = ("conv_transpose_phase",)  # the @triton.jit kernels launch() calls, in order
+LAUNCH_KEYS = ("num_warps", "num_stages")
+
+
+@schedule_space(
+    "transposed_phase",
+    BLOCK_M=(16, 32, 64, 128),
+    BLOCK_N=(16, 32, 64, 128),
+    BLOCK_K=(16, 32, 64),
+    GROUP_M=(8,),
+    num_warps=(4, 8),
+    num_stages=(2, 3),
+)
+def SPACE(spec: ConvSpec, s: Schedule, device: Device | None) -> None:
+    if not spec.transposed:
+        raise InvalidSchedule("transposed_phase runs transposed convolutions only")
+    if spec.in_channels_per_group < 16 and s["BLOCK_K"] > 16:
+        raise InvalidSchedule("< 16 input channels per group waste BLOCK_K > 16")
+    if spec.out_channels_per_group <= 16 and s["BLOCK_N"] > 16:
+        raise InvalidSchedule("<= 16 output channels per group waste BLOCK_N > 16")
+    T.check_gemm_tiles(spec, s, device)
+
+
+TEMPLATE = """${header}
+import torch
+import triton
+import triton.language as tl
+
+${constants}
+${helpers}
+
+@triton.jit
+def conv_transpose_phase(
+    # pointers
+    x_ptr, w_ptr, y_ptr,
+    # epilogue operands (None when unused): conv bias, batch norm, residual
+    b_ptr, bnw_ptr, bnb_ptr, mean_ptr, var_ptr, r_ptr,
+    # sizes; CG and KG are fixed by the spec (constant loop bounds, tails known)
+    N, H, W, HO, WO, CG: tl.constexpr, KG: tl.constexpr,
+    # strides (the weight is read as it is: [C, K/groups, KH, KW])
+    sxn, sxc, sxh, sxw, swc, swk, swh, sww, syn, syk, syh, syw, srn, src, srh, srw,
+    # conv geometry (baked from the spec)
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    # meta-parameters
+    PRECISION: tl.constexpr, WIDEN: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # ---- 1. the phase: output rows rh, rh + SH, ... and columns rw, rw + SW, ... ----
+    g = tl.program_id(1)
+    rh = tl.program_id(2) // SW
+    rw = tl.program_id(2) % SW
+    JH = (HO - rh + SH - 1) // SH
+    JW = (WO - rw + SW - 1) // SW
+    # The grid is sized for phase (0, 0), the largest: a later phase may have fewer tiles.
+    M = N * JH * JW
+    if tl.program_id(0) >= ((M + BLOCK_M - 1) // BLOCK_M) * ((KG + BLOCK_N - 1) // BLOCK_N):
+        return
+    # The phase's pixels, as the epilogue's store addresses them: a [N, K, JH, JW] view.
+    y_ptr += rh * syh + rw * syw
+    syh *= SH
+    syw *= SW
+    if r_ptr is not None:
+        r_ptr += rh * srh + rw * srw
+        srh *= SH
+        srw *= SW
+    HO = JH
+    WO = JW
+
+    # ---- 2. the tile: BLOCK_M of the phase's pixels x BLOCK_N output channels of group g ----
+    # (_tile_rows: rows past M keep in-bounds indices, the mask m_ok keeping them out)
+    offs_m, m_ok, n, jh, jw, pid_n = _tile_rows(
+        N, JH, JW, KG, False, INT64, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_k, k_ok = _tile_cols(pid_n, g, KG, BLOCK_N)
+    x_img = n * sxn + g * CG * sxc
+    w_col = (offs_k - g * KG) * swk + g * CG * swc
+    offs_r = tl.arange(0, BLOCK_K)
+
+    # ---- 3. reduction over the phase's live taps: acc[m, k] += x[m, c] * w[c, k] ----
+    acc = _zeros(BLOCK_M, BLOCK_N, WIDEN)
+    c_steps = (CG + BLOCK_K - 1) // BLOCK_K
+    for it in range(0, KH * KW * ((CG + BLOCK_K - 1) // BLOCK_K)):
+        tap = it // c_steps
+        kh = tap // KW
+        kw = tap - kh * KW
+        # tap (kh, kw) reaches this phase iff both divisions below are exact (the same for
+        # every pixel of the phase); the quotients are exact, so C's and Python's agree
+        th = rh + PH - kh * DH
+        tw = rw + PW - kw * DW
+        if (th % SH == 0) & (tw % SW == 0):
+            c = (it - tap * c_steps) * BLOCK_K + offs_r
+            a_row, row_ok = _window_tap(x_img, jh + th // SH, jw + tw // SW, m_ok, 0, 0,
+                                        H, W, sxh, sxw, 1, 1, 1, 1)
+            c_ok = c < CG
+            if CG % BLOCK_K != 0:
+                c = c % CG
+            a = tl.load(x_ptr + a_row[:, None] + (c * sxc)[None, :],
+                        mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+            b = tl.load(w_ptr + w_col[None, :] + (c * swc + kh * swh + kw * sww)[:, None],
+                        mask=c_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = _mma(a, b, acc, WIDEN, PRECISION)
+
+    IMAGE_TILES: tl.constexpr = False
+${epilogue}
+
+
+def launch(x, weight, bias=None, bn_weight=None, bn_bias=None, bn_mean=None, bn_var=None,
+           residual=None):
+${prepare}
+    # ---- 3. launch: one GEMM per (phase, group), the largest phase sizing the grid ----
+    int64 = max(x.numel(), y.numel(), weight.numel()) >= INDEX_LIMIT
+    conv_transpose_phase[grid](
+        x, weight, out, *epilogue_operands,
+        N, H, W, HO, WO, CG, KG,
+        *x.stride(), *weight.stride(), *out.stride(), *residual_strides,
+        **GEOMETRY, PRECISION=PRECISION, WIDEN=widen, INT64=int64, **META, **LAUNCH)
+${finish}"""
+
+
+PREPARE = """
+    # ---- 1. check constraints ----
+    if x.dim() != NDIM + 2 or weight.dim() != NDIM + 2:
+        raise ValueError(f"expected {NDIM + 2}-D input and weight, got {tuple(x.shape)}, "
+                         f"{tuple(weight.shape)}")
+    if x.dtype != DTYPE or weight.dtype != DTYPE:
+        raise TypeError(f"kernel built for {DTYPE}, got {x.dtype} and {weight.dtype}")
+    for name, given, built in (("a bias", bias, HAS_BIAS), ("batch norm", bn_mean, BATCH_NORM),
+                               ("a residual", residual, RESIDUAL)):
+        if (given is not None) != built:
+            raise ValueError(f"kernel built {'with' if built else 'without'} {name}")
+    if BATCH_NORM and (bn_var is None or (bn_weight is not None) != BN_AFFINE
+                       or (bn_bias is not None) != BN_AFFINE):
+        raise ValueError("batch norm needs running mean and var, plus weight and bias iff affine")
+    if NDIM == 1:  # a 1-D conv runs as a 2-D conv over a 1-row image
+        x, weight = x.unsqueeze(2), weight.unsqueeze(2)
+    N, C, H, W = x.shape
+    C_W, KG, KH, KW = weight.shape
+    if (KH, KW) != (GEOMETRY["KH"], GEOMETRY["KW"]) or C != C_W or C % GROUPS:
+        raise ValueError(f"input {tuple(x.shape)} and transposed weight {tuple(weight.shape)} "
+                         f"do not fit this kernel (groups={GROUPS}, kernel={KH}x{KW})")
+    g = GEOMETRY
+    HO = (H - 1) * g["SH"] - 2 * g["PH"] + g["DH"] * (KH - 1) + OUTPUT_PADDING[0] + 1
+    WO = (W - 1) * g["SW"] - 2 * g["PW"] + g["DW"] * (KW - 1) + OUTPUT_PADDING[1] + 1
+    K, CG = KG * GROUPS, C // GROUPS
+    # The epilogue reads each per-channel vector (conv bias, batch-norm parameters) as one
+    # contiguous run of K values: a strided or broadcast (expanded) vector is copied first.
+    vectors = (bias, bn_weight, bn_bias, bn_mean, bn_var)
+    for t in vectors:
+        if t is not None and tuple(t.shape) != (K,):
+            raise ValueError(f"per-channel vector of shape {tuple(t.shape)}, expected ({K},)")
+    bias, bn_weight, bn_bias, bn_mean, bn_var = (
+        t if t is None or t.is_contiguous() else t.contiguous() for t in vectors)
+
+    # ---- 2. allocate the output in the memory format eager produces ----
+    fmt = torch.channels_last if OUT_CHANNELS_LAST else torch.contiguous_format
+    y = torch.empty((N, K, HO, WO), device=x.device, dtype=x.dtype, memory_format=fmt)
+    if y.numel() == 0:
+        return y.squeeze(2) if NDIM == 1 else y
+    # Under Triton's interpreter (CPU tensors) the kernel accumulates in fp64; it also
+    # truncates when it casts to bf16, so a bf16 result is stored in fp32 and torch rounds it.
+    widen = x.device.type == "cpu"
+    out = torch.empty_like(y, dtype=torch.float32) if widen and x.dtype == torch.bfloat16 else y
+    rows = N * triton.cdiv(HO, g["SH"]) * triton.cdiv(WO, g["SW"])
+    grid = lambda meta: (
+        triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(KG, meta["BLOCK_N"]), GROUPS,
+        g["SH"] * g["SW"])
+    residual_strides = (0, 0, 0, 0)
+    if residual is not None:
+        residual = residual.unsqueeze(2) if NDIM == 1 else residual
+        if residual.shape != y.shape:
+            raise ValueError(f"residual {tuple(residual.shape)} != output {tuple(y.shape)}")
+        residual_strides = residual.stride()
+    epilogue_operands = (bias, bn_weight, bn_bias, bn_mean, bn_var, residual)
+"""
+
+
+def render(spec: ConvSpec, schedule: Schedule) -> T.KernelSource:
+    return T.render_module(
+        TEMPLATE,
+        spec,
+        schedule,
+        summary="transposed convolution, one GEMM per stride phase",
+        kernels=KERNELS,
+        groups=dict(LAUNCH=LAUNCH_KEYS),
+        prepare=PREPARE,
+    )

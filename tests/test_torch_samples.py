@@ -155,10 +155,10 @@ def test_opinfo_float32_gradients(name):
     fell_back = [r for r in backward if r.fallback_reason is not None]
     print(f"{name}: {len(backward)} backward regions, {len(backward) - len(fell_back)} "
           f"generated, {len(fell_back)} fell back: {[r.fallback_reason for r in fell_back]}")
+    # (only transposed convs whose output_padding reaches the stride: dilation > stride)
     assert all("output_padding >= stride" in r.fallback_reason for r in fell_back)
-    assert len(fell_back) * 10 <= len(backward)
-    # each sample's weight gradient, and its input's (but for a merged duplicate sample)
-    assert len(backward) >= len(samples) + 1, str(convcompiler.last_report())
+    # each sample's input and weight gradients, generated or recorded with their reason
+    assert len(backward) == 2 * len(samples), str(convcompiler.last_report())
     start = 0
     for (what, tensors, fn), g_out in zip(samples, grads_out):
         ref_in = [t.detach().double().requires_grad_() for t in tensors]

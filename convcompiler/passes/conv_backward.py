@@ -89,15 +89,19 @@ def _split(gm: torch.fx.GraphModule, node: torch.fx.Node, ctx: PassContext) -> N
     with graph.inserting_before(node):
         if mask[0]:
             args = _grad_input_args(node)
+            reason = "output_padding >= stride: no conv takes dy back to x's size"
             if args is not None:
                 conv = _add(graph, aten.convolution.default, args, node)
-                if conv_fallback_reason(conv, ctx) is None:
+                reason = conv_fallback_reason(conv, ctx)
+                if reason is None:
                     items[0].replace_all_uses_with(conv)
                     graph.erase_node(items.pop(0))
                     ctx.facts.setdefault(GRAD_INPUT, set()).add(conv.name)
                     mask[0] = False
                 else:
                     graph.erase_node(conv)
+            if reason is not None:  # ATen's convolution_backward keeps it: say so and why
+                _fallback(items[0], "grad_input", reason, ctx)
         if mask[2]:
             dims = [0, *range(2, fake_value(dy).dim())]
             total = _add(graph, aten.sum.dim_IntList, (dy, dims), node)
@@ -121,6 +125,24 @@ def _split(gm: torch.fx.GraphModule, node: torch.fx.Node, ctx: PassContext) -> N
         graph.erase_node(node)
     elif mask != list(node.args[10]):
         node.update_arg(10, mask)
+
+
+def _fallback(item: torch.fx.Node, mode: str, reason: str, ctx: PassContext) -> None:
+    """A gradient that stays in ATen's convolution_backward, recorded with its reason."""
+    ctx.regions.append(
+        Region(
+            name=ctx.new_region_name("conv"),
+            kind="conv",
+            rule=RULES[mode],
+            stage=ctx.stage,
+            nodes=(item.name,),
+            summary=f"{mode} of {item.args[0].name}",
+            spec=None,
+            fallback_reason=reason,
+            mode=mode,
+        )
+    )
+    counters["fallback.conv"] += 1
 
 
 def _wgrad_region(item: torch.fx.Node, node: torch.fx.Node, ctx: PassContext) -> None:

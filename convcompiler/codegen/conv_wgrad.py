@@ -59,7 +59,8 @@ def conv_wgrad_splitk(
     # pointers: dy [N, K, HO, WO], x [N, C, H, W], dw (or the split workspace)
     dy_ptr, x_ptr, dw_ptr,
     # sizes; CG and KG are fixed by the spec (tails known); CHUNKS: reduction steps per split
-    N, H, W, HO, WO, CHUNKS, CG: tl.constexpr, KG: tl.constexpr,
+    # (a constant loop bound: Triton 3.6's interpreter cannot loop to a runtime argument)
+    N, H, W, HO, WO, CHUNKS: tl.constexpr, CG: tl.constexpr, KG: tl.constexpr,
     # strides; dw's: [split, K, C/groups, KH, KW]
     syn, syk, syh, syw, sxn, sxc, sxh, sxw, sds, sdk, sdc, sdh, sdw,
     # conv geometry (baked from the spec)

@@ -144,24 +144,9 @@ ${prepare}
 ${finish}"""
 
 
-PREPARE = """
-    # ---- 1. check constraints ----
-    if x.dim() != NDIM + 2 or weight.dim() != NDIM + 2:
-        raise ValueError(f"expected {NDIM + 2}-D input and weight, got {tuple(x.shape)}, "
-                         f"{tuple(weight.shape)}")
-    if x.dtype != DTYPE or weight.dtype != DTYPE:
-        raise TypeError(f"kernel built for {DTYPE}, got {x.dtype} and {weight.dtype}")
-    for name, given, built in (("a bias", bias, HAS_BIAS), ("batch norm", bn_mean, BATCH_NORM),
-                               ("a residual", residual, RESIDUAL)):
-        if (given is not None) != built:
-            raise ValueError(f"kernel built {'with' if built else 'without'} {name}")
-    if BATCH_NORM and (bn_var is None or (bn_weight is not None) != BN_AFFINE
-                       or (bn_bias is not None) != BN_AFFINE):
-        raise ValueError("batch norm needs running mean and var, plus weight and bias iff affine")
-    if NDIM == 1:  # a 1-D conv runs as a 2-D conv over a 1-row image
-        x, weight = x.unsqueeze(2), weight.unsqueeze(2)
-    N, C, H, W = x.shape
-    C_W, KG, KH, KW = weight.shape
+PREPARE = (  # the forward conv's checks and allocation (template.py) around its own shapes
+    T.CHECK_OPERANDS
+    + """    C_W, KG, KH, KW = weight.shape
     if (KH, KW) != (GEOMETRY["KH"], GEOMETRY["KW"]) or C != C_W or C % GROUPS:
         raise ValueError(f"input {tuple(x.shape)} and transposed weight {tuple(weight.shape)} "
                          f"do not fit this kernel (groups={GROUPS}, kernel={KH}x{KW})")
@@ -169,25 +154,11 @@ PREPARE = """
     HO = (H - 1) * g["SH"] - 2 * g["PH"] + g["DH"] * (KH - 1) + OUTPUT_PADDING[0] + 1
     WO = (W - 1) * g["SW"] - 2 * g["PW"] + g["DW"] * (KW - 1) + OUTPUT_PADDING[1] + 1
     K, CG = KG * GROUPS, C // GROUPS
-    # The epilogue reads each per-channel vector (conv bias, batch-norm parameters) as one
-    # contiguous run of K values: a strided or broadcast (expanded) vector is copied first.
-    vectors = (bias, bn_weight, bn_bias, bn_mean, bn_var)
-    for t in vectors:
-        if t is not None and tuple(t.shape) != (K,):
-            raise ValueError(f"per-channel vector of shape {tuple(t.shape)}, expected ({K},)")
-    bias, bn_weight, bn_bias, bn_mean, bn_var = (
-        t if t is None or t.is_contiguous() else t.contiguous() for t in vectors)
-
-    # ---- 2. allocate the output in the memory format eager produces ----
-    fmt = torch.channels_last if OUT_CHANNELS_LAST else torch.contiguous_format
-    y = torch.empty((N, K, HO, WO), device=x.device, dtype=x.dtype, memory_format=fmt)
-    if y.numel() == 0:
-        return y.squeeze(2) if NDIM == 1 else y
-    # Under Triton's interpreter (CPU tensors) the kernel accumulates in fp64; it also
-    # truncates when it casts to bf16, so a bf16 result is stored in fp32 and torch rounds it.
-    widen = x.device.type == "cpu"
-    out = torch.empty_like(y, dtype=torch.float32) if widen and x.dtype == torch.bfloat16 else y
-    rows = N * triton.cdiv(HO, g["SH"]) * triton.cdiv(WO, g["SW"])
+"""
+    + T.PER_CHANNEL_VECTORS
+    + "\n"
+    + T.ALLOCATE_OUTPUT
+    + """    rows = N * triton.cdiv(HO, g["SH"]) * triton.cdiv(WO, g["SW"])
     grid = lambda meta: (
         triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(KG, meta["BLOCK_N"]), GROUPS,
         g["SH"] * g["SW"])
@@ -199,6 +170,7 @@ PREPARE = """
         residual_strides = residual.stride()
     epilogue_operands = (bias, bn_weight, bn_bias, bn_mean, bn_var, residual)
 """
+)
 
 
 def render(spec: ConvSpec, schedule: Schedule) -> T.KernelSource:

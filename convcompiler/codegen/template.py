@@ -300,7 +300,9 @@ def render_module(
 
 
 # ---- hook: prepare -----------------------------------------------------------------------
-PREPARE = """
+# The launcher's preparation, in pieces the conv templates share (codegen/conv_transpose.py
+# puts its own weight shape and grid between them).
+CHECK_OPERANDS = """
     # ---- 1. check constraints ----
     if x.dim() != NDIM + 2 or weight.dim() != NDIM + 2:
         raise ValueError(f"expected {NDIM + 2}-D input and weight, got {tuple(x.shape)}, "
@@ -317,15 +319,8 @@ PREPARE = """
     if NDIM == 1:  # a 1-D conv runs as a 2-D conv over a 1-row image
         x, weight = x.unsqueeze(2), weight.unsqueeze(2)
     N, C, H, W = x.shape
-    K, CG, KH, KW = weight.shape
-    if (KH, KW) != (GEOMETRY["KH"], GEOMETRY["KW"]) or C != CG * GROUPS or K % GROUPS:
-        raise ValueError(f"input {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit "
-                         f"this kernel (groups={GROUPS}, kernel={KH}x{KW})")
-    g = GEOMETRY
-    HO = (H + 2 * g["PH"] - g["DH"] * (g["KH"] - 1) - 1) // g["SH"] + 1
-    WO = (W + 2 * g["PW"] - g["DW"] * (g["KW"] - 1) - 1) // g["SW"] + 1
-    KG = K // GROUPS
-    # The epilogue reads each per-channel vector (conv bias, batch-norm parameters) as one
+"""
+PER_CHANNEL_VECTORS = """    # The epilogue reads each per-channel vector (conv bias, batch-norm parameters) as one
     # contiguous run of K values: a strided or broadcast (expanded) vector is copied first.
     vectors = (bias, bn_weight, bn_bias, bn_mean, bn_var)
     for t in vectors:
@@ -333,14 +328,8 @@ PREPARE = """
             raise ValueError(f"per-channel vector of shape {tuple(t.shape)}, expected ({K},)")
     bias, bn_weight, bn_bias, bn_mean, bn_var = (
         t if t is None or t.is_contiguous() else t.contiguous() for t in vectors)
-    M = N * HO * WO
-    R = KW * KH * CG
-    # The im2win filter order: w_packed[k, kx, ky, c], so a window's weights are one run.
-    w_packed = weight.permute(0, 3, 2, 1)
-    if not w_packed.is_contiguous():
-        w_packed = w_packed.contiguous()
-
-    # ---- 2. allocate the output in the memory format eager produces ----
+"""
+ALLOCATE_OUTPUT = """    # ---- 2. allocate the output in the memory format eager produces ----
     fmt = torch.channels_last if OUT_CHANNELS_LAST else torch.contiguous_format
     y = torch.empty((N, K, HO, WO), device=x.device, dtype=x.dtype, memory_format=fmt)
     if y.numel() == 0:
@@ -349,7 +338,29 @@ PREPARE = """
     # truncates when it casts to bf16, so a bf16 result is stored in fp32 and torch rounds it.
     widen = x.device.type == "cpu"
     out = torch.empty_like(y, dtype=torch.float32) if widen and x.dtype == torch.bfloat16 else y
-    # The GEMM grid: (pixel tiles x channel tiles, groups, images when tiles stay in one).
+"""
+PREPARE = (
+    CHECK_OPERANDS
+    + """    K, CG, KH, KW = weight.shape
+    if (KH, KW) != (GEOMETRY["KH"], GEOMETRY["KW"]) or C != CG * GROUPS or K % GROUPS:
+        raise ValueError(f"input {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit "
+                         f"this kernel (groups={GROUPS}, kernel={KH}x{KW})")
+    g = GEOMETRY
+    HO = (H + 2 * g["PH"] - g["DH"] * (g["KH"] - 1) - 1) // g["SH"] + 1
+    WO = (W + 2 * g["PW"] - g["DW"] * (g["KW"] - 1) - 1) // g["SW"] + 1
+    KG = K // GROUPS
+"""
+    + PER_CHANNEL_VECTORS
+    + """    M = N * HO * WO
+    R = KW * KH * CG
+    # The im2win filter order: w_packed[k, kx, ky, c], so a window's weights are one run.
+    w_packed = weight.permute(0, 3, 2, 1)
+    if not w_packed.is_contiguous():
+        w_packed = w_packed.contiguous()
+
+"""
+    + ALLOCATE_OUTPUT
+    + """    # The GEMM grid: (pixel tiles x channel tiles, groups, images when tiles stay in one).
     image = TILING["M_TILES"] == "image"
     rows = HO * WO if image else M
     grid = lambda meta: (
@@ -366,6 +377,7 @@ PREPARE = """
         residual_strides = residual.stride()
     epilogue_operands = (bias, bn_weight, bn_bias, bn_mean, bn_var, residual)
 """
+)
 
 # ---- hook: finish ------------------------------------------------------------------------
 FINISH = """

@@ -155,6 +155,12 @@ class _Sizes:
         self.e = _ITEMSIZE[spec.dtype]
 
 
+def last_wave(padded: Num, ctas: Num, num_warps: int, device: Device) -> Num:
+    """Padded FLOPs counting the SMs the last wave of CTAs leaves idle."""
+    slots = device.sms * (2 if num_warps <= 4 else 1)
+    return padded * (_cdiv(ctas, slots) * slots) / _max(ctas, 1)
+
+
 def _reread(operand_bytes: Num, uses: Num, device: Device) -> Num:
     """DRAM traffic of an operand used by `uses` tiles: once if it fits in half of L2."""
     return operand_bytes * _min(uses, _max(1, operand_bytes / (device.l2_bytes / 2)))
@@ -208,8 +214,7 @@ def _time(spec, schedule, device, symbolic):
                 workspace = z.n * z.c * z.ho * wb * z.kh * z.e
                 a_bytes, launches = workspace, 2
         ctas = tiles_m * tiles_n * groups
-        slots = device.sms * (2 if s["num_warps"] <= 4 else 1)
-        padded = padded * (_cdiv(ctas, slots) * slots) / _max(ctas, 1)  # idle SMs in the last wave
+        padded = last_wave(padded, ctas, s["num_warps"], device)
         traffic = (
             _reread(a_bytes, tiles_n, device)
             + _reread(w_bytes, tiles_m, device)

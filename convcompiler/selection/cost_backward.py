@@ -21,13 +21,14 @@ from __future__ import annotations
 from ..schedule import Schedule
 from ..spec import ConvSpec
 from .cost import (
-    _ITEMSIZE,
     ATEN_EFFICIENCY,
     MEMORY_EFFICIENCY,
     _cdiv,
     _max,
     _reread,
+    _Sizes,
     conv_class,
+    last_wave,
     math_kind,
 )
 from .devices import Device
@@ -42,79 +43,70 @@ def _live_taps(spec: ConvSpec) -> int:
     return -(-kh // sh) * -(-kw // sw)
 
 
+def _roofline(padded, eff, kind, traffic, launches, device: Device) -> tuple:
+    """(seconds, compute, memory, launch): the roofline cost.py's `_time` applies."""
+    compute = padded / (device.peak(kind) * eff)
+    memory = traffic / (device.bandwidth * MEMORY_EFFICIENCY)
+    launch = launches * device.launch_us * 1e-6
+    return _max(compute, memory) + launch, compute, memory, launch
+
+
 def transposed_time(spec: ConvSpec, schedule: Schedule, device: Device, symbolic: bool):
     """(seconds, compute, memory, launch, useful flops, padded flops, bytes, workspace, ctas)."""
-    val = (lambda s: s) if symbolic else spec.hint
-    n = val(spec.batch)
-    h, w = (val(s) for s in spec.in_size)
-    ho, wo = (val(s) for s in spec.out_size)
-    c, k, g = spec.in_channels, spec.out_channels, spec.groups
-    cg, kg = spec.in_channels_per_group, spec.out_channels_per_group
-    (kh, kw), (sh, sw) = spec.kernel, spec.stride
-    e = _ITEMSIZE[spec.dtype]
-    kind = math_kind(spec, schedule)
-    flops = 2 * n * h * w * c * kg * kh * kw
-    x_bytes, y_bytes, w_bytes = n * c * h * w * e, n * k * ho * wo * e, c * kg * kh * kw * e
+    z = _Sizes(spec, symbolic)
+    sh, sw = spec.stride
+    flops = 2 * z.n * z.h * z.w * z.c * z.kg * z.kh * z.kw
+    x_bytes, y_bytes = z.n * z.c * z.h * z.w * z.e, z.n * z.k * z.ho * z.wo * z.e
+    w_bytes = z.c * z.kg * z.kh * z.kw * z.e
     if schedule.name == "aten":
         eff = ATEN_EFFICIENCY[conv_class(spec)]
         padded, traffic, ctas = flops, x_bytes + w_bytes + y_bytes, 1
     else:
         s = schedule.as_dict()
-        rows = n * _cdiv(ho, sh) * _cdiv(wo, sw)
-        tiles_m, tiles_n = _cdiv(rows, s["BLOCK_M"]), _cdiv(kg, s["BLOCK_N"])
-        reduce = _live_taps(spec) * _cdiv(cg, s["BLOCK_K"]) * s["BLOCK_K"]
+        rows = z.n * _cdiv(z.ho, sh) * _cdiv(z.wo, sw)
+        tiles_m, tiles_n = _cdiv(rows, s["BLOCK_M"]), _cdiv(z.kg, s["BLOCK_N"])
+        reduce = _live_taps(spec) * _cdiv(z.cg, s["BLOCK_K"]) * s["BLOCK_K"]
         phases = sh * sw
-        ctas = tiles_m * tiles_n * g * phases
+        ctas = tiles_m * tiles_n * z.g * phases
         padded = 2 * ctas * s["BLOCK_M"] * s["BLOCK_N"] * reduce
-        slots = device.sms * (2 if s["num_warps"] <= 4 else 1)
-        padded = padded * (_cdiv(ctas, slots) * slots) / _max(ctas, 1)
+        padded = last_wave(padded, ctas, s["num_warps"], device)
         eff = PHASE_EFFICIENCY
         traffic = (
             _reread(x_bytes, tiles_n * phases, device)
             + _reread(w_bytes, tiles_m, device)
             + y_bytes
         )
-    e_ = spec.epilogue
+    e = spec.epilogue
     launches = 1
     if schedule.name == "aten":
-        ops = [bool(e_.bn), e_.act is not None, e_.residual, e_.post_act is not None]
+        ops = [bool(e.bn), e.act is not None, e.residual, e.post_act is not None]
         traffic += (2 * ops[0] + 2 * ops[1] + 3 * ops[2] + 2 * ops[3]) * y_bytes
         launches += sum(ops)
-    elif e_.residual:
+    elif e.residual:
         traffic += y_bytes
-    compute = padded / (device.peak(kind) * eff)
-    memory = traffic / (device.bandwidth * MEMORY_EFFICIENCY)
-    launch = launches * device.launch_us * 1e-6
-    return _max(compute, memory) + launch, compute, memory, launch, flops, padded, traffic, 0, ctas
+    times = _roofline(padded, eff, math_kind(spec, schedule), traffic, launches, device)
+    return (*times, flops, padded, traffic, 0, ctas)
 
 
 def wgrad_time(spec: ConvSpec, schedule: Schedule, device: Device, symbolic: bool):
     """(seconds, compute, memory, launch, useful flops, padded flops, bytes, workspace, ctas)."""
-    val = (lambda s: s) if symbolic else spec.hint
-    n = val(spec.batch)
-    h, w = (val(s) for s in spec.in_size)
-    ho, wo = (val(s) for s in spec.out_size)
-    c, k, g = spec.in_channels, spec.out_channels, spec.groups
-    cg, kg = spec.in_channels_per_group, spec.out_channels_per_group
-    taps = spec.kernel[0] * spec.kernel[1]
-    e = _ITEMSIZE[spec.dtype]
-    kind = math_kind(spec, schedule)
-    pixels = n * ho * wo
-    flops = 2 * pixels * k * cg * taps
-    x_bytes, dy_bytes, dw_bytes = n * c * h * w * e, pixels * k * e, k * cg * taps * e
+    z = _Sizes(spec, symbolic)
+    taps = z.kh * z.kw
+    flops = 2 * z.m * z.k * z.cg * taps
+    x_bytes, dy_bytes = z.n * z.c * z.h * z.w * z.e, z.m * z.k * z.e
+    dw_bytes = z.k * z.cg * taps * z.e
     launches, workspace = 1, 0
     if schedule.name == "aten":
         eff = ATEN_EFFICIENCY[conv_class(spec)]
         padded, traffic, ctas = flops, x_bytes + dy_bytes + dw_bytes, 1
     else:
         s = schedule.as_dict()
-        tiles_m, tiles_n = _cdiv(kg, s["BLOCK_M"]), _cdiv(cg, s["BLOCK_N"])
+        tiles_m, tiles_n = _cdiv(z.kg, s["BLOCK_M"]), _cdiv(z.cg, s["BLOCK_N"])
         split = s["SPLIT"]
-        steps = _cdiv(_cdiv(pixels, s["BLOCK_K"]), split) * split * s["BLOCK_K"]
-        ctas = tiles_m * tiles_n * g * taps * split
-        padded = 2 * tiles_m * tiles_n * g * taps * s["BLOCK_M"] * s["BLOCK_N"] * steps
-        slots = device.sms * (2 if s["num_warps"] <= 4 else 1)
-        padded = padded * (_cdiv(ctas, slots) * slots) / _max(ctas, 1)
+        steps = _cdiv(_cdiv(z.m, s["BLOCK_K"]), split) * split * s["BLOCK_K"]
+        ctas = tiles_m * tiles_n * z.g * taps * split
+        padded = 2 * tiles_m * tiles_n * z.g * taps * s["BLOCK_M"] * s["BLOCK_N"] * steps
+        padded = last_wave(padded, ctas, s["num_warps"], device)
         eff = PHASE_EFFICIENCY
         traffic = (
             _reread(dy_bytes, tiles_n * taps, device)
@@ -122,13 +114,10 @@ def wgrad_time(spec: ConvSpec, schedule: Schedule, device: Device, symbolic: boo
             + dw_bytes
         )
         if split > 1:
-            workspace = split * k * cg * taps * 4
+            workspace = split * z.k * z.cg * taps * 4
             traffic, launches = traffic + 2 * workspace, 2
-    compute = padded / (device.peak(kind) * eff)
-    memory = traffic / (device.bandwidth * MEMORY_EFFICIENCY)
-    launch = launches * device.launch_us * 1e-6
-    total = _max(compute, memory) + launch
-    return total, compute, memory, launch, flops, padded, traffic, workspace, ctas
+    times = _roofline(padded, eff, math_kind(spec, schedule), traffic, launches, device)
+    return (*times, flops, padded, traffic, workspace, ctas)
 
 
 def wgrad_steps(spec: ConvSpec, schedule: Schedule) -> int:

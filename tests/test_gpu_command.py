@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from convcompiler.bench import gpu, gpu_autocast, gpu_cases, gpu_native, gpu_report
+from convcompiler.bench import gpu, gpu_autocast, gpu_cases, gpu_native, gpu_report, gpu_speed
 from convcompiler.bench.budget import Budget, PartBudget
 from convcompiler.selection.devices import DEVICES
 
@@ -142,11 +142,22 @@ def test_layer_cases_are_the_im2win_layers_and_resnet50s_distinct_convs() -> Non
     assert len(shapes) == 23 and shapes[0] == dict(C=3, H=224, W=224, K=64, kernel=7,
                                                   stride=2, padding=3)  # fmt: skip
     cases = gpu_cases.layer_cases()
-    assert len(cases) == (12 + 23) * 2 * 2
-    assert {c.batch for c in cases} == {1, 32} and {c.dtype for c in cases} == {
+    forward = [c for c in cases if c.op == "conv"]
+    assert len(forward) == (12 + 23) * 2 * 2
+    assert {c.batch for c in forward} == {1, 32} and {c.dtype for c in forward} == {
         "float16",
         "float32",
     }
+    # the gradients of ResNet-50's convs, batch 32 float16: every grad_weight, and every
+    # grad_input but the stem's (the image needs none)
+    wgrad = [c for c in cases if c.op == "conv_wgrad"]
+    dgrad = [c for c in cases if c.op == "conv_transpose"]
+    assert len(wgrad) == 23 and len(dgrad) == 22
+    assert {(c.batch, c.dtype) for c in wgrad + dgrad} == {(32, "float16")}
+    for case in dgrad:  # dgrad's output is the forward's input, exactly
+        fwd = next(f for f in forward if f.id.startswith(case.id.split(" dgrad")[0] + " "))
+        assert gpu_cases.out_size(case) == fwd.size and case.out_channels == fwd.in_channels
+    assert gpu_speed.autotune_cases() == [c for c in forward if (c.batch, c.dtype) == (32, "float16")]
 
 
 def test_family_cases_run_their_family() -> None:

@@ -2,11 +2,13 @@
 
 On a GPU it runs, each part in its own subprocess and within its own time budget:
 
-    a correctness       every kernel family x dtype x layout, 150+ random configurations and
-                        the 12 im2win layers, against cuDNN / eager and float64 (parallel)
+    a correctness       every kernel family x dtype x layout (the transposed conv and the
+                        weight gradient included), 150+ random configurations and the 12
+                        im2win layers, against cuDNN / eager and float64 (parallel)
     b layer_speed       the 12 im2win layers and ResNet-50's distinct convs, batch 1 and 32,
-                        fp16 and fp32 (TF32): the kernel against cuDNN, then Inductor
-                        max-autotune while time allows
+                        fp16 and fp32 (TF32), then ResNet-50's grad_weight and grad_input
+                        (batch 32, fp16): the kernel against cuDNN, then Inductor
+                        max-autotune (forward convs) while time allows
     c window_attention  Swin-T's four stages: fused kernel, eager, Inductor, FlexAttention
     d end_to_end        resnet50, convnext_tiny, swin_t (fp16, batch 32): eager, im2win,
                         Inductor, Inductor max-autotune if it fits

@@ -3,6 +3,7 @@
     correctness_cases()   part a: >= 150 random configurations over every kernel family,
                           dtype and layout, plus the 12 im2win layers in each dtype
     layer_cases()         parts b and e: the 12 im2win layers and ResNet-50's distinct convs
+                          (part b: and their gradients, batch 32 float16)
     SWIN_T stages         part c (bench/window_attention.py)
     NETWORKS              part d
 
@@ -37,7 +38,10 @@ FAMILIES = (
     "direct_depthwise",
     "gemm_1x1",
     "conv_bn",
+    "transposed_phase",  # conv_transpose, as the backward's grad_input
+    "wgrad_splitk",  # the weight gradient
 )
+OPS = {"transposed_phase": "conv_transpose", "wgrad_splitk": "conv_wgrad"}  # else "conv"
 NETWORKS = ("resnet50", "convnext_tiny", "swin_t")
 RANDOM_CONFIGS = 150
 SHAPES_PER_VARIANT = 4  # runtime sizes drawn per kernel variant (they share one compile)
@@ -50,7 +54,11 @@ class ConvCase:
     family None: the cost model's choice among every schedule (ATen included), as the
     backend picks, or its best generated kernel (`pick="kernel"`); otherwise that schedule
     family (`name` or `name:REDUCTION`), with the model's best tiles (`pick="model"`, made
-    at `plan_sizes` when given) or seeded random valid tiles (`pick="random"`)."""
+    at `plan_sizes` when given) or seeded random valid tiles (`pick="random"`).
+
+    op "conv_transpose": `in_channels` -> `out_channels` transposed, weight [C, K/groups, ..];
+    op "conv_wgrad": the weight gradient of the forward conv the other fields describe; its
+    launcher takes (dy, x)."""
 
     id: str
     variant: str  # cases of one variant share a kernel source: kept in one worker
@@ -70,17 +78,16 @@ class ConvCase:
     family: str | None = None
     pick: str = "model"
     plan_sizes: tuple[int, int, int, int] | None = None  # (batch, K, H, W) the pick is made at
+    op: str = "conv"
+    output_padding: tuple[int, int] = (0, 0)
 
     def tensors(self, device: str = "cpu", make=torch.empty) -> tuple:
         dtype = getattr(torch, self.dtype)
         x = make(self.batch, self.in_channels, *self.size, device=device, dtype=dtype)
-        w = make(
-            self.out_channels,
-            self.in_channels // self.groups,
-            *self.kernel,
-            device=device,
-            dtype=dtype,
-        )
+        w_shape = (self.out_channels, self.in_channels // self.groups, *self.kernel)
+        if self.op == "conv_transpose":
+            w_shape = (self.in_channels, self.out_channels // self.groups, *self.kernel)
+        w = make(*w_shape, device=device, dtype=dtype)
         if self.layout == "nhwc":
             x = x.to(memory_format=torch.channels_last)
         b = make(self.out_channels, device=device, dtype=dtype) if self.bias else None
@@ -89,6 +96,9 @@ class ConvCase:
     def flops(self) -> int:
         ho, wo = out_size(self)
         macs = self.batch * self.out_channels * ho * wo * (self.in_channels // self.groups)
+        if self.op == "conv_transpose":  # each input pixel meets the whole kernel
+            h, w = self.size
+            macs = self.batch * self.in_channels * h * w * (self.out_channels // self.groups)
         return 2 * macs * self.kernel[0] * self.kernel[1]
 
 
@@ -112,6 +122,14 @@ class AttentionCase:
 
 
 def out_size(case: ConvCase) -> tuple[int, int]:
+    if case.op == "conv_transpose":
+        return tuple(
+            (s - 1) * st - 2 * p + d * (k - 1) + op + 1
+            for s, p, d, k, st, op in zip(
+                case.size, case.padding, case.dilation, case.kernel, case.stride,
+                case.output_padding,
+            )
+        )  # fmt: skip
     return tuple(
         (s + 2 * p - d * (k - 1) - 1) // st + 1
         for s, p, d, k, st in zip(case.size, case.padding, case.dilation, case.kernel, case.stride)
@@ -121,6 +139,23 @@ def out_size(case: ConvCase) -> tuple[int, int]:
 # ---- part a: random configurations ---------------------------------------------------------
 def _geometry(rng: random.Random, family: str) -> dict:
     """Kernel size, stride, padding, dilation, channels and groups for one family."""
+    if family == "transposed_phase":
+        kh, kw = rng.choice(((2, 2), (3, 3), (4, 4), (5, 5), (1, 3), (3, 1)))
+        stride = (rng.randint(1, 3), rng.randint(1, 3))
+        dilation = (rng.choice((1, 1, 2)), rng.choice((1, 1, 2)))
+        groups = rng.choice((1, 1, 2))
+        return dict(
+            kernel=(kh, kw),
+            stride=stride,
+            padding=(rng.randint(0, (kh - 1) * dilation[0] // 2),
+                     rng.randint(0, (kw - 1) * dilation[1] // 2)),
+            dilation=dilation,
+            output_padding=tuple(rng.randint(0, s - 1) for s in stride),
+            in_channels=rng.randint(1, 24) * groups,
+            groups=groups,
+        )  # fmt: skip
+    if family == "wgrad_splitk":
+        return _geometry(rng, rng.choice(("im2win_band", "im2win_band", "direct_depthwise")))
     if family == "gemm_1x1":
         s = rng.choice((1, 1, 2))
         return dict(kernel=(1, 1), stride=(s, s), in_channels=rng.randint(3, 96), groups=1)
@@ -176,14 +211,15 @@ def _conv_variant(rng: random.Random, index: int, family: str, dtype: str, layou
     epilogue are the variant's; batch, output channels and image size are drawn per case."""
     base = rng.choice(FAMILIES[:3] + ("gemm_1x1",)) if family == "conv_bn" else family
     geo = _geometry(rng, base)
+    depthwise = "multiplier" in geo
     multiplier = geo.pop("multiplier", 1)
     epilogue = _epilogue(rng) if family == "conv_bn" else Epilogue()
-    bias = rng.random() < 0.5
+    bias = rng.random() < 0.5 and family != "wgrad_splitk"  # a weight gradient has none
     variant = f"a{index:03d}"
     cases, first = [], None
     for j in range(SHAPES_PER_VARIANT):
         groups = geo["groups"]
-        k = groups * multiplier if base == "direct_depthwise" else groups * rng.randint(2, 40)
+        k = groups * multiplier if depthwise else groups * rng.randint(2, 40)
         size = (rng.randint(geo["kernel"][0] * 2, 29), rng.randint(geo["kernel"][1] * 2, 31))
         batch = rng.randint(1, 3)
         first = first or (batch, k, *size)  # the variant's tiles are picked at its first shape
@@ -202,6 +238,7 @@ def _conv_variant(rng: random.Random, index: int, family: str, dtype: str, layou
                 family=base,
                 pick=pick,
                 plan_sizes=first,
+                op=OPS.get(family, "conv"),
                 **geo,
             )
         )
@@ -330,14 +367,44 @@ def resnet50_layer_cases(batch: int, dtype: str) -> list[ConvCase]:
     ]
 
 
-def layer_cases(batches=(1, 32), dtypes=("float16", "float32")) -> list[ConvCase]:
-    """Parts b and e: the 12 im2win layers and ResNet-50's distinct convs."""
-    return [
+def resnet50_backward_cases(batch: int, dtype: str) -> list[ConvCase]:
+    """The two gradients of ResNet-50's distinct convs: grad_weight (`wgrad`), and grad_input
+    (`dgrad`, a transposed conv of dy; not for the stem, whose input needs none)."""
+    cases = []
+    for forward in resnet50_layer_cases(batch, dtype):
+        name = forward.id.split(" b")[0]
+        cases.append(dataclasses.replace(
+            forward, id=f"{name} wgrad b{batch} {dtype}", variant=f"{forward.variant} wgrad",
+            op="conv_wgrad",
+        ))  # fmt: skip
+        if forward.in_channels == 3:
+            continue
+        ho, wo = out_size(forward)
+        output_padding = tuple(
+            s + 2 * p - (k - 1) - 1 - (o - 1) * st
+            for s, p, k, o, st in zip(forward.size, forward.padding, forward.kernel, (ho, wo),
+                                      forward.stride)
+        )  # fmt: skip
+        cases.append(dataclasses.replace(
+            forward, id=f"{name} dgrad b{batch} {dtype}", variant=f"{forward.variant} dgrad",
+            op="conv_transpose", in_channels=forward.out_channels,
+            out_channels=forward.in_channels, size=(ho, wo), output_padding=output_padding,
+        ))  # fmt: skip
+    return cases
+
+
+def layer_cases(
+    batches=(1, 32), dtypes=("float16", "float32"), backward: bool = True
+) -> list[ConvCase]:
+    """Parts b and e: the 12 im2win layers and ResNet-50's distinct convs; with `backward`
+    (part b), then ResNet-50's gradients at batch 32 in float16."""
+    forward = [
         case
         for dtype in dtypes
         for batch in batches
         for case in im2win_layer_cases(batch, dtype) + resnet50_layer_cases(batch, dtype)
     ]
+    return forward + (resnet50_backward_cases(32, "float16") if backward else [])
 
 
 # ---- resolving a case: spec + schedule -------------------------------------------------------
@@ -345,9 +412,11 @@ def conv_case_spec(case: ConvCase) -> ConvSpec:
     """The spec the backend builds for this conv on a GPU (built from CPU shapes)."""
     x, w, b = case.tensors()
     spec = conv_spec_of(
-        x, w, b, case.stride, case.padding, case.dilation, case.groups, case.epilogue
-    )
-    return dataclasses.replace(spec, device="cuda")
+        x, w, b, case.stride, case.padding, case.dilation, case.groups, case.epilogue,
+        transposed=case.op == "conv_transpose", output_padding=case.output_padding,
+    )  # fmt: skip
+    op = "conv_wgrad" if case.op == "conv_wgrad" else spec.op
+    return dataclasses.replace(spec, device="cuda", op=op)
 
 
 def attention_case_spec(case: AttentionCase) -> AttentionSpec:

@@ -116,6 +116,9 @@ def _conv_inputs(case: ConvCase, spec: ConvSpec, device: str, gen: torch.Generat
 
     x, w, b = case.tensors(device, make=lambda *s, **kw: randn(*s, dtype=kw["dtype"]))
     k = case.out_channels
+    if spec.op == "conv_wgrad":  # (dy, x), dy laid out as the forward's output
+        dy = randn(case.batch, k, *(spec.hint(s) for s in spec.out_size))
+        return [dy.to(memory_format=torch.channels_last) if case.layout == "nhwc" else dy, x]
     bn = case.epilogue.bn
     f32 = torch.float32
     stats = (randn(k, dtype=f32), randn(k, dtype=f32).abs() + 0.5) if bn else (None, None)
@@ -174,7 +177,14 @@ def check_case(case, device) -> dict:
         tol_key = "tf32" if spec.precision == "tf32" and where == "cuda" else case.dtype
         err, eager_err = _rel(y, ref), _rel(eager, ref)
         tol = max(TOLERANCE[tol_key], 4 * eager_err)
-        same_format = y.shape == eager.shape and y.stride() == eager.stride()
+        expected = eager
+        # a weight gradient is laid out as the weight (autograd's layout contract)
+        if isinstance(spec, ConvSpec) and spec.op == "conv_wgrad":
+            nhwc = spec.weight_layout == "nhwc"
+            expected = eager.contiguous(
+                memory_format=torch.channels_last if nhwc else torch.contiguous_format
+            )
+        same_format = y.shape == expected.shape and y.stride() == expected.stride()
         ok = err <= tol and same_format and bool(torch.isfinite(y).all())
         record.update(
             status="ok" if ok else "mismatch",

@@ -30,7 +30,8 @@ from ..selection.cost import predict
 from ..selection.devices import Device
 from ..selection.tuning import benchmarker
 from .budget import PartBudget
-from .gpu_cases import ConvCase, layer_cases, plan
+from ..runtime.reference import run_aten
+from .gpu_cases import ConvCase, conv_case_spec, layer_cases, out_size, plan
 from .gpu_native import load_kernel
 
 REP_MS = 50  # do_bench repetition window per measurement
@@ -38,7 +39,7 @@ MAX_AUTOTUNE_FIRST_ESTIMATE_S = 20.0  # Inductor max-autotune of one conv, befor
 
 
 def autotune_cases() -> list[ConvCase]:
-    return layer_cases(batches=(32,), dtypes=("float16",))
+    return layer_cases(batches=(32,), dtypes=("float16",), backward=False)
 
 
 def bench_ms(fn) -> float:
@@ -54,15 +55,23 @@ def math_kind(case: ConvCase, spec) -> str:
 
 
 def _inputs(case: ConvCase):
+    """The launcher's operands: (x, w), or (dy, x) for a weight gradient."""
     x, w, _ = case.tensors("cuda", make=torch.randn)
-    return x, w
+    if case.op != "conv_wgrad":
+        return x, w
+    ho, wo = out_size(case)
+    dy = torch.randn(case.batch, case.out_channels, ho, wo, device="cuda", dtype=x.dtype)
+    return dy, x
 
 
 def _conv(case: ConvCase):
-    def conv(x, w):
-        return F.conv2d(x, w, None, case.stride, case.padding, case.dilation, case.groups)
-
-    return conv
+    """cuDNN's call for the same operands (`F.conv2d`, or aten's transposed conv / weight
+    gradient)."""
+    if case.op == "conv":
+        return lambda x, w: F.conv2d(x, w, None, case.stride, case.padding, case.dilation,
+                                     case.groups)  # fmt: skip
+    spec = conv_case_spec(case)
+    return lambda a, b: run_aten(spec, a, b)
 
 
 def warm(case: ConvCase, device: Device, top: int = 1) -> dict:
@@ -139,7 +148,7 @@ def run_layer_speed(part: PartBudget, cases: list[ConvCase], device: Device, emi
         emit(_guarded(case, lambda c=case: time_layer(c, device)))
         part.step_done()
     slowest = MAX_AUTOTUNE_FIRST_ESTIMATE_S
-    for case in max_autotune_order(cases):
+    for case in max_autotune_order([c for c in cases if c.op == "conv"]):  # forward only
         if not part.admits(slowest):  # a max-autotune compile, not a timing, is the step now
             return
         started = time.monotonic()

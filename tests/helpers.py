@@ -67,6 +67,12 @@ def fake_output(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor | None) 
         return fn(*fakes)
 
 
+# The static sm_90 check of each chosen kernel (option verify) adds nothing to what a CPU test
+# checks (numerics through the interpreter), and its AOT compiles are most of a cold run's
+# compile time; the check has its own tests (test_static_gate.py, the GPU command's dry run).
+FAST = {"verify": False}
+
+
 def run_compiled(
     model: torch.nn.Module,
     inputs: Sequence[torch.Tensor],

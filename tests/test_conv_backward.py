@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
-from helpers import GRADIENTS, assert_close, float64_copy, rel_error
+from helpers import FAST, GRADIENTS, assert_close, float64_copy, rel_error
 
 import convcompiler
 
@@ -43,7 +43,7 @@ def train_step(model: nn.Module, x: torch.Tensor, *, lr: float = 0.1):
     """One SGD step, compiled, in float32 eager and in float64 eager; returns (float32
     eager copy, float64 eager copy, the ops the profiler saw run in the compiled backward)."""
     eager, reference = float64_copy(model).float(), float64_copy(model)
-    compiled = torch.compile(model, backend="im2win")
+    compiled = torch.compile(model, backend="im2win", options=FAST)
     gen = torch.Generator().manual_seed(0)
     out = compiled(x)
     grad = torch.randn(out.shape, generator=gen)
@@ -112,7 +112,7 @@ def test_grad_input_only_when_weights_are_frozen() -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     x = torch.randn(2, 3, 11, 13, requires_grad=True)
-    compiled = torch.compile(model, backend="im2win")
+    compiled = torch.compile(model, backend="im2win", options=FAST)
     compiled(x).square().sum().backward()
     xr = x.detach().double().requires_grad_()
     float64_copy(model)(xr).square().sum().backward()
@@ -147,7 +147,7 @@ def test_half_precision_gradients_accumulate_in_fp32(dtype) -> None:
     model = Mixed().to(dtype)
     x = torch.randn(2, 3, 11, 13).to(dtype)
     eager, reference = float64_copy(model).to(dtype), float64_copy(model)
-    out = torch.compile(model, backend="im2win")(x)
+    out = torch.compile(model, backend="im2win", options=FAST)(x)
     grad = torch.randn(out.shape).to(dtype)
     out.backward(grad)
     eager(x).backward(grad)
@@ -167,7 +167,9 @@ def test_strided_gradient_nan_and_dynamic_batch() -> None:
     torch.manual_seed(3)
     conv = nn.Conv2d(4, 5, 3, stride=2, padding=1)
     reference = float64_copy(conv)
-    compiled = torch.compile(lambda x: conv(x).transpose(2, 3), backend="im2win", dynamic=True)
+    compiled = torch.compile(
+        lambda x: conv(x).transpose(2, 3), backend="im2win", options=FAST, dynamic=True
+    )
     for n in (2, 3):
         x = torch.randn(n, 4, 9, 7, requires_grad=True)
         with torch.no_grad():

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from helpers import (
+    FAST,
     GRADIENTS,
     assert_close,
     float64_copy,
@@ -115,7 +116,8 @@ def test_resnet50_deploy_folds_every_bn_and_every_residual(tmp_path) -> None:
     model = randomize_bn(torchvision.models.resnet50().eval())
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        out = torch.compile(model, backend="im2win", options={"debug_dir": str(tmp_path)})(x)
+        options = {"debug_dir": str(tmp_path), **FAST}
+        out = torch.compile(model, backend="im2win", options=options)(x)
         ref = float64_copy(model)(x.double())
     assert_close(out, ref, torch.float32)
     report = convcompiler.last_report()
@@ -139,7 +141,8 @@ def test_mobile_nets_fuse_every_conv_bn_chain(tmp_path, name: str, act: str) -> 
     model = randomize_bn(getattr(torchvision.models, name)().eval())
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        out = torch.compile(model, backend="im2win", options={"debug_dir": str(tmp_path)})(x)
+        options = {"debug_dir": str(tmp_path), **FAST}
+        out = torch.compile(model, backend="im2win", options=options)(x)
         ref = float64_copy(model)(x.double())
     assert_close(out, ref, torch.float32)
     report = convcompiler.last_report()
@@ -165,7 +168,7 @@ def test_patterns_no_bias_no_affine_eps_and_conv1d() -> None:
     )
     x = torch.randn(2, 3, 11, 10)
     with torch.no_grad():
-        out = torch.compile(model, backend="im2win")(x)
+        out = torch.compile(model, backend="im2win", options=FAST)(x)
     assert_close(out, float64_copy(model)(x.double()), torch.float32)
     report = convcompiler.last_report()
     assert [r.epilogue for r in report] == ["bn+relu6", "bn+leaky_relu"]
@@ -194,7 +197,7 @@ def test_autocast_inference(dtype) -> None:
     )
     x = torch.randn(2, 3, 12, 11)
     with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
-        out = torch.compile(model, backend="im2win")(x)
+        out = torch.compile(model, backend="im2win", options=FAST)(x)
     assert out.dtype == dtype
     assert_close(out, float64_copy(model)(x.double()), dtype)
     report = convcompiler.last_report()
@@ -207,7 +210,7 @@ def test_bn_before_conv_falls_back_with_reason() -> None:
     model = randomize_bn(nn.Sequential(nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 5, 3)).eval())
     x = torch.randn(1, 3, 9, 9)
     with torch.no_grad():
-        out = torch.compile(model, backend="im2win")(x)
+        out = torch.compile(model, backend="im2win", options=FAST)(x)
     assert_close(out, float64_copy(model)(x.double()), torch.float32)
     report = convcompiler.last_report()
     kinds = {r.kind: r for r in report}
@@ -225,7 +228,7 @@ def test_tune_mode_resnet50_gradients_match_eager() -> None:
     # backward="aten": the conv backward's own kernels are checked on resnets in
     # test_conv_backward.py (and with Tune mode on a small net in test_recompute.py); here
     # the interpreter would spend minutes on 106 backward kernels that test nothing new
-    options = {"backward": "aten"}
+    options = {"backward": "aten", **FAST}
     torch.compile(model, backend="im2win", options=options)(x).square().sum().backward()
     reference(x.double()).square().sum().backward()
     report = convcompiler.last_report()
@@ -286,7 +289,7 @@ def test_train_mode_resnet18_three_steps_match_eager() -> None:
     eager32, eager64 = copy.deepcopy(model), float64_copy(model)
     nets = {
         # (the backward's kernels: see test_conv_backward.py's resnet18 SGD step)
-        "compiled": torch.compile(model, backend="im2win", options={"backward": "aten"}),
+        "compiled": torch.compile(model, backend="im2win", options={"backward": "aten", **FAST}),
         "eager32": eager32,
         "eager64": eager64,
     }

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from helpers import inductor_kernels, kernel_launches, rel_error
+from helpers import FAST, inductor_kernels, kernel_launches, rel_error
 from torch import nn
 from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 from torchvision.models.swin_transformer import SwinTransformer
@@ -33,6 +33,7 @@ def autocast_run(model: nn.Module, x: torch.Tensor, dtype: torch.dtype, **compil
     torch._dynamo.reset()
     convcompiler.counters.reset()
     packing.clear()
+    compile_kwargs.setdefault("options", FAST)
     compiled = torch.compile(model, backend="im2win", **compile_kwargs)
     with torch.no_grad():
         ref = copy.deepcopy(model).double()(x.double())
@@ -72,7 +73,8 @@ def test_the_cast_and_the_pack_of_a_weight_are_one_inductor_kernel(tmp_path) -> 
     model = nn.Sequential(
         nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU()
     ).eval()
-    compiled = torch.compile(model, backend="im2win", options={"debug_dir": str(tmp_path)})
+    options = {"debug_dir": str(tmp_path), **FAST}
+    compiled = torch.compile(model, backend="im2win", options=options)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         compiled(torch.randn(1, 16, 9, 9))
     kernels = inductor_kernels(tmp_path)
@@ -86,7 +88,7 @@ def test_weight_standardised_convs_in_float32_never_use_the_pack_cache() -> None
     packing.clear()
     with torch.no_grad():
         ref = copy.deepcopy(model).double()(x.double())
-        compiled = torch.compile(model, backend="im2win")
+        compiled = torch.compile(model, backend="im2win", options=FAST)
         for _ in range(2):
             assert rel_error(compiled(x), ref) <= 1e-4
     assert kernel_launches() == 4
@@ -106,7 +108,7 @@ def test_parameters_are_packed_once_and_each_reuse_serves_its_own_parameter() ->
     weights = {id(model[0].weight), id(model[2].weight)}
     x = torch.randn(2, 16, 15, 11)
     packing.clear()
-    compiled = torch.compile(model, backend="im2win")
+    compiled = torch.compile(model, backend="im2win", options=FAST)
     with torch.no_grad():
         y = compiled(x)
         assert rel_error(y, copy.deepcopy(model).double()(x.double())) <= 1e-4
@@ -137,7 +139,7 @@ def test_a_buffer_weight_is_cached_like_a_parameter() -> None:
     torch.manual_seed(0)
     model = FrozenConv().eval()
     x = torch.randn(1, 8, 9, 7)
-    compiled = torch.compile(model, backend="im2win")
+    compiled = torch.compile(model, backend="im2win", options=FAST)
     packing.clear()
     ref = F.conv2d(x.double(), model.w.double(), padding=1)
     with torch.no_grad():

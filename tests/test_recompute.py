@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
-from helpers import GRADIENTS, assert_close, float64_copy
+from helpers import FAST, GRADIENTS, assert_close, float64_copy
 from test_conv_bn import randomize_bn
 
 import convcompiler
@@ -32,7 +32,7 @@ def small_cnn() -> nn.Module:
 
 
 def compile_and_step(model: nn.Module, x: torch.Tensor, **options) -> int:
-    compiled = torch.compile(model, backend="im2win", options=options)
+    compiled = torch.compile(model, backend="im2win", options={**FAST, **options})
     return saved_bytes(lambda: compiled(x).square().sum().backward())
 
 

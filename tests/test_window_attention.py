@@ -15,7 +15,15 @@ from attention_modules import (
     MicrosoftWindowAttention,
     shift_mask,
 )
-from helpers import TOL, assert_close, float64_copy, inductor_kernels, lowered_ops, rel_error
+from helpers import (
+    FAST,
+    TOL,
+    assert_close,
+    float64_copy,
+    inductor_kernels,
+    lowered_ops,
+    rel_error,
+)
 
 import convcompiler
 from convcompiler.codegen import SPACES
@@ -247,7 +255,7 @@ def test_training_small_swin_gradients(version):
     reference = float64_copy(model)
     x_ref = x.detach().double().requires_grad_()
     reference(x_ref).square().sum().backward()
-    y = torch.compile(model, backend="im2win")(x)
+    y = torch.compile(model, backend="im2win", options=FAST)(x)
     y.square().sum().backward()
     forward = [
         r
@@ -295,7 +303,8 @@ def test_swin_models_run_every_attention_fused(name, tmp_path):
     x = torch.randn(1, 3, SIZE, SIZE)
     with torch.no_grad():
         ref = float64_copy(model)(x.double())
-        y = torch.compile(model, backend="im2win", options={"debug_dir": str(tmp_path)})(x)
+        options = {"debug_dir": str(tmp_path), **FAST}
+        y = torch.compile(model, backend="im2win", options=options)(x)
     assert_close(y, ref, torch.float32)
     report = convcompiler.last_report()
     attention = [r for r in report.regions if r.kind == "window_attention"]

@@ -9,6 +9,7 @@ from typing import Any, Callable
 import torch
 
 from ..counters import counters
+from .overflow_checks import discarded_checks_off
 from .stack_headroom import with_headroom
 
 log = logging.getLogger(__name__)
@@ -38,10 +39,12 @@ def _cuda_index(args: tuple) -> int | None:
 def launch_on_device(launch: Callable[..., Any], args: tuple) -> Any:
     """Run `launch(*args)` with the tensors' CUDA device current: Triton launches on the
     current device, which need not be the one the tensors live on. CPU tensors run through
-    Triton's interpreter, given room on the frame stack (stack_headroom.py)."""
+    Triton's interpreter, given room on the frame stack (stack_headroom.py) and without the
+    overflow checks it would compute and discard (overflow_checks.py)."""
     device = _cuda_index(args)
     if device is None:
-        return with_headroom(launch, *args)
+        with discarded_checks_off():
+            return with_headroom(launch, *args)
     if device != torch.cuda.current_device():
         with torch.cuda.device(device):
             return launch(*args)

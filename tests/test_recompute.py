@@ -93,14 +93,13 @@ def test_bad_option_value() -> None:
 @pytest.mark.slow
 def test_tune_mode_resnet50_saves_at_most_half_of_eager_at_224() -> None:
     """Issue 6, acceptance 3: batch 8, 3x224x224, parameters included, by unique storage.
-    cpu='aten' (the saved tensors are decided by the graph, not by the kernels)."""
+    cpu='aten' (the saved tensors are decided by the graph, not by the kernels). Counted over
+    the forward, which saves them: no backward runs, so none is compiled."""
     torch.manual_seed(0)
     model = torchvision.models.resnet50().eval()
     x = torch.randn(8, 3, 224, 224)
-    eager = saved_bytes(lambda: model(x).square().mean().backward())
-    model.zero_grad(set_to_none=True)
+    eager = saved_bytes(lambda: model(x).square().mean())
     compiled = torch.compile(model, backend="im2win", options={"cpu": "aten"})
-    compiled(x).square().mean().backward()  # compile outside the measurement
-    model.zero_grad(set_to_none=True)
-    ours = saved_bytes(lambda: compiled(x).square().mean().backward())
+    compiled(x)  # compile the forward outside the measurement
+    ours = saved_bytes(lambda: compiled(x).square().mean())
     assert ours <= 0.5 * eager, (ours / 2**20, eager / 2**20)

@@ -306,7 +306,11 @@ def test_swin_models_run_every_attention_fused(name, tmp_path):
     x = torch.randn(1, 3, SIZE, SIZE)
     with torch.no_grad():
         ref = float64_copy(model)(x.double())
-        options = {"debug_dir": str(tmp_path), **FAST}
+        # timm's Swin on the ATen host: torchvision's two run in Inductor's graph (and
+        # test_launches.py counts swin_t's launches there); a cold C++ compile of two more
+        # Swin graphs would check nothing new on a new CI machine
+        host = "aten" if name.startswith("timm") else "inductor"
+        options = {"debug_dir": str(tmp_path), "host": host, **FAST}
         y = torch.compile(model, backend="im2win", options=options)(x)
     assert_close(y, ref, torch.float32)
     report = convcompiler.last_report()

@@ -53,24 +53,6 @@ def _fresh_state():
     torch._dynamo.reset()
 
 
-@pytest.hookimpl(trylast=True)  # after pytest-randomly has shuffled them
-def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
-    """Under xdist, the slow tests start first (the second-stack check, a subprocess of
-    about 5 minutes on a cold machine, first of all), each group still in its shuffled order:
-    a slow test dealt out last keeps one worker busy while the other idles. A cold run ended
-    134 s after its tests' time over 2 workers for this reason. Every worker sorts the same
-    shuffled list the same way, so their collections agree; one process keeps the shuffle."""
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        return
-
-    def rank(item) -> int:
-        if "test_gpu_stack.py" in item.nodeid:
-            return 0
-        return 1 if item.get_closest_marker("slow") else 2
-
-    items.sort(key=rank)  # stable: the shuffle stands within each rank
-
-
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     """Name the seed of a shuffled run (pytest-randomly's header line is hidden under -q)."""
     if config.pluginmanager.hasplugin("randomly") and config.getoption("randomly_reorganize"):

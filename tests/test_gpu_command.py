@@ -287,15 +287,25 @@ def test_readme_documents_the_report_format() -> None:
 SUITE_LIMIT = ["--limit", "900"]
 
 
-def check_dry_run(out: Path, seconds: float) -> dict:
-    """Assertions on a finished dry run's directory (shared with the second-stack test)."""
+def check_report(out: Path, seconds: float, names: list[str]) -> tuple[dict, dict]:
+    """A finished dry run of the parts `names`: a valid, complete report without problems,
+    its markdown with their sections. Returns (report, parts by name)."""
     report = json.loads((out / "gpu_report.json").read_text())
     assert gpu_report.validate(report) == []
     assert report["mode"] == "dry-run" and report["complete"], report["problems"]
     assert report["problems"] == [] and seconds < 900
     parts = {p["name"]: p for p in report["parts"]}
-    assert list(parts) == list(gpu.ORDER)
+    assert list(parts) == names
     assert all(p["status"] == "complete" for p in parts.values())
+    md = (out / "gpu_report.md").read_text()
+    for title in ("Machine", "Summary", *(gpu_report.TITLES[name] for name in names)):
+        assert f"\n## {title}\n" in md, title
+    return report, parts
+
+
+def check_dry_run(out: Path, seconds: float) -> dict:
+    """Assertions on a finished whole dry run's directory (the second-stack test's)."""
+    report, parts = check_report(out, seconds, list(gpu.ORDER))
     autocast = gpu_autocast.autocast_cases()
     assert parts["correctness"]["done"] == len(gpu_cases.correctness_cases()) + len(autocast)
     assert len(gpu_cases.correctness_cases()) >= 186
@@ -327,14 +337,7 @@ def test_dry_run_of_two_parts_on_this_stack(tmp_path) -> None:
     )  # fmt: skip
     seconds = time.monotonic() - start
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    report = json.loads((tmp_path / "gpu_report.json").read_text())
-    assert gpu_report.validate(report) == [] and report["problems"] == [] and seconds < 900
-    assert report["mode"] == "dry-run" and report["complete"]
-    parts = {p["name"]: p for p in report["parts"]}
-    assert list(parts) == ["window_attention", "gpu_tests"]
+    _, parts = check_report(tmp_path, seconds, ["window_attention", "gpu_tests"])
     assert parts["window_attention"]["done"] == 4 and parts["gpu_tests"]["done"] >= 5
     kernels = [k for r in parts["window_attention"]["rows"] for k in r.get("kernels", ())]
     assert kernels and all(k["compiled"] and k["spill_bytes"] == 0 for k in kernels), kernels
-    md = (tmp_path / "gpu_report.md").read_text()
-    for title in ("Machine", "Summary", *(gpu_report.TITLES[name] for name in parts)):
-        assert f"\n## {title}\n" in md, title

@@ -104,6 +104,10 @@ class ConvSpec(SizeHints):
                     channels, kernel, stride, padding and dilation keep the forward names
     conv_wgrad      dw = the weight gradient of `conv` (this spec's sizes) from x and
                     dy [N, K, HO, WO]: dw [K, C/groups, KH, KW] in `weight_layout`
+
+    `input_mask` (conv_transpose and conv_wgrad, in backward graphs): the gradient operand
+    arrives as where(mask, 0, g), a ReLU's (or clamp's) backward, and the kernel reads g and
+    the bool mask instead of a materialised copy.
     """
 
     ndim: int  # spatial dims of the original op: 1 or 2
@@ -128,10 +132,13 @@ class ConvSpec(SizeHints):
     epilogue: Epilogue = Epilogue()  # what is fused after the conv
     op: str = "conv"  # one of CONV_OPS: the forward conv, its transpose, its weight gradient
     output_padding: tuple[int, int] = (0, 0)  # conv_transpose only: extra output rows/columns
+    input_mask: bool = False  # the gradient operand is where(mask, 0, g): see above
 
     def __post_init__(self) -> None:
         if self.op not in CONV_OPS:
             raise SpecError(f"op={self.op!r} is not one of {CONV_OPS}")
+        if self.input_mask and self.op == "conv":
+            raise SpecError("input_mask is for the backward kernels (conv_transpose, conv_wgrad)")
         if self.op == "conv_wgrad" and (self.epilogue != Epilogue() or self.has_bias):
             raise SpecError("a weight gradient has no bias and no epilogue")
 
@@ -185,6 +192,7 @@ class ConvSpec(SizeHints):
             f"_d{_fmt(self.dilation)}_g{self.groups}_{self.dtype}_{self.input_layout}"
             f"_to_{self.output_layout}"
             + (f"_{self.epilogue.name().replace('+', '_')}" if self.epilogue.name() else "")
+            + ("_masked" if self.input_mask else "")
         )
 
     def key(self) -> str:
@@ -217,6 +225,8 @@ class ConvSpec(SizeHints):
             extra.append(f"op{_fmt(self.output_padding[2 - self.ndim :])}")
         if self.op != "conv":
             extra.append({"conv_transpose": "transposed", "conv_wgrad": "weight-grad"}[self.op])
+        if self.input_mask:
+            extra.append("masked-grad")
         if self.groups != 1:
             extra.append("dw" if self.is_depthwise else f"g{self.groups}")
         fused = [f"+{self.epilogue.name()}"] if self.epilogue.name() else []
@@ -499,6 +509,7 @@ def spec_from_json(data: object) -> ConvSpec | AttentionSpec:
         epilogue=epilogue,
         op=_check(data["op"], CONV_OPS, "op"),
         output_padding=_pair(data["output_padding"], "output_padding", 0),
+        input_mask=_bool(data["input_mask"], "input_mask"),
         **sizes,
         **common,
     )

@@ -107,6 +107,25 @@ FIXED = {
         **GEMM,
     ),
     "swin_window_attention_fp16_mask": swin_stage1_attention(torch.float16),
+    # the backward kernels, reading dy as (g, mask): a ReLU's backward fused in
+    "resnet_3x3_s2_fp16_dgrad_masked": fixed(
+        dataclasses.replace(
+            conv_spec_of(torch.empty(8, 128, 28, 28, dtype=torch.float16),
+                         torch.empty(128, 64, 3, 3, dtype=torch.float16), None, 2, 1, 1, 1,
+                         transposed=True, output_padding=1),
+            device="cuda", precision="ieee", input_mask=True,
+        ),
+        "transposed_phase",
+        **{**GEMM, "BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4},
+    ),
+    "resnet_3x3_fp16_wgrad_masked_split4": (
+        spec := dataclasses.replace(
+            gpu_spec((8, 64, 56, 56), (64, 64, 3, 3), 1, 1, 1, 1, torch.float16),
+            op="conv_wgrad", input_mask=True,
+        ),
+        SPACES["wgrad_splitk"].make(spec, device=DEVICES["h100"], BLOCK_M=64, BLOCK_N=64,
+                                    BLOCK_K=32, SPLIT=4, num_warps=4, num_stages=3),
+    ),
 }
 
 

@@ -240,3 +240,113 @@ def test_wgrad_kernel_addresses_and_numerics(name: str, dtype) -> None:
     assert check.accesses > 0
     assert dw.shape == w.shape and dw.dtype == dtype and dw.stride() == w.stride()
     assert_close(dw, wr.grad, dtype, call.path.name)
+
+
+# ---- a ReLU's backward, where(mask, 0, g), read by the gradient kernels (passes/grad_mask.py)
+class ReluNet(nn.Module):
+    """conv -> ReLU -> strided conv -> ReLU6 -> 1x1 conv: both masks fold (3 regions)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 6, 3, stride=2, padding=1, bias=False)
+        self.c3 = nn.Conv2d(6, 5, 1)
+
+    def forward(self, x):
+        return self.c3(torch.clamp(self.c2(torch.relu(self.c1(x))), 0, 6))
+
+
+def test_relu_masks_fold_into_the_gradient_kernels(tmp_path) -> None:
+    from helpers import lowered_ops
+
+    torch.manual_seed(4)
+    model = ReluNet()
+    eager, reference = float64_copy(model).float(), float64_copy(model)
+    compiled = torch.compile(model, backend="im2win", options={**FAST, "debug_dir": tmp_path})
+    x = torch.randn(2, 3, 11, 13)
+    out = compiled(x)
+    grad = torch.randn(out.shape)
+    grad[0, 0, 0, 0] = float("nan")  # masked or not, as eager: NaN only where it flows
+    out.backward(grad)
+    eager(x).backward(grad)
+    reference(x.double()).backward(grad.double())
+    for (name, p), e, q in zip(model.named_parameters(), eager.parameters(), reference.parameters()):
+        assert torch.equal(torch.isnan(p.grad), torch.isnan(q.grad)), name
+        ok = ~torch.isnan(q.grad)
+        if ok.any():  # the NaN reaches every element of some gradients
+            err = rel_error(p.grad[ok], q.grad[ok])
+            assert err <= max(1e-4, 2 * rel_error(e.grad[ok], q.grad[ok])), name
+    grads = backward_regions(convcompiler.last_report())
+    masked = sorted(r.mode for r in grads if "masked" in r.spec)
+    # c2's input and weight gradients read (g, mask); c1's weight gradient too (its input
+    # gradient is not needed; its bias gradient is a sum Inductor fuses with the where)
+    assert masked == ["grad_input", "grad_weight", "grad_weight"], str(grads)
+    assert all(r.fallback_reason is None and r.kernel_path for r in grads), str(grads)
+    assert convcompiler.counters["fuse.grad_mask"] == 3
+    assert lowered_ops(tmp_path, "backward")["where"] == 1  # c1's, read by the bias sum only
+
+
+def test_a_mask_another_reader_needs_stays_a_where() -> None:
+    """A transposed conv's input gradient is a forward conv, which reads no mask: the where
+    before it stays, and the weight-gradient region reads it as it is (nothing is saved)."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.ConvTranspose2d(4, 5, 3, stride=2, padding=1), nn.ReLU(),
+                          nn.Conv2d(5, 3, 3))
+    x = torch.randn(2, 4, 6, 7)
+    eager, reference, _ = train_step(model, x)
+    assert_params_match(model, eager, reference)
+    grads = backward_regions(convcompiler.last_report())
+    assert not any("masked" in r.spec for r in grads) and len(grads) == 3, str(grads)
+    assert convcompiler.counters["fuse.grad_mask"] == 0
+
+
+def _strided_mask(shape, gen) -> torch.Tensor:
+    """A bool mask whose strides differ from the gradient's (every other column of a wider one)."""
+    wide = torch.rand((*shape[:-1], 2 * shape[-1]), generator=gen) < 0.5
+    return wide[..., ::2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["pad1_3x3", "s21_p10_d12_g3_split2", "conv1d"])
+def test_masked_gradient_kernels_addresses_and_numerics(name: str, dtype) -> None:
+    """Both gradient kernels of a conv, reading dy as (g, mask) with a strided mask and a NaN
+    in a masked place of g, against float64 eager on where(mask, 0, g)."""
+    from address_check import address_check
+
+    from convcompiler.codegen import SPACES
+    from convcompiler.config import Config
+    from convcompiler.frontend.kernels import choose, conv_kernel, conv_spec_of, wgrad_kernel
+
+    xs, ws, stride, padding, dilation, groups, nhwc, split = WGRAD_CASES[name]
+    gen = torch.Generator().manual_seed(8)
+    x, w = torch.randn(xs, generator=gen).to(dtype), torch.randn(ws, generator=gen).to(dtype)
+    args = (stride, padding, dilation, groups)
+    conv = torch.nn.functional.conv2d if x.dim() == 4 else torch.nn.functional.conv1d
+    xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
+    y = conv(xr, wr, None, *args)
+    g = torch.randn(y.shape, generator=gen).to(dtype)
+    mask = _strided_mask(y.shape, gen)
+    first = mask.flatten().nonzero()[0, 0]
+    g.view(-1)[first] = float("nan")  # masked: must come out as 0
+    y.backward(g.double().masked_fill(mask, 0))
+
+    spec = dataclasses.replace(conv_spec_of(x, w, None, *args), op="conv_wgrad", input_mask=True)
+    params = choose(spec, Config(cache=False, schedule="wgrad_splitk")).schedule.as_dict()
+    params.update(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, SPLIT=split)
+    wgrad = wgrad_kernel(x, w, *args, schedule=SPACES["wgrad_splitk"].make(spec, **params),
+                         masked=True)
+    # the input gradient: the transposed conv of dy, back to x's size
+    extra = [int(a - ((b - 1) * s - 2 * p + d * (k - 1) + 1)) for a, b, s, p, d, k in zip(
+        x.shape[2:], y.shape[2:], *(_pairs(v, x.dim() - 2) for v in args[:3]), w.shape[2:])]
+    dgrad = conv_kernel(g, w, None, *args, transposed=True, output_padding=extra,
+                        schedule="transposed_phase", masked=True)
+    with address_check() as check:
+        dw = wgrad(g, x, mask)
+        dx = dgrad(g, w, None, None, None, None, None, None, mask)
+    assert check.accesses > 0 and len(check.kernels) == 2
+    assert_close(dw, wr.grad, dtype, wgrad.path.name)
+    assert_close(dx, xr.grad, dtype, dgrad.path.name)
+
+
+def _pairs(v, n: int) -> list[int]:
+    return list(v) if isinstance(v, tuple) else [v] * n

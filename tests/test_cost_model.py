@@ -142,3 +142,23 @@ def test_cost_is_symbolic_in_a_dynamic_batch() -> None:
     assert isinstance(seconds, sympy.Basic) and s0 in seconds.free_symbols
     assert float(seconds.subs(s0, 8)) == pytest.approx(choice.prediction.at_hint)
     assert "s0" in choice.valid_for and "<= s0 <=" in choice.valid_for
+
+
+@pytest.mark.parametrize("op,schedule", [("conv_wgrad", "wgrad_splitk"),
+                                         ("conv_transpose", "transposed_phase")])
+def test_a_masked_gradient_costs_its_mask_and_spares_the_copy(op: str, schedule: str) -> None:
+    """ReLU's mask fused into a gradient kernel: the kernel reads 1 byte more per gradient
+    element (once here: everything fits in L2); ATen first writes the masked copy (read g and
+    the mask, write the copy: one more kernel)."""
+    from convcompiler.codegen import SPACES
+
+    # dy [8, 64, 28, 28]: the weight gradient's, or the transposed conv's x (an input gradient)
+    spec = dataclasses.replace(gpu_spec((8, 64, 28, 28), (64, 64, 3, 3), 1, 1), op=op)
+    masked = dataclasses.replace(spec, input_mask=True)
+    grad_elements = 8 * 64 * 28 * 28  # dy, or the transposed conv's x: the same size here
+    kernel = next(SPACES[schedule].candidates(spec, device=H100_LIKE))
+    plain, fused = predict(spec, kernel, H100_LIKE), predict(masked, kernel, H100_LIKE)
+    assert fused.bytes - plain.bytes == grad_elements  # the bool mask, read once
+    aten_plain, aten_masked = predict(spec, ATEN, H100_LIKE), predict(masked, ATEN, H100_LIKE)
+    assert aten_masked.bytes - aten_plain.bytes == grad_elements * (2 + 2 + 1)
+    assert aten_masked.launch_s > aten_plain.launch_s

@@ -16,6 +16,10 @@ strides as it is ([C, K/groups, KH, KW], any layout): no repacking.
 The epilogue (bias, batch norm, activations, residual) is the forward kernels': the phase's
 pixels are addressed as a [N, K, ceil(HO/SH), ceil(WO/SW)] tensor, strided by (SH, SW)
 from (rh, rw).
+
+As a conv's input gradient, x may come with a mask (spec.input_mask: x = where(mask, 0, g),
+the backward of the ReLU before the conv's output): the kernel loads the bool mask beside g
+and zeroes the masked values, so the masked gradient is never written out.
 """
 
 from __future__ import annotations
@@ -60,17 +64,19 @@ ${helpers}
 def conv_transpose_phase(
     # pointers
     x_ptr, w_ptr, y_ptr,
-    # epilogue operands (None when unused): conv bias, batch norm, residual
-    b_ptr, bnw_ptr, bnb_ptr, mean_ptr, var_ptr, r_ptr,
+    # epilogue operands (None when unused): conv bias, batch norm, residual; x's mask
+    b_ptr, bnw_ptr, bnb_ptr, mean_ptr, var_ptr, r_ptr, xm_ptr,
     # sizes; CG and KG are fixed by the spec (constant loop bounds, tails known)
     N, H, W, HO, WO, CG: tl.constexpr, KG: tl.constexpr,
     # strides (the weight is read as it is: [C, K/groups, KH, KW])
     sxn, sxc, sxh, sxw, swc, swk, swh, sww, syn, syk, syh, syw, srn, src, srh, srw,
+    smn, smc, smh, smw,
     # conv geometry (baked from the spec)
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     # meta-parameters
     PRECISION: tl.constexpr, WIDEN: tl.constexpr, INT64: tl.constexpr,
+    MASK_LIKE_X: tl.constexpr,  # x's mask has x's strides: it reuses x's offsets
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # ---- 1. the phase: output rows rh, rh + SH, ... and columns rw, rw + SW, ... ----
@@ -100,6 +106,7 @@ def conv_transpose_phase(
         N, JH, JW, KG, False, INT64, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k, k_ok = _tile_cols(pid_n, g, KG, BLOCK_N)
     x_img = n * sxn + g * CG * sxc
+    xm_img = n * smn + g * CG * smc
     w_col = (offs_k - g * KG) * swk + g * CG * swc
     offs_r = tl.arange(0, BLOCK_K)
 
@@ -123,6 +130,15 @@ def conv_transpose_phase(
                 c = c % CG
             a = tl.load(x_ptr + a_row[:, None] + (c * sxc)[None, :],
                         mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+            if xm_ptr is not None:  # x = where(mask, 0, g): g was loaded, now its mask
+                if MASK_LIKE_X:
+                    m_row, smc = a_row, sxc
+                else:
+                    m_row, _ = _window_tap(xm_img, jh + th // SH, jw + tw // SW, m_ok, 0, 0,
+                                           H, W, smh, smw, 1, 1, 1, 1)
+                dead = tl.load(xm_ptr + m_row[:, None] + (c * smc)[None, :],
+                               mask=row_ok[:, None] & c_ok[None, :], other=0)
+                a = tl.where(dead, 0.0, a)
             b = tl.load(w_ptr + w_col[None, :] + (c * swc + kh * swh + kw * sww)[:, None],
                         mask=c_ok[:, None] & k_ok[None, :], other=0.0)
             acc = _mma(a, b, acc, WIDEN, PRECISION)
@@ -132,15 +148,16 @@ ${epilogue}
 
 
 def launch(x, weight, bias=None, bn_weight=None, bn_bias=None, bn_mean=None, bn_var=None,
-           residual=None):
+           residual=None, mask=None):
 ${prepare}
     # ---- 3. launch: one GEMM per (phase, group), the largest phase sizing the grid ----
     int64 = max(x.numel(), y.numel(), weight.numel()) >= INDEX_LIMIT
     conv_transpose_phase[grid](
-        x, weight, out, *epilogue_operands,
+        x, weight, out, *epilogue_operands, mask,
         N, H, W, HO, WO, CG, KG,
-        *x.stride(), *weight.stride(), *out.stride(), *residual_strides,
-        **GEOMETRY, PRECISION=PRECISION, WIDEN=widen, INT64=int64, **META, **LAUNCH)
+        *x.stride(), *weight.stride(), *out.stride(), *residual_strides, *mask_strides,
+        **GEOMETRY, PRECISION=PRECISION, WIDEN=widen, INT64=int64, MASK_LIKE_X=mask_like,
+        **META, **LAUNCH)
 ${finish}"""
 
 
@@ -154,7 +171,9 @@ PREPARE = (  # the forward conv's checks and allocation (template.py) around its
     HO = (H - 1) * g["SH"] - 2 * g["PH"] + g["DH"] * (KH - 1) + OUTPUT_PADDING[0] + 1
     WO = (W - 1) * g["SW"] - 2 * g["PW"] + g["DW"] * (KW - 1) + OUTPUT_PADDING[1] + 1
     K, CG = KG * GROUPS, C // GROUPS
+    masked = x
 """
+    + T.CHECK_MASK
     + T.PER_CHANNEL_VECTORS
     + "\n"
     + T.ALLOCATE_OUTPUT

@@ -10,7 +10,9 @@ the BLOCK_P chunks. Each program writes its partial sum (fp32) to its own slice 
 workspace [SPLIT, K, C/groups, KH, KW]; the launcher adds the slices in a fixed order, so the
 result is the same on every run (no atomics). With SPLIT = 1 the kernel writes dw directly.
 x is read through the window's addresses like the forward implicit GEMM (no im2col buffer),
-dy and dw through their strides.
+dy and dw through their strides. dy may come with a mask (spec.input_mask: dy =
+where(mask, 0, g), the backward of a ReLU after the conv): the kernel loads g and the bool
+mask and zeroes the masked values, so the masked gradient is never written out.
 """
 
 from __future__ import annotations
@@ -56,18 +58,19 @@ ${helpers}
 
 @triton.jit
 def conv_wgrad_splitk(
-    # pointers: dy [N, K, HO, WO], x [N, C, H, W], dw (or the split workspace)
-    dy_ptr, x_ptr, dw_ptr,
+    # pointers: dy [N, K, HO, WO], x [N, C, H, W], dw (or the split workspace), dy's mask
+    dy_ptr, x_ptr, dw_ptr, dym_ptr,
     # sizes; CG and KG are fixed by the spec (tails known); CHUNKS: reduction steps per split
     # (a constant loop bound: Triton 3.6's interpreter cannot loop to a runtime argument)
     N, H, W, HO, WO, CHUNKS: tl.constexpr, CG: tl.constexpr, KG: tl.constexpr,
     # strides; dw's: [split, K, C/groups, KH, KW]
-    syn, syk, syh, syw, sxn, sxc, sxh, sxw, sds, sdk, sdc, sdh, sdw,
+    syn, syk, syh, syw, sxn, sxc, sxh, sxw, sds, sdk, sdc, sdh, sdw, smn, smk, smh, smw,
     # conv geometry (baked from the spec)
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     # meta-parameters
     PRECISION: tl.constexpr, WIDEN: tl.constexpr, INT64: tl.constexpr, SPLIT: tl.constexpr,
+    MASK_LIKE_DY: tl.constexpr,  # dy's mask has dy's strides: it reuses dy's offsets
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # ---- 1. the tile: BLOCK_M output x BLOCK_N input channels of group g, at tap (kh, kw) ----
@@ -102,8 +105,14 @@ def conv_wgrad_splitk(
         n = p // (WO * HO)
         if INT64:
             n = n.to(tl.int64)
-        a = tl.load(dy_ptr + dy_col[:, None] + (n * syn + ho * syh + wo * syw)[None, :],
-                    mask=k_ok[:, None] & p_ok[None, :], other=0.0)
+        dy_off = dy_col[:, None] + (n * syn + ho * syh + wo * syw)[None, :]
+        a = tl.load(dy_ptr + dy_off, mask=k_ok[:, None] & p_ok[None, :], other=0.0)
+        if dym_ptr is not None:  # dy = where(mask, 0, g): g was loaded, now its mask
+            if not MASK_LIKE_DY:
+                dy_off = (((g * KG + offs_k) * smk)[:, None]
+                          + (n * smn + ho * smh + wo * smw)[None, :])
+            dead = tl.load(dym_ptr + dy_off, mask=k_ok[:, None] & p_ok[None, :], other=0)
+            a = tl.where(dead, 0.0, a)
         x_row, row_ok = _window_tap(n * sxn, ho * SH - PH, wo * SW - PW, p_ok, kh, kw, H, W,
                                     sxh, sxw, PH, PW, DH, DW)
         b = tl.load(x_ptr + x_row[:, None] + x_col[None, :],
@@ -117,7 +126,7 @@ def conv_wgrad_splitk(
              mask=k_ok[:, None] & c_ok[None, :])
 
 
-def launch(dy, x):
+def launch(dy, x, mask=None):
     # ---- 1. check constraints ----
     if x.dim() != NDIM + 2 or dy.dim() != NDIM + 2:
         raise ValueError(f"expected {NDIM + 2}-D input and gradient, got {tuple(x.shape)}, "
@@ -135,7 +144,8 @@ def launch(dy, x):
         raise ValueError(f"gradient {tuple(dy.shape)} does not fit input {tuple(x.shape)} "
                          f"(groups={GROUPS}, expected {OUT_CHANNELS} channels)")
     CG, KG = C // GROUPS, K // GROUPS
-
+    masked = dy
+${check_mask}
     # ---- 2. allocate dw in eager's memory format, and the split workspace ----
     fmt = torch.channels_last if WEIGHT_CHANNELS_LAST else torch.contiguous_format
     dw = torch.empty((K, CG, g["KH"], g["KW"]), device=x.device, dtype=x.dtype, memory_format=fmt)
@@ -158,9 +168,10 @@ def launch(dy, x):
     # ---- 3. launch, then add the splits in order ----
     int64 = max(x.numel(), dy.numel()) >= INDEX_LIMIT
     conv_wgrad_splitk[grid](
-        dy, x, out, N, H, W, HO, WO, chunks, CG, KG,
-        *dy.stride(), *x.stride(), *strides,
-        **GEOMETRY, PRECISION=PRECISION, WIDEN=widen, INT64=int64, **META, **LAUNCH)
+        dy, x, out, mask, N, H, W, HO, WO, chunks, CG, KG,
+        *dy.stride(), *x.stride(), *strides, *mask_strides,
+        **GEOMETRY, PRECISION=PRECISION, WIDEN=widen, INT64=int64, MASK_LIKE_DY=mask_like,
+        **META, **LAUNCH)
     if out is not dw:
         dw.copy_(out.sum(0))
     return dw.squeeze(2) if NDIM == 1 else dw
@@ -175,6 +186,7 @@ def render(spec: ConvSpec, schedule: Schedule) -> T.KernelSource:
         + f"\nOUT_CHANNELS = {spec.out_channels}"
         + f"\nWEIGHT_CHANNELS_LAST = {spec.weight_layout == 'nhwc'}",
         helpers=T.HELPERS,
+        check_mask=T.CHECK_MASK,
     )
     return T.KernelSource(
         f"{spec.geometry()}_{schedule.name}", text, schedule, spec.key(), KERNELS

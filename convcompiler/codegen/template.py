@@ -146,6 +146,8 @@ def constants(spec: ConvSpec, schedule: Schedule, **groups: tuple[str, ...]) -> 
     ]
     if spec.transposed:
         lines.insert(-2, f"OUTPUT_PADDING = {spec.output_padding!r}")
+    if spec.op != "conv":  # the backward kernels: whether the gradient comes with its mask
+        lines.insert(-2, f"INPUT_MASK = {spec.input_mask}")
     lines += [f"{name} = {values!r}" for name, values in grouped.items()]
     return "\n".join(lines)
 
@@ -328,6 +330,20 @@ PER_CHANNEL_VECTORS = """    # The epilogue reads each per-channel vector (conv 
             raise ValueError(f"per-channel vector of shape {tuple(t.shape)}, expected ({K},)")
     bias, bn_weight, bn_bias, bn_mean, bn_var = (
         t if t is None or t.is_contiguous() else t.contiguous() for t in vectors)
+"""
+# The gradient operand of a backward kernel may come as where(mask, 0, g) (a ReLU's backward):
+# the kernel reads g and the bool mask (any strides) and never sees the materialised product.
+CHECK_MASK = """    if (mask is not None) != INPUT_MASK:
+        raise ValueError(f"kernel built {'with' if INPUT_MASK else 'without'} a gradient mask")
+    mask_strides = (0, 0, 0, 0)
+    if mask is not None:
+        mask = mask.unsqueeze(2) if NDIM == 1 else mask
+        if mask.dtype != torch.bool or mask.shape != masked.shape:
+            raise ValueError(f"gradient mask {mask.dtype} {tuple(mask.shape)} does not fit the "
+                             f"gradient {tuple(masked.shape)}")
+        mask_strides = mask.stride()
+    # the usual case: the mask is laid out as the gradient, and reuses its offsets
+    mask_like = mask is not None and mask.stride() == masked.stride()
 """
 ALLOCATE_OUTPUT = """    # ---- 2. allocate the output in the memory format eager produces ----
     fmt = torch.channels_last if OUT_CHANNELS_LAST else torch.contiguous_format

@@ -105,15 +105,18 @@ def conv_kernel(
     epilogue: Epilogue = Epilogue(),
     transposed: bool = False,
     output_padding: int | Sequence[int] = 0,
+    masked: bool = False,
 ) -> KernelCall:
     """Render, write and load the kernel for one convolution (and its epilogue); returns its
     launcher: call(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, residual).
-    `transposed` (with `output_padding`) builds `F.conv_transpose{1,2}d`'s."""
+    `transposed` (with `output_padding`) builds `F.conv_transpose{1,2}d`'s; `masked` (a
+    transposed conv's) one whose x is where(mask, 0, x), the mask passed last."""
     config = config or Config(cache=False)
     spec = conv_spec_of(
         x, weight, bias, stride, padding, dilation, groups, epilogue,
         transposed=transposed, output_padding=output_padding,
     )
+    spec = dataclasses.replace(spec, input_mask=masked)
     return _kernel_call("conv", spec, conv_source(spec, schedule, config), config)
 
 
@@ -127,12 +130,14 @@ def wgrad_kernel(
     *,
     schedule: str | Schedule | None = None,
     config: Config | None = None,
+    masked: bool = False,
 ) -> KernelCall:
     """Render, write and load the weight-gradient kernel of `F.conv{1,2}d(x, weight, ...)`;
-    returns its launcher: call(dy, x) -> dw, shaped and laid out like `weight`."""
+    returns its launcher: call(dy, x) -> dw, shaped and laid out like `weight`; `masked`:
+    call(g, x, mask), the gradient being dy = where(mask, 0, g)."""
     config = config or Config(cache=False)
     spec = conv_spec_of(x, weight, None, stride, padding, dilation, groups)
-    spec = dataclasses.replace(spec, op="conv_wgrad")
+    spec = dataclasses.replace(spec, op="conv_wgrad", input_mask=masked)
     return _kernel_call("conv_wgrad", spec, conv_source(spec, schedule, config), config)
 
 

@@ -113,7 +113,10 @@ class Lowering:
         from ..inspection.aot import meta_inputs
 
         operands = tuple(
-            None if t is None else torch.randn_like(t, device="cuda") for t in meta_inputs(spec)
+            None if t is None
+            else torch.rand(t.shape, device="cuda") < 0.5 if t.dtype == torch.bool
+            else torch.randn_like(t, device="cuda")
+            for t in meta_inputs(spec)
         )
         if pred.schedule.name == "aten":
             if isinstance(spec, AttentionSpec):
@@ -360,7 +363,9 @@ class Lowering:
                     weight = graph.call_function(target, (weight, *args), kwargs)
                     added.append(weight)
                 operands[1] = weight
-            new = graph.call_function(ops.OPS[region.kind], (*operands, ref.encode()))
+            op = ops.OPS[region.kind]
+            unused = [None] * (len(op._schema.arguments) - 1 - len(operands))  # no mask
+            new = graph.call_function(op, (*operands, *unused, ref.encode()))
             added.append(new)
         try:
             for node in added:
@@ -404,14 +409,25 @@ def _operands(nodes: dict[str, torch.fx.Node], region: Region) -> tuple:
     """The kernel's arguments, read from the live graph (an earlier region may have replaced
     an operand's producer). A conv chain: (x, weight, bias, bn_weight, bn_bias, bn_mean,
     bn_var, residual); a weight gradient: (dy, x); window attention: (q, k, v, bias, mask,
-    general, logit_scale)."""
+    general, logit_scale). A backward region whose gradient is where(m, 0, g) (role
+    "grad_mask", spec.input_mask) reads g in its place, and m last; where(m, g, 0) comes
+    with the role "mask", logical_not(m), which it reads instead."""
     roles = dict(region.roles)
+    masked = nodes[roles["grad_mask"]] if "grad_mask" in roles else None
+    if masked is not None:
+        gradient, mask = masked.args[2], masked.args[0]
+        if "mask" in roles:  # where(m, g, 0)
+            gradient, mask = masked.args[1], nodes[roles["mask"]]
     if region.kind == "conv_wgrad":  # (dy, x); a transposed conv's: the conv from dy to x
         dy, x = nodes[roles["wgrad"]].args[:2]
+        if masked is not None:
+            return (gradient, x, mask)
         return (x, dy) if nodes[roles["wgrad"]].args[7] else (dy, x)
     if region.kind == "window_attention":
         return tuple(nodes[roles[r]] if r in roles else None for r in ATTENTION_OPERANDS)
     x, weight, bias = nodes[roles["conv"]].args[:3]
+    if masked is not None:
+        x = gradient
     bn = nodes[roles["bn"]].args[1:5] if "bn" in roles else (None,) * 4
     residual = None
     if "add" in roles:
@@ -419,4 +435,4 @@ def _operands(nodes: dict[str, torch.fx.Node], region: Region) -> tuple:
         before = names[names.index(roles["add"]) - 1]
         a, b = nodes[roles["add"]].args
         residual = b if a.name == before else a
-    return (x, weight, bias, *bn, residual)
+    return (x, weight, bias, *bn, residual) + ((mask,) if masked is not None else ())

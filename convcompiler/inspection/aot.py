@@ -105,7 +105,8 @@ def attention_meta_inputs(spec: AttentionSpec) -> tuple[torch.Tensor | None, ...
 
 def meta_inputs(spec: ConvSpec | AttentionSpec) -> tuple[torch.Tensor | None, ...]:
     """Meta tensors for a launcher: (x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var,
-    residual) for a conv, with the spec's shapes (at the size hints), layouts and dtype."""
+    residual) for a conv, with the spec's shapes (at the size hints), layouts and dtype; the
+    gradient's bool mask last when the spec has one."""
     if isinstance(spec, AttentionSpec):
         return attention_meta_inputs(spec)
     dtype = getattr(torch, spec.dtype)
@@ -120,9 +121,10 @@ def meta_inputs(spec: ConvSpec | AttentionSpec) -> tuple[torch.Tensor | None, ..
         return t.to(memory_format=torch.channels_last) if layout == "nhwc" else t
 
     x = empty((n, spec.in_channels, h, w), spec.input_layout)
-    if spec.op == "conv_wgrad":  # (dy, x)
+    if spec.op == "conv_wgrad":  # (dy, x, dy's mask?)
         dy = empty((n, k, ho, wo), spec.output_layout)
-        return (dy.squeeze(2), x.squeeze(2)) if spec.ndim == 1 else (dy, x)
+        dy, x = (dy.squeeze(2), x.squeeze(2)) if spec.ndim == 1 else (dy, x)
+        return (dy, x, torch.empty_like(dy, dtype=torch.bool)) if spec.input_mask else (dy, x)
     weight = empty((k, spec.in_channels_per_group, kh, kw), spec.weight_layout)
     if spec.transposed:  # [C, K/groups, KH, KW]
         weight = empty((spec.in_channels, spec.out_channels_per_group, kh, kw), spec.weight_layout)
@@ -134,7 +136,8 @@ def meta_inputs(spec: ConvSpec | AttentionSpec) -> tuple[torch.Tensor | None, ..
     bn = spec.epilogue.bn
     stats = (empty((k,), dt=torch.float32), empty((k,), dt=torch.float32)) if bn else (None, None)
     affine = (empty((k,), dt=torch.float32),) * 2 if bn == "affine" else (None, None)
-    return (x, weight, bias, *affine, *stats, residual)
+    mask = (torch.empty_like(x, dtype=torch.bool),) if spec.input_mask else ()
+    return (x, weight, bias, *affine, *stats, residual, *mask)
 
 
 class _Recorder:

@@ -21,6 +21,7 @@ from ..counters import counters
 from ..files import private_dir, write_private
 from .context import PassContext, Region
 from .conv_backward import split_conv_backward
+from .grad_mask import fuse_gradient_masks
 from .conv_bn_tune import fold_conv_bn_tune
 from .linear_as_conv import linear_as_conv, restore_linears
 from .match_attention import match_window_attention
@@ -41,6 +42,7 @@ POST_GRAD_PASSES: tuple[GraphPass, ...] = (
     linear_as_conv,
     split_conv_backward,
     match_conv,
+    fuse_gradient_masks,
     match_window_attention,
 )
 

@@ -1,7 +1,11 @@
 """The `torch.ops.im2win.*` ops a compiled graph calls in place of each region.
 
-    im2win::conv(x, weight, bias?, bn_weight?, bn_bias?, bn_mean?, bn_var?, residual?, kernel)
-    im2win::conv_wgrad(dy, x, kernel)         a conv's weight gradient
+    im2win::conv(x, weight, bias?, bn_weight?, bn_bias?, bn_mean?, bn_var?, residual?, mask?,
+                 kernel)
+    im2win::conv_wgrad(dy, x, mask?, kernel)  a conv's weight gradient
+
+`mask` (backward kernels only, spec.input_mask): the gradient operand (x of a transposed
+conv, dy of a weight gradient) stands for where(mask, 0, gradient), a ReLU's backward.
     im2win::window_attention(q, k, v, bias?, mask?, general?, logit_scale?, kernel)
 
 `kernel` is a KernelRef (kernel_ref.py): the spec and schedule the kernel was generated
@@ -65,9 +69,12 @@ def launcher(ref: KernelRef, *, interpret: bool) -> Callable[..., Any]:
     return found
 
 
-def _launch(ref: KernelRef, args: tuple) -> Tensor:
-    """Count one launch of the kernel `ref` names and run it on `args` (activation first)."""
+def _launch(ref: KernelRef, args: tuple, mask: Tensor | None = None) -> Tensor:
+    """Count one launch of the kernel `ref` names and run it on `args` (activation first),
+    plus the gradient's mask for a kernel built with one."""
     launch = launcher(ref, interpret=args[0].device.type == "cpu")
+    if mask is not None:
+        args = (*args, mask)
     counters[f"launch.{ref.kind}"] += 1
     return launch_on_device(launch, args)
 
@@ -83,12 +90,13 @@ def conv(
     bn_mean: Tensor | None,
     bn_var: Tensor | None,
     residual: Tensor | None,
+    mask: Tensor | None,
     kernel: str,
 ) -> Tensor:
     ref = decode(kernel)
     if ref.weight == "cached":  # a parameter or buffer, straight from a graph input
         weight = packing.packed_view(weight)
-    return _launch(ref, (x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, residual))
+    return _launch(ref, (x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, residual), mask)
 
 
 def conv_output_shape(spec: ConvSpec, x: Tensor) -> tuple:
@@ -107,7 +115,7 @@ def conv_output_shape(spec: ConvSpec, x: Tensor) -> tuple:
 
 
 @conv.register_fake
-def _conv_fake(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, residual, kernel):
+def _conv_fake(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, residual, mask, kernel):
     spec = decode(kernel).spec
     n, k, ho, wo = conv_output_shape(spec, x)
     fmt = torch.channels_last if spec.output_layout == "nhwc" else torch.contiguous_format
@@ -117,12 +125,12 @@ def _conv_fake(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, residual, k
 
 # ---- im2win::conv_wgrad ----------------------------------------------------------------------
 @torch.library.custom_op("im2win::conv_wgrad", mutates_args=())
-def conv_wgrad(dy: Tensor, x: Tensor, kernel: str) -> Tensor:
-    return _launch(decode(kernel), (dy, x))
+def conv_wgrad(dy: Tensor, x: Tensor, mask: Tensor | None, kernel: str) -> Tensor:
+    return _launch(decode(kernel), (dy, x), mask)
 
 
 @conv_wgrad.register_fake
-def _conv_wgrad_fake(dy, x, kernel):
+def _conv_wgrad_fake(dy, x, mask, kernel):
     spec = decode(kernel).spec
     fmt = torch.channels_last if spec.weight_layout == "nhwc" else torch.contiguous_format
     shape = (spec.out_channels, spec.in_channels_per_group, *spec.kernel)

@@ -35,20 +35,26 @@ def run_aten(
     bn_mean=None,
     bn_var=None,
     residual=None,
+    mask=None,
 ) -> torch.Tensor:
     """conv -> batch norm (running stats) -> act -> + residual -> act, as separate ATen ops.
-    A weight-gradient spec takes (dy, x) and returns dw."""
+    A weight-gradient spec takes (dy, x, mask?) and returns dw. With spec.input_mask the
+    gradient operand (x of a transposed conv, dy of a weight gradient) is where(mask, 0, g)."""
     stride, padding, dilation, output_padding = (
         list(v[2 - spec.ndim :])
         for v in (spec.stride, spec.padding, spec.dilation, spec.output_padding)
     )
     if spec.op == "conv_wgrad":
-        dy, x = x, weight
+        dy, x, mask = x, weight, bias
+        if mask is not None:
+            dy = dy.masked_fill(mask, 0)
         shape = (spec.out_channels, spec.in_channels_per_group, *spec.kernel[2 - spec.ndim :])
         return torch.ops.aten.convolution_backward(
             dy, x, x.new_empty(shape), None, stride, padding, dilation, False, output_padding,
             spec.groups, [False, True, False],
         )[1]
+    if mask is not None:
+        x = x.masked_fill(mask, 0)
     y = torch.ops.aten.convolution(
         x, weight, bias, stride, padding, dilation, spec.transposed, output_padding, spec.groups
     )

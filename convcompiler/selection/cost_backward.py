@@ -14,6 +14,10 @@ Weight gradients. The useful work is the forward conv's, 2*N*HO*WO*K*(C/groups)*
 SPLIT ways: dy is read once per input-channel tile and tap, x once per output-channel tile
 and tap (through L2 when they fit); with SPLIT > 1 the fp32 partial sums are written and read
 back once more, by a second kernel. ATen (cuDNN's wgrad) is the forward conv's roofline.
+
+A masked gradient (spec.input_mask: where(mask, 0, g) fused in): the kernel reads the 1-byte
+mask wherever it reads g. ATen reads the masked copy, which one more kernel writes from g and
+the mask first (read g and the mask, write the copy).
 """
 
 from __future__ import annotations
@@ -41,6 +45,16 @@ def _live_taps(spec: ConvSpec) -> int:
     sharing a factor with the stride leaves some phases with none and others with more)."""
     (kh, kw), (sh, sw) = spec.kernel, spec.stride
     return -(-kh // sh) * -(-kw // sw)
+
+
+def _masked(grad_bytes, z: _Sizes, spec: ConvSpec, schedule: Schedule, rereads, device: Device):
+    """(extra traffic, extra launches) of a masked gradient of `grad_bytes` (see above)."""
+    if not spec.input_mask:
+        return 0, 0
+    mask_bytes = grad_bytes / z.e
+    if schedule.name == "aten":
+        return 2 * grad_bytes + mask_bytes, 1
+    return _reread(mask_bytes, rereads, device), 0
 
 
 def _roofline(padded, eff, kind, traffic, launches, device: Device) -> tuple:
@@ -78,6 +92,10 @@ def transposed_time(spec: ConvSpec, schedule: Schedule, device: Device, symbolic
         )
     e = spec.epilogue
     launches = 1
+    extra, launches_extra = _masked(
+        x_bytes, z, spec, schedule, 1 if schedule.name == "aten" else tiles_n * phases, device
+    )
+    traffic, launches = traffic + extra, launches + launches_extra
     if schedule.name == "aten":
         ops = [bool(e.bn), e.act is not None, e.residual, e.post_act is not None]
         traffic += (2 * ops[0] + 2 * ops[1] + 3 * ops[2] + 2 * ops[3]) * y_bytes
@@ -116,6 +134,10 @@ def wgrad_time(spec: ConvSpec, schedule: Schedule, device: Device, symbolic: boo
         if split > 1:
             workspace = split * z.k * z.cg * taps * 4
             traffic, launches = traffic + 2 * workspace, 2
+    extra, launches_extra = _masked(
+        dy_bytes, z, spec, schedule, 1 if schedule.name == "aten" else tiles_n * taps, device
+    )
+    traffic, launches = traffic + extra, launches + launches_extra
     times = _roofline(padded, eff, math_kind(spec, schedule), traffic, launches, device)
     return (*times, flops, padded, traffic, workspace, ctas)
 

@@ -123,11 +123,14 @@ def test_correctness_cases_cover_every_family_dtype_and_layout() -> None:
     cases = gpu_cases.correctness_cases()
     random_cases = [c for c in cases if c.id.startswith("a")]
     assert len(random_cases) >= 150
-    combos = {tuple(c.id.split()[1:4]) for c in random_cases}
+    combos = {tuple(c.id.replace("[masked]", "").split()[1:4]) for c in random_cases}
     for family in gpu_cases.FAMILIES:
         for dtype in gpu_cases.DTYPES:
             for layout in ("nchw", "nhwc"):
                 assert (family, dtype, layout) in combos
+    # the gradient kernels also with a ReLU's mask fused in, each op in some variants
+    assert {c.op for c in random_cases if getattr(c, "masked", False)} == {
+        "conv_transpose", "conv_wgrad"}
     for dtype in gpu_cases.DTYPES:
         assert ("window_attention", dtype, "bnc") in combos
         assert ("window_attention", dtype, "bhnd") in combos
@@ -172,6 +175,8 @@ def test_family_cases_run_their_family() -> None:
         expected = gpu_cases.conv_case_spec(case)
         assert spec == expected
         if family != "conv_bn":
+            family, masked, _ = family.partition("[masked]")
+            assert spec.input_mask == bool(masked)
             name, _, reduction = family.partition(":")
             assert schedule.name == name and (not reduction or schedule["REDUCTION"] == reduction)
         else:

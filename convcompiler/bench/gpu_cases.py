@@ -58,7 +58,8 @@ class ConvCase:
 
     op "conv_transpose": `in_channels` -> `out_channels` transposed, weight [C, K/groups, ..];
     op "conv_wgrad": the weight gradient of the forward conv the other fields describe; its
-    launcher takes (dy, x)."""
+    launcher takes (dy, x). `masked` (those two ops): the gradient operand comes as
+    where(mask, 0, g), a ReLU's backward fused in; the launcher takes the bool mask last."""
 
     id: str
     variant: str  # cases of one variant share a kernel source: kept in one worker
@@ -80,6 +81,7 @@ class ConvCase:
     plan_sizes: tuple[int, int, int, int] | None = None  # (batch, K, H, W) the pick is made at
     op: str = "conv"
     output_padding: tuple[int, int] = (0, 0)
+    masked: bool = False
 
     def tensors(self, device: str = "cpu", make=torch.empty) -> tuple:
         dtype = getattr(torch, self.dtype)
@@ -216,6 +218,8 @@ def _conv_variant(rng: random.Random, index: int, family: str, dtype: str, layou
     epilogue = _epilogue(rng) if family == "conv_bn" else Epilogue()
     bias = rng.random() < 0.5 and family != "wgrad_splitk"  # a weight gradient has none
     variant = f"a{index:03d}"
+    # every other variant of a gradient kernel reads its gradient with a ReLU's mask
+    masked = OPS.get(family, "conv") != "conv" and index % 4 >= 2
     cases, first = [], None
     for j in range(SHAPES_PER_VARIANT):
         groups = geo["groups"]
@@ -226,7 +230,7 @@ def _conv_variant(rng: random.Random, index: int, family: str, dtype: str, layou
         pick = "model" if index % 2 == 0 else "random"
         cases.append(
             ConvCase(
-                id=f"{variant}.{j} {family} {dtype} {layout}",
+                id=f"{variant}.{j} {family}{'[masked]' if masked else ''} {dtype} {layout}",
                 variant=variant,
                 batch=batch,
                 out_channels=k,
@@ -239,6 +243,7 @@ def _conv_variant(rng: random.Random, index: int, family: str, dtype: str, layou
                 pick=pick,
                 plan_sizes=first,
                 op=OPS.get(family, "conv"),
+                masked=masked,
                 **geo,
             )
         )
@@ -416,7 +421,7 @@ def conv_case_spec(case: ConvCase) -> ConvSpec:
         transposed=case.op == "conv_transpose", output_padding=case.output_padding,
     )  # fmt: skip
     op = "conv_wgrad" if case.op == "conv_wgrad" else spec.op
-    return dataclasses.replace(spec, device="cuda", op=op)
+    return dataclasses.replace(spec, device="cuda", op=op, input_mask=case.masked)
 
 
 def attention_case_spec(case: AttentionCase) -> AttentionSpec:

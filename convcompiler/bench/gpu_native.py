@@ -116,9 +116,14 @@ def _conv_inputs(case: ConvCase, spec: ConvSpec, device: str, gen: torch.Generat
 
     x, w, b = case.tensors(device, make=lambda *s, **kw: randn(*s, dtype=kw["dtype"]))
     k = case.out_channels
-    if spec.op == "conv_wgrad":  # (dy, x), dy laid out as the forward's output
+    def mask_of(g):  # a ReLU's mask, laid out as the gradient it zeroes (about half of it)
+        m = torch.rand(g.shape, generator=gen, device=device) < 0.5
+        return [m.to(memory_format=torch.channels_last) if case.layout == "nhwc" else m]
+
+    if spec.op == "conv_wgrad":  # (dy, x, mask?), dy laid out as the forward's output
         dy = randn(case.batch, k, *(spec.hint(s) for s in spec.out_size))
-        return [dy.to(memory_format=torch.channels_last) if case.layout == "nhwc" else dy, x]
+        dy = dy.to(memory_format=torch.channels_last) if case.layout == "nhwc" else dy
+        return [dy, x, *(mask_of(dy) if spec.input_mask else [])]
     bn = case.epilogue.bn
     f32 = torch.float32
     stats = (randn(k, dtype=f32), randn(k, dtype=f32).abs() + 0.5) if bn else (None, None)
@@ -129,7 +134,7 @@ def _conv_inputs(case: ConvCase, spec: ConvSpec, device: str, gen: torch.Generat
         residual = randn(case.batch, k, ho, wo)
         if spec.output_layout == "nhwc":
             residual = residual.to(memory_format=torch.channels_last)
-    return [x, w, b, *affine, *stats, residual]
+    return [x, w, b, *affine, *stats, residual, *(mask_of(x) if spec.input_mask else [])]
 
 
 def _attention_inputs(case: AttentionCase, device: str, gen: torch.Generator) -> list:
@@ -172,7 +177,8 @@ def check_case(case, device) -> dict:
         else:
             args = _conv_inputs(case, spec, where, gen)
             y = load_kernel(spec, schedule)(*args)
-            ref = run_aten(spec, *[a.double() if a is not None else None for a in args])
+            ref = run_aten(spec, *[a.double() if a is not None and a.is_floating_point()
+                                   else a for a in args])
             eager = run_aten(spec, *args)
         tol_key = "tf32" if spec.precision == "tf32" and where == "cuda" else case.dtype
         err, eager_err = _rel(y, ref), _rel(eager, ref)

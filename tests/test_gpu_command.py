@@ -346,3 +346,19 @@ def test_dry_run_of_two_parts_on_this_stack(tmp_path) -> None:
     assert parts["window_attention"]["done"] == 4 and parts["gpu_tests"]["done"] >= 5
     kernels = [k for r in parts["window_attention"]["rows"] for k in r.get("kernels", ())]
     assert kernels and all(k["compiled"] and k["spill_bytes"] == 0 for k in kernels), kernels
+
+
+def test_a_dry_run_case_that_raises_is_an_error_row_and_the_worker_goes_on(monkeypatch) -> None:
+    """A kernel that Triton cannot compile for sm_90 is reported as that case's error (a
+    problem of the report), not a dead worker whose other cases go missing."""
+    from convcompiler.bench import gpu_native, gpu_worker
+
+    def broken(case, *args, **kwargs):
+        raise AssertionError("initial value for `smc` is of type constexpr[1]")
+
+    monkeypatch.setattr(gpu_native, "dry_run_case", broken)
+    case = gpu_cases.correctness_cases()[0]
+    row = gpu_worker.plan_step("correctness")(case)
+    assert row["case"] == case.id and row["status"] == "error" and "smc" in row["error"]
+    part = {"name": "correctness", "status": "complete", "notes": [], "rows": [row]}
+    assert gpu_report.problems_of(part) and case.id in gpu_report.problems_of(part)[0]

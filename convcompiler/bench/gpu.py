@@ -270,7 +270,10 @@ def run_part(name: str, budget: Budget, out: Path, dry_run: bool, workers: int) 
                       seconds=part.remaining(), **common)  # fmt: skip
     budget.finish(part)
     rows = list(records.values())
-    failed = bool(notes) and not rows
+    # a worker that died midway lost the rest of its cases: not complete, and its log's
+    # tail (in the note) is listed among the problems
+    crashed = any("without finishing" in n for n in notes)
+    failed = bool(notes) and (not rows or crashed)
     cut = any("killed" in n or "cut short" in n or "skipped" in n for n in notes)
     status = "skipped" if part.cut else "failed" if failed else "cut" if cut else "complete"
     return {

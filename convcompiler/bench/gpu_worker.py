@@ -70,18 +70,21 @@ def run_cases(part: PartBudget, cases: list, step, emit) -> None:
 
 def plan_step(name: str):
     """The dry run's step for one case of part `name`."""
-    from .gpu_models import plan_model
+    from .gpu_models import guarded, plan_model
     from .gpu_native import StaticChecker, dry_run_case
 
     device = planning_device(True)
     checker = StaticChecker()
     if name == "window_attention":  # part c compares against FlexAttention: it must import
         from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    # a case whose planning or compiling raises is an error row; the worker goes on
     if name == "end_to_end":
-        return lambda case: plan_model(case, checker)
+        return lambda case: guarded(case.id, lambda: plan_model(case, checker))
     top = 3 if name == "autotune" else 1
     best = name == "layer_speed"  # part b also times the best kernel when ATen is the choice
-    return lambda case: dry_run_case(case, device, checker, top, best_kernel=best)
+    return lambda case: guarded(
+        case.id, lambda: dry_run_case(case, device, checker, top, best_kernel=best)
+    )
 
 
 def warm_step(name: str):

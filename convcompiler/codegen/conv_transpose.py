@@ -18,8 +18,8 @@ pixels are addressed as a [N, K, ceil(HO/SH), ceil(WO/SW)] tensor, strided by (S
 from (rh, rw).
 
 As a conv's input gradient, x may come with a mask (spec.input_mask: x = where(mask, 0, g),
-the backward of the ReLU before the conv's output): the kernel loads the bool mask beside g
-and zeroes the masked values, so the masked gradient is never written out.
+the backward of the ReLU after the forward conv): the kernel loads the bool mask first and
+loads g only where it is False (0 elsewhere), so the masked gradient is never written out.
 """
 
 from __future__ import annotations
@@ -128,17 +128,16 @@ def conv_transpose_phase(
             c_ok = c < CG
             if CG % BLOCK_K != 0:
                 c = c % CG
-            a = tl.load(x_ptr + a_row[:, None] + (c * sxc)[None, :],
-                        mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-            if xm_ptr is not None:  # x = where(mask, 0, g): g was loaded, now its mask
-                if MASK_LIKE_X:
-                    m_row, smc = a_row, sxc
-                else:
+            a_off = a_row[:, None] + (c * sxc)[None, :]
+            live = row_ok[:, None] & c_ok[None, :]
+            if xm_ptr is not None:  # x = where(mask, 0, g): a masked g is not even loaded
+                m_off = a_off
+                if not MASK_LIKE_X:
                     m_row, _ = _window_tap(xm_img, jh + th // SH, jw + tw // SW, m_ok, 0, 0,
                                            H, W, smh, smw, 1, 1, 1, 1)
-                dead = tl.load(xm_ptr + m_row[:, None] + (c * smc)[None, :],
-                               mask=row_ok[:, None] & c_ok[None, :], other=0)
-                a = tl.where(dead, 0.0, a)
+                    m_off = m_row[:, None] + (c * smc)[None, :]
+                live = live & (tl.load(xm_ptr + m_off, mask=live, other=1) == 0)
+            a = tl.load(x_ptr + a_off, mask=live, other=0.0)
             b = tl.load(w_ptr + w_col[None, :] + (c * swc + kh * swh + kw * sww)[:, None],
                         mask=c_ok[:, None] & k_ok[None, :], other=0.0)
             acc = _mma(a, b, acc, WIDEN, PRECISION)

@@ -11,8 +11,8 @@ workspace [SPLIT, K, C/groups, KH, KW]; the launcher adds the slices in a fixed 
 result is the same on every run (no atomics). With SPLIT = 1 the kernel writes dw directly.
 x is read through the window's addresses like the forward implicit GEMM (no im2col buffer),
 dy and dw through their strides. dy may come with a mask (spec.input_mask: dy =
-where(mask, 0, g), the backward of a ReLU after the conv): the kernel loads g and the bool
-mask and zeroes the masked values, so the masked gradient is never written out.
+where(mask, 0, g), the backward of a ReLU after the conv): the kernel loads the bool mask
+first and g only where it is False (0 elsewhere), so the masked gradient is never written.
 """
 
 from __future__ import annotations
@@ -106,13 +106,14 @@ def conv_wgrad_splitk(
         if INT64:
             n = n.to(tl.int64)
         dy_off = dy_col[:, None] + (n * syn + ho * syh + wo * syw)[None, :]
-        a = tl.load(dy_ptr + dy_off, mask=k_ok[:, None] & p_ok[None, :], other=0.0)
-        if dym_ptr is not None:  # dy = where(mask, 0, g): g was loaded, now its mask
+        live = k_ok[:, None] & p_ok[None, :]
+        if dym_ptr is not None:  # dy = where(mask, 0, g): a masked g is not even loaded
+            m_off = dy_off
             if not MASK_LIKE_DY:
-                dy_off = (((g * KG + offs_k) * smk)[:, None]
-                          + (n * smn + ho * smh + wo * smw)[None, :])
-            dead = tl.load(dym_ptr + dy_off, mask=k_ok[:, None] & p_ok[None, :], other=0)
-            a = tl.where(dead, 0.0, a)
+                m_off = (((g * KG + offs_k) * smk)[:, None]
+                         + (n * smn + ho * smh + wo * smw)[None, :])
+            live = live & (tl.load(dym_ptr + m_off, mask=live, other=1) == 0)
+        a = tl.load(dy_ptr + dy_off, mask=live, other=0.0)
         x_row, row_ok = _window_tap(n * sxn, ho * SH - PH, wo * SW - PW, p_ok, kh, kw, H, W,
                                     sxh, sxw, PH, PW, DH, DW)
         b = tl.load(x_ptr + x_row[:, None] + x_col[None, :],

@@ -244,25 +244,30 @@ def test_wgrad_kernel_addresses_and_numerics(name: str, dtype) -> None:
 
 # ---- a ReLU's backward, where(mask, 0, g), read by the gradient kernels (passes/grad_mask.py)
 class ReluNet(nn.Module):
-    """conv -> ReLU -> strided conv -> ReLU6 -> 1x1 conv: both masks fold (3 regions)."""
+    """conv -> ReLU -> strided conv -> clamp -> 1x1 conv -> ReLU6 -> conv: every mask folds,
+    in each of the forms the activations' backwards take (passes/grad_mask.py)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.c1 = nn.Conv2d(3, 8, 3, padding=1)
         self.c2 = nn.Conv2d(8, 6, 3, stride=2, padding=1, bias=False)
         self.c3 = nn.Conv2d(6, 5, 1)
+        self.c4 = nn.Conv2d(5, 4, 3)
 
     def forward(self, x):
-        return self.c3(torch.clamp(self.c2(torch.relu(self.c1(x))), 0, 6))
+        y = torch.clamp(self.c2(torch.relu(self.c1(x))), 0, 6)
+        return self.c4(nn.functional.relu6(self.c3(y)))
 
 
-def test_relu_masks_fold_into_the_gradient_kernels(tmp_path) -> None:
+@pytest.mark.parametrize("host", ["inductor", "aten"])
+def test_relu_masks_fold_into_the_gradient_kernels(tmp_path, host: str) -> None:
     from helpers import lowered_ops
 
     torch.manual_seed(4)
     model = ReluNet()
     eager, reference = float64_copy(model).float(), float64_copy(model)
-    compiled = torch.compile(model, backend="im2win", options={**FAST, "debug_dir": tmp_path})
+    options = {**FAST, "debug_dir": tmp_path, "host": host}
+    compiled = torch.compile(model, backend="im2win", options=options)
     x = torch.randn(2, 3, 11, 13)
     out = compiled(x)
     grad = torch.randn(out.shape)
@@ -278,12 +283,13 @@ def test_relu_masks_fold_into_the_gradient_kernels(tmp_path) -> None:
             assert err <= max(1e-4, 2 * rel_error(e.grad[ok], q.grad[ok])), name
     grads = backward_regions(convcompiler.last_report())
     masked = sorted(r.mode for r in grads if "masked" in r.spec)
-    # c2's input and weight gradients read (g, mask); c1's weight gradient too (its input
-    # gradient is not needed; its bias gradient is a sum Inductor fuses with the where)
-    assert masked == ["grad_input", "grad_weight", "grad_weight"], str(grads)
+    # c2's and c3's input and weight gradients read (g, mask); c1's weight gradient too (its
+    # input gradient is not needed); c4's gradient has no mask
+    assert masked == ["grad_input"] * 2 + ["grad_weight"] * 3, str(grads)
     assert all(r.fallback_reason is None and r.kernel_path for r in grads), str(grads)
-    assert convcompiler.counters["fuse.grad_mask"] == 3
-    assert lowered_ops(tmp_path, "backward")["where"] == 1  # c1's, read by the bias sum only
+    assert convcompiler.counters["fuse.grad_mask"] == 5
+    if host == "inductor":  # c1's and c3's, read by their bias sums only (fused there)
+        assert lowered_ops(tmp_path, "backward")["where"] == 2
 
 
 def test_a_mask_another_reader_needs_stays_a_where() -> None:

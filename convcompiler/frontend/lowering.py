@@ -33,6 +33,7 @@ from ..config import Config
 from ..counters import counters
 from ..inspection.report import RegionRecord, Report
 from ..passes import Region
+from ..passes.grad_mask import gradient_operand
 from ..passes.meta import layout_mismatch
 from ..passes.meta import run_on_fakes as meta_value
 from ..runtime import keep_source, load_source, ops
@@ -409,15 +410,13 @@ def _operands(nodes: dict[str, torch.fx.Node], region: Region) -> tuple:
     """The kernel's arguments, read from the live graph (an earlier region may have replaced
     an operand's producer). A conv chain: (x, weight, bias, bn_weight, bn_bias, bn_mean,
     bn_var, residual); a weight gradient: (dy, x); window attention: (q, k, v, bias, mask,
-    general, logit_scale). A backward region whose gradient is where(m, 0, g) (role
-    "grad_mask", spec.input_mask) reads g in its place, and m last; where(m, g, 0) comes
-    with the role "mask", logical_not(m), which it reads instead."""
+    general, logit_scale). A backward region whose gradient is masked (role "grad_mask",
+    spec.input_mask: where(m, 0, g), ...; passes/grad_mask.py) reads g in its place, and
+    last the bool mask (role "mask")."""
     roles = dict(region.roles)
     masked = nodes[roles["grad_mask"]] if "grad_mask" in roles else None
     if masked is not None:
-        gradient, mask = masked.args[2], masked.args[0]
-        if "mask" in roles:  # where(m, g, 0)
-            gradient, mask = masked.args[1], nodes[roles["mask"]]
+        gradient, mask = gradient_operand(masked), nodes[roles["mask"]]
     if region.kind == "conv_wgrad":  # (dy, x); a transposed conv's: the conv from dy to x
         dy, x = nodes[roles["wgrad"]].args[:2]
         if masked is not None:

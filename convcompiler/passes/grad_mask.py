@@ -2,23 +2,26 @@
 
     convolution(where(m, 0, g), w, transposed=True)  =>  im2win_conv[masked](g, w, m)
     convolution_backward(where(m, 0, g), x, w)[1]    =>  im2win_conv_wgrad[masked](g, x, m)
-    where(m, g, 0)                                   =>  where(logical_not(m), 0, g)
 
-A ReLU (or a clamp: ReLU6, hardtanh, torch.clamp) right after a conv becomes
-where(m, 0, g) or where(m, g, 0) in the backward graph (threshold_backward's and clamp's
-decompositions; m is a saved or recomputed bool mask), and that is the dy of the conv's
-backward. The second form gets a logical_not, which Inductor fuses with what computes m. Both gradient kernels then read g and the 1-byte
-mask instead of a masked copy that one kernel writes and each of them reads back. The other
-reader of the copy, the bias gradient sum(where(m, 0, g)), is a reduction that Inductor
-fuses with the where, so the copy is never written at all.
+where m (True: the gradient is 0) comes from the form the activation's backward takes:
 
-Guards (any failing keeps the where as it is; the regions still run, reading the copy):
-- the where is where.self(m, 0, g) or (m, g, 0) with a literal zero, m bool and g of the
-  where's dtype,
-  both of its shape (no broadcast) and g in its memory layout;
-- every reader of the where is a gradient region of a regular conv (its input gradient, a
-  transposed conv; its weight gradient) that a generated kernel can run, or a sum (the bias
-  gradient): any other reader would need the copy anyway.
+    where(m, 0, g)                   ReLU, ReLU6, hardtanh under Inductor's decompositions
+    where(m, g, 0)                   torch.clamp              m := logical_not(m)
+    threshold_backward(g, y, t)      ReLU on the ATen host    m := y <= t
+    hardtanh_backward(g, y, lo, hi)  ReLU6 on the ATen host   m := (y <= lo) | (y >= hi)
+
+That masked gradient is the dy of the conv before the activation. Both gradient kernels
+then read g and the 1-byte mask instead of a masked copy that one kernel writes and each of
+them reads back. The other reader of the copy, the bias gradient sum(dy), is a reduction
+Inductor fuses with the where, so under Inductor the copy is never written at all. A mask
+the pass builds is a few pointwise nodes, which Inductor fuses with what computes y or m.
+
+Guards (any failing keeps the masked gradient as it is; the regions still run, reading it):
+- one of the forms above, with a literal zero (where) or number (t, lo, hi); m bool; m, y
+  and g of its shape (no broadcast); g of its dtype and memory layout;
+- every reader is a gradient region of a regular conv (its input gradient, a transposed
+  conv; its weight gradient) that a generated kernel can run, reading it as dy, or a sum
+  (the bias gradient): any other reader would need the copy anyway.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from .context import PassContext, Region
 from .meta import fake_value, memory_layout, run_on_fakes
 
 aten = torch.ops.aten
-RULE = "convolution_backward(where(m, 0, g), x, w) => im2win gradient kernels[masked](g, m)"
+RULE = "convolution_backward(where(m, 0, g), x, w) => gradient kernels[masked](g, m)"
 
 
 def _reader(region: Region, nodes: dict[str, torch.fx.Node]) -> str | None:
@@ -54,34 +57,67 @@ def _reader(region: Region, nodes: dict[str, torch.fx.Node]) -> str | None:
 def _is_zero(node: object) -> bool:
     if isinstance(node, (int, float)):
         return node == 0
-    return (
-        isinstance(node, torch.fx.Node)
-        and node.target is aten.full.default
-        and list(node.args[0]) == []
-        and node.args[1] == 0
-    )
+    if not isinstance(node, torch.fx.Node):
+        return False
+    if node.target is aten.scalar_tensor.default:  # the ATen host's zero
+        return node.args[0] == 0
+    return node.target is aten.full.default and list(node.args[0]) == [] and node.args[1] == 0
+
+
+def gradient_operand(node: torch.fx.Node) -> object:
+    """The gradient g of a masked gradient `node` (one of the forms above), live."""
+    if node.target is aten.where.self:
+        return node.args[2] if _is_zero(node.args[1]) else node.args[1]
+    return node.args[0]  # threshold_backward(g, y, t), hardtanh_backward(g, y, lo, hi)
+
+
+def _mask_of(node: torch.fx.Node, graph: torch.fx.Graph) -> torch.fx.Node:
+    """The bool mask (True: the gradient is 0) of a masked gradient; new nodes before it
+    (Inductor fuses them with what computes their inputs) unless it is where(m, 0, g)'s m."""
+    if node.target is aten.where.self and _is_zero(node.args[1]):
+        return node.args[0]
+    with graph.inserting_before(node):
+        if node.target is aten.where.self:  # where(m, g, 0)
+            mask = graph.call_function(aten.logical_not.default, (node.args[0],))
+        elif node.target is aten.threshold_backward.default:
+            mask = graph.call_function(aten.le.Scalar, (node.args[1], node.args[2]))
+        else:  # hardtanh_backward: 0 outside (lo, hi)
+            low = graph.call_function(aten.le.Scalar, (node.args[1], node.args[2]))
+            high = graph.call_function(aten.ge.Scalar, (node.args[1], node.args[3]))
+            low.meta["val"], high.meta["val"] = run_on_fakes(low), run_on_fakes(high)
+            mask = graph.call_function(aten.logical_or.default, (low, high))
+    mask.meta["val"] = run_on_fakes(mask)
+    return mask
 
 
 def _masked_gradient(node: object) -> bool:
-    """Whether `node` is where(m, 0, g) or where(m, g, 0) that a gradient kernel can read as
-    g and a mask."""
-    if not isinstance(node, torch.fx.Node) or node.target is not aten.where.self:
+    """Whether `node` is a gradient zeroed by a mask (the forms above) that a gradient kernel
+    can read as g and the mask."""
+    if not isinstance(node, torch.fx.Node):
         return False
-    mask, a, b = node.args
-    if not (_is_zero(a) or _is_zero(b)):
+    if node.target is aten.where.self:
+        if not (_is_zero(node.args[1]) or _is_zero(node.args[2])):
+            return False
+        operands = (node.args[0], gradient_operand(node))
+    elif node.target in (aten.threshold_backward.default, aten.hardtanh_backward.default):
+        if not all(isinstance(a, (int, float)) for a in node.args[2:]):
+            return False
+        operands = node.args[:2]
+    else:
         return False
-    grad = b if _is_zero(a) else a
-    out, m, g = fake_value(node), fake_value(mask), fake_value(grad)
-    if out is None or m is None or g is None:
+    out = fake_value(node)
+    values = [fake_value(t) for t in operands]
+    if out is None or any(v is None for v in values):
         return False
     same_shape = all(
-        m.dim() == out.dim() == t.dim()
-        and all(statically_known_true(a == b) for a, b in zip(t.shape, out.shape))
-        for t in (m, g)
+        v.dim() == out.dim() and all(statically_known_true(a == b) for a, b in zip(v.shape, out.shape))
+        for v in values
     )
+    g = fake_value(gradient_operand(node))
+    bool_mask = node.target is not aten.where.self or values[0].dtype == torch.bool
     return (
         same_shape
-        and m.dtype == torch.bool
+        and bool_mask
         and g.dtype == out.dtype
         and memory_layout(g) == memory_layout(out)
     )
@@ -109,12 +145,8 @@ def fuse_gradient_masks(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.
             continue  # another reader needs the masked copy: nothing to save
         if any(where in nodes[_reader(ctx.regions[i], nodes)].args[1:] for i in indices):
             continue  # a reader that also reads it as something else than dy
-        roles: tuple[tuple[str, str], ...] = (("grad_mask", where.name),)
-        if not _is_zero(where.args[1]):  # where(m, g, 0): the kernels zero where ~m
-            with gm.graph.inserting_before(where):
-                keep = gm.graph.call_function(aten.logical_not.default, (where.args[0],))
-            keep.meta["val"] = run_on_fakes(keep)
-            roles += (("mask", keep.name),)
+        mask = _mask_of(where, gm.graph)
+        roles = (("grad_mask", where.name), ("mask", mask.name))
         for index in indices:
             region = ctx.regions[index]
             spec = dataclasses.replace(region.spec, input_mask=True)

@@ -174,7 +174,9 @@ class CompileSession:
         self.report.regions[:] = [
             r for r in self.report.regions if not (r.origin == "restored" and r.stage == stage)
         ]
-        ctx = PassContext(self.config, stage, self.facts, dump_dir=self.dump_dir)
+        ctx = PassContext(
+            self.config, stage, self.facts, dump_dir=self.dump_dir, host=self.report.host
+        )
         gm = run_passes(POST_GRAD_PASSES, gm, ctx)
         parameters = parameter_placeholders(gm) if stage == "inference" else frozenset()
         lowered = self.lowering.lower_regions(gm, ctx.regions, parameters)

@@ -44,6 +44,7 @@ class PassContext:
     facts: dict[str, Any] = field(default_factory=dict)
     regions: list[Region] = field(default_factory=list)
     dump_dir: Path | None = None  # the compile's debug dump directory, if any
+    host: str = "inductor"  # what compiles the rest of the graph: "inductor" fuses it, "aten"
 
     def new_region_name(self, kind: str) -> str:
         taken = self.facts.setdefault("region_names", {})

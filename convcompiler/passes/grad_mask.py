@@ -16,6 +16,14 @@ them reads back. The other reader of the copy, the bias gradient sum(dy), is a r
 Inductor fuses with the where, so under Inductor the copy is never written at all. A mask
 the pass builds is a few pointwise nodes, which Inductor fuses with what computes y or m.
 
+BYTES: fused only where that saves memory traffic. Per gradient element, with e = g's item
+size, N conv readers and s the mask's source (m: 1 byte; y: e bytes), the copy costs its
+producer (read g and the source, write e) and N reads of e; fused, the readers read e + 1
+each, and a mask that is not a saved tensor is written once (1 byte). Under Inductor a bias
+gradient's sum fuses with the where either way; on the ATen host it keeps the copy, so
+nothing is saved there. E.g. Tune mode (a bias) in float32 with both gradients: 4 - 2 - 1 =
+1 byte saved of 19; in float16: 2 - 2 - 1 < 0, not fused.
+
 Guards (any failing keeps the masked gradient as it is; the regions still run, reading it):
 - one of the forms above, with a literal zero (where) or number (t, lo, hi); m bool; m, y
   and g of its shape (no broadcast); g of its dtype and memory layout;
@@ -123,6 +131,26 @@ def _masked_gradient(node: object) -> bool:
     )
 
 
+def bytes_saved(node: torch.fx.Node, readers: int, summed: bool, host: str) -> int:
+    """Bytes per gradient element the fusion saves, to first order (each tensor read once
+    per reader; see BYTES in the module docstring). e: g's item size; s: the mask's source
+    (m: 1 byte, y: e bytes); `summed`: a bias gradient also reads the masked copy."""
+    e = fake_value(node).element_size()
+    where = node.target is aten.where.self
+    s = 1 if where else e
+    given = where and _is_zero(node.args[1])  # m is used as it is, nothing is built
+    if host == "aten":  # no fusion: a built mask is one more op; a sum keeps the copy
+        if summed:
+            return -readers - (0 if given else s + 1)
+        return 2 * e + s - readers - (0 if given else s + 1)
+    # Inductor fuses the mask and the sum with what computes their inputs, but the mask is
+    # now written (unless it is a saved tensor already) and the kernels read it
+    written = 0 if given and node.args[0].op == "placeholder" else 1
+    if summed:
+        return e - readers - written
+    return 2 * e + s - readers - (s + 1 if written else 0)
+
+
 def fuse_gradient_masks(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:
     if ctx.stage != "backward":
         return gm
@@ -145,6 +173,9 @@ def fuse_gradient_masks(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.
             continue  # another reader needs the masked copy: nothing to save
         if any(where in nodes[_reader(ctx.regions[i], nodes)].args[1:] for i in indices):
             continue  # a reader that also reads it as something else than dy
+        if bytes_saved(where, len(indices), bool(others), ctx.host) <= 0:
+            counters["fuse.grad_mask_not_worth"] += 1
+            continue  # the masked copy costs no more than the mask would
         mask = _mask_of(where, gm.graph)
         roles = (("grad_mask", where.name), ("mask", mask.name))
         for index in indices:

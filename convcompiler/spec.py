@@ -18,6 +18,9 @@ Size = Union[int, sympy.Expr]
 
 DTYPES = ("float32", "float16", "bfloat16")
 CONV_OPS = ("conv", "conv_transpose", "conv_wgrad")
+# how a forward conv's padding is filled: zeros, or the input's border mirrored (reflect,
+# without repeating the edge) or repeated (replicate), as F.pad's modes
+PADDING_MODES = ("zeros", "reflect", "replicate")
 
 
 def _fmt(v: object) -> str:
@@ -133,12 +136,17 @@ class ConvSpec(SizeHints):
     op: str = "conv"  # one of CONV_OPS: the forward conv, its transpose, its weight gradient
     output_padding: tuple[int, int] = (0, 0)  # conv_transpose only: extra output rows/columns
     input_mask: bool = False  # the gradient operand is where(mask, 0, g): see above
+    padding_mode: str = "zeros"  # one of PADDING_MODES (a forward conv only)
 
     def __post_init__(self) -> None:
         if self.op not in CONV_OPS:
             raise SpecError(f"op={self.op!r} is not one of {CONV_OPS}")
         if self.input_mask and self.op == "conv":
             raise SpecError("input_mask is for the backward kernels (conv_transpose, conv_wgrad)")
+        if self.padding_mode not in PADDING_MODES:
+            raise SpecError(f"padding_mode={self.padding_mode!r} is not one of {PADDING_MODES}")
+        if self.padding_mode != "zeros" and self.op != "conv":
+            raise SpecError("a padding mode other than zeros is for forward convs only")
         if self.op == "conv_wgrad" and (self.epilogue != Epilogue() or self.has_bias):
             raise SpecError("a weight gradient has no bias and no epilogue")
 
@@ -193,6 +201,7 @@ class ConvSpec(SizeHints):
             f"_to_{self.output_layout}"
             + (f"_{self.epilogue.name().replace('+', '_')}" if self.epilogue.name() else "")
             + ("_masked" if self.input_mask else "")
+            + (f"_{self.padding_mode}" if self.padding_mode != "zeros" else "")
         )
 
     def key(self) -> str:
@@ -219,6 +228,8 @@ class ConvSpec(SizeHints):
             extra.append(f"s{_fmt(self.stride[2 - self.ndim :])}")
         if self.padding != (0, 0):
             extra.append(f"p{_fmt(self.padding[2 - self.ndim :])}")
+        if self.padding_mode != "zeros":
+            extra.append(self.padding_mode)
         if self.dilation != (1, 1):
             extra.append(f"d{_fmt(self.dilation[2 - self.ndim :])}")
         if self.output_padding != (0, 0):
@@ -510,6 +521,7 @@ def spec_from_json(data: object) -> ConvSpec | AttentionSpec:
         op=_check(data["op"], CONV_OPS, "op"),
         output_padding=_pair(data["output_padding"], "output_padding", 0),
         input_mask=_bool(data["input_mask"], "input_mask"),
+        padding_mode=_check(data["padding_mode"], PADDING_MODES, "padding_mode"),
         **sizes,
         **common,
     )

@@ -107,6 +107,17 @@ FIXED = {
         **GEMM,
     ),
     "swin_window_attention_fp16_mask": swin_stage1_attention(torch.float16),
+    # CycleGAN's residual blocks: a 3x3 conv reading its reflect padding in place
+    "cyclegan_3x3_reflect_fp16_implicit": fixed(
+        dataclasses.replace(
+            gpu_spec((8, 256, 64, 64), (256, 256, 3, 3), 1, 1, 1, 1, torch.float16),
+            padding_mode="reflect",
+        ),
+        "im2win_implicit",
+        M_TILES="image",
+        REDUCTION="tap",
+        **GEMM,
+    ),
     # the backward kernels, reading dy as (g, mask): a ReLU's backward fused in
     "resnet_3x3_s2_fp16_dgrad_masked": fixed(
         dataclasses.replace(

@@ -48,11 +48,23 @@ def test_3d_and_circular_fall_back_with_reasons() -> None:
         assert region.schedule == "aten" and region.kernel_path is None
 
 
-@pytest.mark.parametrize("mode", ["reflect", "replicate"])
-def test_other_padding_modes_fall_back(mode: str) -> None:
-    model = nn.Conv2d(3, 4, 3, padding=1, padding_mode=mode).eval()
-    report = check_model(model, [torch.randn(1, 3, 8, 9)], expect_kernels=0, expect_fallbacks=1)
-    assert f"padding_mode={mode!r}" in report[0].fallback_reason
+def test_asymmetric_reflect_padding_falls_back() -> None:
+    """F.pad(mode="reflect") with different amounts on the two sides (a causal conv's) is not
+    one padding a kernel reads: the pad stays a separate op (tests/test_padding_modes.py has
+    the symmetric ones, which run kernels)."""
+
+    class Causal(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv1d(3, 4, 3)
+
+        def forward(self, x):
+            return self.conv(nn.functional.pad(x, (2, 0), mode="replicate"))
+
+    report = check_model(Causal().eval(), [torch.randn(1, 3, 9)], expect_kernels=0,
+                         expect_fallbacks=1)
+    assert "padding_mode='replicate'" in report[0].fallback_reason
+    assert "the same on both sides" in report[0].fallback_reason
 
 
 def test_float64_falls_back() -> None:

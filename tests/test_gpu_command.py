@@ -123,14 +123,18 @@ def test_correctness_cases_cover_every_family_dtype_and_layout() -> None:
     cases = gpu_cases.correctness_cases()
     random_cases = [c for c in cases if c.id.startswith("a")]
     assert len(random_cases) >= 150
-    combos = {tuple(c.id.replace("[masked]", "").split()[1:4]) for c in random_cases}
+    combos = {tuple(re.sub(r"\[\w+\]", "", c.id).split()[1:4]) for c in random_cases}
     for family in gpu_cases.FAMILIES:
         for dtype in gpu_cases.DTYPES:
             for layout in ("nchw", "nhwc"):
                 assert (family, dtype, layout) in combos
-    # the gradient kernels also with a ReLU's mask fused in, each op in some variants
+    # the gradient kernels also with a ReLU's mask fused in, each op in some variants, and
+    # the forward kernels that read a padding mode in both modes
     assert {c.op for c in random_cases if getattr(c, "masked", False)} == {
         "conv_transpose", "conv_wgrad"}
+    modes = {(c.family, c.padding_mode) for c in random_cases if hasattr(c, "padding_mode")}
+    for family in ("im2win_implicit:tap", "direct_depthwise"):
+        assert {(family, "reflect"), (family, "replicate")} <= modes, modes
     for dtype in gpu_cases.DTYPES:
         assert ("window_attention", dtype, "bnc") in combos
         assert ("window_attention", dtype, "bhnd") in combos
@@ -175,8 +179,9 @@ def test_family_cases_run_their_family() -> None:
         expected = gpu_cases.conv_case_spec(case)
         assert spec == expected
         if family != "conv_bn":
-            family, masked, _ = family.partition("[masked]")
-            assert spec.input_mask == bool(masked)
+            family, _, tag = family.partition("[")
+            assert spec.input_mask == (tag == "masked]")
+            assert spec.padding_mode == (tag[:-1] if tag in ("reflect]", "replicate]") else "zeros")
             name, _, reduction = family.partition(":")
             assert schedule.name == name and (not reduction or schedule["REDUCTION"] == reduction)
         else:
@@ -189,7 +194,9 @@ def _tiny(case):
 
     if isinstance(case, gpu_cases.AttentionCase):
         return dataclasses.replace(case, images=1)
-    return dataclasses.replace(case, batch=1, size=tuple(min(s, 12) for s in case.size))
+    need = [(k - 1) * d + 1 - 2 * p for k, d, p in zip(case.kernel, case.dilation, case.padding)]
+    size = tuple(max(min(s, 12), n, p + 1) for s, n, p in zip(case.size, need, case.padding))
+    return dataclasses.replace(case, batch=1, size=size)  # the window (and a reflection) fits
 
 
 def test_correctness_check_runs_each_family_through_the_interpreter() -> None:

@@ -59,7 +59,9 @@ class ConvCase:
     op "conv_transpose": `in_channels` -> `out_channels` transposed, weight [C, K/groups, ..];
     op "conv_wgrad": the weight gradient of the forward conv the other fields describe; its
     launcher takes (dy, x). `masked` (those two ops): the gradient operand comes as
-    where(mask, 0, g), a ReLU's backward fused in; the launcher takes the bool mask last."""
+    where(mask, 0, g), a ReLU's backward fused in; the launcher takes the bool mask last.
+    `padding_mode` (a forward conv): how its padding is filled, "zeros", "reflect" or
+    "replicate" (the kernel reads the border of x in place)."""
 
     id: str
     variant: str  # cases of one variant share a kernel source: kept in one worker
@@ -82,6 +84,7 @@ class ConvCase:
     op: str = "conv"
     output_padding: tuple[int, int] = (0, 0)
     masked: bool = False
+    padding_mode: str = "zeros"
 
     def tensors(self, device: str = "cpu", make=torch.empty) -> tuple:
         dtype = getattr(torch, self.dtype)
@@ -218,8 +221,13 @@ def _conv_variant(rng: random.Random, index: int, family: str, dtype: str, layou
     epilogue = _epilogue(rng) if family == "conv_bn" else Epilogue()
     bias = rng.random() < 0.5 and family != "wgrad_splitk"  # a weight gradient has none
     variant = f"a{index:03d}"
-    # every other variant of a gradient kernel reads its gradient with a ReLU's mask
+    # every other variant of a gradient kernel reads its gradient with a ReLU's mask; the
+    # kernels that read a padding mode get reflect and replicate in turn with zeros
     masked = OPS.get(family, "conv") != "conv" and index % 4 >= 2
+    mode = "zeros"
+    if family in ("im2win_implicit:tap", "direct_depthwise") and any(geo.get("padding", ())):
+        mode = ("zeros", "reflect", "replicate")[index % 3]
+    tag = "[masked]" if masked else f"[{mode}]" if mode != "zeros" else ""
     cases, first = [], None
     for j in range(SHAPES_PER_VARIANT):
         groups = geo["groups"]
@@ -230,7 +238,7 @@ def _conv_variant(rng: random.Random, index: int, family: str, dtype: str, layou
         pick = "model" if index % 2 == 0 else "random"
         cases.append(
             ConvCase(
-                id=f"{variant}.{j} {family}{'[masked]' if masked else ''} {dtype} {layout}",
+                id=f"{variant}.{j} {family}{tag} {dtype} {layout}",
                 variant=variant,
                 batch=batch,
                 out_channels=k,
@@ -244,6 +252,7 @@ def _conv_variant(rng: random.Random, index: int, family: str, dtype: str, layou
                 plan_sizes=first,
                 op=OPS.get(family, "conv"),
                 masked=masked,
+                padding_mode=mode,
                 **geo,
             )
         )
@@ -421,7 +430,9 @@ def conv_case_spec(case: ConvCase) -> ConvSpec:
         transposed=case.op == "conv_transpose", output_padding=case.output_padding,
     )  # fmt: skip
     op = "conv_wgrad" if case.op == "conv_wgrad" else spec.op
-    return dataclasses.replace(spec, device="cuda", op=op, input_mask=case.masked)
+    return dataclasses.replace(
+        spec, device="cuda", op=op, input_mask=case.masked, padding_mode=case.padding_mode
+    )
 
 
 def attention_case_spec(case: AttentionCase) -> AttentionSpec:

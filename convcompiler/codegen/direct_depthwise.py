@@ -62,6 +62,7 @@ def conv_depthwise_direct(
     # conv geometry (baked from the spec)
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    PAD_MODE: tl.constexpr,  # how the padding is filled: 0 zeros, 1 reflect, 2 replicate
     # meta-parameters
     WIDEN: tl.constexpr, INT64: tl.constexpr, IMAGE_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_M: tl.constexpr,
@@ -84,7 +85,7 @@ def conv_depthwise_direct(
         kx = tap // KH
         ky = tap - kx * KH
         x_row, row_ok = _window_tap(x_img, hi0, wi0, m_ok, ky, kx, H, W, sxh, sxw,
-                                    PH, PW, DH, DW)
+                                    PH, PW, DH, DW, PAD_MODE)
         a = tl.load(x_ptr + x_row[:, None] + x_col[None, :],
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_ptr + w_col + ky * swh + kx * sww, mask=k_ok, other=0.0)
@@ -106,7 +107,8 @@ ${prepare}
         N, H, W, HO, WO, K, KG,
         *x.stride(), weight.stride(0), weight.stride(2), weight.stride(3),
         *out.stride(), *residual_strides,
-        **GEOMETRY, WIDEN=widen, INT64=int64, IMAGE_TILES=image, **META, **LAUNCH)
+        **GEOMETRY, PAD_MODE=PAD_MODE, WIDEN=widen, INT64=int64, IMAGE_TILES=image,
+        **META, **LAUNCH)
 ${finish}"""
 
 

@@ -43,6 +43,8 @@ FILL_KEYS = ("FILL_W", "FILL_C")
     num_stages=(2, 3, 4),
 )
 def SPACE(spec: ConvSpec, s: Schedule, device: Device | None) -> None:
+    if spec.padding_mode != "zeros":
+        raise InvalidSchedule(f"the band fill pads with zeros, not {spec.padding_mode}")
     if s["FILL_W"] * s["FILL_C"] > 4096:
         raise InvalidSchedule("band fill tile larger than 4096 elements")
     T.check_gemm_tiles(spec, s, device)

@@ -38,6 +38,8 @@ TILING_KEYS = ("M_TILES",)
     num_stages=(2, 3, 4),
 )
 def SPACE(spec: ConvSpec, s: Schedule, device: Device | None) -> None:
+    if s["REDUCTION"] == "flat" and spec.padding_mode != "zeros":
+        raise InvalidSchedule("the flat reduction's window offsets are linear: no padding mode")
     if s["REDUCTION"] == "tap" and spec.in_channels_per_group < 16 and s["BLOCK_K"] > 16:
         raise InvalidSchedule("tap reduction with < 16 channels per group wastes BLOCK_K > 16")
     if device is not None and s["REDUCTION"] == "flat" and s["num_warps"] < 8:
@@ -88,6 +90,7 @@ def conv_im2win_implicit(
     # conv geometry (baked from the spec)
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    PAD_MODE: tl.constexpr,  # how the padding is filled: 0 zeros, 1 reflect, 2 replicate
     # meta-parameters
     REDUCTION: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr, INT64: tl.constexpr,
     IMAGE_TILES: tl.constexpr,
@@ -135,7 +138,7 @@ def conv_im2win_implicit(
             kx = tap // KH
             ky = tap - kx * KH
             a_row, row_ok = _window_tap(x_img, hi0, wi0, m_ok, ky, kx, H, W, sxh, sxw,
-                                        PH, PW, DH, DW)
+                                        PH, PW, DH, DW, PAD_MODE)
             c_ok = c < CG
             if CG % BLOCK_K != 0:
                 c = c % CG
@@ -157,7 +160,7 @@ ${prepare}
         x, w_packed, out, *epilogue_operands,
         N, H, W, HO, WO, CG, KG, R,
         *x.stride(), *out.stride(), *residual_strides,
-        **GEOMETRY, PRECISION=PRECISION, WIDEN=widen, INT64=int64,
+        **GEOMETRY, PAD_MODE=PAD_MODE, PRECISION=PRECISION, WIDEN=widen, INT64=int64,
         IMAGE_TILES=image, **META, **LAUNCH)
 ${finish}"""
 

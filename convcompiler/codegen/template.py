@@ -111,6 +111,9 @@ def header(spec: ConvSpec, schedule: Schedule, summary: str) -> str:
 
 
 # ---- hook: constants ---------------------------------------------------------------------
+PAD_MODES = ("zeros", "reflect", "replicate")  # _window_tap's PAD_MODE: the index here
+
+
 def constants(spec: ConvSpec, schedule: Schedule, **groups: tuple[str, ...]) -> str:
     """Python constants for the launcher: the geometry, and the schedule's parameters split
     into the dicts named in `groups` (e.g. LAUNCH=("num_warps", "num_stages")); the rest are
@@ -148,6 +151,9 @@ def constants(spec: ConvSpec, schedule: Schedule, **groups: tuple[str, ...]) -> 
         lines.insert(-2, f"OUTPUT_PADDING = {spec.output_padding!r}")
     if spec.op != "conv":  # the backward kernels: whether the gradient comes with its mask
         lines.insert(-2, f"INPUT_MASK = {spec.input_mask}")
+    if spec.op == "conv":  # _window_tap's PAD_MODE: how the padding is filled
+        mode = PAD_MODES.index(spec.padding_mode)
+        lines.insert(-2, f"PAD_MODE = {mode}  # {spec.padding_mode}")
     lines += [f"{name} = {values!r}" for name, values in grouped.items()]
     return "\n".join(lines)
 
@@ -242,13 +248,25 @@ def _tile_cols(pid_n, g, KG: tl.constexpr, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _window_tap(x_img, hi0, wi0, m_ok, ky, kx, H, W, sxh, sxw,
-                PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr):
+                PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+                PAD_MODE: tl.constexpr = 0):
     # Tap (ky, kx) of each pixel's window: its offset in x (x_img: the image's) and whether
     # it reads the image rather than the zero padding. A row or column in the padding is
     # clamped to the image's edge; an axis without padding needs no clamp (its windows fit).
+    # PAD_MODE 1 (reflect) and 2 (replicate) fill the padding from the image instead: the
+    # row or column is mirrored about the edge (without repeating it) or clamped to it, and
+    # every tap reads the image.
     hi = hi0 + ky * DH
     wi = wi0 + kx * DW
-    inside = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+    if PAD_MODE == 0:
+        inside = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+    else:
+        inside = m_ok
+        if PAD_MODE == 1:  # reflect: -1 -> 1, H -> H - 2 (F.pad needs padding < the size)
+            hi = tl.where(hi < 0, -hi, hi)
+            hi = tl.where(hi >= H, 2 * (H - 1) - hi, hi)
+            wi = tl.where(wi < 0, -wi, wi)
+            wi = tl.where(wi >= W, 2 * (W - 1) - wi, wi)
     if PH > 0:
         hi = tl.minimum(tl.maximum(hi, 0), H - 1)
     if PW > 0:

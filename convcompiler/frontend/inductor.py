@@ -49,6 +49,11 @@ ANCHORS = (
     aten._softmax.default,
     aten._safe_softmax.default,
     aten.linalg_vector_norm.default,
+    # a conv's padding_mode (F.pad reflect / replicate): the conv kernels read the border
+    aten.reflection_pad1d.default,
+    aten.reflection_pad2d.default,
+    aten.replication_pad1d.default,
+    aten.replication_pad2d.default,
 )
 
 

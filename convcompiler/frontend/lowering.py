@@ -427,6 +427,8 @@ def _operands(nodes: dict[str, torch.fx.Node], region: Region) -> tuple:
     x, weight, bias = nodes[roles["conv"]].args[:3]
     if masked is not None:
         x = gradient
+    if "pad" in roles:  # a padding mode: the kernel reads the unpadded input
+        x = nodes[roles["pad"]].args[0]
     bn = nodes[roles["bn"]].args[1:5] if "bn" in roles else (None,) * 4
     residual = None
     if "add" in roles:

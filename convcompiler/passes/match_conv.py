@@ -2,6 +2,9 @@
 
 Rules:
     convolution(x, w, b) => im2win_conv(x, w, b)
+    convolution(reflection_pad(x, p), w, b, padding=0) => im2win_conv[padding p, reflect](x, w, b)
+        (likewise replication_pad: nn.ConvNd's padding_mode, or F.pad feeding a conv; the
+        kernel maps the border in its loads, so the padded copy is never made)
     post_act(act(batch_norm(convolution(x, w, b), mean, var, g, beta)) + r)
         => im2win_conv[bn+act+add+post_act](x, w, b, g, beta, mean, var, r)
 
@@ -74,6 +77,30 @@ def conv_params(node: torch.fx.Node) -> tuple[tuple[int, ...], ...]:
     )
 
 
+PADS = {  # the padding modes a kernel reads in place (anchored in frontend/inductor.py)
+    aten.reflection_pad1d.default: "reflect",
+    aten.reflection_pad2d.default: "reflect",
+    aten.replication_pad1d.default: "replicate",
+    aten.replication_pad2d.default: "replicate",
+}
+
+
+def padded_input(node: torch.fx.Node) -> tuple[torch.fx.Node, str, tuple[int, ...]] | None:
+    """(x, mode, padding per spatial dim) when the conv reads F.pad(x, mode) with the same
+    amount on both sides of each dim and has no zero padding of its own; else None."""
+    pad = node.args[0]
+    if not isinstance(pad, torch.fx.Node) or pad.target not in PADS or node.args[6]:
+        return None
+    if any(conv_params(node)[1]):
+        return None  # zero padding around a mirrored border: not one index map
+    amounts = [int(a) for a in pad.args[1]]  # F.pad order: last dim first, (before, after)
+    pairs = [amounts[i : i + 2] for i in range(0, len(amounts), 2)]
+    spatial = len(fake_value(node.args[1]).shape) - 2
+    if len(pairs) != spatial or any(a != b or a < 0 for a, b in pairs):
+        return None
+    return pad.args[0], PADS[pad.target], tuple(a for a, _ in reversed(pairs))
+
+
 def conv_fallback_reason(node: torch.fx.Node, ctx: PassContext) -> str | None:
     """Why this convolution cannot run a generated kernel, or None if it can."""
     x, w, b, stride, padding, dilation, transposed, output_padding, groups = node.args
@@ -95,10 +122,11 @@ def conv_fallback_reason(node: torch.fx.Node, ctx: PassContext) -> str | None:
         )
     mode = ctx.facts.get("conv_padding_mode", {})
     for name in sorted(dynamo_sources(node)):
-        if name in mode:
+        if name in mode and padded_input(node) is None:
             return (
                 f"padding_mode={mode[name]!r}: the input is padded by a separate op; "
-                "only zero padding is folded into the kernel"
+                "only zeros, and reflect or replicate padding the same on both sides, are "
+                "read by the kernel"
             )
     dtype = str(xv.dtype).removeprefix("torch.")
     if dtype not in DTYPES:
@@ -122,6 +150,9 @@ def conv_spec(
     x, w, b = node.args[:3]
     transposed, groups = bool(node.args[6]), node.args[8]
     stride, padding, dilation, output_padding = conv_params(node)
+    padded, padding_mode = padded_input(node), "zeros"
+    if padded is not None:  # the kernel reads x itself, mapping the border
+        x, padding_mode, padding = padded
     xv, wv, out = fake_value(x), fake_value(w), fake_value(out_node or node)
     xs, ws, os_ = sizes(xv), sizes(wv), sizes(out)
     if len(ws) == 3:  # conv1d as a 2-D conv over a 1-row image
@@ -156,6 +187,7 @@ def conv_spec(
         epilogue=epilogue,
         op="conv_transpose" if transposed else "conv",
         output_padding=tuple(int(p) for p in output_padding),
+        padding_mode=padding_mode,
     )
 
 
@@ -201,6 +233,9 @@ def match_conv(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModu
         spec = conv_spec(node, chain.epilogue, chain.last) if reason is None else None
         summary = spec.describe() if spec is not None else conv_summary(node)
         rule = "conv_bn" if chain.epilogue.name() else "conv"
+        roles = chain.roles
+        if spec is not None and spec.padding_mode != "zeros":
+            roles = (*roles, ("pad", node.args[0].name))  # the kernel reads its input
         ctx.regions.append(
             Region(
                 name=ctx.new_region_name(kind),
@@ -211,7 +246,7 @@ def match_conv(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModu
                 summary=f"linear as {summary}" if linear else summary,
                 spec=spec,
                 fallback_reason=reason,
-                roles=chain.roles,
+                roles=roles,
                 mode=mode,
             )
         )

@@ -55,6 +55,10 @@ def run_aten(
         )[1]
     if mask is not None:
         x = x.masked_fill(mask, 0)
+    if spec.padding_mode != "zeros":  # F.pad's copy, then a conv without padding
+        pads = [p for p in reversed(padding) for _ in (0, 1)]
+        x = F.pad(x, pads, mode=spec.padding_mode)
+        padding = [0] * spec.ndim
     y = torch.ops.aten.convolution(
         x, weight, bias, stride, padding, dilation, spec.transposed, output_padding, spec.groups
     )

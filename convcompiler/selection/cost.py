@@ -186,6 +186,9 @@ def _time(spec, schedule, device, symbolic):
         if kind != "fp32" and spec.input_layout != "nhwc":
             # cuDNN's tensor-core kernels work in NHWC: an NCHW conv pays two transposes
             traffic, launches = traffic + 2 * x_bytes + 2 * y_bytes, launches + 2
+        if spec.padding_mode != "zeros":
+            # F.pad writes the padded copy (about x's size) and the conv reads it
+            traffic, launches = traffic + 2 * x_bytes, launches + 1
     else:
         image = s.get("M_TILES") == "image"
         rows = z.p if image else z.m

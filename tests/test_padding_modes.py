@@ -1,0 +1,114 @@
+"""Reflect and replicate padding read in the kernel's loads (passes/match_conv.py PADS,
+codegen/template.py _window_tap's PAD_MODE): the padded copy F.pad would write never exists.
+
+Each case compiles a conv with that padding (nn.ConvNd's padding_mode, or an explicit
+F.pad feeding a conv), compares with float64 eager, checks that a generated kernel ran with
+the mode in its spec, that the lowered graph has no pad op left, and that every lane's
+address stays inside x (the mirrored and clamped borders included).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from address_check import address_check
+from helpers import FAST, assert_close, float64_copy, lowered_ops, rel_error
+
+import convcompiler
+
+CASES = {
+    # name: (module for a padding mode, input shape)
+    "conv2d_3x3_p1": (lambda m: nn.Conv2d(5, 7, 3, padding=1, padding_mode=m), (2, 5, 9, 11)),
+    "conv2d_s2_d2_p3": (
+        lambda m: nn.Conv2d(4, 6, 3, stride=2, dilation=2, padding=3, padding_mode=m),
+        (1, 4, 10, 9),
+    ),
+    "conv2d_5x3_p21_groups2": (
+        lambda m: nn.Conv2d(4, 6, (5, 3), padding=(2, 1), groups=2, padding_mode=m),
+        (2, 4, 7, 8),
+    ),
+    "depthwise_3x3": (
+        lambda m: nn.Conv2d(6, 6, 3, padding=1, groups=6, padding_mode=m),
+        (1, 6, 6, 7),
+    ),
+    "conv1d_k5_p2": (lambda m: nn.Conv1d(3, 4, 5, padding=2, padding_mode=m), (2, 3, 13)),
+}
+PADS = {"reflect": "reflection_pad", "replicate": "replication_pad"}
+PAD_DECOMPOSED = {"_unsafe_index", "clamp", "clamp_min", "clamp_max", "abs", "iota"}
+
+
+@pytest.mark.parametrize("mode", sorted(PADS))
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_padding_mode_runs_in_the_kernel(tmp_path, name: str, mode: str) -> None:
+    torch.manual_seed(0)
+    make, shape = CASES[name]
+    model = make(mode).eval()
+    x = torch.randn(shape)
+    compiled = torch.compile(model, backend="im2win", options={**FAST, "debug_dir": tmp_path})
+    with torch.no_grad(), address_check() as check:
+        y = compiled(x)
+    assert check.accesses > 0
+    assert_close(y, float64_copy(model)(x.double()), torch.float32, f"{name} {mode}")
+    [region] = [r for r in convcompiler.last_report() if r.kind == "conv"]
+    assert region.fallback_reason is None and region.kernel_path, region
+    assert mode in region.spec, region.spec
+    assert convcompiler.counters["launch.conv"] == 1
+    # no padded copy: neither the pad nor its decomposition (iota, clamp, _unsafe_index)
+    ops = lowered_ops(tmp_path)
+    assert not any(op.startswith(PADS[mode]) or op in PAD_DECOMPOSED for op in ops), ops
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_explicit_pad_channels_last_and_half_precision(dtype) -> None:
+    """F.pad(mode=...) written out before a conv with padding 0 (as image-to-image models
+    do), a channels-last input, and 16-bit: one region each, against float64 eager."""
+
+    class Explicit(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 7)
+            self.b = nn.Conv2d(8, 4, 3, stride=2)
+
+        def forward(self, x):
+            y = torch.relu(self.a(F.pad(x, (3, 3, 3, 3), mode="reflect")))
+            return self.b(F.pad(y, (1, 1, 1, 1), mode="replicate"))
+
+    torch.manual_seed(1)
+    model = Explicit().to(dtype).eval()
+    x = torch.randn(1, 3, 12, 10).to(dtype).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = torch.compile(model, backend="im2win", options=FAST)(x)
+        ref = float64_copy(model)(x.double())
+        eager = model(x)
+    err, eager_err = rel_error(y, ref), rel_error(eager, ref)
+    assert err <= max(1e-2, 2 * eager_err), (err, eager_err)
+    regions = [r for r in convcompiler.last_report() if r.kind == "conv"]
+    assert [("reflect" in r.spec, "replicate" in r.spec) for r in regions] == [
+        (True, False),
+        (False, True),
+    ]
+    assert all(r.fallback_reason is None and r.kernel_path for r in regions), regions
+
+
+def test_padding_mode_gradients_match() -> None:
+    """Training: the forward reads the border in place; the backward (the padded input's
+    gradient through ATen's pad backward) matches float64 eager."""
+    torch.manual_seed(2)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"),
+        nn.ReLU(),
+        nn.Conv2d(4, 5, 3, padding=2, stride=2, padding_mode="replicate"),
+    )
+    reference = float64_copy(model)
+    x = torch.randn(2, 3, 9, 8, requires_grad=True)
+    torch.compile(model, backend="im2win", options=FAST)(x).square().sum().backward()
+    xr = x.detach().double().requires_grad_()
+    reference(xr).square().sum().backward()
+    assert_close(x.grad, xr.grad, torch.float32, "grad of x")
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert_close(p.grad, q.grad, torch.float32, f"grad of {name}")
+    forward = [r for r in convcompiler.last_report() if r.stage == "forward" and r.kind == "conv"]
+    assert {("reflect" in r.spec) + 2 * ("replicate" in r.spec) for r in forward} == {1, 2}
+    assert all(r.fallback_reason is None for r in forward)

@@ -21,8 +21,9 @@ size, N conv readers and s the mask's source (m: 1 byte; y: e bytes), the copy c
 producer (read g and the source, write e) and N reads of e; fused, the readers read e + 1
 each, and a mask that is not a saved tensor is written once (1 byte). Under Inductor a bias
 gradient's sum fuses with the where either way; on the ATen host it keeps the copy, so
-nothing is saved there. E.g. Tune mode (a bias) in float32 with both gradients: 4 - 2 - 1 =
-1 byte saved of 19; in float16: 2 - 2 - 1 < 0, not fused.
+nothing is saved there. E.g. Tune mode (a bias) in float32, both gradients, a computed mask:
+17 bytes per element (read g and m, write the copy, two reads of it) become 16 (4 - 2 - 1
+= 1 saved); in float16, 2 - 2 - 1 < 0: not fused.
 
 Guards (any failing keeps the masked gradient as it is; the regions still run, reading it):
 - one of the forms above, with a literal zero (where) or number (t, lo, hi); m bool; m, y

@@ -33,7 +33,6 @@ from ..config import Config
 from ..counters import counters
 from ..inspection.report import RegionRecord, Report
 from ..passes import Region
-from ..passes.grad_mask import gradient_operand
 from ..passes.meta import layout_mismatch
 from ..passes.meta import run_on_fakes as meta_value
 from ..runtime import keep_source, load_source, ops
@@ -50,6 +49,7 @@ from ..selection.remote import open_remote
 from ..selection.select import Choice, SelectionContext, select_conv_schedule
 from ..selection.tuning import benchmarker
 from ..spec import AttentionSpec, ConvSpec, spec_to_json
+from .operands import region_operands
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()
@@ -312,7 +312,7 @@ class Lowering:
         from ..runtime.direct import inline, trace_launch
 
         last = nodes[region.nodes[-1]]
-        operands = list(_operands(nodes, region))
+        operands = list(region_operands(nodes, region))
         values = [o.meta["val"] if isinstance(o, torch.fx.Node) else None for o in operands]
         try:
             from torch._guards import detect_fake_mode
@@ -350,7 +350,7 @@ class Lowering:
         """Put the region's op where its last node was; None, or why it could not."""
         graph = gm.graph
         last = nodes[region.nodes[-1]]
-        operands = list(_operands(nodes, region))
+        operands = list(region_operands(nodes, region))
         added: list[torch.fx.Node] = []
         with graph.inserting_before(last):
             if ref.packed:
@@ -401,39 +401,3 @@ def _epilogue_name(region: Region) -> str:
     if region.mode == "tune":
         return "+".join(["bn"] + ([name] if name else []))
     return name
-
-
-ATTENTION_OPERANDS = ("q", "k", "v", "bias", "mask", "general", "logit_scale")
-
-
-def _operands(nodes: dict[str, torch.fx.Node], region: Region) -> tuple:
-    """The kernel's arguments, read from the live graph (an earlier region may have replaced
-    an operand's producer). A conv chain: (x, weight, bias, bn_weight, bn_bias, bn_mean,
-    bn_var, residual); a weight gradient: (dy, x); window attention: (q, k, v, bias, mask,
-    general, logit_scale). A backward region whose gradient is masked (role "grad_mask",
-    spec.input_mask: where(m, 0, g), ...; passes/grad_mask.py) reads g in its place, and
-    last the bool mask (role "mask")."""
-    roles = dict(region.roles)
-    masked = nodes[roles["grad_mask"]] if "grad_mask" in roles else None
-    if masked is not None:
-        gradient, mask = gradient_operand(masked), nodes[roles["mask"]]
-    if region.kind == "conv_wgrad":  # (dy, x); a transposed conv's: the conv from dy to x
-        dy, x = nodes[roles["wgrad"]].args[:2]
-        if masked is not None:
-            return (gradient, x, mask)
-        return (x, dy) if nodes[roles["wgrad"]].args[7] else (dy, x)
-    if region.kind == "window_attention":
-        return tuple(nodes[roles[r]] if r in roles else None for r in ATTENTION_OPERANDS)
-    x, weight, bias = nodes[roles["conv"]].args[:3]
-    if masked is not None:
-        x = gradient
-    if "pad" in roles:  # a padding mode: the kernel reads the unpadded input
-        x = nodes[roles["pad"]].args[0]
-    bn = nodes[roles["bn"]].args[1:5] if "bn" in roles else (None,) * 4
-    residual = None
-    if "add" in roles:
-        names = [name for _, name in region.roles]
-        before = names[names.index(roles["add"]) - 1]
-        a, b = nodes[roles["add"]].args
-        residual = b if a.name == before else a
-    return (x, weight, bias, *bn, residual) + ((mask,) if masked is not None else ())

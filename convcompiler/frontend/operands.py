@@ -1,0 +1,48 @@
+"""Which nodes of the live graph a region's op reads, in its launcher's order.
+
+Read when the region is lowered, not when it was matched: an earlier region may have
+replaced an operand's producer by its own op since.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from ..passes import Region
+from ..passes.grad_mask import gradient_operand
+
+ATTENTION_OPERANDS = ("q", "k", "v", "bias", "mask", "general", "logit_scale")
+
+
+def region_operands(nodes: dict[str, torch.fx.Node], region: Region) -> tuple:
+    """The kernel's arguments, read from the live graph (an earlier region may have replaced
+    an operand's producer). A conv chain: (x, weight, bias, bn_weight, bn_bias, bn_mean,
+    bn_var, residual); a weight gradient: (dy, x); window attention: (q, k, v, bias, mask,
+    general, logit_scale). A backward region whose gradient is masked (role "grad_mask",
+    spec.input_mask: where(m, 0, g), ...; passes/grad_mask.py) reads g in its place, and
+    last the bool mask (role "mask")."""
+    roles = dict(region.roles)
+    masked = nodes[roles["grad_mask"]] if "grad_mask" in roles else None
+    if masked is not None:
+        gradient, mask = gradient_operand(masked), nodes[roles["mask"]]
+    if region.kind == "conv_wgrad":  # (dy, x); a transposed conv's: the conv from dy to x
+        dy, x = nodes[roles["wgrad"]].args[:2]
+        if masked is not None:
+            return (gradient, x, mask)
+        return (x, dy) if nodes[roles["wgrad"]].args[7] else (dy, x)
+    if region.kind == "window_attention":
+        return tuple(nodes[roles[r]] if r in roles else None for r in ATTENTION_OPERANDS)
+    x, weight, bias = nodes[roles["conv"]].args[:3]
+    if masked is not None:
+        x = gradient
+    if "pad" in roles:  # a padding mode: the kernel reads the unpadded input
+        x = nodes[roles["pad"]].args[0]
+    bn = nodes[roles["bn"]].args[1:5] if "bn" in roles else (None,) * 4
+    residual = None
+    if "add" in roles:
+        names = [name for _, name in region.roles]
+        before = names[names.index(roles["add"]) - 1]
+        a, b = nodes[roles["add"]].args
+        residual = b if a.name == before else a
+    return (x, weight, bias, *bn, residual) + ((mask,) if masked is not None else ())

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from ..schedule import InvalidSchedule, Schedule
 from ..selection.devices import Device
-from ..spec import ConvSpec
+from ..spec import PADDING_MODES, ConvSpec
 from .epilogue import epilogue
 
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -111,9 +111,6 @@ def header(spec: ConvSpec, schedule: Schedule, summary: str) -> str:
 
 
 # ---- hook: constants ---------------------------------------------------------------------
-PAD_MODES = ("zeros", "reflect", "replicate")  # _window_tap's PAD_MODE: the index here
-
-
 def constants(spec: ConvSpec, schedule: Schedule, **groups: tuple[str, ...]) -> str:
     """Python constants for the launcher: the geometry, and the schedule's parameters split
     into the dicts named in `groups` (e.g. LAUNCH=("num_warps", "num_stages")); the rest are
@@ -151,8 +148,8 @@ def constants(spec: ConvSpec, schedule: Schedule, **groups: tuple[str, ...]) -> 
         lines.insert(-2, f"OUTPUT_PADDING = {spec.output_padding!r}")
     if spec.op != "conv":  # the backward kernels: whether the gradient comes with its mask
         lines.insert(-2, f"INPUT_MASK = {spec.input_mask}")
-    if spec.op == "conv":  # _window_tap's PAD_MODE: how the padding is filled
-        mode = PAD_MODES.index(spec.padding_mode)
+    if spec.op == "conv":  # _window_tap's PAD_MODE: the padding mode's index in PADDING_MODES
+        mode = PADDING_MODES.index(spec.padding_mode)
         lines.insert(-2, f"PAD_MODE = {mode}  # {spec.padding_mode}")
     lines += [f"{name} = {values!r}" for name, values in grouped.items()]
     return "\n".join(lines)
@@ -351,6 +348,7 @@ PER_CHANNEL_VECTORS = """    # The epilogue reads each per-channel vector (conv 
 """
 # The gradient operand of a backward kernel may come as where(mask, 0, g) (a ReLU's backward):
 # the kernel reads g and the bool mask (any strides) and never sees the materialised product.
+# The launcher names its gradient operand `masked` before this check.
 CHECK_MASK = """    if (mask is not None) != INPUT_MASK:
         raise ValueError(f"kernel built {'with' if INPUT_MASK else 'without'} a gradient mask")
     mask_strides = (0, 0, 0, 0)

@@ -156,30 +156,26 @@ def fuse_gradient_masks(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.
     if ctx.stage != "backward":
         return gm
     nodes = {node.name: node for node in gm.graph.nodes}
-    readers: dict[str, int] = {}  # reader node name -> index of its region in ctx.regions
+    # dy -> [(index of the region in ctx.regions, its node that reads dy)]
+    by_where: dict[torch.fx.Node, list[tuple[int, torch.fx.Node]]] = {}
     for index, region in enumerate(ctx.regions):
         name = _reader(region, nodes)
-        if name is not None:
-            readers[name] = index
-    by_where: dict[torch.fx.Node, list[int]] = {}
-    for name, index in readers.items():
-        dy = nodes[name].args[0]
-        if isinstance(dy, torch.fx.Node):
-            by_where.setdefault(dy, []).append(index)
-    for where, indices in by_where.items():
+        if name is not None and isinstance(nodes[name].args[0], torch.fx.Node):
+            by_where.setdefault(nodes[name].args[0], []).append((index, nodes[name]))
+    for where, readers in by_where.items():
         if not _masked_gradient(where):
             continue
-        others = [u for u in where.users if u.name not in readers]
+        others = [u for u in where.users if all(u is not node for _, node in readers)]
         if any(u.target is not aten.sum.dim_IntList for u in others):
             continue  # another reader needs the masked copy: nothing to save
-        if any(where in nodes[_reader(ctx.regions[i], nodes)].args[1:] for i in indices):
+        if any(where in node.args[1:] for _, node in readers):
             continue  # a reader that also reads it as something else than dy
-        if bytes_saved(where, len(indices), bool(others), ctx.host) <= 0:
+        if bytes_saved(where, len(readers), bool(others), ctx.host) <= 0:
             counters["fuse.grad_mask_not_worth"] += 1
             continue  # the masked copy costs no more than the mask would
         mask = _mask_of(where, gm.graph)
         roles = (("grad_mask", where.name), ("mask", mask.name))
-        for index in indices:
+        for index, _ in readers:
             region = ctx.regions[index]
             spec = dataclasses.replace(region.spec, input_mask=True)
             summary = region.summary

@@ -121,8 +121,9 @@ def conv_fallback_reason(node: torch.fx.Node, ctx: PassContext) -> str | None:
             "result"
         )
     mode = ctx.facts.get("conv_padding_mode", {})
+    padded = padded_input(node) is not None  # a mode the kernel reads itself
     for name in sorted(dynamo_sources(node)):
-        if name in mode and padded_input(node) is None:
+        if name in mode and not padded:
             return (
                 f"padding_mode={mode[name]!r}: the input is padded by a separate op; "
                 "only zeros, and reflect or replicate padding the same on both sides, are "

@@ -3,10 +3,11 @@
     im2win::conv(x, weight, bias?, bn_weight?, bn_bias?, bn_mean?, bn_var?, residual?, mask?,
                  kernel)
     im2win::conv_wgrad(dy, x, mask?, kernel)  a conv's weight gradient
-
-`mask` (backward kernels only, spec.input_mask): the gradient operand (x of a transposed
-conv, dy of a weight gradient) stands for where(mask, 0, gradient), a ReLU's backward.
     im2win::window_attention(q, k, v, bias?, mask?, general?, logit_scale?, kernel)
+
+A conv's `mask` (backward kernels only, spec.input_mask): the gradient operand (x of a
+transposed conv, dy of a weight gradient) stands for where(mask, 0, gradient), a ReLU's
+backward.
 
 `kernel` is a KernelRef (kernel_ref.py): the spec and schedule the kernel was generated
 from and the hash of its source. Inductor keeps the ops opaque, fuses what is around them and

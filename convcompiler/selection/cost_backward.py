@@ -74,7 +74,7 @@ def transposed_time(spec: ConvSpec, schedule: Schedule, device: Device, symbolic
     w_bytes = z.c * z.kg * z.kh * z.kw * z.e
     if schedule.name == "aten":
         eff = ATEN_EFFICIENCY[conv_class(spec)]
-        padded, traffic, ctas = flops, x_bytes + w_bytes + y_bytes, 1
+        padded, traffic, ctas, x_uses = flops, x_bytes + w_bytes + y_bytes, 1, 1
     else:
         s = schedule.as_dict()
         rows = z.n * _cdiv(z.ho, sh) * _cdiv(z.wo, sw)
@@ -85,17 +85,13 @@ def transposed_time(spec: ConvSpec, schedule: Schedule, device: Device, symbolic
         padded = 2 * ctas * s["BLOCK_M"] * s["BLOCK_N"] * reduce
         padded = last_wave(padded, ctas, s["num_warps"], device)
         eff = PHASE_EFFICIENCY
+        x_uses = tiles_n * phases
         traffic = (
-            _reread(x_bytes, tiles_n * phases, device)
-            + _reread(w_bytes, tiles_m, device)
-            + y_bytes
+            _reread(x_bytes, x_uses, device) + _reread(w_bytes, tiles_m, device) + y_bytes
         )
     e = spec.epilogue
-    launches = 1
-    extra, launches_extra = _masked(
-        x_bytes, z, spec, schedule, 1 if schedule.name == "aten" else tiles_n * phases, device
-    )
-    traffic, launches = traffic + extra, launches + launches_extra
+    extra, launches = _masked(x_bytes, z, spec, schedule, x_uses, device)
+    traffic, launches = traffic + extra, launches + 1
     if schedule.name == "aten":
         ops = [bool(e.bn), e.act is not None, e.residual, e.post_act is not None]
         traffic += (2 * ops[0] + 2 * ops[1] + 3 * ops[2] + 2 * ops[3]) * y_bytes
@@ -116,10 +112,11 @@ def wgrad_time(spec: ConvSpec, schedule: Schedule, device: Device, symbolic: boo
     launches, workspace = 1, 0
     if schedule.name == "aten":
         eff = ATEN_EFFICIENCY[conv_class(spec)]
-        padded, traffic, ctas = flops, x_bytes + dy_bytes + dw_bytes, 1
+        padded, traffic, ctas, dy_uses = flops, x_bytes + dy_bytes + dw_bytes, 1, 1
     else:
         s = schedule.as_dict()
         tiles_m, tiles_n = _cdiv(z.kg, s["BLOCK_M"]), _cdiv(z.cg, s["BLOCK_N"])
+        dy_uses = tiles_n * taps
         split = s["SPLIT"]
         steps = _cdiv(_cdiv(z.m, s["BLOCK_K"]), split) * split * s["BLOCK_K"]
         ctas = tiles_m * tiles_n * z.g * taps * split
@@ -127,16 +124,14 @@ def wgrad_time(spec: ConvSpec, schedule: Schedule, device: Device, symbolic: boo
         padded = last_wave(padded, ctas, s["num_warps"], device)
         eff = PHASE_EFFICIENCY
         traffic = (
-            _reread(dy_bytes, tiles_n * taps, device)
+            _reread(dy_bytes, dy_uses, device)
             + _reread(x_bytes, tiles_m * taps, device)
             + dw_bytes
         )
         if split > 1:
             workspace = split * z.k * z.cg * taps * 4
             traffic, launches = traffic + 2 * workspace, 2
-    extra, launches_extra = _masked(
-        dy_bytes, z, spec, schedule, 1 if schedule.name == "aten" else tiles_n * taps, device
-    )
+    extra, launches_extra = _masked(dy_bytes, z, spec, schedule, dy_uses, device)
     traffic, launches = traffic + extra, launches + launches_extra
     times = _roofline(padded, eff, math_kind(spec, schedule), traffic, launches, device)
     return (*times, flops, padded, traffic, workspace, ctas)

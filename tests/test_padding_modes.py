@@ -112,3 +112,29 @@ def test_padding_mode_gradients_match() -> None:
     forward = [r for r in convcompiler.last_report() if r.stage == "forward" and r.kind == "conv"]
     assert {("reflect" in r.spec) + 2 * ("replicate" in r.spec) for r in forward} == {1, 2}
     assert all(r.fallback_reason is None for r in forward)
+
+
+@pytest.mark.parametrize("mode", sorted(PADS))
+def test_nan_and_inf_at_the_border_and_an_empty_batch(mode: str) -> None:
+    """A NaN and an Inf on the image's edge reach the outputs whose mirrored or repeated
+    border reads them, as in eager; an empty batch returns eager's empty result (ATen, with
+    the zero-size reason)."""
+    torch.manual_seed(3)
+    model = nn.Conv2d(3, 4, 3, padding=2, padding_mode=mode).eval()
+    x = torch.randn(1, 3, 6, 7)
+    x[0, 0, 0, 1] = float("nan")  # top edge: reflect mirrors row 1, replicate repeats row 0
+    x[0, 1, 5, 6] = float("inf")  # bottom-right corner
+    compiled = torch.compile(model, backend="im2win", options=FAST)
+    with torch.no_grad():
+        y, ref = compiled(x), float64_copy(model)(x.double())
+    assert torch.equal(torch.isnan(y), torch.isnan(ref))
+    assert torch.equal(torch.isinf(y), torch.isinf(ref))
+    ok = torch.isfinite(ref)
+    assert_close(y[ok], ref[ok], torch.float32, f"{mode} finite outputs")
+    [region] = [r for r in convcompiler.last_report() if r.kind == "conv"]
+    assert region.fallback_reason is None and mode in region.spec
+    with torch.no_grad():
+        empty = torch.compile(model, backend="im2win", options=FAST)(torch.randn(0, 3, 6, 7))
+    assert empty.shape == model(torch.randn(0, 3, 6, 7)).shape
+    [region] = [r for r in convcompiler.last_report() if r.kind == "conv"]
+    assert "zero-size" in region.fallback_reason

@@ -94,6 +94,10 @@ class Config:
     remote_cache: a Redis URL (redis://host:port/db) whose decisions a fleet shares, as a
         second level under the local tuning cache (selection/remote.py); decisions only,
         never code. Default: $CONVCOMPILER_REMOTE_CACHE. Off when `cache` is off.
+    blocks: block fusion (passes/match_block.py): a transformer MLP (linear -> activation ->
+        linear [-> layer scale] [-> + residual]) runs as one kernel whose hidden never goes
+        to memory, where the cost model prefers it to running the layers one by one. False
+        keeps every layer its own region, so a GPU run can measure the gain.
     """
 
     cpu: str = dataclasses.field(default_factory=lambda: default_cpu_mode())
@@ -112,6 +116,7 @@ class Config:
     debug_dir: str | None = None
     rank_timeout: float = 600.0
     remote_cache: str | None = None
+    blocks: bool = True
 
     # Fields that change the generated source text or the schedule picked for a region;
     # they are part of every tuning-cache key.
@@ -139,7 +144,7 @@ class Config:
             from .selection.devices import lookup
 
             lookup(self.target)  # raises ValueError naming the known targets
-        for name in ("autotune", "cache", "verify"):
+        for name in ("autotune", "cache", "verify", "blocks"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"option {name!r} must be True or False")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 1:

@@ -421,7 +421,7 @@ def _activation_from_json(value: object) -> Activation | None:
     return Activation(name, tuple(_float(a, "activation argument") for a in value[1]))
 
 
-def spec_to_json(spec: ConvSpec | AttentionSpec) -> dict:
+def spec_to_json(spec) -> dict:
     """A JSON-ready dict of every field (sizes as ints or expression strings)."""
     out: dict = {"type": type(spec).__name__}
     for f in fields(spec):
@@ -437,6 +437,8 @@ def spec_to_json(spec: ConvSpec | AttentionSpec) -> dict:
                 "residual": e.residual,
                 "post_act": post,
             }
+        elif isinstance(v, Activation):  # a block's activation
+            v = [v.name, list(v.args)]
         elif f.name == "hints":
             v = [[name, value] for name, value in v]
         elif isinstance(v, tuple):
@@ -447,12 +449,15 @@ def spec_to_json(spec: ConvSpec | AttentionSpec) -> dict:
     return out
 
 
-def spec_from_json(data: object) -> ConvSpec | AttentionSpec:
-    """The spec `spec_to_json` wrote; raises SpecError for anything else."""
+def spec_from_json(data: object):
+    """The spec (ConvSpec, AttentionSpec or spec_block.MlpSpec) `spec_to_json` wrote; raises
+    SpecError for anything else."""
     if not isinstance(data, dict):
         raise SpecError("a spec is a JSON object")
+    from .spec_block import MlpSpec, mlp_from_json
+
     kind = data.get("type")
-    cls = {"ConvSpec": ConvSpec, "AttentionSpec": AttentionSpec}.get(kind)
+    cls = {"ConvSpec": ConvSpec, "AttentionSpec": AttentionSpec, "MlpSpec": MlpSpec}.get(kind)
     if cls is None:
         raise SpecError(f"unknown spec type {kind!r}")
     names = {f.name for f in fields(cls)}
@@ -465,12 +470,14 @@ def spec_from_json(data: object) -> ConvSpec | AttentionSpec:
     ):
         raise SpecError(f"hints {hints!r} are not [[name, value], ...]")
     common = dict(
-        batch=_size_from_json(data["batch"]),
         dtype=_check(data["dtype"], DTYPES, "dtype"),
         device=_check(data["device"], DEVICES, "device"),
         precision=_check(data["precision"], PRECISIONS, "precision"),
         hints=tuple((name, _int(value, "hint")) for name, value in hints),
     )
+    if cls is MlpSpec:
+        return mlp_from_json(data, common)
+    common["batch"] = _size_from_json(data["batch"])
     if cls is AttentionSpec:
         return AttentionSpec(
             heads=_int(data["heads"], "heads", 1),

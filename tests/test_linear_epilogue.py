@@ -1,5 +1,8 @@
 """A linear followed by an activation or a residual add runs as a 1x1-conv GEMM region with the
-epilogue fused (passes/linear_as_conv.py); a linear with nothing to fuse stays the host's mm."""
+epilogue fused (passes/linear_as_conv.py); a linear with nothing to fuse stays the host's mm.
+
+These tests are about the per-layer regions, so block fusion, which would take each whole MLP
+as one region (test_block_mlp.py), is off in every compile here (PER_LAYER)."""
 
 from __future__ import annotations
 
@@ -28,11 +31,14 @@ class MLPBlock(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(self.norm(x)), approximate=self.approximate))
 
 
+PER_LAYER = {"blocks": False}
+
+
 def compiled_run(model, x, options=None):
     """Compiled output under no_grad, the float64 eager reference, and the report."""
     with torch.no_grad():
         ref = float64_copy(model)(x.double())
-        out = torch.compile(model, backend="im2win", options=options)(x)
+        out = torch.compile(model, backend="im2win", options={**PER_LAYER, **(options or {})})(x)
     return out, ref, convcompiler.last_report()
 
 
@@ -75,7 +81,7 @@ def test_tokens_2d_and_3d(tmp_path) -> None:
     x2, x3 = torch.randn(14, 11), torch.randn(2, 7, 11)
     with torch.no_grad():
         ref = float64_copy(model)(x2.double(), x3.double())
-        compiled = torch.compile(model, backend="im2win", options={"debug_dir": str(tmp_path)})
+        compiled = torch.compile(model, backend="im2win", options={**PER_LAYER, "debug_dir": str(tmp_path)})
         out = compiled(x2, x3)
     assert_close(out, ref, torch.float32)
     report = convcompiler.last_report()
@@ -165,7 +171,7 @@ def test_training_gradients_match_eager() -> None:
     reference = float64_copy(model)
     x = torch.randn(1, 3, 5, 10, requires_grad=True)
     x64 = x.detach().double().requires_grad_()
-    out = torch.compile(model, backend="im2win")(x)
+    out = torch.compile(model, backend="im2win", options=PER_LAYER)(x)
     ref = reference(x64)
     grad = torch.randn_like(ref)
     out.backward(grad.float())
@@ -182,7 +188,7 @@ def test_training_gradients_match_eager() -> None:
 def test_dynamic_token_counts() -> None:
     torch.manual_seed(0)
     model = MLPBlock(10, 17).eval()
-    compiled = torch.compile(model, backend="im2win", dynamic=True)
+    compiled = torch.compile(model, backend="im2win", options=PER_LAYER, dynamic=True)
     reference = float64_copy(model)
     with torch.no_grad():
         for shape in [(1, 3, 5, 10), (2, 4, 3, 10)]:
@@ -238,7 +244,7 @@ class ResidualMLP(nn.Module):
 def _run_pair(model, x, r):
     with torch.no_grad():
         ref = float64_copy(model)(x.double(), r.double())
-        out = torch.compile(model, backend="im2win")(x, r)
+        out = torch.compile(model, backend="im2win", options=PER_LAYER)(x, r)
     return out, ref, convcompiler.last_report()
 
 

@@ -26,12 +26,12 @@ def test_im2win_on_inductor_moves_least() -> None:
     assert list(rows) == ["eager", "inductor", "im2win-aten", "im2win"]
     eager, inductor, aten_host, ours = rows.values()
     report = convcompiler.last_report()
-    kernels = [(r.kind, r.epilogue) for r in report if r.kernel_path]
-    linears = [("linear", "gelu"), ("linear", "add")] * 2  # each block's MLP
-    assert kernels == [("conv", "")] + linears + [("window_attention", "")] * 2
+    kernels = [r.kind for r in report if r.kernel_path]
+    # each block's MLP is one kernel (fc1 -> GELU -> fc2 -> + x)
+    assert kernels == ["mlp_block"] * 2 + ["conv"] + ["window_attention"] * 2
     # the regions replace the same compute in both im2win variants: a conv, 2 attentions (of
-    # 2 bmm each), 4 linears (as regions) and the other linears (as matmuls)
-    assert ours.compute == aten_host.compute == 3 + (eager.compute - 1 - 4)
+    # 2 bmm each), 2 MLPs (of 2 linears each) and the other linears (as matmuls)
+    assert ours.compute == aten_host.compute == 1 + 2 + 2 + (eager.compute - 1 - 4 - 4)
     assert ours.region_bytes == aten_host.region_bytes > 0
     # Inductor fuses what the ATen host ran op by op ...
     assert ours.launches < aten_host.launches < eager.launches
@@ -47,16 +47,22 @@ def test_fused_linear_epilogues_move_fewer_bytes(monkeypatch) -> None:
     from convcompiler.passes import linear_as_conv
 
     model, x = tiny_swin(), torch.randn(2, 3, 32, 32)
-    ours = plan_model(model, x, "h100", "gpu")[-1]
+    ours = plan_model(model, x, "h100", "gpu", blocks=False)[-1]
     without = tuple(p for p in session.POST_GRAD_PASSES if p is not linear_as_conv)
     monkeypatch.setattr(session, "POST_GRAD_PASSES", without)
-    before = plan_model(model, x, "h100", "gpu")[-1]
+    before = plan_model(model, x, "h100", "gpu", blocks=False)[-1]
     assert not [r for r in convcompiler.last_report() if r.kind == "linear"]
     assert ours.region_bytes == before.region_bytes
     assert ours.launches < before.launches
     assert ours.memory_bytes < 0.7 * before.memory_bytes
     assert before.matmul_bytes < ours.matmul_bytes < 1.2 * before.matmul_bytes
     assert ours.total_bytes < before.total_bytes
+    # one kernel per MLP (block fusion): the 4C hidden's round trip is gone, nothing else moves
+    fused = plan_model(model, x, "h100", "gpu")[-1]
+    hidden = 2 * 2 * (2 * 64) * 128 * 4  # 2 MLPs x (write + read) x 128 tokens x 128 x fp32
+    biases = 2 * (128 + 32) * 4  # the fused kernel's model counts them, gemm_1x1's does not
+    assert fused.launches == ours.launches and fused.memory_bytes == ours.memory_bytes
+    assert abs(ours.matmul_bytes - hidden - fused.matmul_bytes) <= biases
 
 
 def test_traffic_command_in_its_small_form(tmp_path, capsys) -> None:

@@ -20,7 +20,9 @@ A region's op moves what the cost model says its kernel moves (`Prediction.bytes
 The linear layers' matmuls are a column of their own: an extern mm/addmm in the other
 variants; in im2win, a linear followed by an activation or a residual add is a "linear"
 region (passes/linear_as_conv.py) whose kernel also applies that epilogue, so its bytes stay
-in that column and the activation's and the add's traffic leaves the memory-bound one.
+in that column and the activation's and the add's traffic leaves the memory-bound one. A whole
+MLP that runs as one kernel (an "mlp_block" region, passes/match_block.py) counts there too,
+with the bytes its kernel moves (the hidden's round trip gone).
 Both totals are printed: "MiB" (memory-bound + conv/attention regions, the issue's metric)
 and "total MiB" (everything, the matmuls included).
 `--fusion gpu` (the default) plans Inductor's kernels for a CUDA device without one: the
@@ -46,7 +48,7 @@ from ..selection.devices import lookup
 from . import common
 
 # the optional flags this suite reads; the others are refused (bench/__main__.py)
-FLAGS = frozenset({"batch", "dtype", "fusion", "input", "json", "model", "target"})
+FLAGS = frozenset({"batch", "dtype", "fusion", "input", "json", "model", "options", "target"})
 
 COMPUTE = {
     "convolution",
@@ -60,8 +62,10 @@ COMPUTE = {
     "_scaled_dot_product_cudnn_attention",
     "conv",
     "window_attention",
+    "mlp_block",
     "mkldnn_rnn_layer",
 }
+REGION_OPS = ("conv", "window_attention", "mlp_block")  # the im2win.* ops
 # also free here: the rest of the view family and graph bookkeeping
 VIEWS = common.VIEWS | {
     "squeeze",
@@ -124,7 +128,7 @@ def _region_bytes(kernel: str, target: str) -> tuple[str, float]:
     """(the column a region's op counts in, the bytes its kernel moves)."""
     ref = decode(kernel)
     moved = float(predict(ref.spec, ref.schedule, lookup(target), symbolic=False).bytes)
-    return ("matmul" if ref.kind == "linear" else "region"), moved
+    return ("matmul" if ref.kind in ("linear", "mlp_block") else "region"), moved
 
 
 def count_graph(gm: torch.fx.GraphModule, variant: str, target: str) -> Traffic:
@@ -138,7 +142,7 @@ def count_graph(gm: torch.fx.GraphModule, variant: str, target: str) -> Traffic:
         if name in VIEWS:
             continue
         kernel = next((a for a in node.args if isinstance(a, str)), None)
-        if name in ("conv", "window_attention") and kernel is not None:
+        if name in REGION_OPS and kernel is not None:
             compute += 1
             column, size = _region_bytes(kernel, target)
             moved[column] += size
@@ -175,7 +179,7 @@ def count_scheduler(nodes: list, variant: str, target: str) -> Traffic:
                 getattr(ir, "op_overload", None) or getattr(ir, "python_kernel_name", "")
             )
             kernel = next((a for a in getattr(ir, "constant_args", ()) if isinstance(a, str)), None)
-            if name in ("conv", "window_attention") and kernel is not None:
+            if name in REGION_OPS and kernel is not None:
                 compute += 1
                 column, size = _region_bytes(kernel, target)
                 moved[column] += size
@@ -306,10 +310,15 @@ def _eager_graph(gm, inputs) -> torch.fx.GraphModule:
 
 
 def plan_model(
-    model: torch.nn.Module, x: torch.Tensor, target: str, fusion: str = "gpu"
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    target: str,
+    fusion: str = "gpu",
+    blocks: bool = True,
 ) -> list[Traffic]:
     """The four variants of one model at the input `x` (inference: no grad); Inductor's
-    kernels as it fuses for a GPU (`fusion="gpu"`) or for this CPU."""
+    kernels as it fuses for a GPU (`fusion="gpu"`) or for this CPU; `blocks` is the backend's
+    option of that name (block fusion)."""
     import copy
 
     from torch._functorch.aot_autograd import aot_export_module
@@ -328,7 +337,7 @@ def plan_model(
         with inductor_context():
             rows.append(_plan_with_inductor(copy.deepcopy(gm), planned, extra, "inductor", target))
 
-        options = {"cpu": "interpret", "verify": False, "target": target}
+        options = {"cpu": "interpret", "verify": False, "target": target, "blocks": blocks}
         session = CompileSession(Config(host="aten", **options), gm, inputs)
         graph = session.pre_grad(copy.deepcopy(gm))
         aten_graph, _ = aot_export_module(graph, inputs, trace_joint=False)
@@ -351,11 +360,15 @@ def main(args) -> int:
     batch = args.batch or (int(args.input.split(",")[0]) if args.input_given else 32)
     dtype = args.dtype_given and args.dtype or "float16"
     target = args.target or "h100"
+    options = json.loads(args.options)
+    if not isinstance(options, dict) or set(options) - {"blocks"}:
+        raise SystemExit("traffic: --options takes only {\"blocks\": true|false}")
+    blocks = options.get("blocks", True)
     results = {}
     print(
         f"memory-bound launches per forward and modelled HBM bytes (MiB); batch {batch}, "
         f"{dtype}, regions' bytes planned for {target}; Inductor's {args.fusion.upper()} "
-        "fusion; traced shapes, nothing timed"
+        f"fusion; block fusion {'on' if blocks else 'off'}; traced shapes, nothing timed"
     )
     print(
         "MiB = memory-bound launches + regions (conv and attention, or the conv, bmm and SDPA "
@@ -371,7 +384,7 @@ def main(args) -> int:
         model = load_model(MODELS.get(name, name)).to(getattr(torch, dtype))
         size = 224 if not args.input_given else int(args.input.split(",")[-1])
         x = make_input(f"{batch},3,{size},{size}", dtype)
-        rows = plan_model(model, x, target, args.fusion)
+        rows = plan_model(model, x, target, args.fusion, blocks=blocks)
         eager, eager_total = rows[0].bytes, rows[0].total_bytes
         for row in rows:
             print(

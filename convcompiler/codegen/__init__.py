@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from ..schedule import InvalidSchedule, Schedule, ScheduleSpace
 from ..spec import AttentionSpec, ConvSpec
+from ..spec_block import MlpSpec
 from . import (
     conv_transpose,
     conv_wgrad,
@@ -14,6 +15,7 @@ from . import (
     gemm_1x1,
     im2win_band,
     im2win_implicit,
+    mlp_block,
     window_attention,
 )
 from .template import KernelSource
@@ -23,16 +25,19 @@ KIND_TEMPLATES = {
     "conv_transpose": (conv_transpose,),
     "conv_wgrad": (conv_wgrad,),
     "window_attention": (window_attention,),
+    "mlp_block": (mlp_block,),
 }
 TEMPLATES = {m.SPACE.name: m for modules in KIND_TEMPLATES.values() for m in modules}
 SPACES: dict[str, ScheduleSpace] = {name: module.SPACE for name, module in TEMPLATES.items()}
 
 
-def spec_kind(spec: ConvSpec | AttentionSpec) -> str:
-    """The template family a spec belongs to: "window_attention", or the conv spec's op
-    ("conv", "conv_transpose", "conv_wgrad")."""
+def spec_kind(spec: ConvSpec | AttentionSpec | MlpSpec) -> str:
+    """The template family a spec belongs to: "window_attention", "mlp_block", or the conv
+    spec's op ("conv", "conv_transpose", "conv_wgrad")."""
     if isinstance(spec, AttentionSpec):
         return "window_attention"
+    if isinstance(spec, MlpSpec):
+        return "mlp_block"
     return spec.op
 
 

@@ -39,7 +39,7 @@ from ..runtime import keep_source, load_source, ops
 from ..runtime.kernel_ref import KernelRef
 from ..runtime.packing import is_packed
 from ..runtime.packing import order as packing_order
-from ..runtime.reference import run_aten, run_attention
+from ..runtime.reference import run_aten, run_attention, run_mlp
 from ..schedule import Schedule
 from ..selection.agreement import agreement_for
 from ..selection.cache import open_cache
@@ -49,6 +49,7 @@ from ..selection.remote import open_remote
 from ..selection.select import Choice, SelectionContext, select_conv_schedule
 from ..selection.tuning import benchmarker
 from ..spec import AttentionSpec, ConvSpec, spec_to_json
+from ..spec_block import MlpSpec
 from .operands import region_operands
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class Lowering:
         self.remote = open_remote(config.remote_cache) if config.cache else None
         self._contexts: dict[str, SelectionContext] = {}
         self._parameters: frozenset[str] = frozenset()  # of the graph being lowered
+        self._planned: dict[MlpSpec, Choice] = {}  # block choices made while matching
 
     # ---- selection context per tensor device ----------------------------------------------
     def context(self, spec: ConvSpec) -> SelectionContext:
@@ -122,6 +124,8 @@ class Lowering:
         if pred.schedule.name == "aten":
             if isinstance(spec, AttentionSpec):
                 return lambda: run_attention(spec, *operands)
+            if isinstance(spec, MlpSpec):
+                return lambda: run_mlp(spec, *operands)
             return lambda: run_aten(spec, *operands)
         module, _ = load_source(
             render_conv(spec, pred.schedule), self.config.kernel_path, interpret=False
@@ -136,6 +140,24 @@ class Lowering:
         counters[f"verify.{spec_kind(spec)}"] += 1
         stats = static_report(render_conv(spec, schedule), spec, (arch,))
         return [f"{st.kernel}: {p}" for st in stats for p in st.problems()]
+
+    def plan_block(self, spec: MlpSpec) -> str | None:
+        """For the block matcher: None when the block runs as one kernel, else why its layers
+        run one by one (the cost model's comparison, or an override)."""
+        choice = self._planned.get(spec)
+        if choice is None:
+            choice = self._planned[spec] = select_conv_schedule(spec, self.context(spec))
+        if choice.fallback_reason is None:
+            return None
+        if choice.origin != "model":
+            return choice.fallback_reason
+        fused = [r.predicted_s for r in choice.candidates if r.schedule != "aten"]
+        if not fused:
+            return "no block schedule fits the planning GPU"
+        return (
+            f"the cost model predicts {choice.prediction.at_hint * 1e6:.1f} us layer by layer "
+            f"against {min(fused) * 1e6:.1f} us as one kernel ({choice.why})"
+        )
 
     # ---- sources ---------------------------------------------------------------------------
     def source_for(self, spec: ConvSpec, choice: Choice) -> KernelSource:
@@ -244,7 +266,7 @@ class Lowering:
                 continue
             spec = region.spec
             ctx = self.context(spec)
-            choice = select_conv_schedule(spec, ctx)
+            choice = self._planned.get(spec) or select_conv_schedule(spec, ctx)
             if choice.fallback_reason is not None:
                 counters[f"fallback.{region.kind}"] += 1
                 self.remember(spec, ctx, choice, None)

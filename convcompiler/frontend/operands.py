@@ -15,11 +15,38 @@ from ..passes.grad_mask import gradient_operand
 ATTENTION_OPERANDS = ("q", "k", "v", "bias", "mask", "general", "logit_scale")
 
 
+def _other(nodes: dict, region: Region, role: str) -> torch.fx.Node:
+    """The operand of a binary chain node (role "add", "scale") that the chain did not bring."""
+    names = [name for _, name in region.roles]
+    name = dict(region.roles)[role]
+    before = names[names.index(name) - 1]
+    a, b = nodes[name].args
+    return b if isinstance(a, torch.fx.Node) and a.name == before else a
+
+
+def _linear_operands(mm: torch.fx.Node) -> tuple:
+    """(tokens, weight [K, C], bias or None) of an addmm/mm(x2d, permute(W, [1, 0]))."""
+    bias, x2d, wt = mm.args[:3] if len(mm.args) == 3 else (None, *mm.args[:2])
+    return x2d, wt.args[0], bias
+
+
+def mlp_operands(nodes: dict[str, torch.fx.Node], region: Region) -> tuple:
+    """(x, w1, b1, w2, b2, scale, residual) of an MLP block: x as the [*L, C] tokens the
+    first linear's [M, C] view reads (role "x_view"), or that view itself."""
+    roles = dict(region.roles)
+    x2d, w1, b1 = _linear_operands(nodes[roles["fc1"]])
+    _, w2, b2 = _linear_operands(nodes[roles["fc2"]])
+    x = x2d.args[0] if "x_view" in roles else x2d
+    scale = _other(nodes, region, "scale") if "scale" in roles else None
+    residual = _other(nodes, region, "add") if "add" in roles else None
+    return (x, w1, b1, w2, b2, scale, residual)
+
+
 def region_operands(nodes: dict[str, torch.fx.Node], region: Region) -> tuple:
     """The kernel's arguments, read from the live graph (an earlier region may have replaced
     an operand's producer). A conv chain: (x, weight, bias, bn_weight, bn_bias, bn_mean,
     bn_var, residual); a weight gradient: (dy, x); window attention: (q, k, v, bias, mask,
-    general, logit_scale). A backward region whose gradient is masked (role "grad_mask",
+    general, logit_scale); an MLP block: see mlp_operands. A backward region whose gradient is masked (role "grad_mask",
     spec.input_mask: where(m, 0, g), ...; passes/grad_mask.py) reads g in its place, and
     last the bool mask (role "mask")."""
     roles = dict(region.roles)
@@ -33,6 +60,8 @@ def region_operands(nodes: dict[str, torch.fx.Node], region: Region) -> tuple:
         return (x, dy) if nodes[roles["wgrad"]].args[7] else (dy, x)
     if region.kind == "window_attention":
         return tuple(nodes[roles[r]] if r in roles else None for r in ATTENTION_OPERANDS)
+    if region.kind == "mlp_block":
+        return mlp_operands(nodes, region)
     x, weight, bias = nodes[roles["conv"]].args[:3]
     if masked is not None:
         x = gradient

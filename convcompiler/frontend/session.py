@@ -175,7 +175,12 @@ class CompileSession:
             r for r in self.report.regions if not (r.origin == "restored" and r.stage == stage)
         ]
         ctx = PassContext(
-            self.config, stage, self.facts, dump_dir=self.dump_dir, host=self.report.host
+            self.config,
+            stage,
+            self.facts,
+            dump_dir=self.dump_dir,
+            host=self.report.host,
+            plan_block=self.lowering.plan_block,
         )
         gm = run_passes(POST_GRAD_PASSES, gm, ctx)
         parameters = parameter_placeholders(gm) if stage == "inference" else frozenset()

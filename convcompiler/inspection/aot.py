@@ -36,6 +36,7 @@ from ..config import cache_root
 from ..files import ENV_VAR, cache_subdir, unusable
 from ..runtime.loader import exec_module
 from ..spec import AttentionSpec, ConvSpec
+from ..spec_block import MlpSpec
 
 ARCHS = {"sm_80": 80, "sm_86": 86, "sm_89": 89, "sm_90": 90}
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
@@ -103,12 +104,33 @@ def attention_meta_inputs(spec: AttentionSpec) -> tuple[torch.Tensor | None, ...
     )
 
 
-def meta_inputs(spec: ConvSpec | AttentionSpec) -> tuple[torch.Tensor | None, ...]:
+def mlp_meta_inputs(spec: MlpSpec) -> tuple[torch.Tensor | None, ...]:
+    """(x, w1, b1, w2, b2, scale, residual) of an MLP block, the tokens as [M, C]."""
+    dtype = getattr(torch, spec.dtype)
+    m, c, h, co = spec.hint(spec.tokens), spec.in_features, spec.hidden, spec.out_features
+
+    def empty(*shape):
+        return torch.empty(shape, device="meta", dtype=dtype)
+
+    return (
+        empty(m, c),
+        empty(h, c),
+        empty(h) if spec.has_bias1 else None,
+        empty(co, h),
+        empty(co) if spec.has_bias2 else None,
+        empty(co) if spec.scale else None,
+        empty(m, co) if spec.residual else None,
+    )
+
+
+def meta_inputs(spec: ConvSpec | AttentionSpec | MlpSpec) -> tuple[torch.Tensor | None, ...]:
     """Meta tensors for a launcher: (x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var,
     residual) for a conv, with the spec's shapes (at the size hints), layouts and dtype; the
     gradient's bool mask last when the spec has one."""
     if isinstance(spec, AttentionSpec):
         return attention_meta_inputs(spec)
+    if isinstance(spec, MlpSpec):
+        return mlp_meta_inputs(spec)
     dtype = getattr(torch, spec.dtype)
     n = spec.hint(spec.batch)
     h, w = (spec.hint(s) for s in spec.in_size)

@@ -25,6 +25,7 @@ from .grad_mask import fuse_gradient_masks
 from .conv_bn_tune import fold_conv_bn_tune
 from .linear_as_conv import linear_as_conv, restore_linears
 from .match_attention import match_window_attention
+from .match_block import match_mlp_blocks
 from .match_conv import match_conv
 from .padding_modes import find_conv_padding_modes
 from .train_bn import find_train_batch_norms
@@ -39,6 +40,7 @@ PRE_GRAD_PASSES: tuple[GraphPass, ...] = (
     fold_conv_bn_tune,
 )
 POST_GRAD_PASSES: tuple[GraphPass, ...] = (
+    match_mlp_blocks,
     linear_as_conv,
     split_conv_backward,
     match_conv,

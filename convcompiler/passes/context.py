@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..config import Config
 from ..spec import ConvSpec
@@ -19,12 +19,13 @@ class Region:
     """
 
     name: str  # unique within one compile, e.g. "conv_3"
-    kind: str  # "conv", "conv_bn", "conv_wgrad", "linear", "window_attention" or "batch_norm"
+    # "conv", "conv_bn", "conv_wgrad", "linear", "window_attention", "mlp_block", "batch_norm"
+    kind: str
     rule: str  # the equation of the pattern that matched
     stage: str  # the graph it was found in: "forward", "inference" or "backward"
     nodes: tuple[str, ...]  # FX node names; nodes[-1] produces the region's output
     summary: str  # readable shapes and parameters, for reports
-    spec: ConvSpec | None
+    spec: ConvSpec | Any | None  # a ConvSpec, AttentionSpec or block spec
     fallback_reason: str | None = None
     roles: tuple[tuple[str, str], ...] = ()  # (role, node name) along a conv epilogue chain
     # conv_bn: "deploy", "tune" or "train"; backward convs: "grad_input" or "grad_weight"
@@ -45,6 +46,9 @@ class PassContext:
     regions: list[Region] = field(default_factory=list)
     dump_dir: Path | None = None  # the compile's debug dump directory, if any
     host: str = "inductor"  # what compiles the rest of the graph: "inductor" fuses it, "aten"
+    # plan_block(spec) -> None when a block region runs as one kernel, else why it runs per
+    # layer: the backend's cost model (passes never import selection)
+    plan_block: Callable[[Any], str | None] | None = None
 
     def new_region_name(self, kind: str) -> str:
         taken = self.facts.setdefault("region_names", {})

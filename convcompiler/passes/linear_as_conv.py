@@ -44,6 +44,7 @@ RULE = (
     "post_act(act(linear(x, W, b)) + r) => tokens(post_act(act(conv1x1(nhwc(x), W, b)) + nhwc(r)))"
 )
 FROM_LINEAR = "im2win_from_linear"  # node.meta key on a convolution this pass made
+IN_BLOCK = "im2win_block"  # node.meta key on a matmul a block region runs (match_block.py)
 RESHAPES = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
 META_KEYS = ("stack_trace", "nn_module_stack", "from_node", "seq_nr")
 
@@ -74,6 +75,8 @@ class _Linear:
 
     def _check(self, ctx: PassContext) -> str | None:
         mm = self.mm
+        if IN_BLOCK in mm.meta:
+            return f"part of block region {mm.meta[IN_BLOCK]}"
         if mm.target is aten.addmm.default:
             bias, x2d, wt = mm.args[:3]
             if mm.kwargs.get("beta", 1) != 1 or mm.kwargs.get("alpha", 1) != 1:

@@ -4,6 +4,7 @@
                  kernel)
     im2win::conv_wgrad(dy, x, mask?, kernel)  a conv's weight gradient
     im2win::window_attention(q, k, v, bias?, mask?, general?, logit_scale?, kernel)
+    im2win::mlp_block(x, w1, b1?, w2, b2?, scale?, residual?, kernel)  a transformer MLP
 
 A conv's `mask` (backward kernels only, spec.input_mask): the gradient operand (x of a
 transposed conv, dy of a weight gradient) stands for where(mask, 0, gradient), a ReLU's
@@ -13,8 +14,8 @@ backward.
 from and the hash of its source. Inductor keeps the ops opaque, fuses what is around them and
 calls them from its wrapper. Their fake implementations give exactly the sizes and strides
 the kernels write (Inductor asserts them): the conv output in the memory format eager
-produces, the attention output as [B, N, H*D] or [B, H, N, D], contiguous; sizes may be
-symbolic.
+produces, the attention output as [B, N, H*D] or [B, H, N, D], the MLP's as x's leading dims and its
+output features, contiguous; sizes may be symbolic.
 
 The first call of a kernel in a process renders its source again, checks the hash, writes
 the file and loads it (`preload` does this at compile time); later calls find it loaded.
@@ -166,10 +167,32 @@ def _window_attention_fake(q, k, v, bias, mask, general, logit_scale, kernel):
     return q.new_empty((b, h, n, d))
 
 
+# ---- im2win::mlp_block ----------------------------------------------------------------------
+@torch.library.custom_op("im2win::mlp_block", mutates_args=())
+def mlp_block(
+    x: Tensor,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    b2: Tensor | None,
+    scale: Tensor | None,
+    residual: Tensor | None,
+    kernel: str,
+) -> Tensor:
+    return _launch(decode(kernel), (x, w1, b1, w2, b2, scale, residual))
+
+
+@mlp_block.register_fake
+def _mlp_block_fake(x, w1, b1, w2, b2, scale, residual, kernel):
+    spec = decode(kernel).spec
+    return x.new_empty((*x.shape[:-1], spec.out_features))
+
+
 OPS = {
     "conv": torch.ops.im2win.conv.default,
     "conv_bn": torch.ops.im2win.conv.default,
     "linear": torch.ops.im2win.conv.default,
     "conv_wgrad": torch.ops.im2win.conv_wgrad.default,
     "window_attention": torch.ops.im2win.window_attention.default,
+    "mlp_block": torch.ops.im2win.mlp_block.default,
 }

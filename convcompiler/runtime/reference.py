@@ -104,3 +104,11 @@ def run_attention(spec, q, k, v, bias=None, mask=None, general=None, logit_scale
     if spec.output == "bnhd":
         return out.transpose(1, 2).contiguous().transpose(1, 2)
     return out
+
+
+def run_mlp(spec, x, w1, b1, w2, b2=None, scale=None, residual=None):
+    """The MLP block (spec_block.MlpSpec) layer by layer, as ATen ops."""
+    y = F.linear(activation(spec.act, F.linear(x, w1, b1)), w2, b2)
+    if scale is not None:
+        y = y * scale
+    return y + residual if residual is not None else y

@@ -10,6 +10,7 @@ from ..codegen import KernelSource, spec_kind
 from ..config import Config
 from ..schedule import Schedule
 from ..spec import AttentionSpec, ConvSpec
+from ..spec_block import MlpSpec
 from .cache import TuningCache, record_key
 from .cost import Prediction
 from .devices import Device
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
     from .agreement import Agreement
     from .remote import RemoteCache
 
-Spec = ConvSpec | AttentionSpec
+Spec = ConvSpec | AttentionSpec | MlpSpec
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ import sympy
 
 from ..schedule import Schedule
 from ..spec import AttentionSpec, ConvSpec
+from ..spec_block import MlpSpec
 from .devices import Device
 
 Num = Union[int, float, sympy.Expr]
@@ -107,6 +108,10 @@ def _math(spec, schedule: Schedule) -> str:
         from .cost_attention import math_kind as attention_math
 
         return attention_math(spec)
+    if isinstance(spec, MlpSpec):
+        from .cost_block import math_kind as block_math
+
+        return block_math(spec)
     return math_kind(spec, schedule)
 
 
@@ -252,7 +257,7 @@ def _time(spec, schedule, device, symbolic):
 
 
 def predict(
-    spec: ConvSpec | AttentionSpec,
+    spec: ConvSpec | AttentionSpec | MlpSpec,
     schedule: Schedule,
     device: Device,
     calibration: float = 1.0,
@@ -265,6 +270,8 @@ def predict(
     timer = _time
     if isinstance(spec, AttentionSpec):
         from .cost_attention import attention_time as timer
+    elif isinstance(spec, MlpSpec):
+        from .cost_block import mlp_time as timer
     elif spec.op == "conv_transpose":
         from .cost_backward import transposed_time as timer
     elif spec.op == "conv_wgrad":
@@ -314,6 +321,10 @@ def interpreter_steps(spec: ConvSpec | AttentionSpec, schedule: Schedule) -> int
         from .cost_attention import attention_steps
 
         return attention_steps(spec, schedule)
+    if isinstance(spec, MlpSpec):
+        from .cost_block import mlp_steps
+
+        return mlp_steps(spec, schedule)
     if spec.op != "conv":
         from .cost_backward import transposed_steps, wgrad_steps
 

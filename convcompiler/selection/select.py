@@ -246,7 +246,7 @@ def _search(spec: Spec, ctx: SelectionContext) -> Choice:
     )
 
 
-TILE_PARAMS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_C", "num_warps", "SPLIT")
+TILE_PARAMS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_C", "num_warps", "SPLIT", "BLOCK_H")
 
 
 def for_interpreter(spec: Spec, choice: Choice) -> Choice:

@@ -1,0 +1,243 @@
+"""Schedule `mlp_block`: a whole transformer MLP in one kernel, its hidden never in memory.
+
+    y = [r +] [gamma *] (act(x @ W1^T [+ b1]) @ W2^T [+ b2])        (spec_block.MlpSpec)
+
+One program owns BLOCK_M tokens and BLOCK_N output features. It walks the hidden features
+BLOCK_H at a time: a chunk h = act(x @ W1[j]^T + b1[j]) is computed in registers (a GEMM
+over C, BLOCK_K input features at a time), then multiplied into the output at once:
+acc += h @ W2[:, j]^T. Only acc is stored. When CO > BLOCK_N, each column tile of the
+output computes the hidden again (the cost model prices that recompute against the bytes
+the hidden's round trip would move).
+
+Rows past M, hidden features past H and output features past CO wrap back inside their
+tensors (`% size`) and are masked out, as in the conv templates: every lane's address stays
+inside its tensor. A hidden feature past H is zeroed after the activation, so an Inf or NaN
+token never leaks into the output through a padded lane.
+"""
+
+from __future__ import annotations
+
+from ..schedule import InvalidSchedule, Schedule, schedule_space
+from ..selection.devices import Device
+from ..spec_block import MlpSpec
+from . import template as T
+from .epilogue import activation_code
+
+KERNELS = ("mlp_block",)
+LAUNCH_KEYS = ("num_warps", "num_stages")
+
+
+@schedule_space(
+    "mlp_block",
+    BLOCK_M=(16, 32, 64, 128),
+    BLOCK_N=(16, 32, 64, 128, 256),
+    BLOCK_H=(16, 32, 64, 128),
+    BLOCK_K=(16, 32, 64, 128),
+    num_warps=(4, 8),
+    num_stages=(2, 3, 4),
+)
+def SPACE(spec: MlpSpec, s: Schedule, device: Device | None) -> None:
+    bm, bn, bh, bk = s["BLOCK_M"], s["BLOCK_N"], s["BLOCK_H"], s["BLOCK_K"]
+    if bn >= 2 * max(16, spec.out_features) or bh >= 2 * max(16, spec.hidden):
+        raise InvalidSchedule("a tile twice as wide as the features it covers")
+    if bk >= 2 * max(16, spec.in_features):
+        raise InvalidSchedule("a reduction step twice as long as C")
+    if device is None:
+        return
+    # Per thread: the output accumulator and the hidden chunk are both live across the
+    # hidden loop. Budgets from the static sm_90/sm_80 report (fp16, Swin's widths): 96
+    # values compiled to <= 238 registers without spills, 128 hit the 255 cap; float32
+    # (no tensor cores under "ieee") spilled on sm_80 at 64 and compiled at 40.
+    threads = 32 * s["num_warps"]
+    live = (bm * bn + bm * bh) // threads
+    if live > (40 if spec.dtype == "float32" else 96):
+        raise InvalidSchedule(f"accumulators {bm}x{bn} + {bm}x{bh}: {live} values per thread")
+    if max(bm * bk, bk * bh, bh * bn) // threads > 32:
+        raise InvalidSchedule("an operand tile over 32 values per thread")
+    e = T.ITEMSIZE[spec.dtype]
+    smem = s["num_stages"] * (bm * bk + bk * bh) * e + (bm * bh + bh * bn) * e
+    if smem > device.smem_per_block:
+        raise InvalidSchedule(f"{smem} B of tiles > {device.smem_per_block} B shared memory")
+
+
+TEMPLATE = '''${header}
+import torch
+import triton
+import triton.language as tl
+
+C = ${c}
+HID = ${hid}
+CO = ${co}
+DTYPE = torch.${dtype}
+HAS_B1 = ${has_b1}
+HAS_B2 = ${has_b2}
+HAS_SCALE = ${has_scale}
+RESIDUAL = ${residual}
+PRECISION = ${precision}
+INDEX_LIMIT = 2**31  # tensors this large get 64-bit offsets
+META = ${meta}
+LAUNCH = ${launch}
+${helpers}
+
+@triton.jit
+def _wrapped(start, SIZE: tl.constexpr, BLOCK: tl.constexpr):
+    # BLOCK indices from `start`, and which are < SIZE; those past SIZE wrap to 0, 1, ...
+    # so that their addresses stay inside the tensor (the mask keeps them out of the result)
+    offs = start + tl.arange(0, BLOCK)
+    ok = offs < SIZE
+    if SIZE % BLOCK != 0:
+        offs = offs % SIZE
+    return offs, ok
+
+
+@triton.jit
+def _activation(hid):
+    return ${act}
+
+
+@triton.jit
+def mlp_block(
+    # pointers: tokens, the two weights, the output; the optional vectors and residual
+    x_ptr, w1_ptr, w2_ptr, y_ptr, b1_ptr, b2_ptr, s_ptr, r_ptr,
+    # sizes: M tokens (may vary); the features are fixed by the spec
+    M, C: tl.constexpr, HID: tl.constexpr, CO: tl.constexpr,
+    # row strides (each row is contiguous; w1 is [HID, C] and w2 [CO, HID], contiguous)
+    sxm, srm, sym,
+    # meta-parameters
+    HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, HAS_SCALE: tl.constexpr,
+    RESIDUAL: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr,
+    INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # ---- 1. the tile: BLOCK_M tokens x BLOCK_N output features ----
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    offs_m = offs_m % M
+    if INT64:
+        offs_m = offs_m.to(tl.int64)
+    offs_n, n_ok = _wrapped(tl.program_id(1) * BLOCK_N, CO, BLOCK_N)
+    x_rows = x_ptr + offs_m[:, None] * sxm
+
+    # ---- 2. the hidden features, BLOCK_H at a time: acc += act(x @ W1[j]^T + b1[j]) @ W2[:, j]^T
+    acc = _zeros(BLOCK_M, BLOCK_N, WIDEN)
+    for h0 in range(0, HID, BLOCK_H):
+        offs_h, h_ok = _wrapped(h0, HID, BLOCK_H)
+        # 2a. the chunk's pre-activation, over the input features
+        hid = _zeros(BLOCK_M, BLOCK_H, WIDEN)
+        for c0 in range(0, C, BLOCK_K):
+            offs_c, c_ok = _wrapped(c0, C, BLOCK_K)
+            a = tl.load(x_rows + offs_c[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+            b = tl.load(w1_ptr + offs_h[None, :] * C + offs_c[:, None],
+                        mask=c_ok[:, None] & h_ok[None, :], other=0.0)
+            hid = _mma(a, b, hid, WIDEN, PRECISION)
+        # 2b. bias and activation in fp32; padded hidden lanes become exact zeros
+        if HAS_B1:
+            hid += tl.load(b1_ptr + offs_h, mask=h_ok, other=0.0).to(hid.dtype)[None, :]
+        hid = tl.where(h_ok[None, :], _activation(hid), 0.0)
+        # 2c. into the output, the hidden rounded to the operands' type as eager rounds it
+        w2 = tl.load(w2_ptr + offs_n[None, :] * HID + offs_h[:, None],
+                     mask=h_ok[:, None] & n_ok[None, :], other=0.0)
+        if not WIDEN:
+            hid = hid.to(w2.dtype)
+        acc = _mma(hid, w2, acc, WIDEN, PRECISION)
+
+    # ---- 3. epilogue: bias, layer scale, residual; one store ----
+    if HAS_B2:
+        acc += tl.load(b2_ptr + offs_n, mask=n_ok, other=0.0).to(acc.dtype)[None, :]
+    if HAS_SCALE:
+        acc *= tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(acc.dtype)[None, :]
+    out_ok = m_ok[:, None] & n_ok[None, :]
+    if RESIDUAL:
+        r = tl.load(r_ptr + offs_m[:, None] * srm + offs_n[None, :], mask=out_ok, other=0.0)
+        acc += r.to(acc.dtype)
+    tl.store(y_ptr + offs_m[:, None] * sym + offs_n[None, :],
+             acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+
+
+def _vector(t, size, name):
+    """A per-feature vector as one contiguous run of `size` values (None stays None)."""
+    if t is None:
+        return None
+    if tuple(t.shape) != (size,) or t.dtype != DTYPE:
+        raise ValueError(f"{name}: {t.dtype} {tuple(t.shape)}, expected {DTYPE} ({size},)")
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _rows(t, width):
+    """[*L, width] as [M, width] rows, each contiguous (a view when the strides allow)."""
+    t = t.reshape(-1, width)
+    return t if t.stride(1) == 1 else t.contiguous()
+
+
+def launch(x, w1, b1=None, w2=None, b2=None, scale=None, residual=None):
+    # ---- 1. check constraints ----
+    if w2 is None or x.dim() < 1 or x.shape[-1] != C:
+        raise ValueError(f"expected tokens [..., {C}] and both weights, got x {tuple(x.shape)}")
+    if tuple(w1.shape) != (HID, C) or tuple(w2.shape) != (CO, HID):
+        raise ValueError(f"weights {tuple(w1.shape)} and {tuple(w2.shape)} do not fit this "
+                         f"kernel ({HID}, {C}) and ({CO}, {HID})")
+    if x.dtype != DTYPE or w1.dtype != DTYPE or w2.dtype != DTYPE:
+        raise TypeError(f"kernel built for {DTYPE}, got {x.dtype}, {w1.dtype}, {w2.dtype}")
+    for name, given, built in (("a first bias", b1, HAS_B1), ("a second bias", b2, HAS_B2),
+                               ("a layer scale", scale, HAS_SCALE),
+                               ("a residual", residual, RESIDUAL)):
+        if (given is not None) != built:
+            raise ValueError(f"kernel built {'with' if built else 'without'} {name}")
+    b1, b2, scale = _vector(b1, HID, "b1"), _vector(b2, CO, "b2"), _vector(scale, CO, "scale")
+    w1, w2 = (w if w.is_contiguous() else w.contiguous() for w in (w1, w2))
+
+    # ---- 2. allocate the output: the tokens' leading dims, CO features, contiguous ----
+    y = torch.empty((*x.shape[:-1], CO), device=x.device, dtype=x.dtype)
+    if y.numel() == 0:
+        return y
+    rows = _rows(x, C)
+    M = rows.shape[0]
+    r_rows, srm = None, 0
+    if residual is not None:
+        if residual.shape != y.shape or residual.dtype != DTYPE:
+            raise ValueError(f"residual {residual.dtype} {tuple(residual.shape)} != output "
+                             f"{DTYPE} {tuple(y.shape)}")
+        r_rows = _rows(residual, CO)
+        srm = r_rows.stride(0)
+    # Under Triton's interpreter (CPU) the kernel works in fp64, and a bf16 result is stored
+    # in fp32 for torch to round (the interpreter truncates fp32 -> bf16).
+    widen = x.device.type == "cpu"
+    out = y.view(M, CO)
+    if widen and x.dtype == torch.bfloat16:
+        out = torch.empty((M, CO), device=x.device, dtype=torch.float32)
+    tensors = (rows, w1, w2, out) + ((r_rows,) if r_rows is not None else ())
+    int64 = max(t.numel() for t in tensors) >= INDEX_LIMIT
+
+    # ---- 3. launch: (token tiles, output-feature tiles) ----
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(CO, meta["BLOCK_N"]))
+    mlp_block[grid](
+        rows, w1, w2, out, b1, b2, scale, r_rows,
+        M, C, HID, CO, rows.stride(0), srm, out.stride(0),
+        HAS_B1=HAS_B1, HAS_B2=HAS_B2, HAS_SCALE=HAS_SCALE, RESIDUAL=RESIDUAL,
+        PRECISION=PRECISION, WIDEN=widen, INT64=int64, **META, **LAUNCH)
+    if out.data_ptr() != y.data_ptr():
+        y.view(M, CO).copy_(out)
+    return y
+'''
+
+
+def render(spec: MlpSpec, schedule: Schedule) -> T.KernelSource:
+    params = dict(schedule.params)
+    text = T.render(
+        TEMPLATE,
+        header=T.header(spec, schedule, "a transformer MLP block in one kernel"),
+        c=str(spec.in_features),
+        hid=str(spec.hidden),
+        co=str(spec.out_features),
+        dtype=spec.dtype,
+        has_b1=str(spec.has_bias1),
+        has_b2=str(spec.has_bias2),
+        has_scale=str(spec.scale),
+        residual=str(spec.residual),
+        precision=repr(spec.precision),
+        meta=repr({k: v for k, v in params.items() if k not in LAUNCH_KEYS}),
+        launch=repr({k: v for k, v in params.items() if k in LAUNCH_KEYS}),
+        helpers=T.HELPERS,
+        act=activation_code(spec.act, "hid"),
+    )
+    return T.KernelSource(f"{spec.geometry()}_{schedule.name}", text, schedule, spec.key(), KERNELS)

@@ -1,0 +1,223 @@
+"""Post-grad: whole blocks of layers as one region, their intermediates never in memory.
+
+Rule (the transformer MLP on channels-last tokens):
+
+    [r +] [gamma *] linear(act(linear(x, W1, b1)), W2, b2)
+        => mlp_block(x, W1, b1, W2, b2, gamma, r)
+
+In the post-grad graph the two linears are reshape(addmm(b, reshape(x, [M, C]),
+permute(W, [1, 0])), [*L, K]) (mm without a bias; no reshapes for 2-D tokens), and the
+activation sits between them on the [*L, H] hidden; gamma is a [CO] vector (a layer scale),
+r a tensor of the output's shape. Every node before the last has the chain as its only user.
+
+Whether the block runs as one kernel or layer by layer is the cost model's call, made here
+(`ctx.plan_block`, supplied by the backend: this pass never imports selection) so that a
+block left per layer still reaches `linear_as_conv` as two linears. A block that runs as one
+kernel marks its two matmuls (`IN_BLOCK`), which linear_as_conv then leaves alone. A block
+that does not (the cost model, or a guard: training graphs, dtypes, layouts) is recorded
+with the reason, as a region whose fallback is "per layer". Option blocks=False turns the
+pass off.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.fx
+
+from ..counters import counters
+from ..spec import DTYPES
+from ..spec_block import MlpSpec
+from .activations import as_activation
+from .context import PassContext, Region
+from .linear_as_conv import IN_BLOCK, RESHAPES, matmul_precision
+from .meta import as_size, fake_value, size_hints
+
+log = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+RULE = "[r +] [gamma *] linear(act(linear(x, W1, b1)), W2, b2) => mlp_block(x, W1, b1, W2, b2, gamma, r)"
+MATMULS = (aten.addmm.default, aten.mm.default)
+
+
+def _sole_user(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The node's one user besides the graph's output (a training graph returns what its
+    backward saves; the guards refuse a block whose intermediates are outputs)."""
+    users = [user for user in node.users if user.op != "output"]
+    return users[0] if len(users) == 1 else None
+
+
+def _linear(mm: torch.fx.Node | None) -> tuple | None:
+    """(tokens, weight, bias) of addmm(b, x, permute(W, [1, 0])) or mm(x, permute(W)), or None."""
+    if mm is None or mm.op != "call_function" or mm.target not in MATMULS:
+        return None
+    if mm.target is aten.addmm.default:
+        if mm.kwargs.get("beta", 1) != 1 or mm.kwargs.get("alpha", 1) != 1:
+            return None
+        bias, x2d, wt = mm.args[:3]
+    else:
+        bias, (x2d, wt) = None, mm.args[:2]
+    transposed = wt.target is aten.t.default or (
+        wt.target is aten.permute.default and list(wt.args[1]) == [1, 0]
+    )
+    return (x2d, wt.args[0], bias) if transposed else None
+
+
+def _after_reshape(node: torch.fx.Node) -> torch.fx.Node:
+    """The node's sole user when that is a reshape (the [*L, K] tokens), else the node."""
+    user = _sole_user(node)
+    return user if user is not None and user.target in RESHAPES else node
+
+
+class _MlpChain:
+    """The nodes of one MLP, from its first matmul; `nodes` is empty when it is not one."""
+
+    def __init__(self, fc1: torch.fx.Node) -> None:
+        self.nodes: list[tuple[str, torch.fx.Node]] = []
+        first = _linear(fc1)
+        if first is None:
+            return
+        out1 = _after_reshape(fc1)
+        act = _sole_user(out1)
+        if act is None or as_activation(act) is None or act.args[0] is not out1:
+            return
+        hidden = _sole_user(act)
+        if hidden is not None and hidden.target in RESHAPES:
+            fc2 = _sole_user(hidden)
+        else:
+            fc2, hidden = hidden, act
+        second = _linear(fc2)
+        if second is None or second[0] is not hidden:
+            return
+        self.x2d, self.w1, self.b1 = first
+        _, self.w2, self.b2 = second
+        self.act = as_activation(act)
+        self.nodes = [("fc1", fc1), ("act", act), ("fc2", fc2)]
+        if self.x2d.target in RESHAPES:
+            self.nodes.insert(0, ("x_view", self.x2d))
+        out2 = _after_reshape(fc2)
+        if out2 is not fc2:
+            self.nodes.append(("out", out2))
+        self.scale = self.residual = None
+        self._grow(out2)
+
+    def _grow(self, cur: torch.fx.Node) -> None:
+        """The layer scale and the residual add, when each is the previous node's sole user."""
+        out = fake_value(cur)
+        for role, target in (("scale", aten.mul.Tensor), ("add", aten.add.Tensor)):
+            user = _sole_user(cur)
+            if user is None or user.target is not target or user.kwargs.get("alpha", 1) != 1:
+                continue
+            a, b = user.args
+            other = b if a is cur else a
+            ov = fake_value(other)
+            if ov is None or out is None or not isinstance(other, torch.fx.Node):
+                return
+            wanted = (out.shape[-1],) if role == "scale" else tuple(out.shape)
+            if tuple(ov.shape) != wanted or ov.dtype != out.dtype:
+                return
+            setattr(self, "residual" if role == "add" else "scale", other)
+            self.nodes.append((role, user))
+            cur = user
+
+    @property
+    def last(self) -> torch.fx.Node:
+        return self.nodes[-1][1]
+
+    def summary(self) -> str:
+        """The layers, for a block whose spec was not built (a guard refused it)."""
+        w1, w2 = fake_value(self.w1), fake_value(self.w2)
+        if w1 is None or w2 is None or w1.dim() != 2 or w2.dim() != 2:
+            return f"mlp at {self.nodes[0][1].name}"
+        terms = "+".join(role for role, _ in self.nodes if role in ("scale", "add"))
+        return f"mlp {w1.shape[1]} -> {w1.shape[0]} {self.act} -> {w2.shape[0]}" + (
+            f" +{terms}" if terms else ""
+        )
+
+
+def _spec_or_reason(chain: _MlpChain, ctx: PassContext) -> MlpSpec | str:
+    """The block's spec, or why it stays per layer (the guards run in order)."""
+    if ctx.stage != "inference":
+        return "training graph: the backward needs the hidden, which the fused kernel never writes"
+    if any(user.op == "output" for _, node in chain.nodes[:-1] for user in node.users):
+        return "an intermediate of the block is also an output of the graph"
+    x2d, w1, w2, out = (fake_value(n) for n in (chain.x2d, chain.w1, chain.w2, chain.last))
+    if x2d is None or w1 is None or w2 is None or out is None:
+        return "no fake-tensor metadata on the block"
+    if x2d.device.type not in ("cpu", "cuda"):
+        return f"device {x2d.device.type!r} is not supported (cpu or cuda)"
+    dtype = str(x2d.dtype).removeprefix("torch.")
+    if dtype not in DTYPES:
+        return f"dtype {x2d.dtype} is not supported (kernels run {', '.join(DTYPES)})"
+    vectors = [fake_value(n) for n in (chain.b1, chain.b2, chain.scale) if n is not None]
+    if any(t is None or t.dtype != x2d.dtype for t in [w1, w2, out, *vectors]):
+        return "the block mixes dtypes"
+    if w1.dim() != 2 or w2.dim() != 2 or not (w1.is_contiguous() and w2.is_contiguous()):
+        return "a weight is not a contiguous [K, C] matrix"
+    (h, c), (co, h2) = w1.shape, w2.shape
+    if not all(isinstance(v, int) for v in (h, c, co, h2)) or h != h2:
+        return "the weights' shapes are symbolic or do not chain"
+    if not x2d.is_contiguous() or not out.is_contiguous():
+        return "the tokens or the block's output are not contiguous"
+    tokens = fake_value(chain.x2d.args[0]) if chain.x2d.target in RESHAPES else x2d
+    if tokens is None or tokens.shape[-1] != c:
+        return "the first linear's tokens are not a [*L, C] tensor"
+    if tuple(out.shape) != (*tokens.shape[:-1], co):
+        return "the block's output is not the tokens' leading dims with CO features"
+    if any(size == 0 for size in out.shape):
+        return "zero-size block: nothing to compute"
+    return MlpSpec(
+        tokens=as_size(x2d.shape[0]),
+        in_features=c,
+        hidden=h,
+        out_features=co,
+        act=chain.act,
+        has_bias1=chain.b1 is not None,
+        has_bias2=chain.b2 is not None,
+        scale=chain.scale is not None,
+        residual=chain.residual is not None,
+        dtype=dtype,
+        device=x2d.device.type,
+        precision=matmul_precision(x2d.dtype),
+        hints=size_hints(x2d),
+    )
+
+
+def match_mlp_blocks(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:
+    if ctx.stage == "backward" or not ctx.config.blocks:
+        return gm
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in MATMULS or IN_BLOCK in node.meta:
+            continue
+        chain = _MlpChain(node)
+        if not chain.nodes:
+            continue
+        x = fake_value(chain.x2d)
+        if x is not None and x.device.type == "cpu" and ctx.config.cpu == "aten":
+            continue  # the host runs every linear (linear_as_conv says so)
+        found = _spec_or_reason(chain, ctx)
+        spec = found if isinstance(found, MlpSpec) else None
+        reason = found if spec is None else ctx.plan_block(spec) if ctx.plan_block else None
+        name = ctx.new_region_name("mlp_block")
+        roles = tuple((role, n.name) for role, n in chain.nodes)
+        ctx.regions.append(
+            Region(
+                name=name,
+                kind="mlp_block",
+                rule=RULE,
+                stage=ctx.stage,
+                nodes=tuple(n for role, n in roles if role != "x_view"),
+                summary=spec.describe() if spec else chain.summary(),
+                spec=spec,
+                fallback_reason=None if reason is None else f"per layer: {reason}",
+                roles=roles,
+            )
+        )
+        if reason is None:
+            counters["match.mlp_block"] += 1
+            for role, n in chain.nodes:
+                if role in ("fc1", "fc2"):
+                    n.meta[IN_BLOCK] = name
+        log.debug("%s at %s: %s", name, node.name, reason or "one kernel")
+    return gm

@@ -1,0 +1,86 @@
+"""The cost model for block regions (see cost.py for the roofline it shares).
+
+An MLP block (spec_block.MlpSpec) has two candidates:
+
+    per layer   what runs when the block is not fused (the "aten" schedule of the region):
+                two GEMMs, each a roofline of its own. The first writes the hidden [M, H]
+                (its activation fused in its epilogue), the second reads it back and
+                applies the residual add; a layer scale is one more pointwise kernel that
+                reads and writes the output. So the hidden makes one round trip to memory.
+    mlp_block   one kernel: x, the weights, the residual and the output once, the hidden
+                never. Each of the CO / BLOCK_N output-column tiles computes the first GEMM
+                again (its FLOPs are padded and multiplied accordingly), and re-reads its
+                x rows (from L2 when they fit).
+"""
+
+from __future__ import annotations
+
+from ..schedule import Schedule
+from ..spec_block import MlpSpec
+from .cost import MEMORY_EFFICIENCY, _cdiv, _max, _reread, last_wave
+from .devices import Device
+
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+FUSED_EFFICIENCY = 0.60  # two chained dots and an activation per hidden chunk
+GEMM_EFFICIENCY = 0.75  # each per-layer GEMM (as gemm_1x1)
+
+
+def math_kind(spec: MlpSpec) -> str:
+    if spec.dtype == "float32":
+        return "tf32" if spec.precision == "tf32" else "fp32"
+    return {"float16": "fp16", "bfloat16": "bf16"}[spec.dtype]
+
+
+def _per_layer(spec: MlpSpec, m, device: Device):
+    """(seconds, compute, memory, launches, bytes) of the two GEMMs and the scale's kernel."""
+    c, h, co, e = spec.in_features, spec.hidden, spec.out_features, ITEMSIZE[spec.dtype]
+    peak = device.peak(math_kind(spec)) * GEMM_EFFICIENCY
+    bandwidth = device.bandwidth * MEMORY_EFFICIENCY
+    x, hidden, y = m * c * e, m * h * e, m * co * e
+    first = (2 * m * c * h, x + h * c * e + hidden)
+    second = (2 * m * h * co, hidden + co * h * e + y + (y if spec.residual else 0))
+    kernels = [first, second]
+    if spec.scale:  # layer scale: read the GEMM's output, write the scaled one
+        kernels.append((0, 2 * y))
+    seconds = sum(_max(f / peak, b / bandwidth) for f, b in kernels)
+    compute = sum(f for f, _ in kernels) / peak
+    traffic = sum(b for _, b in kernels)
+    return seconds, compute, traffic / bandwidth, len(kernels), traffic
+
+
+def mlp_time(spec: MlpSpec, schedule: Schedule, device: Device, symbolic: bool):
+    """(seconds, compute, memory, launch, useful flops, padded flops, bytes, workspace, ctas)."""
+    m = spec.tokens if symbolic else spec.hint(spec.tokens)
+    c, h, co, e = spec.in_features, spec.hidden, spec.out_features, ITEMSIZE[spec.dtype]
+    flops = 2 * m * h * (c + co)
+    if schedule.name == "aten":
+        seconds, compute, memory, launches, traffic = _per_layer(spec, m, device)
+        launch = launches * device.launch_us * 1e-6
+        return seconds + launch, compute, memory, launch, flops, flops, traffic, 0, 1
+    s = schedule.as_dict()
+    bm, bn, bh, bk = s["BLOCK_M"], s["BLOCK_N"], s["BLOCK_H"], s["BLOCK_K"]
+    tiles_m, tiles_n = _cdiv(m, bm), _cdiv(co, bn)
+    hp = _cdiv(h, bh) * bh
+    padded = 2 * tiles_m * bm * tiles_n * hp * (_cdiv(c, bk) * bk + bn)
+    ctas = tiles_m * tiles_n
+    padded = last_wave(padded, ctas, s["num_warps"], device)
+    weights = (h * c + co * h) * e
+    vectors = (spec.has_bias1 * h + (spec.has_bias2 + spec.scale) * co) * e
+    y = m * co * e
+    traffic = (
+        _reread(m * c * e, tiles_n, device)
+        + _reread(weights, tiles_m, device)
+        + y * (1 + spec.residual)
+        + vectors
+    )
+    compute = padded / (device.peak(math_kind(spec)) * FUSED_EFFICIENCY)
+    memory = traffic / (device.bandwidth * MEMORY_EFFICIENCY)
+    launch = device.launch_us * 1e-6
+    return _max(compute, memory) + launch, compute, memory, launch, flops, padded, traffic, 0, ctas
+
+
+def mlp_steps(spec: MlpSpec, schedule: Schedule) -> int:
+    """Programs x loop trips: what Triton's interpreter pays for."""
+    s = schedule.as_dict()
+    tiles = _cdiv(spec.hint(spec.tokens), s["BLOCK_M"]) * _cdiv(spec.out_features, s["BLOCK_N"])
+    return tiles * _cdiv(spec.hidden, s["BLOCK_H"]) * (_cdiv(spec.in_features, s["BLOCK_K"]) + 1)

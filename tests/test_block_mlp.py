@@ -1,0 +1,197 @@
+"""Block fusion, the transformer MLP: linear -> activation -> linear [-> layer scale]
+[-> + residual] runs as one `mlp_block` kernel whose hidden never goes to memory
+(passes/match_block.py, codegen/mlp_block.py), where the cost model prefers it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from helpers import FAST, assert_close, float64_copy, kernel_launches, lowered_ops, run_compiled
+
+import convcompiler
+from convcompiler.codegen import SPACES, render_region
+from convcompiler.runtime.loader import load_source
+from convcompiler.selection.cost import predict
+from convcompiler.selection.devices import lookup
+from convcompiler.spec import Activation, spec_from_json, spec_to_json
+from convcompiler.spec_block import MlpSpec
+
+
+class Mlp(nn.Module):
+    """x [+] [gamma *] fc2(act(fc1(x))) on [..., C] tokens (Swin, ViT, ConvNeXt's MLP)."""
+
+    def __init__(self, c=13, hidden=37, out=None, act=F.gelu, bias=True, scale=False,
+                 residual=True) -> None:
+        super().__init__()
+        out = c if out is None else out
+        self.fc1, self.fc2 = nn.Linear(c, hidden, bias=bias), nn.Linear(hidden, out, bias=bias)
+        self.act, self.residual = act, residual
+        self.gamma = nn.Parameter(torch.rand(out) + 0.5) if scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc2(self.act(self.fc1(x)))
+        if self.gamma is not None:
+            y = self.gamma * y
+        return x + y if self.residual else y
+
+
+def blocks(report) -> list:
+    return [r for r in report if r.kind == "mlp_block"]
+
+
+def compiled_block(model, x, options=None):
+    """The compiled output, the float64 eager reference and the report."""
+    with torch.no_grad():
+        ref = float64_copy(model)(x.double())
+    convcompiler.counters.reset()
+    out, report = run_compiled(model, [x], options={**FAST, **(options or {})})
+    return out, ref, report
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_mlp_runs_as_one_kernel(dtype, tmp_path) -> None:
+    torch.manual_seed(0)
+    model = Mlp(scale=True).eval().to(dtype)
+    x = torch.randn(2, 5, 3, 13).to(dtype)
+    out, ref, report = compiled_block(model, x, {"debug_dir": str(tmp_path)})
+    assert_close(out, ref, dtype)
+    (row,) = blocks(report)
+    assert row.schedule == "mlp_block" and row.fallback_reason is None, str(report)
+    assert row.spec == f"mlp [M=30] 13 -> 37 gelu -> 13 +scale+add {str(dtype)[6:]} (hidden on chip)"
+    assert [r.kind for r in report] == ["mlp_block"], str(report)  # no per-layer regions
+    assert convcompiler.counters["launch.mlp_block"] == 1 == kernel_launches()
+    ops = lowered_ops(tmp_path)
+    assert not ops["addmm"] and not ops["mm"] and not ops["gelu"], ops
+
+
+@pytest.mark.parametrize(
+    "act, bias, residual, shape",
+    [
+        (F.relu, False, False, (14, 11)),  # 2-D tokens, no biases, nothing after fc2
+        (F.silu, True, True, (2, 7, 11)),  # [B, N, C]
+        (lambda t: F.gelu(t, approximate="tanh"), True, False, (1, 3, 4, 11)),
+    ],
+)
+def test_variants(act, bias, residual, shape) -> None:
+    torch.manual_seed(1)
+    model = Mlp(c=11, hidden=19, act=act, bias=bias, residual=residual).eval()
+    out, ref, report = compiled_block(model, torch.randn(shape))
+    assert_close(out, ref, torch.float32)
+    (row,) = blocks(report)
+    assert row.fallback_reason is None and convcompiler.counters["launch.mlp_block"] == 1
+
+
+def test_a_different_output_width() -> None:
+    """CO != C (a projection MLP): no residual, several output-column tiles."""
+    torch.manual_seed(2)
+    model = Mlp(c=9, hidden=33, out=40, residual=False).eval()
+    out, ref, report = compiled_block(model, torch.randn(3, 9))
+    assert_close(out, ref, torch.float32)
+    assert blocks(report)[0].schedule == "mlp_block"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_and_inf_reach_only_their_rows(dtype) -> None:
+    torch.manual_seed(3)
+    model = Mlp(scale=True).eval().to(dtype)
+    x = torch.randn(1, 4, 13).to(dtype)
+    x[0, 1, 2], x[0, 3, 0] = float("nan"), float("inf")
+    out, ref, _ = compiled_block(model, x)
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    finite = ref.isfinite()
+    assert_close(out[finite], ref[finite], dtype)
+    assert convcompiler.counters["launch.mlp_block"] == 1
+
+
+def test_dynamic_tokens_and_an_empty_batch() -> None:
+    """One compile for every batch (the spec's M is symbolic). An empty batch is a compile of
+    its own (Dynamo specialises 0), whose block stays per layer with the zero-size reason."""
+    torch.manual_seed(4)
+    model = Mlp().eval()
+    compiled = torch.compile(model, backend="im2win", options=FAST, dynamic=True)
+    convcompiler.counters.reset()
+    with torch.no_grad():
+        for batch in (2, 5):
+            x = torch.randn(batch, 6, 13)
+            assert_close(compiled(x), float64_copy(model)(x.double()), torch.float32)
+        (row,) = blocks(convcompiler.last_report())
+        assert "M=s" in row.spec and row.fallback_reason is None, row.spec
+        assert convcompiler.counters["launch.mlp_block"] == 2
+        assert compiled(torch.randn(0, 6, 13)).shape == (0, 6, 13)
+    report = convcompiler.last_report()
+    assert len(blocks(report)) == 1, str(report)
+    assert blocks(report)[0].fallback_reason == "per layer: zero-size block: nothing to compute"
+
+
+def test_blocks_false_keeps_the_layers_apart() -> None:
+    torch.manual_seed(5)
+    model = Mlp().eval()
+    out, ref, report = compiled_block(model, torch.randn(2, 4, 13), {"blocks": False})
+    assert_close(out, ref, torch.float32)
+    assert [(r.kind, r.epilogue) for r in report] == [("linear", "gelu"), ("linear", "add")]
+
+
+def test_training_runs_the_layers_and_says_why() -> None:
+    torch.manual_seed(6)
+    model = Mlp().train()
+    x = torch.randn(2, 4, 13)
+    compiled = torch.compile(model, backend="im2win", options=FAST)
+    out = compiled(x)
+    out.sum().backward()
+    ref = float64_copy(model)
+    ref(x.double()).sum().backward()
+    assert_close(model.fc1.weight.grad, ref.fc1.weight.grad, torch.float32, "fc1 grad")
+    assert_close(model.fc2.weight.grad, ref.fc2.weight.grad, torch.float32, "fc2 grad")
+    (row,) = blocks(convcompiler.last_report())
+    assert row.schedule == "aten" and row.fallback_reason.startswith("per layer: training graph")
+    assert row.spec == "mlp 13 -> 37 gelu -> 13 +add"
+    # fc2 + the residual add is a per-layer region (fc1's output is saved for the backward)
+    linears = [r.epilogue for r in convcompiler.last_report() if r.kind == "linear"]
+    assert linears == ["add"], str(convcompiler.last_report())
+
+
+def test_the_cost_model_keeps_a_wide_block_per_layer() -> None:
+    """ViT-B's MLP (768 -> 3072 -> 768) at batch 32 is compute-bound: recomputing the first
+    GEMM for each of the output's column tiles costs more than the hidden's round trip, so
+    the plan is per layer; Swin-T's first stage (96 -> 384) saves the round trip and fuses."""
+    h100 = lookup("h100")
+
+    def best(spec):
+        fused = min(
+            predict(spec, s, h100, symbolic=False).at_hint
+            for s in SPACES["mlp_block"].candidates(spec, device=h100, num_stages=3)
+        )
+        from convcompiler.schedule import ATEN
+
+        return fused, predict(spec, ATEN, h100, symbolic=False).at_hint
+
+    gelu = Activation("gelu")
+    vit = MlpSpec(32 * 197, 768, 3072, 768, gelu, True, True, False, True, "float16", "cuda",
+                  "ieee")
+    swin = MlpSpec(32 * 3136, 96, 384, 96, gelu, True, True, False, True, "float16", "cuda",
+                   "ieee")
+    fused, per_layer = best(vit)
+    assert fused > per_layer
+    fused, per_layer = best(swin)
+    assert fused < 0.8 * per_layer
+    assert spec_from_json(spec_to_json(swin)) == swin
+
+
+def test_launcher_refuses_operands_it_was_not_built_for(tmp_path) -> None:
+    spec = MlpSpec(6, 5, 7, 5, Activation("relu"), True, True, False, False, "float32", "cpu",
+                   "ieee")
+    schedule = SPACES["mlp_block"].make(spec, BLOCK_M=16, BLOCK_N=16, BLOCK_H=16, BLOCK_K=16,
+                                        num_warps=4, num_stages=2)
+    module, _ = load_source(render_region(spec, schedule), tmp_path, interpret=True)
+    x, w1, b1 = torch.randn(6, 5), torch.randn(7, 5), torch.randn(7)
+    w2, b2 = torch.randn(5, 7), torch.randn(5)
+    with pytest.raises(ValueError, match="do not fit"):
+        module.launch(x, w1.t(), b1, w2, b2)
+    with pytest.raises(ValueError, match="without a residual"):
+        module.launch(x, w1, b1, w2, b2, None, x)
+    with pytest.raises(TypeError, match="built for torch.float32"):
+        module.launch(x.half(), w1, b1, w2, b2)
+    y = module.launch(x[:, None, :].expand(6, 2, 5)[:, 1], w1, b1, w2, b2)  # strided rows
+    assert_close(y, F.linear(F.relu(F.linear(x, w1, b1)), w2, b2).double(), torch.float32)

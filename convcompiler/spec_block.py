@@ -2,11 +2,13 @@
 
     MlpSpec   the transformer MLP on channels-last tokens,
 
-                  y = [r +] [gamma *] (act(x @ W1^T [+ b1]) @ W2^T [+ b2])
+                  y = [r +] [gamma *] (act(n(x) @ W1^T [+ b1]) @ W2^T [+ b2])
 
               x [M, C] (any leading token dims, flattened), W1 [H, C], W2 [CO, H], gamma
-              [CO] (ConvNeXt's layer scale), r [M, CO] (the residual). The hidden
-              act(x @ W1^T + b1), [M, H], is never written to memory.
+              [CO] (ConvNeXt's layer scale), r [M, CO] (the residual); n is the identity or
+              a LayerNorm over C (`norm`: its row statistics computed in the kernel, with or
+              without its weight and bias). The hidden act(n(x) @ W1^T + b1), [M, H], and the
+              normalised tokens are never written to memory.
 
 A spec is frozen and hashable like the conv and attention specs (spec.py), with the same
 key(), geometry(), describe() and JSON form.
@@ -18,6 +20,8 @@ import hashlib
 from dataclasses import dataclass, fields
 
 from .spec import Activation, Size, SizeHints, _fmt
+
+NORMS = (None, "plain", "affine")
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,14 @@ class MlpSpec(SizeHints):
     device: str
     precision: str  # how a float32 tl.dot runs on a GPU (torch's matmul precision)
     hints: tuple[tuple[str, int], ...] = ()
+    norm: str | None = None  # a LayerNorm prologue: None, "plain" or "affine" (weight and bias)
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        from .spec import SpecError
+
+        if self.norm not in NORMS:
+            raise SpecError(f"norm={self.norm!r} is not one of {NORMS}")
 
     def terms(self) -> str:
         """What follows the second linear, e.g. "scale+add"."""
@@ -45,7 +57,8 @@ class MlpSpec(SizeHints):
     def geometry(self) -> str:
         terms = self.terms().replace("+", "_")
         return (
-            f"mlp_block_c{self.in_features}_h{self.hidden}_o{self.out_features}_{self.act}"
+            ("ln_" if self.norm else "")
+            + f"mlp_block_c{self.in_features}_h{self.hidden}_o{self.out_features}_{self.act}"
             f"_{self.dtype}" + (f"_{terms}" if terms else "")
         )
 
@@ -59,8 +72,9 @@ class MlpSpec(SizeHints):
     def describe(self) -> str:
         """e.g. "mlp [M=60] 13 -> 37 gelu -> 13 +scale+add float32 (hidden on chip)"."""
         terms = f" +{self.terms()}" if self.terms() else ""
+        norm = "layer_norm -> " if self.norm else ""
         return (
-            f"mlp [M={self.tokens}] {self.in_features} -> {self.hidden} {self.act} -> "
+            f"mlp [M={self.tokens}] {norm}{self.in_features} -> {self.hidden} {self.act} -> "
             f"{self.out_features}{terms} {self.dtype} (hidden on chip)"
         )
 
@@ -71,7 +85,16 @@ class MlpSpec(SizeHints):
 
 def mlp_from_json(data: dict, common: dict) -> MlpSpec:
     """The MlpSpec `spec_to_json` wrote (spec.py checks the type, fields and `common`)."""
-    from .spec import ACTIVATIONS, SpecError, _activation_from_json, _bool, _int, _size_from_json
+    from .spec import (
+        ACTIVATIONS,
+        SpecError,
+        _activation_from_json,
+        _bool,
+        _check,
+        _float,
+        _int,
+        _size_from_json,
+    )
 
     act = _activation_from_json(data["act"])
     if act is None or act.name not in ACTIVATIONS:
@@ -86,5 +109,7 @@ def mlp_from_json(data: dict, common: dict) -> MlpSpec:
         has_bias2=_bool(data["has_bias2"], "has_bias2"),
         scale=_bool(data["scale"], "scale"),
         residual=_bool(data["residual"], "residual"),
+        norm=_check(data["norm"], NORMS, "norm"),
+        norm_eps=_float(data["norm_eps"], "norm_eps"),
         **common,
     )

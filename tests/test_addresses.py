@@ -269,3 +269,30 @@ def test_linear_epilogue_addresses() -> None:
     assert_close(y, ref, torch.float32)
     assert convcompiler.counters["launch.linear"] == 1
     assert check.kernels == {"conv_gemm_1x1"} and check.accesses > 0
+
+
+# ---- an MLP block: partial tiles of tokens, input, hidden and output features ---------------
+@pytest.mark.parametrize("scale,residual,norm", [(True, True, "affine"), (False, False, None)])
+def test_mlp_block_addresses(scale, residual, norm) -> None:
+    from convcompiler.runtime.reference import run_mlp
+    from convcompiler.spec_block import MlpSpec
+
+    gen = torch.Generator().manual_seed(5)
+    m, c, h, co = 30, 13, 37, 11  # none a multiple of the 16-wide tiles
+    spec = MlpSpec(m, c, h, co, Activation("silu"), True, True, scale, residual, "float32",
+                   "cpu", "ieee", norm=norm)
+    sched = SPACES["mlp_block"].make(spec, BLOCK_M=16, BLOCK_N=16, BLOCK_H=16, BLOCK_K=16,
+                                     num_warps=4, num_stages=2)
+    x = torch.randn(m, 2 * c, generator=gen)[:, :c]  # rows with a stride of their own
+    operands = (x, torch.randn(h, c, generator=gen), torch.randn(h, generator=gen),
+                torch.randn(co, h, generator=gen), torch.randn(co, generator=gen),
+                torch.rand(co, generator=gen) if scale else None,
+                torch.randn(m, co, generator=gen) if residual else None)
+    if norm == "affine":  # the LayerNorm's weight and bias
+        operands += (torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen))
+    launch = gpu_native.load_kernel(spec, sched)
+    with address_check() as check:
+        y = launch(*operands)
+    ref = run_mlp(spec, *[t if t is None else t.double() for t in operands])
+    assert_close(y, ref, torch.float32)
+    assert check.kernels == {"mlp_block"} and check.accesses > 0

@@ -20,18 +20,25 @@ from convcompiler.spec_block import MlpSpec
 
 
 class Mlp(nn.Module):
-    """x [+] [gamma *] fc2(act(fc1(x))) on [..., C] tokens (Swin, ViT, ConvNeXt's MLP)."""
+    """x [+] [gamma *] fc2(act(fc1([norm](x)))) on [..., C] tokens (Swin's and ViT's MLP with
+    its LayerNorm, ConvNeXt's with its layer scale); `norm`: None, "affine" or "plain"."""
 
     def __init__(self, c=13, hidden=37, out=None, act=F.gelu, bias=True, scale=False,
-                 residual=True) -> None:
+                 residual=True, norm=None) -> None:
         super().__init__()
         out = c if out is None else out
+        self.norm = None
+        if norm is not None:
+            self.norm = nn.LayerNorm(c, eps=1e-6, elementwise_affine=norm == "affine")
+            if norm == "affine":  # away from the initial ones and zeros
+                nn.init.uniform_(self.norm.weight, 0.5, 1.5)
+                nn.init.uniform_(self.norm.bias, -0.5, 0.5)
         self.fc1, self.fc2 = nn.Linear(c, hidden, bias=bias), nn.Linear(hidden, out, bias=bias)
         self.act, self.residual = act, residual
         self.gamma = nn.Parameter(torch.rand(out) + 0.5) if scale else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.fc2(self.act(self.fc1(x)))
+        y = self.fc2(self.act(self.fc1(x if self.norm is None else self.norm(x))))
         if self.gamma is not None:
             y = self.gamma * y
         return x + y if self.residual else y
@@ -52,31 +59,34 @@ def compiled_block(model, x, options=None):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_mlp_runs_as_one_kernel(dtype, tmp_path) -> None:
+    """Swin's MLP half-block with a layer scale: x + gamma * fc2(gelu(fc1(norm(x))))."""
     torch.manual_seed(0)
-    model = Mlp(scale=True).eval().to(dtype)
-    x = torch.randn(2, 5, 3, 13).to(dtype)
+    model = Mlp(scale=True, norm="affine").eval().to(dtype)
+    x = (torch.randn(2, 5, 3, 13) * 2 + 3).to(dtype)  # rows with a mean to take out
     out, ref, report = compiled_block(model, x, {"debug_dir": str(tmp_path)})
     assert_close(out, ref, dtype)
     (row,) = blocks(report)
     assert row.schedule == "mlp_block" and row.fallback_reason is None, str(report)
-    assert row.spec == f"mlp [M=30] 13 -> 37 gelu -> 13 +scale+add {str(dtype)[6:]} (hidden on chip)"
+    name = str(dtype)[6:]
+    assert row.spec == f"mlp [M=30] layer_norm -> 13 -> 37 gelu -> 13 +scale+add {name} (hidden on chip)"
     assert [r.kind for r in report] == ["mlp_block"], str(report)  # no per-layer regions
+    assert "hidden on chip) against" in row.why and "MiB layer by layer" in row.why
     assert convcompiler.counters["launch.mlp_block"] == 1 == kernel_launches()
     ops = lowered_ops(tmp_path)
-    assert not ops["addmm"] and not ops["mm"] and not ops["gelu"], ops
+    assert not ops["addmm"] and not ops["mm"] and not ops["gelu"] and not ops["var_mean"], ops
 
 
 @pytest.mark.parametrize(
-    "act, bias, residual, shape",
+    "act, bias, residual, norm, shape",
     [
-        (F.relu, False, False, (14, 11)),  # 2-D tokens, no biases, nothing after fc2
-        (F.silu, True, True, (2, 7, 11)),  # [B, N, C]
-        (lambda t: F.gelu(t, approximate="tanh"), True, False, (1, 3, 4, 11)),
+        (F.relu, False, False, None, (14, 11)),  # 2-D tokens, no biases, nothing after fc2
+        (F.silu, True, True, "plain", (2, 7, 11)),  # [B, N, C], a norm without parameters
+        (lambda t: F.gelu(t, approximate="tanh"), True, False, "affine", (1, 3, 4, 11)),
     ],
 )
-def test_variants(act, bias, residual, shape) -> None:
+def test_variants(act, bias, residual, norm, shape) -> None:
     torch.manual_seed(1)
-    model = Mlp(c=11, hidden=19, act=act, bias=bias, residual=residual).eval()
+    model = Mlp(c=11, hidden=19, act=act, bias=bias, residual=residual, norm=norm).eval()
     out, ref, report = compiled_block(model, torch.randn(shape))
     assert_close(out, ref, torch.float32)
     (row,) = blocks(report)
@@ -95,7 +105,7 @@ def test_a_different_output_width() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_nan_and_inf_reach_only_their_rows(dtype) -> None:
     torch.manual_seed(3)
-    model = Mlp(scale=True).eval().to(dtype)
+    model = Mlp(scale=True, norm="affine").eval().to(dtype)
     x = torch.randn(1, 4, 13).to(dtype)
     x[0, 1, 2], x[0, 3, 0] = float("nan"), float("inf")
     out, ref, _ = compiled_block(model, x)
@@ -177,6 +187,22 @@ def test_the_cost_model_keeps_a_wide_block_per_layer() -> None:
     fused, per_layer = best(swin)
     assert fused < 0.8 * per_layer
     assert spec_from_json(spec_to_json(swin)) == swin
+
+
+def test_a_wide_block_stays_two_linear_regions() -> None:
+    """ViT-B's MLP at 2 x 197 tokens in float16, planned (cpu="plan"): per layer, with the
+    cost model's comparison as the reason, and each linear its own region."""
+    torch.manual_seed(7)
+    model = Mlp(c=768, hidden=3072).eval().half()
+    _, _, report = compiled_block(model, torch.randn(2, 197, 768).half(), {"cpu": "plan"})
+    block, *layers = report
+    assert block.kind == "mlp_block" and block.schedule == "aten"
+    assert block.fallback_reason.startswith("per layer: one kernel "), block.fallback_reason
+    assert "MiB layer by layer" in block.fallback_reason
+    assert [(r.kind, r.epilogue, r.schedule) for r in layers] == [
+        ("linear", "gelu", "gemm_1x1"),
+        ("linear", "add", "gemm_1x1"),
+    ]
 
 
 def test_launcher_refuses_operands_it_was_not_built_for(tmp_path) -> None:

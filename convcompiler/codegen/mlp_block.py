@@ -1,6 +1,6 @@
 """Schedule `mlp_block`: a whole transformer MLP in one kernel, its hidden never in memory.
 
-    y = [r +] [gamma *] (act(x @ W1^T [+ b1]) @ W2^T [+ b2])        (spec_block.MlpSpec)
+    y = [r +] [gamma *] (act(n(x) @ W1^T [+ b1]) @ W2^T [+ b2])     (spec_block.MlpSpec)
 
 One program owns BLOCK_M tokens and BLOCK_N output features. It walks the hidden features
 BLOCK_H at a time: a chunk h = act(x @ W1[j]^T + b1[j]) is computed in registers (a GEMM
@@ -8,6 +8,11 @@ over C, BLOCK_K input features at a time), then multiplied into the output at on
 acc += h @ W2[:, j]^T. Only acc is stored. When CO > BLOCK_N, each column tile of the
 output computes the hidden again (the cost model prices that recompute against the bytes
 the hidden's round trip would move).
+
+With a LayerNorm prologue n (`norm`), the program first computes its rows' mean and rstd in
+fp32 (two passes over its x rows: the mean, then the centred squares, as eager does), and the
+first GEMM normalises each x tile as it loads it: (x - mean) * rstd [* w + b], rounded to the
+operands' type as eager rounds the norm's output. The normalised tokens are never written.
 
 Rows past M, hidden features past H and output features past CO wrap back inside their
 tensors (`% size`) and are masked out, as in the conv templates: every lane's address stays
@@ -73,6 +78,8 @@ HAS_B1 = ${has_b1}
 HAS_B2 = ${has_b2}
 HAS_SCALE = ${has_scale}
 RESIDUAL = ${residual}
+NORM = ${norm}  # a LayerNorm prologue: None, "plain" or "affine"
+NORM_EPS = ${norm_eps}
 PRECISION = ${precision}
 INDEX_LIMIT = 2**31  # tensors this large get 64-bit offsets
 META = ${meta}
@@ -95,17 +102,57 @@ def _activation(hid):
     return ${act}
 
 
+# Row sums reduce with Triton's own combine function: the interpreter recognises it and
+# reduces with NumPy (see codegen/window_attention.py).
+_add = tl.standard._sum_combine
+
+
+@triton.jit
+def _row_stats(x_rows, m_ok, EPS: tl.constexpr, C: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_K: tl.constexpr, WIDEN: tl.constexpr):
+    # LayerNorm's statistics of each row over its C features: the mean, then the mean of the
+    # centred squares (not E[x^2] - mean^2, which cancels), in fp32 (fp64 interpreted)
+    total = _zeros(BLOCK_M, 1, WIDEN)
+    for c0 in range(0, C, BLOCK_K):
+        offs_c, c_ok = _wrapped(c0, C, BLOCK_K)
+        a = tl.load(x_rows + offs_c[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+        total += tl.reduce(a.to(total.dtype), 1, _add, keep_dims=True)
+    mean = total / C
+    total = _zeros(BLOCK_M, 1, WIDEN)
+    for c0 in range(0, C, BLOCK_K):
+        offs_c, c_ok = _wrapped(c0, C, BLOCK_K)
+        a = tl.load(x_rows + offs_c[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+        centred = tl.where(c_ok[None, :], a.to(total.dtype) - mean, 0.0)
+        total += tl.reduce(centred * centred, 1, _add, keep_dims=True)
+    return mean, 1.0 / tl.sqrt(total / C + EPS)
+
+
+@triton.jit
+def _normalised(a, offs_c, c_ok, mean, rstd, nw_ptr, nb_ptr, AFFINE: tl.constexpr,
+                WIDEN: tl.constexpr):
+    # one x tile through the LayerNorm, then in the operands' type (eager rounds the norm)
+    n = (a.to(mean.dtype) - mean) * rstd
+    if AFFINE:
+        n = n * tl.load(nw_ptr + offs_c, mask=c_ok, other=0.0).to(n.dtype)[None, :]
+        n = n + tl.load(nb_ptr + offs_c, mask=c_ok, other=0.0).to(n.dtype)[None, :]
+    n = tl.where(c_ok[None, :], n, 0.0)
+    if WIDEN:
+        return n
+    return n.to(a.dtype)
+
+
 @triton.jit
 def mlp_block(
     # pointers: tokens, the two weights, the output; the optional vectors and residual
-    x_ptr, w1_ptr, w2_ptr, y_ptr, b1_ptr, b2_ptr, s_ptr, r_ptr,
+    x_ptr, w1_ptr, w2_ptr, y_ptr, b1_ptr, b2_ptr, s_ptr, r_ptr, nw_ptr, nb_ptr,
     # sizes: M tokens (may vary); the features are fixed by the spec
     M, C: tl.constexpr, HID: tl.constexpr, CO: tl.constexpr,
     # row strides (each row is contiguous; w1 is [HID, C] and w2 [CO, HID], contiguous)
     sxm, srm, sym,
     # meta-parameters
     HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, HAS_SCALE: tl.constexpr,
-    RESIDUAL: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr,
+    RESIDUAL: tl.constexpr, NORM: tl.constexpr, NORM_AFFINE: tl.constexpr,
+    NORM_EPS: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr,
     INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -117,6 +164,8 @@ def mlp_block(
         offs_m = offs_m.to(tl.int64)
     offs_n, n_ok = _wrapped(tl.program_id(1) * BLOCK_N, CO, BLOCK_N)
     x_rows = x_ptr + offs_m[:, None] * sxm
+    if NORM:  # the LayerNorm prologue's row statistics
+        mean, rstd = _row_stats(x_rows, m_ok, NORM_EPS, C, BLOCK_M, BLOCK_K, WIDEN)
 
     # ---- 2. the hidden features, BLOCK_H at a time: acc += act(x @ W1[j]^T + b1[j]) @ W2[:, j]^T
     acc = _zeros(BLOCK_M, BLOCK_N, WIDEN)
@@ -127,6 +176,8 @@ def mlp_block(
         for c0 in range(0, C, BLOCK_K):
             offs_c, c_ok = _wrapped(c0, C, BLOCK_K)
             a = tl.load(x_rows + offs_c[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+            if NORM:
+                a = _normalised(a, offs_c, c_ok, mean, rstd, nw_ptr, nb_ptr, NORM_AFFINE, WIDEN)
             b = tl.load(w1_ptr + offs_h[None, :] * C + offs_c[:, None],
                         mask=c_ok[:, None] & h_ok[None, :], other=0.0)
             hid = _mma(a, b, hid, WIDEN, PRECISION)
@@ -169,7 +220,8 @@ def _rows(t, width):
     return t if t.stride(1) == 1 else t.contiguous()
 
 
-def launch(x, w1, b1=None, w2=None, b2=None, scale=None, residual=None):
+def launch(x, w1, b1=None, w2=None, b2=None, scale=None, residual=None, norm_weight=None,
+           norm_bias=None):
     # ---- 1. check constraints ----
     if w2 is None or x.dim() < 1 or x.shape[-1] != C:
         raise ValueError(f"expected tokens [..., {C}] and both weights, got x {tuple(x.shape)}")
@@ -180,10 +232,14 @@ def launch(x, w1, b1=None, w2=None, b2=None, scale=None, residual=None):
         raise TypeError(f"kernel built for {DTYPE}, got {x.dtype}, {w1.dtype}, {w2.dtype}")
     for name, given, built in (("a first bias", b1, HAS_B1), ("a second bias", b2, HAS_B2),
                                ("a layer scale", scale, HAS_SCALE),
-                               ("a residual", residual, RESIDUAL)):
+                               ("a residual", residual, RESIDUAL),
+                               ("a norm weight", norm_weight, NORM == "affine"),
+                               ("a norm bias", norm_bias, NORM == "affine")):
         if (given is not None) != built:
             raise ValueError(f"kernel built {'with' if built else 'without'} {name}")
     b1, b2, scale = _vector(b1, HID, "b1"), _vector(b2, CO, "b2"), _vector(scale, CO, "scale")
+    norm_weight, norm_bias = _vector(norm_weight, C, "norm weight"), _vector(norm_bias, C,
+                                                                            "norm bias")
     w1, w2 = (w if w.is_contiguous() else w.contiguous() for w in (w1, w2))
 
     # ---- 2. allocate the output: the tokens' leading dims, CO features, contiguous ----
@@ -211,9 +267,10 @@ def launch(x, w1, b1=None, w2=None, b2=None, scale=None, residual=None):
     # ---- 3. launch: (token tiles, output-feature tiles) ----
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(CO, meta["BLOCK_N"]))
     mlp_block[grid](
-        rows, w1, w2, out, b1, b2, scale, r_rows,
+        rows, w1, w2, out, b1, b2, scale, r_rows, norm_weight, norm_bias,
         M, C, HID, CO, rows.stride(0), srm, out.stride(0),
         HAS_B1=HAS_B1, HAS_B2=HAS_B2, HAS_SCALE=HAS_SCALE, RESIDUAL=RESIDUAL,
+        NORM=NORM is not None, NORM_AFFINE=NORM == "affine", NORM_EPS=NORM_EPS,
         PRECISION=PRECISION, WIDEN=widen, INT64=int64, **META, **LAUNCH)
     if out.data_ptr() != y.data_ptr():
         y.view(M, CO).copy_(out)
@@ -235,6 +292,8 @@ def render(spec: MlpSpec, schedule: Schedule) -> T.KernelSource:
         has_scale=str(spec.scale),
         residual=str(spec.residual),
         precision=repr(spec.precision),
+        norm=repr(spec.norm),
+        norm_eps=repr(float(spec.norm_eps)),
         meta=repr({k: v for k, v in params.items() if k not in LAUNCH_KEYS}),
         launch=repr({k: v for k, v in params.items() if k in LAUNCH_KEYS}),
         helpers=T.HELPERS,

@@ -46,7 +46,7 @@ from ..selection.cache import open_cache
 from ..selection.cost import PACKING_SCHEDULES, Prediction, filter_repack_free
 from ..selection.devices import device_for
 from ..selection.remote import open_remote
-from ..selection.select import Choice, SelectionContext, select_conv_schedule
+from ..selection.select import Choice, SelectionContext, select_block, select_conv_schedule
 from ..selection.tuning import benchmarker
 from ..spec import AttentionSpec, ConvSpec, spec_to_json
 from ..spec_block import MlpSpec
@@ -143,21 +143,10 @@ class Lowering:
 
     def plan_block(self, spec: MlpSpec) -> str | None:
         """For the block matcher: None when the block runs as one kernel, else why its layers
-        run one by one (the cost model's comparison, or an override)."""
-        choice = self._planned.get(spec)
-        if choice is None:
-            choice = self._planned[spec] = select_conv_schedule(spec, self.context(spec))
-        if choice.fallback_reason is None:
-            return None
-        if choice.origin != "model":
-            return choice.fallback_reason
-        fused = [r.predicted_s for r in choice.candidates if r.schedule != "aten"]
-        if not fused:
-            return "no block schedule fits the planning GPU"
-        return (
-            f"the cost model predicts {choice.prediction.at_hint * 1e6:.1f} us layer by layer "
-            f"against {min(fused) * 1e6:.1f} us as one kernel ({choice.why})"
-        )
+        run one by one (selection.select.select_block); the choice is kept for lowering."""
+        if spec not in self._planned:
+            self._planned[spec] = select_block(spec, self.context(spec))
+        return self._planned[spec].fallback_reason
 
     # ---- sources ---------------------------------------------------------------------------
     def source_for(self, spec: ConvSpec, choice: Choice) -> KernelSource:
@@ -261,7 +250,11 @@ class Lowering:
                     params="",
                     kernel_path=None,
                     fallback_reason=region.fallback_reason,
-                    why="pattern guard",
+                    why=(
+                        "block fusion: its layers are regions of their own (or the host's)"
+                        if region.kind == "mlp_block"
+                        else "pattern guard"
+                    ),
                 )
                 continue
             spec = region.spec

@@ -31,15 +31,24 @@ def _linear_operands(mm: torch.fx.Node) -> tuple:
 
 
 def mlp_operands(nodes: dict[str, torch.fx.Node], region: Region) -> tuple:
-    """(x, w1, b1, w2, b2, scale, residual) of an MLP block: x as the [*L, C] tokens the
-    first linear's [M, C] view reads (role "x_view"), or that view itself."""
+    """(x, w1, b1, w2, b2, scale, residual, norm_weight, norm_bias) of an MLP block: x as
+    the [*L, C] tokens the first linear's [M, C] view reads (role "x_view"), or that view
+    itself; with a LayerNorm prologue, the tokens its statistics read (before a conversion
+    to float32), and its weight and bias."""
     roles = dict(region.roles)
     x2d, w1, b1 = _linear_operands(nodes[roles["fc1"]])
     _, w2, b2 = _linear_operands(nodes[roles["fc2"]])
     x = x2d.args[0] if "x_view" in roles else x2d
+    norm_weight = norm_bias = None
+    if "ln_stats" in roles:
+        x = nodes[roles["ln_stats"]].args[0]
+        if x.target is torch.ops.prims.convert_element_type.default:
+            x = x.args[0]
+        norm_weight = _other(nodes, region, "ln_scaled") if "ln_scaled" in roles else None
+        norm_bias = _other(nodes, region, "ln_shifted") if "ln_shifted" in roles else None
     scale = _other(nodes, region, "scale") if "scale" in roles else None
     residual = _other(nodes, region, "add") if "add" in roles else None
-    return (x, w1, b1, w2, b2, scale, residual)
+    return (x, w1, b1, w2, b2, scale, residual, norm_weight, norm_bias)
 
 
 def region_operands(nodes: dict[str, torch.fx.Node], region: Region) -> tuple:

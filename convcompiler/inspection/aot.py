@@ -105,7 +105,8 @@ def attention_meta_inputs(spec: AttentionSpec) -> tuple[torch.Tensor | None, ...
 
 
 def mlp_meta_inputs(spec: MlpSpec) -> tuple[torch.Tensor | None, ...]:
-    """(x, w1, b1, w2, b2, scale, residual) of an MLP block, the tokens as [M, C]."""
+    """(x, w1, b1, w2, b2, scale, residual, norm_weight, norm_bias) of an MLP block, the
+    tokens as [M, C]."""
     dtype = getattr(torch, spec.dtype)
     m, c, h, co = spec.hint(spec.tokens), spec.in_features, spec.hidden, spec.out_features
 
@@ -120,6 +121,8 @@ def mlp_meta_inputs(spec: MlpSpec) -> tuple[torch.Tensor | None, ...]:
         empty(co) if spec.has_bias2 else None,
         empty(co) if spec.scale else None,
         empty(m, co) if spec.residual else None,
+        empty(c) if spec.norm == "affine" else None,
+        empty(c) if spec.norm == "affine" else None,
     )
 
 

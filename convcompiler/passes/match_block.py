@@ -2,13 +2,15 @@
 
 Rule (the transformer MLP on channels-last tokens):
 
-    [r +] [gamma *] linear(act(linear(x, W1, b1)), W2, b2)
-        => mlp_block(x, W1, b1, W2, b2, gamma, r)
+    [r +] [gamma *] linear(act(linear([layer_norm](x), W1, b1)), W2, b2)
+        => mlp_block(x, W1, b1, W2, b2, gamma, r, norm weight, norm bias)
 
 In the post-grad graph the two linears are reshape(addmm(b, reshape(x, [M, C]),
 permute(W, [1, 0])), [*L, K]) (mm without a bias; no reshapes for 2-D tokens), and the
 activation sits between them on the [*L, H] hidden; gamma is a [CO] vector (a layer scale),
-r a tensor of the output's shape. Every node before the last has the chain as its only user.
+r a tensor of the output's shape; a LayerNorm over C right before the first linear
+(passes/layer_norm.py) becomes the kernel's prologue. Every node before the last has the
+chain as its only user.
 
 Whether the block runs as one kernel or layer by layer is the cost model's call, made here
 (`ctx.plan_block`, supplied by the backend: this pass never imports selection) so that a
@@ -31,13 +33,17 @@ from ..spec import DTYPES
 from ..spec_block import MlpSpec
 from .activations import as_activation
 from .context import PassContext, Region
+from .layer_norm import LayerNormMatch, layer_norm_of
 from .linear_as_conv import IN_BLOCK, RESHAPES, matmul_precision
 from .meta import as_size, fake_value, size_hints
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
-RULE = "[r +] [gamma *] linear(act(linear(x, W1, b1)), W2, b2) => mlp_block(x, W1, b1, W2, b2, gamma, r)"
+RULE = (
+    "[r +] [gamma *] linear(act(linear([layer_norm](x), W1, b1)), W2, b2) "
+    "=> mlp_block(x, W1, b1, W2, b2, gamma, r, norm weight, norm bias)"
+)
 MATMULS = (aten.addmm.default, aten.mm.default)
 
 
@@ -94,13 +100,30 @@ class _MlpChain:
         _, self.w2, self.b2 = second
         self.act = as_activation(act)
         self.nodes = [("fc1", fc1), ("act", act), ("fc2", fc2)]
-        if self.x2d.target in RESHAPES:
+        viewed = self.x2d.target in RESHAPES
+        if viewed:
             self.nodes.insert(0, ("x_view", self.x2d))
+        self.norm = self._norm(self.x2d.args[0] if viewed else self.x2d)
         out2 = _after_reshape(fc2)
         if out2 is not fc2:
             self.nodes.append(("out", out2))
         self.scale = self.residual = None
         self._grow(out2)
+
+    def _norm(self, y: object) -> LayerNormMatch | None:
+        """The LayerNorm whose output the first linear alone reads, taken as the prologue."""
+        if not isinstance(y, torch.fx.Node) or y.op != "call_function":
+            return None
+        norm = layer_norm_of(y)
+        if norm is None or [u for u in y.users if u.op != "output"] != [self.nodes[0][1]]:
+            return None
+        named = [("ln_stats", norm.stats), ("ln_normed", norm.normed)]
+        named += [("ln_scaled", norm.scaled)] if norm.scaled is not None else []
+        named += [("ln_shifted", norm.shifted)] if norm.shifted is not None else []
+        if y not in (n for _, n in named):
+            named.append(("ln_out", y))
+        self.nodes[:0] = named
+        return norm
 
     def _grow(self, cur: torch.fx.Node) -> None:
         """The layer scale and the residual add, when each is the previous node's sole user."""
@@ -161,6 +184,16 @@ def _spec_or_reason(chain: _MlpChain, ctx: PassContext) -> MlpSpec | str:
     if not x2d.is_contiguous() or not out.is_contiguous():
         return "the tokens or the block's output are not contiguous"
     tokens = fake_value(chain.x2d.args[0]) if chain.x2d.target in RESHAPES else x2d
+    norm = chain.norm
+    if norm is not None:
+        tokens = fake_value(norm.x)
+        if (norm.weight is None) != (norm.bias is None):
+            return "a LayerNorm with a weight but no bias, or a bias but no weight"
+        vectors = [fake_value(n) for n in (norm.weight, norm.bias) if n is not None]
+        if tokens is None or any(t is None or t.dtype != x2d.dtype for t in [tokens, *vectors]):
+            return "the LayerNorm's input or parameters are not of the block's dtype"
+        if not tokens.is_contiguous():
+            return "the LayerNorm's input is not contiguous"
     if tokens is None or tokens.shape[-1] != c:
         return "the first linear's tokens are not a [*L, C] tensor"
     if tuple(out.shape) != (*tokens.shape[:-1], co):
@@ -181,6 +214,8 @@ def _spec_or_reason(chain: _MlpChain, ctx: PassContext) -> MlpSpec | str:
         device=x2d.device.type,
         precision=matmul_precision(x2d.dtype),
         hints=size_hints(x2d),
+        norm=None if norm is None else "plain" if norm.weight is None else "affine",
+        norm_eps=1e-5 if norm is None else norm.eps,
     )
 
 
@@ -207,7 +242,7 @@ def match_mlp_blocks(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.Gra
                 kind="mlp_block",
                 rule=RULE,
                 stage=ctx.stage,
-                nodes=tuple(n for role, n in roles if role != "x_view"),
+                nodes=tuple(n for _, n in roles),
                 summary=spec.describe() if spec else chain.summary(),
                 spec=spec,
                 fallback_reason=None if reason is None else f"per layer: {reason}",

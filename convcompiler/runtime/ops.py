@@ -4,7 +4,8 @@
                  kernel)
     im2win::conv_wgrad(dy, x, mask?, kernel)  a conv's weight gradient
     im2win::window_attention(q, k, v, bias?, mask?, general?, logit_scale?, kernel)
-    im2win::mlp_block(x, w1, b1?, w2, b2?, scale?, residual?, kernel)  a transformer MLP
+    im2win::mlp_block(x, w1, b1?, w2, b2?, scale?, residual?, norm_weight?, norm_bias?,
+                      kernel)                  a transformer MLP, [LayerNorm ->] included
 
 A conv's `mask` (backward kernels only, spec.input_mask): the gradient operand (x of a
 transposed conv, dy of a weight gradient) stands for where(mask, 0, gradient), a ReLU's
@@ -177,13 +178,16 @@ def mlp_block(
     b2: Tensor | None,
     scale: Tensor | None,
     residual: Tensor | None,
+    norm_weight: Tensor | None,
+    norm_bias: Tensor | None,
     kernel: str,
 ) -> Tensor:
-    return _launch(decode(kernel), (x, w1, b1, w2, b2, scale, residual))
+    operands = (x, w1, b1, w2, b2, scale, residual, norm_weight, norm_bias)
+    return _launch(decode(kernel), operands)
 
 
 @mlp_block.register_fake
-def _mlp_block_fake(x, w1, b1, w2, b2, scale, residual, kernel):
+def _mlp_block_fake(x, w1, b1, w2, b2, scale, residual, norm_weight, norm_bias, kernel):
     spec = decode(kernel).spec
     return x.new_empty((*x.shape[:-1], spec.out_features))
 

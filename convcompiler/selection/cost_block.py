@@ -3,21 +3,23 @@
 An MLP block (spec_block.MlpSpec) has two candidates:
 
     per layer   what runs when the block is not fused (the "aten" schedule of the region):
-                two GEMMs, each a roofline of its own. The first writes the hidden [M, H]
-                (its activation fused in its epilogue), the second reads it back and
+                a LayerNorm prologue is a kernel that reads x and writes its normalised copy;
+                then two GEMMs, each a roofline of its own. The first writes the hidden
+                [M, H] (its activation fused in its epilogue), the second reads it back and
                 applies the residual add; a layer scale is one more pointwise kernel that
                 reads and writes the output. So the hidden makes one round trip to memory.
     mlp_block   one kernel: x, the weights, the residual and the output once, the hidden
-                never. Each of the CO / BLOCK_N output-column tiles computes the first GEMM
+                and the normalised tokens never (the norm's statistics re-read the tile's x
+                rows, from L1/L2). Each of the CO / BLOCK_N output-column tiles computes the first GEMM
                 again (its FLOPs are padded and multiplied accordingly), and re-reads its
                 x rows (from L2 when they fit).
 """
 
 from __future__ import annotations
 
-from ..schedule import Schedule
+from ..schedule import ATEN, Schedule
 from ..spec_block import MlpSpec
-from .cost import MEMORY_EFFICIENCY, _cdiv, _max, _reread, last_wave
+from .cost import MEMORY_EFFICIENCY, _cdiv, _max, _reread, last_wave, predict
 from .devices import Device
 
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -40,6 +42,8 @@ def _per_layer(spec: MlpSpec, m, device: Device):
     first = (2 * m * c * h, x + h * c * e + hidden)
     second = (2 * m * h * co, hidden + co * h * e + y + (y if spec.residual else 0))
     kernels = [first, second]
+    if spec.norm is not None:  # read x, write the normalised tokens
+        kernels.insert(0, (0, 2 * x))
     if spec.scale:  # layer scale: read the GEMM's output, write the scaled one
         kernels.append((0, 2 * y))
     seconds = sum(_max(f / peak, b / bandwidth) for f, b in kernels)
@@ -66,6 +70,7 @@ def mlp_time(spec: MlpSpec, schedule: Schedule, device: Device, symbolic: bool):
     padded = last_wave(padded, ctas, s["num_warps"], device)
     weights = (h * c + co * h) * e
     vectors = (spec.has_bias1 * h + (spec.has_bias2 + spec.scale) * co) * e
+    vectors += 2 * c * e if spec.norm == "affine" else 0
     y = m * co * e
     traffic = (
         _reread(m * c * e, tiles_n, device)
@@ -84,3 +89,14 @@ def mlp_steps(spec: MlpSpec, schedule: Schedule) -> int:
     s = schedule.as_dict()
     tiles = _cdiv(spec.hint(spec.tokens), s["BLOCK_M"]) * _cdiv(spec.out_features, s["BLOCK_N"])
     return tiles * _cdiv(spec.hidden, s["BLOCK_H"]) * (_cdiv(spec.in_features, s["BLOCK_K"]) + 1)
+
+
+def block_note(spec: MlpSpec, fused: Schedule, device: Device, calibration: float = 1.0) -> str:
+    """One kernel (schedule `fused`) against layer by layer: predicted time and bytes."""
+    one = predict(spec, fused, device, calibration, symbolic=False)
+    per = predict(spec, ATEN, device, calibration, symbolic=False)
+    return (
+        f"one kernel {one.at_hint * 1e6:.1f} us and {one.bytes / 2**20:.2f} MiB (the "
+        f"[M, {spec.hidden}] hidden on chip) against {per.at_hint * 1e6:.1f} us and "
+        f"{per.bytes / 2**20:.2f} MiB layer by layer"
+    )

@@ -35,13 +35,15 @@ from ..codegen import SPACES, TEMPLATES, kind_spaces
 from ..config import Config
 from ..counters import counters
 from ..schedule import ATEN, InvalidSchedule, Schedule
+from ..spec_block import MlpSpec
 from .choice import CandidateRow, Choice, SelectionContext, Spec
 from .cost import Prediction, interpreter_steps, predict, rank
+from .cost_block import block_note
 from .devices import Device
 from .stored import stored_decision
 from .tuning import autotune
 
-__all__ = ["CandidateRow", "Choice", "SelectionContext", "select_schedule"]
+__all__ = ["CandidateRow", "Choice", "SelectionContext", "select_block", "select_schedule"]
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +129,27 @@ def select_schedule(spec: Spec, ctx: SelectionContext) -> Choice:
 
 
 select_conv_schedule = select_schedule  # the name the conv-only callers know
+
+
+def select_block(spec: MlpSpec, ctx: SelectionContext) -> Choice:
+    """select_schedule for a block region, whose "aten" candidate is its layers run one by
+    one: the choice's `why` (one kernel) or `fallback_reason` (per layer, the cost model's
+    call) compares the two, time and bytes (cost_block.block_note)."""
+    choice = select_schedule(spec, ctx)
+    fused = choice.schedule
+    if fused.name == "aten":
+        if choice.origin != "model":
+            return choice
+        ranked = rank(spec, model_candidates(spec, ctx.device, include_aten=False), ctx.device)
+        if not ranked:
+            return dataclasses.replace(
+                choice, fallback_reason="no block schedule fits the planning GPU"
+            )
+        fused = ranked[0].schedule
+    note = block_note(spec, fused, ctx.device, ctx.calibration)
+    if choice.fallback_reason is not None:
+        return dataclasses.replace(choice, fallback_reason=note)
+    return dataclasses.replace(choice, why=f"{choice.why}; {note}")
 
 
 def _for_cpu(spec: Spec, ctx: SelectionContext, choice: Choice) -> Choice:

@@ -1,0 +1,109 @@
+"""A LayerNorm over the last dim, read back from its decomposition in the post-grad graph:
+
+    xf = x                       (float32 tokens; float16/bfloat16 ones are converted first)
+    var, mean = var_mean(xf, [-1], correction=0, keepdim=True)
+    y = (xf - mean) * rsqrt(var + eps) [* weight] [+ bias]   (converted back to x's dtype)
+
+`layer_norm_of(node)` walks from the node that produces y up to x, accepting only that
+shape: every node on the way has one user (var_mean: its two getitems), and weight and bias
+are vectors over the last dim. A block region takes the norm as its prologue.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+from .meta import fake_value
+
+aten, prims = torch.ops.aten, torch.ops.prims
+
+
+@dataclass(frozen=True)
+class LayerNormMatch:
+    x: torch.fx.Node  # the normalised tokens (before any conversion to float32)
+    stats: torch.fx.Node  # the var_mean node: its first argument is x, or x converted
+    weight: torch.fx.Node | None
+    bias: torch.fx.Node | None
+    eps: float
+    nodes: tuple[torch.fx.Node, ...]  # the norm's nodes, the statistics first, y last
+    normed: torch.fx.Node  # (xf - mean) * rstd
+    scaled: torch.fx.Node | None  # ... * weight
+    shifted: torch.fx.Node | None  # ... + bias
+
+
+def _users(node: torch.fx.Node) -> list[torch.fx.Node]:
+    return [user for user in node.users if user.op != "output"]
+
+
+def _vector_operand(node: torch.fx.Node, width) -> tuple[torch.fx.Node, torch.fx.Node] | None:
+    """(the vector, the other operand) of a binary op with a [width] vector operand."""
+    a, b = node.args[:2]
+    for vec, other in ((b, a), (a, b)):
+        v = fake_value(vec)
+        if isinstance(vec, torch.fx.Node) and v is not None and tuple(v.shape) == (width,):
+            return vec, other
+    return None
+
+
+def _convert(node: object) -> bool:
+    return isinstance(node, torch.fx.Node) and node.target is prims.convert_element_type.default
+
+
+def layer_norm_of(y: torch.fx.Node) -> LayerNormMatch | None:
+    """The LayerNorm that produces `y`, or None (see the module docstring)."""
+    out = fake_value(y)
+    if out is None or out.dim() < 1:
+        return None
+    width, chain, cur = out.shape[-1], [y], y
+    if _convert(cur):
+        cur = cur.args[0]
+        chain.append(cur)
+    weight = bias = scaled = shifted = None
+    if cur.target is aten.add.Tensor and len(_users(cur)) == 1:
+        found = _vector_operand(cur, width)
+        if found is not None:
+            shifted = cur
+            bias, cur = found
+            chain.append(cur)
+    if cur.target is aten.mul.Tensor and len(_users(cur)) == 1:
+        found = _vector_operand(cur, width)
+        if found is not None and found[1].target is aten.mul.Tensor:
+            scaled = cur
+            weight, cur = found
+            chain.append(cur)
+    if cur.target is not aten.mul.Tensor or len(_users(cur)) != 1:
+        return None
+    a, b = cur.args[:2]
+    sub, rsqrt = (a, b) if getattr(b, "target", None) is aten.rsqrt.default else (b, a)
+    if getattr(rsqrt, "target", None) is not aten.rsqrt.default:
+        return None
+    if getattr(sub, "target", None) is not aten.sub.Tensor:
+        return None
+    plus_eps = rsqrt.args[0]
+    if getattr(plus_eps, "target", None) is not aten.add.Tensor:
+        return None
+    var, eps = plus_eps.args[:2]
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool):
+        return None
+    xf, mean = sub.args[:2]
+    for getter, index in ((var, 0), (mean, 1)):
+        if getattr(getter, "target", None) is not operator.getitem or getter.args[1] != index:
+            return None
+    stats = var.args[0]
+    if stats is not mean.args[0] or stats.target is not aten.var_mean.correction:
+        return None
+    dims = list(stats.args[1]) if len(stats.args) > 1 else None
+    xv = fake_value(xf)
+    if xv is None or dims not in ([-1], [xv.dim() - 1]) or stats.args[0] is not xf:
+        return None
+    if stats.kwargs.get("correction", 1) != 0 or not stats.kwargs.get("keepdim", False):
+        return None
+    if any(len(_users(n)) != 1 for n in (sub, rsqrt, plus_eps, var, mean)):
+        return None
+    x = xf.args[0] if _convert(xf) else xf
+    nodes = (stats, var, mean, sub, plus_eps, rsqrt, *reversed(chain))
+    return LayerNormMatch(x, stats, weight, bias, float(eps), nodes, cur, scaled, shifted)

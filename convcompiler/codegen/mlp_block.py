@@ -35,7 +35,7 @@ LAUNCH_KEYS = ("num_warps", "num_stages")
 @schedule_space(
     "mlp_block",
     BLOCK_M=(16, 32, 64, 128),
-    BLOCK_N=(16, 32, 64, 128, 256),
+    BLOCK_N=(16, 32, 64, 128, 256, 512),
     BLOCK_H=(16, 32, 64, 128),
     BLOCK_K=(16, 32, 64, 128),
     num_warps=(4, 8),

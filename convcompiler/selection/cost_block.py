@@ -24,6 +24,10 @@ from .devices import Device
 
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 FUSED_EFFICIENCY = 0.60  # two chained dots and an activation per hidden chunk
+# On sm_90 Triton issues wgmma only for tiles of at least 64 rows; narrower ones run the
+# sm_80 mma.sync, at about half the rate (the static report counts which one a kernel uses)
+NARROW_ROWS = 64
+MMA_SYNC_ON_SM90 = 0.5
 GEMM_EFFICIENCY = 0.75  # each per-layer GEMM (as gemm_1x1)
 
 
@@ -78,7 +82,10 @@ def mlp_time(spec: MlpSpec, schedule: Schedule, device: Device, symbolic: bool):
         + y * (1 + spec.residual)
         + vectors
     )
-    compute = padded / (device.peak(math_kind(spec)) * FUSED_EFFICIENCY)
+    eff = FUSED_EFFICIENCY
+    if device.capability >= (9, 0) and bm < NARROW_ROWS and math_kind(spec) != "fp32":
+        eff *= MMA_SYNC_ON_SM90
+    compute = padded / (device.peak(math_kind(spec)) * eff)
     memory = traffic / (device.bandwidth * MEMORY_EFFICIENCY)
     launch = device.launch_us * 1e-6
     return _max(compute, memory) + launch, compute, memory, launch, flops, padded, traffic, 0, ctas

@@ -43,6 +43,9 @@ class MlpSpec(SizeHints):
     hints: tuple[tuple[str, int], ...] = ()
     norm: str | None = None  # a LayerNorm prologue: None, "plain" or "affine" (weight and bias)
     norm_eps: float = 1e-5
+    # the output (and the residual) are the tokens' [N, *spatial, CO] permuted to
+    # [N, CO, *spatial] (ConvNeXt's block, which permutes back after its second linear)
+    channels_first: bool = False
 
     def __post_init__(self) -> None:
         from .spec import SpecError
@@ -60,6 +63,7 @@ class MlpSpec(SizeHints):
             ("ln_" if self.norm else "")
             + f"mlp_block_c{self.in_features}_h{self.hidden}_o{self.out_features}_{self.act}"
             f"_{self.dtype}" + (f"_{terms}" if terms else "")
+            + ("_nchw" if self.channels_first else "")
         )
 
     def key(self) -> str:
@@ -75,7 +79,9 @@ class MlpSpec(SizeHints):
         norm = "layer_norm -> " if self.norm else ""
         return (
             f"mlp [M={self.tokens}] {norm}{self.in_features} -> {self.hidden} {self.act} -> "
-            f"{self.out_features}{terms} {self.dtype} (hidden on chip)"
+            f"{self.out_features}{terms} {self.dtype}"
+            + (" nchw" if self.channels_first else "")
+            + " (hidden on chip)"
         )
 
     def flops(self) -> int:
@@ -111,5 +117,6 @@ def mlp_from_json(data: dict, common: dict) -> MlpSpec:
         residual=_bool(data["residual"], "residual"),
         norm=_check(data["norm"], NORMS, "norm"),
         norm_eps=_float(data["norm_eps"], "norm_eps"),
+        channels_first=_bool(data["channels_first"], "channels_first"),
         **common,
     )

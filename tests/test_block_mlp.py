@@ -93,6 +93,29 @@ def test_variants(act, bias, residual, norm, shape) -> None:
     assert row.fallback_reason is None and convcompiler.counters["launch.mlp_block"] == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_convnext_block_is_two_kernels(dtype, tmp_path) -> None:
+    """torchvision's CNBlock: dw 7x7 -> permute -> LayerNorm -> MLP -> permute back -> layer
+    scale [C, 1, 1] -> + input. The MLP reads the conv's output through the permute (no
+    contiguous copy), and writes [N, C, H, W] in eager's channels-last strides, scaled and
+    with the input added: the conv's kernel and the block's are all that run."""
+    from torchvision.models.convnext import CNBlock
+
+    torch.manual_seed(8)
+    model = CNBlock(16, 0.5, 0.0).eval()
+    with torch.no_grad():
+        model.layer_scale.uniform_(0.5, 1.5)
+    model = model.to(dtype)
+    x = torch.randn(2, 16, 5, 7).to(dtype)
+    out, ref, report = compiled_block(model, x, {"debug_dir": str(tmp_path)})
+    assert_close(out, ref, dtype)
+    assert out.stride() == model(x).stride()
+    (row,) = blocks(report)
+    assert row.spec.endswith("16 -> 64 gelu -> 16 +scale+add " + str(dtype)[6:] + " nchw (hidden on chip)")
+    assert kernel_launches() == 2 == convcompiler.counters["launch.mlp_block"] + 1
+    assert set(lowered_ops(tmp_path)) == {"permute"}, lowered_ops(tmp_path)
+
+
 def test_a_different_output_width() -> None:
     """CO != C (a projection MLP): no residual, several output-column tiles."""
     torch.manual_seed(2)

@@ -78,6 +78,7 @@ HAS_B1 = ${has_b1}
 HAS_B2 = ${has_b2}
 HAS_SCALE = ${has_scale}
 RESIDUAL = ${residual}
+CHANNELS_FIRST = ${channels_first}  # output and residual as [N, CO, *spatial] views
 NORM = ${norm}  # a LayerNorm prologue: None, "plain" or "affine"
 NORM_EPS = ${norm_eps}
 PRECISION = ${precision}
@@ -108,20 +109,22 @@ _add = tl.standard._sum_combine
 
 
 @triton.jit
-def _row_stats(x_rows, m_ok, EPS: tl.constexpr, C: tl.constexpr, BLOCK_M: tl.constexpr,
+def _row_stats(x_rows, sxc, m_ok, EPS: tl.constexpr, C: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_K: tl.constexpr, WIDEN: tl.constexpr):
     # LayerNorm's statistics of each row over its C features: the mean, then the mean of the
     # centred squares (not E[x^2] - mean^2, which cancels), in fp32 (fp64 interpreted)
     total = _zeros(BLOCK_M, 1, WIDEN)
     for c0 in range(0, C, BLOCK_K):
         offs_c, c_ok = _wrapped(c0, C, BLOCK_K)
-        a = tl.load(x_rows + offs_c[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+        a = tl.load(x_rows + (offs_c * sxc)[None, :], mask=m_ok[:, None] & c_ok[None, :],
+                    other=0.0)
         total += tl.reduce(a.to(total.dtype), 1, _add, keep_dims=True)
     mean = total / C
     total = _zeros(BLOCK_M, 1, WIDEN)
     for c0 in range(0, C, BLOCK_K):
         offs_c, c_ok = _wrapped(c0, C, BLOCK_K)
-        a = tl.load(x_rows + offs_c[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+        a = tl.load(x_rows + (offs_c * sxc)[None, :], mask=m_ok[:, None] & c_ok[None, :],
+                    other=0.0)
         centred = tl.where(c_ok[None, :], a.to(total.dtype) - mean, 0.0)
         total += tl.reduce(centred * centred, 1, _add, keep_dims=True)
     return mean, 1.0 / tl.sqrt(total / C + EPS)
@@ -145,10 +148,11 @@ def _normalised(a, offs_c, c_ok, mean, rstd, nw_ptr, nb_ptr, AFFINE: tl.constexp
 def mlp_block(
     # pointers: tokens, the two weights, the output; the optional vectors and residual
     x_ptr, w1_ptr, w2_ptr, y_ptr, b1_ptr, b2_ptr, s_ptr, r_ptr, nw_ptr, nb_ptr,
-    # sizes: M tokens (may vary); the features are fixed by the spec
-    M, C: tl.constexpr, HID: tl.constexpr, CO: tl.constexpr,
-    # row strides (each row is contiguous; w1 is [HID, C] and w2 [CO, HID], contiguous)
-    sxm, srm, sym,
+    # sizes: M = B x P tokens (may vary); the features are fixed by the spec
+    M, P, C: tl.constexpr, HID: tl.constexpr, CO: tl.constexpr,
+    # x, the residual and the output as [B, P, features] through their strides (w1 is
+    # [HID, C] and w2 [CO, HID], contiguous)
+    sxb, sxp, sxc, srb, srp, src, syb, syp, syc,
     # meta-parameters
     HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, HAS_SCALE: tl.constexpr,
     RESIDUAL: tl.constexpr, NORM: tl.constexpr, NORM_AFFINE: tl.constexpr,
@@ -163,9 +167,11 @@ def mlp_block(
     if INT64:
         offs_m = offs_m.to(tl.int64)
     offs_n, n_ok = _wrapped(tl.program_id(1) * BLOCK_N, CO, BLOCK_N)
-    x_rows = x_ptr + offs_m[:, None] * sxm
+    b_idx = offs_m // P
+    p_idx = offs_m % P
+    x_rows = x_ptr + (b_idx * sxb + p_idx * sxp)[:, None]
     if NORM:  # the LayerNorm prologue's row statistics
-        mean, rstd = _row_stats(x_rows, m_ok, NORM_EPS, C, BLOCK_M, BLOCK_K, WIDEN)
+        mean, rstd = _row_stats(x_rows, sxc, m_ok, NORM_EPS, C, BLOCK_M, BLOCK_K, WIDEN)
 
     # ---- 2. the hidden features, BLOCK_H at a time: acc += act(x @ W1[j]^T + b1[j]) @ W2[:, j]^T
     acc = _zeros(BLOCK_M, BLOCK_N, WIDEN)
@@ -175,7 +181,8 @@ def mlp_block(
         hid = _zeros(BLOCK_M, BLOCK_H, WIDEN)
         for c0 in range(0, C, BLOCK_K):
             offs_c, c_ok = _wrapped(c0, C, BLOCK_K)
-            a = tl.load(x_rows + offs_c[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+            a = tl.load(x_rows + (offs_c * sxc)[None, :], mask=m_ok[:, None] & c_ok[None, :],
+                        other=0.0)
             if NORM:
                 a = _normalised(a, offs_c, c_ok, mean, rstd, nw_ptr, nb_ptr, NORM_AFFINE, WIDEN)
             b = tl.load(w1_ptr + offs_h[None, :] * C + offs_c[:, None],
@@ -199,9 +206,10 @@ def mlp_block(
         acc *= tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(acc.dtype)[None, :]
     out_ok = m_ok[:, None] & n_ok[None, :]
     if RESIDUAL:
-        r = tl.load(r_ptr + offs_m[:, None] * srm + offs_n[None, :], mask=out_ok, other=0.0)
+        r = tl.load(r_ptr + (b_idx * srb + p_idx * srp)[:, None] + (offs_n * src)[None, :],
+                    mask=out_ok, other=0.0)
         acc += r.to(acc.dtype)
-    tl.store(y_ptr + offs_m[:, None] * sym + offs_n[None, :],
+    tl.store(y_ptr + (b_idx * syb + p_idx * syp)[:, None] + (offs_n * syc)[None, :],
              acc.to(y_ptr.dtype.element_ty), mask=out_ok)
 
 
@@ -214,10 +222,25 @@ def _vector(t, size, name):
     return t if t.is_contiguous() else t.contiguous()
 
 
-def _rows(t, width):
-    """[*L, width] as [M, width] rows, each contiguous (a view when the strides allow)."""
-    t = t.reshape(-1, width)
-    return t if t.stride(1) == 1 else t.contiguous()
+def _merged(sizes, strides):
+    """The stride of dims that merge into one (a view), or None."""
+    for i in range(len(sizes) - 1):
+        if sizes[i] != 1 and sizes[i + 1] != 1 and strides[i] != strides[i + 1] * sizes[i + 1]:
+            return None
+    inner = [st for size, st in zip(sizes, strides) if size != 1]
+    return inner[-1] if inner else 0
+
+
+def _tokens(t):
+    """[*L, F] tokens as (B, P, strides (b, p, f)): the leading dims split where each side
+    merges into one strided dim (a permuted NCHW tensor is [N, H*W]); a copy when none does."""
+    lead, strides = list(t.shape[:-1]), list(t.stride()[:-1])
+    for k in range(len(lead) + 1):
+        sb, sp = _merged(lead[:k], strides[:k]), _merged(lead[k:], strides[k:])
+        if sb is not None and sp is not None:
+            b, p = torch.Size(lead[:k]).numel(), torch.Size(lead[k:]).numel()
+            return t, b, p, (sb, sp, t.stride(-1))
+    return _tokens(t.contiguous())
 
 
 def launch(x, w1, b1=None, w2=None, b2=None, scale=None, residual=None, norm_weight=None,
@@ -237,44 +260,50 @@ def launch(x, w1, b1=None, w2=None, b2=None, scale=None, residual=None, norm_wei
                                ("a norm bias", norm_bias, NORM == "affine")):
         if (given is not None) != built:
             raise ValueError(f"kernel built {'with' if built else 'without'} {name}")
+    scale = scale.reshape(-1) if scale is not None and scale.numel() == CO else scale
     b1, b2, scale = _vector(b1, HID, "b1"), _vector(b2, CO, "b2"), _vector(scale, CO, "scale")
     norm_weight, norm_bias = _vector(norm_weight, C, "norm weight"), _vector(norm_bias, C,
                                                                             "norm bias")
     w1, w2 = (w if w.is_contiguous() else w.contiguous() for w in (w1, w2))
 
-    # ---- 2. allocate the output: the tokens' leading dims, CO features, contiguous ----
+    # ---- 2. allocate the output: the tokens' leading dims, CO features, contiguous; with
+    # CHANNELS_FIRST returned as [N, CO, *spatial] (a permuted view), as the residual comes
     y = torch.empty((*x.shape[:-1], CO), device=x.device, dtype=x.dtype)
-    if y.numel() == 0:
-        return y
-    rows = _rows(x, C)
-    M = rows.shape[0]
-    r_rows, srm = None, 0
+    to_first = (0, y.dim() - 1, *range(1, y.dim() - 1))
+    to_last = (0, *range(2, y.dim()), 1)
+    result = y.permute(to_first) if CHANNELS_FIRST else y
     if residual is not None:
-        if residual.shape != y.shape or residual.dtype != DTYPE:
+        if residual.shape != result.shape or residual.dtype != DTYPE:
             raise ValueError(f"residual {residual.dtype} {tuple(residual.shape)} != output "
-                             f"{DTYPE} {tuple(y.shape)}")
-        r_rows = _rows(residual, CO)
-        srm = r_rows.stride(0)
+                             f"{DTYPE} {tuple(result.shape)}")
+        residual = residual.permute(to_last) if CHANNELS_FIRST else residual
+    if y.numel() == 0:
+        return result
+    x, B, P, x_strides = _tokens(x)
+    r_strides = (0, 0, 0)
+    if residual is not None:
+        residual, _, _, r_strides = _tokens(residual)
     # Under Triton's interpreter (CPU) the kernel works in fp64, and a bf16 result is stored
     # in fp32 for torch to round (the interpreter truncates fp32 -> bf16).
     widen = x.device.type == "cpu"
-    out = y.view(M, CO)
+    out = y
     if widen and x.dtype == torch.bfloat16:
-        out = torch.empty((M, CO), device=x.device, dtype=torch.float32)
-    tensors = (rows, w1, w2, out) + ((r_rows,) if r_rows is not None else ())
+        out = torch.empty_like(y, dtype=torch.float32)
+    M = B * P
+    tensors = (x, w1, w2, out) + ((residual,) if residual is not None else ())
     int64 = max(t.numel() for t in tensors) >= INDEX_LIMIT
 
     # ---- 3. launch: (token tiles, output-feature tiles) ----
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(CO, meta["BLOCK_N"]))
     mlp_block[grid](
-        rows, w1, w2, out, b1, b2, scale, r_rows, norm_weight, norm_bias,
-        M, C, HID, CO, rows.stride(0), srm, out.stride(0),
+        x, w1, w2, out, b1, b2, scale, residual, norm_weight, norm_bias,
+        M, P, C, HID, CO, *x_strides, *r_strides, P * CO, CO, 1,
         HAS_B1=HAS_B1, HAS_B2=HAS_B2, HAS_SCALE=HAS_SCALE, RESIDUAL=RESIDUAL,
         NORM=NORM is not None, NORM_AFFINE=NORM == "affine", NORM_EPS=NORM_EPS,
         PRECISION=PRECISION, WIDEN=widen, INT64=int64, **META, **LAUNCH)
-    if out.data_ptr() != y.data_ptr():
-        y.view(M, CO).copy_(out)
-    return y
+    if out is not y:
+        y.copy_(out)
+    return result
 '''
 
 
@@ -291,6 +320,7 @@ def render(spec: MlpSpec, schedule: Schedule) -> T.KernelSource:
         has_b2=str(spec.has_bias2),
         has_scale=str(spec.scale),
         residual=str(spec.residual),
+        channels_first=str(spec.channels_first),
         precision=repr(spec.precision),
         norm=repr(spec.norm),
         norm_eps=repr(float(spec.norm_eps)),

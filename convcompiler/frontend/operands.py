@@ -44,6 +44,8 @@ def mlp_operands(nodes: dict[str, torch.fx.Node], region: Region) -> tuple:
         x = nodes[roles["ln_stats"]].args[0]
         if x.target is torch.ops.prims.convert_element_type.default:
             x = x.args[0]
+        if "x_copy" in roles:  # the kernel reads the copy's source through its strides
+            x = nodes[roles["x_copy"]].args[0]
         norm_weight = _other(nodes, region, "ln_scaled") if "ln_scaled" in roles else None
         norm_bias = _other(nodes, region, "ln_shifted") if "ln_shifted" in roles else None
     scale = _other(nodes, region, "scale") if "scale" in roles else None

@@ -108,6 +108,15 @@ class _MlpChain:
         if out2 is not fc2:
             self.nodes.append(("out", out2))
         self.scale = self.residual = None
+        self.channels_first = False
+        perm = _sole_user(out2)
+        ov = fake_value(out2)
+        if perm is not None and perm.target is aten.permute.default and ov is not None:
+            nd = ov.dim()
+            if nd >= 3 and list(perm.args[1]) == [0, nd - 1, *range(1, nd - 1)]:
+                self.channels_first = True  # ConvNeXt: [N, H, W, C] back to [N, C, H, W]
+                self.nodes.append(("out_perm", perm))
+                out2 = perm
         self._grow(out2)
 
     def _norm(self, y: object) -> LayerNormMatch | None:
@@ -118,6 +127,10 @@ class _MlpChain:
         if norm is None or [u for u in y.users if u.op != "output"] != [self.nodes[0][1]]:
             return None
         named = [("ln_stats", norm.stats), ("ln_normed", norm.normed)]
+        copy = norm.x
+        inside = set(norm.nodes) | {norm.stats.args[0]}
+        if copy.target is aten.clone.default and set(copy.users) <= inside:
+            named.insert(0, ("x_copy", copy))  # ConvNeXt's contiguous copy of a permute
         named += [("ln_scaled", norm.scaled)] if norm.scaled is not None else []
         named += [("ln_shifted", norm.shifted)] if norm.shifted is not None else []
         if y not in (n for _, n in named):
@@ -137,8 +150,14 @@ class _MlpChain:
             ov = fake_value(other)
             if ov is None or out is None or not isinstance(other, torch.fx.Node):
                 return
-            wanted = (out.shape[-1],) if role == "scale" else tuple(out.shape)
-            if tuple(ov.shape) != wanted or ov.dtype != out.dtype:
+            if ov.dtype != out.dtype or ov.dim() > out.dim():
+                return
+            if role == "scale":  # one value per output feature, on the features' dim
+                shape = [1] * (out.dim() - ov.dim()) + list(ov.shape)
+                channel = 1 if self.channels_first else out.dim() - 1
+                if shape != [out.shape[channel] if i == channel else 1 for i in range(out.dim())]:
+                    return
+            elif tuple(ov.shape) != tuple(out.shape):
                 return
             setattr(self, "residual" if role == "add" else "scale", other)
             self.nodes.append((role, user))
@@ -181,22 +200,24 @@ def _spec_or_reason(chain: _MlpChain, ctx: PassContext) -> MlpSpec | str:
     (h, c), (co, h2) = w1.shape, w2.shape
     if not all(isinstance(v, int) for v in (h, c, co, h2)) or h != h2:
         return "the weights' shapes are symbolic or do not chain"
-    if not x2d.is_contiguous() or not out.is_contiguous():
+    layout = out
+    if chain.channels_first:  # [N, C, *spatial] seen through the permute back
+        layout = out.permute(0, *range(2, out.dim()), 1)
+    if not x2d.is_contiguous() or not layout.is_contiguous():
         return "the tokens or the block's output are not contiguous"
     tokens = fake_value(chain.x2d.args[0]) if chain.x2d.target in RESHAPES else x2d
     norm = chain.norm
     if norm is not None:
-        tokens = fake_value(norm.x)
+        copy = dict(chain.nodes).get("x_copy")
+        tokens = fake_value(norm.x if copy is None else copy.args[0])
         if (norm.weight is None) != (norm.bias is None):
             return "a LayerNorm with a weight but no bias, or a bias but no weight"
         vectors = [fake_value(n) for n in (norm.weight, norm.bias) if n is not None]
         if tokens is None or any(t is None or t.dtype != x2d.dtype for t in [tokens, *vectors]):
             return "the LayerNorm's input or parameters are not of the block's dtype"
-        if not tokens.is_contiguous():
-            return "the LayerNorm's input is not contiguous"
     if tokens is None or tokens.shape[-1] != c:
         return "the first linear's tokens are not a [*L, C] tensor"
-    if tuple(out.shape) != (*tokens.shape[:-1], co):
+    if tuple(layout.shape) != (*tokens.shape[:-1], co):
         return "the block's output is not the tokens' leading dims with CO features"
     if any(size == 0 for size in out.shape):
         return "zero-size block: nothing to compute"
@@ -216,6 +237,7 @@ def _spec_or_reason(chain: _MlpChain, ctx: PassContext) -> MlpSpec | str:
         hints=size_hints(x2d),
         norm=None if norm is None else "plain" if norm.weight is None else "affine",
         norm_eps=1e-5 if norm is None else norm.eps,
+        channels_first=chain.channels_first,
     )
 
 

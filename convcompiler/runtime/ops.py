@@ -16,7 +16,8 @@ from and the hash of its source. Inductor keeps the ops opaque, fuses what is ar
 calls them from its wrapper. Their fake implementations give exactly the sizes and strides
 the kernels write (Inductor asserts them): the conv output in the memory format eager
 produces, the attention output as [B, N, H*D] or [B, H, N, D], the MLP's as x's leading dims and its
-output features, contiguous; sizes may be symbolic.
+output features, contiguous (or that permuted to [N, CO, *spatial]: spec.channels_first);
+sizes may be symbolic.
 
 The first call of a kernel in a process renders its source again, checks the hash, writes
 the file and loads it (`preload` does this at compile time); later calls find it loaded.
@@ -189,7 +190,10 @@ def mlp_block(
 @mlp_block.register_fake
 def _mlp_block_fake(x, w1, b1, w2, b2, scale, residual, norm_weight, norm_bias, kernel):
     spec = decode(kernel).spec
-    return x.new_empty((*x.shape[:-1], spec.out_features))
+    y = x.new_empty((*x.shape[:-1], spec.out_features))
+    if spec.channels_first:  # [N, *spatial, CO] seen as [N, CO, *spatial]
+        return y.permute(0, y.dim() - 1, *range(1, y.dim() - 1))
+    return y
 
 
 OPS = {

@@ -155,7 +155,8 @@ def test_dynamic_tokens_and_an_empty_batch() -> None:
         assert compiled(torch.randn(0, 6, 13)).shape == (0, 6, 13)
     report = convcompiler.last_report()
     assert len(blocks(report)) == 1, str(report)
-    assert blocks(report)[0].fallback_reason == "per layer: zero-size block: nothing to compute"
+    assert blocks(report)[0].schedule == "per layer"
+    assert blocks(report)[0].why == "per layer: zero-size block: nothing to compute"
 
 
 def test_blocks_false_keeps_the_layers_apart() -> None:
@@ -178,7 +179,8 @@ def test_training_runs_the_layers_and_says_why() -> None:
     assert_close(model.fc1.weight.grad, ref.fc1.weight.grad, torch.float32, "fc1 grad")
     assert_close(model.fc2.weight.grad, ref.fc2.weight.grad, torch.float32, "fc2 grad")
     (row,) = blocks(convcompiler.last_report())
-    assert row.schedule == "aten" and row.fallback_reason.startswith("per layer: training graph")
+    assert row.schedule == "per layer" and row.why.startswith("per layer: training graph")
+    assert row.fallback_reason is None and row not in convcompiler.last_report().kernels()
     assert row.spec == "mlp 13 -> 37 gelu -> 13 +add"
     # fc2 + the residual add is a per-layer region (fc1's output is saved for the backward)
     linears = [r.epilogue for r in convcompiler.last_report() if r.kind == "linear"]
@@ -219,9 +221,9 @@ def test_a_wide_block_stays_two_linear_regions() -> None:
     model = Mlp(c=768, hidden=3072).eval().half()
     _, _, report = compiled_block(model, torch.randn(2, 197, 768).half(), {"cpu": "plan"})
     block, *layers = report
-    assert block.kind == "mlp_block" and block.schedule == "aten"
-    assert block.fallback_reason.startswith("per layer: one kernel "), block.fallback_reason
-    assert "MiB layer by layer" in block.fallback_reason
+    assert block.kind == "mlp_block" and block.schedule == "per layer"
+    assert block.why.startswith("per layer: one kernel "), block.why
+    assert "MiB layer by layer" in block.why and "1 blocks per layer" in str(report)
     assert [(r.kind, r.epilogue, r.schedule) for r in layers] == [
         ("linear", "gelu", "gemm_1x1"),
         ("linear", "add", "gemm_1x1"),

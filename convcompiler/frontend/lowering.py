@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ..codegen import KernelSource, render_conv, spec_kind
 from ..config import Config
 from ..counters import counters
-from ..inspection.report import RegionRecord, Report
+from ..inspection.report import PER_LAYER, RegionRecord, Report
 from ..passes import Region
 from ..passes.meta import layout_mismatch
 from ..passes.meta import run_on_fakes as meta_value
@@ -242,6 +242,18 @@ class Lowering:
             disable=None if len(regions) >= 8 else True,
         )
         for region in progress:
+            if region.kind == "mlp_block" and region.fallback_reason is not None:
+                # a block left per layer: its layers are regions of their own (or the host's)
+                self._record(
+                    region,
+                    None,
+                    schedule=PER_LAYER,
+                    params="",
+                    kernel_path=None,
+                    fallback_reason=None,
+                    why=region.fallback_reason,
+                )
+                continue
             if region.fallback_reason is not None:
                 self._record(
                     region,
@@ -250,11 +262,7 @@ class Lowering:
                     params="",
                     kernel_path=None,
                     fallback_reason=region.fallback_reason,
-                    why=(
-                        "block fusion: its layers are regions of their own (or the host's)"
-                        if region.kind == "mlp_block"
-                        else "pattern guard"
-                    ),
+                    why="pattern guard",
                 )
                 continue
             spec = region.spec

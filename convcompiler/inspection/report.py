@@ -20,13 +20,18 @@ from dataclasses import asdict, dataclass, field
 
 from ..config import Config
 
+# the schedule of a block region the cost model (or a guard) left to its layers, which are
+# regions of their own (or the host's ops); its `why` says why
+PER_LAYER = "per layer"
+
 
 @dataclass(frozen=True)
 class RegionRecord:
     """What happened to one region."""
 
     name: str
-    kind: str  # "conv", "conv_bn", "linear", "window_attention" or "batch_norm"
+    # "conv", "conv_bn", "conv_wgrad", "linear", "window_attention", "mlp_block", "batch_norm"
+    kind: str
     stage: str  # "forward", "inference" or "backward"
     spec: str  # readable shapes and parameters
     schedule: str  # schedule name ("im2win_band", "im2win_implicit", "aten")
@@ -75,7 +80,11 @@ class Report:
         return self.regions[index]
 
     def kernels(self) -> list[RegionRecord]:
-        return [r for r in self.regions if r.fallback_reason is None]
+        return [r for r in self.regions if r.fallback_reason is None and r.schedule != PER_LAYER]
+
+    def per_layer(self) -> list[RegionRecord]:
+        """Blocks left per layer: their layers are regions (or the host's ops) of their own."""
+        return [r for r in self.regions if r.schedule == PER_LAYER]
 
     def fallbacks(self) -> list[RegionRecord]:
         return [r for r in self.regions if r.fallback_reason is not None]
@@ -119,7 +128,9 @@ class Report:
                 r.spec,
                 r.schedule,
                 f"{r.predicted_us:.1f} us" if r.predicted_us is not None else "-",
-                r.kernel_path.rsplit("/", 1)[-1] if r.kernel_path else f"ATen: {r.fallback_reason}",
+                r.kernel_path.rsplit("/", 1)[-1]
+                if r.kernel_path
+                else r.why if r.schedule == PER_LAYER else f"ATen: {r.fallback_reason}",
             )
             for r in self.regions
         ]
@@ -130,6 +141,8 @@ class Report:
         if planned_only:  # cpu="plan": a kernel was planned and written; ATen runs it here
             counts += f", {planned_only} planned kernels (written for the GPU, ATen runs here)"
         counts += f", {len(self.fallbacks()) - planned_only} fallbacks"
+        if self.per_layer():
+            counts += f", {len(self.per_layer())} blocks per layer"
         pieces = self.pieces()
         split = f" (graph {self.graph}, piece {self.piece + 1} of {pieces})" if pieces > 1 else ""
         lines = [

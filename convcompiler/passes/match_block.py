@@ -35,7 +35,7 @@ from .activations import as_activation
 from .context import PassContext, Region
 from .layer_norm import LayerNormMatch, layer_norm_of
 from .linear_as_conv import IN_BLOCK, RESHAPES, matmul_precision
-from .meta import as_size, fake_value, size_hints
+from .meta import as_size, fake_value, size_hints, sizes
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -76,6 +76,17 @@ def _after_reshape(node: torch.fx.Node) -> torch.fx.Node:
     return user if user is not None and user.target in RESHAPES else node
 
 
+def _token_views(x2d: torch.fx.Node, out2: torch.fx.Node) -> bool:
+    """Whether x2d views [*L, C] tokens as [M, C] and out2 views the result back as [*L, CO]
+    (a flatten of [N, C, 1, 1], or a reshape into other leading dims, is not that)."""
+    if x2d.target not in RESHAPES or out2.target not in RESHAPES:
+        return False
+    src, flat, out = fake_value(x2d.args[0]), fake_value(x2d), fake_value(out2)
+    if src is None or flat is None or out is None or src.dim() < 2 or out.dim() != src.dim():
+        return False
+    return src.shape[-1] == flat.shape[-1] and sizes(src)[:-1] == sizes(out)[:-1]
+
+
 class _MlpChain:
     """The nodes of one MLP, from its first matmul; `nodes` is empty when it is not one."""
 
@@ -100,13 +111,14 @@ class _MlpChain:
         _, self.w2, self.b2 = second
         self.act = as_activation(act)
         self.nodes = [("fc1", fc1), ("act", act), ("fc2", fc2)]
-        viewed = self.x2d.target in RESHAPES
-        if viewed:
-            self.nodes.insert(0, ("x_view", self.x2d))
-        self.norm = self._norm(self.x2d.args[0] if viewed else self.x2d)
         out2 = _after_reshape(fc2)
-        if out2 is not fc2:
+        viewed = _token_views(self.x2d, out2)
+        if viewed:  # the kernel reads [*L, C] and writes [*L, CO]
+            self.nodes.insert(0, ("x_view", self.x2d))
             self.nodes.append(("out", out2))
+        else:  # 2-D tokens in and out (another view before or after stays outside)
+            out2 = fc2
+        self.norm = self._norm(self.x2d.args[0] if viewed else self.x2d)
         self.scale = self.residual = None
         self.channels_first = False
         perm = _sole_user(out2)
@@ -205,7 +217,7 @@ def _spec_or_reason(chain: _MlpChain, ctx: PassContext) -> MlpSpec | str:
         layout = out.permute(0, *range(2, out.dim()), 1)
     if not x2d.is_contiguous() or not layout.is_contiguous():
         return "the tokens or the block's output are not contiguous"
-    tokens = fake_value(chain.x2d.args[0]) if chain.x2d.target in RESHAPES else x2d
+    tokens = fake_value(chain.x2d.args[0]) if "x_view" in dict(chain.nodes) else x2d
     norm = chain.norm
     if norm is not None:
         copy = dict(chain.nodes).get("x_copy")

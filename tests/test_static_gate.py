@@ -37,3 +37,37 @@ def test_static_gate(case: str) -> None:
     for st in stats:
         if st.uses_dot:
             assert (st.wgmma + st.mma if st.arch == "sm_90" else st.mma) > 0, st
+
+
+# the MLP blocks the cost model fuses at batch 32 on an H100 plan (Swin-T's and ConvNeXt-T's
+# first two stages; wider ones stay per layer), each in its model's form
+BLOCKS = {
+    # name: (tokens, C, layer scale, residual, channels_first, dtype)
+    "swin_t-stage2-fp16": (32 * 28 * 28, 192, False, True, False, "float16"),
+    "convnext_tiny-stage1-bf16": (32 * 56 * 56, 96, True, True, True, "bfloat16"),
+    "convnext_tiny-stage2-fp16": (32 * 28 * 28, 192, True, True, True, "float16"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(BLOCKS))
+def test_block_kernels_pass_the_static_check(name: str) -> None:
+    from convcompiler.codegen import render_region
+    from convcompiler.config import Config
+    from convcompiler.inspection.aot import static_report
+    from convcompiler.selection.choice import SelectionContext
+    from convcompiler.selection.devices import lookup
+    from convcompiler.selection.select import select_block
+    from convcompiler.spec import Activation
+    from convcompiler.spec_block import MlpSpec
+
+    tokens, c, scale, residual, first, dtype = BLOCKS[name]
+    spec = MlpSpec(tokens, c, 4 * c, c, Activation("gelu"), True, True, scale, residual, dtype,
+                   "cuda", "ieee", norm="affine", norm_eps=1e-6, channels_first=first)
+    config = Config(cpu="plan", verify=False, cache=False)
+    choice = select_block(spec, SelectionContext(config, lookup("h100"), "test"))
+    assert choice.fallback_reason is None and choice.schedule.name == "mlp_block", choice.why
+    stats = static_report(render_region(spec, choice.schedule), spec, tuple(ARCHS))
+    assert {st.arch for st in stats} == set(ARCHS)
+    assert all(st.ok for st in stats), [(st.arch, st.problems()) for st in stats]
+    assert all(st.uses_dot and st.tensor_core_ops > 0 for st in stats), stats

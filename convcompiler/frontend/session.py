@@ -38,7 +38,12 @@ from ..counters import counters
 from ..inspection.debug import dump_dir_for, dump_lowered, finish_dump
 from ..inspection.report import RegionRecord, new_report
 from ..passes import POST_GRAD_PASSES, PRE_GRAD_PASSES, PassContext, restore_linears, run_passes
-from ..passes.recompute import tag_attention_intermediates, tag_cheap_stems, tag_weight_transforms
+from ..passes.recompute import (
+    tag_attention_intermediates,
+    tag_block_intermediates,
+    tag_cheap_stems,
+    tag_weight_transforms,
+)
 from ..runtime import ops
 from ..runtime.kernel_ref import decode
 from ..runtime.loader import KernelIntegrityError
@@ -156,6 +161,8 @@ class CompileSession:
         stems = tag_cheap_stems(joint, num_fwd_outputs, self.config.recompute_conv_macs)
         self.report.recomputed.extend(stems)
         tag_attention_intermediates(joint, num_fwd_outputs)
+        if self.config.blocks:
+            tag_block_intermediates(joint, num_fwd_outputs, self.lowering.plan_block)
 
     def stage_of(self, gm: torch.fx.GraphModule) -> str:
         placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]

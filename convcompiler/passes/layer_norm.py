@@ -35,8 +35,9 @@ class LayerNormMatch:
     shifted: torch.fx.Node | None  # ... + bias
 
 
-def _users(node: torch.fx.Node) -> list[torch.fx.Node]:
-    return [user for user in node.users if user.op != "output"]
+def _users(node: torch.fx.Node, forward: set | None) -> list[torch.fx.Node]:
+    """Its users but the graph's output; in a joint graph, only those in its forward."""
+    return [u for u in node.users if u.op != "output" and (forward is None or u in forward)]
 
 
 def _vector_operand(node: torch.fx.Node, width) -> tuple[torch.fx.Node, torch.fx.Node] | None:
@@ -53,8 +54,9 @@ def _convert(node: object) -> bool:
     return isinstance(node, torch.fx.Node) and node.target is prims.convert_element_type.default
 
 
-def layer_norm_of(y: torch.fx.Node) -> LayerNormMatch | None:
-    """The LayerNorm that produces `y`, or None (see the module docstring)."""
+def layer_norm_of(y: torch.fx.Node, forward: set | None = None) -> LayerNormMatch | None:
+    """The LayerNorm that produces `y`, or None (see the module docstring); `forward`: in a
+    joint graph, its forward's nodes (the backward's users do not count)."""
     out = fake_value(y)
     if out is None or out.dim() < 1:
         return None
@@ -63,19 +65,19 @@ def layer_norm_of(y: torch.fx.Node) -> LayerNormMatch | None:
         cur = cur.args[0]
         chain.append(cur)
     weight = bias = scaled = shifted = None
-    if cur.target is aten.add.Tensor and len(_users(cur)) == 1:
+    if cur.target is aten.add.Tensor and len(_users(cur, forward)) == 1:
         found = _vector_operand(cur, width)
         if found is not None:
             shifted = cur
             bias, cur = found
             chain.append(cur)
-    if cur.target is aten.mul.Tensor and len(_users(cur)) == 1:
+    if cur.target is aten.mul.Tensor and len(_users(cur, forward)) == 1:
         found = _vector_operand(cur, width)
         if found is not None and found[1].target is aten.mul.Tensor:
             scaled = cur
             weight, cur = found
             chain.append(cur)
-    if cur.target is not aten.mul.Tensor or len(_users(cur)) != 1:
+    if cur.target is not aten.mul.Tensor or len(_users(cur, forward)) != 1:
         return None
     a, b = cur.args[:2]
     sub, rsqrt = (a, b) if getattr(b, "target", None) is aten.rsqrt.default else (b, a)
@@ -102,7 +104,7 @@ def layer_norm_of(y: torch.fx.Node) -> LayerNormMatch | None:
         return None
     if stats.kwargs.get("correction", 1) != 0 or not stats.kwargs.get("keepdim", False):
         return None
-    if any(len(_users(n)) != 1 for n in (sub, rsqrt, plus_eps, var, mean)):
+    if any(len(_users(n, forward)) != 1 for n in (sub, rsqrt, plus_eps, var, mean)):
         return None
     x = xf.args[0] if _convert(xf) else xf
     nodes = (stats, var, mean, sub, plus_eps, rsqrt, *reversed(chain))

@@ -16,9 +16,13 @@ Whether the block runs as one kernel or layer by layer is the cost model's call,
 (`ctx.plan_block`, supplied by the backend: this pass never imports selection) so that a
 block left per layer still reaches `linear_as_conv` as two linears. A block that runs as one
 kernel marks its two matmuls (`IN_BLOCK`), which linear_as_conv then leaves alone. A block
-that does not (the cost model, or a guard: training graphs, dtypes, layouts) is recorded
-with the reason, as a region whose fallback is "per layer". Option blocks=False turns the
-pass off.
+that does not (the cost model, or a guard: dtypes, an empty batch, an intermediate the
+graph returns) is recorded with the reason, as a region whose fallback is "per layer".
+Option blocks=False turns the pass off.
+
+In training, `block_interiors` finds the same blocks in the joint graph, and
+recompute.tag_block_intermediates has the backward recompute their inside, so the forward
+graph returns none of it and the block region can take it.
 """
 
 from __future__ import annotations
@@ -47,10 +51,12 @@ RULE = (
 MATMULS = (aten.addmm.default, aten.mm.default)
 
 
-def _sole_user(node: torch.fx.Node) -> torch.fx.Node | None:
-    """The node's one user besides the graph's output (a training graph returns what its
-    backward saves; the guards refuse a block whose intermediates are outputs)."""
-    users = [user for user in node.users if user.op != "output"]
+def _sole_user(node: torch.fx.Node, forward: set | None = None) -> torch.fx.Node | None:
+    """The node's one user besides the graph's output (a forward graph returns what its
+    backward saves; the guards refuse a block whose intermediates are outputs). In a joint
+    graph (`forward`: its forward's nodes) only the forward's users count: the backward
+    reads the forward's values too."""
+    users = [u for u in node.users if u.op != "output" and (forward is None or u in forward)]
     return users[0] if len(users) == 1 else None
 
 
@@ -70,9 +76,9 @@ def _linear(mm: torch.fx.Node | None) -> tuple | None:
     return (x2d, wt.args[0], bias) if transposed else None
 
 
-def _after_reshape(node: torch.fx.Node) -> torch.fx.Node:
+def _after_reshape(node: torch.fx.Node, forward: set | None = None) -> torch.fx.Node:
     """The node's sole user when that is a reshape (the [*L, K] tokens), else the node."""
-    user = _sole_user(node)
+    user = _sole_user(node, forward)
     return user if user is not None and user.target in RESHAPES else node
 
 
@@ -87,21 +93,23 @@ def _token_views(x2d: torch.fx.Node, out2: torch.fx.Node) -> bool:
     return src.shape[-1] == flat.shape[-1] and sizes(src)[:-1] == sizes(out)[:-1]
 
 
-class _MlpChain:
+class MlpChain:
     """The nodes of one MLP, from its first matmul; `nodes` is empty when it is not one."""
 
-    def __init__(self, fc1: torch.fx.Node) -> None:
+    def __init__(self, fc1: torch.fx.Node, forward: set | None = None) -> None:
+        """`forward`: in a joint graph, its forward's nodes (see _sole_user)."""
         self.nodes: list[tuple[str, torch.fx.Node]] = []
+        self.forward = forward
         first = _linear(fc1)
         if first is None:
             return
-        out1 = _after_reshape(fc1)
-        act = _sole_user(out1)
+        out1 = _after_reshape(fc1, self.forward)
+        act = _sole_user(out1, self.forward)
         if act is None or as_activation(act) is None or act.args[0] is not out1:
             return
-        hidden = _sole_user(act)
+        hidden = _sole_user(act, self.forward)
         if hidden is not None and hidden.target in RESHAPES:
-            fc2 = _sole_user(hidden)
+            fc2 = _sole_user(hidden, self.forward)
         else:
             fc2, hidden = hidden, act
         second = _linear(fc2)
@@ -111,7 +119,7 @@ class _MlpChain:
         _, self.w2, self.b2 = second
         self.act = as_activation(act)
         self.nodes = [("fc1", fc1), ("act", act), ("fc2", fc2)]
-        out2 = _after_reshape(fc2)
+        out2 = _after_reshape(fc2, self.forward)
         viewed = _token_views(self.x2d, out2)
         if viewed:  # the kernel reads [*L, C] and writes [*L, CO]
             self.nodes.insert(0, ("x_view", self.x2d))
@@ -121,7 +129,7 @@ class _MlpChain:
         self.norm = self._norm(self.x2d.args[0] if viewed else self.x2d)
         self.scale = self.residual = None
         self.channels_first = False
-        perm = _sole_user(out2)
+        perm = _sole_user(out2, self.forward)
         ov = fake_value(out2)
         if perm is not None and perm.target is aten.permute.default and ov is not None:
             nd = ov.dim()
@@ -135,13 +143,14 @@ class _MlpChain:
         """The LayerNorm whose output the first linear alone reads, taken as the prologue."""
         if not isinstance(y, torch.fx.Node) or y.op != "call_function":
             return None
-        norm = layer_norm_of(y)
-        if norm is None or [u for u in y.users if u.op != "output"] != [self.nodes[0][1]]:
+        norm = layer_norm_of(y, self.forward)
+        if norm is None or _sole_user(y, self.forward) is not self.nodes[0][1]:
             return None
         named = [("ln_stats", norm.stats), ("ln_normed", norm.normed)]
         copy = norm.x
         inside = set(norm.nodes) | {norm.stats.args[0]}
-        if copy.target is aten.clone.default and set(copy.users) <= inside:
+        users = {u for u in copy.users if self.forward is None or u in self.forward}
+        if copy.target is aten.clone.default and users <= inside:
             named.insert(0, ("x_copy", copy))  # ConvNeXt's contiguous copy of a permute
         named += [("ln_scaled", norm.scaled)] if norm.scaled is not None else []
         named += [("ln_shifted", norm.shifted)] if norm.shifted is not None else []
@@ -154,7 +163,7 @@ class _MlpChain:
         """The layer scale and the residual add, when each is the previous node's sole user."""
         out = fake_value(cur)
         for role, target in (("scale", aten.mul.Tensor), ("add", aten.add.Tensor)):
-            user = _sole_user(cur)
+            user = _sole_user(cur, self.forward)
             if user is None or user.target is not target or user.kwargs.get("alpha", 1) != 1:
                 continue
             a, b = user.args
@@ -190,12 +199,13 @@ class _MlpChain:
         )
 
 
-def _spec_or_reason(chain: _MlpChain, ctx: PassContext) -> MlpSpec | str:
+def spec_or_reason(chain: MlpChain) -> MlpSpec | str:
     """The block's spec, or why it stays per layer (the guards run in order)."""
-    if ctx.stage != "inference":
-        return "training graph: the backward needs the hidden, which the fused kernel never writes"
     if any(user.op == "output" for _, node in chain.nodes[:-1] for user in node.users):
-        return "an intermediate of the block is also an output of the graph"
+        return (
+            "an intermediate of the block is also an output of the graph (in training: saved "
+            "for the backward, which recompute.tag_block_intermediates did not recompute)"
+        )
     x2d, w1, w2, out = (fake_value(n) for n in (chain.x2d, chain.w1, chain.w2, chain.last))
     if x2d is None or w1 is None or w2 is None or out is None:
         return "no fake-tensor metadata on the block"
@@ -259,13 +269,13 @@ def match_mlp_blocks(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.Gra
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in MATMULS or IN_BLOCK in node.meta:
             continue
-        chain = _MlpChain(node)
+        chain = MlpChain(node)
         if not chain.nodes:
             continue
         x = fake_value(chain.x2d)
         if x is not None and x.device.type == "cpu" and ctx.config.cpu == "aten":
             continue  # the host runs every linear (linear_as_conv says so)
-        found = _spec_or_reason(chain, ctx)
+        found = spec_or_reason(chain)
         spec = found if isinstance(found, MlpSpec) else None
         reason = found if spec is None else ctx.plan_block(spec) if ctx.plan_block else None
         name = ctx.new_region_name("mlp_block")
@@ -290,3 +300,32 @@ def match_mlp_blocks(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.Gra
                     n.meta[IN_BLOCK] = name
         log.debug("%s at %s: %s", name, node.name, reason or "one kernel")
     return gm
+
+
+def block_interiors(
+    joint: torch.fx.GraphModule, forward: set[torch.fx.Node], plan_block
+) -> list[list[torch.fx.Node]]:
+    """In a joint graph: the nodes inside each MLP block that `plan_block` (the backend's
+    cost model) runs as one kernel, every node of its chain but the last. Tagged for
+    recomputation (recompute.py), the backward rebuilds them in ATen from x and the weights,
+    so the forward saves none of them and the block region can take them."""
+    found = []
+    for node in joint.graph.nodes:
+        if node not in forward or node.op != "call_function" or node.target not in MATMULS:
+            continue
+        chain = MlpChain(node, forward)
+        if not chain.nodes:
+            continue
+        spec = spec_or_reason(chain)
+        if isinstance(spec, MlpSpec) and (plan_block is None or plan_block(spec) is None):
+            found.append([n for _, n in chain.nodes[:-1]] + list(_norm_inside(chain)))
+    return found
+
+
+def _norm_inside(chain: MlpChain) -> tuple[torch.fx.Node, ...]:
+    """The LayerNorm prologue's nodes that are not roles of the chain (var_mean's getitems,
+    the centring, the rsqrt)."""
+    if chain.norm is None:
+        return ()
+    named = {n for _, n in chain.nodes}
+    return tuple(n for n in chain.norm.nodes if n not in named)

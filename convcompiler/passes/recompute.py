@@ -17,6 +17,12 @@ output, max-pool indices and max-pool output costs 43 MiB per 8 images at 224 px
 
 Window attention. The scores and softmax inside a matched attention are recomputed in ATen
 by the backward, so the fused forward kernel can keep them private.
+
+Blocks. The inside of an MLP block that the cost model runs as one kernel (its LayerNorm's
+output and statistics, the hidden before and after the activation, the second linear's
+output before the layer scale and the residual) is recomputed by the backward from x and
+the weights, so the forward saves x alone and the block kernel never writes its hidden. The
+backward pays one more pass of the block's forward GEMMs in ATen.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 from .activations import as_activation
 from .attention_pattern import NoMatch, find_attention
 from .match_attention import is_attention_candidate
+from .match_block import block_interiors
 
 aten = torch.ops.aten
 CHEAP = {
@@ -134,6 +141,18 @@ def tag_attention_intermediates(joint: torch.fx.GraphModule, num_fwd_outputs: in
         for inner in match.interior:
             if inner.meta.get("recompute") is None:
                 inner.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+                tagged += 1
+    return tagged
+
+
+def tag_block_intermediates(joint: torch.fx.GraphModule, num_fwd_outputs: int, plan_block) -> int:
+    """Tag the inside of every MLP block that runs as one kernel for recomputation (see the
+    module docstring); `plan_block(spec)` is None for those (the backend's cost model)."""
+    tagged = 0
+    for inner in block_interiors(joint, forward_nodes(joint, num_fwd_outputs), plan_block):
+        for node in inner:
+            if node.meta.get("recompute") is None:
+                node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
                 tagged += 1
     return tagged
 

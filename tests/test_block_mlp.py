@@ -68,7 +68,8 @@ def test_mlp_runs_as_one_kernel(dtype, tmp_path) -> None:
     (row,) = blocks(report)
     assert row.schedule == "mlp_block" and row.fallback_reason is None, str(report)
     name = str(dtype)[6:]
-    assert row.spec == f"mlp [M=30] layer_norm -> 13 -> 37 gelu -> 13 +scale+add {name} (hidden on chip)"
+    layers = "layer_norm -> 13 -> 37 gelu -> 13 +scale+add"
+    assert row.spec == f"mlp [M=30] {layers} {name} (hidden on chip)"
     assert [r.kind for r in report] == ["mlp_block"], str(report)  # no per-layer regions
     assert "hidden on chip) against" in row.why and "MiB layer by layer" in row.why
     assert convcompiler.counters["launch.mlp_block"] == 1 == kernel_launches()
@@ -111,7 +112,8 @@ def test_convnext_block_is_two_kernels(dtype, tmp_path) -> None:
     assert_close(out, ref, dtype)
     assert out.stride() == model(x).stride()
     (row,) = blocks(report)
-    assert row.spec.endswith("16 -> 64 gelu -> 16 +scale+add " + str(dtype)[6:] + " nchw (hidden on chip)")
+    name = str(dtype)[6:]
+    assert row.spec.endswith(f"16 -> 64 gelu -> 16 +scale+add {name} nchw (hidden on chip)")
     assert kernel_launches() == 2 == convcompiler.counters["launch.mlp_block"] + 1
     assert set(lowered_ops(tmp_path)) == {"permute"}, lowered_ops(tmp_path)
 

@@ -81,7 +81,8 @@ def test_tokens_2d_and_3d(tmp_path) -> None:
     x2, x3 = torch.randn(14, 11), torch.randn(2, 7, 11)
     with torch.no_grad():
         ref = float64_copy(model)(x2.double(), x3.double())
-        compiled = torch.compile(model, backend="im2win", options={**PER_LAYER, "debug_dir": str(tmp_path)})
+        options = {**PER_LAYER, "debug_dir": str(tmp_path)}
+        compiled = torch.compile(model, backend="im2win", options=options)
         out = compiled(x2, x3)
     assert_close(out, ref, torch.float32)
     report = convcompiler.last_report()

@@ -242,27 +242,17 @@ class Lowering:
             disable=None if len(regions) >= 8 else True,
         )
         for region in progress:
-            if region.kind == "mlp_block" and region.fallback_reason is not None:
-                # a block left per layer: its layers are regions of their own (or the host's)
-                self._record(
-                    region,
-                    None,
-                    schedule=PER_LAYER,
-                    params="",
-                    kernel_path=None,
-                    fallback_reason=None,
-                    why=region.fallback_reason,
-                )
-                continue
             if region.fallback_reason is not None:
+                # a block's guard leaves it per layer: its layers are regions of their own
+                per_layer = region.kind == "mlp_block"
                 self._record(
                     region,
                     None,
-                    schedule="aten",
+                    schedule=PER_LAYER if per_layer else "aten",
                     params="",
                     kernel_path=None,
-                    fallback_reason=region.fallback_reason,
-                    why="pattern guard",
+                    fallback_reason=None if per_layer else region.fallback_reason,
+                    why=region.fallback_reason if per_layer else "pattern guard",
                 )
                 continue
             spec = region.spec

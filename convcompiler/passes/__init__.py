@@ -21,8 +21,8 @@ from ..counters import counters
 from ..files import private_dir, write_private
 from .context import PassContext, Region
 from .conv_backward import split_conv_backward
-from .grad_mask import fuse_gradient_masks
 from .conv_bn_tune import fold_conv_bn_tune
+from .grad_mask import fuse_gradient_masks
 from .linear_as_conv import linear_as_conv, restore_linears
 from .match_attention import match_window_attention
 from .match_block import match_mlp_blocks

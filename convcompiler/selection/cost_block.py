@@ -10,8 +10,8 @@ An MLP block (spec_block.MlpSpec) has two candidates:
                 reads and writes the output. So the hidden makes one round trip to memory.
     mlp_block   one kernel: x, the weights, the residual and the output once, the hidden
                 and the normalised tokens never (the norm's statistics re-read the tile's x
-                rows, from L1/L2). Each of the CO / BLOCK_N output-column tiles computes the first GEMM
-                again (its FLOPs are padded and multiplied accordingly), and re-reads its
+                rows, from L1/L2). Each of the CO / BLOCK_N output-column tiles computes the
+                first GEMM again (its FLOPs are padded and multiplied accordingly), and re-reads its
                 x rows (from L2 when they fit).
 """
 

@@ -118,6 +118,23 @@ def test_convnext_block_is_two_kernels(dtype, tmp_path) -> None:
     assert set(lowered_ops(tmp_path)) == {"permute"}, lowered_ops(tmp_path)
 
 
+def test_under_autocast_the_block_starts_after_the_float32_norm() -> None:
+    """Autocast runs the LayerNorm in float32 and the linears in bfloat16: the block takes
+    the converted norm output as its tokens, and the float32 residual add stays outside."""
+    torch.manual_seed(9)
+    model = Mlp(norm="affine").eval()
+    x = torch.randn(2, 5, 13)
+    with torch.no_grad():
+        ref = float64_copy(model)(x.double())
+        convcompiler.counters.reset()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = torch.compile(model, backend="im2win", options=FAST)(x)
+    assert_close(out.float(), ref, torch.bfloat16)
+    (row,) = blocks(convcompiler.last_report())
+    assert row.spec == "mlp [M=10] 13 -> 37 gelu -> 13 bfloat16 (hidden on chip)", row.spec
+    assert convcompiler.counters["launch.mlp_block"] == 1
+
+
 def test_a_different_output_width() -> None:
     """CO != C (a projection MLP): no residual, several output-column tiles."""
     torch.manual_seed(2)

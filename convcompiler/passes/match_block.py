@@ -146,6 +146,12 @@ class MlpChain:
         norm = layer_norm_of(y, self.forward)
         if norm is None or _sole_user(y, self.forward) is not self.nodes[0][1]:
             return None
+        # autocast runs the norm in float32 and converts its output for the linears: the
+        # block then starts at that output (the kernel reads x and the norm's vectors in the
+        # linears' dtype), and so does a norm with a weight but no bias, or a bias alone
+        dtypes = {fake_value(n).dtype for n in (y, norm.x, norm.weight, norm.bias) if n is not None}
+        if len(dtypes) != 1 or (norm.weight is None) != (norm.bias is None):
+            return None
         named = [("ln_stats", norm.stats), ("ln_normed", norm.normed)]
         copy = norm.x
         inside = set(norm.nodes) | {norm.stats.args[0]}
@@ -232,11 +238,6 @@ def spec_or_reason(chain: MlpChain) -> MlpSpec | str:
     if norm is not None:
         copy = dict(chain.nodes).get("x_copy")
         tokens = fake_value(norm.x if copy is None else copy.args[0])
-        if (norm.weight is None) != (norm.bias is None):
-            return "a LayerNorm with a weight but no bias, or a bias but no weight"
-        vectors = [fake_value(n) for n in (norm.weight, norm.bias) if n is not None]
-        if tokens is None or any(t is None or t.dtype != x2d.dtype for t in [tokens, *vectors]):
-            return "the LayerNorm's input or parameters are not of the block's dtype"
     if tokens is None or tokens.shape[-1] != c:
         return "the first linear's tokens are not a [*L, C] tensor"
     if tuple(layout.shape) != (*tokens.shape[:-1], co):

@@ -137,6 +137,9 @@ class ConvSpec(SizeHints):
     output_padding: tuple[int, int] = (0, 0)  # conv_transpose only: extra output rows/columns
     input_mask: bool = False  # the gradient operand is where(mask, 0, g): see above
     padding_mode: str = "zeros"  # one of PADDING_MODES (a forward conv only)
+    # the input arrives as x * s, s [N, C, 1, 1] (squeeze-and-excitation's scale before a
+    # 1x1 conv); gemm_1x1 multiplies each x tile as it loads it (a forward conv only)
+    input_scale: bool = False
 
     def __post_init__(self) -> None:
         if self.op not in CONV_OPS:
@@ -147,6 +150,8 @@ class ConvSpec(SizeHints):
             raise SpecError(f"padding_mode={self.padding_mode!r} is not one of {PADDING_MODES}")
         if self.padding_mode != "zeros" and self.op != "conv":
             raise SpecError("a padding mode other than zeros is for forward convs only")
+        if self.input_scale and self.op != "conv":
+            raise SpecError("an input scale is for forward convs only")
         if self.op == "conv_wgrad" and (self.epilogue != Epilogue() or self.has_bias):
             raise SpecError("a weight gradient has no bias and no epilogue")
 
@@ -202,6 +207,7 @@ class ConvSpec(SizeHints):
             + (f"_{self.epilogue.name().replace('+', '_')}" if self.epilogue.name() else "")
             + ("_masked" if self.input_mask else "")
             + (f"_{self.padding_mode}" if self.padding_mode != "zeros" else "")
+            + ("_xscale" if self.input_scale else "")
         )
 
     def key(self) -> str:
@@ -238,6 +244,8 @@ class ConvSpec(SizeHints):
             extra.append({"conv_transpose": "transposed", "conv_wgrad": "weight-grad"}[self.op])
         if self.input_mask:
             extra.append("masked-grad")
+        if self.input_scale:
+            extra.append("x*scale[n,c]")
         if self.groups != 1:
             extra.append("dw" if self.is_depthwise else f"g{self.groups}")
         fused = [f"+{self.epilogue.name()}"] if self.epilogue.name() else []
@@ -529,6 +537,7 @@ def spec_from_json(data: object):
         output_padding=_pair(data["output_padding"], "output_padding", 0),
         input_mask=_bool(data["input_mask"], "input_mask"),
         padding_mode=_check(data["padding_mode"], PADDING_MODES, "padding_mode"),
+        input_scale=_bool(data["input_scale"], "input_scale"),
         **sizes,
         **common,
     )

@@ -1,6 +1,9 @@
 """Schedule `gemm_1x1`: a 1x1 convolution (padding 0, any stride) as a plain GEMM.
 
-Per group g: Y[m, k] = sum_c X[m, c] * W[k, c] with m the output pixels. There are no
+Per group g: Y[m, k] = sum_c X[m, c] * W[k, c] with m the output pixels. With
+`spec.input_scale` the input arrives as x * s, s [N, C, 1, 1] (squeeze-and-excitation's
+per-image channel scale before a project conv): each x tile is multiplied by s as it is
+loaded, so the scaled copy is never written. There are no
 taps and no padding, so a pixel's address needs no bounds checks; when the input is
 contiguous NCHW, the stride is 1 and tiles stay inside one image, pixel p of image n is
 simply x[n, c] + p, and Triton can see that the A tile is contiguous along the pixels.
@@ -47,13 +50,22 @@ import triton
 import triton.language as tl
 
 ${constants}
+INPUT_SCALE = ${input_scale}  # the input arrives as x * s[n, c] (see the module docstring)
 ${helpers}
 
 @triton.jit
-def _channel_step(acc, x_base, x_row, w_ptr, w_col, c, a_mask, b_mask, sxc,
-                  WIDEN: tl.constexpr, PRECISION: tl.constexpr):
-    # acc[m, k] += x[m, c] * w[k, c] over one slice of BLOCK_K input channels c
+def _channel_step(acc, x_base, x_row, w_ptr, w_col, c, a_mask, b_mask, sxc, s_rows, ssc,
+                  X_SCALE: tl.constexpr, WIDEN: tl.constexpr, PRECISION: tl.constexpr):
+    # acc[m, k] += x[m, c] * w[k, c] over one slice of BLOCK_K input channels c; with
+    # X_SCALE, x[m, c] * s[n(m), c] first (s_rows: each row's image's scales), rounded to the
+    # operands' type as eager's mul rounds it
     a = tl.load(x_base + x_row[:, None] + (c * sxc)[None, :], mask=a_mask, other=0.0)
+    if X_SCALE:
+        s = tl.load(s_rows + (c * ssc)[None, :], mask=a_mask, other=0.0)
+        if WIDEN:
+            a = a.to(tl.float64) * s.to(tl.float64)
+        else:
+            a = (a.to(tl.float32) * s.to(tl.float32)).to(s.dtype)
     b = tl.load(w_ptr + w_col[None, :] + c[:, None], mask=b_mask, other=0.0)
     return _mma(a, b, acc, WIDEN, PRECISION)
 
@@ -62,17 +74,18 @@ def _channel_step(acc, x_base, x_row, w_ptr, w_col, c, a_mask, b_mask, sxc,
 def conv_gemm_1x1(
     # pointers
     x_ptr, w_ptr, y_ptr,
-    # epilogue operands (None when unused): conv bias, batch norm, residual
-    b_ptr, bnw_ptr, bnb_ptr, mean_ptr, var_ptr, r_ptr,
+    # epilogue operands (None when unused): conv bias, batch norm, residual; the input scale
+    b_ptr, bnw_ptr, bnb_ptr, mean_ptr, var_ptr, r_ptr, s_ptr,
     # sizes; CG and KG are fixed by the spec (constant loop bounds, tails known)
     N, H, W, HO, WO, CG: tl.constexpr, KG: tl.constexpr,
     # strides (w_ptr is the packed filter: [K, CG] contiguous)
-    sxn, sxc, sxh, sxw, syn, syk, syh, syw, srn, src, srh, srw,
+    sxn, sxc, sxh, sxw, syn, syk, syh, syw, srn, src, srh, srw, ssn, ssc,
     # conv geometry (baked from the spec)
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     # meta-parameters
-    PIXELS_FLAT: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr,
+    PIXELS_FLAT: tl.constexpr, X_SCALE: tl.constexpr, PRECISION: tl.constexpr,
+    WIDEN: tl.constexpr,
     INT64: tl.constexpr, IMAGE_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -92,6 +105,12 @@ def conv_gemm_1x1(
     if INT64:
         w_col = offs_k.to(tl.int64) * CG
     offs_c = tl.arange(0, BLOCK_K)
+    s_rows = x_base  # each row's image's input scales (read only with X_SCALE)
+    if X_SCALE:
+        if IMAGE_TILES:
+            s_rows = s_ptr + n * ssn + g * CG * ssc
+        else:
+            s_rows = s_ptr + (n * ssn)[:, None] + g * CG * ssc
 
     # ---- 3. reduction over the input channels: acc[m, k] += x[m, c] * w[k, c] ----
     # Whole slices of BLOCK_K channels, then the partial last one on its own: its channels
@@ -100,36 +119,48 @@ def conv_gemm_1x1(
     acc = _zeros(BLOCK_M, BLOCK_N, WIDEN)
     for c0 in range(0, CG - CG % BLOCK_K, BLOCK_K):
         acc = _channel_step(acc, x_base, x_row, w_ptr, w_col, c0 + offs_c, m_ok[:, None],
-                            k_ok[None, :], sxc, WIDEN, PRECISION)
+                            k_ok[None, :], sxc, s_rows, ssc, X_SCALE, WIDEN, PRECISION)
     if CG % BLOCK_K != 0:
         c = CG - CG % BLOCK_K + offs_c
         c_ok = c < CG
         acc = _channel_step(acc, x_base, x_row, w_ptr, w_col, c % CG,
                             m_ok[:, None] & c_ok[None, :], c_ok[:, None] & k_ok[None, :], sxc,
-                            WIDEN, PRECISION)
+                            s_rows, ssc, X_SCALE, WIDEN, PRECISION)
 
 ${epilogue}
 
 
 def launch(x, weight, bias=None, bn_weight=None, bn_bias=None, bn_mean=None, bn_var=None,
-           residual=None):
+           residual=None, mask=None, x_scale=None):
+    if mask is not None:
+        raise ValueError("a forward conv has no gradient mask")
+    if (x_scale is not None) != INPUT_SCALE:
+        raise ValueError(f"kernel built {'with' if INPUT_SCALE else 'without'} an input scale")
 ${prepare}
+    # The input scale s [N, C, 1, 1] (or [N, C, 1]), any strides, read as s[n, c]
+    s_strides = (0, 0)
+    if x_scale is not None:
+        if x_scale.dtype != x.dtype or tuple(x_scale.shape[:2]) != (N, C) or x_scale.numel() != N * C:
+            raise ValueError(f"input scale {x_scale.dtype} {tuple(x_scale.shape)} does not fit "
+                             f"the input {x.dtype} {tuple(x.shape)}")
+        s_strides = x_scale.stride()[:2]
     # ---- 3. launch on the GEMM grid ----
     int64 = max(x.numel(), y.numel(), weight.numel()) >= INDEX_LIMIT
     flat = (image and g["SH"] == 1 and g["SW"] == 1 and x.stride(3) == 1
             and x.stride(2) == W)
     conv_gemm_1x1[grid](
-        x, w_packed, out, *epilogue_operands,
+        x, w_packed, out, *epilogue_operands, x_scale,
         N, H, W, HO, WO, CG, KG,
-        *x.stride(), *out.stride(), *residual_strides,
-        **GEOMETRY, PIXELS_FLAT=flat, PRECISION=PRECISION, WIDEN=widen, INT64=int64,
+        *x.stride(), *out.stride(), *residual_strides, *s_strides,
+        **GEOMETRY, PIXELS_FLAT=flat, X_SCALE=INPUT_SCALE, PRECISION=PRECISION, WIDEN=widen,
+        INT64=int64,
         IMAGE_TILES=image, **META, **LAUNCH)
 ${finish}"""
 
 
 def render(spec: ConvSpec, schedule: Schedule) -> T.KernelSource:
     return T.render_module(
-        TEMPLATE,
+        TEMPLATE.replace("${input_scale}", str(spec.input_scale)),
         spec,
         schedule,
         summary="1x1 convolution as a plain GEMM",

@@ -38,6 +38,8 @@ TILING_KEYS = ("M_TILES",)
     num_stages=(2, 3, 4),
 )
 def SPACE(spec: ConvSpec, s: Schedule, device: Device | None) -> None:
+    if spec.input_scale:
+        raise InvalidSchedule("only gemm_1x1 scales its input as it loads it")
     if s["REDUCTION"] == "flat" and spec.padding_mode != "zeros":
         raise InvalidSchedule("the flat reduction's window offsets are linear: no padding mode")
     if s["REDUCTION"] == "tap" and spec.in_channels_per_group < 16 and s["BLOCK_K"] > 16:

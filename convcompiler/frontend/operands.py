@@ -11,6 +11,7 @@ import torch.fx
 
 from ..passes import Region
 from ..passes.grad_mask import gradient_operand
+from ..passes.match_conv import scaled_operands
 
 ATTENTION_OPERANDS = ("q", "k", "v", "bias", "mask", "general", "logit_scale")
 
@@ -79,6 +80,9 @@ def region_operands(nodes: dict[str, torch.fx.Node], region: Region) -> tuple:
         x = gradient
     if "pad" in roles:  # a padding mode: the kernel reads the unpadded input
         x = nodes[roles["pad"]].args[0]
+    x_scale = None
+    if "x_scale" in roles:  # x * s[n, c]: the kernel reads x and s
+        x, x_scale = scaled_operands(nodes[roles["x_scale"]])
     bn = nodes[roles["bn"]].args[1:5] if "bn" in roles else (None,) * 4
     residual = None
     if "add" in roles:
@@ -86,4 +90,6 @@ def region_operands(nodes: dict[str, torch.fx.Node], region: Region) -> tuple:
         before = names[names.index(roles["add"]) - 1]
         a, b = nodes[roles["add"]].args
         residual = b if a.name == before else a
+    if x_scale is not None:
+        return (x, weight, bias, *bn, residual, None, x_scale)
     return (x, weight, bias, *bn, residual) + ((mask,) if masked is not None else ())

@@ -3,6 +3,9 @@
 Rules:
     convolution(x, w, b) => im2win_conv(x, w, b)
     convolution(reflection_pad(x, p), w, b, padding=0) => im2win_conv[padding p, reflect](x, w, b)
+    convolution(x * s, w, b), 1x1, s [N, C, 1, 1] => im2win_conv[x*scale](x, w, b, s)
+        (squeeze-and-excitation's scale before a project conv: gemm_1x1 scales x as it
+        loads it, so the scaled copy is never made)
         (likewise replication_pad: nn.ConvNd's padding_mode, or F.pad feeding a conv; the
         kernel maps the border in its loads, so the padded copy is never made)
     post_act(act(batch_norm(convolution(x, w, b), mean, var, g, beta)) + r)
@@ -16,6 +19,8 @@ Batch norms that no conv absorbs are recorded as fallbacks with their reason.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.fx
@@ -99,6 +104,30 @@ def padded_input(node: torch.fx.Node) -> tuple[torch.fx.Node, str, tuple[int, ..
     if len(pairs) != spatial or any(a != b or a < 0 for a, b in pairs):
         return None
     return pad.args[0], PADS[pad.target], tuple(a for a, _ in reversed(pairs))
+
+
+def scaled_operands(mul: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | None:
+    """(x, s) of mul(x, s) or mul(s, x) with x [N, C, *spatial] and s [N, C, 1, ...] of x's
+    dtype (a per-image channel scale), or None."""
+    if mul.target is not aten.mul.Tensor or len(mul.args) != 2:
+        return None
+    for x, s in (mul.args, reversed(mul.args)):
+        xv, sv = fake_value(x), fake_value(s)
+        if xv is None or sv is None or xv.dim() < 3 or sv.dim() != xv.dim():
+            continue
+        if sv.dtype == xv.dtype and sizes(sv) == (*sizes(xv)[:2], *[1] * (xv.dim() - 2)):
+            return x, s
+    return None
+
+
+def _scaled_input(node: torch.fx.Node, spec: ConvSpec, ctx: PassContext):
+    """The mul(x, s) a forward 1x1 conv alone reads, which its kernel can apply, or None."""
+    mul = node.args[0]
+    if ctx.stage == "backward" or not isinstance(mul, torch.fx.Node) or len(mul.users) != 1:
+        return None
+    if spec.op != "conv" or spec.kernel != (1, 1) or spec.padding != (0, 0) or spec.groups != 1:
+        return None
+    return mul if scaled_operands(mul) is not None else None
 
 
 def conv_fallback_reason(node: torch.fx.Node, ctx: PassContext) -> str | None:
@@ -237,6 +266,12 @@ def match_conv(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModu
         roles = chain.roles
         if spec is not None and spec.padding_mode != "zeros":
             roles = (*roles, ("pad", node.args[0].name))  # the kernel reads its input
+        scaled = _scaled_input(node, spec, ctx) if spec is not None and not linear else None
+        if scaled is not None:  # the kernel reads x and s
+            x, _ = scaled_operands(scaled)
+            layout = memory_layout(fake_value(x))
+            spec = dataclasses.replace(spec, input_scale=True, input_layout=layout)
+            summary, roles = spec.describe(), (*roles, ("x_scale", scaled.name))
         ctx.regions.append(
             Region(
                 name=ctx.new_region_name(kind),

@@ -1,7 +1,7 @@
 """The `torch.ops.im2win.*` ops a compiled graph calls in place of each region.
 
     im2win::conv(x, weight, bias?, bn_weight?, bn_bias?, bn_mean?, bn_var?, residual?, mask?,
-                 kernel)
+                 x_scale?, kernel)
     im2win::conv_wgrad(dy, x, mask?, kernel)  a conv's weight gradient
     im2win::window_attention(q, k, v, bias?, mask?, general?, logit_scale?, kernel)
     im2win::mlp_block(x, w1, b1?, w2, b2?, scale?, residual?, norm_weight?, norm_bias?,
@@ -9,7 +9,8 @@
 
 A conv's `mask` (backward kernels only, spec.input_mask): the gradient operand (x of a
 transposed conv, dy of a weight gradient) stands for where(mask, 0, gradient), a ReLU's
-backward.
+backward. Its `x_scale` (a forward 1x1 conv, spec.input_scale): the input stands for
+x * x_scale, x_scale [N, C, 1, 1] (squeeze-and-excitation's channel scale).
 
 `kernel` is a KernelRef (kernel_ref.py): the spec and schedule the kernel was generated
 from and the hash of its source. Inductor keeps the ops opaque, fuses what is around them and
@@ -95,12 +96,16 @@ def conv(
     bn_var: Tensor | None,
     residual: Tensor | None,
     mask: Tensor | None,
+    x_scale: Tensor | None,
     kernel: str,
 ) -> Tensor:
     ref = decode(kernel)
     if ref.weight == "cached":  # a parameter or buffer, straight from a graph input
         weight = packing.packed_view(weight)
-    return _launch(ref, (x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, residual), mask)
+    args = (x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, residual)
+    if x_scale is not None:  # after the (absent) mask, as the launcher's parameters go
+        args = (*args, None, x_scale)
+    return _launch(ref, args, mask)
 
 
 def conv_output_shape(spec: ConvSpec, x: Tensor) -> tuple:
@@ -119,7 +124,9 @@ def conv_output_shape(spec: ConvSpec, x: Tensor) -> tuple:
 
 
 @conv.register_fake
-def _conv_fake(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, residual, mask, kernel):
+def _conv_fake(
+    x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, residual, mask, x_scale, kernel
+):
     spec = decode(kernel).spec
     n, k, ho, wo = conv_output_shape(spec, x)
     fmt = torch.channels_last if spec.output_layout == "nhwc" else torch.contiguous_format

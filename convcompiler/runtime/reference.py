@@ -36,10 +36,12 @@ def run_aten(
     bn_var=None,
     residual=None,
     mask=None,
+    x_scale=None,
 ) -> torch.Tensor:
     """conv -> batch norm (running stats) -> act -> + residual -> act, as separate ATen ops.
     A weight-gradient spec takes (dy, x, mask?) and returns dw. With spec.input_mask the
-    gradient operand (x of a transposed conv, dy of a weight gradient) is where(mask, 0, g)."""
+    gradient operand (x of a transposed conv, dy of a weight gradient) is where(mask, 0, g);
+    with spec.input_scale the conv reads x * x_scale."""
     stride, padding, dilation, output_padding = (
         list(v[2 - spec.ndim :])
         for v in (spec.stride, spec.padding, spec.dilation, spec.output_padding)
@@ -55,6 +57,8 @@ def run_aten(
         )[1]
     if mask is not None:
         x = x.masked_fill(mask, 0)
+    if x_scale is not None:
+        x = x * x_scale
     if spec.padding_mode != "zeros":  # F.pad's copy, then a conv without padding
         pads = [p for p in reversed(padding) for _ in (0, 1)]
         x = F.pad(x, pads, mode=spec.padding_mode)

@@ -194,6 +194,8 @@ def _time(spec, schedule, device, symbolic):
         if spec.padding_mode != "zeros":
             # F.pad writes the padded copy (about x's size) and the conv reads it
             traffic, launches = traffic + 2 * x_bytes, launches + 1
+        if spec.input_scale:  # the mul writes x * s and the conv reads it
+            traffic, launches = traffic + 2 * x_bytes, launches + 1
     else:
         image = s.get("M_TILES") == "image"
         rows = z.p if image else z.m

@@ -11,7 +11,7 @@ On a GPU it runs, each part in its own subprocess and within its own time budget
                         max-autotune (forward convs) while time allows
     c window_attention  Swin-T's four stages: fused kernel, eager, Inductor, FlexAttention
     d end_to_end        resnet50, convnext_tiny, swin_t (fp16, batch 32): eager, im2win,
-                        Inductor, Inductor max-autotune if it fits
+                        Inductor, im2win with blocks=False, Inductor max-autotune if it fits
     e autotune          the model's top candidates measured: the cost model's calibration
     gpu_tests           pytest -m gpu (tests/test_gpu.py)
 

@@ -7,7 +7,8 @@ under Inductor, and FlexAttention (compiled) with the same bias and mask as a sc
 Every variant's output is checked against a float64 reference.
 
 Part d, per model (resnet50, convnext_tiny, swin_t; fp16, batch 32, random weights): eager,
-im2win, Inductor default and, if the budget allows, Inductor max-autotune; the compile
+im2win, Inductor default, im2win without block fusion (convnext_tiny and swin_t) and, if the
+budget allows, Inductor max-autotune; the compile
 time, the do_bench median per batch, the ratio to eager, the peak memory of one call and
 the output's difference to eager. Variants go across models first (eager and im2win of all
 three before Inductor), so a cut loses the least.
@@ -127,10 +128,13 @@ def time_stage(case: AttentionCase, device: Device, warm: bool = False) -> dict:
 # not yet measured on a GPU, so after the variants that decide the comparison)
 # eager-autocast / im2win-autocast: the float32 model under torch.autocast(float16), as most
 # users run inference; im2win-autocast is compared with eager-autocast
+# im2win-blocks-off: option blocks=False, what block fusion gains (convnext_tiny and swin_t:
+# resnet50 has no block)
 VARIANT_ORDER = (
     "eager",
     "im2win",
     "inductor",
+    "im2win-blocks-off",
     "eager-autocast",
     "im2win-autocast",
     "im2win-direct",
@@ -155,6 +159,7 @@ def model_cases(planned_only: bool = False) -> list[ModelCase]:
         ModelCase(f"{name} {kind}", f"{name} {kind}", name, kind)
         for kind in VARIANT_ORDER
         for name in NETWORKS
+        if not (kind == "im2win-blocks-off" and name == "resnet50")
     ]
 
 
@@ -184,6 +189,7 @@ def time_model(case: ModelCase, reference: dict, warm: bool = False) -> dict:
         "eager-autocast": module,
         "im2win-autocast": torch.compile(module, backend="im2win"),
         "im2win-direct": torch.compile(module, backend="im2win", options={"launch": "inductor"}),
+        "im2win-blocks-off": torch.compile(module, backend="im2win", options={"blocks": False}),
         "inductor-max-autotune": torch.compile(module, mode="max-autotune-no-cudagraphs"),
     }[variant]
     row = {"case": case.id, "model": name, "variant": variant, "status": "ok"}

@@ -232,6 +232,27 @@ def test_training_recomputes_the_inside_and_gradients_match() -> None:
     assert saved[True] < 0.3 * saved[False], saved
 
 
+def test_convnext_block_trains() -> None:
+    """CNBlock in training: the block (through both permutes, with its layer scale) runs as
+    one kernel in the forward and every gradient, the depthwise conv's included, matches."""
+    from torchvision.models.convnext import CNBlock
+
+    torch.manual_seed(10)
+    model = CNBlock(16, 0.5, 0.0).train()
+    reference = float64_copy(model)
+    x = torch.randn(2, 16, 5, 7, requires_grad=True)
+    convcompiler.counters.reset()
+    torch.compile(model, backend="im2win", options=FAST)(x).square().sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    reference(x64).square().sum().backward()
+    assert_close(x.grad, x64.grad, torch.float32, "x grad")
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert_close(p.grad, q.grad, torch.float32, f"{name} grad")
+    forward = [(r.kind, r.schedule) for r in convcompiler.last_report() if r.stage == "forward"]
+    assert forward == [("mlp_block", "mlp_block"), ("conv", "direct_depthwise")], forward
+    assert convcompiler.counters["launch.mlp_block"] == 1
+
+
 def test_the_cost_model_keeps_a_wide_block_per_layer() -> None:
     """ViT-B's MLP (768 -> 3072 -> 768) at batch 32 is compute-bound: recomputing the first
     GEMM for each of the output's column tiles costs more than the hidden's round trip, so

@@ -79,8 +79,16 @@ class Epilogue:
 
 
 class SizeHints:
-    """Concrete values for the symbolic sizes of a spec, from its `hints` field
-    ((symbol name, value) pairs)."""
+    """What every spec shares: concrete values for its symbolic sizes, from its `hints`
+    field ((symbol name, value) pairs), and its identity, a key of every field."""
+
+    def key(self) -> str:
+        """Deterministic key of every field (sizes as strings, symbols included)."""
+        parts = [f"{f.name}={_fmt(getattr(self, f.name))}" for f in fields(self)]
+        return f"{type(self).__name__}(" + ",".join(parts) + ")"
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.key().encode()).hexdigest()[:16]
 
     @property
     def is_dynamic(self) -> bool:
@@ -210,14 +218,6 @@ class ConvSpec(SizeHints):
             + ("_xscale" if self.input_scale else "")
         )
 
-    def key(self) -> str:
-        """Deterministic key of every field (sizes as strings, symbols included)."""
-        parts = [f"{f.name}={_fmt(getattr(self, f.name))}" for f in fields(self)]
-        return "ConvSpec(" + ",".join(parts) + ")"
-
-    def digest(self) -> str:
-        return hashlib.sha256(self.key().encode()).hexdigest()[:16]
-
     def describe(self) -> str:
         """One line for reports: shapes and conv parameters."""
         c, k = self.in_channels, self.out_channels
@@ -294,10 +294,6 @@ class AttentionSpec(SizeHints):
         return f"window_attention_n{self.tokens}_d{self.head_dim}_{self.dtype}_{self.output}" + (
             f"_{terms}" if terms else ""
         )
-
-    def key(self) -> str:
-        parts = [f"{f.name}={_fmt(getattr(self, f.name))}" for f in fields(self)]
-        return "AttentionSpec(" + ",".join(parts) + ")"
 
     def describe(self) -> str:
         mask = f"[{self.windows},N,N] per window" if self.mask else "none"

@@ -16,10 +16,21 @@ key(), geometry(), describe() and JSON form.
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
-from .spec import Activation, Size, SizeHints, _fmt
+from .spec import (
+    ACTIVATIONS,
+    Activation,
+    Size,
+    SizeHints,
+    SpecError,
+    _activation_from_json,
+    _bool,
+    _check,
+    _float,
+    _int,
+    _size_from_json,
+)
 
 NORMS = (None, "plain", "affine")
 
@@ -48,8 +59,6 @@ class MlpSpec(SizeHints):
     channels_first: bool = False
 
     def __post_init__(self) -> None:
-        from .spec import SpecError
-
         if self.norm not in NORMS:
             raise SpecError(f"norm={self.norm!r} is not one of {NORMS}")
 
@@ -65,13 +74,6 @@ class MlpSpec(SizeHints):
             f"_{self.dtype}" + (f"_{terms}" if terms else "")
             + ("_nchw" if self.channels_first else "")
         )
-
-    def key(self) -> str:
-        parts = [f"{f.name}={_fmt(getattr(self, f.name))}" for f in fields(self)]
-        return "MlpSpec(" + ",".join(parts) + ")"
-
-    def digest(self) -> str:
-        return hashlib.sha256(self.key().encode()).hexdigest()[:16]
 
     def describe(self) -> str:
         """e.g. "mlp [M=60] 13 -> 37 gelu -> 13 +scale+add float32 (hidden on chip)"."""
@@ -91,17 +93,6 @@ class MlpSpec(SizeHints):
 
 def mlp_from_json(data: dict, common: dict) -> MlpSpec:
     """The MlpSpec `spec_to_json` wrote (spec.py checks the type, fields and `common`)."""
-    from .spec import (
-        ACTIVATIONS,
-        SpecError,
-        _activation_from_json,
-        _bool,
-        _check,
-        _float,
-        _int,
-        _size_from_json,
-    )
-
     act = _activation_from_json(data["act"])
     if act is None or act.name not in ACTIVATIONS:
         raise SpecError("an MLP block needs its activation")

@@ -87,15 +87,7 @@ META = ${meta}
 LAUNCH = ${launch}
 ${helpers}
 
-@triton.jit
-def _wrapped(start, SIZE: tl.constexpr, BLOCK: tl.constexpr):
-    # BLOCK indices from `start`, and which are < SIZE; those past SIZE wrap to 0, 1, ...
-    # so that their addresses stay inside the tensor (the mask keeps them out of the result)
-    offs = start + tl.arange(0, BLOCK)
-    ok = offs < SIZE
-    if SIZE % BLOCK != 0:
-        offs = offs % SIZE
-    return offs, ok
+${wrapped_block}
 
 
 @triton.jit
@@ -115,14 +107,14 @@ def _row_stats(x_rows, sxc, m_ok, EPS: tl.constexpr, C: tl.constexpr, BLOCK_M: t
     # centred squares (not E[x^2] - mean^2, which cancels), in fp32 (fp64 interpreted)
     total = _zeros(BLOCK_M, 1, WIDEN)
     for c0 in range(0, C, BLOCK_K):
-        offs_c, c_ok = _wrapped(c0, C, BLOCK_K)
+        offs_c, c_ok = _block(c0, C, BLOCK_K)
         a = tl.load(x_rows + (offs_c * sxc)[None, :], mask=m_ok[:, None] & c_ok[None, :],
                     other=0.0)
         total += tl.reduce(a.to(total.dtype), 1, _add, keep_dims=True)
     mean = total / C
     total = _zeros(BLOCK_M, 1, WIDEN)
     for c0 in range(0, C, BLOCK_K):
-        offs_c, c_ok = _wrapped(c0, C, BLOCK_K)
+        offs_c, c_ok = _block(c0, C, BLOCK_K)
         a = tl.load(x_rows + (offs_c * sxc)[None, :], mask=m_ok[:, None] & c_ok[None, :],
                     other=0.0)
         centred = tl.where(c_ok[None, :], a.to(total.dtype) - mean, 0.0)
@@ -166,7 +158,7 @@ def mlp_block(
     offs_m = offs_m % M
     if INT64:
         offs_m = offs_m.to(tl.int64)
-    offs_n, n_ok = _wrapped(tl.program_id(1) * BLOCK_N, CO, BLOCK_N)
+    offs_n, n_ok = _block(tl.program_id(1) * BLOCK_N, CO, BLOCK_N)
     b_idx = offs_m // P
     p_idx = offs_m % P
     x_rows = x_ptr + (b_idx * sxb + p_idx * sxp)[:, None]
@@ -176,11 +168,11 @@ def mlp_block(
     # ---- 2. the hidden features, BLOCK_H at a time: acc += act(x @ W1[j]^T + b1[j]) @ W2[:, j]^T
     acc = _zeros(BLOCK_M, BLOCK_N, WIDEN)
     for h0 in range(0, HID, BLOCK_H):
-        offs_h, h_ok = _wrapped(h0, HID, BLOCK_H)
+        offs_h, h_ok = _block(h0, HID, BLOCK_H)
         # 2a. the chunk's pre-activation, over the input features
         hid = _zeros(BLOCK_M, BLOCK_H, WIDEN)
         for c0 in range(0, C, BLOCK_K):
-            offs_c, c_ok = _wrapped(c0, C, BLOCK_K)
+            offs_c, c_ok = _block(c0, C, BLOCK_K)
             a = tl.load(x_rows + (offs_c * sxc)[None, :], mask=m_ok[:, None] & c_ok[None, :],
                         other=0.0)
             if NORM:
@@ -308,7 +300,7 @@ def launch(x, w1, b1=None, w2=None, b2=None, scale=None, residual=None, norm_wei
 
 
 def render(spec: MlpSpec, schedule: Schedule) -> T.KernelSource:
-    params = dict(schedule.params)
+    meta, launch = T.split_params(schedule, LAUNCH_KEYS)
     text = T.render(
         TEMPLATE,
         header=T.header(spec, schedule, "a transformer MLP block in one kernel"),
@@ -324,8 +316,9 @@ def render(spec: MlpSpec, schedule: Schedule) -> T.KernelSource:
         precision=repr(spec.precision),
         norm=repr(spec.norm),
         norm_eps=repr(float(spec.norm_eps)),
-        meta=repr({k: v for k, v in params.items() if k not in LAUNCH_KEYS}),
-        launch=repr({k: v for k, v in params.items() if k in LAUNCH_KEYS}),
+        meta=meta,
+        launch=launch,
+        wrapped_block=T.WRAPPED_BLOCK,
         helpers=T.HELPERS,
         act=activation_code(spec.act, "hid"),
     )

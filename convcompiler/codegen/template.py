@@ -155,6 +155,27 @@ def constants(spec: ConvSpec, schedule: Schedule, **groups: tuple[str, ...]) -> 
     return "\n".join(lines)
 
 
+# ---- hook: launch and meta-parameters (the attention and block templates) ----------------
+def split_params(schedule: Schedule, launch_keys: tuple[str, ...]) -> tuple[str, str]:
+    """The schedule's parameters as two dict literals: the kernel's meta-parameters, and the
+    launch options named in `launch_keys` (num_warps, num_stages)."""
+    params = dict(schedule.params)
+    meta = {k: v for k, v in params.items() if k not in launch_keys}
+    return repr(meta), repr({k: v for k, v in params.items() if k in launch_keys})
+
+
+# ---- hook: wrapped indices (the attention and block templates) ----------------------------
+WRAPPED_BLOCK = """@triton.jit
+def _block(start, SIZE: tl.constexpr, BLOCK: tl.constexpr):
+    # BLOCK indices from `start` and which are < SIZE (49 tokens, head_dim 24 in a 32-wide
+    # block); those past SIZE wrap to 0, 1, ... so that their addresses stay in bounds.
+    offs = start + tl.arange(0, BLOCK)
+    ok = offs < SIZE
+    if SIZE % BLOCK != 0:
+        offs = offs % SIZE
+    return offs, ok"""
+
+
 # ---- hook: helpers -----------------------------------------------------------------------
 HELPERS = """
 @triton.jit

@@ -89,15 +89,7 @@ def _unit_rows(x):
 # the mask (PyTorch PR 186440). _block wraps such indices back inside; the masks still keep
 # the lanes out of the result. (Wrapping, `i % size`, keeps the index's contiguity where
 # the mask allows it, so loads still vectorise; tl.where(ok, i, 0) would not.)
-@triton.jit
-def _block(start, SIZE: tl.constexpr, BLOCK: tl.constexpr):
-    # BLOCK indices from `start` and which are < SIZE (49 tokens, head_dim 24 in a 32-wide
-    # block); those past SIZE wrap to 0, 1, ... so that their addresses stay in bounds.
-    offs = start + tl.arange(0, BLOCK)
-    ok = offs < SIZE
-    if SIZE % BLOCK != 0:
-        offs = offs % SIZE
-    return offs, ok
+${wrapped_block}
 
 
 @triton.jit
@@ -271,7 +263,7 @@ def launch(q, k, v, bias=None, mask=None, general=None, logit_scale=None):
 
 
 def render(spec: AttentionSpec, schedule: Schedule) -> T.KernelSource:
-    params = dict(schedule.params)
+    meta, launch = T.split_params(schedule, LAUNCH_KEYS)
     text = T.render(
         TEMPLATE,
         header=T.header(spec, schedule, "fused window multi-head self-attention"),
@@ -286,7 +278,8 @@ def render(spec: AttentionSpec, schedule: Schedule) -> T.KernelSource:
         safe_softmax=str(spec.safe_softmax),
         output=repr(spec.output),
         precision=repr(spec.precision),
-        meta=repr({k: v for k, v in params.items() if k not in LAUNCH_KEYS}),
-        launch=repr({k: v for k, v in params.items() if k in LAUNCH_KEYS}),
+        meta=meta,
+        launch=launch,
+        wrapped_block=T.WRAPPED_BLOCK,
     )
     return T.KernelSource(f"{spec.geometry()}_{schedule.name}", text, schedule, spec.key(), KERNELS)

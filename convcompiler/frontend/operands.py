@@ -11,6 +11,7 @@ import torch.fx
 
 from ..passes import Region
 from ..passes.grad_mask import gradient_operand
+from ..passes.match_block import linear_operands
 from ..passes.match_conv import scaled_operands
 
 ATTENTION_OPERANDS = ("q", "k", "v", "bias", "mask", "general", "logit_scale")
@@ -25,28 +26,23 @@ def _other(nodes: dict, region: Region, role: str) -> torch.fx.Node:
     return b if isinstance(a, torch.fx.Node) and a.name == before else a
 
 
-def _linear_operands(mm: torch.fx.Node) -> tuple:
-    """(tokens, weight [K, C], bias or None) of an addmm/mm(x2d, permute(W, [1, 0]))."""
-    bias, x2d, wt = mm.args[:3] if len(mm.args) == 3 else (None, *mm.args[:2])
-    return x2d, wt.args[0], bias
-
-
 def mlp_operands(nodes: dict[str, torch.fx.Node], region: Region) -> tuple:
     """(x, w1, b1, w2, b2, scale, residual, norm_weight, norm_bias) of an MLP block: x as
     the [*L, C] tokens the first linear's [M, C] view reads (role "x_view"), or that view
     itself; with a LayerNorm prologue, the tokens its statistics read (before a conversion
     to float32), and its weight and bias."""
     roles = dict(region.roles)
-    x2d, w1, b1 = _linear_operands(nodes[roles["fc1"]])
-    _, w2, b2 = _linear_operands(nodes[roles["fc2"]])
+    x2d, w1, b1 = linear_operands(nodes[roles["fc1"]])
+    _, w2, b2 = linear_operands(nodes[roles["fc2"]])
     x = x2d.args[0] if "x_view" in roles else x2d
     norm_weight = norm_bias = None
-    if "ln_stats" in roles:
+    if "x_copy" in roles:  # the kernel reads the copy's source through its strides
+        x = nodes[roles["x_copy"]].args[0]
+    elif "ln_stats" in roles:
         x = nodes[roles["ln_stats"]].args[0]
         if x.target is torch.ops.prims.convert_element_type.default:
             x = x.args[0]
-        if "x_copy" in roles:  # the kernel reads the copy's source through its strides
-            x = nodes[roles["x_copy"]].args[0]
+    if "ln_stats" in roles:
         norm_weight = _other(nodes, region, "ln_scaled") if "ln_scaled" in roles else None
         norm_bias = _other(nodes, region, "ln_shifted") if "ln_shifted" in roles else None
     scale = _other(nodes, region, "scale") if "scale" in roles else None
@@ -60,8 +56,7 @@ def region_operands(nodes: dict[str, torch.fx.Node], region: Region) -> tuple:
     bn_var, residual); a weight gradient: (dy, x); window attention: (q, k, v, bias, mask,
     general, logit_scale); an MLP block: see mlp_operands. A backward region whose gradient
     is masked (role "grad_mask", spec.input_mask: where(m, 0, g), ...; passes/grad_mask.py)
-    reads g in its place, and
-    last the bool mask (role "mask")."""
+    reads g in its place, and last the bool mask (role "mask")."""
     roles = dict(region.roles)
     masked = nodes[roles["grad_mask"]] if "grad_mask" in roles else None
     if masked is not None:
@@ -84,12 +79,7 @@ def region_operands(nodes: dict[str, torch.fx.Node], region: Region) -> tuple:
     if "x_scale" in roles:  # x * s[n, c]: the kernel reads x and s
         x, x_scale = scaled_operands(nodes[roles["x_scale"]])
     bn = nodes[roles["bn"]].args[1:5] if "bn" in roles else (None,) * 4
-    residual = None
-    if "add" in roles:
-        names = [name for _, name in region.roles]
-        before = names[names.index(roles["add"]) - 1]
-        a, b = nodes[roles["add"]].args
-        residual = b if a.name == before else a
+    residual = _other(nodes, region, "add") if "add" in roles else None
     if x_scale is not None:
         return (x, weight, bias, *bn, residual, None, x_scale)
     return (x, weight, bias, *bn, residual) + ((mask,) if masked is not None else ())

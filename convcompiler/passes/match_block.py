@@ -60,7 +60,7 @@ def _sole_user(node: torch.fx.Node, forward: set | None = None) -> torch.fx.Node
     return users[0] if len(users) == 1 else None
 
 
-def _linear(mm: torch.fx.Node | None) -> tuple | None:
+def linear_operands(mm: torch.fx.Node | None) -> tuple | None:
     """(tokens, weight, bias) of addmm(b, x, permute(W, [1, 0])) or mm(x, permute(W)), or None."""
     if mm is None or mm.op != "call_function" or mm.target not in MATMULS:
         return None
@@ -100,7 +100,7 @@ class MlpChain:
         """`forward`: in a joint graph, its forward's nodes (see _sole_user)."""
         self.nodes: list[tuple[str, torch.fx.Node]] = []
         self.forward = forward
-        first = _linear(fc1)
+        first = linear_operands(fc1)
         if first is None:
             return
         out1 = _after_reshape(fc1, self.forward)
@@ -112,7 +112,7 @@ class MlpChain:
             fc2 = _sole_user(hidden, self.forward)
         else:
             fc2, hidden = hidden, act
-        second = _linear(fc2)
+        second = linear_operands(fc2)
         if second is None or second[0] is not hidden:
             return
         self.x2d, self.w1, self.b1 = first
@@ -149,8 +149,10 @@ class MlpChain:
         # autocast runs the norm in float32 and converts its output for the linears: the
         # block then starts at that output (the kernel reads x and the norm's vectors in the
         # linears' dtype), and so does a norm with a weight but no bias, or a bias alone
-        dtypes = {fake_value(n).dtype for n in (y, norm.x, norm.weight, norm.bias) if n is not None}
-        if len(dtypes) != 1 or (norm.weight is None) != (norm.bias is None):
+        values = [fake_value(n) for n in (y, norm.x, norm.weight, norm.bias) if n is not None]
+        if any(v is None for v in values) or len({v.dtype for v in values}) != 1:
+            return None
+        if (norm.weight is None) != (norm.bias is None):
             return None
         named = [("ln_stats", norm.stats), ("ln_normed", norm.normed)]
         copy = norm.x

@@ -138,23 +138,25 @@ def tag_attention_intermediates(joint: torch.fx.GraphModule, num_fwd_outputs: in
             match = find_attention(node, forward)
         except NoMatch:
             continue
-        for inner in match.interior:
-            if inner.meta.get("recompute") is None:
-                inner.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
-                tagged += 1
+        tagged += _must_recompute(match.interior)
+    return tagged
+
+
+def _must_recompute(nodes) -> int:
+    """Tag the untagged `nodes` MUST_RECOMPUTE; returns how many."""
+    tagged = 0
+    for node in nodes:
+        if node.meta.get("recompute") is None:
+            node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+            tagged += 1
     return tagged
 
 
 def tag_block_intermediates(joint: torch.fx.GraphModule, num_fwd_outputs: int, plan_block) -> int:
     """Tag the inside of every MLP block that runs as one kernel for recomputation (see the
     module docstring); `plan_block(spec)` is None for those (the backend's cost model)."""
-    tagged = 0
-    for inner in block_interiors(joint, forward_nodes(joint, num_fwd_outputs), plan_block):
-        for node in inner:
-            if node.meta.get("recompute") is None:
-                node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
-                tagged += 1
-    return tagged
+    forward = forward_nodes(joint, num_fwd_outputs)
+    return sum(_must_recompute(inner) for inner in block_interiors(joint, forward, plan_block))
 
 
 def _is_primal(node: object) -> bool:

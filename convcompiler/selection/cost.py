@@ -103,15 +103,17 @@ def math_kind(spec: ConvSpec, schedule: Schedule) -> str:
     return {"float32": "tf32", "float16": "fp16", "bfloat16": "bf16"}[spec.dtype]
 
 
+def matmul_math(spec: AttentionSpec | MlpSpec) -> str:
+    """The math of a region made of matmuls (attention, blocks): torch's matmul precision
+    decides float32's, as for a linear."""
+    if spec.dtype == "float32":
+        return "tf32" if spec.precision == "tf32" else "fp32"
+    return {"float16": "fp16", "bfloat16": "bf16"}[spec.dtype]
+
+
 def _math(spec, schedule: Schedule) -> str:
-    if isinstance(spec, AttentionSpec):
-        from .cost_attention import math_kind as attention_math
-
-        return attention_math(spec)
-    if isinstance(spec, MlpSpec):
-        from .cost_block import math_kind as block_math
-
-        return block_math(spec)
+    if isinstance(spec, (AttentionSpec, MlpSpec)):
+        return matmul_math(spec)
     return math_kind(spec, schedule)
 
 

@@ -11,19 +11,13 @@ from __future__ import annotations
 
 from ..schedule import Schedule
 from ..spec import AttentionSpec
-from .cost import MEMORY_EFFICIENCY, _cdiv, _max
+from .cost import MEMORY_EFFICIENCY, _cdiv, _max, matmul_math
 from .devices import Device
 
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 FUSED_EFFICIENCY = 0.45  # small tiles and an exp per score: well below GEMM efficiency
 ATEN_EFFICIENCY = 0.50
 ATEN_KERNELS = 9
-
-
-def math_kind(spec: AttentionSpec) -> str:
-    if spec.dtype == "float32":
-        return "tf32" if spec.precision == "tf32" else "fp32"
-    return {"float16": "fp16", "bfloat16": "bf16"}[spec.dtype]
 
 
 def fused_bytes(spec: AttentionSpec, batch) -> int:
@@ -40,7 +34,7 @@ def attention_time(spec: AttentionSpec, schedule: Schedule, device: Device, symb
     h, n, d, e = spec.heads, spec.tokens, spec.head_dim, ITEMSIZE[spec.dtype]
     flops = 4 * b * h * n * n * d
     qkvo = 4 * b * h * n * d * e
-    peak = device.peak(math_kind(spec))
+    peak = device.peak(matmul_math(spec))
     if schedule.name == "aten":
         scores = b * h * n * n * e
         passes = 1 + 2 * (spec.bias + spec.mask + spec.general) + 2 + 1  # bmm, adds, softmax, bmm

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 from ..schedule import ATEN, Schedule
 from ..spec_block import MlpSpec
-from .cost import MEMORY_EFFICIENCY, _cdiv, _max, _reread, last_wave, predict
+from .cost import _ITEMSIZE as ITEMSIZE
+from .cost import MEMORY_EFFICIENCY, _cdiv, _max, _reread, last_wave, matmul_math, predict
 from .devices import Device
 
-ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 FUSED_EFFICIENCY = 0.60  # two chained dots and an activation per hidden chunk
 # On sm_90 Triton issues wgmma only for tiles of at least 64 rows; narrower ones run the
 # sm_80 mma.sync, at about half the rate (the static report counts which one a kernel uses)
@@ -31,16 +31,10 @@ MMA_SYNC_ON_SM90 = 0.5
 GEMM_EFFICIENCY = 0.75  # each per-layer GEMM (as gemm_1x1)
 
 
-def math_kind(spec: MlpSpec) -> str:
-    if spec.dtype == "float32":
-        return "tf32" if spec.precision == "tf32" else "fp32"
-    return {"float16": "fp16", "bfloat16": "bf16"}[spec.dtype]
-
-
 def _per_layer(spec: MlpSpec, m, device: Device):
     """(seconds, compute, memory, launches, bytes) of the two GEMMs and the scale's kernel."""
     c, h, co, e = spec.in_features, spec.hidden, spec.out_features, ITEMSIZE[spec.dtype]
-    peak = device.peak(math_kind(spec)) * GEMM_EFFICIENCY
+    peak = device.peak(matmul_math(spec)) * GEMM_EFFICIENCY
     bandwidth = device.bandwidth * MEMORY_EFFICIENCY
     x, hidden, y = m * c * e, m * h * e, m * co * e
     first = (2 * m * c * h, x + h * c * e + hidden)
@@ -83,9 +77,9 @@ def mlp_time(spec: MlpSpec, schedule: Schedule, device: Device, symbolic: bool):
         + vectors
     )
     eff = FUSED_EFFICIENCY
-    if device.capability >= (9, 0) and bm < NARROW_ROWS and math_kind(spec) != "fp32":
+    if device.capability >= (9, 0) and bm < NARROW_ROWS and matmul_math(spec) != "fp32":
         eff *= MMA_SYNC_ON_SM90
-    compute = padded / (device.peak(math_kind(spec)) * eff)
+    compute = padded / (device.peak(matmul_math(spec)) * eff)
     memory = traffic / (device.bandwidth * MEMORY_EFFICIENCY)
     launch = device.launch_us * 1e-6
     return _max(compute, memory) + launch, compute, memory, launch, flops, padded, traffic, 0, ctas

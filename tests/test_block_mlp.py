@@ -135,6 +135,28 @@ def test_under_autocast_the_block_starts_after_the_float32_norm() -> None:
     assert convcompiler.counters["launch.mlp_block"] == 1
 
 
+def test_a_broadcast_residual_stays_outside_the_block() -> None:
+    """A residual that broadcasts ([1, N, C] added to [B, N, C]) is not read by the kernel:
+    the block ends at the second linear and the add stays the host's, as eager computes it."""
+
+    class Broadcast(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mlp = Mlp(residual=False)
+            self.pos = nn.Parameter(torch.randn(1, 4, 13))
+
+        def forward(self, x):
+            return self.pos + self.mlp(x)
+
+    torch.manual_seed(11)
+    model = Broadcast().eval()
+    out, ref, report = compiled_block(model, torch.randn(3, 4, 13))
+    assert_close(out, ref, torch.float32)
+    (row,) = blocks(report)
+    assert row.schedule == "mlp_block" and "+add" not in row.spec, row.spec
+    assert convcompiler.counters["launch.mlp_block"] == 1
+
+
 def test_a_different_output_width() -> None:
     """CO != C (a projection MLP): no residual, several output-column tiles."""
     torch.manual_seed(2)

@@ -53,6 +53,16 @@ def test_the_project_conv_scales_its_input_as_it_loads_it(dtype, tmp_path) -> No
     assert lowered_ops(tmp_path)["mul"] == 0  # no x * s anywhere
 
 
+def test_an_empty_batch_is_eager_s_empty_result() -> None:
+    model = SqueezeExcite().eval()
+    x = torch.randn(0, 24, 5, 7)
+    with torch.no_grad():
+        out, report = run_compiled(model, [x], options=FAST)
+    assert out.shape == (0, 11, 5, 7)
+    (project,) = [r for r in report if r.spec.startswith("[0,24,5,7]")]
+    assert project.fallback_reason.startswith("zero-size"), project.fallback_reason
+
+
 def test_nan_in_the_scale_reaches_only_its_image() -> None:
     torch.manual_seed(1)
     model = SqueezeExcite().eval()

@@ -68,14 +68,35 @@ class Epilogue:
     act: Activation | None = None
     residual: bool = False
     post_act: Activation | None = None
+    # the batch norm comes after the activation (conv -> act -> BN: ConvMixer, RepViT)
+    bn_after_act: bool = False
 
     def name(self) -> str:
-        """e.g. "bn+relu", "bn+add+relu", "" for a plain conv."""
-        parts = ["bn"] if self.bn else []
+        """e.g. "bn+relu", "bn+add+relu", "gelu+bn", "" for a plain conv."""
+        parts = ["bn"] if self.bn and not self.bn_after_act else []
         parts += [str(self.act)] if self.act else []
+        parts += ["bn"] if self.bn and self.bn_after_act else []
         parts += ["add"] if self.residual else []
         parts += [str(self.post_act)] if self.post_act else []
         return "+".join(parts)
+
+
+@dataclass(frozen=True)
+class Prologue:
+    """What a conv kernel applies to each input tile as it loads it, in order, before the
+    products (pre-activation, DenseNet's BN -> ReLU -> conv):
+
+        batch norm with running stats -> act
+
+    each rounded to the input's dtype as eager rounds it; padded input stays zero."""
+
+    bn: str | None = None  # None, "affine" or "plain", as the epilogue's
+    bn_eps: float = 1e-5
+    act: Activation | None = None
+
+    def name(self) -> str:
+        """e.g. "bn+relu", "" for none."""
+        return "+".join((["bn"] if self.bn else []) + ([str(self.act)] if self.act else []))
 
 
 class SizeHints:
@@ -148,6 +169,7 @@ class ConvSpec(SizeHints):
     # the input arrives as x * s, s [N, C, 1, 1] (squeeze-and-excitation's scale before a
     # 1x1 conv); gemm_1x1 multiplies each x tile as it loads it (a forward conv only)
     input_scale: bool = False
+    prologue: Prologue = Prologue()  # the input's BN and activation, applied as it is loaded
 
     def __post_init__(self) -> None:
         if self.op not in CONV_OPS:
@@ -158,10 +180,17 @@ class ConvSpec(SizeHints):
             raise SpecError(f"padding_mode={self.padding_mode!r} is not one of {PADDING_MODES}")
         if self.padding_mode != "zeros" and self.op != "conv":
             raise SpecError("a padding mode other than zeros is for forward convs only")
-        if self.input_scale and self.op != "conv":
-            raise SpecError("an input scale is for forward convs only")
+        if (self.input_scale or self.prologue.name()) and self.op != "conv":
+            raise SpecError("an input scale or prologue is for forward convs only")
+        if self.input_scale and self.prologue.name():
+            raise SpecError("an input scale and a prologue together are not a fused pattern")
         if self.op == "conv_wgrad" and (self.epilogue != Epilogue() or self.has_bias):
             raise SpecError("a weight gradient has no bias and no epilogue")
+
+    @property
+    def transforms_input(self) -> bool:
+        """The kernel computes its input from x as it loads it (input_scale or prologue)."""
+        return self.input_scale or bool(self.prologue.name())
 
     @property
     def transposed(self) -> bool:
@@ -216,6 +245,7 @@ class ConvSpec(SizeHints):
             + ("_masked" if self.input_mask else "")
             + (f"_{self.padding_mode}" if self.padding_mode != "zeros" else "")
             + ("_xscale" if self.input_scale else "")
+            + (f"_pre_{self.prologue.name().replace('+', '_')}" if self.prologue.name() else "")
         )
 
     def describe(self) -> str:
@@ -246,6 +276,8 @@ class ConvSpec(SizeHints):
             extra.append("masked-grad")
         if self.input_scale:
             extra.append("x*scale[n,c]")
+        if self.prologue.name():
+            extra.append(f"{self.prologue.name()}(x)")
         if self.groups != 1:
             extra.append("dw" if self.is_depthwise else f"g{self.groups}")
         fused = [f"+{self.epilogue.name()}"] if self.epilogue.name() else []
@@ -440,7 +472,11 @@ def spec_to_json(spec) -> dict:
                 "act": act,
                 "residual": e.residual,
                 "post_act": post,
+                "bn_after_act": e.bn_after_act,
             }
+        elif f.name == "prologue":
+            act = [v.act.name, list(v.act.args)] if v.act else None
+            v = {"bn": v.bn, "bn_eps": v.bn_eps, "act": act}
         elif isinstance(v, Activation):  # a block's activation
             v = [v.name, list(v.args)]
         elif f.name == "hints":
@@ -500,7 +536,8 @@ def spec_from_json(data: object):
             **common,
         )
     e = data["epilogue"]
-    if not isinstance(e, dict) or set(e) != {"bn", "bn_eps", "act", "residual", "post_act"}:
+    keys = {"bn", "bn_eps", "act", "residual", "post_act", "bn_after_act"}
+    if not isinstance(e, dict) or set(e) != keys:
         raise SpecError(f"epilogue {e!r} is not an epilogue")
     epilogue = Epilogue(
         bn=_check(e["bn"], BN_KINDS, "bn"),
@@ -508,6 +545,15 @@ def spec_from_json(data: object):
         act=_activation_from_json(e["act"]),
         residual=_bool(e["residual"], "residual"),
         post_act=_activation_from_json(e["post_act"]),
+        bn_after_act=_bool(e["bn_after_act"], "bn_after_act"),
+    )
+    p = data["prologue"]
+    if not isinstance(p, dict) or set(p) != {"bn", "bn_eps", "act"}:
+        raise SpecError(f"prologue {p!r} is not a prologue")
+    prologue = Prologue(
+        bn=_check(p["bn"], BN_KINDS, "bn"),
+        bn_eps=_float(p["bn_eps"], "bn_eps"),
+        act=_activation_from_json(p["act"]),
     )
     sizes = {}
     for name in ("in_size", "out_size"):
@@ -534,6 +580,7 @@ def spec_from_json(data: object):
         input_mask=_bool(data["input_mask"], "input_mask"),
         padding_mode=_check(data["padding_mode"], PADDING_MODES, "padding_mode"),
         input_scale=_bool(data["input_scale"], "input_scale"),
+        prologue=prologue,
         **sizes,
         **common,
     )

@@ -204,18 +204,24 @@ def test_autocast_inference(dtype) -> None:
     assert [r.epilogue for r in report] == ["bn+relu", "bn"] and kernel_launches() == 2
 
 
-def test_bn_before_conv_falls_back_with_reason() -> None:
-    """DenseNet's order: BN -> ReLU -> conv. The BN has no conv to fold into."""
+@pytest.mark.parametrize("blocks", [True, False])
+def test_bn_before_conv(blocks) -> None:
+    """DenseNet's order: BN -> ReLU -> conv. The conv normalises its input as it loads it
+    (test_bn_prologue.py); with blocks=False the BN falls back to Inductor, with its reason."""
     torch.manual_seed(0)
     model = randomize_bn(nn.Sequential(nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 5, 3)).eval())
     x = torch.randn(1, 3, 9, 9)
     with torch.no_grad():
-        out = torch.compile(model, backend="im2win", options=FAST)(x)
+        out = torch.compile(model, backend="im2win", options={**FAST, "blocks": blocks})(x)
     assert_close(out, float64_copy(model)(x.double()), torch.float32)
     report = convcompiler.last_report()
     kinds = {r.kind: r for r in report}
-    assert "BN -> ReLU -> conv" in kinds["batch_norm"].fallback_reason
     assert kinds["conv"].fallback_reason is None
+    assert ("bn+relu(x)" in kinds["conv"].spec) == blocks
+    if not blocks:
+        assert "cannot normalise its input" in kinds["batch_norm"].fallback_reason
+    else:
+        assert "batch_norm" not in kinds
 
 
 # ---- Tune mode: transfer learning with frozen BN --------------------------------------------

@@ -29,8 +29,8 @@ TILING_KEYS = ("M_TILES",)
     num_stages=(1, 2),
 )
 def SPACE(spec: ConvSpec, s: Schedule, device: Device | None) -> None:
-    if spec.input_scale:
-        raise InvalidSchedule("only gemm_1x1 scales its input as it loads it")
+    if spec.transforms_input:
+        raise InvalidSchedule("only gemm_1x1 transforms its input (scale, BN, act) as it loads it")
     if spec.in_channels_per_group != 1:
         raise InvalidSchedule("direct_depthwise needs one input channel per group")
     T.check_row_tiling(spec, s)

@@ -1,6 +1,9 @@
-"""The epilogue hook: what a conv kernel does to its fp32 accumulator before the store.
+"""The epilogue hook: what a conv kernel does to its fp32 accumulator before the store;
+and the prologue hook: what it does to each input tile as it loads it.
 
     conv bias -> batch norm (running statistics) -> activation -> + residual -> activation
+    (or conv bias -> activation -> batch norm -> ...: spec.epilogue.bn_after_act)
+    prologue: batch norm (running statistics) -> activation, on the input (gemm_1x1)
 
 Batch norm is folded from the live parameters inside the kernel, per output channel:
 
@@ -53,6 +56,45 @@ def activation_code(act: Activation, v: str = "acc") -> str:
     raise ValueError(f"no epilogue code for activation {act.name!r}")
 
 
+def prologue(spec: ConvSpec) -> str:
+    """The @triton.jit helper `_prologue(a, a_mask, x_ptr, c, pw_ptr, pb_ptr, pm_ptr,
+    pv_ptr, WIDEN)` that turns a loaded input tile `a` [rows, channels `c`] into what the
+    conv multiplies (spec.prologue: BN with running statistics, then the activation); for
+    a spec without one, it returns `a`.
+
+    `c` holds channels inside the tensor on every lane, masked ones included; the BN
+    pointers are offset to the group. A GPU kernel computes in fp32 and rounds the BN's
+    output and the activation's to the input's dtype (x_ptr's), as eager's separate ops
+    do; the interpreter (WIDEN) computes in fp64. Lanes outside `a_mask` become 0, as the
+    conv's zero padding of the normalised tensor is."""
+    p = spec.prologue
+    lines = ["@triton.jit",
+             "def _prologue(a, a_mask, x_ptr, c, pw_ptr, pb_ptr, pm_ptr, pv_ptr,"
+             " WIDEN: tl.constexpr):"]
+    if not p.name():
+        return "\n".join(lines + ["    return a  # no prologue"])
+
+    def param(ptr: str) -> str:
+        return f"tl.load({ptr} + c).to(v.dtype)"
+
+    body = [f"# the input's {p.name()}, as eager's separate ops round it",
+            "v = a.to(tl.float64) if WIDEN else a.to(tl.float32)"]
+    if p.bn:
+        body.append(f"scale = tl.rsqrt({param('pv_ptr')} + {p.bn_eps!r})")
+        if p.bn == "affine":
+            body.append(f"scale = scale * {param('pw_ptr')}")
+            body.append(f"v = (v - {param('pm_ptr')}[None, :]) * scale[None, :]"
+                        f" + {param('pb_ptr')}[None, :]")
+        else:
+            body.append(f"v = (v - {param('pm_ptr')}[None, :]) * scale[None, :]")
+        body += ["if not WIDEN:", "    v = v.to(x_ptr.dtype.element_ty).to(tl.float32)"]
+    if p.act:
+        body.append(f"v = {activation_code(p.act, 'v')}")
+    body.append("a = tl.where(a_mask, v, 0.0)")
+    body += ["if not WIDEN:", "    a = a.to(x_ptr.dtype.element_ty)", "return a"]
+    return "\n".join(lines + ["    " + line for line in body])
+
+
 def _load(ptr: str, other: str = "0.0") -> str:
     return f"tl.load({ptr} + offs_k, mask=k_ok, other={other}).to(acc.dtype)"
 
@@ -78,17 +120,18 @@ def epilogue(spec: ConvSpec) -> str:
     lines = [f"# ---- 4. epilogue: {' + '.join(steps) if steps else 'none'} ----"]
     if spec.has_bias:
         lines.append(f"acc += {_load('b_ptr')}[None, :]")
+    bn = []
     if e.bn:
-        lines.append(f"scale = tl.rsqrt({_load('var_ptr', '1.0')} + {e.bn_eps!r})")
-        lines.append(f"mean = {_load('mean_ptr')}")
+        bn.append(f"scale = tl.rsqrt({_load('var_ptr', '1.0')} + {e.bn_eps!r})")
+        bn.append(f"mean = {_load('mean_ptr')}")
         if e.bn == "affine":
-            lines.append(f"scale = scale * {_load('bnw_ptr')}")
-            lines.append(f"shift = {_load('bnb_ptr')} - mean * scale")
+            bn.append(f"scale = scale * {_load('bnw_ptr')}")
+            bn.append(f"shift = {_load('bnb_ptr')} - mean * scale")
         else:
-            lines.append("shift = -mean * scale")
-        lines.append("acc = acc * scale[None, :] + shift[None, :]")
-    if e.act:
-        lines.append(f"acc = {activation_code(e.act)}")
+            bn.append("shift = -mean * scale")
+        bn.append("acc = acc * scale[None, :] + shift[None, :]")
+    act = [f"acc = {activation_code(e.act)}"] if e.act else []
+    lines += act + bn if e.bn_after_act else bn + act
     if e.residual:
         lines.append(
             "r_off = _tile_offsets(offs_m, offs_k, N, HO, WO, srn, src, srh, srw, IMAGE_TILES,"

@@ -3,7 +3,10 @@
 Per group g: Y[m, k] = sum_c X[m, c] * W[k, c] with m the output pixels. With
 `spec.input_scale` the input arrives as x * s, s [N, C, 1, 1] (squeeze-and-excitation's
 per-image channel scale before a project conv): each x tile is multiplied by s as it is
-loaded, so the scaled copy is never written. There are no
+loaded, so the scaled copy is never written. With `spec.prologue` it arrives as
+act(batch_norm(x)) (pre-activation: DenseNet's BN -> ReLU -> conv 1x1), applied to each x
+tile as it is loaded (epilogue.py's prologue hook), so the normalised copy is never
+written. There are no
 taps and no padding, so a pixel's address needs no bounds checks; when the input is
 contiguous NCHW, the stride is 1 and tiles stay inside one image, pixel p of image n is
 simply x[n, c] + p, and Triton can see that the A tile is contiguous along the pixels.
@@ -51,10 +54,14 @@ import triton.language as tl
 
 ${constants}
 INPUT_SCALE = ${input_scale}  # the input arrives as x * s[n, c] (see the module docstring)
+PRE_BN = ${pre_bn}  # the input arrives as [act](batch_norm(x)) (see the module docstring)
 ${helpers}
+
+${prologue}
 
 @triton.jit
 def _channel_step(acc, x_base, x_row, w_ptr, w_col, c, a_mask, b_mask, sxc, s_rows, ssc,
+                  pw_ptr, pb_ptr, pm_ptr, pv_ptr, PRE_BN: tl.constexpr,
                   X_SCALE: tl.constexpr, WIDEN: tl.constexpr, PRECISION: tl.constexpr):
     # acc[m, k] += x[m, c] * w[k, c] over one slice of BLOCK_K input channels c; with
     # X_SCALE, x[m, c] * s[n(m), c] first (s_rows: each row's image's scales), rounded to the
@@ -66,6 +73,8 @@ def _channel_step(acc, x_base, x_row, w_ptr, w_col, c, a_mask, b_mask, sxc, s_ro
             a = a.to(tl.float64) * s.to(tl.float64)
         else:
             a = (a.to(tl.float32) * s.to(tl.float32)).to(s.dtype)
+    if PRE_BN:
+        a = _prologue(a, a_mask, x_base, c, pw_ptr, pb_ptr, pm_ptr, pv_ptr, WIDEN)
     b = tl.load(w_ptr + w_col[None, :] + c[:, None], mask=b_mask, other=0.0)
     return _mma(a, b, acc, WIDEN, PRECISION)
 
@@ -74,8 +83,9 @@ def _channel_step(acc, x_base, x_row, w_ptr, w_col, c, a_mask, b_mask, sxc, s_ro
 def conv_gemm_1x1(
     # pointers
     x_ptr, w_ptr, y_ptr,
-    # epilogue operands (None when unused): conv bias, batch norm, residual; the input scale
-    b_ptr, bnw_ptr, bnb_ptr, mean_ptr, var_ptr, r_ptr, s_ptr,
+    # epilogue operands (None when unused): conv bias, batch norm, residual; the input scale;
+    # the input's batch norm (the prologue)
+    b_ptr, bnw_ptr, bnb_ptr, mean_ptr, var_ptr, r_ptr, s_ptr, pw_ptr, pb_ptr, pm_ptr, pv_ptr,
     # sizes; CG and KG are fixed by the spec (constant loop bounds, tails known)
     N, H, W, HO, WO, CG: tl.constexpr, KG: tl.constexpr,
     # strides (w_ptr is the packed filter: [K, CG] contiguous)
@@ -84,7 +94,8 @@ def conv_gemm_1x1(
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     # meta-parameters
-    PIXELS_FLAT: tl.constexpr, X_SCALE: tl.constexpr, PRECISION: tl.constexpr,
+    PIXELS_FLAT: tl.constexpr, X_SCALE: tl.constexpr, PRE_BN: tl.constexpr,
+    PRECISION: tl.constexpr,
     WIDEN: tl.constexpr,
     INT64: tl.constexpr, IMAGE_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -111,6 +122,9 @@ def conv_gemm_1x1(
             s_rows = s_ptr + n * ssn + g * CG * ssc
         else:
             s_rows = s_ptr + (n * ssn)[:, None] + g * CG * ssc
+    if PRE_BN:  # the prologue's per-channel parameters, from this group's first channel
+        pw_ptr, pb_ptr = pw_ptr + g * CG, pb_ptr + g * CG
+        pm_ptr, pv_ptr = pm_ptr + g * CG, pv_ptr + g * CG
 
     # ---- 3. reduction over the input channels: acc[m, k] += x[m, c] * w[k, c] ----
     # Whole slices of BLOCK_K channels, then the partial last one on its own: its channels
@@ -119,24 +133,28 @@ def conv_gemm_1x1(
     acc = _zeros(BLOCK_M, BLOCK_N, WIDEN)
     for c0 in range(0, CG - CG % BLOCK_K, BLOCK_K):
         acc = _channel_step(acc, x_base, x_row, w_ptr, w_col, c0 + offs_c, m_ok[:, None],
-                            k_ok[None, :], sxc, s_rows, ssc, X_SCALE, WIDEN, PRECISION)
+                            k_ok[None, :], sxc, s_rows, ssc, pw_ptr, pb_ptr, pm_ptr, pv_ptr,
+                            PRE_BN, X_SCALE, WIDEN, PRECISION)
     if CG % BLOCK_K != 0:
         c = CG - CG % BLOCK_K + offs_c
         c_ok = c < CG
         acc = _channel_step(acc, x_base, x_row, w_ptr, w_col, c % CG,
                             m_ok[:, None] & c_ok[None, :], c_ok[:, None] & k_ok[None, :], sxc,
-                            s_rows, ssc, X_SCALE, WIDEN, PRECISION)
+                            s_rows, ssc, pw_ptr, pb_ptr, pm_ptr, pv_ptr, PRE_BN, X_SCALE,
+                            WIDEN, PRECISION)
 
 ${epilogue}
 
 
 def launch(x, weight, bias=None, bn_weight=None, bn_bias=None, bn_mean=None, bn_var=None,
-           residual=None, mask=None, x_scale=None):
+           residual=None, mask=None, x_scale=None, x_bn_weight=None, x_bn_bias=None,
+           x_bn_mean=None, x_bn_var=None):
     if mask is not None:
         raise ValueError("a forward conv has no gradient mask")
     if (x_scale is not None) != INPUT_SCALE:
         raise ValueError(f"kernel built {'with' if INPUT_SCALE else 'without'} an input scale")
 ${prepare}
+${prologue_operands}
     # The input scale s [N, C, 1, 1] (or [N, C, 1]), any strides, read as s[n, c]
     s_strides = (0, 0)
     if x_scale is not None:
@@ -149,18 +167,21 @@ ${prepare}
     flat = (image and g["SH"] == 1 and g["SW"] == 1 and x.stride(3) == 1
             and x.stride(2) == W)
     conv_gemm_1x1[grid](
-        x, w_packed, out, *epilogue_operands, x_scale,
+        x, w_packed, out, *epilogue_operands, x_scale, *pre_bn,
         N, H, W, HO, WO, CG, KG,
         *x.stride(), *out.stride(), *residual_strides, *s_strides,
-        **GEOMETRY, PIXELS_FLAT=flat, X_SCALE=INPUT_SCALE, PRECISION=PRECISION, WIDEN=widen,
+        **GEOMETRY, PIXELS_FLAT=flat, X_SCALE=INPUT_SCALE, PRE_BN=PRE_BN, PRECISION=PRECISION,
+        WIDEN=widen,
         INT64=int64,
         IMAGE_TILES=image, **META, **LAUNCH)
 ${finish}"""
 
 
 def render(spec: ConvSpec, schedule: Schedule) -> T.KernelSource:
+    template = TEMPLATE.replace("${input_scale}", str(spec.input_scale))
+    template = template.replace("${pre_bn}", str(spec.prologue.bn is not None))
     return T.render_module(
-        TEMPLATE.replace("${input_scale}", str(spec.input_scale)),
+        template,
         spec,
         schedule,
         summary="1x1 convolution as a plain GEMM",

@@ -43,8 +43,8 @@ FILL_KEYS = ("FILL_W", "FILL_C")
     num_stages=(2, 3, 4),
 )
 def SPACE(spec: ConvSpec, s: Schedule, device: Device | None) -> None:
-    if spec.input_scale:
-        raise InvalidSchedule("only gemm_1x1 scales its input as it loads it")
+    if spec.transforms_input:
+        raise InvalidSchedule("only gemm_1x1 transforms its input (scale, BN, act) as it loads it")
     if spec.padding_mode != "zeros":
         raise InvalidSchedule(f"the band fill pads with zeros, not {spec.padding_mode}")
     if s["FILL_W"] * s["FILL_C"] > 4096:

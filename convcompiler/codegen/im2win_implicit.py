@@ -12,6 +12,10 @@ over (kx, ky, c) of the window.
 Two reduction orders (parameter REDUCTION):
     "tap"   for each of the KH*KW taps, BLOCK_K channels at a time (channels >= 16)
     "flat"  (kx, ky, c) packed into one index, so a 3-channel 11x11 window fills the tiles
+
+With `spec.prologue` (the tap order only) the input arrives as act(batch_norm(x))
+(pre-activation: PreAct ResNet's BN -> ReLU -> conv 3x3): each loaded tile is normalised in
+registers, its padding left zero as the conv's zero padding of the normalised tensor is.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ TILING_KEYS = ("M_TILES",)
 def SPACE(spec: ConvSpec, s: Schedule, device: Device | None) -> None:
     if spec.input_scale:
         raise InvalidSchedule("only gemm_1x1 scales its input as it loads it")
+    if spec.prologue.name() and s["REDUCTION"] != "tap":
+        raise InvalidSchedule("the input's prologue needs the tap reduction (one channel run)")
     if s["REDUCTION"] == "flat" and spec.padding_mode != "zeros":
         raise InvalidSchedule("the flat reduction's window offsets are linear: no padding mode")
     if s["REDUCTION"] == "tap" and spec.in_channels_per_group < 16 and s["BLOCK_K"] > 16:
@@ -57,7 +63,10 @@ import triton
 import triton.language as tl
 
 ${constants}
+PRE_BN = ${pre_bn}  # the input arrives as [act](batch_norm(x)) (see the module docstring)
 ${helpers}
+
+${prologue}
 
 @triton.jit
 def _flat_window(x_row, hi0, wi0, m_ok, r, r_ok, H, W, sxc, sxh, sxw, CG: tl.constexpr,
@@ -83,8 +92,9 @@ def _flat_window(x_row, hi0, wi0, m_ok, r, r_ok, H, W, sxc, sxh, sxw, CG: tl.con
 def conv_im2win_implicit(
     # pointers
     x_ptr, w_ptr, y_ptr,
-    # epilogue operands (None when unused): conv bias, batch norm, residual
-    b_ptr, bnw_ptr, bnb_ptr, mean_ptr, var_ptr, r_ptr,
+    # epilogue operands (None when unused): conv bias, batch norm, residual; the input's
+    # batch norm (the prologue)
+    b_ptr, bnw_ptr, bnb_ptr, mean_ptr, var_ptr, r_ptr, pw_ptr, pb_ptr, pm_ptr, pv_ptr,
     # sizes; CG, KG and R are fixed by the spec (constant loop bounds, tails known)
     N, H, W, HO, WO, CG: tl.constexpr, KG: tl.constexpr, R: tl.constexpr,
     # strides (w_ptr is the packed filter: [K, KW, KH, CG] contiguous)
@@ -93,6 +103,7 @@ def conv_im2win_implicit(
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     PAD_MODE: tl.constexpr,  # how the padding is filled: 0 zeros, 1 reflect, 2 replicate
+    PRE_BN: tl.constexpr,
     # meta-parameters
     REDUCTION: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr, INT64: tl.constexpr,
     IMAGE_TILES: tl.constexpr,
@@ -114,6 +125,9 @@ def conv_im2win_implicit(
     if INT64:
         w_col = offs_k.to(tl.int64) * R
     offs_r = tl.arange(0, BLOCK_K)
+    if PRE_BN:  # the prologue's per-channel parameters, from this group's first channel
+        pw_ptr, pb_ptr = pw_ptr + g * CG, pb_ptr + g * CG
+        pm_ptr, pv_ptr = pm_ptr + g * CG, pv_ptr + g * CG
 
     # ---- 3. reduction over the window: acc[m, k] += band[m, r] * w[k, r] ----
     # (reduction steps past R or CG wrap, the mask keeping them out: see _tile_rows' note)
@@ -144,8 +158,10 @@ def conv_im2win_implicit(
             c_ok = c < CG
             if CG % BLOCK_K != 0:
                 c = c % CG
-            a = tl.load(x_base + a_row[:, None] + (c * sxc)[None, :],
-                        mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+            a_mask = row_ok[:, None] & c_ok[None, :]
+            a = tl.load(x_base + a_row[:, None] + (c * sxc)[None, :], mask=a_mask, other=0.0)
+            if PRE_BN:
+                a = _prologue(a, a_mask, x_base, c, pw_ptr, pb_ptr, pm_ptr, pv_ptr, WIDEN)
             b = tl.load(w_ptr + w_col[None, :] + (tap * CG + c)[:, None],
                         mask=c_ok[:, None] & k_ok[None, :], other=0.0)
             acc = _mma(a, b, acc, WIDEN, PRECISION)
@@ -154,22 +170,26 @@ ${epilogue}
 
 
 def launch(x, weight, bias=None, bn_weight=None, bn_bias=None, bn_mean=None, bn_var=None,
-           residual=None):
+           residual=None, mask=None, x_scale=None, x_bn_weight=None, x_bn_bias=None,
+           x_bn_mean=None, x_bn_var=None):
+    if mask is not None or x_scale is not None:
+        raise ValueError("this kernel reads neither a gradient mask nor an input scale")
 ${prepare}
+${prologue_operands}
     # ---- 3. launch on the GEMM grid ----
     int64 = max(x.numel(), y.numel(), weight.numel()) >= INDEX_LIMIT
     conv_im2win_implicit[grid](
-        x, w_packed, out, *epilogue_operands,
+        x, w_packed, out, *epilogue_operands, *pre_bn,
         N, H, W, HO, WO, CG, KG, R,
         *x.stride(), *out.stride(), *residual_strides,
-        **GEOMETRY, PAD_MODE=PAD_MODE, PRECISION=PRECISION, WIDEN=widen, INT64=int64,
+        **GEOMETRY, PAD_MODE=PAD_MODE, PRE_BN=PRE_BN, PRECISION=PRECISION, WIDEN=widen, INT64=int64,
         IMAGE_TILES=image, **META, **LAUNCH)
 ${finish}"""
 
 
 def render(spec: ConvSpec, schedule: Schedule) -> T.KernelSource:
     return T.render_module(
-        TEMPLATE,
+        TEMPLATE.replace("${pre_bn}", str(spec.prologue.bn is not None)),
         spec,
         schedule,
         summary="convolution as an implicit im2win GEMM",

@@ -7,6 +7,9 @@ A template is readable Triton/Python text with `${hook}` slots (string.Template)
                columns, window taps: every lane's address inside its tensor)
     epilogue   code applied to the fp32 accumulator (bias, batch norm, activations,
                residual; see epilogue.py), then the store
+    prologue   code applied to each loaded input tile (the input's batch norm and
+               activation, spec.prologue; epilogue.py), and `prologue_operands`, the
+               launcher's checks of that batch norm's parameters (gemm_1x1, im2win_implicit)
     constants  the spec's geometry and the schedule's parameters, as Python dicts
     prepare    the launcher's constraint checks, output-shape arithmetic and allocation
     finish     the launcher's last lines (the interpreter's bf16 rounding, the 1-D squeeze)
@@ -28,7 +31,7 @@ from dataclasses import dataclass
 from ..schedule import InvalidSchedule, Schedule
 from ..selection.devices import Device
 from ..spec import PADDING_MODES, ConvSpec
-from .epilogue import epilogue
+from .epilogue import epilogue, prologue
 
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -331,6 +334,8 @@ def render_module(
         constants=constants(spec, schedule, **groups),
         helpers=HELPERS,
         epilogue=epilogue(spec),
+        prologue=prologue(spec),
+        prologue_operands=PROLOGUE_OPERANDS.strip("\n"),
         prepare=(PREPARE if prepare is None else prepare).strip("\n"),
         finish=FINISH.strip("\n"),
     )
@@ -366,6 +371,19 @@ PER_CHANNEL_VECTORS = """    # The epilogue reads each per-channel vector (conv 
             raise ValueError(f"per-channel vector of shape {tuple(t.shape)}, expected ({K},)")
     bias, bn_weight, bn_bias, bn_mean, bn_var = (
         t if t is None or t.is_contiguous() else t.contiguous() for t in vectors)
+"""
+# The input's batch norm (spec.prologue), after PREPARE: checked, and handed to the kernel as
+# four [C] runs (without affine, the kernel never reads the first two).
+PROLOGUE_OPERANDS = """
+    pre_bn = (x_bn_weight, x_bn_bias, x_bn_mean, x_bn_var)
+    if (x_bn_mean is not None) != PRE_BN or (x_bn_var is not None) != PRE_BN:
+        raise ValueError(f"kernel built {'with' if PRE_BN else 'without'} the input's batch norm")
+    for t in pre_bn:
+        if t is not None and tuple(t.shape) != (C,):
+            raise ValueError(f"the input's batch norm parameter {tuple(t.shape)} is not ({C},)")
+    pre_bn = tuple(t if t is None or t.is_contiguous() else t.contiguous() for t in pre_bn)
+    if PRE_BN and x_bn_weight is None:
+        pre_bn = (x_bn_mean, x_bn_mean, x_bn_mean, x_bn_var)
 """
 # The gradient operand of a backward kernel may come as where(mask, 0, g) (a ReLU's backward):
 # the kernel reads g and the bool mask (any strides) and never sees the materialised product.

@@ -164,6 +164,10 @@ def meta_inputs(spec: ConvSpec | AttentionSpec | MlpSpec) -> tuple[torch.Tensor 
     mask = (torch.empty_like(x, dtype=torch.bool),) if spec.input_mask else ()
     if spec.input_scale:  # after the absent mask: x_scale [N, C, 1, 1]
         mask = (None, empty((n, spec.in_channels, 1, 1)[: x.dim()]))
+    if spec.prologue.bn:  # after the absent mask and scale: the input's BN, [C] each
+        c, pre = spec.in_channels, spec.prologue.bn == "affine"
+        params = [empty((c,), dt=torch.float32) if pre or i >= 2 else None for i in range(4)]
+        mask = (None, None, *params)
     return (x, weight, bias, *affine, *stats, residual, *mask)
 
 

@@ -1,6 +1,7 @@
 """Grow a convolution's epilogue chain: the pointwise ops its kernel can apply before storing.
 
     conv -> [batch_norm (running stats) -> getitem 0] -> [act] -> [add residual] -> [act]
+    conv -> act -> batch_norm (running stats) -> getitem 0 -> [add residual] -> [act]
 
 A node joins the chain only if it is the sole user of the chain so far (otherwise the
 intermediate value is needed elsewhere and must be materialised), and only if no other
@@ -43,30 +44,46 @@ def _same_tensor_meta(a: object, b: object) -> bool:
     return va is not None and vb is not None and va.shape == vb.shape and va.dtype == vb.dtype
 
 
+def _eval_bn(user: torch.fx.Node | None, cur: torch.fx.Node) -> tuple[dict, torch.fx.Node] | None:
+    """(epilogue fields, its getitem 0) when `user` is an eval-mode batch norm of `cur` whose
+    only use is its output; else None."""
+    if user is None or user.target is not BN_EVAL or user.args[0] is not cur:
+        return None
+    weight, bias, _mean, _var, _momentum, eps = user.args[1:7]
+    items = list(user.users)
+    if (
+        (weight is None) == (bias is None)
+        and isinstance(eps, (int, float))
+        and len(items) == 1
+        and items[0].target is operator.getitem
+        and items[0].args[1] == 0
+    ):
+        return dict(bn="plain" if weight is None else "affine", bn_eps=float(eps)), items[0]
+    return None
+
+
 def grow_chain(conv: torch.fx.Node, claimed: set[str], *, fuse_bn: bool = True) -> Chain:
     roles = [("conv", conv.name)]
     cur, fields = conv, {}
     user = _sole_user(cur, claimed)
-    if fuse_bn and user is not None and user.target is BN_EVAL and user.args[0] is cur:
-        weight, bias, mean, var, _momentum, eps = user.args[1:7]
-        items = list(user.users)
-        if (
-            (weight is None) == (bias is None)
-            and isinstance(eps, (int, float))
-            and len(items) == 1
-            and items[0].target is operator.getitem
-            and items[0].args[1] == 0
-        ):
-            fields.update(bn="plain" if weight is None else "affine", bn_eps=float(eps))
-            roles += [("bn", user.name), ("getitem", items[0].name)]
-            cur = items[0]
-            user = _sole_user(cur, claimed)
+    bn = _eval_bn(user, cur) if fuse_bn else None
+    if bn is not None:
+        fields.update(bn[0])
+        roles += [("bn", user.name), ("getitem", bn[1].name)]
+        cur = bn[1]
+        user = _sole_user(cur, claimed)
     act = as_activation(user) if user is not None and user.args[0] is cur else None
     if act is not None:
         fields["act"] = act
         roles.append(("act", user.name))
         cur = user
         user = _sole_user(cur, claimed)
+        late = _eval_bn(user, cur) if fuse_bn and "bn" not in fields else None
+        if late is not None:  # conv -> act -> BN (ConvMixer, RepViT)
+            fields.update(late[0], bn_after_act=True)
+            roles += [("bn", user.name), ("getitem", late[1].name)]
+            cur = late[1]
+            user = _sole_user(cur, claimed)
     if (
         user is not None
         and user.target is aten.add.Tensor

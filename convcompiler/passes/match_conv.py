@@ -8,6 +8,10 @@ Rules:
         loads it, so the scaled copy is never made)
         (likewise replication_pad: nn.ConvNd's padding_mode, or F.pad feeding a conv; the
         kernel maps the border in its loads, so the padded copy is never made)
+    convolution(act(batch_norm(x, mean, var, g, beta)), w, b)
+        => im2win_conv[bn+act(x)](x, w, b, g, beta, mean, var)
+        (pre-activation, DenseNet's and PreAct ResNet's BN -> ReLU -> conv: gemm_1x1 and
+        im2win_implicit normalise x as they load it, so the normalised copy is never made)
     post_act(act(batch_norm(convolution(x, w, b), mean, var, g, beta)) + r)
         => im2win_conv[bn+act+add+post_act](x, w, b, g, beta, mean, var, r)
 
@@ -21,13 +25,15 @@ Batch norms that no conv absorbs are recorded as fallbacks with their reason.
 from __future__ import annotations
 
 import dataclasses
+import operator
 
 import torch
 import torch.fx
 
 from ..counters import counters
-from ..spec import DTYPES, ConvSpec, Epilogue
+from ..spec import DTYPES, ConvSpec, Epilogue, Prologue
 from .context import PassContext, Region
+from .activations import as_activation
 from .conv_chain import BN_EVAL, BN_TRAIN, Chain, grow_chain
 from .linear_as_conv import FROM_LINEAR, matmul_precision
 from .linear_as_conv import RULE as LINEAR_RULE
@@ -123,11 +129,52 @@ def scaled_operands(mul: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] |
 def _scaled_input(node: torch.fx.Node, spec: ConvSpec, ctx: PassContext):
     """The mul(x, s) a forward 1x1 conv alone reads, which its kernel can apply, or None."""
     mul = node.args[0]
-    if ctx.stage == "backward" or not isinstance(mul, torch.fx.Node) or len(mul.users) != 1:
+    if not _forward_input(node, spec, ctx) or len(mul.users) != 1 or spec.groups != 1:
         return None
-    if spec.op != "conv" or spec.kernel != (1, 1) or spec.padding != (0, 0) or spec.groups != 1:
+    if spec.kernel != (1, 1) or spec.padding != (0, 0):
         return None
     return mul if scaled_operands(mul) is not None else None
+
+
+def _forward_input(node: torch.fx.Node, spec: ConvSpec, ctx: PassContext) -> bool:
+    """Whether a forward conv's kernel could compute its input as it loads it."""
+    return (
+        ctx.stage != "backward" and spec.op == "conv" and isinstance(node.args[0], torch.fx.Node)
+    )
+
+
+def _sole_input(node: torch.fx.Node, user: torch.fx.Node) -> bool:
+    return isinstance(node, torch.fx.Node) and list(node.users) == [user]
+
+
+def normed_input(conv: torch.fx.Node) -> tuple[torch.fx.Node, Prologue, tuple] | None:
+    """(x, prologue, roles) when the conv reads [act](getitem(batch_norm(x), 0)), an eval-mode
+    batch norm whose output (and activation) only the conv reads; else None."""
+    cur, act, roles = conv.args[0], None, []
+    if not _sole_input(cur, conv):
+        return None
+    if cur.target is not operator.getitem:
+        act = as_activation(cur)
+        if act is None or not cur.args or not _sole_input(cur.args[0], cur):
+            return None
+        roles.append(("x_act", cur.name))
+        cur = cur.args[0]
+    bn = cur.args[0] if cur.target is operator.getitem and cur.args[1] == 0 else None
+    if bn is None or bn.target is not BN_EVAL or list(bn.users) != [cur]:
+        return None
+    weight, bias, _mean, _var, _momentum, eps = bn.args[1:7]
+    if (weight is None) != (bias is None) or not isinstance(eps, (int, float)):
+        return None
+    kind = "plain" if weight is None else "affine"
+    roles += [("x_getitem", cur.name), ("x_bn", bn.name)]
+    return bn.args[0], Prologue(bn=kind, bn_eps=float(eps), act=act), tuple(roles)
+
+
+def _feeds_conv(bn: torch.fx.Node) -> bool:
+    """Whether a convolution reads this batch norm's output, directly or through one op."""
+    outputs = [u for u in bn.users if u.target is operator.getitem and u.args[1] == 0]
+    after = [u for out in outputs for u in out.users]
+    return any(u.target == aten.convolution.default for out in outputs + after for u in out.users)
 
 
 def conv_fallback_reason(node: torch.fx.Node, ctx: PassContext) -> str | None:
@@ -272,6 +319,17 @@ def match_conv(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModu
             layout = memory_layout(fake_value(x))
             spec = dataclasses.replace(spec, input_scale=True, input_layout=layout)
             summary, roles = spec.describe(), (*roles, ("x_scale", scaled.name))
+        normed = None
+        if spec is not None and not linear and ctx.config.blocks and _forward_input(node, spec, ctx):
+            normed = normed_input(node)
+        if normed is not None and any(name in claimed for _, name in normed[2]):
+            normed = None  # the BN is the epilogue of the conv that feeds it
+        if normed is not None:  # the kernel reads x and the BN's parameters
+            x, prologue, pre_roles = normed
+            layout = memory_layout(fake_value(x))
+            spec = dataclasses.replace(spec, prologue=prologue, input_layout=layout)
+            summary, roles = spec.describe(), (*roles, *pre_roles)
+            claimed.update(name for _, name in pre_roles)
         ctx.regions.append(
             Region(
                 name=ctx.new_region_name(kind),
@@ -299,10 +357,16 @@ def match_conv(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModu
                 reason = f"its convolution runs ATen: {conv_reasons[source.name]}"
             elif fed_by_conv:
                 reason = "the convolution's output has other users, so BN cannot be folded into it"
+            elif _feeds_conv(node):
+                reason = (
+                    "batch_norm before a convolution that cannot normalise its input as it "
+                    "loads it (a forward conv that alone reads the BN's output, or its "
+                    "activation's, does, with option blocks=True): Inductor compiles it"
+                )
             else:
                 reason = (
-                    "batch_norm not fed directly by a convolution (e.g. BN -> ReLU -> conv,"
-                    " as in DenseNet): it stays ATen"
+                    "batch_norm neither fed by a convolution nor feeding one (e.g. BN -> ReLU"
+                    " -> pool): Inductor compiles it"
                 )
             ctx.regions.append(
                 Region(

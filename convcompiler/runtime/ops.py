@@ -1,7 +1,7 @@
 """The `torch.ops.im2win.*` ops a compiled graph calls in place of each region.
 
     im2win::conv(x, weight, bias?, bn_weight?, bn_bias?, bn_mean?, bn_var?, residual?, mask?,
-                 x_scale?, kernel)
+                 x_scale?, x_bn_weight?, x_bn_bias?, x_bn_mean?, x_bn_var?, kernel)
     im2win::conv_wgrad(dy, x, mask?, kernel)  a conv's weight gradient
     im2win::window_attention(q, k, v, bias?, mask?, general?, logit_scale?, kernel)
     im2win::mlp_block(x, w1, b1?, w2, b2?, scale?, residual?, norm_weight?, norm_bias?,
@@ -10,7 +10,9 @@
 A conv's `mask` (backward kernels only, spec.input_mask): the gradient operand (x of a
 transposed conv, dy of a weight gradient) stands for where(mask, 0, gradient), a ReLU's
 backward. Its `x_scale` (a forward 1x1 conv, spec.input_scale): the input stands for
-x * x_scale, x_scale [N, C, 1, 1] (squeeze-and-excitation's channel scale).
+x * x_scale, x_scale [N, C, 1, 1] (squeeze-and-excitation's channel scale). Its `x_bn_*`
+(a forward 1x1 conv, spec.prologue): the input stands for act(batch_norm(x)) with these
+running statistics (pre-activation: DenseNet's BN -> ReLU -> conv).
 
 `kernel` is a KernelRef (kernel_ref.py): the spec and schedule the kernel was generated
 from and the hash of its source. Inductor keeps the ops opaque, fuses what is around them and
@@ -97,6 +99,10 @@ def conv(
     residual: Tensor | None,
     mask: Tensor | None,
     x_scale: Tensor | None,
+    x_bn_weight: Tensor | None,
+    x_bn_bias: Tensor | None,
+    x_bn_mean: Tensor | None,
+    x_bn_var: Tensor | None,
     kernel: str,
 ) -> Tensor:
     ref = decode(kernel)
@@ -105,6 +111,8 @@ def conv(
     args = (x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, residual)
     if x_scale is not None:  # after the (absent) mask, as the launcher's parameters go
         args = (*args, None, x_scale)
+    elif x_bn_var is not None:
+        args = (*args, None, None, x_bn_weight, x_bn_bias, x_bn_mean, x_bn_var)
     return _launch(ref, args, mask)
 
 
@@ -125,7 +133,8 @@ def conv_output_shape(spec: ConvSpec, x: Tensor) -> tuple:
 
 @conv.register_fake
 def _conv_fake(
-    x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, residual, mask, x_scale, kernel
+    x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, residual, mask, x_scale, x_bn_weight,
+    x_bn_bias, x_bn_mean, x_bn_var, kernel
 ):
     spec = decode(kernel).spec
     n, k, ho, wo = conv_output_shape(spec, x)

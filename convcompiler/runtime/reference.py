@@ -37,11 +37,16 @@ def run_aten(
     residual=None,
     mask=None,
     x_scale=None,
+    x_bn_weight=None,
+    x_bn_bias=None,
+    x_bn_mean=None,
+    x_bn_var=None,
 ) -> torch.Tensor:
-    """conv -> batch norm (running stats) -> act -> + residual -> act, as separate ATen ops.
+    """conv -> batch norm (running stats) -> act -> + residual -> act, as separate ATen ops
+    (the batch norm after the act with spec.epilogue.bn_after_act).
     A weight-gradient spec takes (dy, x, mask?) and returns dw. With spec.input_mask the
     gradient operand (x of a transposed conv, dy of a weight gradient) is where(mask, 0, g);
-    with spec.input_scale the conv reads x * x_scale."""
+    with spec.input_scale the conv reads x * x_scale; with spec.prologue, act(batch_norm(x))."""
     stride, padding, dilation, output_padding = (
         list(v[2 - spec.ndim :])
         for v in (spec.stride, spec.padding, spec.dilation, spec.output_padding)
@@ -59,6 +64,11 @@ def run_aten(
         x = x.masked_fill(mask, 0)
     if x_scale is not None:
         x = x * x_scale
+    p = spec.prologue
+    if p.bn:
+        x = F.batch_norm(x, x_bn_mean, x_bn_var, x_bn_weight, x_bn_bias, False, 0.0, p.bn_eps)
+    if p.act:
+        x = activation(p.act, x)
     if spec.padding_mode != "zeros":  # F.pad's copy, then a conv without padding
         pads = [p for p in reversed(padding) for _ in (0, 1)]
         x = F.pad(x, pads, mode=spec.padding_mode)
@@ -67,10 +77,12 @@ def run_aten(
         x, weight, bias, stride, padding, dilation, spec.transposed, output_padding, spec.groups
     )
     e = spec.epilogue
-    if e.bn:
+    if e.bn and not e.bn_after_act:
         y = F.batch_norm(y, bn_mean, bn_var, bn_weight, bn_bias, False, 0.0, e.bn_eps)
     if e.act:
         y = activation(e.act, y)
+    if e.bn and e.bn_after_act:
+        y = F.batch_norm(y, bn_mean, bn_var, bn_weight, bn_bias, False, 0.0, e.bn_eps)
     if e.residual:
         y = y + residual
     if e.post_act:

@@ -196,7 +196,7 @@ def _time(spec, schedule, device, symbolic):
         if spec.padding_mode != "zeros":
             # F.pad writes the padded copy (about x's size) and the conv reads it
             traffic, launches = traffic + 2 * x_bytes, launches + 1
-        if spec.input_scale:  # the mul writes x * s and the conv reads it
+        if spec.transforms_input:  # the mul (or BN and act) writes x' and the conv reads it
             traffic, launches = traffic + 2 * x_bytes, launches + 1
     else:
         image = s.get("M_TILES") == "image"

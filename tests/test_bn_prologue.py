@@ -1,0 +1,290 @@
+"""Batch norms around a single conv that no epilogue could take before (issue 22's family 4):
+
+- pre-activation, `BN -> act -> conv` (DenseNet, DPN, PreAct ResNet): the conv's kernel
+  (gemm_1x1 for a 1x1 conv, im2win_implicit's tap order for a kxk one) normalises each input
+  tile as it loads it (spec.prologue), so the normalised copy is never written;
+- `conv -> act -> BN` (ConvMixer, RepViT): the BN is applied after the activation in the
+  conv's epilogue (spec.epilogue.bn_after_act).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+from address_check import address_check
+from helpers import FAST, assert_close, float64_copy, kernel_launches, lowered_ops, run_compiled
+
+import convcompiler
+from convcompiler.bench import gpu_native
+from convcompiler.codegen import SPACES
+from convcompiler.frontend.kernels import conv_spec_of
+from convcompiler.runtime.reference import run_aten
+from convcompiler.spec import Activation, Prologue
+
+PRE = "bn+relu(x)"  # how the report's spec shows the prologue
+
+
+def _bn(c: int, affine: bool = True) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(c, affine=affine)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        if affine:
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-1, 1)
+    return bn
+
+
+class DenseLayer(nn.Module):
+    """torchvision's DenseNet layer: conv3x3(relu(bn2(conv1x1(relu(bn1(cat(a, b)))))))."""
+
+    def __init__(self, c: int = 21, k: int = 13, act: nn.Module | None = None) -> None:
+        super().__init__()
+        self.bn1, self.act = _bn(c), act if act is not None else nn.ReLU()
+        self.conv1 = nn.Conv2d(c, k, 1, bias=False)
+        self.bn2, self.conv2 = _bn(k), nn.Conv2d(k, 5, 3, padding=1, bias=False)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        y = self.conv1(self.act(self.bn1(torch.cat([a, b], 1))))
+        return self.conv2(torch.relu(self.bn2(y)))
+
+
+def _inputs(dtype: torch.dtype, n: int = 2) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    return [torch.randn(n, 8, 5, 7, generator=gen).to(dtype),
+            torch.randn(n, 13, 5, 7, generator=gen).to(dtype)]
+
+
+def _prologue_region(report) -> object:
+    """The one region whose spec shows a prologue, "...(x)"."""
+    (region,) = [r for r in report if "(x)" in r.spec]
+    return region
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_densenet_s_bn_relu_runs_inside_the_1x1_conv(dtype, tmp_path) -> None:
+    torch.manual_seed(0)
+    model = DenseLayer().eval().to(dtype)
+    a, b = _inputs(dtype)
+    if dtype == torch.float16:
+        a, b = (t.to(memory_format=torch.channels_last) for t in (a, b))
+    with torch.no_grad():
+        ref = float64_copy(model)(a.double(), b.double())
+    convcompiler.counters.reset()
+    out, report = run_compiled(model, [a, b], options={**FAST, "debug_dir": str(tmp_path)})
+    assert_close(out, ref, dtype)
+    first = _prologue_region(report)
+    assert PRE in first.spec and first.schedule == "gemm_1x1", str(report)
+    assert first.fallback_reason is None and not report.fallbacks(), str(report)
+    assert kernel_launches() == 2  # the two convs; the cat is Inductor's
+    ops = lowered_ops(tmp_path)
+    assert ops["_native_batch_norm_legit_no_training"] == 0 and ops["relu"] == 0, ops
+
+
+@pytest.mark.parametrize("act", [nn.Hardswish(), nn.Identity(), nn.SiLU()])
+def test_other_prologues(act) -> None:
+    """No activation, and other activations. (A BN without affine reaches the post-grad
+    graph decomposed, so Inductor fuses it; the address test runs that prologue.)"""
+    torch.manual_seed(1)
+    model = DenseLayer(act=act).eval()
+    a, b = _inputs(torch.float32)
+    with torch.no_grad():
+        ref = float64_copy(model)(a.double(), b.double())
+    out, report = run_compiled(model, [a, b], options=FAST)
+    assert_close(out, ref, torch.float32)
+    region = _prologue_region(report)
+    name = Prologue(bn="affine", act=None if isinstance(act, nn.Identity) else _act(act)).name()
+    assert f"{name}(x)" in region.spec and region.schedule == "gemm_1x1", str(report)
+
+
+def _act(module: nn.Module) -> Activation:
+    return Activation({nn.Hardswish: "hardswish", nn.SiLU: "silu"}[type(module)])
+
+
+def test_nan_and_inf_reach_only_their_pixel() -> None:
+    """-inf normalises to -inf and ReLU makes it 0 (finite everywhere, as eager); NaN stays
+    in its own pixel's outputs."""
+    torch.manual_seed(2)
+    model = DenseLayer().eval()
+    model.conv2 = nn.Identity()
+    a, b = _inputs(torch.float32)
+    a[0, 1, 2, 3], a[1, 4, 0, 0], b[1, 2, 4, 6] = float("nan"), float("-inf"), float("inf")
+    with torch.no_grad():
+        ref = float64_copy(model)(a.double(), b.double())
+        out, _ = run_compiled(model, [a, b], options=FAST)
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    assert out[0, :, 2, 3].isnan().all() and out.isnan().sum() == 13
+    finite = ref.isfinite()
+    assert_close(out[finite], ref[finite], torch.float32)
+
+
+def test_dynamic_batch_and_an_empty_one() -> None:
+    torch.manual_seed(4)
+    model = DenseLayer().eval()
+    compiled = torch.compile(model, backend="im2win", options=FAST, dynamic=True)
+    for n in (3, 1):
+        a, b = _inputs(torch.float32, n)
+        with torch.no_grad():
+            ref = float64_copy(model)(a.double(), b.double())
+            convcompiler.counters.reset()
+            out = compiled(a, b)
+        assert_close(out, ref, torch.float32)
+        assert kernel_launches() == 2
+    assert PRE in _prologue_region(convcompiler.last_report()).spec
+    a, b = _inputs(torch.float32, 0)
+    with torch.no_grad():
+        out, report = run_compiled(model, [a, b], options=FAST)
+    assert out.shape == (0, 5, 5, 7)
+    reasons = [r.fallback_reason for r in report if r.spec.startswith("[0,21")]
+    assert reasons and all(r.startswith("zero-size") for r in reasons), str(report)
+
+
+def test_option_blocks_off_leaves_the_bn_to_inductor() -> None:
+    model = DenseLayer().eval()
+    a, b = _inputs(torch.float32)
+    with torch.no_grad():
+        ref = float64_copy(model)(a.double(), b.double())
+    out, report = run_compiled(model, [a, b], options={**FAST, "blocks": False})
+    assert_close(out, ref, torch.float32)
+    (bn,) = report.fallbacks()
+    assert bn.kind == "batch_norm" and "cannot normalise its input" in bn.fallback_reason
+    assert not any(PRE in r.spec for r in report)
+
+
+def test_a_small_torchvision_densenet() -> None:
+    """torchvision's own DenseNet code (two dense blocks, a transition): every BN before a
+    conv runs inside it; only the last BN (-> ReLU -> pool) is Inductor's, with its reason."""
+    torch.manual_seed(5)
+    model = torchvision.models.DenseNet(
+        growth_rate=8, block_config=(2, 2), num_init_features=16, bn_size=2, num_classes=7
+    ).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        ref = float64_copy(model)(x.double())
+    out, report = run_compiled(model, [x], options=FAST)
+    assert_close(out, ref, torch.float32)
+    pre = [r for r in report if PRE in r.spec]
+    assert len(pre) == 5 and all(r.schedule == "gemm_1x1" for r in pre), str(report)
+    (last,) = report.fallbacks()
+    assert last.kind == "batch_norm" and "nor feeding one" in last.fallback_reason
+
+
+@pytest.mark.parametrize("tiling, bn", [("image", "affine"), ("batch", "plain")])
+def test_prologue_addresses(tiling, bn) -> None:
+    """Every lane of the BN parameters' loads stays inside them, in image and batch tiles,
+    with rows and channels past the last (odd sizes); masked channels add nothing even
+    where the normalised value of 0 is not 0."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 21, 5, 3, generator=gen)
+    if tiling == "batch":
+        x = x.to(memory_format=torch.channels_last)
+    w = torch.randn(13, 21, 1, 1, generator=gen)
+    params = [torch.randn(21, generator=gen), torch.randn(21, generator=gen) + 3,
+              torch.randn(21, generator=gen), torch.rand(21, generator=gen) + 0.5]
+    act = Activation("silu") if bn == "affine" else None
+    spec = dataclasses.replace(conv_spec_of(x, w), prologue=Prologue(bn=bn, act=act))
+    if bn == "plain":
+        params[:2] = [None, None]
+    schedule = SPACES["gemm_1x1"].make(spec, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=8,
+                                       M_TILES=tiling, num_warps=4, num_stages=2)
+    launch = gpu_native.load_kernel(spec, schedule)
+    with address_check() as check:
+        y = launch(x, w, None, None, None, None, None, None, None, None, *params)
+    wide = [t.double() if t is not None else None for t in params]
+    assert_close(y, run_aten(spec, x.double(), w.double(), None, *[None] * 4, None, None, None,
+                             *wide), torch.float32)
+    assert check.kernels == {"conv_gemm_1x1"} and check.accesses > 0
+
+
+class PreActBlock(nn.Module):
+    """PreAct ResNet's basic block: conv2(relu(bn2(conv1(relu(bn1(x)))))) + x."""
+
+    def __init__(self, c: int = 20) -> None:
+        super().__init__()
+        self.bn1, self.bn2 = _bn(c), _bn(c)
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(torch.relu(self.bn2(self.conv1(torch.relu(self.bn1(x)))))) + x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_preact_s_bn_relu_runs_inside_the_3x3_conv(dtype) -> None:
+    """The zero padding stays zero (relu(bn(0)) is not), and NaN stays in its windows."""
+    torch.manual_seed(8)
+    model = PreActBlock().eval().to(dtype)
+    x = torch.randn(2, 20, 9, 7).to(dtype)
+    x[0, 3, 0, 0] = float("nan")
+    with torch.no_grad():
+        ref = float64_copy(model)(x.double())
+    convcompiler.counters.reset()
+    out, report = run_compiled(model, [x], options=FAST)
+    assert torch.equal(out.isnan(), ref.isnan()) and out.isnan().any()
+    assert_close(out[~ref.isnan()], ref[~ref.isnan()], dtype)
+    region = _prologue_region(report)
+    assert "3x3 p1x1 bn+relu(x)" in region.spec and region.schedule == "im2win_implicit"
+    assert kernel_launches() == 2 and not report.fallbacks(), str(report)
+
+
+def test_implicit_prologue_addresses() -> None:
+    """im2win_implicit with a prologue: every lane in bounds (halo rows, channels past the
+    last), padding zero after the BN."""
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 21, 6, 5, generator=gen)
+    w = torch.randn(11, 21, 3, 3, generator=gen)
+    params = [torch.randn(21, generator=gen), torch.randn(21, generator=gen) + 3,
+              torch.randn(21, generator=gen), torch.rand(21, generator=gen) + 0.5]
+    spec = dataclasses.replace(conv_spec_of(x, w, padding=1),
+                               prologue=Prologue(bn="affine", act=Activation("relu")))
+    schedule = SPACES["im2win_implicit"].make(
+        spec, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=8, M_TILES="batch", REDUCTION="tap",
+        num_warps=4, num_stages=2)
+    launch = gpu_native.load_kernel(spec, schedule)
+    with address_check() as check:
+        y = launch(x, w, None, None, None, None, None, None, None, None, *params)
+    ref = run_aten(spec, x.double(), w.double(), None, *[None] * 7, *[t.double() for t in params])
+    assert_close(y, ref, torch.float32)
+    assert check.kernels == {"conv_im2win_implicit"} and check.accesses > 0
+
+
+def _convmixer(c: int = 12) -> nn.Module:
+    class Residual(nn.Module):
+        def __init__(self, f: nn.Module) -> None:
+            super().__init__()
+            self.f = f
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.f(x) + x
+
+    return nn.Sequential(
+        nn.Conv2d(3, c, 3, stride=2), nn.GELU(), _bn(c),
+        Residual(nn.Sequential(nn.Conv2d(c, c, 5, groups=c, padding=2), nn.GELU(), _bn(c))),
+        nn.Conv2d(c, c, 1), nn.GELU(), _bn(c),
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_convmixer_s_conv_act_bn_is_one_kernel_each(dtype) -> None:
+    torch.manual_seed(7)
+    model = _convmixer().eval().to(dtype)
+    x = torch.randn(2, 3, 17, 15).to(dtype)
+    x[1, 0, 3, 3] = float("nan")
+    with torch.no_grad():
+        ref = float64_copy(model)(x.double())
+    convcompiler.counters.reset()
+    out, report = run_compiled(model, [x], options=FAST)
+    assert torch.equal(out.isnan(), ref.isnan()) and out.isnan().any()
+    assert_close(out[~ref.isnan()], ref[~ref.isnan()], dtype)
+    names = sorted(r.spec.split(" +")[-1].split()[0] for r in report)
+    assert names == ["gelu+bn", "gelu+bn", "gelu+bn+add"], str(report)
+    assert kernel_launches() == 3 and not report.fallbacks()

@@ -170,6 +170,10 @@ class ConvSpec(SizeHints):
     # 1x1 conv); gemm_1x1 multiplies each x tile as it loads it (a forward conv only)
     input_scale: bool = False
     prologue: Prologue = Prologue()  # the input's BN and activation, applied as it is loaded
+    # the kernel also writes, per tile of each image, its output's channel sums over the
+    # tile's pixels divided by the image's: a global average pool that reads the output
+    # (squeeze-and-excitation's) then only sums those (a forward conv only; see pool_shape)
+    pool_sums: bool = False
 
     def __post_init__(self) -> None:
         if self.op not in CONV_OPS:
@@ -182,6 +186,8 @@ class ConvSpec(SizeHints):
             raise SpecError("a padding mode other than zeros is for forward convs only")
         if (self.input_scale or self.prologue.name()) and self.op != "conv":
             raise SpecError("an input scale or prologue is for forward convs only")
+        if self.pool_sums and self.op != "conv":
+            raise SpecError("pooled sums are for forward convs only")
         if self.input_scale and self.prologue.name():
             raise SpecError("an input scale and a prologue together are not a fused pattern")
         if self.op == "conv_wgrad" and (self.epilogue != Epilogue() or self.has_bias):
@@ -246,6 +252,7 @@ class ConvSpec(SizeHints):
             + (f"_{self.padding_mode}" if self.padding_mode != "zeros" else "")
             + ("_xscale" if self.input_scale else "")
             + (f"_pre_{self.prologue.name().replace('+', '_')}" if self.prologue.name() else "")
+            + ("_pooled" if self.pool_sums else "")
         )
 
     def describe(self) -> str:
@@ -281,6 +288,7 @@ class ConvSpec(SizeHints):
         if self.groups != 1:
             extra.append("dw" if self.is_depthwise else f"g{self.groups}")
         fused = [f"+{self.epilogue.name()}"] if self.epilogue.name() else []
+        fused += ["+pool sums"] if self.pool_sums else []
         return " ".join([shape, ks, *extra, self.dtype, self.output_layout, *fused])
 
 
@@ -581,6 +589,7 @@ def spec_from_json(data: object):
         padding_mode=_check(data["padding_mode"], PADDING_MODES, "padding_mode"),
         input_scale=_bool(data["input_scale"], "input_scale"),
         prologue=prologue,
+        pool_sums=_bool(data["pool_sums"], "pool_sums"),
         **sizes,
         **common,
     )

@@ -61,11 +61,12 @@ COMPUTE = {
     "_scaled_dot_product_flash_attention",
     "_scaled_dot_product_cudnn_attention",
     "conv",
+    "conv_pool",
     "window_attention",
     "mlp_block",
     "mkldnn_rnn_layer",
 }
-REGION_OPS = ("conv", "window_attention", "mlp_block")  # the im2win.* ops
+REGION_OPS = ("conv", "conv_pool", "window_attention", "mlp_block")  # the im2win.* ops
 # also free here: the rest of the view family and graph bookkeeping
 VIEWS = common.VIEWS | {
     "squeeze",
@@ -175,6 +176,8 @@ def count_scheduler(nodes: list, variant: str, target: str) -> Traffic:
             continue
         if isinstance(node, ExternKernelSchedulerNode):
             ir = node.node
+            if type(ir).__name__ == "MultiOutput":  # one output of a multi-output op: a view
+                continue
             name = _op_name(
                 getattr(ir, "op_overload", None) or getattr(ir, "python_kernel_name", "")
             )

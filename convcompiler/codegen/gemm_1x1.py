@@ -35,6 +35,8 @@ TILING_KEYS = ("M_TILES",)
     num_stages=(2, 3, 4),
 )
 def SPACE(spec: ConvSpec, s: Schedule, device: Device | None) -> None:
+    if spec.pool_sums:
+        raise InvalidSchedule("only direct_depthwise writes pooled sums")
     if spec.kernel != (1, 1):
         raise InvalidSchedule(f"gemm_1x1 needs a 1x1 kernel, not {spec.kernel[0]}x{spec.kernel[1]}")
     if spec.padding != (0, 0):

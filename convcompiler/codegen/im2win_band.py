@@ -43,6 +43,8 @@ FILL_KEYS = ("FILL_W", "FILL_C")
     num_stages=(2, 3, 4),
 )
 def SPACE(spec: ConvSpec, s: Schedule, device: Device | None) -> None:
+    if spec.pool_sums:
+        raise InvalidSchedule("only direct_depthwise writes pooled sums")
     if spec.transforms_input:
         raise InvalidSchedule("only gemm_1x1 transforms its input (scale, BN, act) as it loads it")
     if spec.padding_mode != "zeros":

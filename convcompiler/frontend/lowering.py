@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 import time
 from typing import Callable
 
@@ -318,7 +319,12 @@ class Lowering:
 
     def _direct(self, spec) -> bool:
         """Whether Inductor's wrapper launches this region's kernels (runtime/direct.py)."""
-        return self.config.launch == "inductor" and spec.device == "cuda" and not spec.is_dynamic
+        return (
+            self.config.launch == "inductor"
+            and spec.device == "cuda"
+            and not spec.is_dynamic
+            and not getattr(spec, "pool_sums", False)  # two outputs: its op returns both
+        )
 
     def _inline_launch(self, gm, nodes, region: Region, source: KernelSource) -> str | None:
         """Trace the launcher into the graph in the region's place; None, or why not."""
@@ -376,11 +382,23 @@ class Lowering:
                 ):
                     weight = graph.call_function(target, (weight, *args), kwargs)
                     added.append(weight)
-                operands[1] = weight
-            op = ops.OPS[region.kind]
+                operands[1] = packed = weight
+            pooled = getattr(ref.spec, "pool_sums", False)
+            op = ops.OPS["conv_pool" if pooled else region.kind]
             unused = [None] * (len(op._schema.arguments) - 1 - len(operands))  # no mask
             new = graph.call_function(op, (*operands, *unused, ref.encode()))
             added.append(new)
+            mean = None
+            if pooled:  # (y, its pooled sums): the pool (role "pool") sums their T values
+                pool = nodes[dict(region.roles)["pool"]]
+                sums = graph.call_function(operator.getitem, (new, 1))
+                mean = graph.call_function(aten.sum.dim_IntList, (sums, [-1], True))
+                new = graph.call_function(operator.getitem, (new, 0))
+                added += [sums, mean, new]
+                if pool.meta["val"].dtype != torch.float32:
+                    to = torch.ops.prims.convert_element_type.default
+                    mean = graph.call_function(to, (mean, pool.meta["val"].dtype))
+                    added.append(mean)
         try:
             for node in added:
                 node.meta["val"] = meta_value(node)
@@ -388,7 +406,7 @@ class Lowering:
             reason = f"the op's fake implementation failed: {type(err).__name__}: {err}"
         else:
             reason = layout_mismatch(new.meta["val"], last.meta.get("val"))
-            if ref.packed and reason is None and not is_packed(added[-2].meta["val"]):
+            if ref.packed and reason is None and not is_packed(packed.meta["val"]):
                 reason = "the packed weight is not in im2win order"
         if reason is not None:
             for node in reversed(added):
@@ -399,6 +417,9 @@ class Lowering:
                 new.meta[key] = last.meta[key]
         last.replace_all_uses_with(new)
         graph.erase_node(last)
+        if mean is not None:  # the pool now reads the sums
+            pool.replace_all_uses_with(mean)
+            graph.erase_node(pool)
         return None
 
 

@@ -10,6 +10,10 @@ Rules:
         kernel maps the border in its loads, so the padded copy is never made)
     convolution(act(batch_norm(x, mean, var, g, beta)), w, b)
         => im2win_conv[bn+act(x)](x, w, b, g, beta, mean, var)
+    mean(y = depthwise_convolution(...) [-> epilogue], spatial dims, keepdim)
+        => (y, sums) = im2win_conv_pool(...); mean = sum(sums, -1, keepdim)
+        (squeeze-and-excitation's pool: direct_depthwise writes each tile's share of the
+        channel means as it stores y, so the pool never reads y again)
         (pre-activation, DenseNet's and PreAct ResNet's BN -> ReLU -> conv: gemm_1x1 and
         im2win_implicit normalise x as they load it, so the normalised copy is never made)
     post_act(act(batch_norm(convolution(x, w, b), mean, var, g, beta)) + r)
@@ -32,8 +36,8 @@ import torch.fx
 
 from ..counters import counters
 from ..spec import DTYPES, ConvSpec, Epilogue, Prologue
-from .context import PassContext, Region
 from .activations import as_activation
+from .context import PassContext, Region
 from .conv_chain import BN_EVAL, BN_TRAIN, Chain, grow_chain
 from .linear_as_conv import FROM_LINEAR, matmul_precision
 from .linear_as_conv import RULE as LINEAR_RULE
@@ -175,6 +179,27 @@ def _feeds_conv(bn: torch.fx.Node) -> bool:
     outputs = [u for u in bn.users if u.target is operator.getitem and u.args[1] == 0]
     after = [u for out in outputs for u in out.users]
     return any(u.target == aten.convolution.default for out in outputs + after for u in out.users)
+
+
+def pooled_mean(last: torch.fx.Node, spec: ConvSpec, ctx: PassContext):
+    """The global average pool of a forward depthwise conv's output (its chain's `last`):
+    mean.dim(y, spatial dims, keepdim=True) of y's dtype, which direct_depthwise's kernel can
+    turn into a sum of its tiles' shares (spec.pool_sums); else None."""
+    if ctx.stage == "backward" or spec.op != "conv" or spec.in_channels_per_group != 1:
+        return None
+    if spec.output_layout != "nchw" or spec.hint(spec.batch) > 65535:
+        return None  # direct_depthwise's image tiles (template.py's check_row_tiling)
+    rank = spec.ndim + 2
+    for user in last.users:
+        if user.target is not aten.mean.dim or user.args[0] is not last or user.kwargs:
+            continue
+        dims = {int(d) % rank for d in user.args[1]}
+        keepdim = user.args[2] if len(user.args) > 2 else False
+        out = fake_value(user)
+        if dims == set(range(2, rank)) and keepdim and out is not None:
+            if out.dtype == fake_value(last).dtype:
+                return user
+    return None
 
 
 def conv_fallback_reason(node: torch.fx.Node, ctx: PassContext) -> str | None:
@@ -319,9 +344,8 @@ def match_conv(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModu
             layout = memory_layout(fake_value(x))
             spec = dataclasses.replace(spec, input_scale=True, input_layout=layout)
             summary, roles = spec.describe(), (*roles, ("x_scale", scaled.name))
-        normed = None
-        if spec is not None and not linear and ctx.config.blocks and _forward_input(node, spec, ctx):
-            normed = normed_input(node)
+        blocks = spec is not None and not linear and ctx.config.blocks
+        normed = normed_input(node) if blocks and _forward_input(node, spec, ctx) else None
         if normed is not None and any(name in claimed for _, name in normed[2]):
             normed = None  # the BN is the epilogue of the conv that feeds it
         if normed is not None:  # the kernel reads x and the BN's parameters
@@ -330,6 +354,11 @@ def match_conv(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModu
             spec = dataclasses.replace(spec, prologue=prologue, input_layout=layout)
             summary, roles = spec.describe(), (*roles, *pre_roles)
             claimed.update(name for _, name in pre_roles)
+        pool = pooled_mean(chain.last, spec, ctx) if blocks else None
+        if pool is not None and pool.name not in claimed:  # the kernel also pools y
+            spec = dataclasses.replace(spec, pool_sums=True)
+            summary, roles = spec.describe(), (*roles, ("pool", pool.name))
+            claimed.add(pool.name)
         ctx.regions.append(
             Region(
                 name=ctx.new_region_name(kind),

@@ -2,6 +2,9 @@
 
     im2win::conv(x, weight, bias?, bn_weight?, bn_bias?, bn_mean?, bn_var?, residual?, mask?,
                  x_scale?, x_bn_weight?, x_bn_bias?, x_bn_mean?, x_bn_var?, kernel)
+    im2win::conv_pool(x, weight, bias?, bn_weight?, bn_bias?, bn_mean?, bn_var?, residual?,
+                      kernel) -> (y, pool)  a conv that also writes its output's pooled
+                                            sums (spec.pool_sums; see pool_shape)
     im2win::conv_wgrad(dy, x, mask?, kernel)  a conv's weight gradient
     im2win::window_attention(q, k, v, bias?, mask?, general?, logit_scale?, kernel)
     im2win::mlp_block(x, w1, b1?, w2, b2?, scale?, residual?, norm_weight?, norm_bias?,
@@ -143,6 +146,45 @@ def _conv_fake(
     return y.squeeze(2) if spec.ndim == 1 else y
 
 
+# ---- im2win::conv_pool ----------------------------------------------------------------------
+def pool_shape(ref: KernelRef, x: Tensor) -> tuple:
+    """The pooled sums a spec.pool_sums kernel writes for input x: [N, K, 1, T] (2-D) or
+    [N, K, T] (1-D), T tiles of BLOCK_M pixels per image; their sum over the last dim,
+    keepdim, is y's mean over its spatial dims, keepdim (sizes may be symbolic)."""
+    n, k, ho, wo = conv_output_shape(ref.spec, x)
+    block = dict(ref.schedule.params)["BLOCK_M"]
+    tiles = (ho * wo + block - 1) // block
+    return (n, k, tiles) if ref.spec.ndim == 1 else (n, k, 1, tiles)
+
+
+@torch.library.custom_op("im2win::conv_pool", mutates_args=())
+def conv_pool(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    bn_weight: Tensor | None,
+    bn_bias: Tensor | None,
+    bn_mean: Tensor | None,
+    bn_var: Tensor | None,
+    residual: Tensor | None,
+    kernel: str,
+) -> tuple[Tensor, Tensor]:
+    ref = decode(kernel)
+    if ref.weight == "cached":
+        weight = packing.packed_view(weight)
+    pool = x.new_empty(pool_shape(ref, x), dtype=torch.float32)
+    y = _launch(ref, (x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, residual, pool))
+    return y, pool
+
+
+@conv_pool.register_fake
+def _conv_pool_fake(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, residual, kernel):
+    ref = decode(kernel)
+    y = _conv_fake(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, residual, None, None,
+                   None, None, None, None, kernel)
+    return y, x.new_empty(pool_shape(ref, x), dtype=torch.float32)
+
+
 # ---- im2win::conv_wgrad ----------------------------------------------------------------------
 @torch.library.custom_op("im2win::conv_wgrad", mutates_args=())
 def conv_wgrad(dy: Tensor, x: Tensor, mask: Tensor | None, kernel: str) -> Tensor:
@@ -217,6 +259,7 @@ OPS = {
     "conv_bn": torch.ops.im2win.conv.default,
     "linear": torch.ops.im2win.conv.default,
     "conv_wgrad": torch.ops.im2win.conv_wgrad.default,
+    "conv_pool": torch.ops.im2win.conv_pool.default,
     "window_attention": torch.ops.im2win.window_attention.default,
     "mlp_block": torch.ops.im2win.mlp_block.default,
 }

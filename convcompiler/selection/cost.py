@@ -198,6 +198,8 @@ def _time(spec, schedule, device, symbolic):
             traffic, launches = traffic + 2 * x_bytes, launches + 1
         if spec.transforms_input:  # the mul (or BN and act) writes x' and the conv reads it
             traffic, launches = traffic + 2 * x_bytes, launches + 1
+        if spec.pool_sums:  # the pool reads y again
+            traffic, launches = traffic + y_bytes, launches + 1
     else:
         image = s.get("M_TILES") == "image"
         rows = z.p if image else z.m
@@ -233,6 +235,8 @@ def _time(spec, schedule, device, symbolic):
             + y_bytes
             + (x_bytes + workspace if workspace else 0)
         )
+        if spec.pool_sums:  # each tile's share of the channel means, written and summed
+            traffic += 2 * tiles_m * z.k * 4
         if schedule.name in PACKING_SCHEDULES and not filter_repack_free(spec):
             traffic, launches = traffic + 2 * w_bytes, launches + 1
 

@@ -20,6 +20,7 @@ from helpers import (
     lowered_ops,
     rel_error,
 )
+from torchvision.ops import SqueezeExcitation
 
 import convcompiler
 from convcompiler.bench.transfer import saved_bytes
@@ -152,6 +153,10 @@ def test_mobile_nets_fuse_every_conv_bn_chain(tmp_path, name: str, act: str) -> 
     assert any(f"bn+{act}" == r.epilogue for r in conv_bn)
     assert lowered_ops(tmp_path)["_native_batch_norm_legit_no_training"] == 0
     assert kernel_launches() == len(report)
+    # every squeeze-and-excitation pools its depthwise conv's tiles (test_se_scale.py)
+    n_se = sum(isinstance(m, SqueezeExcitation) for m in model.modules())
+    assert sum("+pool sums" in r.spec for r in report) == n_se
+    assert sum("x*scale[n,c]" in r.spec for r in report) == n_se
 
 
 def test_patterns_no_bias_no_affine_eps_and_conv1d() -> None:

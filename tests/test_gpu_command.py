@@ -4,6 +4,7 @@ documentation, and (slow) the whole --dry-run as CI runs it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -15,7 +16,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from convcompiler.bench import gpu, gpu_autocast, gpu_cases, gpu_native, gpu_report, gpu_speed
+from convcompiler.bench import (
+    gpu,
+    gpu_autocast,
+    gpu_blocks,
+    gpu_cases,
+    gpu_native,
+    gpu_report,
+    gpu_speed,
+)
 from convcompiler.bench.budget import Budget, PartBudget
 from convcompiler.selection.devices import DEVICES
 
@@ -212,6 +221,44 @@ def test_correctness_check_runs_each_family_through_the_interpreter() -> None:
         assert row["rel_err"] <= row["tolerance"] and row["layout_matches_eager"]
 
 
+def test_block_cases_cover_every_block_family_dtype_and_layout() -> None:
+    cases = gpu_blocks.block_cases()
+    combos = {tuple(c.id.split()[1:4]) for c in cases}
+    for family in gpu_blocks.FAMILIES:
+        layouts = {"mlp_block": ("plain", "layernorm"), "se_pool": ("nchw",)}.get(
+            family, ("nchw", "nhwc"))
+        for dtype in gpu_cases.DTYPES:
+            assert all((family, dtype, layout) in combos for layout in layouts), family
+    assert len({c.id for c in cases}) == len(cases) and gpu_blocks.block_cases() == cases
+    h200 = DEVICES["h200"]
+    for case in cases[::4]:  # each variant's kernel is the family's
+        spec, [schedule] = gpu_native.plan(case, h200)
+        family = case.id.split()[1]
+        expected = {"se_pool": "direct_depthwise", "mlp_block": "mlp_block", "se_scale": "gemm_1x1"}
+        assert schedule.name == expected.get(family, schedule.name), (case.id, schedule)
+        if family == "bn_prologue":
+            assert spec.prologue.bn == "affine" and schedule.name in ("gemm_1x1", "im2win_implicit")
+        if family == "late_bn":
+            assert spec.epilogue.bn_after_act
+
+
+def test_block_cases_run_each_family_through_the_interpreter() -> None:
+    seen = {}
+    for case in gpu_blocks.block_cases():
+        family = case.id.split()[1]
+        if family not in seen and "float32" in case.id:
+            seen[family] = case
+    h200 = DEVICES["h200"]
+    for family, case in seen.items():
+        tiny = (dataclasses.replace(case, tokens=7) if family == "mlp_block"
+                else dataclasses.replace(_tiny(case), size=(9, 7)))  # fmt: skip
+        row = gpu_native.check_case(tiny, h200)
+        assert row["status"] == "ok", (family, row)
+        assert row["rel_err"] <= row["tolerance"]
+        if family == "se_pool":
+            assert row["pool_rel_err"] <= row["tolerance"]
+
+
 def test_correctness_check_reports_a_wrong_kernel_as_a_mismatch(monkeypatch) -> None:
     case = _tiny(next(c for c in gpu_cases.correctness_cases() if "gemm_1x1 float32" in c.id))
     real = gpu_native.load_kernel
@@ -319,7 +366,9 @@ def check_dry_run(out: Path, seconds: float) -> dict:
     """Assertions on a finished whole dry run's directory (the second-stack test's)."""
     report, parts = check_report(out, seconds, list(gpu.ORDER))
     autocast = gpu_autocast.autocast_cases()
-    assert parts["correctness"]["done"] == len(gpu_cases.correctness_cases()) + len(autocast)
+    blocks = gpu_blocks.block_cases()
+    assert parts["correctness"]["done"] == (
+        len(gpu_cases.correctness_cases()) + len(blocks) + len(autocast))
     assert len(gpu_cases.correctness_cases()) >= 186
     rows = {r["case"]: r for r in parts["correctness"]["rows"]}
     for case in autocast:  # planned through the backend under autocast, kernels compiled

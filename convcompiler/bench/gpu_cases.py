@@ -27,7 +27,7 @@ from ..schedule import ATEN, InvalidSchedule, Schedule
 from ..selection.cost import rank
 from ..selection.devices import Device
 from ..selection.select import SelectionContext, model_candidates, select_schedule
-from ..spec import Activation, AttentionSpec, ConvSpec, Epilogue
+from ..spec import Activation, AttentionSpec, ConvSpec, Epilogue, Prologue
 from .layers import load_layers
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -85,6 +85,11 @@ class ConvCase:
     output_padding: tuple[int, int] = (0, 0)
     masked: bool = False
     padding_mode: str = "zeros"
+    # the block families' fields (gpu_blocks.py): the input's BN prologue, SE's input scale,
+    # the pooled sums
+    prologue: Prologue = Prologue()
+    input_scale: bool = False
+    pool_sums: bool = False
 
     def tensors(self, device: str = "cpu", make=torch.empty) -> tuple:
         dtype = getattr(torch, self.dtype)
@@ -431,8 +436,9 @@ def conv_case_spec(case: ConvCase) -> ConvSpec:
     )  # fmt: skip
     op = "conv_wgrad" if case.op == "conv_wgrad" else spec.op
     return dataclasses.replace(
-        spec, device="cuda", op=op, input_mask=case.masked, padding_mode=case.padding_mode
-    )
+        spec, device="cuda", op=op, input_mask=case.masked, padding_mode=case.padding_mode,
+        prologue=case.prologue, input_scale=case.input_scale, pool_sums=case.pool_sums,
+    )  # fmt: skip
 
 
 def attention_case_spec(case: AttentionCase) -> AttentionSpec:

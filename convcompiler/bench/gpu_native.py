@@ -24,11 +24,14 @@ from ..codegen import KernelSource, render_region
 from ..config import Config
 from ..inspection.aot import capture_launches, compile_launch, launch_key
 from ..runtime.loader import load_source
-from ..runtime.reference import run_aten, run_attention
+from ..runtime.ops import pool_shape
+from ..runtime.reference import run_aten, run_attention, run_mlp
 from ..schedule import Schedule
 from ..spec import AttentionSpec, ConvSpec
 from .gpu_autocast import AutocastCase, check_autocast_case, plan_autocast_case
-from .gpu_cases import AttentionCase, ConvCase, plan
+from .gpu_blocks import MlpCase, mlp_inputs, plan_mlp
+from .gpu_cases import AttentionCase, ConvCase
+from .gpu_cases import plan as plan_case
 
 TOLERANCE = {"float32": 1e-4, "tf32": 5e-4, "float16": 1e-2, "bfloat16": 1e-2}
 ARCH = "sm_90"
@@ -75,6 +78,13 @@ class StaticChecker:
             else:
                 rows.append({**self.seen[key], "compiled": False})
         return rows
+
+
+def plan(case, device, top: int = 1):
+    """A case's spec and schedule(s): gpu_cases.plan, or the MLP block's (gpu_blocks.py)."""
+    if isinstance(case, MlpCase):
+        return plan_mlp(case, device)
+    return plan_case(case, device, top)
 
 
 def dry_run_case(
@@ -134,7 +144,14 @@ def _conv_inputs(case: ConvCase, spec: ConvSpec, device: str, gen: torch.Generat
         residual = randn(case.batch, k, ho, wo)
         if spec.output_layout == "nhwc":
             residual = residual.to(memory_format=torch.channels_last)
-    return [x, w, b, *affine, *stats, residual, *(mask_of(x) if spec.input_mask else [])]
+    inputs = [x, w, b, *affine, *stats, residual, *(mask_of(x) if spec.input_mask else [])]
+    c = case.in_channels
+    if spec.input_scale:  # after the absent mask: s [N, C, 1, 1], a sigmoid's range
+        inputs += [None, torch.rand(case.batch, c, 1, 1, generator=gen, device=device).to(x.dtype)]
+    if spec.prologue.bn:  # after the absent mask and scale: the input's BN, [C] each
+        inputs += [None, None, randn(c, dtype=f32), randn(c, dtype=f32), randn(c, dtype=f32),
+                   randn(c, dtype=f32).abs() + 0.5]  # fmt: skip
+    return inputs
 
 
 def _attention_inputs(case: AttentionCase, device: str, gen: torch.Generator) -> list:
@@ -169,14 +186,25 @@ def check_case(case, device) -> dict:
             spec = dataclasses.replace(spec, device="cpu")
         record.update(schedule=schedule.describe(), spec=spec.describe())
         gen = torch.Generator(device=where).manual_seed(zlib.crc32(case.id.encode()))
+        pool = None
         if isinstance(case, AttentionCase):
             args = _attention_inputs(case, where, gen)
             y = load_kernel(spec, schedule)(*args)
             ref = run_attention(spec, *[a.double() if a is not None else None for a in args])
             eager = run_attention(spec, *args)
+        elif isinstance(case, MlpCase):
+            args = mlp_inputs(case, where, gen)
+            y = load_kernel(spec, schedule)(*args)
+            ref = run_mlp(spec, *[a.double() if a is not None else None for a in args])
+            eager = run_mlp(spec, *args)
         else:
             args = _conv_inputs(case, spec, where, gen)
-            y = load_kernel(spec, schedule)(*args)
+            extra = []
+            if spec.pool_sums:  # every entry is written: NaN where one is not
+                shape = pool_shape(spec, schedule, args[0])
+                pool = torch.full(shape, float("nan"), device=where)
+                extra = [pool]
+            y = load_kernel(spec, schedule)(*args, *extra)
             ref = run_aten(spec, *[a.double() if a is not None and a.is_floating_point()
                                    else a for a in args])
             eager = run_aten(spec, *args)
@@ -192,6 +220,11 @@ def check_case(case, device) -> dict:
             )
         same_format = y.shape == expected.shape and y.stride() == expected.stride()
         ok = err <= tol and same_format and bool(torch.isfinite(y).all())
+        if pool is not None:  # the pooled sums add up to eager's mean of the output
+            dims = tuple(range(2, ref.dim()))
+            pool_err = _rel(pool.sum(-1, keepdim=True), ref.mean(dims, keepdim=True))
+            record["pool_rel_err"] = pool_err
+            ok = ok and pool_err <= tol
         record.update(
             status="ok" if ok else "mismatch",
             rel_err=err,

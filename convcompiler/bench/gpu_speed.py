@@ -25,12 +25,12 @@ import traceback
 import torch
 import torch.nn.functional as F
 
+from ..runtime.reference import run_aten
 from ..schedule import ATEN
 from ..selection.cost import predict
 from ..selection.devices import Device
 from ..selection.tuning import benchmarker
 from .budget import PartBudget
-from ..runtime.reference import run_aten
 from .gpu_cases import ConvCase, conv_case_spec, layer_cases, out_size, plan
 from .gpu_native import load_kernel
 

@@ -38,10 +38,11 @@ def planning_device(dry_run: bool):
 
 def part_cases(part: str, dry_run: bool) -> list:
     """Every case of a part, in order (each has `id` and `variant`)."""
-    from . import gpu_autocast, gpu_cases, gpu_models, gpu_speed
+    from . import gpu_autocast, gpu_blocks, gpu_cases, gpu_models, gpu_speed
 
     if part == "correctness":
-        return gpu_cases.correctness_cases() + gpu_autocast.autocast_cases()
+        blocks = gpu_blocks.block_cases()
+        return gpu_cases.correctness_cases() + blocks + gpu_autocast.autocast_cases()
     if part == "layer_speed":
         return gpu_cases.layer_cases()
     if part == "autotune":

@@ -93,6 +93,11 @@ def check_gemm_tiles(spec: ConvSpec, s: Schedule, device: Device | None) -> None
         )
     if max(bm * bk, bk * bn) // threads > 16:
         raise InvalidSchedule(f"operand tiles {bm}x{bk} and {bk}x{bn}: over 16 values per thread")
+    e = spec.epilogue
+    if e.bn_after_act and e.residual and bm * bn // threads == 32:
+        # spilled 56 bytes on sm_90 (gemm_1x1, float16, 64x128 batch tiles on 8 warps): the
+        # late BN's scale and shift live beside the residual's addresses
+        raise InvalidSchedule("act -> BN -> add at the full accumulator budget")
     smem = s["num_stages"] * (bm * bk + bk * bn) * ITEMSIZE[spec.dtype]
     if smem > device.smem_per_block:
         raise InvalidSchedule(

@@ -139,7 +139,10 @@ class Lowering:
         from ..inspection.aot import static_report
 
         counters[f"verify.{spec_kind(spec)}"] += 1
-        stats = static_report(render_conv(spec, schedule), spec, (arch,))
+        try:
+            stats = static_report(render_conv(spec, schedule), spec, (arch,))
+        except Exception as err:  # a check that cannot run keeps the kernel off, not the compile
+            return [f"the static check failed: {type(err).__name__}: {err}"]
         return [f"{st.kernel}: {p}" for st in stats for p in st.problems()]
 
     def plan_block(self, spec: MlpSpec) -> str | None:

@@ -193,7 +193,13 @@ def capture_launches(source: KernelSource, spec: ConvSpec) -> list[Launch]:
     launches: list[Launch] = []
     for name in source.kernels:
         setattr(module, name, _Recorder(name, getattr(module, name), launches))
-    getattr(module, source.entry)(*meta_inputs(spec))
+    inputs = meta_inputs(spec)
+    if getattr(spec, "pool_sums", False):  # the pooled sums, sized by the schedule's tiles
+        from ..runtime.ops import pool_shape
+
+        shape = pool_shape(spec, source.schedule, inputs[0])
+        inputs = (*inputs, torch.empty(shape, device="meta", dtype=torch.float32))
+    getattr(module, source.entry)(*inputs)
     return launches
 
 

@@ -147,14 +147,14 @@ def _conv_fake(
 
 
 # ---- im2win::conv_pool ----------------------------------------------------------------------
-def pool_shape(ref: KernelRef, x: Tensor) -> tuple:
+def pool_shape(spec: ConvSpec, schedule, x: Tensor) -> tuple:
     """The pooled sums a spec.pool_sums kernel writes for input x: [N, K, 1, T] (2-D) or
     [N, K, T] (1-D), T tiles of BLOCK_M pixels per image; their sum over the last dim,
     keepdim, is y's mean over its spatial dims, keepdim (sizes may be symbolic)."""
-    n, k, ho, wo = conv_output_shape(ref.spec, x)
-    block = dict(ref.schedule.params)["BLOCK_M"]
+    n, k, ho, wo = conv_output_shape(spec, x)
+    block = dict(schedule.params)["BLOCK_M"]
     tiles = (ho * wo + block - 1) // block
-    return (n, k, tiles) if ref.spec.ndim == 1 else (n, k, 1, tiles)
+    return (n, k, tiles) if spec.ndim == 1 else (n, k, 1, tiles)
 
 
 @torch.library.custom_op("im2win::conv_pool", mutates_args=())
@@ -172,7 +172,7 @@ def conv_pool(
     ref = decode(kernel)
     if ref.weight == "cached":
         weight = packing.packed_view(weight)
-    pool = x.new_empty(pool_shape(ref, x), dtype=torch.float32)
+    pool = x.new_empty(pool_shape(ref.spec, ref.schedule, x), dtype=torch.float32)
     y = _launch(ref, (x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, residual, pool))
     return y, pool
 
@@ -182,7 +182,7 @@ def _conv_pool_fake(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, residu
     ref = decode(kernel)
     y = _conv_fake(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, residual, None, None,
                    None, None, None, None, kernel)
-    return y, x.new_empty(pool_shape(ref, x), dtype=torch.float32)
+    return y, x.new_empty(pool_shape(ref.spec, ref.schedule, x), dtype=torch.float32)
 
 
 # ---- im2win::conv_wgrad ----------------------------------------------------------------------

@@ -1,0 +1,190 @@
+"""Part a's block families: the kernels that fuse more than one layer, checked natively.
+
+    bn_prologue   BN -> act -> conv (DenseNet, PreAct ResNet): gemm_1x1, or im2win_implicit's
+                  tap order for a kxk conv, normalises its input as it loads it
+    late_bn       conv -> act -> BN (ConvMixer, RepViT): the BN after the activation
+    se_scale      conv1x1(x * s[n, c]) (squeeze-and-excitation's scale): gemm_1x1
+    se_pool       depthwise conv whose output is globally pooled: direct_depthwise also writes
+                  each tile's share of the channel means (checked against eager's mean)
+    mlp_block     [LayerNorm ->] linear -> act -> linear [-> layer scale] [-> + residual] in
+                  one kernel (spec_block.MlpSpec), with and without the LayerNorm
+
+Conv families are ConvCase values (gpu_cases.py) with their spec fields set; the MLP is an
+MlpCase, planned and checked here. Every family runs in each dtype and in both of its
+"layouts" (nchw/nhwc; se_pool: nchw only, as its kernel's image tiles need; mlp_block:
+"plain" and "layernorm"). Case ids read like the conv
+families': "bNNN.j FAMILY DTYPE LAYOUT".
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from ..config import Config
+from ..schedule import Schedule
+from ..selection.devices import Device
+from ..selection.select import SelectionContext, select_schedule
+from ..spec import Activation, Epilogue, Prologue
+from ..spec_block import MlpSpec
+from .gpu_cases import DTYPES, SHAPES_PER_VARIANT, ConvCase
+
+CONV_FAMILIES = ("bn_prologue", "late_bn", "se_scale", "se_pool")
+FAMILIES = (*CONV_FAMILIES, "mlp_block")
+ACTS = (Activation("relu"), Activation("silu"), Activation("gelu"), Activation("hardswish"))
+
+
+@dataclass(frozen=True)
+class MlpCase:
+    """One MLP block: x [tokens, C] -> [tokens, CO] through a hidden of H."""
+
+    id: str
+    variant: str
+    tokens: int
+    in_features: int
+    hidden: int
+    out_features: int
+    act: Activation
+    bias: bool
+    scale: bool
+    residual: bool
+    norm: str | None
+    dtype: str
+
+
+def _conv_variant(rng: random.Random, index: int, family: str, dtype: str, layout: str) -> list:
+    act = rng.choice(ACTS)
+    geometry: dict = dict(kernel=(1, 1), in_channels=rng.randint(3, 80), groups=1)
+    fields: dict = {}
+    schedule = "gemm_1x1"
+    if family == "bn_prologue":
+        fields["prologue"] = Prologue(bn="affine", act=rng.choice((*ACTS, None)))
+        if index % 2:  # a kxk conv: its padding stays zero after the BN
+            k = rng.choice((3, 5))
+            geometry = dict(kernel=(k, k), padding=(k // 2,) * 2, stride=(rng.choice((1, 2)),) * 2,
+                            in_channels=rng.randint(16, 48), groups=1)  # fmt: skip
+            schedule = "im2win_implicit:tap"
+    elif family == "late_bn":
+        fields["epilogue"] = Epilogue(bn="affine", act=act, bn_after_act=True,
+                                      residual=rng.random() < 0.5)  # fmt: skip
+        schedule = None  # the cost model's choice among the generated kernels
+        k = rng.choice((1, 3))
+        geometry = dict(kernel=(k, k), padding=(k // 2,) * 2, in_channels=rng.randint(8, 48),
+                        groups=1)  # fmt: skip
+    elif family == "se_scale":
+        fields["input_scale"] = True
+    else:  # se_pool
+        c, k = rng.randint(3, 60), rng.choice((3, 5))
+        geometry = dict(kernel=(k, k), padding=(k // 2,) * 2, stride=(rng.choice((1, 2)),) * 2,
+                        in_channels=c, groups=c)  # fmt: skip
+        fields.update(pool_sums=True, epilogue=Epilogue(bn="affine", act=act))
+        schedule = "direct_depthwise"
+    cases = []
+    for j in range(SHAPES_PER_VARIANT):
+        depthwise = geometry["groups"] > 1
+        out = geometry["in_channels"] if depthwise else rng.randint(2, 80)
+        size = (rng.randint(5, 23), rng.randint(5, 23))
+        cases.append(
+            ConvCase(
+                id=f"b{index:03d}.{j} {family} {dtype} {layout}",
+                variant=f"b{index:03d}",
+                batch=rng.randint(1, 3),
+                out_channels=out,
+                size=size,
+                bias=rng.random() < 0.5 and family != "se_pool",
+                dtype=dtype,
+                layout=layout,
+                family=schedule,
+                pick="kernel" if schedule is None else "model",
+                **geometry,
+                **fields,
+            )
+        )
+    return cases
+
+
+def _mlp_variant(rng: random.Random, index: int, dtype: str, layout: str) -> list:
+    c = rng.choice((32, 48, 96))
+    out, hidden = rng.choice((c, 2 * c)), rng.choice((2, 4)) * c
+    act, bias, scale = rng.choice(ACTS), rng.random() < 0.7, rng.random() < 0.5
+    return [
+        MlpCase(
+            id=f"b{index:03d}.{j} mlp_block {dtype} {layout}",
+            variant=f"b{index:03d}",
+            tokens=rng.randint(5, 300),
+            in_features=c,
+            hidden=hidden,
+            out_features=out,
+            act=act,
+            bias=bias,
+            scale=scale,
+            residual=out == c and rng.random() < 0.7,
+            norm="affine" if layout == "layernorm" else None,
+            dtype=dtype,
+        )
+        for j in range(SHAPES_PER_VARIANT)
+    ]
+
+
+def block_cases(seed: int = 1) -> list:
+    """Every block family x dtype x layout, one variant each (SHAPES_PER_VARIANT cases)."""
+    rng = random.Random(seed)
+    cases: list = []
+    index = 0
+    for family in FAMILIES:
+        layouts = {"mlp_block": ("plain", "layernorm"), "se_pool": ("nchw",)}.get(
+            family, ("nchw", "nhwc"))
+        for dtype in DTYPES:
+            for layout in layouts:
+                if family == "mlp_block":
+                    cases += _mlp_variant(rng, index, dtype, layout)
+                else:
+                    cases += _conv_variant(rng, index, family, dtype, layout)
+                index += 1
+    return cases
+
+
+# ---- the MLP: spec, schedule, inputs ----------------------------------------------------------
+def mlp_case_spec(case: MlpCase) -> MlpSpec:
+    return MlpSpec(
+        case.tokens, case.in_features, case.hidden, case.out_features, case.act, case.bias,
+        case.bias, case.scale, case.residual, case.dtype, "cuda", "ieee", norm=case.norm,
+    )  # fmt: skip
+
+
+def plan_mlp(case: MlpCase, device: Device) -> tuple[MlpSpec, list[Schedule]]:
+    """The block kernel the cost model ranks first (never "per layer": that is ATen)."""
+    from ..selection.cost import rank
+    from ..selection.select import model_candidates
+
+    spec = mlp_case_spec(case)
+    choice = select_schedule(spec, SelectionContext(Config(cache=False), device, "planned"))
+    if choice.schedule.name != "aten":
+        return spec, [choice.schedule]
+    ranked = rank(spec, model_candidates(spec, device, include_aten=False), device)
+    return spec, [ranked[0].schedule]
+
+
+def mlp_inputs(case: MlpCase, device: str, gen: torch.Generator) -> list:
+    """(x, w1, b1, w2, b2, scale, residual, norm_weight, norm_bias), weights scaled so the
+    hidden stays O(1)."""
+    dtype = getattr(torch, case.dtype)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, device=device) * scale).to(dtype)
+
+    m, c, h, co = case.tokens, case.in_features, case.hidden, case.out_features
+    return [
+        randn(m, c) + 0.5,  # a mean the LayerNorm removes
+        randn(h, c, scale=c**-0.5),
+        randn(h) if case.bias else None,
+        randn(co, h, scale=h**-0.5),
+        randn(co) if case.bias else None,
+        randn(co) if case.scale else None,
+        randn(m, co) if case.residual else None,
+        randn(c) if case.norm else None,
+        randn(c) if case.norm else None,
+    ]
+

@@ -288,3 +288,31 @@ def test_convmixer_s_conv_act_bn_is_one_kernel_each(dtype) -> None:
     names = sorted(r.spec.split(" +")[-1].split()[0] for r in report)
     assert names == ["gelu+bn", "gelu+bn", "gelu+bn+add"], str(report)
     assert kernel_launches() == 3 and not report.fallbacks()
+
+
+def test_frozen_bn_trains_through_the_prologue() -> None:
+    """Fine-tuning with frozen (eval-mode) BNs: the backward recomputes BN -> ReLU from the
+    BN's input (recompute.tag_prologues), so the forward's conv still normalises as it loads,
+    saves less than the layers one by one, and every gradient matches float64 eager."""
+    from test_block_mlp import saved_bytes
+
+    saved = {}
+    for blocks in (True, False):
+        torch.manual_seed(11)
+        model = DenseLayer().eval()
+        reference = float64_copy(model)
+        a, b = (t.requires_grad_() for t in _inputs(torch.float32))
+        compiled = torch.compile(model, backend="im2win", options={**FAST, "blocks": blocks})
+        convcompiler.counters.reset()
+        out, saved[blocks] = saved_bytes(compiled, model, a, b)
+        out.square().sum().backward()
+        a64, b64 = (t.detach().double().requires_grad_() for t in (a, b))
+        reference(a64, b64).square().sum().backward()
+        assert_close(a.grad, a64.grad, torch.float32, "a grad")
+        assert_close(b.grad, b64.grad, torch.float32, "b grad")
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            assert_close(p.grad, q.grad, torch.float32, f"{name} grad")
+        forward = [r for r in convcompiler.last_report() if r.stage == "forward"]
+        assert any(PRE in r.spec for r in forward) == blocks, str(convcompiler.last_report())
+        torch._dynamo.reset()
+    assert saved[True] < saved[False], saved

@@ -42,6 +42,7 @@ from ..passes.recompute import (
     tag_attention_intermediates,
     tag_block_intermediates,
     tag_cheap_stems,
+    tag_prologues,
     tag_weight_transforms,
 )
 from ..runtime import ops
@@ -155,14 +156,16 @@ class CompileSession:
         return run_passes(PRE_GRAD_PASSES, gm, ctx)
 
     def tag_recompute(self, joint: torch.fx.GraphModule, num_fwd_outputs: int) -> None:
-        """Weight transforms (Tune mode's W * c), cheap stems and the inside of window
-        attentions are recomputed in the backward instead of saved by the forward."""
+        """Weight transforms (Tune mode's W * c), cheap stems, the inside of window
+        attentions and of blocks, and BN prologues are recomputed in the backward instead of
+        saved by the forward."""
         tag_weight_transforms(joint)
         stems = tag_cheap_stems(joint, num_fwd_outputs, self.config.recompute_conv_macs)
         self.report.recomputed.extend(stems)
         tag_attention_intermediates(joint, num_fwd_outputs)
         if self.config.blocks:
             tag_block_intermediates(joint, num_fwd_outputs, self.lowering.plan_block)
+            tag_prologues(joint, num_fwd_outputs)
 
     def stage_of(self, gm: torch.fx.GraphModule) -> str:
         placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]

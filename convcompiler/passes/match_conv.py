@@ -386,6 +386,11 @@ def match_conv(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModu
                 reason = f"its convolution runs ATen: {conv_reasons[source.name]}"
             elif fed_by_conv:
                 reason = "the convolution's output has other users, so BN cannot be folded into it"
+            elif ctx.stage == "backward":
+                reason = (
+                    "batch_norm recomputed by the backward from its input (recompute.py): "
+                    "Inductor compiles it"
+                )
             elif _feeds_conv(node):
                 reason = (
                     "batch_norm before a convolution that cannot normalise its input as it "

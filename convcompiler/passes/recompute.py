@@ -23,6 +23,11 @@ output and statistics, the hidden before and after the activation, the second li
 output before the layer scale and the residual) is recomputed by the backward from x and
 the weights, so the forward saves x alone and the block kernel never writes its hidden. The
 backward pays one more pass of the block's forward GEMMs in ATen.
+
+Prologues. An eval-mode batch norm (and its activation) that only a convolution reads in the
+forward (pre-activation: BN -> ReLU -> conv, with frozen statistics) is recomputed by the
+backward from its input, which the BN's own backward keeps anyway: the forward saves x alone
+instead of x and act(BN(x)), and the conv's kernel applies the BN as it loads x (spec.prologue).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 from .activations import as_activation
 from .attention_pattern import NoMatch, find_attention
+from .conv_chain import BN_EVAL
 from .match_attention import is_attention_candidate
 from .match_block import block_interiors
 
@@ -157,6 +163,33 @@ def tag_block_intermediates(joint: torch.fx.GraphModule, num_fwd_outputs: int, p
     module docstring); `plan_block(spec)` is None for those (the backend's cost model)."""
     forward = forward_nodes(joint, num_fwd_outputs)
     return sum(_must_recompute(inner) for inner in block_interiors(joint, forward, plan_block))
+
+
+def tag_prologues(joint: torch.fx.GraphModule, num_fwd_outputs: int) -> int:
+    """Tag every forward [act](getitem(BN_eval(x), 0)) that one convolution alone reads in the
+    forward for recomputation (see the module docstring); returns how many nodes."""
+    forward = forward_nodes(joint, num_fwd_outputs)
+
+    def sole_forward_user(node: torch.fx.Node) -> torch.fx.Node | None:
+        users = [u for u in node.users if u in forward]
+        return users[0] if len(users) == 1 else None
+
+    tagged = 0
+    for bn in joint.graph.nodes:
+        if bn not in forward or bn.target is not BN_EVAL:
+            continue
+        item = sole_forward_user(bn)
+        if item is None or item.target is not operator.getitem or item.args[1] != 0:
+            continue
+        inside, user = [bn, item], sole_forward_user(item)
+        if user is not None and as_activation(user) is not None and user.args[0] is item:
+            inside.append(user)
+            user = sole_forward_user(user)
+        if user is not None and user.target is aten.convolution.default and (
+            user.args[0] is inside[-1]
+        ):
+            tagged += _must_recompute(inside)
+    return tagged
 
 
 def _is_primal(node: object) -> bool:

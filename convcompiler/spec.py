@@ -84,19 +84,24 @@ class Epilogue:
 @dataclass(frozen=True)
 class Prologue:
     """What a conv kernel applies to each input tile as it loads it, in order, before the
-    products (pre-activation, DenseNet's BN -> ReLU -> conv):
+    products:
 
-        batch norm with running stats -> act
+        a norm -> act
 
-    each rounded to the input's dtype as eager rounds it; padded input stays zero."""
+    the norm being a batch norm with running stats (`bn`; pre-activation, DenseNet's
+    BN -> ReLU -> conv) or a LayerNorm over the channels (`ln`; a transformer's LayerNorm
+    before a linear, its row statistics computed by the kernel), each rounded to the input's
+    dtype as eager rounds it; padded input stays zero."""
 
     bn: str | None = None  # None, "affine" or "plain", as the epilogue's
-    bn_eps: float = 1e-5
+    ln: str | None = None  # None, "affine" or "plain": a LayerNorm over the channels
+    eps: float = 1e-5
     act: Activation | None = None
 
     def name(self) -> str:
-        """e.g. "bn+relu", "" for none."""
-        return "+".join((["bn"] if self.bn else []) + ([str(self.act)] if self.act else []))
+        """e.g. "bn+relu", "ln", "" for none."""
+        parts = (["bn"] if self.bn else []) + (["ln"] if self.ln else [])
+        return "+".join(parts + ([str(self.act)] if self.act else []))
 
 
 class SizeHints:
@@ -188,6 +193,8 @@ class ConvSpec(SizeHints):
             raise SpecError("an input scale or prologue is for forward convs only")
         if self.pool_sums and self.op != "conv":
             raise SpecError("pooled sums are for forward convs only")
+        if self.prologue.bn and self.prologue.ln:
+            raise SpecError("a prologue has one norm")
         if self.input_scale and self.prologue.name():
             raise SpecError("an input scale and a prologue together are not a fused pattern")
         if self.op == "conv_wgrad" and (self.epilogue != Epilogue() or self.has_bias):
@@ -484,7 +491,7 @@ def spec_to_json(spec) -> dict:
             }
         elif f.name == "prologue":
             act = [v.act.name, list(v.act.args)] if v.act else None
-            v = {"bn": v.bn, "bn_eps": v.bn_eps, "act": act}
+            v = {"bn": v.bn, "ln": v.ln, "eps": v.eps, "act": act}
         elif isinstance(v, Activation):  # a block's activation
             v = [v.name, list(v.args)]
         elif f.name == "hints":
@@ -556,11 +563,12 @@ def spec_from_json(data: object):
         bn_after_act=_bool(e["bn_after_act"], "bn_after_act"),
     )
     p = data["prologue"]
-    if not isinstance(p, dict) or set(p) != {"bn", "bn_eps", "act"}:
+    if not isinstance(p, dict) or set(p) != {"bn", "ln", "eps", "act"}:
         raise SpecError(f"prologue {p!r} is not a prologue")
     prologue = Prologue(
         bn=_check(p["bn"], BN_KINDS, "bn"),
-        bn_eps=_float(p["bn_eps"], "bn_eps"),
+        ln=_check(p["ln"], BN_KINDS, "ln"),
+        eps=_float(p["eps"], "eps"),
         act=_activation_from_json(p["act"]),
     )
     sizes = {}

@@ -71,3 +71,52 @@ def test_block_kernels_pass_the_static_check(name: str) -> None:
     assert {st.arch for st in stats} == set(ARCHS)
     assert all(st.ok for st in stats), [(st.arch, st.problems()) for st in stats]
     assert all(st.uses_dot and st.tensor_core_ops > 0 for st in stats), stats
+
+
+# the conv kernels that fuse a norm or a pool (test_norm_prologue.py, test_se_scale.py), at
+# their models' batch-32 shapes, as the backend plans them for an H100
+FUSED = {
+    # name: (x shape, weight shape, padding, groups, dtype, spec fields)
+    "densenet121-bn_relu-1x1-fp16": ((32, 256, 28, 28), (128, 256, 1, 1), 0, 1, "float16",
+                                     "bn"),
+    "preact-bn_relu-3x3-bf16": ((32, 128, 28, 28), (128, 128, 3, 3), 1, 1, "bfloat16", "bn"),
+    "swin_t-stage3-ln-fc1-fp16": ((32, 384, 14, 14), (1536, 384, 1, 1), 0, 1, "float16", "ln"),
+    "vit-ln-fc1-bf16": ((32, 768, 1, 197), (3072, 768, 1, 1), 0, 1, "bfloat16", "ln"),
+    "efficientnet_b0-dw5x5-pool-fp16": ((32, 240, 28, 28), (240, 1, 5, 5), 2, 240, "float16",
+                                        "pool"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(FUSED))
+def test_fused_norm_and_pool_kernels_pass_the_static_check(name: str) -> None:
+    import dataclasses
+
+    import torch
+
+    from convcompiler.codegen import render_region
+    from convcompiler.frontend.kernels import conv_spec_of
+    from convcompiler.inspection.aot import static_report
+    from convcompiler.selection.cost import rank
+    from convcompiler.selection.devices import lookup
+    from convcompiler.selection.select import model_candidates
+    from convcompiler.spec import Activation, Epilogue, Prologue
+
+    xs, ws, padding, groups, dtype, kind = FUSED[name]
+    layout = torch.channels_last if kind == "ln" else torch.contiguous_format
+    x = torch.empty(xs, dtype=getattr(torch, dtype)).to(memory_format=layout)
+    w = torch.empty(ws, dtype=x.dtype)
+    spec = conv_spec_of(x, w, padding=padding, groups=groups)
+    fields = {
+        "bn": dict(prologue=Prologue(bn="affine", act=Activation("relu"))),
+        "ln": dict(prologue=Prologue(ln="affine", eps=1e-6)),
+        "pool": dict(pool_sums=True, epilogue=Epilogue(bn="affine", act=Activation("silu"))),
+    }[kind]
+    spec = dataclasses.replace(spec, device="cuda", **fields)
+    h100 = lookup("h100")
+    best = rank(spec, model_candidates(spec, h100, include_aten=False), h100)[0].schedule
+    stats = static_report(render_region(spec, best), spec, tuple(ARCHS))
+    assert {st.arch for st in stats} == set(ARCHS)
+    assert all(st.ok for st in stats), [(st.arch, st.problems()) for st in stats]
+    if kind != "pool":  # the depthwise kernel runs on the CUDA cores
+        assert all(st.uses_dot and st.tensor_core_ops > 0 for st in stats), stats

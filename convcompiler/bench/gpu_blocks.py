@@ -2,6 +2,8 @@
 
     bn_prologue   BN -> act -> conv (DenseNet, PreAct ResNet): gemm_1x1, or im2win_implicit's
                   tap order for a kxk conv, normalises its input as it loads it
+    ln_prologue   LayerNorm over the channels -> 1x1 conv (a transformer's norm -> linear):
+                  gemm_1x1 computes the rows' statistics, then normalises as it loads
     late_bn       conv -> act -> BN (ConvMixer, RepViT): the BN after the activation
     se_scale      conv1x1(x * s[n, c]) (squeeze-and-excitation's scale): gemm_1x1
     se_pool       depthwise conv whose output is globally pooled: direct_depthwise also writes
@@ -31,7 +33,7 @@ from ..spec import Activation, Epilogue, Prologue
 from ..spec_block import MlpSpec
 from .gpu_cases import DTYPES, SHAPES_PER_VARIANT, ConvCase
 
-CONV_FAMILIES = ("bn_prologue", "late_bn", "se_scale", "se_pool")
+CONV_FAMILIES = ("bn_prologue", "ln_prologue", "late_bn", "se_scale", "se_pool")
 FAMILIES = (*CONV_FAMILIES, "mlp_block")
 ACTS = (Activation("relu"), Activation("silu"), Activation("gelu"), Activation("hardswish"))
 
@@ -66,6 +68,8 @@ def _conv_variant(rng: random.Random, index: int, family: str, dtype: str, layou
             geometry = dict(kernel=(k, k), padding=(k // 2,) * 2, stride=(rng.choice((1, 2)),) * 2,
                             in_channels=rng.randint(16, 48), groups=1)  # fmt: skip
             schedule = "im2win_implicit:tap"
+    elif family == "ln_prologue":
+        fields["prologue"] = Prologue(ln=rng.choice(("affine", "plain")), eps=1e-6)
     elif family == "late_bn":
         fields["epilogue"] = Epilogue(bn="affine", act=act, bn_after_act=True,
                                       residual=rng.random() < 0.5)  # fmt: skip

@@ -148,9 +148,13 @@ def _conv_inputs(case: ConvCase, spec: ConvSpec, device: str, gen: torch.Generat
     c = case.in_channels
     if spec.input_scale:  # after the absent mask: s [N, C, 1, 1], a sigmoid's range
         inputs += [None, torch.rand(case.batch, c, 1, 1, generator=gen, device=device).to(x.dtype)]
-    if spec.prologue.bn:  # after the absent mask and scale: the input's BN, [C] each
-        inputs += [None, None, randn(c, dtype=f32), randn(c, dtype=f32), randn(c, dtype=f32),
-                   randn(c, dtype=f32).abs() + 0.5]  # fmt: skip
+    pre = spec.prologue
+    if pre.bn or pre.ln:  # after the absent mask and scale: the input's norm, [C] each
+        affine = []
+        if "affine" in (pre.bn, pre.ln):
+            affine = [randn(c, dtype=f32), randn(c, dtype=f32)]
+        stats = [randn(c, dtype=f32), randn(c, dtype=f32).abs() + 0.5] if pre.bn else []
+        inputs += [None, None, *(affine or [None, None]), *(stats or [None, None])]
     return inputs
 
 

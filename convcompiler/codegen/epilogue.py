@@ -3,7 +3,7 @@ and the prologue hook: what it does to each input tile as it loads it.
 
     conv bias -> batch norm (running statistics) -> activation -> + residual -> activation
     (or conv bias -> activation -> batch norm -> ...: spec.epilogue.bn_after_act)
-    prologue: batch norm (running statistics) -> activation, on the input (gemm_1x1)
+    prologue: batch norm (running statistics) or LayerNorm -> activation, on the input
 
 Batch norm is folded from the live parameters inside the kernel, per output channel:
 
@@ -57,37 +57,43 @@ def activation_code(act: Activation, v: str = "acc") -> str:
 
 
 def prologue(spec: ConvSpec) -> str:
-    """The @triton.jit helper `_prologue(a, a_mask, x_ptr, c, pw_ptr, pb_ptr, pm_ptr,
-    pv_ptr, WIDEN)` that turns a loaded input tile `a` [rows, channels `c`] into what the
-    conv multiplies (spec.prologue: BN with running statistics, then the activation); for
-    a spec without one, it returns `a`.
+    """The @triton.jit helper `_prologue(a, a_mask, x_ptr, c, pw_ptr, pb_ptr, pm_ptr, pv_ptr,
+    row_mean, row_rstd, WIDEN)` that turns a loaded input tile `a` [rows, channels `c`] into
+    what the conv multiplies (spec.prologue: a batch norm with running statistics, or a
+    LayerNorm over the channels with the rows' `row_mean` and `row_rstd` [rows, 1], then
+    the activation); for a spec without one, it returns `a`.
 
-    `c` holds channels inside the tensor on every lane, masked ones included; the BN
-    pointers are offset to the group. A GPU kernel computes in fp32 and rounds the BN's
-    output and the activation's to the input's dtype (x_ptr's), as eager's separate ops
-    do; the interpreter (WIDEN) computes in fp64. Lanes outside `a_mask` become 0, as the
-    conv's zero padding of the normalised tensor is."""
+    `c` holds channels inside the tensor on every lane, masked ones included; the norm's
+    pointers (weight, bias; a BN's running mean and var) are offset to the group. A GPU
+    kernel computes in fp32 and rounds the norm's output and the activation's to the input's
+    dtype (x_ptr's), as eager's separate ops do; the interpreter (WIDEN) computes in fp64.
+    Lanes outside `a_mask` become 0, as the conv's zero padding of the normalised tensor is."""
     p = spec.prologue
     lines = ["@triton.jit",
-             "def _prologue(a, a_mask, x_ptr, c, pw_ptr, pb_ptr, pm_ptr, pv_ptr,"
-             " WIDEN: tl.constexpr):"]
+             "def _prologue(a, a_mask, x_ptr, c, pw_ptr, pb_ptr, pm_ptr, pv_ptr, row_mean,"
+             " row_rstd,",
+             "              WIDEN: tl.constexpr):"]
     if not p.name():
-        return "\n".join(lines + ["    return a  # no prologue"])
+        return "\n".join(lines + ["    return a  # this conv reads its input as it is"])
 
     def param(ptr: str) -> str:
         return f"tl.load({ptr} + c).to(v.dtype)"
 
     body = [f"# the input's {p.name()}, as eager's separate ops round it",
             "v = a.to(tl.float64) if WIDEN else a.to(tl.float32)"]
+    affine = (p.bn or p.ln) == "affine"
     if p.bn:
-        body.append(f"scale = tl.rsqrt({param('pv_ptr')} + {p.bn_eps!r})")
-        if p.bn == "affine":
+        body.append(f"scale = tl.rsqrt({param('pv_ptr')} + {p.eps!r})")
+        if affine:
             body.append(f"scale = scale * {param('pw_ptr')}")
-            body.append(f"v = (v - {param('pm_ptr')}[None, :]) * scale[None, :]"
-                        f" + {param('pb_ptr')}[None, :]")
-        else:
-            body.append(f"v = (v - {param('pm_ptr')}[None, :]) * scale[None, :]")
-        body += ["if not WIDEN:", "    v = v.to(x_ptr.dtype.element_ty).to(tl.float32)"]
+        body.append(f"v = (v - {param('pm_ptr')}[None, :]) * scale[None, :]")
+    if p.ln:
+        body.append("v = (v - row_mean.to(v.dtype)) * row_rstd.to(v.dtype)")
+        if affine:
+            body.append(f"v = v * {param('pw_ptr')}[None, :]")
+    if affine:
+        body.append(f"v = v + {param('pb_ptr')}[None, :]")
+    body += ["if not WIDEN:", "    v = v.to(x_ptr.dtype.element_ty).to(tl.float32)"]
     if p.act:
         body.append(f"v = {activation_code(p.act, 'v')}")
     body.append("a = tl.where(a_mask, v, 0.0)")

@@ -56,14 +56,42 @@ import triton.language as tl
 
 ${constants}
 INPUT_SCALE = ${input_scale}  # the input arrives as x * s[n, c] (see the module docstring)
-PRE_BN = ${pre_bn}  # the input arrives as [act](batch_norm(x)) (see the module docstring)
+${prologue_constants}
 ${helpers}
 
 ${prologue}
 
+# Row sums reduce with Triton's own combine function (see codegen/mlp_block.py).
+_add = tl.standard._sum_combine
+
+
+@triton.jit
+def _row_stats(x_base, x_row, m_ok, sxc, CG: tl.constexpr, EPS: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, WIDEN: tl.constexpr):
+    # A LayerNorm's statistics of each row over its CG channels, as eager computes them: the
+    # mean, then the mean of the centred squares, in fp32 (fp64 interpreted); [BLOCK_M, 1]
+    total = _zeros(BLOCK_M, 1, WIDEN)
+    for c0 in range(0, CG, BLOCK_K):
+        c = c0 + tl.arange(0, BLOCK_K)
+        c_ok = c < CG
+        a = tl.load(x_base + x_row[:, None] + (c % CG * sxc)[None, :],
+                    mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+        total += tl.reduce(a.to(total.dtype), 1, _add, keep_dims=True)
+    mean = total / CG
+    total = _zeros(BLOCK_M, 1, WIDEN)
+    for c0 in range(0, CG, BLOCK_K):
+        c = c0 + tl.arange(0, BLOCK_K)
+        c_ok = c < CG
+        a = tl.load(x_base + x_row[:, None] + (c % CG * sxc)[None, :],
+                    mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+        centred = tl.where(c_ok[None, :], a.to(total.dtype) - mean, 0.0)
+        total += tl.reduce(centred * centred, 1, _add, keep_dims=True)
+    return mean, 1.0 / tl.sqrt(total / CG + EPS)
+
+
 @triton.jit
 def _channel_step(acc, x_base, x_row, w_ptr, w_col, c, a_mask, b_mask, sxc, s_rows, ssc,
-                  pw_ptr, pb_ptr, pm_ptr, pv_ptr, PRE_BN: tl.constexpr,
+                  pw_ptr, pb_ptr, pm_ptr, pv_ptr, row_mean, row_rstd, PRE: tl.constexpr,
                   X_SCALE: tl.constexpr, WIDEN: tl.constexpr, PRECISION: tl.constexpr):
     # acc[m, k] += x[m, c] * w[k, c] over one slice of BLOCK_K input channels c; with
     # X_SCALE, x[m, c] * s[n(m), c] first (s_rows: each row's image's scales), rounded to the
@@ -75,8 +103,9 @@ def _channel_step(acc, x_base, x_row, w_ptr, w_col, c, a_mask, b_mask, sxc, s_ro
             a = a.to(tl.float64) * s.to(tl.float64)
         else:
             a = (a.to(tl.float32) * s.to(tl.float32)).to(s.dtype)
-    if PRE_BN:
-        a = _prologue(a, a_mask, x_base, c, pw_ptr, pb_ptr, pm_ptr, pv_ptr, WIDEN)
+    if PRE:
+        a = _prologue(a, a_mask, x_base, c, pw_ptr, pb_ptr, pm_ptr, pv_ptr, row_mean, row_rstd,
+                      WIDEN)
     b = tl.load(w_ptr + w_col[None, :] + c[:, None], mask=b_mask, other=0.0)
     return _mma(a, b, acc, WIDEN, PRECISION)
 
@@ -97,7 +126,7 @@ def conv_gemm_1x1(
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     # meta-parameters
     PIXELS_FLAT: tl.constexpr, X_SCALE: tl.constexpr, PRE_BN: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRE_LN: tl.constexpr, PRE_EPS: tl.constexpr, PRECISION: tl.constexpr,
     WIDEN: tl.constexpr,
     INT64: tl.constexpr, IMAGE_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -124,9 +153,14 @@ def conv_gemm_1x1(
             s_rows = s_ptr + n * ssn + g * CG * ssc
         else:
             s_rows = s_ptr + (n * ssn)[:, None] + g * CG * ssc
-    if PRE_BN:  # the prologue's per-channel parameters, from this group's first channel
+    if PRE_BN or PRE_LN:  # the prologue's per-channel parameters, from the group's first
         pw_ptr, pb_ptr = pw_ptr + g * CG, pb_ptr + g * CG
         pm_ptr, pv_ptr = pm_ptr + g * CG, pv_ptr + g * CG
+    row_mean = 0.0
+    row_rstd = 1.0
+    if PRE_LN:  # the LayerNorm's statistics of each row (pixel) over its channels
+        row_mean, row_rstd = _row_stats(x_base, x_row, m_ok, sxc, CG, PRE_EPS, BLOCK_M,
+                                        BLOCK_K, WIDEN)
 
     # ---- 3. reduction over the input channels: acc[m, k] += x[m, c] * w[k, c] ----
     # Whole slices of BLOCK_K channels, then the partial last one on its own: its channels
@@ -136,14 +170,14 @@ def conv_gemm_1x1(
     for c0 in range(0, CG - CG % BLOCK_K, BLOCK_K):
         acc = _channel_step(acc, x_base, x_row, w_ptr, w_col, c0 + offs_c, m_ok[:, None],
                             k_ok[None, :], sxc, s_rows, ssc, pw_ptr, pb_ptr, pm_ptr, pv_ptr,
-                            PRE_BN, X_SCALE, WIDEN, PRECISION)
+                            row_mean, row_rstd, PRE_BN or PRE_LN, X_SCALE, WIDEN, PRECISION)
     if CG % BLOCK_K != 0:
         c = CG - CG % BLOCK_K + offs_c
         c_ok = c < CG
         acc = _channel_step(acc, x_base, x_row, w_ptr, w_col, c % CG,
                             m_ok[:, None] & c_ok[None, :], c_ok[:, None] & k_ok[None, :], sxc,
-                            s_rows, ssc, pw_ptr, pb_ptr, pm_ptr, pv_ptr, PRE_BN, X_SCALE,
-                            WIDEN, PRECISION)
+                            s_rows, ssc, pw_ptr, pb_ptr, pm_ptr, pv_ptr, row_mean, row_rstd,
+                            PRE_BN or PRE_LN, X_SCALE, WIDEN, PRECISION)
 
 ${epilogue}
 
@@ -169,10 +203,11 @@ ${prologue_operands}
     flat = (image and g["SH"] == 1 and g["SW"] == 1 and x.stride(3) == 1
             and x.stride(2) == W)
     conv_gemm_1x1[grid](
-        x, w_packed, out, *epilogue_operands, x_scale, *pre_bn,
+        x, w_packed, out, *epilogue_operands, x_scale, *pre_norm,
         N, H, W, HO, WO, CG, KG,
         *x.stride(), *out.stride(), *residual_strides, *s_strides,
-        **GEOMETRY, PIXELS_FLAT=flat, X_SCALE=INPUT_SCALE, PRE_BN=PRE_BN, PRECISION=PRECISION,
+        **GEOMETRY, PIXELS_FLAT=flat, X_SCALE=INPUT_SCALE, PRE_BN=PRE_BN, PRE_LN=PRE_LN,
+        PRE_EPS=PRE_EPS, PRECISION=PRECISION,
         WIDEN=widen,
         INT64=int64,
         IMAGE_TILES=image, **META, **LAUNCH)
@@ -181,7 +216,6 @@ ${finish}"""
 
 def render(spec: ConvSpec, schedule: Schedule) -> T.KernelSource:
     template = TEMPLATE.replace("${input_scale}", str(spec.input_scale))
-    template = template.replace("${pre_bn}", str(spec.prologue.bn is not None))
     return T.render_module(
         template,
         spec,

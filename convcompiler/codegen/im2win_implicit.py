@@ -46,6 +46,8 @@ def SPACE(spec: ConvSpec, s: Schedule, device: Device | None) -> None:
         raise InvalidSchedule("only direct_depthwise writes pooled sums")
     if spec.input_scale:
         raise InvalidSchedule("only gemm_1x1 scales its input as it loads it")
+    if spec.prologue.ln:
+        raise InvalidSchedule("only gemm_1x1 computes a LayerNorm's row statistics")
     if spec.prologue.name() and s["REDUCTION"] != "tap":
         raise InvalidSchedule("the input's prologue needs the tap reduction (one channel run)")
     if s["REDUCTION"] == "flat" and spec.padding_mode != "zeros":
@@ -65,7 +67,7 @@ import triton
 import triton.language as tl
 
 ${constants}
-PRE_BN = ${pre_bn}  # the input arrives as [act](batch_norm(x)) (see the module docstring)
+${prologue_constants}
 ${helpers}
 
 ${prologue}
@@ -163,7 +165,8 @@ def conv_im2win_implicit(
             a_mask = row_ok[:, None] & c_ok[None, :]
             a = tl.load(x_base + a_row[:, None] + (c * sxc)[None, :], mask=a_mask, other=0.0)
             if PRE_BN:
-                a = _prologue(a, a_mask, x_base, c, pw_ptr, pb_ptr, pm_ptr, pv_ptr, WIDEN)
+                a = _prologue(a, a_mask, x_base, c, pw_ptr, pb_ptr, pm_ptr, pv_ptr, 0.0, 1.0,
+                              WIDEN)
             b = tl.load(w_ptr + w_col[None, :] + (tap * CG + c)[:, None],
                         mask=c_ok[:, None] & k_ok[None, :], other=0.0)
             acc = _mma(a, b, acc, WIDEN, PRECISION)
@@ -181,7 +184,7 @@ ${prologue_operands}
     # ---- 3. launch on the GEMM grid ----
     int64 = max(x.numel(), y.numel(), weight.numel()) >= INDEX_LIMIT
     conv_im2win_implicit[grid](
-        x, w_packed, out, *epilogue_operands, *pre_bn,
+        x, w_packed, out, *epilogue_operands, *pre_norm,
         N, H, W, HO, WO, CG, KG, R,
         *x.stride(), *out.stride(), *residual_strides,
         **GEOMETRY, PAD_MODE=PAD_MODE, PRE_BN=PRE_BN, PRECISION=PRECISION, WIDEN=widen, INT64=int64,
@@ -191,7 +194,7 @@ ${finish}"""
 
 def render(spec: ConvSpec, schedule: Schedule) -> T.KernelSource:
     return T.render_module(
-        TEMPLATE.replace("${pre_bn}", str(spec.prologue.bn is not None)),
+        TEMPLATE,
         spec,
         schedule,
         summary="convolution as an implicit im2win GEMM",

@@ -341,6 +341,7 @@ def render_module(
         epilogue=epilogue(spec),
         prologue=prologue(spec),
         prologue_operands=PROLOGUE_OPERANDS.strip("\n"),
+        prologue_constants=prologue_constants(spec),
         prepare=(PREPARE if prepare is None else prepare).strip("\n"),
         finish=FINISH.strip("\n"),
     )
@@ -377,19 +378,34 @@ PER_CHANNEL_VECTORS = """    # The epilogue reads each per-channel vector (conv 
     bias, bn_weight, bn_bias, bn_mean, bn_var = (
         t if t is None or t.is_contiguous() else t.contiguous() for t in vectors)
 """
-# The input's batch norm (spec.prologue), after PREPARE: checked, and handed to the kernel as
-# four [C] runs (without affine, the kernel never reads the first two).
+# The input's norm (spec.prologue), after PREPARE: checked, and handed to the kernel as four
+# [C] runs (weight, bias, a BN's running mean and var); those the kernel never reads (a
+# LayerNorm's statistics, no affine) stand in as another run, or x.
 PROLOGUE_OPERANDS = """
-    pre_bn = (x_bn_weight, x_bn_bias, x_bn_mean, x_bn_var)
-    if (x_bn_mean is not None) != PRE_BN or (x_bn_var is not None) != PRE_BN:
-        raise ValueError(f"kernel built {'with' if PRE_BN else 'without'} the input's batch norm")
-    for t in pre_bn:
+    pre_norm = (x_bn_weight, x_bn_bias, x_bn_mean, x_bn_var)
+    names = ("a weight", "a bias", "a running mean", "a running var")
+    for t, built, name in zip(pre_norm, (PRE_AFFINE, PRE_AFFINE, PRE_BN, PRE_BN), names):
+        if (t is not None) != built:
+            raise ValueError(f"kernel built {'with' if built else 'without'} {name} for the "
+                             "input's norm")
         if t is not None and tuple(t.shape) != (C,):
-            raise ValueError(f"the input's batch norm parameter {tuple(t.shape)} is not ({C},)")
-    pre_bn = tuple(t if t is None or t.is_contiguous() else t.contiguous() for t in pre_bn)
-    if PRE_BN and x_bn_weight is None:
-        pre_bn = (x_bn_mean, x_bn_mean, x_bn_mean, x_bn_var)
+            raise ValueError(f"the input's norm parameter {tuple(t.shape)} is not ({C},)")
+    given = [t if t.is_contiguous() else t.contiguous() for t in pre_norm if t is not None]
+    pre_norm = tuple(t if t is not None else (given[0] if given else x) for t in pre_norm)
 """
+
+
+def prologue_constants(spec: ConvSpec) -> str:
+    """The launcher's and kernel's view of spec.prologue's norm."""
+    p = spec.prologue
+    return "\n".join([
+        f"PRE_BN = {p.bn is not None}  # the input arrives as [act](batch_norm(x))",
+        f"PRE_LN = {p.ln is not None}  # ... as [act](layer_norm(x)) over the channels",
+        f"PRE_AFFINE = {(p.bn or p.ln) == 'affine'}  # the norm has a weight and a bias",
+        f"PRE_EPS = {p.eps!r}",
+    ])
+
+
 # The gradient operand of a backward kernel may come as where(mask, 0, g) (a ReLU's backward):
 # the kernel reads g and the bool mask (any strides) and never sees the materialised product.
 # The launcher names its gradient operand `masked` before this check.

@@ -164,9 +164,11 @@ def meta_inputs(spec: ConvSpec | AttentionSpec | MlpSpec) -> tuple[torch.Tensor 
     mask = (torch.empty_like(x, dtype=torch.bool),) if spec.input_mask else ()
     if spec.input_scale:  # after the absent mask: x_scale [N, C, 1, 1]
         mask = (None, empty((n, spec.in_channels, 1, 1)[: x.dim()]))
-    if spec.prologue.bn:  # after the absent mask and scale: the input's BN, [C] each
-        c, pre = spec.in_channels, spec.prologue.bn == "affine"
-        params = [empty((c,), dt=torch.float32) if pre or i >= 2 else None for i in range(4)]
+    p = spec.prologue
+    if p.bn or p.ln:  # after the absent mask and scale: the input's norm, [C] each
+        c, pre_affine = spec.in_channels, (p.bn or p.ln) == "affine"
+        params = [empty((c,), dt=torch.float32) if (pre_affine if i < 2 else p.bn) else None
+                  for i in range(4)]  # fmt: skip
         mask = (None, None, *params)
     return (x, weight, bias, *affine, *stats, residual, *mask)
 
@@ -343,11 +345,12 @@ def compile_launch(launch: Launch, arch: str, source_name: str = "") -> KernelSt
 
 
 def _expects_tensor_cores(launch: Launch) -> bool:
-    """Whether the kernel's dots should run on tensor cores: it calls tl.dot (directly or
-    through the shared `_mma`) and is not a float32 dot at "ieee" precision (exact fp32 dots
-    run on the FMA units, as torch's matmul does without TF32)."""
+    """Whether the kernel's dots should run on tensor cores: it calls tl.dot (directly, through
+    the shared `_mma`, or through gemm_1x1's `_channel_step`) and is not a float32 dot at
+    "ieee" precision (exact fp32 dots run on the FMA units, as torch's matmul does without
+    TF32)."""
     src = launch.fn.src
-    if "tl.dot(" not in src and "_mma(" not in src:
+    if not any(call in src for call in ("tl.dot(", "_mma(", "_channel_step(")):
         return False
     bound = dict(launch.args)
     first = next((v for _, v in launch.args if isinstance(v, torch.Tensor)), None)

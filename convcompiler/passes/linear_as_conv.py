@@ -15,8 +15,12 @@ act directly, exactly as for a convolution. In the post-grad graph a linear is
     reshape(addmm(b, reshape(x, [M, C]), permute(W, [1, 0])), [*L, K])   (mm without bias;
     view, _unsafe_view and t in a graph that Inductor did not decompose)
 
-Only such linears: one with no fusable epilogue stays the host's matmul (cuBLAS on a GPU),
-where nothing would be won. The guards run in order; the first that fails leaves the linear
+Only such linears, and those that read a LayerNorm over the tokens' channels and nothing
+else does (with option blocks, a transformer's norm before its qkv or fc1 linear): the conv
+records the norm (node.meta[PRE_NORM]: the norm's input seen through the same channels_last
+view, and the norm), and match_conv makes it the kernel's prologue, so the normalised tokens
+are never written. One with neither stays the host's matmul (cuBLAS on a GPU), where nothing
+would be won. The guards run in order; the first that fails leaves the linear
 alone and is logged, with its reason, in `ctx.facts["linear_left"]`. Not on backward graphs
 (the gradients' matmuls), nor on CPU tensors under cpu="aten" (the host runs everything).
 A float32 linear keeps torch's matmul precision, not cuDNN's conv flag (`matmul_precision`).
@@ -35,6 +39,7 @@ import torch.fx
 from ..spec import DTYPES
 from .context import PassContext
 from .conv_chain import grow_chain
+from .layer_norm import LayerNormMatch, layer_norm_of
 from .meta import fake_value, fp32_precision, layout_mismatch, run_on_fakes
 
 log = logging.getLogger(__name__)
@@ -45,6 +50,7 @@ RULE = (
 )
 FROM_LINEAR = "im2win_from_linear"  # node.meta key on a convolution this pass made
 IN_BLOCK = "im2win_block"  # node.meta key on a matmul a block region runs (match_block.py)
+PRE_NORM = "im2win_pre_norm"  # node.meta key: (the norm's input as an image, the norm)
 RESHAPES = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
 META_KEYS = ("stack_trace", "nn_module_stack", "from_node", "seq_nr")
 
@@ -123,12 +129,26 @@ class _Linear:
                 return "2-D tokens with a symbolic count (not supported yet)"
             self.out, self.lead = mm, [int(xv.shape[0])]
         self.chain = grow_chain(self.out, set(), fuse_bn=False)
-        if not self.chain.epilogue.name():
+        self.norm = _norm_before(x2d, xv.dtype) if ctx.config.blocks else None
+        if not self.chain.epilogue.name() and self.norm is None:
             return "no fusable epilogue (activation or residual add) follows: the host's mm runs it"
         last = fake_value(self.chain.last)
         if last is None or last.dtype != out.dtype:
             return "the epilogue changes the dtype"
         return None
+
+
+def _norm_before(x2d: torch.fx.Node, dtype: torch.dtype) -> LayerNormMatch | None:
+    """The LayerNorm whose output y only this linear reads (as reshape(y, [M, C]) or y), of
+    the linear's dtype, with both a weight and a bias or neither; else None."""
+    y = x2d.args[0] if x2d.target in RESHAPES else x2d
+    if not isinstance(y, torch.fx.Node) or len(y.users) != 1 or len(x2d.users) != 1:
+        return None  # the normalised tokens are needed elsewhere (or saved for a backward)
+    norm = layer_norm_of(y)
+    xv = fake_value(norm.x) if norm is not None else None
+    if xv is None or xv.dtype != dtype or (norm.weight is None) != (norm.bias is None):
+        return None
+    return norm
 
 
 class _Builder:
@@ -161,11 +181,15 @@ def _rewrite(graph: torch.fx.Graph, lin: _Linear) -> str | None:
     nodes = {node.name: node for node in graph.nodes}
     last, lead4 = lin.chain.last, _lead_4d(lin.lead)
     b = _Builder(graph, last)
+    # the norm's input, seen as the conv's input is (before the conv: its op replaces it)
+    normed = b.nhwc(lin.norm.x, lead4, lin.c) if lin.norm is not None else None
     x = b.nhwc(lin.x2d, lead4, lin.c)
     w = b.call(aten.reshape.default, (lin.weight, [lin.k, lin.c, 1, 1]))
     conv_args = (x, w, lin.bias, [1, 1], [0, 0], [1, 1], False, [0, 0], 1)
     cur = b.call(aten.convolution.default, conv_args, like=lin.mm)
     cur.meta[FROM_LINEAR] = True
+    if normed is not None:
+        cur.meta[PRE_NORM] = (normed, lin.norm)
     prev = lin.out
     for role, name in lin.chain.roles[1:]:
         old = nodes[name]

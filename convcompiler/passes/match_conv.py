@@ -39,7 +39,7 @@ from ..spec import DTYPES, ConvSpec, Epilogue, Prologue
 from .activations import as_activation
 from .context import PassContext, Region
 from .conv_chain import BN_EVAL, BN_TRAIN, Chain, grow_chain
-from .linear_as_conv import FROM_LINEAR, matmul_precision
+from .linear_as_conv import FROM_LINEAR, PRE_NORM, matmul_precision
 from .linear_as_conv import RULE as LINEAR_RULE
 from .meta import (
     conv_summary,
@@ -171,7 +171,7 @@ def normed_input(conv: torch.fx.Node) -> tuple[torch.fx.Node, Prologue, tuple] |
         return None
     kind = "plain" if weight is None else "affine"
     roles += [("x_getitem", cur.name), ("x_bn", bn.name)]
-    return bn.args[0], Prologue(bn=kind, bn_eps=float(eps), act=act), tuple(roles)
+    return bn.args[0], Prologue(bn=kind, eps=float(eps), act=act), tuple(roles)
 
 
 def _feeds_conv(bn: torch.fx.Node) -> bool:
@@ -354,6 +354,16 @@ def match_conv(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModu
             spec = dataclasses.replace(spec, prologue=prologue, input_layout=layout)
             summary, roles = spec.describe(), (*roles, *pre_roles)
             claimed.update(name for _, name in pre_roles)
+        pre = node.meta.get(PRE_NORM) if spec is not None and ctx.config.blocks else None
+        if pre is not None and not any(n.name in claimed for n in pre[1].nodes):
+            normed_x, norm = pre  # a LayerNorm over the tokens' channels: the kernel's
+            prologue = Prologue(ln="plain" if norm.weight is None else "affine", eps=norm.eps)
+            layout = memory_layout(fake_value(normed_x))
+            spec = dataclasses.replace(spec, prologue=prologue, input_layout=layout)
+            vectors = [(r, n.name) for r, n in (("ln_weight", norm.weight), ("ln_bias", norm.bias))
+                       if n is not None]  # fmt: skip
+            summary, roles = spec.describe(), (*roles, ("x_ln", normed_x.name), *vectors)
+            claimed.update(n.name for n in norm.nodes)
         pool = pooled_mean(chain.last, spec, ctx) if blocks else None
         if pool is not None and pool.name not in claimed:  # the kernel also pools y
             spec = dataclasses.replace(spec, pool_sums=True)

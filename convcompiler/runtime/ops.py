@@ -14,8 +14,9 @@ A conv's `mask` (backward kernels only, spec.input_mask): the gradient operand (
 transposed conv, dy of a weight gradient) stands for where(mask, 0, gradient), a ReLU's
 backward. Its `x_scale` (a forward 1x1 conv, spec.input_scale): the input stands for
 x * x_scale, x_scale [N, C, 1, 1] (squeeze-and-excitation's channel scale). Its `x_bn_*`
-(a forward 1x1 conv, spec.prologue): the input stands for act(batch_norm(x)) with these
-running statistics (pre-activation: DenseNet's BN -> ReLU -> conv).
+(a forward conv, spec.prologue): the input stands for act(norm(x)), the norm a batch
+norm with these running statistics (pre-activation: DenseNet's BN -> ReLU -> conv) or a
+LayerNorm over the channels with this weight and bias (a transformer's norm -> linear).
 
 `kernel` is a KernelRef (kernel_ref.py): the spec and schedule the kernel was generated
 from and the hash of its source. Inductor keeps the ops opaque, fuses what is around them and
@@ -114,7 +115,7 @@ def conv(
     args = (x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, residual)
     if x_scale is not None:  # after the (absent) mask, as the launcher's parameters go
         args = (*args, None, x_scale)
-    elif x_bn_var is not None:
+    elif any(t is not None for t in (x_bn_weight, x_bn_bias, x_bn_mean, x_bn_var)):
         args = (*args, None, None, x_bn_weight, x_bn_bias, x_bn_mean, x_bn_var)
     return _launch(ref, args, mask)
 

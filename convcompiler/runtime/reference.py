@@ -46,7 +46,7 @@ def run_aten(
     (the batch norm after the act with spec.epilogue.bn_after_act).
     A weight-gradient spec takes (dy, x, mask?) and returns dw. With spec.input_mask the
     gradient operand (x of a transposed conv, dy of a weight gradient) is where(mask, 0, g);
-    with spec.input_scale the conv reads x * x_scale; with spec.prologue, act(batch_norm(x))."""
+    with spec.input_scale the conv reads x * x_scale; with spec.prologue, act(norm(x))."""
     stride, padding, dilation, output_padding = (
         list(v[2 - spec.ndim :])
         for v in (spec.stride, spec.padding, spec.dilation, spec.output_padding)
@@ -66,7 +66,11 @@ def run_aten(
         x = x * x_scale
     p = spec.prologue
     if p.bn:
-        x = F.batch_norm(x, x_bn_mean, x_bn_var, x_bn_weight, x_bn_bias, False, 0.0, p.bn_eps)
+        x = F.batch_norm(x, x_bn_mean, x_bn_var, x_bn_weight, x_bn_bias, False, 0.0, p.eps)
+    if p.ln:  # over the channels, dim 1; the result laid out as x is
+        t = x.movedim(1, -1)
+        t = F.layer_norm(t, t.shape[-1:], x_bn_weight, x_bn_bias, p.eps).movedim(-1, 1)
+        x = torch.empty_like(x).copy_(t)
     if p.act:
         x = activation(p.act, x)
     if spec.padding_mode != "zeros":  # F.pad's copy, then a conv without padding

@@ -1,10 +1,14 @@
-"""Batch norms around a single conv that no epilogue could take before (issue 22's family 4):
+"""Norms around a single conv or linear that no epilogue could take before (issue 22's
+family 4, and a transformer's LayerNorm before a linear):
 
 - pre-activation, `BN -> act -> conv` (DenseNet, DPN, PreAct ResNet): the conv's kernel
   (gemm_1x1 for a 1x1 conv, im2win_implicit's tap order for a kxk one) normalises each input
   tile as it loads it (spec.prologue), so the normalised copy is never written;
 - `conv -> act -> BN` (ConvMixer, RepViT): the BN is applied after the activation in the
-  conv's epilogue (spec.epilogue.bn_after_act).
+  conv's epilogue (spec.epilogue.bn_after_act);
+- `LayerNorm -> linear` when the linear alone reads the norm (a transformer's qkv or fc1
+  linear that runs per layer): gemm_1x1 computes each row's statistics and normalises the
+  tokens as it loads them (spec.prologue.ln), so the normalised tokens are never written.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 from address_check import address_check
 from helpers import FAST, assert_close, float64_copy, kernel_launches, lowered_ops, run_compiled
@@ -316,3 +321,117 @@ def test_frozen_bn_trains_through_the_prologue() -> None:
         assert any(PRE in r.spec for r in forward) == blocks, str(convcompiler.last_report())
         torch._dynamo.reset()
     assert saved[True] < saved[False], saved
+
+
+# ---- LayerNorm -> linear ------------------------------------------------------------------
+class NormLinear(nn.Module):
+    """ViT's attention input and a lone fc1: qkv(norm1(x)) and gelu(fc1(norm2(x)))."""
+
+    def __init__(self, c: int = 24, affine: bool = True) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(c, elementwise_affine=affine)
+        self.norm2 = nn.LayerNorm(c, eps=1e-6, elementwise_affine=affine)
+        self.qkv, self.fc1 = nn.Linear(c, 3 * c), nn.Linear(c, 40)
+        if affine:
+            with torch.no_grad():
+                for norm in (self.norm1, self.norm2):
+                    norm.weight.uniform_(0.5, 1.5)
+                    norm.bias.uniform_(-1, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.qkv(self.norm1(x)), F.gelu(self.fc1(self.norm2(x)))
+
+
+def _ln_run(model, x, options=None):
+    with torch.no_grad():
+        ref = float64_copy(model)(x.double())
+    convcompiler.counters.reset()
+    out, report = run_compiled(model, [x], options={**FAST, **(options or {})})
+    return out, ref, report
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_layer_norm_runs_inside_the_linear_it_feeds(dtype, tmp_path) -> None:
+    torch.manual_seed(12)
+    model = NormLinear().eval().to(dtype)
+    x = (torch.randn(2, 13, 24) * 2 + 0.5).to(dtype)  # a mean and a scale the norm removes
+    out, ref, report = _ln_run(model, x, {"debug_dir": str(tmp_path)})
+    for y, r in zip(out, ref):
+        assert_close(y, r, dtype)
+    linears = [r for r in report if r.kind == "linear"]
+    assert len(linears) == 2 and all("1x1 ln(x)" in r.spec for r in linears), str(report)
+    assert kernel_launches() == 2 and not report.fallbacks()
+    assert lowered_ops(tmp_path)["var_mean"] == 0  # no norm left for Inductor
+
+
+def test_layer_norm_without_affine_and_option_blocks_off() -> None:
+    torch.manual_seed(13)
+    model = NormLinear(affine=False).eval()
+    x = torch.randn(3, 7, 24)
+    out, ref, report = _ln_run(model, x)
+    for y, r in zip(out, ref):
+        assert_close(y, r, torch.float32)
+    assert sum("ln(x)" in r.spec for r in report) == 2, str(report)
+    out, ref, report = _ln_run(model, x, {"blocks": False})
+    for y, r in zip(out, ref):
+        assert_close(y, r, torch.float32)
+    assert not any("ln(x)" in r.spec for r in report)
+
+
+def test_a_token_s_nan_stays_in_its_row_and_dynamic_tokens() -> None:
+    torch.manual_seed(14)
+    model = NormLinear().eval()
+    x = torch.randn(2, 9, 24)
+    x[1, 4, 7] = float("nan")
+    out, ref, _ = _ln_run(model, x)
+    for y, r in zip(out, ref):
+        assert torch.equal(y.isnan(), r.isnan()) and y[1, 4].isnan().all()
+        assert_close(y[~r.isnan()], r[~r.isnan()], torch.float32)
+    compiled = torch.compile(model, backend="im2win", options=FAST, dynamic=True)
+    for n in (5, 11):
+        x = torch.randn(2, n, 24)
+        with torch.no_grad():
+            for y, r in zip(compiled(x), float64_copy(model)(x.double())):
+                assert_close(y, r, torch.float32)
+    assert sum("ln(x)" in r.spec for r in convcompiler.last_report()) == 2
+
+
+def test_a_trained_layer_norm_stays_outside() -> None:
+    """In training the linear's weight gradient needs the normalised tokens, so they are
+    saved and the norm stays Inductor's; gradients match."""
+    torch.manual_seed(15)
+    model = NormLinear().train()
+    reference = float64_copy(model)
+    x = torch.randn(2, 5, 24, requires_grad=True)
+    compiled = torch.compile(model, backend="im2win", options=FAST)
+    q, h = compiled(x)
+    (q.square().sum() + h.square().sum()).backward()
+    x64 = x.detach().double().requires_grad_()
+    q64, h64 = reference(x64)
+    (q64.square().sum() + h64.square().sum()).backward()
+    assert_close(x.grad, x64.grad, torch.float32, "x grad")
+    for (name, p), r in zip(model.named_parameters(), reference.parameters()):
+        assert_close(p.grad, r.grad, torch.float32, f"{name} grad")
+    assert not any("ln(x)" in r.spec for r in convcompiler.last_report())
+
+
+@pytest.mark.parametrize("tiling", ["image", "batch"])
+def test_layer_norm_prologue_addresses(tiling) -> None:
+    """The row statistics' loads and the normalised tiles stay inside x and the vectors
+    (pixels and channels past the last); their result is F.layer_norm's over the channels."""
+    gen = torch.Generator().manual_seed(16)
+    x = torch.randn(3, 21, 5, 3, generator=gen) * 3 + 1
+    if tiling == "batch":
+        x = x.to(memory_format=torch.channels_last)
+    w = torch.randn(13, 21, 1, 1, generator=gen)
+    vectors = [torch.randn(21, generator=gen), torch.randn(21, generator=gen)]
+    spec = dataclasses.replace(conv_spec_of(x, w), prologue=Prologue(ln="affine", eps=1e-6))
+    schedule = SPACES["gemm_1x1"].make(spec, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=8,
+                                       M_TILES=tiling, num_warps=4, num_stages=2)
+    launch = gpu_native.load_kernel(spec, schedule)
+    with address_check() as check:
+        y = launch(x, w, None, None, None, None, None, None, None, None, *vectors)
+    ref = run_aten(spec, x.double(), w.double(), None, *[None] * 7,
+                   *[v.double() for v in vectors])
+    assert_close(y, ref, torch.float32)
+    assert check.kernels == {"conv_gemm_1x1"} and check.accesses > 0

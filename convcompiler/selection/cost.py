@@ -237,6 +237,9 @@ def _time(spec, schedule, device, symbolic):
         )
         if spec.pool_sums:  # each tile's share of the channel means, written and summed
             traffic += 2 * tiles_m * z.k * 4
+        if spec.prologue.ln:  # the rows' statistics: two more passes over each tile's rows,
+            # from L2 when x fits there (the GEMM's own pass brings them)
+            traffic += 2 * (_reread(a_bytes, tiles_n, device) - a_bytes)
         if schedule.name in PACKING_SCHEDULES and not filter_repack_free(spec):
             traffic, launches = traffic + 2 * w_bytes, launches + 1
 

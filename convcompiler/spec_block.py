@@ -8,7 +8,9 @@
               [CO] (ConvNeXt's layer scale), r [M, CO] (the residual); n is the identity or
               a LayerNorm over C (`norm`: its row statistics computed in the kernel, with or
               without its weight and bias). The hidden act(n(x) @ W1^T + b1), [M, H], and the
-              normalised tokens are never written to memory.
+              normalised tokens are never written to memory. A gated MLP (`gated`: SwiGLU,
+              LLaMA's MLP) multiplies the hidden by a second projection of the same tokens,
+              act(n(x) @ W1^T + b1) * (n(x) @ W3^T + b3), W3 [H, C], before the second linear.
 
 A spec is frozen and hashable like the conv and attention specs (spec.py), with the same
 key(), geometry(), describe() and JSON form.
@@ -57,6 +59,7 @@ class MlpSpec(SizeHints):
     # the output (and the residual) are the tokens' [N, *spatial, CO] permuted to
     # [N, CO, *spatial] (ConvNeXt's block, which permutes back after its second linear)
     channels_first: bool = False
+    gated: bool = False  # the hidden is act(x W1^T + b1) * (x W3^T + b3) (see the docstring)
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
@@ -73,14 +76,16 @@ class MlpSpec(SizeHints):
             + f"mlp_block_c{self.in_features}_h{self.hidden}_o{self.out_features}_{self.act}"
             f"_{self.dtype}" + (f"_{terms}" if terms else "")
             + ("_nchw" if self.channels_first else "")
+            + ("_gated" if self.gated else "")
         )
 
     def describe(self) -> str:
         """e.g. "mlp [M=60] 13 -> 37 gelu -> 13 +scale+add float32 (hidden on chip)"."""
         terms = f" +{self.terms()}" if self.terms() else ""
         norm = "layer_norm -> " if self.norm else ""
+        act = f"{self.act}*up" if self.gated else str(self.act)
         return (
-            f"mlp [M={self.tokens}] {norm}{self.in_features} -> {self.hidden} {self.act} -> "
+            f"mlp [M={self.tokens}] {norm}{self.in_features} -> {self.hidden} {act} -> "
             f"{self.out_features}{terms} {self.dtype}"
             + (" nchw" if self.channels_first else "")
             + " (hidden on chip)"
@@ -88,7 +93,7 @@ class MlpSpec(SizeHints):
 
     def flops(self) -> int:
         m = self.hint(self.tokens)
-        return 2 * m * self.hidden * (self.in_features + self.out_features)
+        return 2 * m * self.hidden * ((1 + self.gated) * self.in_features + self.out_features)
 
 
 def mlp_from_json(data: dict, common: dict) -> MlpSpec:
@@ -109,5 +114,6 @@ def mlp_from_json(data: dict, common: dict) -> MlpSpec:
         norm=_check(data["norm"], NORMS, "norm"),
         norm_eps=_float(data["norm_eps"], "norm_eps"),
         channels_first=_bool(data["channels_first"], "channels_first"),
+        gated=_bool(data["gated"], "gated"),
         **common,
     )

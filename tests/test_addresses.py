@@ -272,15 +272,17 @@ def test_linear_epilogue_addresses() -> None:
 
 
 # ---- an MLP block: partial tiles of tokens, input, hidden and output features ---------------
-@pytest.mark.parametrize("scale,residual,norm", [(True, True, "affine"), (False, False, None)])
-def test_mlp_block_addresses(scale, residual, norm) -> None:
+@pytest.mark.parametrize(
+    "scale,residual,norm,gated", [(True, True, "affine", False), (False, False, None, True)]
+)
+def test_mlp_block_addresses(scale, residual, norm, gated) -> None:
     from convcompiler.runtime.reference import run_mlp
     from convcompiler.spec_block import MlpSpec
 
     gen = torch.Generator().manual_seed(5)
     m, c, h, co = 30, 13, 37, 11  # none a multiple of the 16-wide tiles
     spec = MlpSpec(m, c, h, co, Activation("silu"), True, True, scale, residual, "float32",
-                   "cpu", "ieee", norm=norm)
+                   "cpu", "ieee", norm=norm, gated=gated)
     sched = SPACES["mlp_block"].make(spec, BLOCK_M=16, BLOCK_N=16, BLOCK_H=16, BLOCK_K=16,
                                      num_warps=4, num_stages=2)
     x = torch.randn(m, 2 * c, generator=gen)[:, :c]  # rows with a stride of their own
@@ -290,6 +292,8 @@ def test_mlp_block_addresses(scale, residual, norm) -> None:
                 torch.randn(m, co, generator=gen) if residual else None)
     if norm == "affine":  # the LayerNorm's weight and bias
         operands += (torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen))
+    if gated:  # the up projection, after the (absent) norm's vectors
+        operands += (None, None, torch.randn(h, c, generator=gen), torch.randn(h, generator=gen))
     launch = gpu_native.load_kernel(spec, sched)
     with address_check() as check:
         y = launch(*operands)

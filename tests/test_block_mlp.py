@@ -334,3 +334,79 @@ def test_launcher_refuses_operands_it_was_not_built_for(tmp_path) -> None:
         module.launch(x.half(), w1, b1, w2, b2)
     y = module.launch(x[:, None, :].expand(6, 2, 5)[:, 1], w1, b1, w2, b2)  # strided rows
     assert_close(y, F.linear(F.relu(F.linear(x, w1, b1)), w2, b2).double(), torch.float32)
+
+
+# ---- gated MLPs: SwiGLU (timm), LLaMA's MLP -------------------------------------------------
+class SwiGLU(nn.Module):
+    """timm's SwiGLU half-block: x + fc2(silu(fc1_g(norm(x))) * fc1_x(norm(x))); `llama`:
+    LLaMA's MLP, down(up(x) * silu(gate(x))), no biases, no norm, no residual."""
+
+    def __init__(self, c=13, hidden=37, llama=False) -> None:
+        super().__init__()
+        self.llama, bias = llama, not llama
+        self.norm = nn.LayerNorm(c, eps=1e-6)
+        nn.init.uniform_(self.norm.weight, 0.5, 1.5)
+        nn.init.uniform_(self.norm.bias, -0.5, 0.5)
+        self.fc1_g, self.fc1_x = nn.Linear(c, hidden, bias=bias), nn.Linear(c, hidden, bias=bias)
+        self.fc2 = nn.Linear(hidden, c, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.llama:
+            return self.fc2(self.fc1_x(x) * F.silu(self.fc1_g(x)))
+        y = self.norm(x)
+        return x + self.fc2(F.silu(self.fc1_g(y)) * self.fc1_x(y))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("llama", [False, True])
+def test_gated_mlp_runs_as_one_kernel(dtype, llama, tmp_path) -> None:
+    torch.manual_seed(20)
+    model = SwiGLU(llama=llama).eval().to(dtype)
+    x = (torch.randn(2, 7, 13) * 2 + 1).to(dtype)
+    out, ref, report = compiled_block(model, x, {"debug_dir": str(tmp_path)})
+    assert_close(out, ref, dtype)
+    (row,) = blocks(report)
+    layers = "13 -> 37 silu*up -> 13" if llama else "layer_norm -> 13 -> 37 silu*up -> 13 +add"
+    assert row.spec == f"mlp [M=14] {layers} {str(dtype)[6:]} (hidden on chip)", str(report)
+    assert [r.kind for r in report] == ["mlp_block"] and kernel_launches() == 1, str(report)
+    ops = lowered_ops(tmp_path)
+    assert not ops["addmm"] and not ops["mm"] and not ops["silu"] and not ops["mul"], ops
+
+
+def test_gated_mlp_edges_nan_dynamic_and_empty() -> None:
+    torch.manual_seed(21)
+    model = SwiGLU().eval()
+    x = torch.randn(2, 7, 13)
+    x[1, 3, 5] = float("nan")
+    out, ref, report = compiled_block(model, x)
+    assert blocks(report)[0].fallback_reason is None
+    assert torch.equal(out.isnan(), ref.isnan()) and out[1, 3].isnan().all()
+    assert_close(out[~ref.isnan()], ref[~ref.isnan()], torch.float32)
+    compiled = torch.compile(model, backend="im2win", options=FAST, dynamic=True)
+    for n in (5, 9):
+        x = torch.randn(3, n, 13)
+        with torch.no_grad():
+            assert_close(compiled(x), float64_copy(model)(x.double()), torch.float32)
+    assert "silu*up" in blocks(convcompiler.last_report())[0].spec
+    with torch.no_grad():
+        empty = torch.compile(model, backend="im2win", options=FAST)(torch.randn(0, 4, 13))
+    assert empty.shape == (0, 4, 13)
+
+
+def test_gated_mlp_trains() -> None:
+    """The forward runs the one kernel (the backward recomputes the hiddens); every gradient,
+    the up projection's included, matches float64 eager."""
+    torch.manual_seed(22)
+    model = SwiGLU().train()
+    reference = float64_copy(model)
+    x = torch.randn(2, 5, 13, requires_grad=True)
+    convcompiler.counters.reset()
+    torch.compile(model, backend="im2win", options=FAST)(x).square().sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    reference(x64).square().sum().backward()
+    assert_close(x.grad, x64.grad, torch.float32, "x grad")
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert_close(p.grad, q.grad, torch.float32, f"{name} grad")
+    forward = [(r.kind, r.spec) for r in convcompiler.last_report() if r.stage == "forward"]
+    assert len(forward) == 1 and "silu*up" in forward[0][1], forward
+    assert convcompiler.counters["launch.mlp_block"] == 1

@@ -225,7 +225,7 @@ def test_block_cases_cover_every_block_family_dtype_and_layout() -> None:
     cases = gpu_blocks.block_cases()
     combos = {tuple(c.id.split()[1:4]) for c in cases}
     for family in gpu_blocks.FAMILIES:
-        layouts = {"mlp_block": ("plain", "layernorm"), "se_pool": ("nchw",)}.get(
+        layouts = {"mlp_block": ("plain", "layernorm", "gated"), "se_pool": ("nchw",)}.get(
             family, ("nchw", "nhwc"))
         for dtype in gpu_cases.DTYPES:
             assert all((family, dtype, layout) in combos for layout in layouts), family

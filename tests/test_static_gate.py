@@ -46,6 +46,8 @@ BLOCKS = {
     "swin_t-stage2-fp16": (32 * 28 * 28, 192, False, True, False, "float16"),
     "convnext_tiny-stage1-bf16": (32 * 56 * 56, 96, True, True, True, "bfloat16"),
     "convnext_tiny-stage2-fp16": (32 * 28 * 28, 192, True, True, True, "float16"),
+    # a gated MLP (SwiGLU) at Swin-T's stage-1 width, its two first projections per chunk
+    "swiglu-c96-bf16": (32 * 56 * 56, 96, False, True, False, "bfloat16", True),
 }
 
 
@@ -61,9 +63,10 @@ def test_block_kernels_pass_the_static_check(name: str) -> None:
     from convcompiler.spec import Activation
     from convcompiler.spec_block import MlpSpec
 
-    tokens, c, scale, residual, first, dtype = BLOCKS[name]
+    tokens, c, scale, residual, first, dtype, *gated = BLOCKS[name]
     spec = MlpSpec(tokens, c, 4 * c, c, Activation("gelu"), True, True, scale, residual, dtype,
-                   "cuda", "ieee", norm="affine", norm_eps=1e-6, channels_first=first)
+                   "cuda", "ieee", norm="affine", norm_eps=1e-6, channels_first=first,
+                   gated=bool(gated))
     config = Config(cpu="plan", verify=False, cache=False)
     choice = select_block(spec, SelectionContext(config, lookup("h100"), "test"))
     assert choice.fallback_reason is None and choice.schedule.name == "mlp_block", choice.why

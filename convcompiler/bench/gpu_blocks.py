@@ -9,12 +9,13 @@
     se_pool       depthwise conv whose output is globally pooled: direct_depthwise also writes
                   each tile's share of the channel means (checked against eager's mean)
     mlp_block     [LayerNorm ->] linear -> act -> linear [-> layer scale] [-> + residual] in
-                  one kernel (spec_block.MlpSpec), with and without the LayerNorm
+                  one kernel (spec_block.MlpSpec), with and without the LayerNorm, and gated
+                  (SwiGLU: the activation times a second projection)
 
 Conv families are ConvCase values (gpu_cases.py) with their spec fields set; the MLP is an
 MlpCase, planned and checked here. Every family runs in each dtype and in both of its
 "layouts" (nchw/nhwc; se_pool: nchw only, as its kernel's image tiles need; mlp_block:
-"plain" and "layernorm"). Case ids read like the conv
+"plain", "layernorm" and "gated"). Case ids read like the conv
 families': "bNNN.j FAMILY DTYPE LAYOUT".
 """
 
@@ -54,6 +55,7 @@ class MlpCase:
     residual: bool
     norm: str | None
     dtype: str
+    gated: bool = False
 
 
 def _conv_variant(rng: random.Random, index: int, family: str, dtype: str, layout: str) -> list:
@@ -127,6 +129,7 @@ def _mlp_variant(rng: random.Random, index: int, dtype: str, layout: str) -> lis
             residual=out == c and rng.random() < 0.7,
             norm="affine" if layout == "layernorm" else None,
             dtype=dtype,
+            gated=layout == "gated",
         )
         for j in range(SHAPES_PER_VARIANT)
     ]
@@ -138,7 +141,7 @@ def block_cases(seed: int = 1) -> list:
     cases: list = []
     index = 0
     for family in FAMILIES:
-        layouts = {"mlp_block": ("plain", "layernorm"), "se_pool": ("nchw",)}.get(
+        layouts = {"mlp_block": ("plain", "layernorm", "gated"), "se_pool": ("nchw",)}.get(
             family, ("nchw", "nhwc"))
         for dtype in DTYPES:
             for layout in layouts:
@@ -155,6 +158,7 @@ def mlp_case_spec(case: MlpCase) -> MlpSpec:
     return MlpSpec(
         case.tokens, case.in_features, case.hidden, case.out_features, case.act, case.bias,
         case.bias, case.scale, case.residual, case.dtype, "cuda", "ieee", norm=case.norm,
+        gated=case.gated,
     )  # fmt: skip
 
 
@@ -172,8 +176,8 @@ def plan_mlp(case: MlpCase, device: Device) -> tuple[MlpSpec, list[Schedule]]:
 
 
 def mlp_inputs(case: MlpCase, device: str, gen: torch.Generator) -> list:
-    """(x, w1, b1, w2, b2, scale, residual, norm_weight, norm_bias), weights scaled so the
-    hidden stays O(1)."""
+    """(x, w1, b1, w2, b2, scale, residual, norm_weight, norm_bias, w3, b3), weights scaled
+    so the hidden stays O(1)."""
     dtype = getattr(torch, case.dtype)
 
     def randn(*shape, scale=1.0):
@@ -190,5 +194,7 @@ def mlp_inputs(case: MlpCase, device: str, gen: torch.Generator) -> list:
         randn(m, co) if case.residual else None,
         randn(c) if case.norm else None,
         randn(c) if case.norm else None,
+        randn(h, c, scale=c**-0.5) if case.gated else None,
+        randn(h) if case.gated and case.bias else None,
     ]
 

@@ -4,7 +4,8 @@
 
 One program owns BLOCK_M tokens and BLOCK_N output features. It walks the hidden features
 BLOCK_H at a time: a chunk h = act(x @ W1[j]^T + b1[j]) is computed in registers (a GEMM
-over C, BLOCK_K input features at a time), then multiplied into the output at once:
+over C, BLOCK_K input features at a time; a gated MLP also computes u = x @ W3[j]^T + b3[j]
+from the same x tiles, and h = act(...) * u), then multiplied into the output at once:
 acc += h @ W2[:, j]^T. Only acc is stored. When CO > BLOCK_N, each column tile of the
 output computes the hidden again (the cost model prices that recompute against the bytes
 the hidden's round trip would move).
@@ -54,13 +55,14 @@ def SPACE(spec: MlpSpec, s: Schedule, device: Device | None) -> None:
     # values compiled to <= 238 registers without spills, 128 hit the 255 cap; float32
     # (no tensor cores under "ieee") spilled on sm_80 at 64 and compiled at 40.
     threads = 32 * s["num_warps"]
-    live = (bm * bn + bm * bh) // threads
+    hidden = (1 + spec.gated) * bm * bh  # a gated block's up projection is live too
+    live = (bm * bn + hidden) // threads
     if live > (40 if spec.dtype == "float32" else 96):
-        raise InvalidSchedule(f"accumulators {bm}x{bn} + {bm}x{bh}: {live} values per thread")
+        raise InvalidSchedule(f"accumulators {bm}x{bn} + {hidden // bh}x{bh}: {live} per thread")
     if max(bm * bk, bk * bh, bh * bn) // threads > 32:
         raise InvalidSchedule("an operand tile over 32 values per thread")
     e = T.ITEMSIZE[spec.dtype]
-    smem = s["num_stages"] * (bm * bk + bk * bh) * e + (bm * bh + bh * bn) * e
+    smem = s["num_stages"] * (bm * bk + (1 + spec.gated) * bk * bh) * e + (bm * bh + bh * bn) * e
     if smem > device.smem_per_block:
         raise InvalidSchedule(f"{smem} B of tiles > {device.smem_per_block} B shared memory")
 
@@ -80,6 +82,7 @@ HAS_SCALE = ${has_scale}
 RESIDUAL = ${residual}
 CHANNELS_FIRST = ${channels_first}  # output and residual as [N, CO, *spatial] views
 NORM = ${norm}  # a LayerNorm prologue: None, "plain" or "affine"
+GATED = ${gated}  # the hidden is act(x W1^T + b1) * (x W3^T + b3)
 NORM_EPS = ${norm_eps}
 PRECISION = ${precision}
 INDEX_LIMIT = 2**31  # tensors this large get 64-bit offsets
@@ -139,7 +142,7 @@ def _normalised(a, offs_c, c_ok, mean, rstd, nw_ptr, nb_ptr, AFFINE: tl.constexp
 @triton.jit
 def mlp_block(
     # pointers: tokens, the two weights, the output; the optional vectors and residual
-    x_ptr, w1_ptr, w2_ptr, y_ptr, b1_ptr, b2_ptr, s_ptr, r_ptr, nw_ptr, nb_ptr,
+    x_ptr, w1_ptr, w2_ptr, y_ptr, b1_ptr, b2_ptr, s_ptr, r_ptr, nw_ptr, nb_ptr, w3_ptr, b3_ptr,
     # sizes: M = B x P tokens (may vary); the features are fixed by the spec
     M, P, C: tl.constexpr, HID: tl.constexpr, CO: tl.constexpr,
     # x, the residual and the output as [B, P, features] through their strides (w1 is
@@ -147,7 +150,7 @@ def mlp_block(
     sxb, sxp, sxc, srb, srp, src, syb, syp, syc,
     # meta-parameters
     HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, HAS_SCALE: tl.constexpr,
-    RESIDUAL: tl.constexpr, NORM: tl.constexpr, NORM_AFFINE: tl.constexpr,
+    RESIDUAL: tl.constexpr, NORM: tl.constexpr, NORM_AFFINE: tl.constexpr, GATED: tl.constexpr,
     NORM_EPS: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr,
     INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -171,6 +174,7 @@ def mlp_block(
         offs_h, h_ok = _block(h0, HID, BLOCK_H)
         # 2a. the chunk's pre-activation, over the input features
         hid = _zeros(BLOCK_M, BLOCK_H, WIDEN)
+        up = hid  # the gated MLP's second projection
         for c0 in range(0, C, BLOCK_K):
             offs_c, c_ok = _block(c0, C, BLOCK_K)
             a = tl.load(x_rows + (offs_c * sxc)[None, :], mask=m_ok[:, None] & c_ok[None, :],
@@ -180,10 +184,20 @@ def mlp_block(
             b = tl.load(w1_ptr + offs_h[None, :] * C + offs_c[:, None],
                         mask=c_ok[:, None] & h_ok[None, :], other=0.0)
             hid = _mma(a, b, hid, WIDEN, PRECISION)
-        # 2b. bias and activation in fp32; padded hidden lanes become exact zeros
+            if GATED:
+                b = tl.load(w3_ptr + offs_h[None, :] * C + offs_c[:, None],
+                            mask=c_ok[:, None] & h_ok[None, :], other=0.0)
+                up = _mma(a, b, up, WIDEN, PRECISION)
+        # 2b. bias and activation in fp32 (times the up projection when gated); padded hidden
+        # lanes become exact zeros
         if HAS_B1:
             hid += tl.load(b1_ptr + offs_h, mask=h_ok, other=0.0).to(hid.dtype)[None, :]
-        hid = tl.where(h_ok[None, :], _activation(hid), 0.0)
+        hid = _activation(hid)
+        if GATED:
+            if HAS_B1:
+                up += tl.load(b3_ptr + offs_h, mask=h_ok, other=0.0).to(up.dtype)[None, :]
+            hid = hid * up
+        hid = tl.where(h_ok[None, :], hid, 0.0)
         # 2c. into the output, the hidden rounded to the operands' type as eager rounds it
         w2 = tl.load(w2_ptr + offs_n[None, :] * HID + offs_h[:, None],
                      mask=h_ok[:, None] & n_ok[None, :], other=0.0)
@@ -236,7 +250,7 @@ def _tokens(t):
 
 
 def launch(x, w1, b1=None, w2=None, b2=None, scale=None, residual=None, norm_weight=None,
-           norm_bias=None):
+           norm_bias=None, w3=None, b3=None):
     # ---- 1. check constraints ----
     if w2 is None or x.dim() < 1 or x.shape[-1] != C:
         raise ValueError(f"expected tokens [..., {C}] and both weights, got x {tuple(x.shape)}")
@@ -249,14 +263,20 @@ def launch(x, w1, b1=None, w2=None, b2=None, scale=None, residual=None, norm_wei
                                ("a layer scale", scale, HAS_SCALE),
                                ("a residual", residual, RESIDUAL),
                                ("a norm weight", norm_weight, NORM == "affine"),
-                               ("a norm bias", norm_bias, NORM == "affine")):
+                               ("a norm bias", norm_bias, NORM == "affine"),
+                               ("an up projection", w3, GATED),
+                               ("an up projection's bias", b3, GATED and HAS_B1)):
         if (given is not None) != built:
             raise ValueError(f"kernel built {'with' if built else 'without'} {name}")
     scale = scale.reshape(-1) if scale is not None and scale.numel() == CO else scale
     b1, b2, scale = _vector(b1, HID, "b1"), _vector(b2, CO, "b2"), _vector(scale, CO, "scale")
     norm_weight, norm_bias = _vector(norm_weight, C, "norm weight"), _vector(norm_bias, C,
                                                                             "norm bias")
+    if w3 is not None and (tuple(w3.shape) != (HID, C) or w3.dtype != DTYPE):
+        raise ValueError(f"up projection {w3.dtype} {tuple(w3.shape)}, expected ({HID}, {C})")
+    b3 = _vector(b3, HID, "b3")
     w1, w2 = (w if w.is_contiguous() else w.contiguous() for w in (w1, w2))
+    w3 = w3 if w3 is None or w3.is_contiguous() else w3.contiguous()
 
     # ---- 2. allocate the output: the tokens' leading dims, CO features, contiguous; with
     # CHANNELS_FIRST returned as [N, CO, *spatial] (a permuted view), as the residual comes
@@ -288,10 +308,10 @@ def launch(x, w1, b1=None, w2=None, b2=None, scale=None, residual=None, norm_wei
     # ---- 3. launch: (token tiles, output-feature tiles) ----
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(CO, meta["BLOCK_N"]))
     mlp_block[grid](
-        x, w1, w2, out, b1, b2, scale, residual, norm_weight, norm_bias,
+        x, w1, w2, out, b1, b2, scale, residual, norm_weight, norm_bias, w3, b3,
         M, P, C, HID, CO, *x_strides, *r_strides, P * CO, CO, 1,
         HAS_B1=HAS_B1, HAS_B2=HAS_B2, HAS_SCALE=HAS_SCALE, RESIDUAL=RESIDUAL,
-        NORM=NORM is not None, NORM_AFFINE=NORM == "affine", NORM_EPS=NORM_EPS,
+        NORM=NORM is not None, NORM_AFFINE=NORM == "affine", NORM_EPS=NORM_EPS, GATED=GATED,
         PRECISION=PRECISION, WIDEN=widen, INT64=int64, **META, **LAUNCH)
     if out is not y:
         y.copy_(out)
@@ -315,6 +335,7 @@ def render(spec: MlpSpec, schedule: Schedule) -> T.KernelSource:
         channels_first=str(spec.channels_first),
         precision=repr(spec.precision),
         norm=repr(spec.norm),
+        gated=str(spec.gated),
         norm_eps=repr(float(spec.norm_eps)),
         meta=meta,
         launch=launch,

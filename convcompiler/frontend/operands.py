@@ -27,7 +27,8 @@ def _other(nodes: dict, region: Region, role: str) -> torch.fx.Node:
 
 
 def mlp_operands(nodes: dict[str, torch.fx.Node], region: Region) -> tuple:
-    """(x, w1, b1, w2, b2, scale, residual, norm_weight, norm_bias) of an MLP block: x as
+    """(x, w1, b1, w2, b2, scale, residual, norm_weight, norm_bias, w3, b3) of an MLP block
+    (w3, b3: a gated MLP's up projection, role "fc3"): x as
     the [*L, C] tokens the first linear's [M, C] view reads (role "x_view"), or that view
     itself; with a LayerNorm prologue, the tokens its statistics read (before a conversion
     to float32), and its weight and bias."""
@@ -47,7 +48,10 @@ def mlp_operands(nodes: dict[str, torch.fx.Node], region: Region) -> tuple:
         norm_bias = _other(nodes, region, "ln_shifted") if "ln_shifted" in roles else None
     scale = _other(nodes, region, "scale") if "scale" in roles else None
     residual = _other(nodes, region, "add") if "add" in roles else None
-    return (x, w1, b1, w2, b2, scale, residual, norm_weight, norm_bias)
+    w3 = b3 = None
+    if "fc3" in roles:  # a gated MLP's up projection
+        _, w3, b3 = linear_operands(nodes[roles["fc3"]])
+    return (x, w1, b1, w2, b2, scale, residual, norm_weight, norm_bias, w3, b3)
 
 
 def region_operands(nodes: dict[str, torch.fx.Node], region: Region) -> tuple:

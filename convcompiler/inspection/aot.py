@@ -105,8 +105,8 @@ def attention_meta_inputs(spec: AttentionSpec) -> tuple[torch.Tensor | None, ...
 
 
 def mlp_meta_inputs(spec: MlpSpec) -> tuple[torch.Tensor | None, ...]:
-    """(x, w1, b1, w2, b2, scale, residual, norm_weight, norm_bias) of an MLP block, the
-    tokens as [M, C]."""
+    """(x, w1, b1, w2, b2, scale, residual, norm_weight, norm_bias, w3, b3) of an MLP block,
+    the tokens as [M, C]."""
     dtype = getattr(torch, spec.dtype)
     m, c, h, co = spec.hint(spec.tokens), spec.in_features, spec.hidden, spec.out_features
 
@@ -123,6 +123,8 @@ def mlp_meta_inputs(spec: MlpSpec) -> tuple[torch.Tensor | None, ...]:
         empty(m, co) if spec.residual else None,
         empty(c) if spec.norm == "affine" else None,
         empty(c) if spec.norm == "affine" else None,
+        empty(h, c) if spec.gated else None,
+        empty(h) if spec.gated and spec.has_bias1 else None,
     )
 
 

@@ -5,8 +5,9 @@
     y = (xf - mean) * rsqrt(var + eps) [* weight] [+ bias]   (converted back to x's dtype)
 
 `layer_norm_of(node)` walks from the node that produces y up to x, accepting only that
-shape: every node on the way has one user (var_mean: its two getitems), and weight and bias
-are vectors over the last dim. A block region takes the norm as its prologue.
+shape: every node on the way but y has one user (var_mean: its two getitems; y's users
+are the caller's to check), and weight and bias are vectors over the last dim. A block
+region, or a linear's kernel, takes the norm as its prologue.
 """
 
 from __future__ import annotations
@@ -65,19 +66,20 @@ def layer_norm_of(y: torch.fx.Node, forward: set | None = None) -> LayerNormMatc
         cur = cur.args[0]
         chain.append(cur)
     weight = bias = scaled = shifted = None
-    if cur.target is aten.add.Tensor and len(_users(cur, forward)) == 1:
+    # every node on the way has one user; y's own users are the caller's to check
+    if cur.target is aten.add.Tensor and (cur is y or len(_users(cur, forward)) == 1):
         found = _vector_operand(cur, width)
         if found is not None:
             shifted = cur
             bias, cur = found
             chain.append(cur)
-    if cur.target is aten.mul.Tensor and len(_users(cur, forward)) == 1:
+    if cur.target is aten.mul.Tensor and (cur is y or len(_users(cur, forward)) == 1):
         found = _vector_operand(cur, width)
         if found is not None and found[1].target is aten.mul.Tensor:
             scaled = cur
             weight, cur = found
             chain.append(cur)
-    if cur.target is not aten.mul.Tensor or len(_users(cur, forward)) != 1:
+    if cur.target is not aten.mul.Tensor or (cur is not y and len(_users(cur, forward)) != 1):
         return None
     a, b = cur.args[:2]
     sub, rsqrt = (a, b) if getattr(b, "target", None) is aten.rsqrt.default else (b, a)

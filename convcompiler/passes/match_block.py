@@ -2,8 +2,10 @@
 
 Rule (the transformer MLP on channels-last tokens):
 
-    [r +] [gamma *] linear(act(linear([layer_norm](x), W1, b1)), W2, b2)
-        => mlp_block(x, W1, b1, W2, b2, gamma, r, norm weight, norm bias)
+    [r +] [gamma *] linear(act(linear([layer_norm](x), W1, b1)) [* linear(n, W3, b3)], W2, b2)
+        => mlp_block(x, W1, b1, W2, b2, gamma, r, norm weight, norm bias, W3, b3)
+
+(the product with a second linear of the same tokens: a gated MLP, SwiGLU, LLaMA's MLP)
 
 In the post-grad graph the two linears are reshape(addmm(b, reshape(x, [M, C]),
 permute(W, [1, 0])), [*L, K]) (mm without a bias; no reshapes for 2-D tokens), and the
@@ -45,8 +47,8 @@ log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
 RULE = (
-    "[r +] [gamma *] linear(act(linear([layer_norm](x), W1, b1)), W2, b2) "
-    "=> mlp_block(x, W1, b1, W2, b2, gamma, r, norm weight, norm bias)"
+    "[r +] [gamma *] linear(act(linear([layer_norm](x), W1, b1)) [* linear(x, W3, b3)], W2, b2) "
+    "=> mlp_block(x, W1, b1, W2, b2, gamma, r, norm weight, norm bias, W3, b3)"
 )
 MATMULS = (aten.addmm.default, aten.mm.default)
 
@@ -108,6 +110,10 @@ class MlpChain:
         if act is None or as_activation(act) is None or act.args[0] is not out1:
             return
         hidden = _sole_user(act, self.forward)
+        self.w3 = self.b3 = self.x3 = None
+        gate = self._gate(act, hidden, first[0])
+        if gate:
+            hidden = _sole_user(gate[-1][1], self.forward)
         if hidden is not None and hidden.target in RESHAPES:
             fc2 = _sole_user(hidden, self.forward)
         else:
@@ -118,7 +124,7 @@ class MlpChain:
         self.x2d, self.w1, self.b1 = first
         _, self.w2, self.b2 = second
         self.act = as_activation(act)
-        self.nodes = [("fc1", fc1), ("act", act), ("fc2", fc2)]
+        self.nodes = [("fc1", fc1), ("act", act), *gate, ("fc2", fc2)]
         out2 = _after_reshape(fc2, self.forward)
         viewed = _token_views(self.x2d, out2)
         if viewed:  # the kernel reads [*L, C] and writes [*L, CO]
@@ -139,12 +145,42 @@ class MlpChain:
                 out2 = perm
         self._grow(out2)
 
+    def _gate(self, act: torch.fx.Node, mul: torch.fx.Node | None, x2d: torch.fx.Node) -> list:
+        """A gated MLP's roles after the activation, [("fc3", mm), ("up", its reshape)?,
+        ("mul", mul)], when `mul` multiplies the activation by a linear of the same tokens
+        that only it reads; else []."""
+        if mul is None or mul.target is not aten.mul.Tensor or len(mul.args) != 2:
+            return []
+        up = mul.args[1] if mul.args[0] is act else mul.args[0]
+        if not isinstance(up, torch.fx.Node) or up is act:
+            return []
+        if _sole_user(up, self.forward) is not mul:
+            return []
+        mm = up.args[0] if up.target in RESHAPES else up
+        third = linear_operands(mm) if isinstance(mm, torch.fx.Node) else None
+        if third is None or (mm is not up and _sole_user(mm, self.forward) is not up):
+            return []
+        x3 = third[0]
+        same = x3 is x2d or (
+            x3.target in RESHAPES and x2d.target in RESHAPES and x3.args[0] is x2d.args[0]
+            and fake_value(x3) is not None and fake_value(x2d) is not None
+            and fake_value(x3).shape == fake_value(x2d).shape
+        )  # fmt: skip
+        if not same or fake_value(up) is None or fake_value(up).shape != fake_value(act).shape:
+            return []
+        _, self.w3, self.b3 = third
+        self.x3 = x3
+        return [("fc3", mm)] + ([("up", up)] if up is not mm else []) + [("mul", mul)]
+
     def _norm(self, y: object) -> LayerNormMatch | None:
         """The LayerNorm whose output the first linear alone reads, taken as the prologue."""
         if not isinstance(y, torch.fx.Node) or y.op != "call_function":
             return None
         norm = layer_norm_of(y, self.forward)
-        if norm is None or _sole_user(y, self.forward) is not self.nodes[0][1]:
+        readers = {u for u in y.users if u.op != "output"}
+        readers = {u for u in readers if self.forward is None or u in self.forward}
+        first = self.nodes[0][1]  # the first linear's view (and a gated MLP's up projection's)
+        if norm is None or first not in readers or not readers <= {first, self.x3}:
             return None
         # autocast runs the norm in float32 and converts its output for the linears: the
         # block then starts at that output (the kernel reads x and the norm's vectors in the
@@ -225,6 +261,14 @@ def spec_or_reason(chain: MlpChain) -> MlpSpec | str:
     vectors = [fake_value(n) for n in (chain.b1, chain.b2, chain.scale) if n is not None]
     if any(t is None or t.dtype != x2d.dtype for t in [w1, w2, out, *vectors]):
         return "the block mixes dtypes"
+    if chain.w3 is not None:  # a gated MLP: the up projection as the first linear
+        w3, b3 = fake_value(chain.w3), fake_value(chain.b3) if chain.b3 is not None else None
+        if w3 is None or w3.dtype != x2d.dtype or tuple(w3.shape) != tuple(w1.shape):
+            return "the up projection's weight does not match the first linear's"
+        if not w3.is_contiguous() or (chain.b1 is None) != (chain.b3 is None):
+            return "the up projection's weight is not contiguous, or one of two biases is missing"
+        if b3 is not None and b3.dtype != x2d.dtype:
+            return "the block mixes dtypes"
     if w1.dim() != 2 or w2.dim() != 2 or not (w1.is_contiguous() and w2.is_contiguous()):
         return "a weight is not a contiguous [K, C] matrix"
     (h, c), (co, h2) = w1.shape, w2.shape
@@ -263,6 +307,7 @@ def spec_or_reason(chain: MlpChain) -> MlpSpec | str:
         norm=None if norm is None else "plain" if norm.weight is None else "affine",
         norm_eps=1e-5 if norm is None else norm.eps,
         channels_first=chain.channels_first,
+        gated=chain.w3 is not None,
     )
 
 
@@ -299,7 +344,7 @@ def match_mlp_blocks(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.Gra
         if reason is None:
             counters["match.mlp_block"] += 1
             for role, n in chain.nodes:
-                if role in ("fc1", "fc2"):
+                if role in ("fc1", "fc2", "fc3"):
                     n.meta[IN_BLOCK] = name
         log.debug("%s at %s: %s", name, node.name, reason or "one kernel")
     return gm

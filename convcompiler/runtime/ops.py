@@ -7,8 +7,9 @@
                                             sums (spec.pool_sums; see pool_shape)
     im2win::conv_wgrad(dy, x, mask?, kernel)  a conv's weight gradient
     im2win::window_attention(q, k, v, bias?, mask?, general?, logit_scale?, kernel)
-    im2win::mlp_block(x, w1, b1?, w2, b2?, scale?, residual?, norm_weight?, norm_bias?,
-                      kernel)                  a transformer MLP, [LayerNorm ->] included
+    im2win::mlp_block(x, w1, b1?, w2, b2?, scale?, residual?, norm_weight?, norm_bias?, w3?,
+                      b3?, kernel)             a transformer MLP, [LayerNorm ->] included
+                                               (w3, b3: a gated MLP's up projection)
 
 A conv's `mask` (backward kernels only, spec.input_mask): the gradient operand (x of a
 transposed conv, dy of a weight gradient) stands for where(mask, 0, gradient), a ReLU's
@@ -240,14 +241,16 @@ def mlp_block(
     residual: Tensor | None,
     norm_weight: Tensor | None,
     norm_bias: Tensor | None,
+    w3: Tensor | None,
+    b3: Tensor | None,
     kernel: str,
 ) -> Tensor:
-    operands = (x, w1, b1, w2, b2, scale, residual, norm_weight, norm_bias)
+    operands = (x, w1, b1, w2, b2, scale, residual, norm_weight, norm_bias, w3, b3)
     return _launch(decode(kernel), operands)
 
 
 @mlp_block.register_fake
-def _mlp_block_fake(x, w1, b1, w2, b2, scale, residual, norm_weight, norm_bias, kernel):
+def _mlp_block_fake(x, w1, b1, w2, b2, scale, residual, norm_weight, norm_bias, w3, b3, kernel):
     spec = decode(kernel).spec
     y = x.new_empty((*x.shape[:-1], spec.out_features))
     if spec.channels_first:  # [N, *spatial, CO] seen as [N, CO, *spatial]

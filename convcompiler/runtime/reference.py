@@ -126,11 +126,15 @@ def run_attention(spec, q, k, v, bias=None, mask=None, general=None, logit_scale
     return out
 
 
-def run_mlp(spec, x, w1, b1, w2, b2=None, scale=None, residual=None, norm_w=None, norm_b=None):
+def run_mlp(spec, x, w1, b1, w2, b2=None, scale=None, residual=None, norm_w=None, norm_b=None,
+            w3=None, b3=None):
     """The MLP block (spec_block.MlpSpec) layer by layer, as ATen ops."""
     if spec.norm is not None:
         x = F.layer_norm(x, (x.shape[-1],), norm_w, norm_b, spec.norm_eps)
-    y = F.linear(activation(spec.act, F.linear(x, w1, b1)), w2, b2)
+    hidden = activation(spec.act, F.linear(x, w1, b1))
+    if spec.gated:
+        hidden = hidden * F.linear(x, w3, b3)
+    y = F.linear(hidden, w2, b2)
     if scale is not None:
         y = y * scale
     return y + residual if residual is not None else y

@@ -8,6 +8,8 @@ An MLP block (spec_block.MlpSpec) has two candidates:
                 [M, H] (its activation fused in its epilogue), the second reads it back and
                 applies the residual add; a layer scale is one more pointwise kernel that
                 reads and writes the output. So the hidden makes one round trip to memory.
+                A gated MLP adds the up projection's GEMM (writing a second hidden) and the
+                kernel that multiplies the two (reading both, writing one).
     mlp_block   one kernel: x, the weights, the residual and the output once, the hidden
                 and the normalised tokens never (the norm's statistics re-read the tile's x
                 rows, from L1/L2). Each of the CO / BLOCK_N output-column tiles computes the
@@ -40,6 +42,8 @@ def _per_layer(spec: MlpSpec, m, device: Device):
     first = (2 * m * c * h, x + h * c * e + hidden)
     second = (2 * m * h * co, hidden + co * h * e + y + (y if spec.residual else 0))
     kernels = [first, second]
+    if spec.gated:  # the up projection, and the product of the two hiddens
+        kernels[1:1] = [first, (0, 3 * hidden)]
     if spec.norm is not None:  # read x, write the normalised tokens
         kernels.insert(0, (0, 2 * x))
     if spec.scale:  # layer scale: read the GEMM's output, write the scaled one
@@ -54,7 +58,7 @@ def mlp_time(spec: MlpSpec, schedule: Schedule, device: Device, symbolic: bool):
     """(seconds, compute, memory, launch, useful flops, padded flops, bytes, workspace, ctas)."""
     m = spec.tokens if symbolic else spec.hint(spec.tokens)
     c, h, co, e = spec.in_features, spec.hidden, spec.out_features, ITEMSIZE[spec.dtype]
-    flops = 2 * m * h * (c + co)
+    flops = 2 * m * h * ((1 + spec.gated) * c + co)
     if schedule.name == "aten":
         seconds, compute, memory, launches, traffic = _per_layer(spec, m, device)
         launch = launches * device.launch_us * 1e-6
@@ -63,11 +67,11 @@ def mlp_time(spec: MlpSpec, schedule: Schedule, device: Device, symbolic: bool):
     bm, bn, bh, bk = s["BLOCK_M"], s["BLOCK_N"], s["BLOCK_H"], s["BLOCK_K"]
     tiles_m, tiles_n = _cdiv(m, bm), _cdiv(co, bn)
     hp = _cdiv(h, bh) * bh
-    padded = 2 * tiles_m * bm * tiles_n * hp * (_cdiv(c, bk) * bk + bn)
+    padded = 2 * tiles_m * bm * tiles_n * hp * ((1 + spec.gated) * _cdiv(c, bk) * bk + bn)
     ctas = tiles_m * tiles_n
     padded = last_wave(padded, ctas, s["num_warps"], device)
-    weights = (h * c + co * h) * e
-    vectors = (spec.has_bias1 * h + (spec.has_bias2 + spec.scale) * co) * e
+    weights = ((1 + spec.gated) * h * c + co * h) * e
+    vectors = ((1 + spec.gated) * spec.has_bias1 * h + (spec.has_bias2 + spec.scale) * co) * e
     vectors += 2 * c * e if spec.norm == "affine" else 0
     y = m * co * e
     traffic = (

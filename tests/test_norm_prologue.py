@@ -435,3 +435,22 @@ def test_layer_norm_prologue_addresses(tiling) -> None:
                    *[v.double() for v in vectors])
     assert_close(y, ref, torch.float32)
     assert check.kernels == {"conv_gemm_1x1"} and check.accesses > 0
+
+
+def test_vit_s_qkv_reads_its_layer_norm_through_the_batch_first_transpose() -> None:
+    """torchvision's ViT encoder block: MultiheadAttention(batch_first) transposes the norm's
+    output and copies it before the qkv projection; the linear reads the norm's input
+    through that permutation instead, and the copy and the norm are never made."""
+    from torchvision.models.vision_transformer import EncoderBlock
+
+    torch.manual_seed(17)
+    model = EncoderBlock(2, 16, 32, 0.0, 0.0).eval()
+    with torch.no_grad():
+        nn.init.uniform_(model.ln_1.weight, 0.5, 1.5)
+        nn.init.uniform_(model.ln_1.bias, -0.5, 0.5)
+    x = torch.randn(2, 5, 16) * 2 + 1
+    out, ref, report = _ln_run(model, x)
+    assert_close(out, ref, torch.float32)
+    (qkv,) = [r for r in report if r.kind == "linear"]
+    assert "1x1 ln(x) float32" in qkv.spec and qkv.schedule == "gemm_1x1", str(report)
+    assert "_strided_to_nhwc_pre_ln_" in qkv.kernel_path  # the permuted tokens, in place

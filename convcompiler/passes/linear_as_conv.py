@@ -39,7 +39,7 @@ import torch.fx
 from ..spec import DTYPES
 from .context import PassContext
 from .conv_chain import grow_chain
-from .layer_norm import LayerNormMatch, layer_norm_of
+from .layer_norm import layer_norm_of
 from .meta import fake_value, fp32_precision, layout_mismatch, run_on_fakes
 
 log = logging.getLogger(__name__)
@@ -138,17 +138,27 @@ class _Linear:
         return None
 
 
-def _norm_before(x2d: torch.fx.Node, dtype: torch.dtype) -> LayerNormMatch | None:
-    """The LayerNorm whose output y only this linear reads (as reshape(y, [M, C]) or y), of
-    the linear's dtype, with both a weight and a bias or neither; else None."""
+def _norm_before(x2d: torch.fx.Node, dtype: torch.dtype) -> tuple | None:
+    """(the LayerNorm, the permutation of its tokens' leading dims) when only this linear
+    reads the norm's output y, as reshape(y, [M, C]) or y, or through a contiguous copy of a
+    permute of y that keeps the channels last (torch.nn.MultiheadAttention's batch-first
+    transpose: ViT's qkv), the norm of the linear's dtype, with both a weight and a bias or
+    neither; else None."""
     y = x2d.args[0] if x2d.target in RESHAPES else x2d
+    perm = None
+    if (
+        isinstance(y, torch.fx.Node) and y.target is aten.clone.default and len(y.users) == 1
+        and y.args[0].target is aten.permute.default and len(y.args[0].users) == 1
+        and list(y.args[0].args[1])[-1] == len(y.args[0].args[1]) - 1
+    ):  # fmt: skip
+        perm, y = list(y.args[0].args[1]), y.args[0].args[0]
     if not isinstance(y, torch.fx.Node) or len(y.users) != 1 or len(x2d.users) != 1:
         return None  # the normalised tokens are needed elsewhere (or saved for a backward)
     norm = layer_norm_of(y)
     xv = fake_value(norm.x) if norm is not None else None
     if xv is None or xv.dtype != dtype or (norm.weight is None) != (norm.bias is None):
         return None
-    return norm
+    return norm, perm
 
 
 class _Builder:
@@ -182,14 +192,18 @@ def _rewrite(graph: torch.fx.Graph, lin: _Linear) -> str | None:
     last, lead4 = lin.chain.last, _lead_4d(lin.lead)
     b = _Builder(graph, last)
     # the norm's input, seen as the conv's input is (before the conv: its op replaces it)
-    normed = b.nhwc(lin.norm.x, lead4, lin.c) if lin.norm is not None else None
+    normed = None
+    if lin.norm is not None:
+        norm, perm = lin.norm
+        tokens = b.call(aten.permute.default, (norm.x, perm)) if perm else norm.x
+        normed = b.nhwc(tokens, lead4, lin.c)
     x = b.nhwc(lin.x2d, lead4, lin.c)
     w = b.call(aten.reshape.default, (lin.weight, [lin.k, lin.c, 1, 1]))
     conv_args = (x, w, lin.bias, [1, 1], [0, 0], [1, 1], False, [0, 0], 1)
     cur = b.call(aten.convolution.default, conv_args, like=lin.mm)
     cur.meta[FROM_LINEAR] = True
     if normed is not None:
-        cur.meta[PRE_NORM] = (normed, lin.norm)
+        cur.meta[PRE_NORM] = (normed, lin.norm[0])
     prev = lin.out
     for role, name in lin.chain.roles[1:]:
         old = nodes[name]

@@ -61,32 +61,10 @@ ${helpers}
 
 ${prologue}
 
-# Row sums reduce with Triton's own combine function (see codegen/mlp_block.py).
-_add = tl.standard._sum_combine
+${wrapped_block}
 
 
-@triton.jit
-def _row_stats(x_base, x_row, m_ok, sxc, CG: tl.constexpr, EPS: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, WIDEN: tl.constexpr):
-    # A LayerNorm's statistics of each row over its CG channels, as eager computes them: the
-    # mean, then the mean of the centred squares, in fp32 (fp64 interpreted); [BLOCK_M, 1]
-    total = _zeros(BLOCK_M, 1, WIDEN)
-    for c0 in range(0, CG, BLOCK_K):
-        c = c0 + tl.arange(0, BLOCK_K)
-        c_ok = c < CG
-        a = tl.load(x_base + x_row[:, None] + (c % CG * sxc)[None, :],
-                    mask=m_ok[:, None] & c_ok[None, :], other=0.0)
-        total += tl.reduce(a.to(total.dtype), 1, _add, keep_dims=True)
-    mean = total / CG
-    total = _zeros(BLOCK_M, 1, WIDEN)
-    for c0 in range(0, CG, BLOCK_K):
-        c = c0 + tl.arange(0, BLOCK_K)
-        c_ok = c < CG
-        a = tl.load(x_base + x_row[:, None] + (c % CG * sxc)[None, :],
-                    mask=m_ok[:, None] & c_ok[None, :], other=0.0)
-        centred = tl.where(c_ok[None, :], a.to(total.dtype) - mean, 0.0)
-        total += tl.reduce(centred * centred, 1, _add, keep_dims=True)
-    return mean, 1.0 / tl.sqrt(total / CG + EPS)
+${row_stats}
 
 
 @triton.jit
@@ -159,8 +137,8 @@ def conv_gemm_1x1(
     row_mean = 0.0
     row_rstd = 1.0
     if PRE_LN:  # the LayerNorm's statistics of each row (pixel) over its channels
-        row_mean, row_rstd = _row_stats(x_base, x_row, m_ok, sxc, CG, PRE_EPS, BLOCK_M,
-                                        BLOCK_K, WIDEN)
+        row_mean, row_rstd = _row_stats(x_base + x_row[:, None], sxc, m_ok, PRE_EPS, CG,
+                                        BLOCK_M, BLOCK_K, WIDEN)
 
     # ---- 3. reduction over the input channels: acc[m, k] += x[m, c] * w[k, c] ----
     # Whole slices of BLOCK_K channels, then the partial last one on its own: its channels

@@ -98,31 +98,7 @@ def _activation(hid):
     return ${act}
 
 
-# Row sums reduce with Triton's own combine function: the interpreter recognises it and
-# reduces with NumPy (see codegen/window_attention.py).
-_add = tl.standard._sum_combine
-
-
-@triton.jit
-def _row_stats(x_rows, sxc, m_ok, EPS: tl.constexpr, C: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_K: tl.constexpr, WIDEN: tl.constexpr):
-    # LayerNorm's statistics of each row over its C features: the mean, then the mean of the
-    # centred squares (not E[x^2] - mean^2, which cancels), in fp32 (fp64 interpreted)
-    total = _zeros(BLOCK_M, 1, WIDEN)
-    for c0 in range(0, C, BLOCK_K):
-        offs_c, c_ok = _block(c0, C, BLOCK_K)
-        a = tl.load(x_rows + (offs_c * sxc)[None, :], mask=m_ok[:, None] & c_ok[None, :],
-                    other=0.0)
-        total += tl.reduce(a.to(total.dtype), 1, _add, keep_dims=True)
-    mean = total / C
-    total = _zeros(BLOCK_M, 1, WIDEN)
-    for c0 in range(0, C, BLOCK_K):
-        offs_c, c_ok = _block(c0, C, BLOCK_K)
-        a = tl.load(x_rows + (offs_c * sxc)[None, :], mask=m_ok[:, None] & c_ok[None, :],
-                    other=0.0)
-        centred = tl.where(c_ok[None, :], a.to(total.dtype) - mean, 0.0)
-        total += tl.reduce(centred * centred, 1, _add, keep_dims=True)
-    return mean, 1.0 / tl.sqrt(total / C + EPS)
+${row_stats}
 
 
 @triton.jit
@@ -340,6 +316,7 @@ def render(spec: MlpSpec, schedule: Schedule) -> T.KernelSource:
         meta=meta,
         launch=launch,
         wrapped_block=T.WRAPPED_BLOCK,
+        row_stats=T.ROW_STATS,
         helpers=T.HELPERS,
         act=activation_code(spec.act, "hid"),
     )

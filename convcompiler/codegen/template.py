@@ -184,6 +184,36 @@ def _block(start, SIZE: tl.constexpr, BLOCK: tl.constexpr):
     return offs, ok"""
 
 
+# A LayerNorm's row statistics, read by the kernels that apply one in their loads (mlp_block's
+# prologue, gemm_1x1's spec.prologue.ln); needs _block (WRAPPED_BLOCK) and _zeros (HELPERS).
+ROW_STATS = """# Row sums reduce with Triton's own combine function: the interpreter recognises it and
+# reduces with NumPy (see codegen/window_attention.py).
+_add = tl.standard._sum_combine
+
+
+@triton.jit
+def _row_stats(x_rows, sxc, m_ok, EPS: tl.constexpr, C: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_K: tl.constexpr, WIDEN: tl.constexpr):
+    # LayerNorm's statistics of each row over its C features: the mean, then the mean of the
+    # centred squares (not E[x^2] - mean^2, which cancels), in fp32 (fp64 interpreted)
+    total = _zeros(BLOCK_M, 1, WIDEN)
+    for c0 in range(0, C, BLOCK_K):
+        offs_c, c_ok = _block(c0, C, BLOCK_K)
+        a = tl.load(x_rows + (offs_c * sxc)[None, :], mask=m_ok[:, None] & c_ok[None, :],
+                    other=0.0)
+        total += tl.reduce(a.to(total.dtype), 1, _add, keep_dims=True)
+    mean = total / C
+    total = _zeros(BLOCK_M, 1, WIDEN)
+    for c0 in range(0, C, BLOCK_K):
+        offs_c, c_ok = _block(c0, C, BLOCK_K)
+        a = tl.load(x_rows + (offs_c * sxc)[None, :], mask=m_ok[:, None] & c_ok[None, :],
+                    other=0.0)
+        centred = tl.where(c_ok[None, :], a.to(total.dtype) - mean, 0.0)
+        total += tl.reduce(centred * centred, 1, _add, keep_dims=True)
+    return mean, 1.0 / tl.sqrt(total / C + EPS)
+"""
+
+
 # ---- hook: helpers -----------------------------------------------------------------------
 HELPERS = """
 @triton.jit
@@ -342,6 +372,8 @@ def render_module(
         prologue=prologue(spec),
         prologue_operands=PROLOGUE_OPERANDS.strip("\n"),
         prologue_constants=prologue_constants(spec),
+        wrapped_block=WRAPPED_BLOCK,
+        row_stats=ROW_STATS,
         prepare=(PREPARE if prepare is None else prepare).strip("\n"),
         finish=FINISH.strip("\n"),
     )

@@ -186,8 +186,8 @@ def _block(start, SIZE: tl.constexpr, BLOCK: tl.constexpr):
 
 # A LayerNorm's row statistics, read by the kernels that apply one in their loads (mlp_block's
 # prologue, gemm_1x1's spec.prologue.ln); needs _block (WRAPPED_BLOCK) and _zeros (HELPERS).
-ROW_STATS = """# Row sums reduce with Triton's own combine function: the interpreter recognises it and
-# reduces with NumPy (see codegen/window_attention.py).
+ROW_STATS = """# Row sums reduce with Triton's own combine function: the interpreter
+# recognises it and reduces with NumPy (see codegen/window_attention.py).
 _add = tl.standard._sum_combine
 
 

@@ -87,6 +87,39 @@ def run_compiled(
     return out, convcompiler.last_report()
 
 
+def compiled_and_float64(
+    model: torch.nn.Module, inputs: Sequence[torch.Tensor], options: dict[str, Any] | None = None
+) -> tuple[Any, Any, convcompiler.Report]:
+    """Counters reset, then (the compiled output under no_grad, float64 eager's output, the
+    report); `options` add to FAST."""
+    with torch.no_grad():
+        ref = float64_copy(model)(*[t.double() for t in inputs])
+    convcompiler.counters.reset()
+    out, report = run_compiled(model, inputs, options={**FAST, **(options or {})})
+    return out, ref, report
+
+
+def gradients_match_float64(model: torch.nn.Module, *inputs: torch.Tensor) -> None:
+    """Compile `model` (FAST), backpropagate the sum of its outputs' squares, and check every
+    input's and parameter's gradient against float64 eager's (counters are the caller's)."""
+    reference = float64_copy(model)
+    xs = [t.detach().requires_grad_() for t in inputs]
+    xs64 = [t.detach().double().requires_grad_() for t in inputs]
+    for fn, args in ((torch.compile(model, backend="im2win", options=FAST), xs), (reference, xs64)):
+        out = fn(*args)
+        sum(y.square().sum() for y in (out if isinstance(out, tuple) else (out,))).backward()
+    for i, (x, x64) in enumerate(zip(xs, xs64)):
+        assert_close(x.grad, x64.grad, torch.float32, f"input {i} grad")
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert_close(p.grad, q.grad, torch.float32, f"{name} grad")
+
+
+def assert_nan_and_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    """NaN exactly where eager's is, and every other value within the dtype's tolerance."""
+    assert torch.equal(out.isnan(), ref.isnan())
+    assert_close(out[~ref.isnan()], ref[~ref.isnan()], dtype)
+
+
 def compile_matches_eager(
     model: torch.nn.Module, x: torch.Tensor, *, launches: int
 ) -> convcompiler.Report:

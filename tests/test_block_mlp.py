@@ -8,7 +8,15 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import FAST, assert_close, float64_copy, kernel_launches, lowered_ops, run_compiled
+from helpers import (
+    FAST,
+    assert_close,
+    compiled_and_float64,
+    float64_copy,
+    gradients_match_float64,
+    kernel_launches,
+    lowered_ops,
+)
 
 import convcompiler
 from convcompiler.codegen import SPACES, render_region
@@ -48,22 +56,13 @@ def blocks(report) -> list:
     return [r for r in report if r.kind == "mlp_block"]
 
 
-def compiled_block(model, x, options=None):
-    """The compiled output, the float64 eager reference and the report."""
-    with torch.no_grad():
-        ref = float64_copy(model)(x.double())
-    convcompiler.counters.reset()
-    out, report = run_compiled(model, [x], options={**FAST, **(options or {})})
-    return out, ref, report
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_mlp_runs_as_one_kernel(dtype, tmp_path) -> None:
     """Swin's MLP half-block with a layer scale: x + gamma * fc2(gelu(fc1(norm(x))))."""
     torch.manual_seed(0)
     model = Mlp(scale=True, norm="affine").eval().to(dtype)
     x = (torch.randn(2, 5, 3, 13) * 2 + 3).to(dtype)  # rows with a mean to take out
-    out, ref, report = compiled_block(model, x, {"debug_dir": str(tmp_path)})
+    out, ref, report = compiled_and_float64(model, [x], {"debug_dir": str(tmp_path)})
     assert_close(out, ref, dtype)
     (row,) = blocks(report)
     assert row.schedule == "mlp_block" and row.fallback_reason is None, str(report)
@@ -88,7 +87,7 @@ def test_mlp_runs_as_one_kernel(dtype, tmp_path) -> None:
 def test_variants(act, bias, residual, norm, shape) -> None:
     torch.manual_seed(1)
     model = Mlp(c=11, hidden=19, act=act, bias=bias, residual=residual, norm=norm).eval()
-    out, ref, report = compiled_block(model, torch.randn(shape))
+    out, ref, report = compiled_and_float64(model, [torch.randn(shape)])
     assert_close(out, ref, torch.float32)
     (row,) = blocks(report)
     assert row.fallback_reason is None and convcompiler.counters["launch.mlp_block"] == 1
@@ -108,7 +107,7 @@ def test_convnext_block_is_two_kernels(dtype, tmp_path) -> None:
         model.layer_scale.uniform_(0.5, 1.5)
     model = model.to(dtype)
     x = torch.randn(2, 16, 5, 7).to(dtype)
-    out, ref, report = compiled_block(model, x, {"debug_dir": str(tmp_path)})
+    out, ref, report = compiled_and_float64(model, [x], {"debug_dir": str(tmp_path)})
     assert_close(out, ref, dtype)
     assert out.stride() == model(x).stride()
     (row,) = blocks(report)
@@ -150,7 +149,7 @@ def test_a_broadcast_residual_stays_outside_the_block() -> None:
 
     torch.manual_seed(11)
     model = Broadcast().eval()
-    out, ref, report = compiled_block(model, torch.randn(3, 4, 13))
+    out, ref, report = compiled_and_float64(model, [torch.randn(3, 4, 13)])
     assert_close(out, ref, torch.float32)
     (row,) = blocks(report)
     assert row.schedule == "mlp_block" and "+add" not in row.spec, row.spec
@@ -161,7 +160,7 @@ def test_a_different_output_width() -> None:
     """CO != C (a projection MLP): no residual, several output-column tiles."""
     torch.manual_seed(2)
     model = Mlp(c=9, hidden=33, out=40, residual=False).eval()
-    out, ref, report = compiled_block(model, torch.randn(3, 9))
+    out, ref, report = compiled_and_float64(model, [torch.randn(3, 9)])
     assert_close(out, ref, torch.float32)
     assert blocks(report)[0].schedule == "mlp_block"
 
@@ -172,7 +171,7 @@ def test_nan_and_inf_reach_only_their_rows(dtype) -> None:
     model = Mlp(scale=True, norm="affine").eval().to(dtype)
     x = torch.randn(1, 4, 13).to(dtype)
     x[0, 1, 2], x[0, 3, 0] = float("nan"), float("inf")
-    out, ref, _ = compiled_block(model, x)
+    out, ref, _ = compiled_and_float64(model, [x])
     assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
     finite = ref.isfinite()
     assert_close(out[finite], ref[finite], dtype)
@@ -203,7 +202,7 @@ def test_dynamic_tokens_and_an_empty_batch() -> None:
 def test_blocks_false_keeps_the_layers_apart() -> None:
     torch.manual_seed(5)
     model = Mlp().eval()
-    out, ref, report = compiled_block(model, torch.randn(2, 4, 13), {"blocks": False})
+    out, ref, report = compiled_and_float64(model, [torch.randn(2, 4, 13)], {"blocks": False})
     assert_close(out, ref, torch.float32)
     assert [(r.kind, r.epilogue) for r in report] == [("linear", "gelu"), ("linear", "add")]
 
@@ -261,15 +260,8 @@ def test_convnext_block_trains() -> None:
 
     torch.manual_seed(10)
     model = CNBlock(16, 0.5, 0.0).train()
-    reference = float64_copy(model)
-    x = torch.randn(2, 16, 5, 7, requires_grad=True)
     convcompiler.counters.reset()
-    torch.compile(model, backend="im2win", options=FAST)(x).square().sum().backward()
-    x64 = x.detach().double().requires_grad_()
-    reference(x64).square().sum().backward()
-    assert_close(x.grad, x64.grad, torch.float32, "x grad")
-    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-        assert_close(p.grad, q.grad, torch.float32, f"{name} grad")
+    gradients_match_float64(model, torch.randn(2, 16, 5, 7))
     forward = [(r.kind, r.schedule) for r in convcompiler.last_report() if r.stage == "forward"]
     assert forward == [("mlp_block", "mlp_block"), ("conv", "direct_depthwise")], forward
     assert convcompiler.counters["launch.mlp_block"] == 1
@@ -307,7 +299,7 @@ def test_a_wide_block_stays_two_linear_regions() -> None:
     cost model's comparison as the reason, and each linear its own region."""
     torch.manual_seed(7)
     model = Mlp(c=768, hidden=3072).eval().half()
-    _, _, report = compiled_block(model, torch.randn(2, 197, 768).half(), {"cpu": "plan"})
+    _, _, report = compiled_and_float64(model, [torch.randn(2, 197, 768).half()], {"cpu": "plan"})
     block, *layers = report
     assert block.kind == "mlp_block" and block.schedule == "per layer"
     assert block.why.startswith("per layer: one kernel "), block.why
@@ -363,7 +355,7 @@ def test_gated_mlp_runs_as_one_kernel(dtype, llama, tmp_path) -> None:
     torch.manual_seed(20)
     model = SwiGLU(llama=llama).eval().to(dtype)
     x = (torch.randn(2, 7, 13) * 2 + 1).to(dtype)
-    out, ref, report = compiled_block(model, x, {"debug_dir": str(tmp_path)})
+    out, ref, report = compiled_and_float64(model, [x], {"debug_dir": str(tmp_path)})
     assert_close(out, ref, dtype)
     (row,) = blocks(report)
     layers = "13 -> 37 silu*up -> 13" if llama else "layer_norm -> 13 -> 37 silu*up -> 13 +add"
@@ -378,7 +370,7 @@ def test_gated_mlp_edges_nan_dynamic_and_empty() -> None:
     model = SwiGLU().eval()
     x = torch.randn(2, 7, 13)
     x[1, 3, 5] = float("nan")
-    out, ref, report = compiled_block(model, x)
+    out, ref, report = compiled_and_float64(model, [x])
     assert blocks(report)[0].fallback_reason is None
     assert torch.equal(out.isnan(), ref.isnan()) and out[1, 3].isnan().all()
     assert_close(out[~ref.isnan()], ref[~ref.isnan()], torch.float32)
@@ -398,15 +390,8 @@ def test_gated_mlp_trains() -> None:
     the up projection's included, matches float64 eager."""
     torch.manual_seed(22)
     model = SwiGLU().train()
-    reference = float64_copy(model)
-    x = torch.randn(2, 5, 13, requires_grad=True)
     convcompiler.counters.reset()
-    torch.compile(model, backend="im2win", options=FAST)(x).square().sum().backward()
-    x64 = x.detach().double().requires_grad_()
-    reference(x64).square().sum().backward()
-    assert_close(x.grad, x64.grad, torch.float32, "x grad")
-    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-        assert_close(p.grad, q.grad, torch.float32, f"{name} grad")
+    gradients_match_float64(model, torch.randn(2, 5, 13))
     forward = [(r.kind, r.spec) for r in convcompiler.last_report() if r.stage == "forward"]
     assert len(forward) == 1 and "silu*up" in forward[0][1], forward
     assert convcompiler.counters["launch.mlp_block"] == 1

@@ -21,7 +21,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from address_check import address_check
-from helpers import FAST, assert_close, float64_copy, kernel_launches, lowered_ops, run_compiled
+from helpers import (
+    FAST,
+    assert_close,
+    assert_nan_and_close,
+    compiled_and_float64,
+    float64_copy,
+    gradients_match_float64,
+    kernel_launches,
+    lowered_ops,
+    run_compiled,
+)
 
 import convcompiler
 from convcompiler.bench import gpu_native
@@ -77,10 +87,7 @@ def test_densenet_s_bn_relu_runs_inside_the_1x1_conv(dtype, tmp_path) -> None:
     a, b = _inputs(dtype)
     if dtype == torch.float16:
         a, b = (t.to(memory_format=torch.channels_last) for t in (a, b))
-    with torch.no_grad():
-        ref = float64_copy(model)(a.double(), b.double())
-    convcompiler.counters.reset()
-    out, report = run_compiled(model, [a, b], options={**FAST, "debug_dir": str(tmp_path)})
+    out, ref, report = compiled_and_float64(model, [a, b], {"debug_dir": str(tmp_path)})
     assert_close(out, ref, dtype)
     first = _prologue_region(report)
     assert PRE in first.spec and first.schedule == "gemm_1x1", str(report)
@@ -97,9 +104,7 @@ def test_other_prologues(act) -> None:
     torch.manual_seed(1)
     model = DenseLayer(act=act).eval()
     a, b = _inputs(torch.float32)
-    with torch.no_grad():
-        ref = float64_copy(model)(a.double(), b.double())
-    out, report = run_compiled(model, [a, b], options=FAST)
+    out, ref, report = compiled_and_float64(model, [a, b])
     assert_close(out, ref, torch.float32)
     region = _prologue_region(report)
     name = Prologue(bn="affine", act=None if isinstance(act, nn.Identity) else _act(act)).name()
@@ -151,9 +156,7 @@ def test_dynamic_batch_and_an_empty_one() -> None:
 def test_option_blocks_off_leaves_the_bn_to_inductor() -> None:
     model = DenseLayer().eval()
     a, b = _inputs(torch.float32)
-    with torch.no_grad():
-        ref = float64_copy(model)(a.double(), b.double())
-    out, report = run_compiled(model, [a, b], options={**FAST, "blocks": False})
+    out, ref, report = compiled_and_float64(model, [a, b], {"blocks": False})
     assert_close(out, ref, torch.float32)
     (bn,) = report.fallbacks()
     assert bn.kind == "batch_norm" and "cannot normalise its input" in bn.fallback_reason
@@ -173,9 +176,7 @@ def test_a_small_torchvision_densenet() -> None:
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2)
     x = torch.randn(1, 3, 32, 32)
-    with torch.no_grad():
-        ref = float64_copy(model)(x.double())
-    out, report = run_compiled(model, [x], options=FAST)
+    out, ref, report = compiled_and_float64(model, [x])
     assert_close(out, ref, torch.float32)
     pre = [r for r in report if PRE in r.spec]
     assert len(pre) == 5 and all(r.schedule == "gemm_1x1" for r in pre), str(report)
@@ -230,12 +231,9 @@ def test_preact_s_bn_relu_runs_inside_the_3x3_conv(dtype) -> None:
     model = PreActBlock().eval().to(dtype)
     x = torch.randn(2, 20, 9, 7).to(dtype)
     x[0, 3, 0, 0] = float("nan")
-    with torch.no_grad():
-        ref = float64_copy(model)(x.double())
-    convcompiler.counters.reset()
-    out, report = run_compiled(model, [x], options=FAST)
-    assert torch.equal(out.isnan(), ref.isnan()) and out.isnan().any()
-    assert_close(out[~ref.isnan()], ref[~ref.isnan()], dtype)
+    out, ref, report = compiled_and_float64(model, [x])
+    assert_nan_and_close(out, ref, dtype)
+    assert out.isnan().any()
     region = _prologue_region(report)
     assert "3x3 p1x1 bn+relu(x)" in region.spec and region.schedule == "im2win_implicit"
     assert kernel_launches() == 2 and not report.fallbacks(), str(report)
@@ -284,12 +282,9 @@ def test_convmixer_s_conv_act_bn_is_one_kernel_each(dtype) -> None:
     model = _convmixer().eval().to(dtype)
     x = torch.randn(2, 3, 17, 15).to(dtype)
     x[1, 0, 3, 3] = float("nan")
-    with torch.no_grad():
-        ref = float64_copy(model)(x.double())
-    convcompiler.counters.reset()
-    out, report = run_compiled(model, [x], options=FAST)
-    assert torch.equal(out.isnan(), ref.isnan()) and out.isnan().any()
-    assert_close(out[~ref.isnan()], ref[~ref.isnan()], dtype)
+    out, ref, report = compiled_and_float64(model, [x])
+    assert_nan_and_close(out, ref, dtype)
+    assert out.isnan().any()
     names = sorted(r.spec.split(" +")[-1].split()[0] for r in report)
     assert names == ["gelu+bn", "gelu+bn", "gelu+bn+add"], str(report)
     assert kernel_launches() == 3 and not report.fallbacks()
@@ -342,20 +337,12 @@ class NormLinear(nn.Module):
         return self.qkv(self.norm1(x)), F.gelu(self.fc1(self.norm2(x)))
 
 
-def _ln_run(model, x, options=None):
-    with torch.no_grad():
-        ref = float64_copy(model)(x.double())
-    convcompiler.counters.reset()
-    out, report = run_compiled(model, [x], options={**FAST, **(options or {})})
-    return out, ref, report
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_layer_norm_runs_inside_the_linear_it_feeds(dtype, tmp_path) -> None:
     torch.manual_seed(12)
     model = NormLinear().eval().to(dtype)
     x = (torch.randn(2, 13, 24) * 2 + 0.5).to(dtype)  # a mean and a scale the norm removes
-    out, ref, report = _ln_run(model, x, {"debug_dir": str(tmp_path)})
+    out, ref, report = compiled_and_float64(model, [x], {"debug_dir": str(tmp_path)})
     for y, r in zip(out, ref):
         assert_close(y, r, dtype)
     linears = [r for r in report if r.kind == "linear"]
@@ -368,11 +355,11 @@ def test_layer_norm_without_affine_and_option_blocks_off() -> None:
     torch.manual_seed(13)
     model = NormLinear(affine=False).eval()
     x = torch.randn(3, 7, 24)
-    out, ref, report = _ln_run(model, x)
+    out, ref, report = compiled_and_float64(model, [x])
     for y, r in zip(out, ref):
         assert_close(y, r, torch.float32)
     assert sum("ln(x)" in r.spec for r in report) == 2, str(report)
-    out, ref, report = _ln_run(model, x, {"blocks": False})
+    out, ref, report = compiled_and_float64(model, [x], {"blocks": False})
     for y, r in zip(out, ref):
         assert_close(y, r, torch.float32)
     assert not any("ln(x)" in r.spec for r in report)
@@ -383,10 +370,10 @@ def test_a_token_s_nan_stays_in_its_row_and_dynamic_tokens() -> None:
     model = NormLinear().eval()
     x = torch.randn(2, 9, 24)
     x[1, 4, 7] = float("nan")
-    out, ref, _ = _ln_run(model, x)
+    out, ref, _ = compiled_and_float64(model, [x])
     for y, r in zip(out, ref):
-        assert torch.equal(y.isnan(), r.isnan()) and y[1, 4].isnan().all()
-        assert_close(y[~r.isnan()], r[~r.isnan()], torch.float32)
+        assert_nan_and_close(y, r, torch.float32)
+        assert y[1, 4].isnan().all()
     compiled = torch.compile(model, backend="im2win", options=FAST, dynamic=True)
     for n in (5, 11):
         x = torch.randn(2, n, 24)
@@ -401,17 +388,7 @@ def test_a_trained_layer_norm_stays_outside() -> None:
     saved and the norm stays Inductor's; gradients match."""
     torch.manual_seed(15)
     model = NormLinear().train()
-    reference = float64_copy(model)
-    x = torch.randn(2, 5, 24, requires_grad=True)
-    compiled = torch.compile(model, backend="im2win", options=FAST)
-    q, h = compiled(x)
-    (q.square().sum() + h.square().sum()).backward()
-    x64 = x.detach().double().requires_grad_()
-    q64, h64 = reference(x64)
-    (q64.square().sum() + h64.square().sum()).backward()
-    assert_close(x.grad, x64.grad, torch.float32, "x grad")
-    for (name, p), r in zip(model.named_parameters(), reference.parameters()):
-        assert_close(p.grad, r.grad, torch.float32, f"{name} grad")
+    gradients_match_float64(model, torch.randn(2, 5, 24))
     assert not any("ln(x)" in r.spec for r in convcompiler.last_report())
 
 
@@ -449,7 +426,7 @@ def test_vit_s_qkv_reads_its_layer_norm_through_the_batch_first_transpose() -> N
         nn.init.uniform_(model.ln_1.weight, 0.5, 1.5)
         nn.init.uniform_(model.ln_1.bias, -0.5, 0.5)
     x = torch.randn(2, 5, 16) * 2 + 1
-    out, ref, report = _ln_run(model, x)
+    out, ref, report = compiled_and_float64(model, [x])
     assert_close(out, ref, torch.float32)
     (qkv,) = [r for r in report if r.kind == "linear"]
     assert "1x1 ln(x) float32" in qkv.spec and qkv.schedule == "gemm_1x1", str(report)

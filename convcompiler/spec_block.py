@@ -12,6 +12,14 @@
               LLaMA's MLP) multiplies the hidden by a second projection of the same tokens,
               act(n(x) @ W1^T + b1) * (n(x) @ W3^T + b3), W3 [H, C], before the second linear.
 
+              ConvNeXt's whole block (`dw_kernel`): x is an [N, C, H, W] image (`image`:
+              (H, W)) and the tokens are a depthwise conv of it, stride 1, zero padding
+              `dw_padding`, [+ its bias], seen channels last; the residual, if any, is x:
+
+                  y = [x +] [gamma *] mlp(n(permute(dwconv(x), [0, 2, 3, 1])))
+
+              The conv's output never goes to memory either.
+
 A spec is frozen and hashable like the conv and attention specs (spec.py), with the same
 key(), geometry(), describe() and JSON form.
 """
@@ -60,10 +68,34 @@ class MlpSpec(SizeHints):
     # [N, CO, *spatial] (ConvNeXt's block, which permutes back after its second linear)
     channels_first: bool = False
     gated: bool = False  # the hidden is act(x W1^T + b1) * (x W3^T + b3) (see the docstring)
+    # ConvNeXt's depthwise conv before the norm (see the docstring); () when there is none
+    dw_kernel: tuple[int, ...] = ()
+    dw_padding: tuple[int, ...] = ()
+    dw_bias: bool = False
+    image: tuple[int, ...] = ()  # (H, W) of the conv's input
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
             raise SpecError(f"norm={self.norm!r} is not one of {NORMS}")
+        if self.dw_kernel and not (
+            len(self.dw_kernel) == len(self.dw_padding) == len(self.image) == 2
+            and self.channels_first and self.in_features == self.out_features
+            and not self.gated
+        ):  # fmt: skip
+            raise SpecError(
+                "a depthwise conv needs a 2-D kernel, padding and image, C = CO, "
+                "channels-first output and no gate"
+            )
+
+    @property
+    def depthwise(self) -> bool:
+        return bool(self.dw_kernel)
+
+    def without_depthwise(self) -> "MlpSpec":
+        """The same MLP on the conv's output tokens (the block partly fused)."""
+        from dataclasses import replace
+
+        return replace(self, dw_kernel=(), dw_padding=(), dw_bias=False, image=())
 
     def terms(self) -> str:
         """What follows the second linear, e.g. "scale+add"."""
@@ -77,12 +109,21 @@ class MlpSpec(SizeHints):
             f"_{self.dtype}" + (f"_{terms}" if terms else "")
             + ("_nchw" if self.channels_first else "")
             + ("_gated" if self.gated else "")
+            + (self._dw_geometry() if self.dw_kernel else "")
         )
+
+    def _dw_geometry(self) -> str:
+        (kh, kw), (ph, pw), (h, w) = self.dw_kernel, self.dw_padding, self.image
+        return f"_dw{kh}x{kw}p{ph}x{pw}{'b' if self.dw_bias else ''}_{h}x{w}"
+
 
     def describe(self) -> str:
         """e.g. "mlp [M=60] 13 -> 37 gelu -> 13 +scale+add float32 (hidden on chip)"."""
         terms = f" +{self.terms()}" if self.terms() else ""
         norm = "layer_norm -> " if self.norm else ""
+        if self.dw_kernel:
+            kh, kw = self.dw_kernel
+            norm = f"dwconv {kh}x{kw} -> {norm}"
         act = f"{self.act}*up" if self.gated else str(self.act)
         return (
             f"mlp [M={self.tokens}] {norm}{self.in_features} -> {self.hidden} {act} -> "
@@ -93,7 +134,16 @@ class MlpSpec(SizeHints):
 
     def flops(self) -> int:
         m = self.hint(self.tokens)
-        return 2 * m * self.hidden * ((1 + self.gated) * self.in_features + self.out_features)
+        dw = 0
+        if self.dw_kernel:  # the depthwise conv's taps
+            dw = 2 * m * self.in_features * self.dw_kernel[0] * self.dw_kernel[1]
+        return dw + 2 * m * self.hidden * ((1 + self.gated) * self.in_features + self.out_features)
+
+
+def _ints(value: object, name: str, low: int) -> tuple[int, ...]:
+    if not isinstance(value, list) or len(value) not in (0, 2):
+        raise SpecError(f"{name} is a list of 0 or 2 ints")
+    return tuple(_int(v, name, low) for v in value)
 
 
 def mlp_from_json(data: dict, common: dict) -> MlpSpec:
@@ -115,5 +165,9 @@ def mlp_from_json(data: dict, common: dict) -> MlpSpec:
         norm_eps=_float(data["norm_eps"], "norm_eps"),
         channels_first=_bool(data["channels_first"], "channels_first"),
         gated=_bool(data["gated"], "gated"),
+        dw_kernel=_ints(data["dw_kernel"], "dw_kernel", 1),
+        dw_padding=_ints(data["dw_padding"], "dw_padding", 0),
+        dw_bias=_bool(data["dw_bias"], "dw_bias"),
+        image=_ints(data["image"], "image", 1),
         **common,
     )

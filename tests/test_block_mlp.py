@@ -94,11 +94,11 @@ def test_variants(act, bias, residual, norm, shape) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_convnext_block_is_two_kernels(dtype, tmp_path) -> None:
+def test_convnext_block_is_one_kernel(dtype, tmp_path) -> None:
     """torchvision's CNBlock: dw 7x7 -> permute -> LayerNorm -> MLP -> permute back -> layer
-    scale [C, 1, 1] -> + input. The MLP reads the conv's output through the permute (no
-    contiguous copy), and writes [N, C, H, W] in eager's channels-last strides, scaled and
-    with the input added: the conv's kernel and the block's are all that run."""
+    scale [C, 1, 1] -> + input, all in one dw_mlp_block kernel (the whole block: its conv's
+    output and its hidden never in memory), which writes [N, C, H, W] in eager's
+    channels-last strides, scaled and with the input added."""
     from torchvision.models.convnext import CNBlock
 
     torch.manual_seed(8)
@@ -112,9 +112,12 @@ def test_convnext_block_is_two_kernels(dtype, tmp_path) -> None:
     assert out.stride() == model(x).stride()
     (row,) = blocks(report)
     name = str(dtype)[6:]
-    assert row.spec.endswith(f"16 -> 64 gelu -> 16 +scale+add {name} nchw (hidden on chip)")
-    assert kernel_launches() == 2 == convcompiler.counters["launch.mlp_block"] + 1
-    assert set(lowered_ops(tmp_path)) == {"permute"}, lowered_ops(tmp_path)
+    layers = "dwconv 7x7 -> layer_norm -> 16 -> 64 gelu -> 16 +scale+add"
+    assert row.spec == f"mlp [M=70] {layers} {name} nchw (hidden on chip)"
+    assert row.schedule == "dw_mlp_block" and "the whole block" in row.why, row.why
+    assert [r.kind for r in report] == ["mlp_block"], str(report)  # the conv is inside
+    assert kernel_launches() == 1 == convcompiler.counters["launch.mlp_block"]
+    assert not lowered_ops(tmp_path), lowered_ops(tmp_path)  # not even a permute
 
 
 def test_under_autocast_the_block_starts_after_the_float32_norm() -> None:

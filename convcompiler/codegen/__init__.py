@@ -12,6 +12,7 @@ from . import (
     conv_transpose,
     conv_wgrad,
     direct_depthwise,
+    dw_mlp_block,
     gemm_1x1,
     im2win_band,
     im2win_implicit,
@@ -25,7 +26,7 @@ KIND_TEMPLATES = {
     "conv_transpose": (conv_transpose,),
     "conv_wgrad": (conv_wgrad,),
     "window_attention": (window_attention,),
-    "mlp_block": (mlp_block,),
+    "mlp_block": (mlp_block, dw_mlp_block),
 }
 TEMPLATES = {m.SPACE.name: m for modules in KIND_TEMPLATES.values() for m in modules}
 SPACES: dict[str, ScheduleSpace] = {name: module.SPACE for name, module in TEMPLATES.items()}

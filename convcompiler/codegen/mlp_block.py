@@ -43,6 +43,8 @@ LAUNCH_KEYS = ("num_warps", "num_stages")
     num_stages=(2, 3, 4),
 )
 def SPACE(spec: MlpSpec, s: Schedule, device: Device | None) -> None:
+    if spec.depthwise:
+        raise InvalidSchedule("a depthwise conv before the MLP: dw_mlp_block's")
     bm, bn, bh, bk = s["BLOCK_M"], s["BLOCK_N"], s["BLOCK_H"], s["BLOCK_K"]
     if bn >= 2 * max(16, spec.out_features) or bh >= 2 * max(16, spec.hidden):
         raise InvalidSchedule("a tile twice as wide as the features it covers")

@@ -27,8 +27,9 @@ def _other(nodes: dict, region: Region, role: str) -> torch.fx.Node:
 
 
 def mlp_operands(nodes: dict[str, torch.fx.Node], region: Region) -> tuple:
-    """(x, w1, b1, w2, b2, scale, residual, norm_weight, norm_bias, w3, b3) of an MLP block
-    (w3, b3: a gated MLP's up projection, role "fc3"): x as
+    """(x, w1, b1, w2, b2, scale, residual, norm_weight, norm_bias, w3, b3, dw_weight, dw_bias)
+    of an MLP block (w3, b3: a gated MLP's up projection, role "fc3"; dw_*: ConvNeXt's
+    depthwise conv, role "dw_conv", whose input image is then x and the residual): x as
     the [*L, C] tokens the first linear's [M, C] view reads (role "x_view"), or that view
     itself; with a LayerNorm prologue, the tokens its statistics read (before a conversion
     to float32), and its weight and bias."""
@@ -51,7 +52,11 @@ def mlp_operands(nodes: dict[str, torch.fx.Node], region: Region) -> tuple:
     w3 = b3 = None
     if "fc3" in roles:  # a gated MLP's up projection
         _, w3, b3 = linear_operands(nodes[roles["fc3"]])
-    return (x, w1, b1, w2, b2, scale, residual, norm_weight, norm_bias, w3, b3)
+    dw_weight = dw_bias = None
+    if "dw_conv" in roles:  # ConvNeXt's block: the image, its residual not passed
+        x, dw_weight, dw_bias = nodes[roles["dw_conv"]].args[:3]
+        residual = None
+    return (x, w1, b1, w2, b2, scale, residual, norm_weight, norm_bias, w3, b3, dw_weight, dw_bias)
 
 
 def region_operands(nodes: dict[str, torch.fx.Node], region: Region) -> tuple:

@@ -106,26 +106,34 @@ def attention_meta_inputs(spec: AttentionSpec) -> tuple[torch.Tensor | None, ...
 
 def mlp_meta_inputs(spec: MlpSpec) -> tuple[torch.Tensor | None, ...]:
     """(x, w1, b1, w2, b2, scale, residual, norm_weight, norm_bias, w3, b3) of an MLP block,
-    the tokens as [M, C]."""
+    the tokens as [M, C]; a ConvNeXt block's x is its [N, C, H, W] image (its residual, x
+    itself, not passed), then (dw_weight, dw_bias)."""
     dtype = getattr(torch, spec.dtype)
     m, c, h, co = spec.hint(spec.tokens), spec.in_features, spec.hidden, spec.out_features
 
     def empty(*shape):
         return torch.empty(shape, device="meta", dtype=dtype)
 
-    return (
-        empty(m, c),
+    x = empty(m, c)
+    if spec.depthwise:  # the image; the residual is x itself
+        (kh, kw), (ih, iw) = spec.dw_kernel, spec.image
+        x = empty(max(1, m // (ih * iw)), c, ih, iw)
+    inputs = (
+        x,
         empty(h, c),
         empty(h) if spec.has_bias1 else None,
         empty(co, h),
         empty(co) if spec.has_bias2 else None,
         empty(co) if spec.scale else None,
-        empty(m, co) if spec.residual else None,
+        empty(m, co) if spec.residual and not spec.depthwise else None,
         empty(c) if spec.norm == "affine" else None,
         empty(c) if spec.norm == "affine" else None,
         empty(h, c) if spec.gated else None,
         empty(h) if spec.gated and spec.has_bias1 else None,
     )
+    if spec.depthwise:
+        inputs += (empty(c, 1, kh, kw), empty(c) if spec.dw_bias else None)
+    return inputs
 
 
 def meta_inputs(spec: ConvSpec | AttentionSpec | MlpSpec) -> tuple[torch.Tensor | None, ...]:

@@ -144,6 +144,47 @@ class MlpChain:
                 self.nodes.append(("out_perm", perm))
                 out2 = perm
         self._grow(out2)
+        self.dw = None  # ConvNeXt's depthwise conv before the norm (absorb_depthwise)
+
+    def absorb_depthwise(self) -> bool:
+        """Take the depthwise conv whose output, seen channels last, only the LayerNorm reads
+        (ConvNeXt: conv -> permute -> [contiguous copy] -> norm), when the block's residual,
+        if any, is the conv's input: the block then starts at the image. False, unchanged,
+        when there is none."""
+        if self.norm is None or self.forward is not None:
+            return False
+        roles = dict(self.nodes)
+        src = roles["x_copy"].args[0] if "x_copy" in roles else self.norm.x
+        if src.target is not aten.permute.default or list(src.args[1]) != [0, 2, 3, 1]:
+            return False
+        conv = src.args[0]
+        if not isinstance(conv, torch.fx.Node) or conv.target is not aten.convolution.default:
+            return False
+        # the norm reads it (in float32 through a conversion, for 16-bit tokens)
+        readers = set(self.norm.nodes) | {n for _, n in self.nodes} | {self.norm.stats.args[0]}
+        if _sole_user(conv) is not src or not set(src.users) <= readers:
+            return False
+        x, w, bias, stride, padding, dilation, transposed, _, groups = conv.args
+        xv, wv, out = fake_value(x), fake_value(w), fake_value(conv)
+        if xv is None or wv is None or out is None or xv.dim() != 4 or transposed:
+            return False
+        c = wv.shape[0]
+        if (
+            groups != c or tuple(wv.shape[:2]) != (c, 1) or list(stride) != [1, 1]
+            or list(dilation) != [1, 1] or tuple(out.shape) != tuple(xv.shape)
+            or not all(isinstance(v, int) for v in (*wv.shape, *xv.shape[1:]))
+        ):  # fmt: skip
+            return False
+        if self.residual is not None and self.residual is not x:
+            return False
+        self.dw = (conv, [int(p) for p in padding], bias is not None)
+        self.nodes[:0] = [("dw_conv", conv), ("dw_perm", src)]
+        return True
+
+    def drop_depthwise(self) -> None:
+        """Undo absorb_depthwise: the block starts at the conv's output again."""
+        self.nodes = [(r, n) for r, n in self.nodes if r not in ("dw_conv", "dw_perm")]
+        self.dw = None
 
     def _gate(self, act: torch.fx.Node, mul: torch.fx.Node | None, x2d: torch.fx.Node) -> list:
         """A gated MLP's roles after the activation, [("fc3", mm), ("up", its reshape)?,
@@ -290,6 +331,20 @@ def spec_or_reason(chain: MlpChain) -> MlpSpec | str:
         return "the block's output is not the tokens' leading dims with CO features"
     if any(size == 0 for size in out.shape):
         return "zero-size block: nothing to compute"
+    dw = {}
+    if chain.dw is not None:
+        conv, padding, has_bias = chain.dw
+        image, weight = fake_value(conv.args[0]), fake_value(conv.args[1])
+        if image.dtype != x2d.dtype or weight.dtype != x2d.dtype:
+            return "the depthwise conv mixes dtypes"
+        if has_bias and fake_value(conv.args[2]).dtype != x2d.dtype:
+            return "the depthwise conv mixes dtypes"
+        dw = dict(
+            dw_kernel=tuple(int(k) for k in weight.shape[2:]),
+            dw_padding=tuple(padding),
+            dw_bias=has_bias,
+            image=tuple(int(s) for s in image.shape[2:]),
+        )
     return MlpSpec(
         tokens=as_size(x2d.shape[0]),
         in_features=c,
@@ -308,6 +363,7 @@ def spec_or_reason(chain: MlpChain) -> MlpSpec | str:
         norm_eps=1e-5 if norm is None else norm.eps,
         channels_first=chain.channels_first,
         gated=chain.w3 is not None,
+        **dw,
     )
 
 
@@ -323,9 +379,7 @@ def match_mlp_blocks(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.Gra
         x = fake_value(chain.x2d)
         if x is not None and x.device.type == "cpu" and ctx.config.cpu == "aten":
             continue  # the host runs every linear (linear_as_conv says so)
-        found = spec_or_reason(chain)
-        spec = found if isinstance(found, MlpSpec) else None
-        reason = found if spec is None else ctx.plan_block(spec) if ctx.plan_block else None
+        spec, reason = _plan(chain, ctx)
         name = ctx.new_region_name("mlp_block")
         roles = tuple((role, n.name) for role, n in chain.nodes)
         ctx.regions.append(
@@ -344,10 +398,28 @@ def match_mlp_blocks(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.Gra
         if reason is None:
             counters["match.mlp_block"] += 1
             for role, n in chain.nodes:
-                if role in ("fc1", "fc2", "fc3"):
+                if role in ("fc1", "fc2", "fc3", "dw_conv"):
                     n.meta[IN_BLOCK] = name
         log.debug("%s at %s: %s", name, node.name, reason or "one kernel")
     return gm
+
+
+def _plan(
+    chain: MlpChain, ctx: PassContext, whole: bool = True
+) -> tuple[MlpSpec | None, str | None]:
+    """(the block's spec, None when it runs as one kernel, else why not). In an inference
+    graph a ConvNeXt block is tried whole first (its depthwise conv included); when a guard
+    or the cost model ("partly fused") refuses that, the MLP alone is planned, and the
+    conv stays a region of its own."""
+    whole = whole and ctx.stage == "inference" and chain.absorb_depthwise()
+    found = spec_or_reason(chain)
+    spec = found if isinstance(found, MlpSpec) else None
+    reason = found if spec is None else ctx.plan_block(spec) if ctx.plan_block else None
+    if whole and reason is not None:
+        log.debug("ConvNeXt block at %s not whole: %s", chain.nodes[0][1].name, reason)
+        chain.drop_depthwise()
+        return _plan(chain, ctx, whole=False)
+    return spec, reason
 
 
 def block_interiors(

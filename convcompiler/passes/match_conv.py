@@ -39,7 +39,7 @@ from ..spec import DTYPES, ConvSpec, Epilogue, Prologue
 from .activations import as_activation
 from .context import PassContext, Region
 from .conv_chain import BN_EVAL, BN_TRAIN, Chain, grow_chain
-from .linear_as_conv import FROM_LINEAR, PRE_NORM, matmul_precision
+from .linear_as_conv import FROM_LINEAR, IN_BLOCK, PRE_NORM, matmul_precision
 from .linear_as_conv import RULE as LINEAR_RULE
 from .meta import (
     conv_summary,
@@ -314,6 +314,8 @@ def match_conv(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModu
     conv_reasons: dict[str, str] = {}  # the convolutions that stay ATen, and why
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target != aten.convolution.default:
+            continue
+        if IN_BLOCK in node.meta:  # ConvNeXt's depthwise conv, inside a block region
             continue
         reason = conv_fallback_reason(node, ctx)
         if reason is not None:

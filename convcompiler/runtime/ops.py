@@ -8,8 +8,12 @@
     im2win::conv_wgrad(dy, x, mask?, kernel)  a conv's weight gradient
     im2win::window_attention(q, k, v, bias?, mask?, general?, logit_scale?, kernel)
     im2win::mlp_block(x, w1, b1?, w2, b2?, scale?, residual?, norm_weight?, norm_bias?, w3?,
-                      b3?, kernel)             a transformer MLP, [LayerNorm ->] included
-                                               (w3, b3: a gated MLP's up projection)
+                      b3?, dw_weight?, dw_bias?, kernel)
+                                               a transformer MLP, [LayerNorm ->] included
+                                               (w3, b3: a gated MLP's up projection; dw_*:
+                                               ConvNeXt's depthwise conv of the image x
+                                               before it; its residual, x itself, is not
+                                               passed)
 
 A conv's `mask` (backward kernels only, spec.input_mask): the gradient operand (x of a
 transposed conv, dy of a weight gradient) stands for where(mask, 0, gradient), a ReLU's
@@ -243,15 +247,24 @@ def mlp_block(
     norm_bias: Tensor | None,
     w3: Tensor | None,
     b3: Tensor | None,
+    dw_weight: Tensor | None,
+    dw_bias: Tensor | None,
     kernel: str,
 ) -> Tensor:
     operands = (x, w1, b1, w2, b2, scale, residual, norm_weight, norm_bias, w3, b3)
+    if dw_weight is not None:  # ConvNeXt's block: x is the image (its residual, if any)
+        operands = (*operands, dw_weight, dw_bias)
     return _launch(decode(kernel), operands)
 
 
 @mlp_block.register_fake
-def _mlp_block_fake(x, w1, b1, w2, b2, scale, residual, norm_weight, norm_bias, w3, b3, kernel):
+def _mlp_block_fake(
+    x, w1, b1, w2, b2, scale, residual, norm_weight, norm_bias, w3, b3, dw_weight, dw_bias, kernel
+):
     spec = decode(kernel).spec
+    if spec.depthwise:  # [N, C, H, W] in, [N, H, W, CO] written, seen as [N, CO, H, W]
+        n, _, h, w = x.shape
+        return x.new_empty((n, h, w, spec.out_features)).permute(0, 3, 1, 2)
     y = x.new_empty((*x.shape[:-1], spec.out_features))
     if spec.channels_first:  # [N, *spatial, CO] seen as [N, CO, *spatial]
         return y.permute(0, y.dim() - 1, *range(1, y.dim() - 1))

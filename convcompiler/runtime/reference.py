@@ -127,8 +127,16 @@ def run_attention(spec, q, k, v, bias=None, mask=None, general=None, logit_scale
 
 
 def run_mlp(spec, x, w1, b1, w2, b2=None, scale=None, residual=None, norm_w=None, norm_b=None,
-            w3=None, b3=None):
-    """The MLP block (spec_block.MlpSpec) layer by layer, as ATen ops."""
+            w3=None, b3=None, dw_weight=None, dw_bias=None):
+    """The MLP block (spec_block.MlpSpec) layer by layer, as ATen ops (a ConvNeXt block's
+    depthwise conv first, its output seen channels last, and the result channels first)."""
+    if spec.depthwise:
+        image = F.conv2d(x, dw_weight, dw_bias, 1, spec.dw_padding, 1, spec.in_features)
+        tokens = image.permute(0, 2, 3, 1)
+        y = run_mlp(spec.without_depthwise(), tokens, w1, b1, w2, b2,
+                    None if scale is None else scale.reshape(-1), None, norm_w, norm_b)
+        y = y.permute(0, 3, 1, 2)
+        return y + x if spec.residual else y  # the residual is the image itself
     if spec.norm is not None:
         x = F.layer_norm(x, (x.shape[-1],), norm_w, norm_b, spec.norm_eps)
     hidden = activation(spec.act, F.linear(x, w1, b1))

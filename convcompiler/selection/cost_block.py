@@ -15,6 +15,13 @@ An MLP block (spec_block.MlpSpec) has two candidates:
                 rows, from L1/L2). Each of the CO / BLOCK_N output-column tiles computes the
                 first GEMM again (its FLOPs are padded and multiplied accordingly), and re-reads its
                 x rows (from L2 when they fit).
+    dw_mlp_block  ConvNeXt's block (a spec with a depthwise conv): one kernel reads the image
+                once (the halo rows of each pixel tile re-read from L1/L2; the residual is
+                the same pixels, read again from L1/L2), the weights once per pixel tile, and
+                writes the output; the conv (on CUDA cores, at the fp32 peak) and the two
+                GEMMs run one after the other in each program. Its per-layer candidate adds
+                the conv's kernel (read x, write its output) before the MLP's; whether the
+                conv alone should stay apart, with the MLP fused, is select_block's call.
 """
 
 from __future__ import annotations
@@ -48,10 +55,52 @@ def _per_layer(spec: MlpSpec, m, device: Device):
         kernels.insert(0, (0, 2 * x))
     if spec.scale:  # layer scale: read the GEMM's output, write the scaled one
         kernels.append((0, 2 * y))
-    seconds = sum(_max(f / peak, b / bandwidth) for f, b in kernels)
-    compute = sum(f for f, _ in kernels) / peak
+    conv = []
+    if spec.depthwise:  # the conv (on CUDA cores): read the image, write the tokens
+        conv = [(_dw_flops(spec, m) / device.peak("fp32"), 2 * x + c * _taps(spec) * e)]
+    steps = [(f / peak, b) for f, b in kernels] + conv
+    seconds = sum(_max(t, b / bandwidth) for t, b in steps)
+    compute = sum(t for t, _ in steps)
+    kernels += conv
     traffic = sum(b for _, b in kernels)
     return seconds, compute, traffic / bandwidth, len(kernels), traffic
+
+
+def _taps(spec: MlpSpec) -> int:
+    return spec.dw_kernel[0] * spec.dw_kernel[1] if spec.depthwise else 0
+
+
+def _dw_flops(spec: MlpSpec, m) -> int:
+    return 2 * m * spec.in_features * _taps(spec)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(4, (n - 1).bit_length())
+
+
+def dw_block_time(spec: MlpSpec, schedule: Schedule, device: Device, symbolic: bool):
+    """mlp_time of the dw_mlp_block schedule (see the module docstring)."""
+    m = spec.tokens if symbolic else spec.hint(spec.tokens)
+    c, h, co, e = spec.in_features, spec.hidden, spec.out_features, ITEMSIZE[spec.dtype]
+    s = schedule.as_dict()
+    bm, bh = s["BLOCK_M"], s["BLOCK_H"]
+    ctas = _cdiv(m, bm)
+    hp = _cdiv(h, bh) * bh
+    padded = last_wave(2 * ctas * bm * hp * (_pow2(c) + _pow2(co)), ctas, s["num_warps"], device)
+    flops = 2 * m * h * (c + co)
+    weights = (h * c + co * h + c * _taps(spec)) * e
+    vectors = ((spec.has_bias1 * h) + (spec.has_bias2 + spec.scale) * co + spec.dw_bias * c) * e
+    vectors += 2 * c * e if spec.norm == "affine" else 0
+    traffic = m * c * e + _reread(weights, ctas, device) + m * co * e + vectors
+    eff = FUSED_EFFICIENCY
+    if device.capability >= (9, 0) and bm < NARROW_ROWS and matmul_math(spec) != "fp32":
+        eff *= MMA_SYNC_ON_SM90
+    conv = _dw_flops(spec, m) / device.peak("fp32")
+    compute = padded / (device.peak(matmul_math(spec)) * eff) + conv
+    memory = traffic / (device.bandwidth * MEMORY_EFFICIENCY)
+    launch = device.launch_us * 1e-6
+    total = flops + _dw_flops(spec, m)
+    return _max(compute, memory) + launch, compute, memory, launch, total, padded, traffic, 0, ctas
 
 
 def mlp_time(spec: MlpSpec, schedule: Schedule, device: Device, symbolic: bool):
@@ -62,7 +111,10 @@ def mlp_time(spec: MlpSpec, schedule: Schedule, device: Device, symbolic: bool):
     if schedule.name == "aten":
         seconds, compute, memory, launches, traffic = _per_layer(spec, m, device)
         launch = launches * device.launch_us * 1e-6
+        flops += _dw_flops(spec, m)
         return seconds + launch, compute, memory, launch, flops, flops, traffic, 0, 1
+    if schedule.name == "dw_mlp_block":
+        return dw_block_time(spec, schedule, device, symbolic)
     s = schedule.as_dict()
     bm, bn, bh, bk = s["BLOCK_M"], s["BLOCK_N"], s["BLOCK_H"], s["BLOCK_K"]
     tiles_m, tiles_n = _cdiv(m, bm), _cdiv(co, bn)
@@ -92,6 +144,10 @@ def mlp_time(spec: MlpSpec, schedule: Schedule, device: Device, symbolic: bool):
 def mlp_steps(spec: MlpSpec, schedule: Schedule) -> int:
     """Programs x loop trips: what Triton's interpreter pays for."""
     s = schedule.as_dict()
+    if schedule.name == "dw_mlp_block":  # the taps, then the hidden loop
+        return _cdiv(spec.hint(spec.tokens), s["BLOCK_M"]) * (
+            _taps(spec) + _cdiv(spec.hidden, s["BLOCK_H"])
+        )
     tiles = _cdiv(spec.hint(spec.tokens), s["BLOCK_M"]) * _cdiv(spec.out_features, s["BLOCK_N"])
     return tiles * _cdiv(spec.hidden, s["BLOCK_H"]) * (_cdiv(spec.in_features, s["BLOCK_K"]) + 1)
 
@@ -105,3 +161,13 @@ def block_note(spec: MlpSpec, fused: Schedule, device: Device, calibration: floa
         f"[M, {spec.hidden}] hidden on chip) against {per.at_hint * 1e6:.1f} us and "
         f"{per.bytes / 2**20:.2f} MiB layer by layer"
     )
+
+
+def dw_conv_apart(spec: MlpSpec, device: Device) -> tuple[float, float]:
+    """(seconds, bytes) of a ConvNeXt block's depthwise conv run as a kernel of its own: it
+    reads the image and writes the tokens the MLP then reads (a roofline, one launch)."""
+    m, c, e = spec.hint(spec.tokens), spec.in_features, ITEMSIZE[spec.dtype]
+    moved = 2 * m * c * e + c * (_taps(spec) + spec.dw_bias) * e
+    compute = _dw_flops(spec, m) / device.peak("fp32")
+    memory = moved / (device.bandwidth * MEMORY_EFFICIENCY)
+    return _max(compute, memory) + device.launch_us * 1e-6, moved

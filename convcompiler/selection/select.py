@@ -38,7 +38,7 @@ from ..schedule import ATEN, InvalidSchedule, Schedule
 from ..spec_block import MlpSpec
 from .choice import CandidateRow, Choice, SelectionContext, Spec
 from .cost import Prediction, interpreter_steps, predict, rank
-from .cost_block import block_note
+from .cost_block import block_note, dw_conv_apart
 from .devices import Device
 from .stored import stored_decision
 from .tuning import autotune
@@ -134,7 +134,37 @@ select_conv_schedule = select_schedule  # the name the conv-only callers know
 def select_block(spec: MlpSpec, ctx: SelectionContext) -> Choice:
     """select_schedule for a block region, whose "aten" candidate is its layers run one by
     one: the choice's `why` (one kernel) or `fallback_reason` (per layer, the cost model's
-    call) compares the two, time and bytes (cost_block.block_note)."""
+    call) compares the two, time and bytes (cost_block.block_note).
+
+    A ConvNeXt block (a depthwise conv before the MLP) has a third way, partly fused: the conv
+    as a kernel of its own and the MLP on its output as the MLP's own choice. When that is
+    predicted faster than the whole block in one kernel, the choice falls back with a reason
+    that starts "partly fused" (the matcher then plans the MLP alone)."""
+    if spec.depthwise and not model_candidates(spec, ctx.device, include_aten=False):
+        reason = f"partly fused: no whole-block schedule fits {ctx.device.name} (C = " + (
+            f"{spec.in_features}: dw_mlp_block keeps every channel of its tile in registers)"
+        )
+        return Choice(ATEN, "model", reason, fallback_reason=reason)
+    choice = _select_block(spec, ctx)
+    if not spec.depthwise or choice.fallback_reason is not None or choice.prediction is None:
+        return choice
+    apart = _select_block(spec.without_depthwise(), ctx)
+    if apart.prediction is None:
+        return choice
+    conv_s, conv_bytes = dw_conv_apart(spec, ctx.device)
+    whole, parts = choice.prediction.at_hint, apart.prediction.at_hint + conv_s
+    parts_bytes = apart.prediction.bytes + conv_bytes
+    note = (
+        f"the whole block {whole * 1e6:.1f} us and {choice.prediction.bytes / 2**20:.2f} MiB "
+        f"against the conv apart and the MLP {apart.schedule.name} {parts * 1e6:.1f} us and "
+        f"{parts_bytes / 2**20:.2f} MiB"
+    )
+    if parts < whole:
+        return dataclasses.replace(choice, fallback_reason=f"partly fused: {note}")
+    return dataclasses.replace(choice, why=f"{choice.why}; {note}")
+
+
+def _select_block(spec: MlpSpec, ctx: SelectionContext) -> Choice:
     choice = select_schedule(spec, ctx)
     fused = choice.schedule
     if fused.name == "aten":

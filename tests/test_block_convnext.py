@@ -169,3 +169,19 @@ def test_the_cost_model_fuses_the_narrow_stage_and_not_the_wider_one() -> None:
     assert select_block(wide.without_depthwise(), planned("h100")).schedule.name == "mlp_block"
     assert spec_from_json(spec_to_json(narrow)) == narrow
     assert "dw7x7p3x3b_56x56" in narrow.geometry()
+
+
+def test_gpu_command_part_a_checks_the_whole_block() -> None:
+    """Part a's "convnext" mlp_block cases plan the whole-block kernel; one, shrunk, runs
+    through the same check as on the GPU (here Triton's interpreter) against float64."""
+    import dataclasses
+
+    from convcompiler.bench import gpu_blocks
+    from convcompiler.selection.devices import DEVICES
+
+    cases = [c for c in gpu_blocks.block_cases() if c.id.endswith("mlp_block float32 convnext")]
+    assert cases and all(c.image and c.out_features == c.in_features <= 128 for c in cases)
+    tiny = dataclasses.replace(cases[0], image=(5, 6), tokens=2 * 5 * 6)
+    row = gpu_native.check_case(tiny, DEVICES["h200"])
+    assert row["status"] == "ok", row
+    assert row["schedule"].startswith("dw_mlp_block") and row["rel_err"] <= row["tolerance"]

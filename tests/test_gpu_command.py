@@ -225,7 +225,7 @@ def test_block_cases_cover_every_block_family_dtype_and_layout() -> None:
     cases = gpu_blocks.block_cases()
     combos = {tuple(c.id.split()[1:4]) for c in cases}
     for family in gpu_blocks.FAMILIES:
-        layouts = {"mlp_block": ("plain", "layernorm", "gated"), "se_pool": ("nchw",)}.get(
+        layouts = {"mlp_block": gpu_blocks.MLP_LAYOUTS, "se_pool": ("nchw",)}.get(
             family, ("nchw", "nhwc"))
         for dtype in gpu_cases.DTYPES:
             assert all((family, dtype, layout) in combos for layout in layouts), family
@@ -236,6 +236,8 @@ def test_block_cases_cover_every_block_family_dtype_and_layout() -> None:
         family = case.id.split()[1]
         expected = {"se_pool": "direct_depthwise", "mlp_block": "mlp_block",
                     "se_scale": "gemm_1x1", "ln_prologue": "gemm_1x1"}  # fmt: skip
+        if case.id.endswith("convnext"):  # ConvNeXt's whole block
+            expected["mlp_block"] = "dw_mlp_block"
         assert schedule.name == expected.get(family, schedule.name), (case.id, schedule)
         if family == "bn_prologue":
             assert spec.prologue.bn == "affine" and schedule.name in ("gemm_1x1", "im2win_implicit")

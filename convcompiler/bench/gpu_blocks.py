@@ -10,17 +10,20 @@
                   each tile's share of the channel means (checked against eager's mean)
     mlp_block     [LayerNorm ->] linear -> act -> linear [-> layer scale] [-> + residual] in
                   one kernel (spec_block.MlpSpec), with and without the LayerNorm, and gated
-                  (SwiGLU: the activation times a second projection)
+                  (SwiGLU: the activation times a second projection); "convnext": ConvNeXt's
+                  whole block, the depthwise 7x7 conv of an image before the norm
+                  (dw_mlp_block)
 
 Conv families are ConvCase values (gpu_cases.py) with their spec fields set; the MLP is an
 MlpCase, planned and checked here. Every family runs in each dtype and in both of its
 "layouts" (nchw/nhwc; se_pool: nchw only, as its kernel's image tiles need; mlp_block:
-"plain", "layernorm" and "gated"). Case ids read like the conv
+"plain", "layernorm", "gated" and "convnext"). Case ids read like the conv
 families': "bNNN.j FAMILY DTYPE LAYOUT".
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 
@@ -36,6 +39,7 @@ from .gpu_cases import DTYPES, SHAPES_PER_VARIANT, ConvCase
 
 CONV_FAMILIES = ("bn_prologue", "ln_prologue", "late_bn", "se_scale", "se_pool")
 FAMILIES = (*CONV_FAMILIES, "mlp_block")
+MLP_LAYOUTS = ("plain", "layernorm", "gated", "convnext")
 ACTS = (Activation("relu"), Activation("silu"), Activation("gelu"), Activation("hardswish"))
 
 
@@ -56,6 +60,7 @@ class MlpCase:
     norm: str | None
     dtype: str
     gated: bool = False
+    image: tuple[int, ...] = ()  # ConvNeXt's block: (H, W); tokens = N x H x W pixels
 
 
 def _conv_variant(rng: random.Random, index: int, family: str, dtype: str, layout: str) -> list:
@@ -115,24 +120,32 @@ def _mlp_variant(rng: random.Random, index: int, dtype: str, layout: str) -> lis
     c = rng.choice((32, 48, 96))
     out, hidden = rng.choice((c, 2 * c)), rng.choice((2, 4)) * c
     act, bias, scale = rng.choice(ACTS), rng.random() < 0.7, rng.random() < 0.5
-    return [
-        MlpCase(
-            id=f"b{index:03d}.{j} mlp_block {dtype} {layout}",
-            variant=f"b{index:03d}",
-            tokens=rng.randint(5, 300),
-            in_features=c,
-            hidden=hidden,
-            out_features=out,
-            act=act,
-            bias=bias,
-            scale=scale,
-            residual=out == c and rng.random() < 0.7,
-            norm="affine" if layout == "layernorm" else None,
-            dtype=dtype,
-            gated=layout == "gated",
+    convnext = layout == "convnext"
+    if convnext:  # its norm, its square MLP, the input as its residual
+        out, hidden = c, 4 * c
+    cases = []
+    for j in range(SHAPES_PER_VARIANT):
+        image = (rng.randint(5, 23), rng.randint(5, 23)) if convnext else ()
+        tokens = rng.randint(1, 3) * image[0] * image[1] if convnext else rng.randint(5, 300)
+        cases.append(
+            MlpCase(
+                id=f"b{index:03d}.{j} mlp_block {dtype} {layout}",
+                variant=f"b{index:03d}",
+                tokens=tokens,
+                in_features=c,
+                hidden=hidden,
+                out_features=out,
+                act=act,
+                bias=bias,
+                scale=scale,
+                residual=out == c and rng.random() < 0.7,
+                norm="affine" if layout in ("layernorm", "convnext") else None,
+                dtype=dtype,
+                gated=layout == "gated",
+                image=image,
+            )
         )
-        for j in range(SHAPES_PER_VARIANT)
-    ]
+    return cases
 
 
 def block_cases(seed: int = 1) -> list:
@@ -141,7 +154,7 @@ def block_cases(seed: int = 1) -> list:
     cases: list = []
     index = 0
     for family in FAMILIES:
-        layouts = {"mlp_block": ("plain", "layernorm", "gated"), "se_pool": ("nchw",)}.get(
+        layouts = {"mlp_block": MLP_LAYOUTS, "se_pool": ("nchw",)}.get(
             family, ("nchw", "nhwc"))
         for dtype in DTYPES:
             for layout in layouts:
@@ -155,10 +168,14 @@ def block_cases(seed: int = 1) -> list:
 
 # ---- the MLP: spec, schedule, inputs ----------------------------------------------------------
 def mlp_case_spec(case: MlpCase) -> MlpSpec:
+    dw = {}
+    if case.image:  # ConvNeXt's depthwise 7x7 conv, with its bias, output channels first
+        dw = dict(dw_kernel=(7, 7), dw_padding=(3, 3), dw_bias=True, image=case.image,
+                  channels_first=True)  # fmt: skip
     return MlpSpec(
         case.tokens, case.in_features, case.hidden, case.out_features, case.act, case.bias,
         case.bias, case.scale, case.residual, case.dtype, "cuda", "ieee", norm=case.norm,
-        gated=case.gated,
+        gated=case.gated, **dw,
     )  # fmt: skip
 
 
@@ -177,13 +194,19 @@ def plan_mlp(case: MlpCase, device: Device) -> tuple[MlpSpec, list[Schedule]]:
 
 def mlp_inputs(case: MlpCase, device: str, gen: torch.Generator) -> list:
     """(x, w1, b1, w2, b2, scale, residual, norm_weight, norm_bias, w3, b3), weights scaled
-    so the hidden stays O(1)."""
+    so the hidden stays O(1); a ConvNeXt block's x is an [N, C, H, W] image (its residual,
+    x itself, not passed), then (dw_weight, dw_bias)."""
     dtype = getattr(torch, case.dtype)
 
     def randn(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen, device=device) * scale).to(dtype)
 
     m, c, h, co = case.tokens, case.in_features, case.hidden, case.out_features
+    if case.image:
+        image = randn(m // (case.image[0] * case.image[1]), c, *case.image)
+        operands = mlp_inputs(dataclasses.replace(case, image=(), residual=False), device, gen)
+        dw = [randn(c, 1, 7, 7, scale=1 / 7), randn(c) + 0.5]  # a mean the LayerNorm removes
+        return [image, *operands[1:], *dw]
     return [
         randn(m, c) + 0.5,  # a mean the LayerNorm removes
         randn(h, c, scale=c**-0.5),

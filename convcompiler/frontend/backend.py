@@ -102,10 +102,21 @@ def _host(config: Config, example_inputs: Sequence[Any]) -> str:
 ATEN_HOST_RANGE = "## Call convcompiler ATen-host graph"  # the profiler's range around a run
 
 
+@functools.lru_cache(maxsize=1)
+def _ATEN_HOST_DECOMPOSITIONS() -> dict:
+    """The LayerNorm, and dtype conversions as prims.convert_element_type, as Inductor's
+    post-grad graph has them."""
+    aten = torch.ops.aten
+    return torch._decomp.get_decompositions([aten.native_layer_norm, aten._to_copy])
+
+
 def _compile_with_aten(
     session: CompileSession, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]
 ) -> Callable:
-    """aot_autograd alone: the same hooks, and ATen for everything outside the regions."""
+    """aot_autograd alone: the same hooks, and ATen for everything outside the regions. The
+    LayerNorm and dtype conversions alone are decomposed, as Inductor decomposes them, so that the matchers that take
+    a norm into a kernel (passes/layer_norm.py) see the same graph under either host (and
+    `explain`, `aot` and `cpu="plan"`, which run on this host, plan the same regions)."""
     gm = session.pre_grad(gm)
 
     def stage(graph: torch.fx.GraphModule, _inputs: Sequence[Any]) -> Callable:
@@ -122,7 +133,11 @@ def _compile_with_aten(
         return min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
 
     compile_aot = aot_autograd(
-        fw_compiler=stage, bw_compiler=stage, inference_compiler=stage, partition_fn=partition
+        fw_compiler=stage,
+        bw_compiler=stage,
+        inference_compiler=stage,
+        partition_fn=partition,
+        decompositions=_ATEN_HOST_DECOMPOSITIONS(),
     )
     return compile_aot(gm, example_inputs)
 

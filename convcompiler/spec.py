@@ -60,7 +60,7 @@ class Activation:
 class Epilogue:
     """What a conv kernel applies to its fp32 accumulator before the store, in order:
 
-    conv bias -> batch norm with running stats -> act -> + residual -> post_act
+    conv bias -> batch norm with running stats -> act -> * layer scale -> + residual -> post_act
     """
 
     bn: str | None = None  # None, "affine" (weight and bias) or "plain" (no affine)
@@ -70,12 +70,16 @@ class Epilogue:
     post_act: Activation | None = None
     # the batch norm comes after the activation (conv -> act -> BN: ConvMixer, RepViT)
     bn_after_act: bool = False
+    # a per-output-channel layer scale multiplies the output before the residual (a linear's:
+    # ConvNeXt's and LayerScale's gamma * fc2(h); gemm_1x1 only)
+    scale: bool = False
 
     def name(self) -> str:
         """e.g. "bn+relu", "bn+add+relu", "gelu+bn", "" for a plain conv."""
         parts = ["bn"] if self.bn and not self.bn_after_act else []
         parts += [str(self.act)] if self.act else []
         parts += ["bn"] if self.bn and self.bn_after_act else []
+        parts += ["scale"] if self.scale else []
         parts += ["add"] if self.residual else []
         parts += [str(self.post_act)] if self.post_act else []
         return "+".join(parts)
@@ -488,6 +492,7 @@ def spec_to_json(spec) -> dict:
                 "residual": e.residual,
                 "post_act": post,
                 "bn_after_act": e.bn_after_act,
+                "scale": e.scale,
             }
         elif f.name == "prologue":
             act = [v.act.name, list(v.act.args)] if v.act else None
@@ -551,7 +556,7 @@ def spec_from_json(data: object):
             **common,
         )
     e = data["epilogue"]
-    keys = {"bn", "bn_eps", "act", "residual", "post_act", "bn_after_act"}
+    keys = {"bn", "bn_eps", "act", "residual", "post_act", "bn_after_act", "scale"}
     if not isinstance(e, dict) or set(e) != keys:
         raise SpecError(f"epilogue {e!r} is not an epilogue")
     epilogue = Epilogue(
@@ -561,6 +566,7 @@ def spec_from_json(data: object):
         residual=_bool(e["residual"], "residual"),
         post_act=_activation_from_json(e["post_act"]),
         bn_after_act=_bool(e["bn_after_act"], "bn_after_act"),
+        scale=_bool(e["scale"], "scale"),
     )
     p = data["prologue"]
     if not isinstance(p, dict) or set(p) != {"bn", "ln", "eps", "act"}:

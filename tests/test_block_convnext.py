@@ -95,11 +95,18 @@ def test_dynamic_batch_and_an_empty_one() -> None:
 
 
 def test_blocks_false_keeps_the_conv_and_the_layers_apart() -> None:
+    """Per layer: the conv, fc1 with its GELU, and fc2 reading the permute back to the image
+    with the layer scale and the input in its epilogue (ConvNeXt's wider stages, where the
+    MLP is not one kernel, run these linears too)."""
     model = cn_block(seed=12)
     out, ref, report = compiled_and_float64(model, [torch.randn(1, 16, 5, 5)], {"blocks": False})
     assert_close(out, ref, torch.float32)
-    assert not [r for r in report if r.kind == "mlp_block"]
-    assert ("conv", "direct_depthwise") in [(r.kind, r.schedule) for r in report], str(report)
+    assert [(r.kind, r.schedule, r.epilogue) for r in report] == [
+        ("conv", "direct_depthwise", ""),
+        ("linear", "gemm_1x1", "gelu"),
+        ("linear", "gemm_1x1", "scale+add"),
+    ], str(report)
+    assert out.stride() == model(torch.randn(1, 16, 5, 5)).stride()
 
 
 def test_a_residual_other_than_the_input_keeps_the_conv_apart() -> None:

@@ -92,19 +92,37 @@ def test_tokens_2d_and_3d(tmp_path) -> None:
     assert ops["addmm"] == 1 and ops["convolution"] == 0, ops  # fc3, untouched
 
 
-def test_linear_without_fusable_epilogue_is_untouched(tmp_path) -> None:
-    """ConvNeXt's layer scale (a mul) and a plain linear output: nothing to fuse, no region."""
+class LayerScale(nn.Module):
+    """x + gamma * fc(x) (timm's LayerScale), or fc(x) alone."""
 
-    class LayerScale(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc, self.gamma = nn.Linear(9, 9), nn.Parameter(torch.rand(9))
+    def __init__(self, scaled: bool = True) -> None:
+        super().__init__()
+        self.fc, self.gamma = nn.Linear(9, 9), nn.Parameter(torch.rand(9) + 0.5)
+        self.scaled = scaled
 
-        def forward(self, x):
-            return x + self.gamma * self.fc(x)
+    def forward(self, x):
+        return x + self.gamma * self.fc(x) if self.scaled else self.fc(x)
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_scale_and_residual_are_the_linears_epilogue(dtype, tmp_path) -> None:
+    """A layer scale (a mul by one value per output feature) and the residual after it run in
+    gemm_1x1's epilogue: the scaled output is never written apart."""
     torch.manual_seed(0)
-    model, x = LayerScale().eval(), torch.randn(1, 3, 4, 9)
+    model, x = LayerScale().eval().to(dtype), torch.randn(1, 3, 4, 9).to(dtype)
+    out, ref, report = compiled_run(model, x, {"debug_dir": str(tmp_path)})
+    assert_close(out, ref, dtype)
+    (row,) = report
+    assert (row.kind, row.schedule, row.epilogue) == ("linear", "gemm_1x1", "scale+add"), row
+    assert convcompiler.counters["launch.linear"] == 1
+    ops = lowered_ops(tmp_path)
+    assert ops["addmm"] == 0 and ops["mul"] == 0 and ops["add"] == 0, ops
+
+
+def test_a_plain_linear_is_untouched(tmp_path) -> None:
+    """A linear output with nothing after it to fuse: no region, the host's matmul."""
+    torch.manual_seed(0)
+    model, x = LayerScale(scaled=False).eval(), torch.randn(1, 3, 4, 9)
     out, ref, report = compiled_run(model, x, {"debug_dir": str(tmp_path)})
     assert_close(out, ref, torch.float32)
     assert len(report) == 0 and convcompiler.counters["match.linear"] == 0, str(report)

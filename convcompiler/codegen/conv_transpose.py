@@ -43,6 +43,8 @@ LAUNCH_KEYS = ("num_warps", "num_stages")
     num_stages=(2, 3),
 )
 def SPACE(spec: ConvSpec, s: Schedule, device: Device | None) -> None:
+    if spec.epilogue.scale:
+        raise InvalidSchedule("only gemm_1x1 applies a layer scale")
     if not spec.transposed:
         raise InvalidSchedule("transposed_phase runs transposed convolutions only")
     if spec.in_channels_per_group < 16 and s["BLOCK_K"] > 16:

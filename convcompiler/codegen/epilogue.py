@@ -1,7 +1,8 @@
 """The epilogue hook: what a conv kernel does to its fp32 accumulator before the store;
 and the prologue hook: what it does to each input tile as it loads it.
 
-    conv bias -> batch norm (running statistics) -> activation -> + residual -> activation
+    conv bias -> batch norm (running statistics) -> activation -> [* layer scale]
+        -> + residual -> activation
     (or conv bias -> activation -> batch norm -> ...: spec.epilogue.bn_after_act)
     prologue: batch norm (running statistics) or LayerNorm -> activation, on the input
 
@@ -116,7 +117,8 @@ def epilogue(spec: ConvSpec) -> str:
     """Kernel code run on `acc` [BLOCK_M, BLOCK_N], then the store (4-space indented).
 
     In scope: `acc`, `offs_m`, `m_ok`, `offs_k` (global output channels), `k_ok`, the
-    epilogue pointers (`b_ptr`, `bnw_ptr`, `bnb_ptr`, `mean_ptr`, `var_ptr`, `r_ptr`) and
+    epilogue pointers (`b_ptr`, `bnw_ptr`, `bnb_ptr`, `mean_ptr`, `var_ptr`, `r_ptr`; `ls_ptr`,
+    the layer scale, in gemm_1x1 only: the other templates refuse spec.epilogue.scale) and
     the output and residual strides. `offs_m` and `offs_k` come from the tile helpers
     (template.py: _tile_rows, _tile_cols), which keep them inside the output on every lane,
     masked ones included, so every load and store here forms in-bounds addresses.
@@ -138,6 +140,8 @@ def epilogue(spec: ConvSpec) -> str:
         bn.append("acc = acc * scale[None, :] + shift[None, :]")
     act = [f"acc = {activation_code(e.act)}"] if e.act else []
     lines += act + bn if e.bn_after_act else bn + act
+    if e.scale:  # the layer scale, per output channel
+        lines.append(f"acc = acc * {_load('ls_ptr')}[None, :]")
     if e.residual:
         lines.append(
             "r_off = _tile_offsets(offs_m, offs_k, N, HO, WO, srn, src, srh, srw, IMAGE_TILES,"

@@ -56,6 +56,7 @@ import triton.language as tl
 
 ${constants}
 INPUT_SCALE = ${input_scale}  # the input arrives as x * s[n, c] (see the module docstring)
+LAYER_SCALE = ${layer_scale}  # a [K] layer scale multiplies the output before the residual
 ${prologue_constants}
 ${helpers}
 
@@ -93,8 +94,9 @@ def conv_gemm_1x1(
     # pointers
     x_ptr, w_ptr, y_ptr,
     # epilogue operands (None when unused): conv bias, batch norm, residual; the input scale;
-    # the input's batch norm (the prologue)
+    # the input's batch norm (the prologue); the layer scale
     b_ptr, bnw_ptr, bnb_ptr, mean_ptr, var_ptr, r_ptr, s_ptr, pw_ptr, pb_ptr, pm_ptr, pv_ptr,
+    ls_ptr,
     # sizes; CG and KG are fixed by the spec (constant loop bounds, tails known)
     N, H, W, HO, WO, CG: tl.constexpr, KG: tl.constexpr,
     # strides (w_ptr is the packed filter: [K, CG] contiguous)
@@ -162,9 +164,16 @@ ${epilogue}
 
 def launch(x, weight, bias=None, bn_weight=None, bn_bias=None, bn_mean=None, bn_var=None,
            residual=None, mask=None, x_scale=None, x_bn_weight=None, x_bn_bias=None,
-           x_bn_mean=None, x_bn_var=None):
+           x_bn_mean=None, x_bn_var=None, layer_scale=None):
     if mask is not None:
         raise ValueError("a forward conv has no gradient mask")
+    if (layer_scale is not None) != LAYER_SCALE:
+        raise ValueError(f"kernel built {'with' if LAYER_SCALE else 'without'} a layer scale")
+    if layer_scale is not None:  # [K] (or [K, 1, 1]: any view of K values)
+        if layer_scale.numel() != weight.shape[0] or layer_scale.dtype != x.dtype:
+            raise ValueError(f"layer scale {layer_scale.dtype} {tuple(layer_scale.shape)} does "
+                             f"not fit {weight.shape[0]} output channels of {x.dtype}")
+        layer_scale = layer_scale.reshape(-1).contiguous()
     if (x_scale is not None) != INPUT_SCALE:
         raise ValueError(f"kernel built {'with' if INPUT_SCALE else 'without'} an input scale")
 ${prepare}
@@ -181,7 +190,7 @@ ${prologue_operands}
     flat = (image and g["SH"] == 1 and g["SW"] == 1 and x.stride(3) == 1
             and x.stride(2) == W)
     conv_gemm_1x1[grid](
-        x, w_packed, out, *epilogue_operands, x_scale, *pre_norm,
+        x, w_packed, out, *epilogue_operands, x_scale, *pre_norm, layer_scale,
         N, H, W, HO, WO, CG, KG,
         *x.stride(), *out.stride(), *residual_strides, *s_strides,
         **GEOMETRY, PIXELS_FLAT=flat, X_SCALE=INPUT_SCALE, PRE_BN=PRE_BN, PRE_LN=PRE_LN,
@@ -194,6 +203,7 @@ ${finish}"""
 
 def render(spec: ConvSpec, schedule: Schedule) -> T.KernelSource:
     template = TEMPLATE.replace("${input_scale}", str(spec.input_scale))
+    template = template.replace("${layer_scale}", str(spec.epilogue.scale))
     return T.render_module(
         template,
         spec,

@@ -42,6 +42,8 @@ TILING_KEYS = ("M_TILES",)
     num_stages=(2, 3, 4),
 )
 def SPACE(spec: ConvSpec, s: Schedule, device: Device | None) -> None:
+    if spec.epilogue.scale:
+        raise InvalidSchedule("only gemm_1x1 applies a layer scale")
     if spec.pool_sums:
         raise InvalidSchedule("only direct_depthwise writes pooled sums")
     if spec.input_scale:

@@ -90,11 +90,15 @@ def region_operands(nodes: dict[str, torch.fx.Node], region: Region) -> tuple:
     bn = nodes[roles["bn"]].args[1:5] if "bn" in roles else (None,) * 4
     residual = _other(nodes, region, "add") if "add" in roles else None
     if x_scale is not None:
-        return (x, weight, bias, *bn, residual, None, x_scale)
-    if "x_ln" in roles:  # a LayerNorm over the channels: the kernel reads its input
+        operands = (x, weight, bias, *bn, residual, None, x_scale)
+    elif "x_ln" in roles:  # a LayerNorm over the channels: the kernel reads its input
         vectors = [nodes[roles[r]] if r in roles else None for r in ("ln_weight", "ln_bias")]
-        return (nodes[roles["x_ln"]], weight, bias, *bn, residual, None, None, *vectors)
-    if "x_bn" in roles:  # [act](batch_norm(x)): the kernel reads x and the BN's parameters
+        operands = (nodes[roles["x_ln"]], weight, bias, *bn, residual, None, None, *vectors)
+    elif "x_bn" in roles:  # [act](batch_norm(x)): the kernel reads x and the BN's parameters
         pre = nodes[roles["x_bn"]]
-        return (pre.args[0], weight, bias, *bn, residual, None, None, *pre.args[1:5])
-    return (x, weight, bias, *bn, residual) + ((mask,) if masked is not None else ())
+        operands = (pre.args[0], weight, bias, *bn, residual, None, None, *pre.args[1:5])
+    else:
+        operands = (x, weight, bias, *bn, residual) + ((mask,) if masked is not None else ())
+    if "scale" in roles:  # the layer scale: the launcher's 15th operand (gemm_1x1's)
+        operands += (*[None] * (14 - len(operands)), _other(nodes, region, "scale"))
+    return operands

@@ -3,6 +3,10 @@
     conv -> [batch_norm (running stats) -> getitem 0] -> [act] -> [add residual] -> [act]
     conv -> act -> batch_norm (running stats) -> getitem 0 -> [add residual] -> [act]
 
+With `layer_scale` (a linear's chain, passes/linear_as_conv.py: the dim of its channels), a
+multiplication by a per-channel vector (ConvNeXt's and LayerScale's gamma: [K, 1, 1] on an
+image, [K] on tokens) joins the chain before the residual add.
+
 A node joins the chain only if it is the sole user of the chain so far (otherwise the
 intermediate value is needed elsewhere and must be materialised), and only if no other
 chain has claimed it. The residual is the add's other operand, of the same shape and dtype.
@@ -62,7 +66,29 @@ def _eval_bn(user: torch.fx.Node | None, cur: torch.fx.Node) -> tuple[dict, torc
     return None
 
 
-def grow_chain(conv: torch.fx.Node, claimed: set[str], *, fuse_bn: bool = True) -> Chain:
+def _channel_vector(user: torch.fx.Node | None, cur: torch.fx.Node, dim: int) -> bool:
+    """Whether `user` is cur * v with v one value per channel of cur's dim `dim`, broadcast
+    over every other dim, of cur's dtype."""
+    if user is None or user.target is not aten.mul.Tensor or len(user.args) != 2:
+        return False
+    a, b = user.args
+    other = b if a is cur else a if b is cur else None
+    out, v = fake_value(cur), fake_value(other)
+    if not isinstance(other, torch.fx.Node) or other is cur or out is None or v is None:
+        return False
+    shape = [1] * (out.dim() - v.dim()) + list(v.shape)
+    dim %= out.dim()
+    expected = [out.shape[i] if i == dim else 1 for i in range(out.dim())]
+    return v.dim() <= out.dim() and v.dtype == out.dtype and shape == expected
+
+
+def grow_chain(
+    conv: torch.fx.Node,
+    claimed: set[str],
+    *,
+    fuse_bn: bool = True,
+    layer_scale: int | None = None,
+) -> Chain:
     roles = [("conv", conv.name)]
     cur, fields = conv, {}
     user = _sole_user(cur, claimed)
@@ -84,6 +110,11 @@ def grow_chain(conv: torch.fx.Node, claimed: set[str], *, fuse_bn: bool = True) 
             roles += [("bn", user.name), ("getitem", late[1].name)]
             cur = late[1]
             user = _sole_user(cur, claimed)
+    if layer_scale is not None and _channel_vector(user, cur, layer_scale):
+        fields["scale"] = True
+        roles.append(("scale", user.name))
+        cur = user
+        user = _sole_user(cur, claimed)
     if (
         user is not None
         and user.target is aten.add.Tensor

@@ -3,12 +3,16 @@
 
 Rule (a linear on channels-last tokens IS a 1x1 convolution over them):
 
-    post_act(act(linear(x, W, b)) + r)
-        => tokens(post_act(act(conv1x1(nhwc(x), W[:, :, None, None], b)) + nhwc(r)))
+    post_act([gamma *] act(linear(x, W, b)) + r)
+        => tokens(post_act([gamma *] act(conv1x1(nhwc(x), W[:, :, None, None], b)) + nhwc(r)))
 
 where, for tokens x of shape [*L, C] (L = [B, H, W], [B, N] or [M]), `nhwc` views them as a
 channels_last [B, C, H, W] image (reshape to [B, H, W, C], then permute(0, 3, 1, 2); a 3-D
 [B, N, C] is [B, 1, N, C], a 2-D [M, C] is [1, 1, M, C]) and `tokens` is the inverse view.
+gamma is a layer scale, one value per output feature (ConvNeXt's, timm's LayerScale). When
+the tokens are [B, H, W, K] and only a permute back to [B, K, H, W] reads them (ConvNeXt's
+fc2), the chain starts after that permute, on the image: the conv's output is that image
+already, and its residual is read as it is.
 The layout views sit outside the pointwise chain, so match_conv sees conv -> act -> add ->
 act directly, exactly as for a convolution. In the post-grad graph a linear is
 
@@ -128,7 +132,20 @@ class _Linear:
             if not isinstance(xv.shape[0], int):
                 return "2-D tokens with a symbolic count (not supported yet)"
             self.out, self.lead = mm, [int(xv.shape[0])]
-        self.chain = grow_chain(self.out, set(), fuse_bn=False)
+        # ConvNeXt's fc2: its [N, H, W, K] tokens permuted back to an [N, K, H, W] image first
+        self.channels_first = None
+        users = list(self.out.users)
+        if (
+            len(self.lead) == 3 and len(users) == 1 and users[0].target is aten.permute.default
+            and list(users[0].args[1]) == [0, 3, 1, 2]
+        ):  # fmt: skip
+            self.channels_first = users[0]
+        start = self.channels_first or self.out
+        dim = 1 if self.channels_first else -1
+        self.chain = grow_chain(start, set(), fuse_bn=False, layer_scale=dim)
+        if self.channels_first is not None and not self.chain.epilogue.name():
+            self.channels_first = None  # nothing to fuse after the permute
+            self.chain = grow_chain(self.out, set(), fuse_bn=False, layer_scale=-1)
         self.norm = _norm_before(x2d, xv.dtype) if ctx.config.blocks else None
         if not self.chain.epilogue.name() and self.norm is None:
             return "no fusable epilogue (activation or residual add) follows: the host's mm runs it"
@@ -199,24 +216,32 @@ def _rewrite(graph: torch.fx.Graph, lin: _Linear) -> str | None:
         normed = b.nhwc(tokens, lead4, lin.c)
     x = b.nhwc(lin.x2d, lead4, lin.c)
     w = b.call(aten.reshape.default, (lin.weight, [lin.k, lin.c, 1, 1]))
+    first = lin.channels_first is not None  # the chain reads the image, not the tokens
     conv_args = (x, w, lin.bias, [1, 1], [0, 0], [1, 1], False, [0, 0], 1)
     cur = b.call(aten.convolution.default, conv_args, like=lin.mm)
     cur.meta[FROM_LINEAR] = True
     if normed is not None:
         cur.meta[PRE_NORM] = (normed, lin.norm[0])
-    prev = lin.out
+    prev = lin.channels_first if first else lin.out
     for role, name in lin.chain.roles[1:]:
         old = nodes[name]
         if role == "add":
             left, right = old.args
-            r = b.nhwc(right if left is prev else left, lead4, lin.k)
+            r = right if left is prev else left
+            r = r if first else b.nhwc(r, lead4, lin.k)
             args = (cur, r) if left is prev else (r, cur)
             new = b.call(old.target, args, old.kwargs, like=old)
+        elif role == "scale":  # the vector as [K, 1, 1] on the image
+            left, right = old.args
+            v = b.call(aten.reshape.default, (right if left is prev else left, [lin.k, 1, 1]))
+            new = b.call(old.target, (cur, v), old.kwargs, like=old)
         else:
             new = b.call(old.target, (cur, *old.args[1:]), old.kwargs, like=old)
         prev, cur = old, new
-    out = b.call(aten.permute.default, (cur, [0, 2, 3, 1]))
-    if len(lin.lead) != 3:
+    out = cur
+    if not first:
+        out = b.call(aten.permute.default, (cur, [0, 2, 3, 1]))
+    if len(lin.lead) != 3 and not first:
         out = b.call(aten.reshape.default, (out, [*lin.lead, lin.k]))
     reason = layout_mismatch(fake_value(out), fake_value(last))
     if reason is not None:
@@ -226,6 +251,8 @@ def _rewrite(graph: torch.fx.Graph, lin: _Linear) -> str | None:
     transposed = lin.mm.args[-1]
     for _, name in reversed(lin.chain.roles):
         graph.erase_node(nodes[name])
+    if first:  # the tokens the erased permute read
+        graph.erase_node(lin.out)
     if lin.out is not lin.mm:  # the reshape of the matmul was the chain's first node
         graph.erase_node(lin.mm)
     if not transposed.users:

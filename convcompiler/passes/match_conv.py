@@ -322,7 +322,8 @@ def match_conv(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModu
             conv_reasons[node.name] = reason
         chain = Chain((("conv", node.name),), Epilogue(), node)
         if reason is None:
-            chain = grow_chain(node, claimed)
+            scale = 1 if node.meta.get(FROM_LINEAR) else None  # a linear's layer scale
+            chain = grow_chain(node, claimed, layer_scale=scale)
             out = fake_value(chain.last)
             if (
                 out is None

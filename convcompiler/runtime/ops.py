@@ -1,7 +1,8 @@
 """The `torch.ops.im2win.*` ops a compiled graph calls in place of each region.
 
     im2win::conv(x, weight, bias?, bn_weight?, bn_bias?, bn_mean?, bn_var?, residual?, mask?,
-                 x_scale?, x_bn_weight?, x_bn_bias?, x_bn_mean?, x_bn_var?, kernel)
+                 x_scale?, x_bn_weight?, x_bn_bias?, x_bn_mean?, x_bn_var?, layer_scale?,
+                 kernel)
     im2win::conv_pool(x, weight, bias?, bn_weight?, bn_bias?, bn_mean?, bn_var?, residual?,
                       kernel) -> (y, pool)  a conv that also writes its output's pooled
                                             sums (spec.pool_sums; see pool_shape)
@@ -112,6 +113,7 @@ def conv(
     x_bn_bias: Tensor | None,
     x_bn_mean: Tensor | None,
     x_bn_var: Tensor | None,
+    layer_scale: Tensor | None,
     kernel: str,
 ) -> Tensor:
     ref = decode(kernel)
@@ -122,6 +124,8 @@ def conv(
         args = (*args, None, x_scale)
     elif any(t is not None for t in (x_bn_weight, x_bn_bias, x_bn_mean, x_bn_var)):
         args = (*args, None, None, x_bn_weight, x_bn_bias, x_bn_mean, x_bn_var)
+    if layer_scale is not None:  # the launcher's 15th parameter (gemm_1x1's)
+        args = (*args, *[None] * (14 - len(args)), layer_scale)
     return _launch(ref, args, mask)
 
 
@@ -143,7 +147,7 @@ def conv_output_shape(spec: ConvSpec, x: Tensor) -> tuple:
 @conv.register_fake
 def _conv_fake(
     x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, residual, mask, x_scale, x_bn_weight,
-    x_bn_bias, x_bn_mean, x_bn_var, kernel
+    x_bn_bias, x_bn_mean, x_bn_var, layer_scale, kernel
 ):
     spec = decode(kernel).spec
     n, k, ho, wo = conv_output_shape(spec, x)
@@ -187,7 +191,7 @@ def conv_pool(
 def _conv_pool_fake(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, residual, kernel):
     ref = decode(kernel)
     y = _conv_fake(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, residual, None, None,
-                   None, None, None, None, kernel)
+                   None, None, None, None, None, kernel)
     return y, x.new_empty(pool_shape(ref.spec, ref.schedule, x), dtype=torch.float32)
 
 

@@ -41,8 +41,10 @@ def run_aten(
     x_bn_bias=None,
     x_bn_mean=None,
     x_bn_var=None,
+    layer_scale=None,
 ) -> torch.Tensor:
-    """conv -> batch norm (running stats) -> act -> + residual -> act, as separate ATen ops
+    """conv -> batch norm (running stats) -> act [-> * layer scale] -> + residual -> act, as
+    separate ATen ops
     (the batch norm after the act with spec.epilogue.bn_after_act).
     A weight-gradient spec takes (dy, x, mask?) and returns dw. With spec.input_mask the
     gradient operand (x of a transposed conv, dy of a weight gradient) is where(mask, 0, g);
@@ -87,6 +89,8 @@ def run_aten(
         y = activation(e.act, y)
     if e.bn and e.bn_after_act:
         y = F.batch_norm(y, bn_mean, bn_var, bn_weight, bn_bias, False, 0.0, e.bn_eps)
+    if e.scale:  # one value per output channel
+        y = y * layer_scale.reshape(1, -1, *[1] * (y.dim() - 2))
     if e.residual:
         y = y + residual
     if e.post_act:

@@ -5,6 +5,8 @@
     ln_prologue   LayerNorm over the channels -> 1x1 conv (a transformer's norm -> linear):
                   gemm_1x1 computes the rows' statistics, then normalises as it loads
     late_bn       conv -> act -> BN (ConvMixer, RepViT): the BN after the activation
+    layer_scale   a linear's 1x1 conv -> [act] -> * gamma [-> + residual] (ConvNeXt's fc2,
+                  timm's LayerScale): gemm_1x1 scales its output per channel
     se_scale      conv1x1(x * s[n, c]) (squeeze-and-excitation's scale): gemm_1x1
     se_pool       depthwise conv whose output is globally pooled: direct_depthwise also writes
                   each tile's share of the channel means (checked against eager's mean)
@@ -37,7 +39,9 @@ from ..spec import Activation, Epilogue, Prologue
 from ..spec_block import MlpSpec
 from .gpu_cases import DTYPES, SHAPES_PER_VARIANT, ConvCase
 
-CONV_FAMILIES = ("bn_prologue", "ln_prologue", "late_bn", "se_scale", "se_pool")
+CONV_FAMILIES = (
+    "bn_prologue", "ln_prologue", "late_bn", "se_scale", "se_pool", "layer_scale"
+)
 FAMILIES = (*CONV_FAMILIES, "mlp_block")
 MLP_LAYOUTS = ("plain", "layernorm", "gated", "convnext")
 ACTS = (Activation("relu"), Activation("silu"), Activation("gelu"), Activation("hardswish"))
@@ -86,6 +90,9 @@ def _conv_variant(rng: random.Random, index: int, family: str, dtype: str, layou
                         groups=1)  # fmt: skip
     elif family == "se_scale":
         fields["input_scale"] = True
+    elif family == "layer_scale":
+        fields["epilogue"] = Epilogue(act=rng.choice((act, None)), scale=True,
+                                      residual=rng.random() < 0.7)  # fmt: skip
     else:  # se_pool
         c, k = rng.randint(3, 60), rng.choice((3, 5))
         geometry = dict(kernel=(k, k), padding=(k // 2,) * 2, stride=(rng.choice((1, 2)),) * 2,

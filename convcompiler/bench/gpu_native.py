@@ -155,6 +155,8 @@ def _conv_inputs(case: ConvCase, spec: ConvSpec, device: str, gen: torch.Generat
             affine = [randn(c, dtype=f32), randn(c, dtype=f32)]
         stats = [randn(c, dtype=f32), randn(c, dtype=f32).abs() + 0.5] if pre.bn else []
         inputs += [None, None, *(affine or [None, None]), *(stats or [None, None])]
+    if case.epilogue.scale:  # the launcher's 15th operand: a layer scale, one per channel
+        inputs += [None] * (14 - len(inputs)) + [randn(k) * 0.5 + 1.0]
     return inputs
 
 

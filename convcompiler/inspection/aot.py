@@ -139,7 +139,7 @@ def mlp_meta_inputs(spec: MlpSpec) -> tuple[torch.Tensor | None, ...]:
 def meta_inputs(spec: ConvSpec | AttentionSpec | MlpSpec) -> tuple[torch.Tensor | None, ...]:
     """Meta tensors for a launcher: (x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var,
     residual) for a conv, with the spec's shapes (at the size hints), layouts and dtype; the
-    gradient's bool mask last when the spec has one."""
+    gradient's bool mask last when the spec has one; a layer scale 15th."""
     if isinstance(spec, AttentionSpec):
         return attention_meta_inputs(spec)
     if isinstance(spec, MlpSpec):
@@ -180,7 +180,10 @@ def meta_inputs(spec: ConvSpec | AttentionSpec | MlpSpec) -> tuple[torch.Tensor 
         params = [empty((c,), dt=torch.float32) if (pre_affine if i < 2 else p.bn) else None
                   for i in range(4)]  # fmt: skip
         mask = (None, None, *params)
-    return (x, weight, bias, *affine, *stats, residual, *mask)
+    inputs = (x, weight, bias, *affine, *stats, residual, *mask)
+    if spec.epilogue.scale:  # the layer scale: the launcher's 15th operand (gemm_1x1's)
+        inputs += (None,) * (14 - len(inputs)) + (empty((k,)),)
+    return inputs
 
 
 class _Recorder:

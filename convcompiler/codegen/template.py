@@ -98,6 +98,10 @@ def check_gemm_tiles(spec: ConvSpec, s: Schedule, device: Device | None) -> None
         # spilled 56 bytes on sm_90 (gemm_1x1, float16, 64x128 batch tiles on 8 warps): the
         # late BN's scale and shift live beside the residual's addresses
         raise InvalidSchedule("act -> BN -> add at the full accumulator budget")
+    if e.scale and e.residual and bm * bn // threads == 32:
+        # spilled 8 bytes on sm_90 (gemm_1x1, bfloat16, 128x64 batch tiles on 8 warps; 64x128
+        # reached 255 registers): the layer scale's values live beside the residual's addresses
+        raise InvalidSchedule("* layer scale -> add at the full accumulator budget")
     smem = s["num_stages"] * (bm * bk + bk * bn) * ITEMSIZE[spec.dtype]
     if smem > device.smem_per_block:
         raise InvalidSchedule(

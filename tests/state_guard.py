@@ -98,6 +98,7 @@ KEPT = {
     ("convcompiler.frontend.inductor", "_LIVE"): "weak references to live compiles",
     ("convcompiler.frontend.inductor", "_anchored"): "built from torch's tables only",
     ("convcompiler.frontend.inductor", "_redecompose_pass"): "built from torch's tables only",
+    ("convcompiler.frontend.inductor", "aten_host_decompositions"): "built from torch's tables",
     ("convcompiler.inspection.aot", "_fallback_cache"): "this process's private temp folder",
     ("convcompiler.inspection.report", "_history"): "the record of compiles, read after one",
     ("convcompiler.inspection.report", "_next_id"): "report ids only grow",

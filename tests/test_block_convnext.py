@@ -55,21 +55,27 @@ def test_nan_and_inf_stay_in_their_pixels_windows(dtype) -> None:
     assert 0 < int(ref.isnan().sum()) < ref.numel() // 2
     finite = ref.isfinite()
     assert_close(out[finite], ref[finite], dtype)
-    assert len(whole_blocks(report)) == 1 == convcompiler.counters["launch.mlp_block"]
+    assert convcompiler.counters["launch.mlp_block"] == 1
+    if dtype == torch.float32:  # float32 without TF32: partly fused (no register budget)
+        kinds = [(r.kind, r.schedule) for r in report]
+        assert kinds == [("mlp_block", "mlp_block"), ("conv", "direct_depthwise")], kinds
+    else:
+        assert len(whole_blocks(report)) == 1
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "sliced"])
 def test_input_layouts(layout) -> None:
     """A channels_last image, and one sliced out of a wider tensor: the kernel reads x (the
-    conv's taps and the residual) through its strides."""
-    model = cn_block(seed=9)
-    x = torch.randn(2, 16, 6, 9)
+    conv's taps and the residual) through its strides (bfloat16: a float32 block runs whole
+    with TF32 only)."""
+    model = cn_block(seed=9, dtype=torch.bfloat16)
+    x = torch.randn(2, 16, 6, 9).to(torch.bfloat16)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     else:
-        x = torch.randn(2, 16, 6, 20)[..., 3:12]
+        x = torch.randn(2, 16, 6, 20).to(torch.bfloat16)[..., 3:12]
     out, ref, report = compiled_and_float64(model, [x])
-    assert_close(out, ref, torch.float32)
+    assert_close(out, ref, torch.bfloat16)
     assert out.stride() == model(x).stride()
     assert len(whole_blocks(report)) == 1 == convcompiler.counters["launch.mlp_block"]
 
@@ -78,18 +84,18 @@ def test_dynamic_batch_and_an_empty_one() -> None:
     """One compile for every batch (the spec's pixel count is symbolic, the image size
     fixed: the kernel is built for it); an empty batch compiles on its own and stays per
     layer, with its reason."""
-    model = cn_block(seed=11)
+    model = cn_block(seed=11, dtype=torch.float16)
     compiled = torch.compile(model, backend="im2win", options=FAST)
     convcompiler.counters.reset()
     with torch.no_grad():
         for batch in (2, 3):
-            x = torch.randn(batch, 16, 5, 6)
+            x = torch.randn(batch, 16, 5, 6).half()
             torch._dynamo.mark_dynamic(x, 0)
-            assert_close(compiled(x), float64_copy(model)(x.double()), torch.float32)
+            assert_close(compiled(x), float64_copy(model)(x.double()), torch.float16)
         (row,) = whole_blocks(convcompiler.last_report())
         assert "M=" in row.spec and "dwconv 7x7" in row.spec, row.spec
         assert convcompiler.counters["launch.mlp_block"] == 2
-        assert compiled(torch.randn(0, 16, 5, 6)).shape == (0, 16, 5, 6)
+        assert compiled(torch.randn(0, 16, 5, 6).half()).shape == (0, 16, 5, 6)
     rows = [r for r in convcompiler.last_report() if r.kind == "mlp_block"]
     assert [r.why for r in rows] == ["per layer: zero-size block: nothing to compute"]
 

@@ -98,7 +98,8 @@ def test_convnext_block_is_one_kernel(dtype, tmp_path) -> None:
     """torchvision's CNBlock: dw 7x7 -> permute -> LayerNorm -> MLP -> permute back -> layer
     scale [C, 1, 1] -> + input, all in one dw_mlp_block kernel (the whole block: its conv's
     output and its hidden never in memory), which writes [N, C, H, W] in eager's
-    channels-last strides, scaled and with the input added."""
+    channels-last strides, scaled and with the input added. A float32 block runs whole on
+    TF32 tensor cores only (its registers), so that case allows TF32, as a user would."""
     from torchvision.models.convnext import CNBlock
 
     torch.manual_seed(8)
@@ -107,8 +108,15 @@ def test_convnext_block_is_one_kernel(dtype, tmp_path) -> None:
         model.layer_scale.uniform_(0.5, 1.5)
     model = model.to(dtype)
     x = torch.randn(2, 16, 5, 7).to(dtype)
-    out, ref, report = compiled_and_float64(model, [x], {"debug_dir": str(tmp_path)})
-    assert_close(out, ref, dtype)
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        if dtype == torch.float32:
+            matmul.fp32_precision = "tf32"
+        out, ref, report = compiled_and_float64(model, [x], {"debug_dir": str(tmp_path)})
+    finally:
+        matmul.fp32_precision = before
+    assert_close(out, ref, dtype)  # the interpreter computes in float64, TF32 or not
     assert out.stride() == model(x).stride()
     (row,) = blocks(report)
     name = str(dtype)[6:]

@@ -129,6 +129,7 @@ def _mlp_variant(rng: random.Random, index: int, dtype: str, layout: str) -> lis
     act, bias, scale = rng.choice(ACTS), rng.random() < 0.7, rng.random() < 0.5
     convnext = layout == "convnext"
     if convnext:  # its norm, its square MLP, the input as its residual
+        c = min(c, 64) if dtype == "float32" else c  # (float32's register budget)
         out, hidden = c, 4 * c
     cases = []
     for j in range(SHAPES_PER_VARIANT):
@@ -175,13 +176,15 @@ def block_cases(seed: int = 1) -> list:
 
 # ---- the MLP: spec, schedule, inputs ----------------------------------------------------------
 def mlp_case_spec(case: MlpCase) -> MlpSpec:
-    dw = {}
+    dw, precision = {}, "ieee"
     if case.image:  # ConvNeXt's depthwise 7x7 conv, with its bias, output channels first
         dw = dict(dw_kernel=(7, 7), dw_padding=(3, 3), dw_bias=True, image=case.image,
                   channels_first=True)  # fmt: skip
+        # a float32 whole block runs on tensor cores only (torch's matmul precision "tf32")
+        precision = "tf32" if case.dtype == "float32" else precision
     return MlpSpec(
         case.tokens, case.in_features, case.hidden, case.out_features, case.act, case.bias,
-        case.bias, case.scale, case.residual, case.dtype, "cuda", "ieee", norm=case.norm,
+        case.bias, case.scale, case.residual, case.dtype, "cuda", precision, norm=case.norm,
         gated=case.gated, **dw,
     )  # fmt: skip
 

@@ -59,6 +59,10 @@ def SPACE(spec: MlpSpec, s: Schedule, device: Device | None) -> None:
         raise InvalidSchedule(f"every channel in registers: C = {spec.in_features} > 128")
     if device is None:
         return
+    if spec.dtype == "float32" and (spec.precision == "ieee" or bc > 64):
+        # Triton 3.6 (the GPU's stack) compiled float32 C = 96 to 180-255 registers on sm_90
+        # at 16 x 128 over 8 warps, with TF32 or without, some shapes spilling 32 B
+        raise InvalidSchedule("float32: TF32 tensor cores and C <= 64 only")
     # Per thread, live across the hidden loop: the accumulator [BLOCK_M, BLOCK_N], the
     # hidden chunk and the normalised operand tile [BLOCK_M, BLOCK_C] (two 16-bit values a
     # register); mlp_block's budgets (96 values, 40 in float32). On sm_80 the operand tile is

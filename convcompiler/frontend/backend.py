@@ -32,7 +32,12 @@ from torch._functorch.aot_autograd import make_boxed_func
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 from ..config import Config
-from .inductor import anchored_decompositions, config_patches, graph_caches_off
+from .inductor import (
+    anchored_decompositions,
+    aten_host_decompositions,
+    config_patches,
+    graph_caches_off,
+)
 from .session import CompileSession
 
 log = logging.getLogger(__name__)
@@ -102,14 +107,6 @@ def _host(config: Config, example_inputs: Sequence[Any]) -> str:
 ATEN_HOST_RANGE = "## Call convcompiler ATen-host graph"  # the profiler's range around a run
 
 
-@functools.lru_cache(maxsize=1)
-def _ATEN_HOST_DECOMPOSITIONS() -> dict:
-    """The LayerNorm, and dtype conversions as prims.convert_element_type, as Inductor's
-    post-grad graph has them."""
-    aten = torch.ops.aten
-    return torch._decomp.get_decompositions([aten.native_layer_norm, aten._to_copy])
-
-
 def _compile_with_aten(
     session: CompileSession, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]
 ) -> Callable:
@@ -137,7 +134,7 @@ def _compile_with_aten(
         bw_compiler=stage,
         inference_compiler=stage,
         partition_fn=partition,
-        decompositions=_ATEN_HOST_DECOMPOSITIONS(),
+        decompositions=aten_host_decompositions(),
     )
     return compile_aot(gm, example_inputs)
 

@@ -80,6 +80,15 @@ def anchored_decompositions() -> AnchoredDecompositions:
 
 
 @functools.lru_cache(maxsize=1)
+def aten_host_decompositions() -> dict:
+    """For host="aten" (aot_autograd alone): the LayerNorm, and dtype conversions as
+    prims.convert_element_type, as Inductor's post-grad graph has them (the matchers that
+    take a norm into a kernel read that form)."""
+    aten = torch.ops.aten
+    return torch._decomp.get_decompositions([aten.native_layer_norm, aten._to_copy])
+
+
+@functools.lru_cache(maxsize=1)
 def _redecompose_pass():
     from torch._inductor.pattern_matcher import (
         CallFunctionVarArgs,

@@ -63,11 +63,20 @@ def precision_flags() -> dict[str, Any]:
     """The global flags the passes read to pick a float32 kernel's precision."""
     conv = getattr(torch.backends.cudnn, "conv", None)
     return {
-        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+        "cudnn_allow_tf32": _legacy(lambda: torch.backends.cudnn.allow_tf32),
         "cudnn_conv_fp32_precision": getattr(conv, "fp32_precision", None),
-        "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "matmul_allow_tf32": _legacy(lambda: torch.backends.cuda.matmul.allow_tf32),
         "matmul_fp32_precision": getattr(torch.backends.cuda.matmul, "fp32_precision", None),
     }
+
+
+def _legacy(read: Any) -> bool | None:
+    """A legacy allow_tf32 flag, or None where torch refuses to read it (the new
+    fp32_precision API was used: that flag then decides, and is recorded beside it)."""
+    try:
+        return read()
+    except RuntimeError:
+        return None
 
 
 def _cuda_names() -> list[str]:

@@ -64,7 +64,7 @@ def matmul_precision(dtype: torch.dtype) -> str:
     if dtype != torch.float32:
         return "ieee"
     matmul = torch.backends.cuda.matmul
-    return fp32_precision(matmul, matmul.allow_tf32)
+    return fp32_precision(matmul, lambda: matmul.allow_tf32)
 
 
 def _lead_4d(lead: list) -> list:

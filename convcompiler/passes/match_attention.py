@@ -27,7 +27,7 @@ from .attention_pattern import (
 )
 from .context import PassContext, Region
 from .dims import Dim, dims
-from .meta import as_size, fake_value, shape_summary, size_hints
+from .meta import as_size, fake_value, fp32_precision, shape_summary, size_hints
 
 RULE = "softmax(scale * q @ k^T + bias[h] + mask[b mod nW]) @ v => window_attention(q, k, v, ...)"
 aten = torch.ops.aten
@@ -45,7 +45,8 @@ def is_attention_candidate(node: torch.fx.Node) -> bool:
 def _matmul_precision(dtype: torch.dtype) -> str:
     if dtype != torch.float32:
         return "ieee"
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    matmul = torch.backends.cuda.matmul
+    return fp32_precision(matmul, lambda: matmul.allow_tf32)
 
 
 def attention_fallback_reason(m: AttentionMatch, private: bool) -> str | None:

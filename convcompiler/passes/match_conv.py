@@ -67,7 +67,7 @@ def _conv_precision() -> str:
     Read for CPU tensors too: the plan is made for a GPU, and Triton's interpreter computes
     a float32 tl.dot exactly whatever the precision says."""
     cudnn = torch.backends.cudnn
-    return fp32_precision(getattr(cudnn, "conv", None), cudnn.allow_tf32)
+    return fp32_precision(getattr(cudnn, "conv", None), lambda: cudnn.allow_tf32)
 
 
 def _precision(node: torch.fx.Node, dtype: torch.dtype) -> str:

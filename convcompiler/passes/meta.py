@@ -5,6 +5,8 @@ Sizes come back as ints, or as sympy expressions when Dynamo made them dynamic.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.fx
 from torch.fx.experimental import symbolic_shapes
@@ -84,13 +86,14 @@ def memory_layout(t: torch.Tensor) -> str:
     return "strided"
 
 
-def fp32_precision(flags: object, allow_tf32: bool) -> str:
+def fp32_precision(flags: object, allow_tf32: Callable[[], bool]) -> str:
     """How a float32 GEMM runs under one torch backend's flags (cuDNN's conv, or cuBLAS's
-    matmul): its `fp32_precision` when set, else its `allow_tf32`; "tf32" or "ieee"."""
+    matmul): its `fp32_precision` when set, else its legacy `allow_tf32` (read only then:
+    torch refuses to read the legacy flag once the new one was set); "tf32" or "ieee"."""
     flag = getattr(flags, "fp32_precision", None) if flags is not None else None
     if flag is not None and flag != "none":
         return "tf32" if flag == "tf32" else "ieee"
-    return "tf32" if allow_tf32 else "ieee"
+    return "tf32" if allow_tf32() else "ieee"
 
 
 def shape_summary(node: torch.fx.Node) -> str:

@@ -111,9 +111,10 @@ def _compile_with_aten(
     session: CompileSession, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]
 ) -> Callable:
     """aot_autograd alone: the same hooks, and ATen for everything outside the regions. The
-    LayerNorm and dtype conversions alone are decomposed, as Inductor decomposes them, so that the matchers that take
-    a norm into a kernel (passes/layer_norm.py) see the same graph under either host (and
-    `explain`, `aot` and `cpu="plan"`, which run on this host, plan the same regions)."""
+    LayerNorm and dtype conversions alone are decomposed, as Inductor decomposes them, so
+    that the matchers that take a norm into a kernel (passes/layer_norm.py) see the same
+    graph under either host (and `explain`, `aot` and `cpu="plan"`, which run on this host,
+    plan the same regions)."""
     gm = session.pre_grad(gm)
 
     def stage(graph: torch.fx.GraphModule, _inputs: Sequence[Any]) -> Callable:

@@ -26,7 +26,7 @@ key(), geometry(), describe() and JSON form.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .spec import (
     ACTIVATIONS,
@@ -93,8 +93,6 @@ class MlpSpec(SizeHints):
 
     def without_depthwise(self) -> "MlpSpec":
         """The same MLP on the conv's output tokens (the block partly fused)."""
-        from dataclasses import replace
-
         return replace(self, dw_kernel=(), dw_padding=(), dw_bias=False, image=())
 
     def terms(self) -> str:

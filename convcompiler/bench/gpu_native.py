@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..codegen import KernelSource, render_region
+from ..codegen.template import with_layer_scale
 from ..config import Config
 from ..inspection.aot import capture_launches, compile_launch, launch_key
 from ..runtime.loader import load_source
@@ -156,7 +157,7 @@ def _conv_inputs(case: ConvCase, spec: ConvSpec, device: str, gen: torch.Generat
         stats = [randn(c, dtype=f32), randn(c, dtype=f32).abs() + 0.5] if pre.bn else []
         inputs += [None, None, *(affine or [None, None]), *(stats or [None, None])]
     if case.epilogue.scale:  # the launcher's 15th operand: a layer scale, one per channel
-        inputs += [None] * (14 - len(inputs)) + [randn(k) * 0.5 + 1.0]
+        inputs = list(with_layer_scale(tuple(inputs), randn(k) * 0.5 + 1.0))
     return inputs
 
 

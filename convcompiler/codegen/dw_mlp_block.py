@@ -31,10 +31,9 @@ from ..schedule import InvalidSchedule, Schedule, schedule_space
 from ..selection.devices import Device
 from ..spec_block import MlpSpec
 from . import template as T
-from .epilogue import activation_code
+from .mlp_block import template_fields
 
 KERNELS = ("dw_mlp_block",)
-LAUNCH_KEYS = ("num_warps", "num_stages")
 
 
 def _pow2(n: int) -> int:
@@ -216,14 +215,7 @@ def dw_mlp_block(
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
 
 
-def _vector(t, size, name):
-    """A per-feature vector as one contiguous run of `size` values (None stays None)."""
-    if t is None:
-        return None
-    if t.numel() != size or t.dtype != DTYPE:
-        raise ValueError(f"{name}: {t.dtype} {tuple(t.shape)}, expected {DTYPE} ({size},)")
-    return t.reshape(size).contiguous()
-
+${vector_helper}
 
 def launch(x, w1, b1=None, w2=None, b2=None, scale=None, residual=None, norm_weight=None,
            norm_bias=None, w3=None, b3=None, dw_weight=None, dw_bias=None):
@@ -251,6 +243,7 @@ def launch(x, w1, b1=None, w2=None, b2=None, scale=None, residual=None, norm_wei
         if (given is not None) != built:
             raise ValueError(f"kernel built {'with' if built else 'without'} {name}")
     dw_bias, b1, b2 = _vector(dw_bias, C, "dw bias"), _vector(b1, HID, "b1"), _vector(b2, CO, "b2")
+    scale = scale.reshape(-1) if scale is not None and scale.numel() == CO else scale  # [CO, 1, 1]
     scale = _vector(scale, CO, "scale")
     norm_weight = _vector(norm_weight, C, "norm weight")
     norm_bias = _vector(norm_bias, C, "norm bias")
@@ -286,31 +279,15 @@ def launch(x, w1, b1=None, w2=None, b2=None, scale=None, residual=None, norm_wei
 
 
 def render(spec: MlpSpec, schedule: Schedule) -> T.KernelSource:
-    meta, launch = T.split_params(schedule, LAUNCH_KEYS)
+    summary = "ConvNeXt's block (depthwise conv, LayerNorm, MLP)"
     text = T.render(
         TEMPLATE,
-        header=T.header(spec, schedule, "ConvNeXt's block (depthwise conv, LayerNorm, MLP)"),
-        c=str(spec.in_features),
-        hid=str(spec.hidden),
-        co=str(spec.out_features),
+        **template_fields(spec, schedule, summary),
         kernel=", ".join(map(str, spec.dw_kernel)),
         padding=", ".join(map(str, spec.dw_padding)),
         image=", ".join(map(str, spec.image)),
-        dtype=spec.dtype,
         dw_bias=str(spec.dw_bias),
-        has_b1=str(spec.has_bias1),
-        has_b2=str(spec.has_bias2),
-        has_scale=str(spec.scale),
-        residual=str(spec.residual),
-        precision=repr(spec.precision),
-        norm=repr(spec.norm),
-        norm_eps=repr(float(spec.norm_eps)),
         block_c=str(_pow2(spec.in_features)),
         block_n=str(_pow2(spec.out_features)),
-        meta=meta,
-        launch=launch,
-        wrapped_block=T.WRAPPED_BLOCK,
-        helpers=T.HELPERS,
-        act=activation_code(spec.act, "hid"),
     )
     return T.KernelSource(f"{spec.geometry()}_{schedule.name}", text, schedule, spec.key(), KERNELS)

@@ -30,6 +30,16 @@ from . import template as T
 from .epilogue import activation_code
 
 KERNELS = ("mlp_block",)
+
+# The launchers' check of a per-feature vector (this template's and dw_mlp_block's)
+VECTOR_HELPER = '''def _vector(t, size, name):
+    """A per-feature vector as one contiguous run of `size` values (None stays None)."""
+    if t is None:
+        return None
+    if tuple(t.shape) != (size,) or t.dtype != DTYPE:
+        raise ValueError(f"{name}: {t.dtype} {tuple(t.shape)}, expected {DTYPE} ({size},)")
+    return t if t.is_contiguous() else t.contiguous()
+'''
 LAUNCH_KEYS = ("num_warps", "num_stages")
 
 
@@ -197,14 +207,7 @@ def mlp_block(
              acc.to(y_ptr.dtype.element_ty), mask=out_ok)
 
 
-def _vector(t, size, name):
-    """A per-feature vector as one contiguous run of `size` values (None stays None)."""
-    if t is None:
-        return None
-    if tuple(t.shape) != (size,) or t.dtype != DTYPE:
-        raise ValueError(f"{name}: {t.dtype} {tuple(t.shape)}, expected {DTYPE} ({size},)")
-    return t if t.is_contiguous() else t.contiguous()
-
+${vector_helper}
 
 def _merged(sizes, strides):
     """The stride of dims that merge into one (a view), or None."""
@@ -297,11 +300,11 @@ def launch(x, w1, b1=None, w2=None, b2=None, scale=None, residual=None, norm_wei
 '''
 
 
-def render(spec: MlpSpec, schedule: Schedule) -> T.KernelSource:
+def template_fields(spec: MlpSpec, schedule: Schedule, summary: str) -> dict[str, str]:
+    """The hooks an MLP block's templates share (this one's and dw_mlp_block's)."""
     meta, launch = T.split_params(schedule, LAUNCH_KEYS)
-    text = T.render(
-        TEMPLATE,
-        header=T.header(spec, schedule, "a transformer MLP block in one kernel"),
+    return dict(
+        header=T.header(spec, schedule, summary),
         c=str(spec.in_features),
         hid=str(spec.hidden),
         co=str(spec.out_features),
@@ -310,16 +313,24 @@ def render(spec: MlpSpec, schedule: Schedule) -> T.KernelSource:
         has_b2=str(spec.has_bias2),
         has_scale=str(spec.scale),
         residual=str(spec.residual),
-        channels_first=str(spec.channels_first),
         precision=repr(spec.precision),
         norm=repr(spec.norm),
-        gated=str(spec.gated),
         norm_eps=repr(float(spec.norm_eps)),
         meta=meta,
         launch=launch,
         wrapped_block=T.WRAPPED_BLOCK,
-        row_stats=T.ROW_STATS,
         helpers=T.HELPERS,
+        vector_helper=VECTOR_HELPER,
         act=activation_code(spec.act, "hid"),
+    )
+
+
+def render(spec: MlpSpec, schedule: Schedule) -> T.KernelSource:
+    text = T.render(
+        TEMPLATE,
+        **template_fields(spec, schedule, "a transformer MLP block in one kernel"),
+        channels_first=str(spec.channels_first),
+        gated=str(spec.gated),
+        row_stats=T.ROW_STATS,
     )
     return T.KernelSource(f"{spec.geometry()}_{schedule.name}", text, schedule, spec.key(), KERNELS)

@@ -109,6 +109,17 @@ def check_gemm_tiles(spec: ConvSpec, s: Schedule, device: Device | None) -> None
         )
 
 
+# A conv launcher's parameters: (x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, residual,
+# mask, x_scale, x_bn_weight, x_bn_bias, x_bn_mean, x_bn_var, layer_scale); only gemm_1x1
+# takes the last (spec.epilogue.scale).
+LAYER_SCALE_AT = 14
+
+
+def with_layer_scale(operands: tuple, layer_scale: object) -> tuple:
+    """A conv launcher's positional operands with the layer scale in its place."""
+    return (*operands, *[None] * (LAYER_SCALE_AT - len(operands)), layer_scale)
+
+
 # ---- hook: header ------------------------------------------------------------------------
 def header(spec: ConvSpec, schedule: Schedule, summary: str) -> str:
     params = "\n".join(f"    {k} = {v!r}" for k, v in schedule.params)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+from ..codegen.template import with_layer_scale
 from ..passes import Region
 from ..passes.grad_mask import gradient_operand
 from ..passes.match_block import linear_operands
@@ -100,5 +101,5 @@ def region_operands(nodes: dict[str, torch.fx.Node], region: Region) -> tuple:
     else:
         operands = (x, weight, bias, *bn, residual) + ((mask,) if masked is not None else ())
     if "scale" in roles:  # the layer scale: the launcher's 15th operand (gemm_1x1's)
-        operands += (*[None] * (14 - len(operands)), _other(nodes, region, "scale"))
+        operands = with_layer_scale(operands, _other(nodes, region, "scale"))
     return operands

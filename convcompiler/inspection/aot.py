@@ -32,6 +32,7 @@ from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
 
 from ..codegen import KernelSource
+from ..codegen.template import with_layer_scale
 from ..config import cache_root
 from ..files import ENV_VAR, cache_subdir, unusable
 from ..runtime.loader import exec_module
@@ -182,7 +183,7 @@ def meta_inputs(spec: ConvSpec | AttentionSpec | MlpSpec) -> tuple[torch.Tensor 
         mask = (None, None, *params)
     inputs = (x, weight, bias, *affine, *stats, residual, *mask)
     if spec.epilogue.scale:  # the layer scale: the launcher's 15th operand (gemm_1x1's)
-        inputs += (None,) * (14 - len(inputs)) + (empty((k,)),)
+        inputs = with_layer_scale(inputs, empty((k,)))
     return inputs
 
 

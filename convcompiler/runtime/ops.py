@@ -46,6 +46,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..codegen.template import with_layer_scale
 from ..counters import counters
 from ..spec import ConvSpec
 from . import packing
@@ -125,7 +126,7 @@ def conv(
     elif any(t is not None for t in (x_bn_weight, x_bn_bias, x_bn_mean, x_bn_var)):
         args = (*args, None, None, x_bn_weight, x_bn_bias, x_bn_mean, x_bn_var)
     if layer_scale is not None:  # the launcher's 15th parameter (gemm_1x1's)
-        args = (*args, *[None] * (14 - len(args)), layer_scale)
+        args = with_layer_scale(args, layer_scale)
     return _launch(ref, args, mask)
 
 

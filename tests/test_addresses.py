@@ -271,6 +271,32 @@ def test_linear_epilogue_addresses() -> None:
     assert check.kernels == {"conv_gemm_1x1"} and check.accesses > 0
 
 
+def test_linear_layer_scale_addresses() -> None:
+    """ConvNeXt's fc2 form: tokens -> permute to the image -> * gamma [C, 1, 1] -> + x, 21
+    output channels (a partial tile): the layer scale is read at wrapped channel offsets."""
+
+    class Fc2(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(13, 21)
+            self.gamma = torch.nn.Parameter(torch.rand(21, 1, 1) + 0.5)
+
+        def forward(self, t, x):
+            return x + self.gamma * self.fc(t).permute(0, 3, 1, 2)
+
+    torch.manual_seed(1)
+    model = Fc2().eval()
+    t, x = torch.randn(1, 5, 3, 13), torch.randn(1, 21, 5, 3)
+    convcompiler.counters.reset()
+    with torch.no_grad(), address_check() as check:
+        y = torch.compile(model, backend="im2win")(t, x)
+    with torch.no_grad():
+        ref = model.double()(t.double(), x.double())
+    assert_close(y, ref, torch.float32)
+    assert convcompiler.counters["launch.linear"] == 1
+    assert check.kernels == {"conv_gemm_1x1"} and check.accesses > 0
+
+
 # ---- an MLP block: partial tiles of tokens, input, hidden and output features ---------------
 @pytest.mark.parametrize(
     "scale,residual,norm,gated", [(True, True, "affine", False), (False, False, None, True)]
@@ -300,3 +326,31 @@ def test_mlp_block_addresses(scale, residual, norm, gated) -> None:
     ref = run_mlp(spec, *[t if t is None else t.double() for t in operands])
     assert_close(y, ref, torch.float32)
     assert check.kernels == {"mlp_block"} and check.accesses > 0
+
+
+# ---- ConvNeXt's whole block: taps in the halo, pixel and channel tails ---------------------
+def test_dw_mlp_block_addresses() -> None:
+    """A 5 x 7 image, C = 13 in a 16-wide channel tile, 2 images x 35 pixels in 16-pixel
+    tiles (the last partial), hidden 37 in 16-wide chunks: every tap in the 3-pixel halo is
+    clamped before it becomes an address, and tails wrap inside their tensors."""
+    from convcompiler.runtime.reference import run_mlp
+    from convcompiler.spec_block import MlpSpec
+
+    gen = torch.Generator().manual_seed(6)
+    n, c, h, w, hid = 2, 13, 5, 7, 37
+    spec = MlpSpec(n * h * w, c, hid, c, Activation("gelu"), True, True, True, True, "float32",
+                   "cpu", "ieee", norm="affine", channels_first=True, dw_kernel=(7, 7),
+                   dw_padding=(3, 3), dw_bias=True, image=(h, w))
+    sched = SPACES["dw_mlp_block"].make(spec, BLOCK_M=16, BLOCK_H=16, num_warps=4, num_stages=2)
+    x = torch.randn(n, c, h, w + 3, generator=gen)[..., 1:w + 1]  # strided rows
+    operands = (x, torch.randn(hid, c, generator=gen) / 4, torch.randn(hid, generator=gen),
+                torch.randn(c, hid, generator=gen) / 6, torch.randn(c, generator=gen),
+                torch.rand(c, generator=gen) + 0.5, None, torch.rand(c, generator=gen) + 0.5,
+                torch.randn(c, generator=gen), None, None,
+                torch.randn(c, 1, 7, 7, generator=gen) / 7, torch.randn(c, generator=gen))
+    launch = gpu_native.load_kernel(spec, sched)
+    with address_check() as check:
+        y = launch(*operands)
+    ref = run_mlp(spec, *[t if t is None else t.double() for t in operands])
+    assert_close(y, ref, torch.float32)
+    assert check.kernels == {"dw_mlp_block"} and check.accesses > 0

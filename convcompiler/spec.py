@@ -199,6 +199,8 @@ class ConvSpec(SizeHints):
             raise SpecError("pooled sums are for forward convs only")
         if self.prologue.bn and self.prologue.ln:
             raise SpecError("a prologue has one norm")
+        if self.prologue.ln and self.groups != 1:
+            raise SpecError("a LayerNorm prologue normalises every channel: groups must be 1")
         if self.input_scale and self.prologue.name():
             raise SpecError("an input scale and a prologue together are not a fused pattern")
         if self.op == "conv_wgrad" and (self.epilogue != Epilogue() or self.has_bias):

@@ -235,13 +235,13 @@ def test_block_cases_cover_every_block_family_dtype_and_layout() -> None:
         spec, [schedule] = gpu_native.plan(case, h200)
         family = case.id.split()[1]
         expected = {"se_pool": "direct_depthwise", "mlp_block": "mlp_block",
-                    "se_scale": "gemm_1x1", "ln_prologue": "gemm_1x1",
-                    "layer_scale": "gemm_1x1"}  # fmt: skip
+                    "se_scale": "gemm_1x1", "layer_scale": "gemm_1x1"}  # fmt: skip
         if case.id.endswith("convnext"):  # ConvNeXt's whole block
             expected["mlp_block"] = "dw_mlp_block"
         assert schedule.name == expected.get(family, schedule.name), (case.id, schedule)
-        if family == "bn_prologue":
-            assert spec.prologue.bn == "affine" and schedule.name in ("gemm_1x1", "im2win_implicit")
+        if family in ("bn_prologue", "ln_prologue"):  # kxk convs: the tap order
+            assert spec.prologue.name() and schedule.name == (
+                "gemm_1x1" if spec.kernel == (1, 1) else "im2win_implicit")
         if family == "late_bn":
             assert spec.epilogue.bn_after_act
 
@@ -250,6 +250,8 @@ def test_block_cases_run_each_family_through_the_interpreter() -> None:
     seen = {}
     for case in gpu_blocks.block_cases():
         family = case.id.split()[1]
+        if family in ("bn_prologue", "ln_prologue") and case.kernel != (1, 1):
+            family += " kxk"  # im2win_implicit's prologue, besides gemm_1x1's
         if family not in seen and "float32" in case.id:
             seen[family] = case
     h200 = DEVICES["h200"]

@@ -108,14 +108,20 @@ def test_whole_convnext_block_kernels_pass_the_static_check(dtype: str) -> None:
 # the conv kernels that fuse a norm or a pool (test_norm_prologue.py, test_se_scale.py), at
 # their models' batch-32 shapes, as the backend plans them for an H100
 FUSED = {
-    # name: (x shape, weight shape, padding, groups, dtype, spec fields)
-    "densenet121-bn_relu-1x1-fp16": ((32, 256, 28, 28), (128, 256, 1, 1), 0, 1, "float16",
+    # name: (x shape, weight shape, padding, stride, groups, dtype, spec fields)
+    "densenet121-bn_relu-1x1-fp16": ((32, 256, 28, 28), (128, 256, 1, 1), 0, 1, 1, "float16",
                                      "bn"),
-    "preact-bn_relu-3x3-bf16": ((32, 128, 28, 28), (128, 128, 3, 3), 1, 1, "bfloat16", "bn"),
-    "swin_t-stage3-ln-fc1-fp16": ((32, 384, 14, 14), (1536, 384, 1, 1), 0, 1, "float16", "ln"),
-    "vit-ln-fc1-bf16": ((32, 768, 1, 197), (3072, 768, 1, 1), 0, 1, "bfloat16", "ln"),
-    "efficientnet_b0-dw5x5-pool-fp16": ((32, 240, 28, 28), (240, 1, 5, 5), 2, 240, "float16",
-                                        "pool"),
+    "preact-bn_relu-3x3-bf16": ((32, 128, 28, 28), (128, 128, 3, 3), 1, 1, 1, "bfloat16",
+                                "bn"),
+    "swin_t-stage3-ln-fc1-fp16": ((32, 384, 14, 14), (1536, 384, 1, 1), 0, 1, 1, "float16",
+                                  "ln"),
+    "vit-ln-fc1-bf16": ((32, 768, 1, 197), (3072, 768, 1, 1), 0, 1, 1, "bfloat16", "ln"),
+    "convnext_tiny-ln-downsample1-2x2-fp16": ((32, 96, 56, 56), (192, 96, 2, 2), 0, 2, 1,
+                                              "float16", "ln"),
+    "convnext_tiny-ln-downsample3-2x2-bf16": ((32, 384, 14, 14), (768, 384, 2, 2), 0, 2, 1,
+                                              "bfloat16", "ln"),
+    "efficientnet_b0-dw5x5-pool-fp16": ((32, 240, 28, 28), (240, 1, 5, 5), 2, 1, 240,
+                                        "float16", "pool"),
 }
 
 
@@ -134,11 +140,11 @@ def test_fused_norm_and_pool_kernels_pass_the_static_check(name: str) -> None:
     from convcompiler.selection.select import model_candidates
     from convcompiler.spec import Activation, Epilogue, Prologue
 
-    xs, ws, padding, groups, dtype, kind = FUSED[name]
+    xs, ws, padding, stride, groups, dtype, kind = FUSED[name]
     layout = torch.channels_last if kind == "ln" else torch.contiguous_format
     x = torch.empty(xs, dtype=getattr(torch, dtype)).to(memory_format=layout)
     w = torch.empty(ws, dtype=x.dtype)
-    spec = conv_spec_of(x, w, padding=padding, groups=groups)
+    spec = conv_spec_of(x, w, stride=stride, padding=padding, groups=groups)
     fields = {
         "bn": dict(prologue=Prologue(bn="affine", act=Activation("relu"))),
         "ln": dict(prologue=Prologue(ln="affine", eps=1e-6)),

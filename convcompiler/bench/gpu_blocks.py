@@ -3,7 +3,9 @@
     bn_prologue   BN -> act -> conv (DenseNet, PreAct ResNet): gemm_1x1, or im2win_implicit's
                   tap order for a kxk conv, normalises its input as it loads it
     ln_prologue   LayerNorm over the channels -> 1x1 conv (a transformer's norm -> linear):
-                  gemm_1x1 computes the rows' statistics, then normalises as it loads
+                  gemm_1x1 computes the rows' statistics, then normalises as it loads; or
+                  -> kxk conv (ConvNeXt's LayerNorm2d -> 2x2 stride-2 downsampling):
+                  im2win_implicit's tap order, each tap's pixels' statistics first
     late_bn       conv -> act -> BN (ConvMixer, RepViT): the BN after the activation
     layer_scale   a linear's 1x1 conv -> [act] -> * gamma [-> + residual] (ConvNeXt's fc2,
                   timm's LayerScale): gemm_1x1 scales its output per channel
@@ -81,6 +83,11 @@ def _conv_variant(rng: random.Random, index: int, family: str, dtype: str, layou
             schedule = "im2win_implicit:tap"
     elif family == "ln_prologue":
         fields["prologue"] = Prologue(ln=rng.choice(("affine", "plain")), eps=1e-6)
+        if index % 2:  # ConvNeXt's downsampling, or a padded kxk conv after the norm
+            k, stride, pad = rng.choice(((2, 2, 0), (3, 1, 1)))
+            geometry = dict(kernel=(k, k), padding=(pad, pad), stride=(stride, stride),
+                            in_channels=rng.randint(16, 48), groups=1)  # fmt: skip
+            schedule = "im2win_implicit:tap"
     elif family == "late_bn":
         fields["epilogue"] = Epilogue(bn="affine", act=act, bn_after_act=True,
                                       residual=rng.random() < 0.5)  # fmt: skip

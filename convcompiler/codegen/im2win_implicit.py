@@ -14,8 +14,12 @@ Two reduction orders (parameter REDUCTION):
     "flat"  (kx, ky, c) packed into one index, so a 3-channel 11x11 window fills the tiles
 
 With `spec.prologue` (the tap order only) the input arrives as act(batch_norm(x))
-(pre-activation: PreAct ResNet's BN -> ReLU -> conv 3x3): each loaded tile is normalised in
-registers, its padding left zero as the conv's zero padding of the normalised tensor is.
+(pre-activation: PreAct ResNet's BN -> ReLU -> conv 3x3), or as layer_norm(x) over the
+channels (ConvNeXt's LayerNorm2d before its downsampling 2x2 stride-2 conv): each loaded tile
+is normalised in registers, its padding left zero as the conv's zero padding of the
+normalised tensor is. A LayerNorm's statistics belong to the input pixel a tap reads, so with
+one the reduction runs tap by tap: each tap's rows' mean and rstd first (two passes over
+their channels, as gemm_1x1's rows), then its channel slices.
 """
 
 from __future__ import annotations
@@ -48,8 +52,6 @@ def SPACE(spec: ConvSpec, s: Schedule, device: Device | None) -> None:
         raise InvalidSchedule("only direct_depthwise writes pooled sums")
     if spec.input_scale:
         raise InvalidSchedule("only gemm_1x1 scales its input as it loads it")
-    if spec.prologue.ln:
-        raise InvalidSchedule("only gemm_1x1 computes a LayerNorm's row statistics")
     if spec.prologue.name() and s["REDUCTION"] != "tap":
         raise InvalidSchedule("the input's prologue needs the tap reduction (one channel run)")
     if s["REDUCTION"] == "flat" and spec.padding_mode != "zeros":
@@ -73,6 +75,31 @@ ${prologue_constants}
 ${helpers}
 
 ${prologue}
+
+${wrapped_block}
+
+
+${row_stats}
+
+
+@triton.jit
+def _tap_step(acc, x_base, a_row, row_ok, w_ptr, w_col, k_ok, tap, c, sxc, pw_ptr, pb_ptr,
+              pm_ptr, pv_ptr, row_mean, row_rstd, CG: tl.constexpr, BLOCK_K: tl.constexpr,
+              PRE: tl.constexpr, WIDEN: tl.constexpr, PRECISION: tl.constexpr):
+    # acc[m, k] += x[tap's pixel of m, c] * w[k, tap, c] over one slice of BLOCK_K input
+    # channels c (a slice past CG wraps, its lanes masked: see the note over _tile_rows)
+    c_ok = c < CG
+    if CG % BLOCK_K != 0:
+        c = c % CG
+    a_mask = row_ok[:, None] & c_ok[None, :]
+    a = tl.load(x_base + a_row[:, None] + (c * sxc)[None, :], mask=a_mask, other=0.0)
+    if PRE:
+        a = _prologue(a, a_mask, x_base, c, pw_ptr, pb_ptr, pm_ptr, pv_ptr, row_mean, row_rstd,
+                      WIDEN)
+    b = tl.load(w_ptr + w_col[None, :] + (tap * CG + c)[:, None],
+                mask=c_ok[:, None] & k_ok[None, :], other=0.0)
+    return _mma(a, b, acc, WIDEN, PRECISION)
+
 
 @triton.jit
 def _flat_window(x_row, hi0, wi0, m_ok, r, r_ok, H, W, sxc, sxh, sxw, CG: tl.constexpr,
@@ -109,7 +136,7 @@ def conv_im2win_implicit(
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     PAD_MODE: tl.constexpr,  # how the padding is filled: 0 zeros, 1 reflect, 2 replicate
-    PRE_BN: tl.constexpr,
+    PRE_BN: tl.constexpr, PRE_LN: tl.constexpr, PRE_EPS: tl.constexpr,
     # meta-parameters
     REDUCTION: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr, INT64: tl.constexpr,
     IMAGE_TILES: tl.constexpr,
@@ -131,7 +158,7 @@ def conv_im2win_implicit(
     if INT64:
         w_col = offs_k.to(tl.int64) * R
     offs_r = tl.arange(0, BLOCK_K)
-    if PRE_BN:  # the prologue's per-channel parameters, from this group's first channel
+    if PRE_BN or PRE_LN:  # the prologue's per-channel parameters, from this group's first
         pw_ptr, pb_ptr = pw_ptr + g * CG, pb_ptr + g * CG
         pm_ptr, pv_ptr = pm_ptr + g * CG, pv_ptr + g * CG
 
@@ -150,6 +177,20 @@ def conv_im2win_implicit(
             b = tl.load(w_ptr + w_col[None, :] + r[:, None],
                         mask=r_ok[:, None] & k_ok[None, :], other=0.0)
             acc = _mma(a, b, acc, WIDEN, PRECISION)
+    elif PRE_LN:
+        # tap by tap: the rows' LayerNorm statistics over the channels of the pixel the tap
+        # reads (a tap in the padding: statistics of zeros, its lanes masked to 0 anyway)
+        for tap in range(0, KW * KH):
+            kx = tap // KH
+            ky = tap - kx * KH
+            a_row, row_ok = _window_tap(x_img, hi0, wi0, m_ok, ky, kx, H, W, sxh, sxw,
+                                        PH, PW, DH, DW, PAD_MODE)
+            row_mean, row_rstd = _row_stats(x_base + a_row[:, None], sxc, row_ok, PRE_EPS, CG,
+                                            BLOCK_M, BLOCK_K, WIDEN)
+            for c0 in range(0, CG, BLOCK_K):
+                acc = _tap_step(acc, x_base, a_row, row_ok, w_ptr, w_col, k_ok, tap,
+                                c0 + offs_r, sxc, pw_ptr, pb_ptr, pm_ptr, pv_ptr, row_mean,
+                                row_rstd, CG, BLOCK_K, True, WIDEN, PRECISION)
     else:
         # (loop bounds are written out from constexprs: Triton 3.6's interpreter turns every
         # assigned name into a tensor, which range() cannot take)
@@ -161,17 +202,9 @@ def conv_im2win_implicit(
             ky = tap - kx * KH
             a_row, row_ok = _window_tap(x_img, hi0, wi0, m_ok, ky, kx, H, W, sxh, sxw,
                                         PH, PW, DH, DW, PAD_MODE)
-            c_ok = c < CG
-            if CG % BLOCK_K != 0:
-                c = c % CG
-            a_mask = row_ok[:, None] & c_ok[None, :]
-            a = tl.load(x_base + a_row[:, None] + (c * sxc)[None, :], mask=a_mask, other=0.0)
-            if PRE_BN:
-                a = _prologue(a, a_mask, x_base, c, pw_ptr, pb_ptr, pm_ptr, pv_ptr, 0.0, 1.0,
-                              WIDEN)
-            b = tl.load(w_ptr + w_col[None, :] + (tap * CG + c)[:, None],
-                        mask=c_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = _mma(a, b, acc, WIDEN, PRECISION)
+            acc = _tap_step(acc, x_base, a_row, row_ok, w_ptr, w_col, k_ok, tap, c, sxc,
+                            pw_ptr, pb_ptr, pm_ptr, pv_ptr, 0.0, 1.0, CG, BLOCK_K, PRE_BN,
+                            WIDEN, PRECISION)
 
 ${epilogue}
 
@@ -189,7 +222,8 @@ ${prologue_operands}
         x, w_packed, out, *epilogue_operands, *pre_norm,
         N, H, W, HO, WO, CG, KG, R,
         *x.stride(), *out.stride(), *residual_strides,
-        **GEOMETRY, PAD_MODE=PAD_MODE, PRE_BN=PRE_BN, PRECISION=PRECISION, WIDEN=widen, INT64=int64,
+        **GEOMETRY, PAD_MODE=PAD_MODE, PRE_BN=PRE_BN, PRE_LN=PRE_LN, PRE_EPS=PRE_EPS,
+        PRECISION=PRECISION, WIDEN=widen, INT64=int64,
         IMAGE_TILES=image, **META, **LAUNCH)
 ${finish}"""
 

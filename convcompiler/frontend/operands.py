@@ -92,9 +92,11 @@ def region_operands(nodes: dict[str, torch.fx.Node], region: Region) -> tuple:
     residual = _other(nodes, region, "add") if "add" in roles else None
     if x_scale is not None:
         operands = (x, weight, bias, *bn, residual, None, x_scale)
-    elif "x_ln" in roles:  # a LayerNorm over the channels: the kernel reads its input
+    elif "x_ln" in roles or "x_ln2d" in roles:  # a LayerNorm over the channels: the kernel
+        # reads its input (x_ln2d: the permute to NHWC the norm reads, of the image)
         vectors = [nodes[roles[r]] if r in roles else None for r in ("ln_weight", "ln_bias")]
-        operands = (nodes[roles["x_ln"]], weight, bias, *bn, residual, None, None, *vectors)
+        normed = nodes[roles["x_ln"]] if "x_ln" in roles else nodes[roles["x_ln2d"]].args[0]
+        operands = (normed, weight, bias, *bn, residual, None, None, *vectors)
     elif "x_bn" in roles:  # [act](batch_norm(x)): the kernel reads x and the BN's parameters
         pre = nodes[roles["x_bn"]]
         operands = (pre.args[0], weight, bias, *bn, residual, None, None, *pre.args[1:5])

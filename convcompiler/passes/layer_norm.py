@@ -111,3 +111,34 @@ def layer_norm_of(y: torch.fx.Node, forward: set | None = None) -> LayerNormMatc
     x = xf.args[0] if _convert(xf) else xf
     nodes = (stats, var, mean, sub, plus_eps, rsqrt, *reversed(chain))
     return LayerNormMatch(x, stats, weight, bias, float(eps), nodes, cur, scaled, shifted)
+
+
+def _permute_of(node: object, dims: list[int]) -> torch.fx.Node | None:
+    """The permuted node when `node` is permute(it, dims), else None."""
+    if not isinstance(node, torch.fx.Node) or node.target is not aten.permute.default:
+        return None
+    return node.args[0] if list(node.args[1]) == dims else None
+
+
+def image_norm_input(conv: torch.fx.Node) -> tuple[torch.fx.Node, LayerNormMatch] | None:
+    """(the norm's input permute, the norm) when the conv reads a LayerNorm over an NCHW
+    image's channels, torchvision's and timm's LayerNorm2d (ConvNeXt's downsampling):
+
+        conv(permute(layer_norm(permute(x, [0, 2, 3, 1])), [0, 3, 1, 2]), w, b)
+
+    and nothing else reads the norm's output or its permute (a training graph saves the
+    permute for the weight gradient: no), the norm of x's dtype, with both a weight and a
+    bias or neither. The kernel reads x (the first permute's input) and normalises it."""
+    image = conv.args[0]
+    y = _permute_of(image, [0, 3, 1, 2])
+    if y is None or list(image.users) != [conv] or len(y.users) != 1:
+        return None
+    norm = layer_norm_of(y)
+    if norm is None or _permute_of(norm.x, [0, 2, 3, 1]) is None:
+        return None
+    xv, out = fake_value(norm.x), fake_value(image)
+    if xv is None or out is None or xv.dtype != out.dtype or xv.dim() != 4:
+        return None
+    if (norm.weight is None) != (norm.bias is None):
+        return None
+    return norm.x, norm

@@ -10,6 +10,10 @@ Rules:
         kernel maps the border in its loads, so the padded copy is never made)
     convolution(act(batch_norm(x, mean, var, g, beta)), w, b)
         => im2win_conv[bn+act(x)](x, w, b, g, beta, mean, var)
+    convolution(permute(layer_norm(permute(x, NHWC)), NCHW), w, b)
+        => im2win_conv[ln(x)](x, w, b, g, beta)
+        (LayerNorm2d before ConvNeXt's downsampling: im2win_implicit computes each tap's
+        pixel statistics and normalises x as it loads it)
     mean(y = depthwise_convolution(...) [-> epilogue], spatial dims, keepdim)
         => (y, sums) = im2win_conv_pool(...); mean = sum(sums, -1, keepdim)
         (squeeze-and-excitation's pool: direct_depthwise writes each tile's share of the
@@ -39,6 +43,7 @@ from ..spec import DTYPES, ConvSpec, Epilogue, Prologue
 from .activations import as_activation
 from .context import PassContext, Region
 from .conv_chain import BN_EVAL, BN_TRAIN, Chain, grow_chain
+from .layer_norm import image_norm_input
 from .linear_as_conv import FROM_LINEAR, IN_BLOCK, PRE_NORM, matmul_precision
 from .linear_as_conv import RULE as LINEAR_RULE
 from .meta import (
@@ -358,14 +363,19 @@ def match_conv(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModu
             summary, roles = spec.describe(), (*roles, *pre_roles)
             claimed.update(name for _, name in pre_roles)
         pre = node.meta.get(PRE_NORM) if spec is not None and ctx.config.blocks else None
+        role = "x_ln"  # the norm's input as an image (a view linear_as_conv built)
+        if pre is None and normed is None and blocks and _forward_input(node, spec, ctx):
+            pre = image_norm_input(node) if spec.groups == 1 else None
+            role = "x_ln2d"  # the permute the norm reads: the kernel reads its input
         if pre is not None and not any(n.name in claimed for n in pre[1].nodes):
             normed_x, norm = pre  # a LayerNorm over the tokens' channels: the kernel's
             prologue = Prologue(ln="plain" if norm.weight is None else "affine", eps=norm.eps)
-            layout = memory_layout(fake_value(normed_x))
+            image = normed_x.args[0] if role == "x_ln2d" else normed_x
+            layout = memory_layout(fake_value(image))
             spec = dataclasses.replace(spec, prologue=prologue, input_layout=layout)
             vectors = [(r, n.name) for r, n in (("ln_weight", norm.weight), ("ln_bias", norm.bias))
                        if n is not None]  # fmt: skip
-            summary, roles = spec.describe(), (*roles, ("x_ln", normed_x.name), *vectors)
+            summary, roles = spec.describe(), (*roles, (role, normed_x.name), *vectors)
             claimed.update(n.name for n in norm.nodes)
         pool = pooled_mean(chain.last, spec, ctx) if blocks else None
         if pool is not None and pool.name not in claimed:  # the kernel also pools y

@@ -53,6 +53,38 @@ def _fresh_state():
     torch._dynamo.reset()
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under `-n N`, xdist's work stealing: a worker whose queue runs dry takes half of the
+    longest other queue, instead of idling while the last few whole-model tests run."""
+    if getattr(config.option, "dist", None) == "load":
+        config.option.dist = "worksteal"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """After pytest-randomly's shuffle (its hook wraps this one): on an xdist worker, deal the
+    whole-model tests (marker `slow`, minutes each on 2 cores) round-robin to the fronts of
+    the N equal runs that work stealing first hands the N workers, so every worker starts
+    with its share of them and the run ends on short tests. Each worker reorders the same
+    shuffled list the same way, as xdist requires."""
+    workers = getattr(config, "workerinput", {}).get("workercount", 1)
+    if workers < 2 or len(items) < 2 * workers:
+        return
+    slow = [item for item in items if item.get_closest_marker("slow") is not None]
+    rest = [item for item in items if item.get_closest_marker("slow") is None]
+    sizes, left = [], len(items)
+    for k in range(workers):  # the runs worksteal's first schedule sends: pending // nodes left
+        sizes.append(left // (workers - k))
+        left -= sizes[-1]
+    ordered: list[pytest.Item] = []
+    for k, size in enumerate(sizes):
+        mine = slow[k::workers]
+        fill = max(0, size - len(mine))
+        ordered += mine + rest[:fill]
+        rest = rest[fill:]
+    ordered += rest
+    items[:] = ordered
+
+
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     """Name the seed of a shuffled run (pytest-randomly's header line is hidden under -q)."""
     if config.pluginmanager.hasplugin("randomly") and config.getoption("randomly_reorganize"):

@@ -259,6 +259,7 @@ def test_tune_mode_resnet50_gradients_match_eager() -> None:
             assert torch.equal(mod.running_mean.double(), ref_mod.running_mean)
 
 
+@pytest.mark.slow
 def test_tune_mode_saves_no_more_than_eager_at_small_size() -> None:
     torch.manual_seed(0)
     model = torchvision.models.resnet50().eval()

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torchvision
 from helpers import assert_close, float64_copy
+from test_window_attention import check_every_attention_fused
 
 import convcompiler
 
@@ -143,7 +144,9 @@ CASES = [
 @pytest.mark.slow
 @pytest.mark.parametrize("name,size", CASES)
 @torch._inductor.config.patch({"cpp.enable_kernel_profile": True})  # names its C++ kernels
-def test_memory_bound_launches_per_forward(name: str, size: int, marked_interpreter) -> None:
+def test_memory_bound_launches_per_forward(
+    name: str, size: int, marked_interpreter, tmp_path
+) -> None:
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None).eval()
     x = torch.randn(1, 3, size, size)
@@ -151,7 +154,8 @@ def test_memory_bound_launches_per_forward(name: str, size: int, marked_interpre
         ref = float64_copy(model)(x.double())
     counts = {}
     inductor = torch.compile(model)
-    im2win = torch.compile(model, backend="im2win", options={"verify": False})
+    options = {"verify": False, "debug_dir": str(tmp_path)}
+    im2win = torch.compile(model, backend="im2win", options=options)
     for variant, fn in (("eager", model), ("inductor", inductor), ("im2win", im2win)):
         # compile (and pack the weights, once); im2win's kernels are loaded by the compile,
         # so this call skips running them through the interpreter (its output is not used)
@@ -164,6 +168,8 @@ def test_memory_bound_launches_per_forward(name: str, size: int, marked_interpre
         if variant == "im2win":
             report = convcompiler.last_report()
             assert not [r for r in report if r.fallback_reason and r.kind != "batch_norm"], report
+            if name == "swin_t":  # test_window_attention.py's check, on this compile
+                check_every_attention_fused(name, tmp_path)
             packed = convcompiler.counters["pack.packed"]
         counts[variant] = count_launches(fn, x)
     assert_close(counts["im2win"][3], ref, torch.float32)  # the profiled call's output

@@ -11,9 +11,9 @@ import torch.fx
 
 from ..codegen.template import with_layer_scale
 from ..passes import Region
+from ..passes.conv_inputs import scaled_operands
 from ..passes.grad_mask import gradient_operand
 from ..passes.match_block import linear_operands
-from ..passes.match_conv import scaled_operands
 
 ATTENTION_OPERANDS = ("q", "k", "v", "bias", "mask", "general", "logit_scale")
 

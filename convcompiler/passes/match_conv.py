@@ -23,11 +23,12 @@ Rules:
     post_act(act(batch_norm(convolution(x, w, b), mean, var, g, beta)) + r)
         => im2win_conv[bn+act+add+post_act](x, w, b, g, beta, mean, var, r)
 
-The guards run in order; the first that fails is the region's fallback reason and the
-nodes stay ATen. The chain (conv_chain.py) takes what a kernel can fuse; a BN in eval mode
-fed by the conv is folded into the kernel ("deploy"). A BN in train mode stays ATen and its
-conv is a "train" region; a conv that the pre-grad Tune rewrite produced is a "tune" region.
-Batch norms that no conv absorbs are recorded as fallbacks with their reason.
+The rules on the conv's input (x * s, a BN or a LayerNorm it computes as it loads x) are
+conv_inputs.py's. The guards run in order; the first that fails is the region's fallback
+reason and the nodes stay ATen. The chain (conv_chain.py) takes what a kernel can fuse; a
+BN in eval mode fed by the conv is folded into the kernel ("deploy"). A BN in train mode
+stays ATen and its conv is a "train" region; a conv that the pre-grad Tune rewrite produced
+is a "tune" region. Batch norms that no conv absorbs are recorded as fallbacks with their reason.
 """
 
 from __future__ import annotations
@@ -39,12 +40,11 @@ import torch
 import torch.fx
 
 from ..counters import counters
-from ..spec import DTYPES, ConvSpec, Epilogue, Prologue
-from .activations import as_activation
+from ..spec import DTYPES, ConvSpec, Epilogue
 from .context import PassContext, Region
 from .conv_chain import BN_EVAL, BN_TRAIN, Chain, grow_chain
-from .layer_norm import image_norm_input
-from .linear_as_conv import FROM_LINEAR, IN_BLOCK, PRE_NORM, matmul_precision
+from .conv_inputs import input_prologue
+from .linear_as_conv import FROM_LINEAR, IN_BLOCK, matmul_precision
 from .linear_as_conv import RULE as LINEAR_RULE
 from .meta import (
     conv_summary,
@@ -119,64 +119,6 @@ def padded_input(node: torch.fx.Node) -> tuple[torch.fx.Node, str, tuple[int, ..
     if len(pairs) != spatial or any(a != b or a < 0 for a, b in pairs):
         return None
     return pad.args[0], PADS[pad.target], tuple(a for a, _ in reversed(pairs))
-
-
-def scaled_operands(mul: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | None:
-    """(x, s) of mul(x, s) or mul(s, x) with x [N, C, *spatial] and s [N, C, 1, ...] of x's
-    dtype (a per-image channel scale), or None."""
-    if mul.target is not aten.mul.Tensor or len(mul.args) != 2:
-        return None
-    for x, s in (mul.args, reversed(mul.args)):
-        xv, sv = fake_value(x), fake_value(s)
-        if xv is None or sv is None or xv.dim() < 3 or sv.dim() != xv.dim():
-            continue
-        if sv.dtype == xv.dtype and sizes(sv) == (*sizes(xv)[:2], *[1] * (xv.dim() - 2)):
-            return x, s
-    return None
-
-
-def _scaled_input(node: torch.fx.Node, spec: ConvSpec, ctx: PassContext):
-    """The mul(x, s) a forward 1x1 conv alone reads, which its kernel can apply, or None."""
-    mul = node.args[0]
-    if not _forward_input(node, spec, ctx) or len(mul.users) != 1 or spec.groups != 1:
-        return None
-    if spec.kernel != (1, 1) or spec.padding != (0, 0):
-        return None
-    return mul if scaled_operands(mul) is not None else None
-
-
-def _forward_input(node: torch.fx.Node, spec: ConvSpec, ctx: PassContext) -> bool:
-    """Whether a forward conv's kernel could compute its input as it loads it."""
-    return (
-        ctx.stage != "backward" and spec.op == "conv" and isinstance(node.args[0], torch.fx.Node)
-    )
-
-
-def _sole_input(node: torch.fx.Node, user: torch.fx.Node) -> bool:
-    return isinstance(node, torch.fx.Node) and list(node.users) == [user]
-
-
-def normed_input(conv: torch.fx.Node) -> tuple[torch.fx.Node, Prologue, tuple] | None:
-    """(x, prologue, roles) when the conv reads [act](getitem(batch_norm(x), 0)), an eval-mode
-    batch norm whose output (and activation) only the conv reads; else None."""
-    cur, act, roles = conv.args[0], None, []
-    if not _sole_input(cur, conv):
-        return None
-    if cur.target is not operator.getitem:
-        act = as_activation(cur)
-        if act is None or not cur.args or not _sole_input(cur.args[0], cur):
-            return None
-        roles.append(("x_act", cur.name))
-        cur = cur.args[0]
-    bn = cur.args[0] if cur.target is operator.getitem and cur.args[1] == 0 else None
-    if bn is None or bn.target is not BN_EVAL or list(bn.users) != [cur]:
-        return None
-    weight, bias, _mean, _var, _momentum, eps = bn.args[1:7]
-    if (weight is None) != (bias is None) or not isinstance(eps, (int, float)):
-        return None
-    kind = "plain" if weight is None else "affine"
-    roles += [("x_getitem", cur.name), ("x_bn", bn.name)]
-    return bn.args[0], Prologue(bn=kind, eps=float(eps), act=act), tuple(roles)
 
 
 def _feeds_conv(bn: torch.fx.Node) -> bool:
@@ -346,37 +288,11 @@ def match_conv(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModu
         roles = chain.roles
         if spec is not None and spec.padding_mode != "zeros":
             roles = (*roles, ("pad", node.args[0].name))  # the kernel reads its input
-        scaled = _scaled_input(node, spec, ctx) if spec is not None and not linear else None
-        if scaled is not None:  # the kernel reads x and s
-            x, _ = scaled_operands(scaled)
-            layout = memory_layout(fake_value(x))
-            spec = dataclasses.replace(spec, input_scale=True, input_layout=layout)
-            summary, roles = spec.describe(), (*roles, ("x_scale", scaled.name))
+        if spec is not None:  # what the kernel computes from its input as it loads it
+            spec, roles, taken = input_prologue(node, spec, roles, ctx, claimed, linear)
+            summary = spec.describe()
+            claimed.update(taken)
         blocks = spec is not None and not linear and ctx.config.blocks
-        normed = normed_input(node) if blocks and _forward_input(node, spec, ctx) else None
-        if normed is not None and any(name in claimed for _, name in normed[2]):
-            normed = None  # the BN is the epilogue of the conv that feeds it
-        if normed is not None:  # the kernel reads x and the BN's parameters
-            x, prologue, pre_roles = normed
-            layout = memory_layout(fake_value(x))
-            spec = dataclasses.replace(spec, prologue=prologue, input_layout=layout)
-            summary, roles = spec.describe(), (*roles, *pre_roles)
-            claimed.update(name for _, name in pre_roles)
-        pre = node.meta.get(PRE_NORM) if spec is not None and ctx.config.blocks else None
-        role = "x_ln"  # the norm's input as an image (a view linear_as_conv built)
-        if pre is None and normed is None and blocks and _forward_input(node, spec, ctx):
-            pre = image_norm_input(node) if spec.groups == 1 else None
-            role = "x_ln2d"  # the permute the norm reads: the kernel reads its input
-        if pre is not None and not any(n.name in claimed for n in pre[1].nodes):
-            normed_x, norm = pre  # a LayerNorm over the tokens' channels: the kernel's
-            prologue = Prologue(ln="plain" if norm.weight is None else "affine", eps=norm.eps)
-            image = normed_x.args[0] if role == "x_ln2d" else normed_x
-            layout = memory_layout(fake_value(image))
-            spec = dataclasses.replace(spec, prologue=prologue, input_layout=layout)
-            vectors = [(r, n.name) for r, n in (("ln_weight", norm.weight), ("ln_bias", norm.bias))
-                       if n is not None]  # fmt: skip
-            summary, roles = spec.describe(), (*roles, (role, normed_x.name), *vectors)
-            claimed.update(n.name for n in norm.nodes)
         pool = pooled_mean(chain.last, spec, ctx) if blocks else None
         if pool is not None and pool.name not in claimed:  # the kernel also pools y
             spec = dataclasses.replace(spec, pool_sums=True)

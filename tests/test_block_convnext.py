@@ -59,6 +59,8 @@ def test_nan_and_inf_stay_in_their_pixels_windows(dtype) -> None:
     if dtype == torch.float32:  # float32 without TF32: partly fused (no register budget)
         kinds = [(r.kind, r.schedule) for r in report]
         assert kinds == [("mlp_block", "mlp_block"), ("conv", "direct_depthwise")], kinds
+        why = report.regions[0].why  # the MLP's choice, then why the block is not whole
+        assert "not whole with its depthwise conv: partly fused: no whole-block" in why, why
     else:
         assert len(whole_blocks(report)) == 1
 

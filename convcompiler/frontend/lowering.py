@@ -204,6 +204,8 @@ class Lowering:
     # ---- the graph rewrite ------------------------------------------------------------------
     def _record(self, region: Region, choice: Choice | None, **fields) -> None:
         pred = choice.prediction if choice else None
+        if region.note:  # what the matcher tried first (a ConvNeXt block not whole)
+            fields["why"] = "; ".join(filter(None, (fields.get("why"), region.note)))
         self.report.regions.append(
             RegionRecord(
                 name=region.name,

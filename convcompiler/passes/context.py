@@ -30,6 +30,9 @@ class Region:
     roles: tuple[tuple[str, str], ...] = ()  # (role, node name) along a conv epilogue chain
     # conv_bn: "deploy", "tune" or "train"; backward convs: "grad_input" or "grad_weight"
     mode: str | None = None
+    # what the matcher tried first and why it settled for this region (a ConvNeXt block that
+    # does not run whole); the report adds it to the region's "why"
+    note: str | None = None
 
 
 @dataclass

@@ -379,7 +379,7 @@ def match_mlp_blocks(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.Gra
         x = fake_value(chain.x2d)
         if x is not None and x.device.type == "cpu" and ctx.config.cpu == "aten":
             continue  # the host runs every linear (linear_as_conv says so)
-        spec, reason = _plan(chain, ctx)
+        spec, reason, note = _plan(chain, ctx)
         name = ctx.new_region_name("mlp_block")
         roles = tuple((role, n.name) for role, n in chain.nodes)
         ctx.regions.append(
@@ -393,6 +393,7 @@ def match_mlp_blocks(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.Gra
                 spec=spec,
                 fallback_reason=None if reason is None else f"per layer: {reason}",
                 roles=roles,
+                note=note,
             )
         )
         if reason is None:
@@ -406,11 +407,11 @@ def match_mlp_blocks(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.Gra
 
 def _plan(
     chain: MlpChain, ctx: PassContext, whole: bool = True
-) -> tuple[MlpSpec | None, str | None]:
-    """(the block's spec, None when it runs as one kernel, else why not). In an inference
-    graph a ConvNeXt block is tried whole first (its depthwise conv included); when a guard
-    or the cost model ("partly fused") refuses that, the MLP alone is planned, and the
-    conv stays a region of its own."""
+) -> tuple[MlpSpec | None, str | None, str | None]:
+    """(the block's spec, None when it runs as one kernel else why not, a note). In an
+    inference graph a ConvNeXt block is tried whole first (its depthwise conv included); when
+    a guard or the cost model ("partly fused") refuses that, the MLP alone is planned, the
+    conv stays a region of its own, and the note says why the block is not whole."""
     whole = whole and ctx.stage == "inference" and chain.absorb_depthwise()
     found = spec_or_reason(chain)
     spec = found if isinstance(found, MlpSpec) else None
@@ -418,8 +419,10 @@ def _plan(
     if whole and reason is not None:
         log.debug("ConvNeXt block at %s not whole: %s", chain.nodes[0][1].name, reason)
         chain.drop_depthwise()
-        return _plan(chain, ctx, whole=False)
-    return spec, reason
+        note = f"not whole with its depthwise conv: {reason}"
+        spec, reason, _ = _plan(chain, ctx, whole=False)
+        return spec, reason, note
+    return spec, reason, None
 
 
 def block_interiors(

@@ -54,9 +54,12 @@ def _fresh_state():
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Under `-n N`, xdist's work stealing: a worker whose queue runs dry takes half of the
-    longest other queue, instead of idling while the last few whole-model tests run."""
-    if getattr(config.option, "dist", None) == "load":
+    """Under `-n N` (xdist's default `--dist load`), work stealing: a worker whose queue runs
+    dry takes half of the longest other queue, instead of idling while the last few
+    whole-model tests run. A `--dist` given on the command line is kept."""
+    args = config.invocation_params.args
+    explicit = any(str(a) == "--dist" or str(a).startswith("--dist=") for a in args)
+    if getattr(config.option, "dist", None) == "load" and not explicit:
         config.option.dist = "worksteal"
 
 

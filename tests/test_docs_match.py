@@ -49,8 +49,8 @@ def test_every_documented_flag_exists() -> None:
     known = set().union(*(_flags(p) for p in PARSERS))
     # flags written in the README's command lines and tables (`--x`), not other tools' flags
     documented = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", README))
-    # pip's, aot's (checked through cli), and pytest-randomly's
-    others = {"--no-deps", "--arch", "--help", "--randomly-seed"}
+    # pip's, aot's (checked through cli), pytest-randomly's and pytest-xdist's
+    others = {"--no-deps", "--arch", "--help", "--randomly-seed", "--dist"}
     unknown = sorted(documented - known - others)
     assert not unknown, f"the README names flags no command has: {unknown}"
 

@@ -419,8 +419,10 @@ def _plan(
     if whole and reason is not None:
         log.debug("ConvNeXt block at %s not whole: %s", chain.nodes[0][1].name, reason)
         chain.drop_depthwise()
-        note = f"not whole with its depthwise conv: {reason}"
+        refused = reason
         spec, reason, _ = _plan(chain, ctx, whole=False)
+        # (a guard that refuses the MLP alone too, an empty batch say, is said once)
+        note = None if reason == refused else f"not whole with its depthwise conv: {refused}"
         return spec, reason, note
     return spec, reason, None
 

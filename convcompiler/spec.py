@@ -61,6 +61,9 @@ class Epilogue:
     """What a conv kernel applies to its fp32 accumulator before the store, in order:
 
     conv bias -> batch norm with running stats -> act -> * layer scale -> + residual -> post_act
+
+    or conv bias -> LayerNorm over the output channels (`ln`; ConvNeXt's stem: conv ->
+    LayerNorm2d), alone: the kernel's tile holds every output channel of its pixels.
     """
 
     bn: str | None = None  # None, "affine" (weight and bias) or "plain" (no affine)
@@ -73,9 +76,13 @@ class Epilogue:
     # a per-output-channel layer scale multiplies the output before the residual (a linear's:
     # ConvNeXt's and LayerScale's gamma * fc2(h); gemm_1x1 only)
     scale: bool = False
+    ln: str | None = None  # None, "affine" or "plain": a LayerNorm over the output channels
+    ln_eps: float = 1e-5
 
     def name(self) -> str:
-        """e.g. "bn+relu", "bn+add+relu", "gelu+bn", "" for a plain conv."""
+        """e.g. "bn+relu", "bn+add+relu", "gelu+bn", "ln", "" for a plain conv."""
+        if self.ln:
+            return "ln"
         parts = ["bn"] if self.bn and not self.bn_after_act else []
         parts += [str(self.act)] if self.act else []
         parts += ["bn"] if self.bn and self.bn_after_act else []
@@ -199,6 +206,11 @@ class ConvSpec(SizeHints):
             raise SpecError("pooled sums are for forward convs only")
         if self.prologue.bn and self.prologue.ln:
             raise SpecError("a prologue has one norm")
+        e = self.epilogue
+        if e.ln and (e.bn or e.act or e.residual or e.post_act or e.scale):
+            raise SpecError("a LayerNorm epilogue follows the conv (and its bias) alone")
+        if e.ln and (self.groups != 1 or self.op != "conv"):
+            raise SpecError("a LayerNorm epilogue is for a forward conv with groups=1")
         if self.prologue.ln and self.groups != 1:
             raise SpecError("a LayerNorm prologue normalises every channel: groups must be 1")
         if self.input_scale and self.prologue.name():
@@ -495,6 +507,8 @@ def spec_to_json(spec) -> dict:
                 "post_act": post,
                 "bn_after_act": e.bn_after_act,
                 "scale": e.scale,
+                "ln": e.ln,
+                "ln_eps": e.ln_eps,
             }
         elif f.name == "prologue":
             act = [v.act.name, list(v.act.args)] if v.act else None
@@ -558,7 +572,8 @@ def spec_from_json(data: object):
             **common,
         )
     e = data["epilogue"]
-    keys = {"bn", "bn_eps", "act", "residual", "post_act", "bn_after_act", "scale"}
+    keys = {"bn", "bn_eps", "act", "residual", "post_act", "bn_after_act", "scale", "ln",
+            "ln_eps"}
     if not isinstance(e, dict) or set(e) != keys:
         raise SpecError(f"epilogue {e!r} is not an epilogue")
     epilogue = Epilogue(
@@ -569,6 +584,8 @@ def spec_from_json(data: object):
         post_act=_activation_from_json(e["post_act"]),
         bn_after_act=_bool(e["bn_after_act"], "bn_after_act"),
         scale=_bool(e["scale"], "scale"),
+        ln=_check(e["ln"], BN_KINDS, "ln"),
+        ln_eps=_float(e["ln_eps"], "ln_eps"),
     )
     p = data["prologue"]
     if not isinstance(p, dict) or set(p) != {"bn", "ln", "eps", "act"}:

@@ -169,3 +169,91 @@ def test_tap_statistics_addresses(tiling) -> None:
     assert_close(ref, eager, torch.float32, "the reference")
     assert_close(y, ref, torch.float32)
     assert check.kernels == {"conv_im2win_implicit"} and check.accesses > 0
+
+
+class Stem(nn.Module):
+    """ConvNeXt's stem: Conv2d(3, k, 4, stride 4) -> LayerNorm2d(k)."""
+
+    def __init__(self, k: int = 24, affine: bool = True) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, k, 4, stride=4)
+        self.norm = LayerNorm2d(k, eps=1e-6, elementwise_affine=affine)
+        if affine:
+            with torch.no_grad():
+                self.norm.weight.uniform_(0.5, 1.5)
+                self.norm.bias.uniform_(-1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x))
+
+
+def _stem_region(report) -> object:
+    (region,) = [r for r in report if r.spec.endswith("+ln")]
+    return region
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_the_stem_s_norm_runs_in_the_conv_s_epilogue(dtype, tmp_path) -> None:
+    """The conv's tile holds every output channel of its pixels: it normalises them before
+    the store, in eager's channels_last strides; the norm and its permutes are never run."""
+    torch.manual_seed(25)
+    model = Stem().eval().to(dtype)
+    x = torch.randn(2, 3, 20, 28).to(dtype)
+    out, ref, report = compiled_and_float64(model, [x], {"debug_dir": str(tmp_path)})
+    assert_close(out, ref, dtype)
+    assert out.stride() == ref.stride()
+    region = _stem_region(report)
+    assert "4x4 s4x4" in region.spec and region.schedule == "im2win_implicit", str(report)
+    assert not report.fallbacks() and kernel_launches() == 1
+    ops = lowered_ops(tmp_path)
+    assert ops["var_mean"] == 0 and ops["permute"] == 0, ops
+
+
+def test_stem_nan_plain_norm_wide_convs_blocks_off_and_training() -> None:
+    torch.manual_seed(26)
+    model = Stem(affine=False).eval()
+    x = torch.randn(2, 3, 12, 16)
+    x[1, 2, 5, 9] = float("nan")  # output pixel (1, 2) alone reads it
+    out, ref, report = compiled_and_float64(model, [x])
+    assert_nan_and_close(out, ref, torch.float32)
+    assert out[1, :, 1, 2].isnan().all() and out.isnan().sum() == out.shape[1]
+    assert _stem_region(report).fallback_reason is None
+    # wider than a tile: the conv keeps its kernel, the norm is Inductor's
+    out, ref, report = compiled_and_float64(Stem(k=136).eval(), [x[:1, :, :8, :8]])
+    assert_close(out, ref, torch.float32)
+    assert not any(r.spec.endswith("+ln") for r in report) and kernel_launches() == 1
+    out, ref, report = compiled_and_float64(model, [x[:1]], {"blocks": False})
+    assert not any(r.spec.endswith("+ln") for r in report)
+    gradients_match_float64(Stem().train(), torch.randn(2, 3, 8, 12))
+    assert not any(r.spec.endswith("+ln") for r in convcompiler.last_report())
+
+
+@pytest.mark.parametrize("tiling", ["image", "batch"])
+def test_stem_epilogue_addresses(tiling) -> None:
+    """The LayerNorm epilogue's channel tail (21 channels in a 32-wide tile) and pixel tail
+    stay in bounds and out of the statistics; the result is F.layer_norm's."""
+    gen = torch.Generator().manual_seed(27)
+    x = torch.randn(3, 5, 9, 7, generator=gen)
+    w = torch.randn(21, 5, 2, 2, generator=gen)
+    b = torch.randn(21, generator=gen)
+    vectors = [torch.rand(21, generator=gen) + 0.5, torch.randn(21, generator=gen)]
+    spec = dataclasses.replace(
+        conv_spec_of(x, w, b, stride=2), output_layout="nchw" if tiling == "image" else "nhwc",
+        epilogue=dataclasses.replace(conv_spec_of(x, w).epilogue, ln="affine", ln_eps=1e-6),
+    )  # fmt: skip
+    schedule = SPACES["im2win_implicit"].make(
+        spec, BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=8, M_TILES=tiling, REDUCTION="tap",
+        num_warps=4, num_stages=2)  # fmt: skip
+    launch = gpu_native.load_kernel(spec, schedule)
+    with address_check() as check:
+        y = launch(x, w, b, *vectors, None, None)
+    ref = run_aten(spec, x.double(), w.double(), b.double(), *[v.double() for v in vectors])
+    conv = torch.nn.functional.conv2d(x.double(), w.double(), b.double(), stride=2)
+    eager = torch.nn.functional.layer_norm(
+        conv.permute(0, 2, 3, 1), (21,), vectors[0].double(), vectors[1].double(), 1e-6
+    ).permute(0, 3, 1, 2)
+    assert_close(ref, eager, torch.float32, "the reference")
+    assert_close(y, ref, torch.float32)
+    assert check.kernels == {"conv_im2win_implicit"} and check.accesses > 0
+    with pytest.raises(ValueError, match="LayerNorm's weight and bias"):
+        launch(x, w, b, None, None, None, None)

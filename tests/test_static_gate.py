@@ -105,8 +105,9 @@ def test_whole_convnext_block_kernels_pass_the_static_check(dtype: str) -> None:
         assert st.ok and st.uses_dot and st.tensor_core_ops > 0, (arch, st, st.problems())
 
 
-# the conv kernels that fuse a norm or a pool (test_norm_prologue.py, test_se_scale.py), at
-# their models' batch-32 shapes, as the backend plans them for an H100
+# the conv kernels that fuse a norm or a pool (test_norm_prologue.py, test_se_scale.py,
+# test_layer_norm_2d.py), at their models' batch-32 shapes, as the backend plans them for an
+# H100
 FUSED = {
     # name: (x shape, weight shape, padding, stride, groups, dtype, spec fields)
     "densenet121-bn_relu-1x1-fp16": ((32, 256, 28, 28), (128, 256, 1, 1), 0, 1, 1, "float16",
@@ -122,6 +123,10 @@ FUSED = {
                                               "bfloat16", "ln"),
     "efficientnet_b0-dw5x5-pool-fp16": ((32, 240, 28, 28), (240, 1, 5, 5), 2, 1, 240,
                                         "float16", "pool"),
+    "convnext_tiny-stem-ln-fp16": ((32, 3, 224, 224), (96, 3, 4, 4), 0, 4, 1, "float16",
+                                   "ln_epilogue"),
+    "convnext_base-stem-ln-bf16": ((32, 3, 224, 224), (128, 3, 4, 4), 0, 4, 1, "bfloat16",
+                                   "ln_epilogue"),
 }
 
 
@@ -149,6 +154,7 @@ def test_fused_norm_and_pool_kernels_pass_the_static_check(name: str) -> None:
         "bn": dict(prologue=Prologue(bn="affine", act=Activation("relu"))),
         "ln": dict(prologue=Prologue(ln="affine", eps=1e-6)),
         "pool": dict(pool_sums=True, epilogue=Epilogue(bn="affine", act=Activation("silu"))),
+        "ln_epilogue": dict(epilogue=Epilogue(ln="affine", ln_eps=1e-6), output_layout="nhwc"),
     }[kind]
     spec = dataclasses.replace(spec, device="cuda", **fields)
     h100 = lookup("h100")

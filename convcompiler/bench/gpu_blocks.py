@@ -7,6 +7,8 @@
                   -> kxk conv (ConvNeXt's LayerNorm2d -> 2x2 stride-2 downsampling):
                   im2win_implicit's tap order, each tap's pixels' statistics first
     late_bn       conv -> act -> BN (ConvMixer, RepViT): the BN after the activation
+    ln_epilogue   conv -> LayerNorm over its output channels (ConvNeXt's stem, LayerNorm2d):
+                  the tile holds every output channel and normalises them before the store
     layer_scale   a linear's 1x1 conv -> [act] -> * gamma [-> + residual] (ConvNeXt's fc2,
                   timm's LayerScale): gemm_1x1 scales its output per channel
     se_scale      conv1x1(x * s[n, c]) (squeeze-and-excitation's scale): gemm_1x1
@@ -42,7 +44,7 @@ from ..spec_block import MlpSpec
 from .gpu_cases import DTYPES, SHAPES_PER_VARIANT, ConvCase
 
 CONV_FAMILIES = (
-    "bn_prologue", "ln_prologue", "late_bn", "se_scale", "se_pool", "layer_scale"
+    "bn_prologue", "ln_prologue", "late_bn", "se_scale", "se_pool", "layer_scale", "ln_epilogue"
 )
 FAMILIES = (*CONV_FAMILIES, "mlp_block")
 MLP_LAYOUTS = ("plain", "layernorm", "gated", "convnext")
@@ -97,6 +99,12 @@ def _conv_variant(rng: random.Random, index: int, family: str, dtype: str, layou
                         groups=1)  # fmt: skip
     elif family == "se_scale":
         fields["input_scale"] = True
+    elif family == "ln_epilogue":  # ConvNeXt's stem, a kxk conv, then LayerNorm2d
+        fields["epilogue"] = Epilogue(ln=rng.choice(("affine", "plain")), ln_eps=1e-6)
+        k, stride, pad = rng.choice(((4, 4, 0), (2, 2, 0), (3, 1, 1)))
+        geometry = dict(kernel=(k, k), padding=(pad, pad), stride=(stride, stride),
+                        in_channels=rng.randint(3, 24), groups=1)  # fmt: skip
+        schedule = None  # the cost model's choice among the generated kernels
     elif family == "layer_scale":
         fields["epilogue"] = Epilogue(act=rng.choice((act, None)), scale=True,
                                       residual=rng.random() < 0.7)  # fmt: skip

@@ -139,6 +139,8 @@ def _conv_inputs(case: ConvCase, spec: ConvSpec, device: str, gen: torch.Generat
     f32 = torch.float32
     stats = (randn(k, dtype=f32), randn(k, dtype=f32).abs() + 0.5) if bn else (None, None)
     affine = (randn(k, dtype=f32), randn(k, dtype=f32)) if bn == "affine" else (None, None)
+    if case.epilogue.ln == "affine":  # a LayerNorm's weight and bias, of the input's dtype
+        affine = (randn(k) * 0.5 + 1.0, randn(k))
     residual = None
     if case.epilogue.residual:
         ho, wo = (spec.hint(s) for s in spec.out_size)

@@ -113,6 +113,26 @@ tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & k_o
 """
 
 
+def _layer_norm(kind: str, eps: float) -> list[str]:
+    """A LayerNorm over each pixel's output channels (spec.epilogue.ln): the tile holds all
+    KG of them (the templates' spaces see to it), so its rows' statistics come from registers,
+    the mean first, then the centred squares, as eager; the conv's output is rounded to the
+    output's dtype first, as eager's conv writes it. Its weight and bias are the batch norm's
+    operands (bnw_ptr, bnb_ptr); lanes past KG are left out of both sums."""
+    lines = [
+        "# the LayerNorm over the channels, from the conv's output as eager rounds it",
+        "if not WIDEN:",
+        "    acc = acc.to(y_ptr.dtype.element_ty).to(acc.dtype)",
+        "ln_mean = tl.reduce(tl.where(k_ok[None, :], acc, 0.0), 1, _add, keep_dims=True) / KG",
+        "centred = tl.where(k_ok[None, :], acc - ln_mean, 0.0)",
+        "ln_var = tl.reduce(centred * centred, 1, _add, keep_dims=True) / KG",
+        f"acc = centred / tl.sqrt(ln_var + {eps!r})",
+    ]
+    if kind == "affine":
+        lines.append(f"acc = acc * {_load('bnw_ptr')}[None, :] + {_load('bnb_ptr')}[None, :]")
+    return lines
+
+
 def epilogue(spec: ConvSpec) -> str:
     """Kernel code run on `acc` [BLOCK_M, BLOCK_N], then the store (4-space indented).
 
@@ -128,6 +148,8 @@ def epilogue(spec: ConvSpec) -> str:
     lines = [f"# ---- 4. epilogue: {' + '.join(steps) if steps else 'none'} ----"]
     if spec.has_bias:
         lines.append(f"acc += {_load('b_ptr')}[None, :]")
+    if e.ln:
+        lines += _layer_norm(e.ln, e.ln_eps)
     bn = []
     if e.bn:
         bn.append(f"scale = tl.rsqrt({_load('var_ptr', '1.0')} + {e.bn_eps!r})")

@@ -35,6 +35,7 @@ TILING_KEYS = ("M_TILES",)
     num_stages=(2, 3, 4),
 )
 def SPACE(spec: ConvSpec, s: Schedule, device: Device | None) -> None:
+    T.check_ln_epilogue(spec, s)
     if spec.pool_sums:
         raise InvalidSchedule("only direct_depthwise writes pooled sums")
     if spec.kernel != (1, 1):

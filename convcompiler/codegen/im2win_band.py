@@ -45,6 +45,8 @@ FILL_KEYS = ("FILL_W", "FILL_C")
 def SPACE(spec: ConvSpec, s: Schedule, device: Device | None) -> None:
     if spec.epilogue.scale:
         raise InvalidSchedule("only gemm_1x1 applies a layer scale")
+    if spec.epilogue.ln:
+        raise InvalidSchedule("a LayerNorm epilogue: gemm_1x1's and im2win_implicit's")
     if spec.pool_sums:
         raise InvalidSchedule("only direct_depthwise writes pooled sums")
     if spec.transforms_input:

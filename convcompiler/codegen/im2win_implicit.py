@@ -52,6 +52,7 @@ def SPACE(spec: ConvSpec, s: Schedule, device: Device | None) -> None:
         raise InvalidSchedule("only direct_depthwise writes pooled sums")
     if spec.input_scale:
         raise InvalidSchedule("only gemm_1x1 scales its input as it loads it")
+    T.check_ln_epilogue(spec, s)
     if spec.prologue.name() and s["REDUCTION"] != "tap":
         raise InvalidSchedule("the input's prologue needs the tap reduction (one channel run)")
     if spec.prologue.ln and spec.dtype == "float32" and s["num_warps"] > 4:

@@ -74,6 +74,16 @@ def check_row_tiling(spec: ConvSpec, s: Schedule) -> None:
         raise InvalidSchedule("image tiles put the batch on grid axis 2 (at most 65535)")
 
 
+def check_ln_epilogue(spec: ConvSpec, s: Schedule) -> None:
+    """A LayerNorm epilogue normalises each pixel over all its output channels, from the
+    accumulator: one tile must hold every one of them."""
+    if spec.epilogue.ln and s["BLOCK_N"] < spec.out_channels_per_group:
+        raise InvalidSchedule(
+            f"a LayerNorm epilogue needs all {spec.out_channels_per_group} output channels in "
+            "one tile"
+        )
+
+
 def check_gemm_tiles(spec: ConvSpec, s: Schedule, device: Device | None) -> None:
     """Row tiling, plus the GPU budgets of the tl.dot templates (none for the interpreter).
 
@@ -160,6 +170,7 @@ def constants(spec: ConvSpec, schedule: Schedule, **groups: tuple[str, ...]) -> 
         f"HAS_BIAS = {spec.has_bias}",
         f"BATCH_NORM = {spec.epilogue.bn is not None}",
         f"BN_AFFINE = {spec.epilogue.bn == 'affine'}",
+        f"LN_AFFINE = {spec.epilogue.ln == 'affine'}  # a LayerNorm epilogue's weight and bias",
         f"RESIDUAL = {spec.epilogue.residual}",
         f"OUT_CHANNELS_LAST = {spec.output_layout == 'nhwc'}",
         f"PRECISION = {spec.precision!r}",
@@ -412,6 +423,10 @@ CHECK_OPERANDS = """
     if BATCH_NORM and (bn_var is None or (bn_weight is not None) != BN_AFFINE
                        or (bn_bias is not None) != BN_AFFINE):
         raise ValueError("batch norm needs running mean and var, plus weight and bias iff affine")
+    if not BATCH_NORM and ((bn_weight is not None) != LN_AFFINE
+                           or (bn_bias is not None) != LN_AFFINE):
+        raise ValueError(f"kernel built {'with' if LN_AFFINE else 'without'} a LayerNorm's "
+                         "weight and bias (in the batch norm's places)")
     if NDIM == 1:  # a 1-D conv runs as a 2-D conv over a 1-row image
         x, weight = x.unsqueeze(2), weight.unsqueeze(2)
     N, C, H, W = x.shape

@@ -89,6 +89,8 @@ def region_operands(nodes: dict[str, torch.fx.Node], region: Region) -> tuple:
     if "x_scale" in roles:  # x * s[n, c]: the kernel reads x and s
         x, x_scale = scaled_operands(nodes[roles["x_scale"]])
     bn = nodes[roles["bn"]].args[1:5] if "bn" in roles else (None,) * 4
+    if "ln_scaled" in roles:  # a LayerNorm epilogue: its weight and bias in the BN's places
+        bn = (_other(nodes, region, "ln_scaled"), _other(nodes, region, "ln_shifted"), None, None)
     residual = _other(nodes, region, "add") if "add" in roles else None
     if x_scale is not None:
         operands = (x, weight, bias, *bn, residual, None, x_scale)

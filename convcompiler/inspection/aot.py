@@ -172,6 +172,8 @@ def meta_inputs(spec: ConvSpec | AttentionSpec | MlpSpec) -> tuple[torch.Tensor 
     bn = spec.epilogue.bn
     stats = (empty((k,), dt=torch.float32), empty((k,), dt=torch.float32)) if bn else (None, None)
     affine = (empty((k,), dt=torch.float32),) * 2 if bn == "affine" else (None, None)
+    if spec.epilogue.ln == "affine":  # a LayerNorm's weight and bias, of the model's dtype
+        affine = (empty((k,)), empty((k,)))
     mask = (torch.empty_like(x, dtype=torch.bool),) if spec.input_mask else ()
     if spec.input_scale:  # after the absent mask: x_scale [N, C, 1, 1]
         mask = (None, empty((n, spec.in_channels, 1, 1)[: x.dim()]))

@@ -2,6 +2,7 @@
 
     conv -> [batch_norm (running stats) -> getitem 0] -> [act] -> [add residual] -> [act]
     conv -> act -> batch_norm (running stats) -> getitem 0 -> [add residual] -> [act]
+    conv -> permute NHWC -> layer_norm over the channels -> permute NCHW   (LayerNorm2d)
 
 With `layer_scale` (a linear's chain, passes/linear_as_conv.py: the dim of its channels), a
 multiplication by a per-channel vector (ConvNeXt's and LayerScale's gamma: [K, 1, 1] on an
@@ -22,11 +23,15 @@ import torch.fx
 
 from ..spec import Epilogue
 from .activations import as_activation
+from .layer_norm import image_norm_after
 from .meta import fake_value
 
 aten = torch.ops.aten
 BN_EVAL = aten._native_batch_norm_legit_no_training.default
 BN_TRAIN = aten._native_batch_norm_legit_functional.default
+# A LayerNorm epilogue needs every output channel in one tile: the conv templates' widest
+# BLOCK_N. A wider conv keeps its own kernel and leaves the norm to Inductor.
+LN_CHANNELS = 128
 
 
 @dataclass(frozen=True)
@@ -82,13 +87,39 @@ def _channel_vector(user: torch.fx.Node | None, cur: torch.fx.Node, dim: int) ->
     return v.dim() <= out.dim() and v.dtype == out.dtype and shape == expected
 
 
+def _norm_chain(conv: torch.fx.Node, claimed: set[str]) -> Chain | None:
+    """conv -> LayerNorm2d (layer_norm.image_norm_after) as a chain: the norm's nodes in
+    order (its weight's mul and bias's add as roles ln_scaled, ln_shifted), the permute back
+    last."""
+    found = image_norm_after(conv)
+    out = fake_value(conv)
+    if found is None or out is None or out.shape[1] > LN_CHANNELS:
+        return None
+    norm, back = found
+    permute = next(iter(conv.users))  # then its contiguous copy, or the norm's input
+    inside = (permute, norm.x, norm.stats.args[0], *norm.nodes, back)
+    nodes = list(dict.fromkeys(n for n in inside if isinstance(n, torch.fx.Node)))
+    if any(n.name in claimed for n in nodes):
+        return None
+    named = {norm.scaled: "ln_scaled", norm.shifted: "ln_shifted"}
+    roles = [("conv", conv.name)] + [(named.get(n, f"ln{i}"), n.name) for i, n in enumerate(nodes)]
+    kind = "plain" if norm.weight is None else "affine"
+    return Chain(tuple(roles), Epilogue(ln=kind, ln_eps=norm.eps), back)
+
+
 def grow_chain(
     conv: torch.fx.Node,
     claimed: set[str],
     *,
     fuse_bn: bool = True,
     layer_scale: int | None = None,
+    layer_norm: bool = False,
 ) -> Chain:
+    """The conv's chain (see the module docstring); with `layer_norm`, a LayerNorm2d that
+    alone reads the conv's output is its whole epilogue (spec.epilogue.ln)."""
+    normed = _norm_chain(conv, claimed) if layer_norm else None
+    if normed is not None:
+        return normed
     roles = [("conv", conv.name)]
     cur, fields = conv, {}
     user = _sole_user(cur, claimed)

@@ -142,3 +142,43 @@ def image_norm_input(conv: torch.fx.Node) -> tuple[torch.fx.Node, LayerNormMatch
     if (norm.weight is None) != (norm.bias is None):
         return None
     return norm.x, norm
+
+
+def image_norm_after(node: torch.fx.Node) -> tuple[LayerNormMatch, torch.fx.Node] | None:
+    """(the norm, the permute back to NCHW) when the NCHW image `node` is read only by a
+    LayerNorm over its channels, torchvision's and timm's LayerNorm2d (ConvNeXt's stem):
+
+        permute(layer_norm([clone](permute(node, [0, 2, 3, 1]))), [0, 3, 1, 2])
+
+    and every node between the two permutes is used only inside the norm, of node's dtype,
+    with both a weight and a bias or neither. A conv's kernel can then normalise its output
+    tile before storing it (spec.epilogue.ln)."""
+    users = list(node.users)
+    if len(users) != 1 or _permute_of(users[0], [0, 2, 3, 1]) is not node:
+        return None
+    start = users[0]
+    copies = list(start.users)  # the permuted NCHW image made contiguous for the norm
+    if len(copies) == 1 and copies[0].target is aten.clone.default:
+        start = copies[0]
+    frontier, seen = list(start.users), set()
+    for _ in range(16):  # the decomposition is about a dozen nodes deep
+        back = next((n for n in frontier if _permute_of(n, [0, 3, 1, 2]) is not None), None)
+        if back is not None:
+            break
+        seen.update(frontier)
+        frontier = [u for n in frontier for u in n.users if u not in seen]
+    else:
+        return None
+    y = back.args[0]
+    norm = layer_norm_of(y)
+    if norm is None or norm.x is not start or len(y.users) != 1:
+        return None
+    inside = set(norm.nodes) | {norm.stats.args[0]}
+    if not set(start.users) <= inside or not set(norm.stats.args[0].users) <= inside:
+        return None
+    xv, out = fake_value(node), fake_value(back)
+    if xv is None or out is None or xv.dtype != out.dtype or xv.dim() != 4:
+        return None
+    if (norm.weight is None) != (norm.bias is None):
+        return None
+    return norm, back

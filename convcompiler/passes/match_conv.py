@@ -270,7 +270,8 @@ def match_conv(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModu
         chain = Chain((("conv", node.name),), Epilogue(), node)
         if reason is None:
             scale = 1 if node.meta.get(FROM_LINEAR) else None  # a linear's layer scale
-            chain = grow_chain(node, claimed, layer_scale=scale)
+            norm = ctx.config.blocks and ctx.stage == "inference" and not scale
+            chain = grow_chain(node, claimed, layer_scale=scale, layer_norm=norm)
             out = fake_value(chain.last)
             if (
                 out is None

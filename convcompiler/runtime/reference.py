@@ -83,6 +83,10 @@ def run_aten(
         x, weight, bias, stride, padding, dilation, spec.transposed, output_padding, spec.groups
     )
     e = spec.epilogue
+    if e.ln:  # over the output channels (LayerNorm2d), its weight and bias in the BN's places
+        t = y.movedim(1, -1)
+        t = F.layer_norm(t, t.shape[-1:], bn_weight, bn_bias, e.ln_eps).movedim(-1, 1)
+        y = torch.empty_like(y).copy_(t)
     if e.bn and not e.bn_after_act:
         y = F.batch_norm(y, bn_mean, bn_var, bn_weight, bn_bias, False, 0.0, e.bn_eps)
     if e.act:

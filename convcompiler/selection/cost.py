@@ -246,7 +246,7 @@ def _time(spec, schedule, device, symbolic):
     e = spec.epilogue
     if schedule.name == "aten":
         # unfused: each epilogue op is its own kernel, reading and writing the output
-        ops = [bool(e.bn), e.act is not None, e.residual, e.post_act is not None]
+        ops = [bool(e.bn or e.ln), e.act is not None, e.residual, e.post_act is not None]
         traffic += (2 * ops[0] + 2 * ops[1] + 3 * ops[2] + 2 * ops[3]) * y_bytes
         launches += sum(ops)
     elif e.residual:

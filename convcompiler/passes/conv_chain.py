@@ -95,16 +95,12 @@ def _norm_chain(conv: torch.fx.Node, claimed: set[str]) -> Chain | None:
     out = fake_value(conv)
     if found is None or out is None or out.shape[1] > LN_CHANNELS:
         return None
-    norm, back = found
-    permute = next(iter(conv.users))  # then its contiguous copy, or the norm's input
-    inside = (permute, norm.x, norm.stats.args[0], *norm.nodes, back)
-    nodes = list(dict.fromkeys(n for n in inside if isinstance(n, torch.fx.Node)))
+    norm, nodes = found
     if any(n.name in claimed for n in nodes):
         return None
     named = {norm.scaled: "ln_scaled", norm.shifted: "ln_shifted"}
     roles = [("conv", conv.name)] + [(named.get(n, f"ln{i}"), n.name) for i, n in enumerate(nodes)]
-    kind = "plain" if norm.weight is None else "affine"
-    return Chain(tuple(roles), Epilogue(ln=kind, ln_eps=norm.eps), back)
+    return Chain(tuple(roles), Epilogue(ln=norm.kind, ln_eps=norm.eps), nodes[-1])
 
 
 def grow_chain(

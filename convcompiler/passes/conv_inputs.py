@@ -110,8 +110,8 @@ def input_prologue(
         layout = memory_layout(fake_value(x))
         spec = dataclasses.replace(spec, input_scale=True, input_layout=layout)
         roles = (*roles, ("x_scale", scaled.name))
-    blocks = not linear and ctx.config.blocks
-    normed = normed_input(node) if blocks and _forward_input(node, spec, ctx) else None
+    blocks = not linear and ctx.config.blocks and _forward_input(node, spec, ctx)
+    normed = normed_input(node) if blocks else None
     if normed is not None and any(name in claimed for _, name in normed[2]):
         normed = None  # the BN is the epilogue of the conv that feeds it
     if normed is not None:  # the kernel reads x and the BN's parameters
@@ -122,12 +122,12 @@ def input_prologue(
         taken.update(name for _, name in pre_roles)
     pre = node.meta.get(PRE_NORM) if ctx.config.blocks else None
     role = "x_ln"  # the norm's input as an image (a view linear_as_conv built)
-    if pre is None and normed is None and blocks and _forward_input(node, spec, ctx):
+    if pre is None and normed is None and blocks:
         pre = image_norm_input(node) if spec.groups == 1 else None
         role = "x_ln2d"  # the permute the norm reads: the kernel reads its input
     if pre is not None and not any(n.name in claimed for n in pre[1].nodes):
         normed_x, norm = pre  # a LayerNorm over the tokens' channels: the kernel's
-        prologue = Prologue(ln="plain" if norm.weight is None else "affine", eps=norm.eps)
+        prologue = Prologue(ln=norm.kind, eps=norm.eps)
         image = normed_x.args[0] if role == "x_ln2d" else normed_x
         layout = memory_layout(fake_value(image))
         spec = dataclasses.replace(spec, prologue=prologue, input_layout=layout)

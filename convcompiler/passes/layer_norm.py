@@ -35,6 +35,14 @@ class LayerNormMatch:
     scaled: torch.fx.Node | None  # ... * weight
     shifted: torch.fx.Node | None  # ... + bias
 
+    @property
+    def kind(self) -> str | None:
+        """The norm's parameters: "affine" (a weight and a bias), "plain" (neither), or None
+        for a weight without a bias or a bias alone, which no kernel takes."""
+        if (self.weight is None) != (self.bias is None):
+            return None
+        return "plain" if self.weight is None else "affine"
+
 
 def _users(node: torch.fx.Node, forward: set | None) -> list[torch.fx.Node]:
     """Its users but the graph's output; in a joint graph, only those in its forward."""
@@ -136,17 +144,23 @@ def image_norm_input(conv: torch.fx.Node) -> tuple[torch.fx.Node, LayerNormMatch
     norm = layer_norm_of(y)
     if norm is None or _permute_of(norm.x, [0, 2, 3, 1]) is None:
         return None
-    xv, out = fake_value(norm.x), fake_value(image)
-    if xv is None or out is None or xv.dtype != out.dtype or xv.dim() != 4:
-        return None
-    if (norm.weight is None) != (norm.bias is None):
-        return None
-    return norm.x, norm
+    return (norm.x, norm) if _image_norm(norm, norm.x, image) else None
 
 
-def image_norm_after(node: torch.fx.Node) -> tuple[LayerNormMatch, torch.fx.Node] | None:
-    """(the norm, the permute back to NCHW) when the NCHW image `node` is read only by a
-    LayerNorm over its channels, torchvision's and timm's LayerNorm2d (ConvNeXt's stem):
+def _image_norm(norm: LayerNormMatch, image: torch.fx.Node, normed: torch.fx.Node) -> bool:
+    """A LayerNorm2d a conv kernel can take: from a 4-D image to its normalised image of the
+    same dtype, with both a weight and a bias or neither."""
+    xv, out = fake_value(image), fake_value(normed)
+    ok = xv is not None and out is not None and xv.dtype == out.dtype and xv.dim() == 4
+    return ok and norm.kind is not None
+
+
+def image_norm_after(
+    node: torch.fx.Node,
+) -> tuple[LayerNormMatch, tuple[torch.fx.Node, ...]] | None:
+    """(the norm, its nodes in graph order from the first permute to the permute back to
+    NCHW, which is last) when the NCHW image `node` is read only by a LayerNorm over its
+    channels, torchvision's and timm's LayerNorm2d (ConvNeXt's stem):
 
         permute(layer_norm([clone](permute(node, [0, 2, 3, 1]))), [0, 3, 1, 2])
 
@@ -156,7 +170,7 @@ def image_norm_after(node: torch.fx.Node) -> tuple[LayerNormMatch, torch.fx.Node
     users = list(node.users)
     if len(users) != 1 or _permute_of(users[0], [0, 2, 3, 1]) is not node:
         return None
-    start = users[0]
+    first = start = users[0]
     copies = list(start.users)  # the permuted NCHW image made contiguous for the norm
     if len(copies) == 1 and copies[0].target is aten.clone.default:
         start = copies[0]
@@ -173,12 +187,10 @@ def image_norm_after(node: torch.fx.Node) -> tuple[LayerNormMatch, torch.fx.Node
     norm = layer_norm_of(y)
     if norm is None or norm.x is not start or len(y.users) != 1:
         return None
-    inside = set(norm.nodes) | {norm.stats.args[0]}
-    if not set(start.users) <= inside or not set(norm.stats.args[0].users) <= inside:
+    xf = norm.stats.args[0]  # x, or x converted to float32
+    inside = set(norm.nodes) | {xf}
+    if not set(start.users) <= inside or not set(xf.users) <= inside:
         return None
-    xv, out = fake_value(node), fake_value(back)
-    if xv is None or out is None or xv.dtype != out.dtype or xv.dim() != 4:
+    if not _image_norm(norm, node, back):
         return None
-    if (norm.weight is None) != (norm.bias is None):
-        return None
-    return norm, back
+    return norm, tuple(dict.fromkeys((first, start, xf, *norm.nodes, back)))

@@ -173,7 +173,7 @@ def _norm_before(x2d: torch.fx.Node, dtype: torch.dtype) -> tuple | None:
         return None  # the normalised tokens are needed elsewhere (or saved for a backward)
     norm = layer_norm_of(y)
     xv = fake_value(norm.x) if norm is not None else None
-    if xv is None or xv.dtype != dtype or (norm.weight is None) != (norm.bias is None):
+    if xv is None or xv.dtype != dtype or norm.kind is None:
         return None
     return norm, perm
 

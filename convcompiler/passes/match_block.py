@@ -229,7 +229,7 @@ class MlpChain:
         values = [fake_value(n) for n in (y, norm.x, norm.weight, norm.bias) if n is not None]
         if any(v is None for v in values) or len({v.dtype for v in values}) != 1:
             return None
-        if (norm.weight is None) != (norm.bias is None):
+        if norm.kind is None:
             return None
         named = [("ln_stats", norm.stats), ("ln_normed", norm.normed)]
         copy = norm.x
@@ -359,7 +359,7 @@ def spec_or_reason(chain: MlpChain) -> MlpSpec | str:
         device=x2d.device.type,
         precision=matmul_precision(x2d.dtype),
         hints=size_hints(x2d),
-        norm=None if norm is None else "plain" if norm.weight is None else "affine",
+        norm=None if norm is None else norm.kind,
         norm_eps=1e-5 if norm is None else norm.eps,
         channels_first=chain.channels_first,
         gated=chain.w3 is not None,

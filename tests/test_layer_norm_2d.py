@@ -257,3 +257,22 @@ def test_stem_epilogue_addresses(tiling) -> None:
     assert check.kernels == {"conv_im2win_implicit"} and check.accesses > 0
     with pytest.raises(ValueError, match="LayerNorm's weight and bias"):
         launch(x, w, b, None, None, None, None)
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_a_sliced_input_and_inf_as_eager(where) -> None:
+    """A non-contiguous input (a slice of a wider image) with an Inf pixel: the kernel reads
+    it through its strides, and the Inf's pixel comes out NaN (its statistics are), as eager."""
+    torch.manual_seed(28)
+    if where == "before":
+        model, wide = Downsample().eval(), _image(c=24, w=15)[:, :, :, 2:13]
+    else:
+        model, wide = Stem().eval(), torch.randn(2, 3, 12, 20)[:, :, :, 2:18]
+    x = wide  # a view: not contiguous in either memory format
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    x[0, 1, 4, 5] = float("inf")
+    out, ref, report = compiled_and_float64(model, [x])
+    assert_nan_and_close(out, ref, torch.float32)
+    assert out.isnan().any() and torch.equal(out.isnan(), ref.isnan())
+    region = _normed_region(report) if where == "before" else _stem_region(report)
+    assert region.fallback_reason is None and kernel_launches() == 1

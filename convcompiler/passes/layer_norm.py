@@ -132,7 +132,7 @@ def image_norm_input(conv: torch.fx.Node) -> tuple[torch.fx.Node, LayerNormMatch
     """(the norm's input permute, the norm) when the conv reads a LayerNorm over an NCHW
     image's channels, torchvision's and timm's LayerNorm2d (ConvNeXt's downsampling):
 
-        conv(permute(layer_norm(permute(x, [0, 2, 3, 1])), [0, 3, 1, 2]), w, b)
+        conv(permute(layer_norm([clone](permute(x, [0, 2, 3, 1]))), [0, 3, 1, 2]), w, b)
 
     and nothing else reads the norm's output or its permute (a training graph saves the
     permute for the weight gradient: no), the norm of x's dtype, with both a weight and a
@@ -142,9 +142,14 @@ def image_norm_input(conv: torch.fx.Node) -> tuple[torch.fx.Node, LayerNormMatch
     if y is None or list(image.users) != [conv] or len(y.users) != 1:
         return None
     norm = layer_norm_of(y)
-    if norm is None or _permute_of(norm.x, [0, 2, 3, 1]) is None:
+    if norm is None:
         return None
-    return (norm.x, norm) if _image_norm(norm, norm.x, image) else None
+    src = norm.x  # the permuted image, or its contiguous copy (a sliced image's)
+    if src.target is aten.clone.default:
+        src = src.args[0]
+    if _permute_of(src, [0, 2, 3, 1]) is None:
+        return None
+    return (src, norm) if _image_norm(norm, src, image) else None
 
 
 def _image_norm(norm: LayerNormMatch, image: torch.fx.Node, normed: torch.fx.Node) -> bool:

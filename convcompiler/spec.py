@@ -93,6 +93,30 @@ class Epilogue:
 
 
 @dataclass(frozen=True)
+class Depthwise:
+    """A depthwise conv whose output a 1x1 conv's kernel computes as it loads it
+    (spec.prologue.dw; the inverted residual's depthwise -> BN -> act -> project): the
+    kernel reads the conv's [N, C, H, W] input x (`image`: (H, W)) and its weight
+    [C, 1, KH, KW] [and bias], zero padding, no dilation."""
+
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    bias: bool
+    image: tuple[Size, Size]  # symbolic under dynamic shapes, as the spec's sizes
+
+    def name(self) -> str:
+        """e.g. "dw3x3s2"."""
+        (kh, kw), (sh, sw) = self.kernel, self.stride
+        return f"dw{kh}x{kw}" + (f"s{_fmt(self.stride)}" if (sh, sw) != (1, 1) else "")
+
+    def out_size(self, h: Size, w: Size) -> tuple[Size, Size]:
+        """The conv's output size for an H x W input."""
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.stride, self.padding
+        return (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+
+
+@dataclass(frozen=True)
 class Prologue:
     """What a conv kernel applies to each input tile as it loads it, in order, before the
     products:
@@ -102,16 +126,19 @@ class Prologue:
     the norm being a batch norm with running stats (`bn`; pre-activation, DenseNet's
     BN -> ReLU -> conv) or a LayerNorm over the channels (`ln`; a transformer's LayerNorm
     before a linear, its row statistics computed by the kernel), each rounded to the input's
-    dtype as eager rounds it; padded input stays zero."""
+    dtype as eager rounds it; padded input stays zero. With `dw` the tile itself is first
+    computed, a depthwise conv of the kernel's input (a 1x1 conv only: dw_gemm)."""
 
     bn: str | None = None  # None, "affine" or "plain", as the epilogue's
     ln: str | None = None  # None, "affine" or "plain": a LayerNorm over the channels
     eps: float = 1e-5
     act: Activation | None = None
+    dw: Depthwise | None = None  # the depthwise conv that makes the input (see above)
 
     def name(self) -> str:
-        """e.g. "bn+relu", "ln", "" for none."""
-        parts = (["bn"] if self.bn else []) + (["ln"] if self.ln else [])
+        """e.g. "bn+relu", "ln", "dw3x3s2+bn+hardswish", "" for none."""
+        parts = [self.dw.name()] if self.dw else []
+        parts += (["bn"] if self.bn else []) + (["ln"] if self.ln else [])
         return "+".join(parts + ([str(self.act)] if self.act else []))
 
 
@@ -215,6 +242,15 @@ class ConvSpec(SizeHints):
             raise SpecError("a LayerNorm prologue normalises every channel: groups must be 1")
         if self.input_scale and self.prologue.name():
             raise SpecError("an input scale and a prologue together are not a fused pattern")
+        if self.prologue.dw and not (
+            self.kernel == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
+            and self.groups == 1 and self.ndim == 2 and self.op == "conv"
+            and self.padding_mode == "zeros" and not self.prologue.ln and not self.pool_sums
+        ):  # fmt: skip
+            raise SpecError(
+                "a depthwise prologue feeds a 2-D 1x1 conv (stride 1, no padding, groups 1) "
+                "without a LayerNorm prologue or pooled sums"
+            )
         if self.op == "conv_wgrad" and (self.epilogue != Epilogue() or self.has_bias):
             raise SpecError("a weight gradient has no bias and no epilogue")
 
@@ -259,7 +295,9 @@ class ConvSpec(SizeHints):
                 self.kernel[0] * self.kernel[1]
             )
         m = self.hint(self.output_pixels)
-        return 2 * m * self.out_channels * self.reduction
+        dw = self.prologue.dw  # its taps, one per pixel and channel
+        taps = dw.kernel[0] * dw.kernel[1] * self.in_channels if dw else 0
+        return 2 * m * (self.out_channels * self.reduction + taps)
 
     # ---- identity ------------------------------------------------------------------
     def geometry(self) -> str:
@@ -490,6 +528,24 @@ def _activation_from_json(value: object) -> Activation | None:
     return Activation(name, tuple(_float(a, "activation argument") for a in value[1]))
 
 
+def _sizes(value: object, name: str) -> tuple[Size, Size]:
+    if not isinstance(value, list) or len(value) != 2:
+        raise SpecError(f"{name}={value!r} is not a pair")
+    return tuple(_size_from_json(v) for v in value)
+
+
+def _depthwise_from_json(value: object) -> Depthwise:
+    if not isinstance(value, dict) or set(value) != {f.name for f in fields(Depthwise)}:
+        raise SpecError(f"depthwise prologue {value!r} is not one")
+    return Depthwise(
+        kernel=_pair(value["kernel"], "kernel", 1),
+        stride=_pair(value["stride"], "stride", 1),
+        padding=_pair(value["padding"], "padding", 0),
+        bias=_bool(value["bias"], "bias"),
+        image=_sizes(value["image"], "image"),
+    )
+
+
 def spec_to_json(spec) -> dict:
     """A JSON-ready dict of every field (sizes as ints or expression strings)."""
     out: dict = {"type": type(spec).__name__}
@@ -512,7 +568,11 @@ def spec_to_json(spec) -> dict:
             }
         elif f.name == "prologue":
             act = [v.act.name, list(v.act.args)] if v.act else None
-            v = {"bn": v.bn, "ln": v.ln, "eps": v.eps, "act": act}
+            dw = None
+            if v.dw is not None:
+                dw = {name: ([_size_to_json(e) for e in value] if isinstance(value, tuple)
+                             else value) for name, value in vars(v.dw).items()}  # fmt: skip
+            v = {"bn": v.bn, "ln": v.ln, "eps": v.eps, "act": act, "dw": dw}
         elif isinstance(v, Activation):  # a block's activation
             v = [v.name, list(v.args)]
         elif f.name == "hints":
@@ -588,20 +648,16 @@ def spec_from_json(data: object):
         ln_eps=_float(e["ln_eps"], "ln_eps"),
     )
     p = data["prologue"]
-    if not isinstance(p, dict) or set(p) != {"bn", "ln", "eps", "act"}:
+    if not isinstance(p, dict) or set(p) != {"bn", "ln", "eps", "act", "dw"}:
         raise SpecError(f"prologue {p!r} is not a prologue")
     prologue = Prologue(
         bn=_check(p["bn"], BN_KINDS, "bn"),
         ln=_check(p["ln"], BN_KINDS, "ln"),
         eps=_float(p["eps"], "eps"),
         act=_activation_from_json(p["act"]),
+        dw=None if p["dw"] is None else _depthwise_from_json(p["dw"]),
     )
-    sizes = {}
-    for name in ("in_size", "out_size"):
-        value = data[name]
-        if not isinstance(value, list) or len(value) != 2:
-            raise SpecError(f"{name}={value!r} is not a pair")
-        sizes[name] = tuple(_size_from_json(v) for v in value)
+    sizes = {name: _sizes(data[name], name) for name in ("in_size", "out_size")}
     return ConvSpec(
         ndim=_check(data["ndim"], (1, 2), "ndim"),
         in_channels=_int(data["in_channels"], "in_channels", 1),

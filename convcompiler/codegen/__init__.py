@@ -12,6 +12,7 @@ from . import (
     conv_transpose,
     conv_wgrad,
     direct_depthwise,
+    dw_gemm,
     dw_mlp_block,
     gemm_1x1,
     im2win_band,
@@ -22,7 +23,7 @@ from . import (
 from .template import KernelSource
 
 KIND_TEMPLATES = {
-    "conv": (im2win_band, im2win_implicit, direct_depthwise, gemm_1x1),
+    "conv": (im2win_band, im2win_implicit, direct_depthwise, gemm_1x1, dw_gemm),
     "conv_transpose": (conv_transpose,),
     "conv_wgrad": (conv_wgrad,),
     "window_attention": (window_attention,),

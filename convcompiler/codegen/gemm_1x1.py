@@ -36,6 +36,8 @@ TILING_KEYS = ("M_TILES",)
 )
 def SPACE(spec: ConvSpec, s: Schedule, device: Device | None) -> None:
     T.check_ln_epilogue(spec, s)
+    if spec.prologue.dw:
+        raise InvalidSchedule("a depthwise prologue is dw_gemm's")
     if spec.pool_sums:
         raise InvalidSchedule("only direct_depthwise writes pooled sums")
     if spec.kernel != (1, 1):

@@ -130,6 +130,12 @@ def with_layer_scale(operands: tuple, layer_scale: object) -> tuple:
     return (*operands, *[None] * (LAYER_SCALE_AT - len(operands)), layer_scale)
 
 
+def with_depthwise(operands: tuple, dw_weight: object, dw_bias: object) -> tuple:
+    """... with a depthwise prologue's weight and bias after the layer scale (dw_gemm's
+    16th and 17th parameters; spec.prologue.dw)."""
+    return (*operands, *[None] * (LAYER_SCALE_AT + 1 - len(operands)), dw_weight, dw_bias)
+
+
 # ---- hook: header ------------------------------------------------------------------------
 def header(spec: ConvSpec, schedule: Schedule, summary: str) -> str:
     params = "\n".join(f"    {k} = {v!r}" for k, v in schedule.params)
@@ -493,6 +499,24 @@ ALLOCATE_OUTPUT = """    # ---- 2. allocate the output in the memory format eage
     widen = x.device.type == "cpu"
     out = torch.empty_like(y, dtype=torch.float32) if widen and x.dtype == torch.bfloat16 else y
 """
+# The GEMM grid, the residual and the epilogue's operands (after ALLOCATE_OUTPUT)
+GEMM_GRID = """    # The GEMM grid: (pixel tiles x channel tiles, groups, images when tiles stay in one).
+    image = TILING["M_TILES"] == "image"
+    rows = HO * WO if image else M
+    grid = lambda meta: (
+        triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(KG, meta["BLOCK_N"]), GROUPS,
+        N if image else 1)
+    # The epilogue's operands; image tiles address the residual like the contiguous output.
+    residual_strides = (0, 0, 0, 0)
+    if residual is not None:
+        residual = residual.unsqueeze(2) if NDIM == 1 else residual
+        if residual.shape != y.shape:
+            raise ValueError(f"residual {tuple(residual.shape)} != output {tuple(y.shape)}")
+        if image and residual.stride() != y.stride():
+            residual = residual.contiguous()
+        residual_strides = residual.stride()
+    epilogue_operands = (bias, bn_weight, bn_bias, bn_mean, bn_var, residual)
+"""
 PREPARE = (
     CHECK_OPERANDS
     + """    K, CG, KH, KW = weight.shape
@@ -514,23 +538,7 @@ PREPARE = (
 
 """
     + ALLOCATE_OUTPUT
-    + """    # The GEMM grid: (pixel tiles x channel tiles, groups, images when tiles stay in one).
-    image = TILING["M_TILES"] == "image"
-    rows = HO * WO if image else M
-    grid = lambda meta: (
-        triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(KG, meta["BLOCK_N"]), GROUPS,
-        N if image else 1)
-    # The epilogue's operands; image tiles address the residual like the contiguous output.
-    residual_strides = (0, 0, 0, 0)
-    if residual is not None:
-        residual = residual.unsqueeze(2) if NDIM == 1 else residual
-        if residual.shape != y.shape:
-            raise ValueError(f"residual {tuple(residual.shape)} != output {tuple(y.shape)}")
-        if image and residual.stride() != y.stride():
-            residual = residual.contiguous()
-        residual_strides = residual.stride()
-    epilogue_operands = (bias, bn_weight, bn_bias, bn_mean, bn_var, residual)
-"""
+    + GEMM_GRID
 )
 
 # ---- hook: finish ------------------------------------------------------------------------

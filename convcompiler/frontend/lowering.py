@@ -46,6 +46,7 @@ from ..selection.agreement import agreement_for
 from ..selection.cache import open_cache
 from ..selection.cost import PACKING_SCHEDULES, Prediction, filter_repack_free
 from ..selection.devices import device_for
+from ..selection.fusion import select_fusion
 from ..selection.remote import open_remote
 from ..selection.select import Choice, SelectionContext, select_block, select_conv_schedule
 from ..selection.tuning import benchmarker
@@ -76,6 +77,7 @@ class Lowering:
         self._contexts: dict[str, SelectionContext] = {}
         self._parameters: frozenset[str] = frozenset()  # of the graph being lowered
         self._planned: dict[MlpSpec, Choice] = {}  # block choices made while matching
+        self._fusions: dict[tuple, tuple[str | None, str]] = {}  # conv fusions, likewise
 
     # ---- selection context per tensor device ----------------------------------------------
     def context(self, spec: ConvSpec) -> SelectionContext:
@@ -151,6 +153,15 @@ class Lowering:
         if spec not in self._planned:
             self._planned[spec] = select_block(spec, self.context(spec))
         return self._planned[spec].fallback_reason
+
+    def plan_fusion(
+        self, fused: ConvSpec, parts: tuple[ConvSpec, ...]
+    ) -> tuple[str | None, str]:
+        """For the conv matcher: (None when the conv `fused` runs as one kernel, else why its
+        layers `parts` run apart; a note comparing the two) (selection.fusion)."""
+        if (fused, parts) not in self._fusions:
+            self._fusions[fused, parts] = select_fusion(fused, parts, self.context(fused))
+        return self._fusions[fused, parts]
 
     # ---- sources ---------------------------------------------------------------------------
     def source_for(self, spec: ConvSpec, choice: Choice) -> KernelSource:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from ..codegen.template import with_layer_scale
+from ..codegen.template import with_depthwise, with_layer_scale
 from ..passes import Region
 from ..passes.conv_inputs import scaled_operands
 from ..passes.grad_mask import gradient_operand
@@ -99,6 +99,10 @@ def region_operands(nodes: dict[str, torch.fx.Node], region: Region) -> tuple:
         vectors = [nodes[roles[r]] if r in roles else None for r in ("ln_weight", "ln_bias")]
         normed = nodes[roles["x_ln"]] if "x_ln" in roles else nodes[roles["x_ln2d"]].args[0]
         operands = (normed, weight, bias, *bn, residual, None, None, *vectors)
+    elif "dw_conv" in roles:  # act(bn(dwconv(x))): x, the BN's parameters, the conv's weights
+        dw, pre = nodes[roles["dw_conv"]], nodes[roles["x_bn"]]
+        operands = (dw.args[0], weight, bias, *bn, residual, None, None, *pre.args[1:5])
+        operands = with_depthwise(operands, dw.args[1], dw.args[2])
     elif "x_bn" in roles:  # [act](batch_norm(x)): the kernel reads x and the BN's parameters
         pre = nodes[roles["x_bn"]]
         operands = (pre.args[0], weight, bias, *bn, residual, None, None, *pre.args[1:5])

@@ -200,6 +200,7 @@ class CompileSession:
             dump_dir=self.dump_dir,
             host=self.report.host,
             plan_block=self.lowering.plan_block,
+            plan_fusion=self.lowering.plan_fusion,
         )
         gm = run_passes(POST_GRAD_PASSES, gm, ctx)
         parameters = parameter_placeholders(gm) if stage == "inference" else frozenset()

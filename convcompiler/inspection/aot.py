@@ -32,7 +32,7 @@ from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
 
 from ..codegen import KernelSource
-from ..codegen.template import with_layer_scale
+from ..codegen.template import with_depthwise, with_layer_scale
 from ..config import cache_root
 from ..files import ENV_VAR, cache_subdir, unusable
 from ..runtime.loader import exec_module
@@ -156,6 +156,8 @@ def meta_inputs(spec: ConvSpec | AttentionSpec | MlpSpec) -> tuple[torch.Tensor 
         t = torch.empty(shape, device="meta", dtype=dt)
         return t.to(memory_format=torch.channels_last) if layout == "nhwc" else t
 
+    if spec.prologue.dw:  # the kernel reads the depthwise conv's input
+        h, w = (spec.hint(s) for s in spec.prologue.dw.image)
     x = empty((n, spec.in_channels, h, w), spec.input_layout)
     if spec.op == "conv_wgrad":  # (dy, x, dy's mask?)
         dy = empty((n, k, ho, wo), spec.output_layout)
@@ -186,6 +188,10 @@ def meta_inputs(spec: ConvSpec | AttentionSpec | MlpSpec) -> tuple[torch.Tensor 
     inputs = (x, weight, bias, *affine, *stats, residual, *mask)
     if spec.epilogue.scale:  # the layer scale: the launcher's 15th operand (gemm_1x1's)
         inputs = with_layer_scale(inputs, empty((k,)))
+    dw = spec.prologue.dw
+    if dw:  # the depthwise conv's weight and bias, 16th and 17th (dw_gemm's)
+        c = spec.in_channels
+        inputs = with_depthwise(inputs, empty((c, 1, *dw.kernel)), empty((c,)) if dw.bias else None)
     return inputs
 
 

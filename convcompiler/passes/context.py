@@ -52,6 +52,10 @@ class PassContext:
     # plan_block(spec) -> None when a block region runs as one kernel, else why it runs per
     # layer: the backend's cost model (passes never import selection)
     plan_block: Callable[[Any], str | None] | None = None
+    # plan_fusion(fused, parts) -> (None when the conv spec `fused` runs as one kernel, else
+    # why its layers' specs `parts` run apart; a note comparing the two): the same for a conv
+    # that would compute its input from another conv's output (spec.prologue.dw)
+    plan_fusion: Callable[[Any, tuple], tuple[str | None, str]] | None = None
 
     def new_region_name(self, kind: str) -> str:
         taken = self.facts.setdefault("region_names", {})

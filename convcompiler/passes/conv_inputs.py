@@ -10,6 +10,10 @@ computed copy is never written (match_conv.py asks `input_prologue` for each con
     convolution(permute(layer_norm(permute(x, NHWC)), NCHW), w, b), groups 1
                                                             => spec.prologue ln (x)
         (LayerNorm2d before ConvNeXt's downsampling; layer_norm.image_norm_input)
+    convolution(act(batch_norm(depthwise_convolution(x, wd, bd))), w, b), 1x1
+                                                            => spec.prologue dw+bn+act (x)
+        (the inverted residual's tail, dw_gemm; when the cost model prefers it, match_conv
+        marks the 1x1 conv DW_PROLOGUE and the depthwise conv gets no region of its own)
 
 Each applies only when the conv alone reads what it replaces; a norm's nodes are claimed
 (no other region takes them), and the kernel reads x through its own strides.
@@ -23,15 +27,16 @@ import operator
 import torch
 import torch.fx
 
-from ..spec import ConvSpec, Prologue
+from ..spec import ConvSpec, Depthwise, Prologue
 from .activations import as_activation
 from .context import PassContext
 from .conv_chain import BN_EVAL
 from .layer_norm import image_norm_input
 from .linear_as_conv import PRE_NORM
-from .meta import fake_value, memory_layout, sizes
+from .meta import fake_value, memory_layout, size_hints, sizes
 
 aten = torch.ops.aten
+DW_PROLOGUE = "dw_prologue"  # node.meta of a 1x1 conv that computes its depthwise input
 
 
 def scaled_operands(mul: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | None:
@@ -92,6 +97,47 @@ def normed_input(conv: torch.fx.Node) -> tuple[torch.fx.Node, Prologue, tuple] |
     return bn.args[0], Prologue(bn=kind, eps=float(eps), act=act), tuple(roles)
 
 
+def _pairs(values: list, n: int = 2) -> tuple[int, ...]:
+    return tuple(int(v) for v in (values if len(values) == n else list(values) * n))
+
+
+def depthwise_input(conv: torch.fx.Node) -> tuple[torch.fx.Node, Prologue, tuple] | None:
+    """(x, prologue, roles) when the conv reads act(getitem(batch_norm(dw))), normed_input's
+    chain, and dw, which only the batch norm reads, is a 2-D depthwise convolution of x
+    with zero padding and no dilation; else None (the 1x1 conv's own checks are its
+    spec's)."""
+    normed = normed_input(conv)
+    if normed is None or not isinstance(normed[0], torch.fx.Node):
+        return None
+    dw, prologue, roles = normed
+    if dw.target is not aten.convolution.default or len(dw.users) != 1:
+        return None
+    x, weight, bias, stride, padding, dilation, transposed, _, groups = dw.args
+    xv, wv = fake_value(x), fake_value(weight)
+    if xv is None or wv is None or xv.dim() != 4 or wv.dim() != 4 or transposed:
+        return None
+    if not all(isinstance(v, int) for v in (xv.shape[1], *wv.shape)):
+        return None
+    c = wv.shape[0]
+    if groups != c or wv.shape[1] != 1 or xv.shape[1] != c or set(_pairs(dilation)) != {1}:
+        return None
+    depthwise = Depthwise(
+        kernel=tuple(wv.shape[2:]),
+        stride=_pairs(stride),
+        padding=_pairs(padding),
+        bias=bias is not None,
+        image=sizes(xv)[2:],
+    )
+    return x, dataclasses.replace(prologue, dw=depthwise), (*roles, ("dw_conv", dw.name))
+
+
+def with_depthwise(spec: ConvSpec, prologue: Prologue, x: torch.Tensor) -> ConvSpec:
+    """The 1x1 conv's spec reading `x`, the depthwise conv's input, through `prologue`."""
+    hints = dict(spec.hints) | dict(size_hints(x))
+    return dataclasses.replace(spec, prologue=prologue, input_layout=memory_layout(x),
+                               hints=tuple(sorted(hints.items())))  # fmt: skip
+
+
 def input_prologue(
     node: torch.fx.Node,
     spec: ConvSpec,
@@ -111,6 +157,11 @@ def input_prologue(
         spec = dataclasses.replace(spec, input_scale=True, input_layout=layout)
         roles = (*roles, ("x_scale", scaled.name))
     blocks = not linear and ctx.config.blocks and _forward_input(node, spec, ctx)
+    fused = depthwise_input(node) if blocks and node.meta.get(DW_PROLOGUE) else None
+    if fused is not None:  # the kernel reads the depthwise conv's input (see match_conv)
+        x, prologue, pre_roles = fused
+        spec = with_depthwise(spec, prologue, fake_value(x))
+        return spec, (*roles, *pre_roles), {name for _, name in pre_roles}
     normed = normed_input(node) if blocks else None
     if normed is not None and any(name in claimed for _, name in normed[2]):
         normed = None  # the BN is the epilogue of the conv that feeds it

@@ -12,6 +12,10 @@ Rules:
         => im2win_conv[bn+act(x)](x, w, b, g, beta, mean, var)
     convolution(permute(layer_norm(permute(x, NHWC)), NCHW), w, b)
         => im2win_conv[ln(x)](x, w, b, g, beta)
+    convolution(act(batch_norm(depthwise_convolution(x, wd))), w, b), 1x1
+        => im2win_conv[dwKxK+bn+act(x)](x, w, b, g, beta, mean, var, wd)
+        (the inverted residual's tail: dw_gemm computes the depthwise conv's output as its
+        operand tiles, when the cost model prefers that to the two convs apart)
         (LayerNorm2d before ConvNeXt's downsampling: im2win_implicit computes each tap's
         pixel statistics and normalises x as it loads it)
     mean(y = depthwise_convolution(...) [-> epilogue], spatial dims, keepdim)
@@ -40,10 +44,10 @@ import torch
 import torch.fx
 
 from ..counters import counters
-from ..spec import DTYPES, ConvSpec, Epilogue
+from ..spec import DTYPES, ConvSpec, Epilogue, SpecError
 from .context import PassContext, Region
 from .conv_chain import BN_EVAL, BN_TRAIN, Chain, grow_chain
-from .conv_inputs import input_prologue
+from .conv_inputs import DW_PROLOGUE, depthwise_input, input_prologue, with_depthwise
 from .linear_as_conv import FROM_LINEAR, IN_BLOCK, matmul_precision
 from .linear_as_conv import RULE as LINEAR_RULE
 from .meta import (
@@ -256,9 +260,52 @@ def _mode(node: torch.fx.Node, chain: Chain, ctx: PassContext) -> str | None:
     return None
 
 
+DW_NOTE = "dw_note"  # node.meta: what the report says of a 1x1 conv's depthwise input
+
+
+def _depthwise_readers(gm: torch.fx.GraphModule, ctx: PassContext) -> dict[str, torch.fx.Node]:
+    """{depthwise conv: the 1x1 conv that could compute it} (conv_inputs.depthwise_input),
+    in inference graphs with option blocks."""
+    if not ctx.config.blocks or ctx.stage != "inference":
+        return {}
+    found = {}
+    for node in gm.graph.nodes:
+        if node.target == aten.convolution.default and not node.meta.get(FROM_LINEAR):
+            hit = depthwise_input(node)
+            if hit is not None:
+                found[dict(hit[2])["dw_conv"]] = node
+    return found
+
+
+def _fused_into(dw: torch.fx.Node, conv: torch.fx.Node, ctx: PassContext, claimed: set) -> bool:
+    """Whether the depthwise conv `dw` runs inside the 1x1 conv that reads its BN and
+    activation: the cost model's call (ctx.plan_fusion) between that kernel and the two
+    convs' own regions. Marks the 1x1 conv (DW_PROLOGUE), or leaves it the reason (DW_NOTE)."""
+    if conv_fallback_reason(conv, ctx) is not None:
+        return False
+    x, prologue, roles = depthwise_input(conv)
+    dw_chain = grow_chain(dw, claimed)
+    chain = grow_chain(conv, claimed | {name for _, name in roles})
+    try:
+        parts = (conv_spec(dw, dw_chain.epilogue, dw_chain.last),
+                 conv_spec(conv, chain.epilogue, chain.last))  # fmt: skip
+        fused = with_depthwise(parts[1], prologue, fake_value(x))
+    except SpecError as err:
+        conv.meta[DW_NOTE] = f"not fused with its depthwise conv: {err}"
+        return False
+    reason, note = ctx.plan_fusion(fused, parts) if ctx.plan_fusion else (None, "")
+    if reason is not None:
+        conv.meta[DW_NOTE] = f"not fused with its depthwise conv: {reason}"
+        return False
+    conv.meta[DW_PROLOGUE] = True
+    conv.meta[DW_NOTE] = f"its depthwise conv's output stays on chip: {note}" if note else None
+    return True
+
+
 def match_conv(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:
     claimed: set[str] = set()
     conv_reasons: dict[str, str] = {}  # the convolutions that stay ATen, and why
+    readers = _depthwise_readers(gm, ctx)
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target != aten.convolution.default:
             continue
@@ -267,6 +314,9 @@ def match_conv(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModu
         reason = conv_fallback_reason(node, ctx)
         if reason is not None:
             conv_reasons[node.name] = reason
+        elif node.name in readers and _fused_into(node, readers[node.name], ctx, claimed):
+            counters["match.dw_prologue"] += 1
+            continue  # the 1x1 conv that reads it computes it (conv_inputs.DW_PROLOGUE)
         chain = Chain((("conv", node.name),), Epilogue(), node)
         if reason is None:
             scale = 1 if node.meta.get(FROM_LINEAR) else None  # a linear's layer scale
@@ -311,6 +361,7 @@ def match_conv(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModu
                 fallback_reason=reason,
                 roles=roles,
                 mode=mode,
+                note=node.meta.get(DW_NOTE),
             )
         )
         counters[f"match.{kind}" if reason is None else f"fallback.{kind}"] += 1

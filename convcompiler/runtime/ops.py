@@ -2,7 +2,7 @@
 
     im2win::conv(x, weight, bias?, bn_weight?, bn_bias?, bn_mean?, bn_var?, residual?, mask?,
                  x_scale?, x_bn_weight?, x_bn_bias?, x_bn_mean?, x_bn_var?, layer_scale?,
-                 kernel)
+                 dw_weight?, dw_bias?, kernel)
     im2win::conv_pool(x, weight, bias?, bn_weight?, bn_bias?, bn_mean?, bn_var?, residual?,
                       kernel) -> (y, pool)  a conv that also writes its output's pooled
                                             sums (spec.pool_sums; see pool_shape)
@@ -23,6 +23,8 @@ x * x_scale, x_scale [N, C, 1, 1] (squeeze-and-excitation's channel scale). Its 
 (a forward conv, spec.prologue): the input stands for act(norm(x)), the norm a batch
 norm with these running statistics (pre-activation: DenseNet's BN -> ReLU -> conv) or a
 LayerNorm over the channels with this weight and bias (a transformer's norm -> linear).
+Its `dw_*` (a forward 1x1 conv, spec.prologue.dw): the input stands for
+act(norm(depthwise_conv(x, dw_weight, dw_bias))), the inverted residual's tail.
 
 `kernel` is a KernelRef (kernel_ref.py): the spec and schedule the kernel was generated
 from and the hash of its source. Inductor keeps the ops opaque, fuses what is around them and
@@ -46,7 +48,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..codegen.template import with_layer_scale
+from ..codegen.template import with_depthwise, with_layer_scale
 from ..counters import counters
 from ..spec import ConvSpec
 from . import packing
@@ -115,6 +117,8 @@ def conv(
     x_bn_mean: Tensor | None,
     x_bn_var: Tensor | None,
     layer_scale: Tensor | None,
+    dw_weight: Tensor | None,
+    dw_bias: Tensor | None,
     kernel: str,
 ) -> Tensor:
     ref = decode(kernel)
@@ -127,12 +131,16 @@ def conv(
         args = (*args, None, None, x_bn_weight, x_bn_bias, x_bn_mean, x_bn_var)
     if layer_scale is not None:  # the launcher's 15th parameter (gemm_1x1's)
         args = with_layer_scale(args, layer_scale)
+    if dw_weight is not None:  # the 16th and 17th (dw_gemm's): x is the depthwise input
+        args = with_depthwise(args, dw_weight, dw_bias)
     return _launch(ref, args, mask)
 
 
 def conv_output_shape(spec: ConvSpec, x: Tensor) -> tuple:
     """(N, K, HO, WO) of the conv `spec` on `x` (2-D form; sizes may be symbolic)."""
     n, h, w = x.shape[0], (1 if spec.ndim == 1 else x.shape[-2]), x.shape[-1]
+    if spec.prologue.dw:  # x is the depthwise conv's input: its output is the conv's
+        h, w = spec.prologue.dw.out_size(h, w)
     (kh, kw), (sh, sw) = spec.kernel, spec.stride
     (ph, pw), (dh, dw) = spec.padding, spec.dilation
     if spec.transposed:
@@ -148,7 +156,7 @@ def conv_output_shape(spec: ConvSpec, x: Tensor) -> tuple:
 @conv.register_fake
 def _conv_fake(
     x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, residual, mask, x_scale, x_bn_weight,
-    x_bn_bias, x_bn_mean, x_bn_var, layer_scale, kernel
+    x_bn_bias, x_bn_mean, x_bn_var, layer_scale, dw_weight, dw_bias, kernel
 ):
     spec = decode(kernel).spec
     n, k, ho, wo = conv_output_shape(spec, x)
@@ -192,7 +200,7 @@ def conv_pool(
 def _conv_pool_fake(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, residual, kernel):
     ref = decode(kernel)
     y = _conv_fake(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, residual, None, None,
-                   None, None, None, None, None, kernel)
+                   None, None, None, None, None, None, None, kernel)
     return y, x.new_empty(pool_shape(ref.spec, ref.schedule, x), dtype=torch.float32)
 
 

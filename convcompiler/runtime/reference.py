@@ -42,13 +42,16 @@ def run_aten(
     x_bn_mean=None,
     x_bn_var=None,
     layer_scale=None,
+    dw_weight=None,
+    dw_bias=None,
 ) -> torch.Tensor:
     """conv -> batch norm (running stats) -> act [-> * layer scale] -> + residual -> act, as
     separate ATen ops
     (the batch norm after the act with spec.epilogue.bn_after_act).
     A weight-gradient spec takes (dy, x, mask?) and returns dw. With spec.input_mask the
     gradient operand (x of a transposed conv, dy of a weight gradient) is where(mask, 0, g);
-    with spec.input_scale the conv reads x * x_scale; with spec.prologue, act(norm(x))."""
+    with spec.input_scale the conv reads x * x_scale; with spec.prologue, act(norm(x)), x
+    first the depthwise conv of the input with spec.prologue.dw."""
     stride, padding, dilation, output_padding = (
         list(v[2 - spec.ndim :])
         for v in (spec.stride, spec.padding, spec.dilation, spec.output_padding)
@@ -67,6 +70,9 @@ def run_aten(
     if x_scale is not None:
         x = x * x_scale
     p = spec.prologue
+    if p.dw:
+        x = F.conv2d(x, dw_weight, dw_bias, list(p.dw.stride), list(p.dw.padding),
+                     groups=x.shape[1])
     if p.bn:
         x = F.batch_norm(x, x_bn_mean, x_bn_var, x_bn_weight, x_bn_bias, False, 0.0, p.eps)
     if p.ln:  # over the channels, dim 1; the result laid out as x is

@@ -10,6 +10,9 @@ memory   bytes moved over bandwidth: input, weight and output once; the band wor
          written and read; the filter repack when the weight is not already in im2win
          order; re-reads of an operand that does not fit in half of L2, once per tile that
          needs it (at most).
+depthwise prologue (spec.prologue.dw, dw_gemm): the depthwise conv's input replaces x, read
+         once per column tile, and its taps run on CUDA cores as often; under ATen the conv
+         is one more kernel that reads its input and writes x.
 ATen     the same roofline with cuDNN efficiency priors per conv class, times a calibration
          factor measured on the device (median measured/predicted of tuned ATen timings,
          stored in the tuning cache), when there is one.
@@ -40,6 +43,7 @@ GEMM_EFFICIENCY = {
     "gemm_1x1": 0.75,  # contiguous operands, no taps
     "im2win_band": 0.70,  # contiguous window runs, no bounds checks
     "im2win_implicit": 0.60,  # contiguous channels (channels_last input)
+    "dw_gemm": 0.60,  # its operand tiles come from registers (the depthwise taps)
 }
 PACKING_SCHEDULES = ("im2win_band", "im2win_implicit", "gemm_1x1")  # read the im2win-order filter
 GATHER_EFFICIENCY = 0.40  # im2win_implicit on NCHW input, or the flat reduction: gathers
@@ -151,6 +155,7 @@ class _Sizes:
 
     def __init__(self, spec: ConvSpec, symbolic: bool) -> None:
         val = (lambda s: s) if symbolic else spec.hint
+        self.val = val
         self.n = val(spec.batch)
         self.h, self.w = (val(s) for s in spec.in_size)
         self.ho, self.wo = (val(s) for s in spec.out_size)
@@ -160,6 +165,17 @@ class _Sizes:
         self.p = self.ho * self.wo
         self.m = self.n * self.p
         self.e = _ITEMSIZE[spec.dtype]
+
+
+def _depthwise(spec: ConvSpec, z: _Sizes) -> tuple[Num, Num, int]:
+    """(its input's bytes, its FLOPs, its taps) of the depthwise conv a spec.prologue.dw
+    kernel computes its input from; zeros without one."""
+    dw = spec.prologue.dw
+    if dw is None:
+        return 0, 0, 0
+    taps = dw.kernel[0] * dw.kernel[1]
+    h, w = (z.val(s) for s in dw.image)
+    return z.n * z.c * h * w * z.e, 2 * z.m * z.c * taps, taps
 
 
 def last_wave(padded: Num, ctas: Num, num_warps: int, device: Device) -> Num:
@@ -183,6 +199,8 @@ def _time(spec, schedule, device, symbolic):
     x_bytes, y_bytes = z.n * z.c * z.h * z.w * z.e, z.m * z.k * z.e
     w_bytes = z.k * z.cg * z.kh * z.kw * z.e
     launches, workspace, ctas = 1, 0, 1
+    dw_bytes, dw_flops, taps = _depthwise(spec, z)  # a depthwise prologue's conv
+    dw_compute, dw_padded = 0, dw_flops
 
     if schedule.name == "aten":
         eff = ATEN_EFFICIENCY[conv_class(spec)]
@@ -198,6 +216,9 @@ def _time(spec, schedule, device, symbolic):
             traffic, launches = traffic + 2 * x_bytes, launches + 1
         if spec.transforms_input:  # the mul (or BN and act) writes x' and the conv reads it
             traffic, launches = traffic + 2 * x_bytes, launches + 1
+        if taps:  # the depthwise conv reads its input and writes x (cuDNN, CUDA cores)
+            traffic, launches = traffic + dw_bytes + x_bytes, launches + 1
+            dw_compute = dw_flops / (device.peak("fp32") * ATEN_EFFICIENCY["depthwise"])
         if spec.pool_sums:  # the pool reads y again
             traffic, launches = traffic + y_bytes, launches + 1
     else:
@@ -223,6 +244,11 @@ def _time(spec, schedule, device, symbolic):
             )
             eff = GATHER_EFFICIENCY if gathers else eff
             a_bytes = x_bytes
+            if taps:  # the depthwise conv's input instead, once per column tile, and the
+                # taps on CUDA cores, as often (the halo rows re-read from L1/L2)
+                a_bytes = dw_bytes
+                dw_padded = 2 * tiles_m * bm * tiles_n * reduce * taps
+                dw_compute = dw_padded / (device.peak("fp32") * DIRECT_EFFICIENCY)
             if schedule.name == "im2win_band":
                 wb = (z.wo - 1) * spec.stride[1] + (z.kw - 1) * spec.dilation[1] + 1
                 workspace = z.n * z.c * z.ho * wb * z.kh * z.e
@@ -235,6 +261,8 @@ def _time(spec, schedule, device, symbolic):
             + y_bytes
             + (x_bytes + workspace if workspace else 0)
         )
+        if taps:  # the depthwise weights (and bias), from L2 after the first tiles
+            traffic += z.c * (taps + spec.prologue.dw.bias) * z.e
         if spec.pool_sums:  # each tile's share of the channel means, written and summed
             traffic += 2 * tiles_m * z.k * 4
         if spec.prologue.ln:  # the rows' statistics: two more passes over each tile's rows,
@@ -251,7 +279,7 @@ def _time(spec, schedule, device, symbolic):
         launches += sum(ops)
     elif e.residual:
         traffic += y_bytes  # the fused kernel reads the residual once
-    compute = padded / (peak * eff)
+    compute = padded / (peak * eff) + dw_compute
     memory = traffic / (device.bandwidth * MEMORY_EFFICIENCY)
     launch = launches * device.launch_us * 1e-6
     return (
@@ -259,8 +287,8 @@ def _time(spec, schedule, device, symbolic):
         compute,
         memory,
         launch,
-        flops,
-        padded,
+        flops + dw_flops,
+        padded + dw_padded,
         traffic,
         workspace,
         ctas,
@@ -351,7 +379,7 @@ def interpreter_steps(spec: ConvSpec | AttentionSpec, schedule: Schedule) -> int
         trips = z.kh * z.kw * _cdiv(z.cg, s["BLOCK_K"])
     else:
         trips = _cdiv(z.cg * z.kh * z.kw, s["BLOCK_K"])
-    steps = tiles * trips
+    steps = tiles * trips * (1 + _depthwise(spec, z)[2])  # each trip loads its taps first
     if schedule.name == "im2win_band":
         wb = (z.wo - 1) * spec.stride[1] + (z.kw - 1) * spec.dilation[1] + 1
         steps += z.n * z.g * z.ho * _cdiv(wb, s["FILL_W"]) * _cdiv(z.cg, s["FILL_C"]) * z.kh

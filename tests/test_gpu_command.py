@@ -235,7 +235,8 @@ def test_block_cases_cover_every_block_family_dtype_and_layout() -> None:
         spec, [schedule] = gpu_native.plan(case, h200)
         family = case.id.split()[1]
         expected = {"se_pool": "direct_depthwise", "mlp_block": "mlp_block",
-                    "se_scale": "gemm_1x1", "layer_scale": "gemm_1x1"}  # fmt: skip
+                    "se_scale": "gemm_1x1", "layer_scale": "gemm_1x1",
+                    "dw_prologue": "dw_gemm"}  # fmt: skip
         if case.id.endswith("convnext"):  # ConvNeXt's whole block
             expected["mlp_block"] = "dw_mlp_block"
         assert schedule.name == expected.get(family, schedule.name), (case.id, schedule)

@@ -14,6 +14,8 @@
     se_scale      conv1x1(x * s[n, c]) (squeeze-and-excitation's scale): gemm_1x1
     se_pool       depthwise conv whose output is globally pooled: direct_depthwise also writes
                   each tile's share of the channel means (checked against eager's mean)
+    dw_prologue   depthwise kxk conv -> BN -> act -> 1x1 conv (the inverted residual's
+                  tail): dw_gemm computes the depthwise conv's output as its operand tiles
     mlp_block     [LayerNorm ->] linear -> act -> linear [-> layer scale] [-> + residual] in
                   one kernel (spec_block.MlpSpec), with and without the LayerNorm, and gated
                   (SwiGLU: the activation times a second projection); "convnext": ConvNeXt's
@@ -39,12 +41,13 @@ from ..config import Config
 from ..schedule import Schedule
 from ..selection.devices import Device
 from ..selection.select import SelectionContext, select_schedule
-from ..spec import Activation, Epilogue, Prologue
+from ..spec import Activation, Depthwise, Epilogue, Prologue
 from ..spec_block import MlpSpec
 from .gpu_cases import DTYPES, SHAPES_PER_VARIANT, ConvCase
 
 CONV_FAMILIES = (
-    "bn_prologue", "ln_prologue", "late_bn", "se_scale", "se_pool", "layer_scale", "ln_epilogue"
+    "bn_prologue", "ln_prologue", "late_bn", "se_scale", "se_pool", "layer_scale", "ln_epilogue",
+    "dw_prologue",
 )
 FAMILIES = (*CONV_FAMILIES, "mlp_block")
 MLP_LAYOUTS = ("plain", "layernorm", "gated", "convnext")
@@ -105,6 +108,13 @@ def _conv_variant(rng: random.Random, index: int, family: str, dtype: str, layou
         geometry = dict(kernel=(k, k), padding=(pad, pad), stride=(stride, stride),
                         in_channels=rng.randint(3, 24), groups=1)  # fmt: skip
         schedule = None  # the cost model's choice among the generated kernels
+    elif family == "dw_prologue":  # its image is each case's size (conv_case_spec)
+        k, stride = rng.choice(((3, 1), (3, 2), (5, 1), (5, 2)))
+        dw = Depthwise((k, k), (stride, stride), (k // 2, k // 2), rng.random() < 0.3, (0, 0))
+        fields["prologue"] = Prologue(bn="affine", act=act, dw=dw)
+        fields["epilogue"] = Epilogue(bn="affine")
+        geometry = dict(kernel=(1, 1), in_channels=rng.randint(16, 120), groups=1)
+        schedule = "dw_gemm"
     elif family == "layer_scale":
         fields["epilogue"] = Epilogue(act=rng.choice((act, None)), scale=True,
                                       residual=rng.random() < 0.7)  # fmt: skip
@@ -119,6 +129,9 @@ def _conv_variant(rng: random.Random, index: int, family: str, dtype: str, layou
         depthwise = geometry["groups"] > 1
         out = geometry["in_channels"] if depthwise else rng.randint(2, 80)
         size = (rng.randint(5, 23), rng.randint(5, 23))
+        if family == "dw_prologue":
+            dw = dataclasses.replace(fields["prologue"].dw, image=size)
+            fields["prologue"] = dataclasses.replace(fields["prologue"], dw=dw)
         cases.append(
             ConvCase(
                 id=f"b{index:03d}.{j} {family} {dtype} {layout}",

@@ -435,9 +435,15 @@ def conv_case_spec(case: ConvCase) -> ConvSpec:
         transposed=case.op == "conv_transpose", output_padding=case.output_padding,
     )  # fmt: skip
     op = "conv_wgrad" if case.op == "conv_wgrad" else spec.op
+    prologue, sizes = case.prologue, {}
+    if prologue.dw:  # x is the depthwise conv's input: the 1x1 conv reads its output
+        prologue = dataclasses.replace(
+            prologue, dw=dataclasses.replace(prologue.dw, image=case.size))
+        size = prologue.dw.out_size(*case.size)
+        sizes = dict(in_size=size, out_size=size)
     return dataclasses.replace(
         spec, device="cuda", op=op, input_mask=case.masked, padding_mode=case.padding_mode,
-        prologue=case.prologue, input_scale=case.input_scale, pool_sums=case.pool_sums,
+        prologue=prologue, input_scale=case.input_scale, pool_sums=case.pool_sums, **sizes,
     )  # fmt: skip
 
 

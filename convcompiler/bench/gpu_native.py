@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..codegen import KernelSource, render_region
-from ..codegen.template import with_layer_scale
+from ..codegen.template import with_depthwise, with_layer_scale
 from ..config import Config
 from ..inspection.aot import capture_launches, compile_launch, launch_key
 from ..runtime.loader import load_source
@@ -160,6 +160,11 @@ def _conv_inputs(case: ConvCase, spec: ConvSpec, device: str, gen: torch.Generat
         inputs += [None, None, *(affine or [None, None]), *(stats or [None, None])]
     if case.epilogue.scale:  # the launcher's 15th operand: a layer scale, one per channel
         inputs = list(with_layer_scale(tuple(inputs), randn(k) * 0.5 + 1.0))
+    dw = pre.dw
+    if dw:  # the 16th and 17th: the depthwise conv's weight and bias, its output O(1)
+        taps = dw.kernel[0] * dw.kernel[1]
+        weight = (randn(c, 1, *dw.kernel, dtype=f32) * taps**-0.5).to(x.dtype)
+        inputs = list(with_depthwise(tuple(inputs), weight, randn(c) if dw.bias else None))
     return inputs
 
 

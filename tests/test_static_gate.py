@@ -127,6 +127,13 @@ FUSED = {
                                    "ln_epilogue"),
     "convnext_base-stem-ln-bf16": ((32, 3, 224, 224), (128, 3, 4, 4), 0, 4, 1, "bfloat16",
                                    "ln_epilogue"),
+    # mobilenet_v3_large's blocks 2 (stride 2), 3 and 9 (x: the depthwise conv's output)
+    "mobilenet_v3_large-dw3x3s2-project-fp16": ((32, 64, 56, 56), (24, 64, 1, 1), 0, 1, 1,
+                                                "float16", "dw_s2"),
+    "mobilenet_v3_large-dw3x3-project-add-bf16": ((32, 72, 56, 56), (24, 72, 1, 1), 0, 1, 1,
+                                                  "bfloat16", "dw"),
+    "mobilenet_v3_large-dw3x3-project-add-fp16": ((32, 184, 14, 14), (80, 184, 1, 1), 0, 1, 1,
+                                                  "float16", "dw"),
 }
 
 
@@ -143,9 +150,11 @@ def test_fused_norm_and_pool_kernels_pass_the_static_check(name: str) -> None:
     from convcompiler.selection.cost import rank
     from convcompiler.selection.devices import lookup
     from convcompiler.selection.select import model_candidates
-    from convcompiler.spec import Activation, Epilogue, Prologue
+    from convcompiler.spec import Activation, Depthwise, Epilogue, Prologue
 
     xs, ws, padding, stride, groups, dtype, kind = FUSED[name]
+    s2 = 2 if kind == "dw_s2" else 1
+    dw = Depthwise((3, 3), (s2, s2), (1, 1), False, (xs[2] * s2, xs[3] * s2))
     layout = torch.channels_last if kind == "ln" else torch.contiguous_format
     x = torch.empty(xs, dtype=getattr(torch, dtype)).to(memory_format=layout)
     w = torch.empty(ws, dtype=x.dtype)
@@ -155,6 +164,10 @@ def test_fused_norm_and_pool_kernels_pass_the_static_check(name: str) -> None:
         "ln": dict(prologue=Prologue(ln="affine", eps=1e-6)),
         "pool": dict(pool_sums=True, epilogue=Epilogue(bn="affine", act=Activation("silu"))),
         "ln_epilogue": dict(epilogue=Epilogue(ln="affine", ln_eps=1e-6), output_layout="nhwc"),
+        "dw": dict(prologue=Prologue(bn="affine", act=Activation("hardswish"), dw=dw),
+                   epilogue=Epilogue(bn="affine", residual=True)),
+        "dw_s2": dict(prologue=Prologue(bn="affine", act=Activation("relu"), dw=dw),
+                      epilogue=Epilogue(bn="affine")),
     }[kind]
     spec = dataclasses.replace(spec, device="cuda", **fields)
     h100 = lookup("h100")

@@ -117,6 +117,24 @@ class Depthwise:
 
 
 @dataclass(frozen=True)
+class Windows:
+    """The rows of a 1x1 conv's input are window tokens of an image it reads in place
+    (spec.windows; Swin's LayerNorm -> [roll] -> window partition -> qkv linear): row t of
+    window n is pixel (b, (wh*SH + i + shift_h) % H, (ww*SW + j + shift_w) % W) of the
+    [B, C, H, W] image, with n = (b*nWh + wh)*nWw + ww, t = i*WW + j, (WH, WW) = `size` and
+    nWh = H // WH, nWw = W // WW windows down and across (torch.roll by -shift, then the
+    partition)."""
+
+    size: tuple[int, int]
+    shift: tuple[int, int]
+
+    def name(self) -> str:
+        """e.g. "windows7x7" or "windows7x7+roll3x3"."""
+        roll = f"+roll{_fmt(self.shift)}" if self.shift != (0, 0) else ""
+        return f"windows{_fmt(self.size)}{roll}"
+
+
+@dataclass(frozen=True)
 class Prologue:
     """What a conv kernel applies to each input tile as it loads it, in order, before the
     products:
@@ -217,6 +235,9 @@ class ConvSpec(SizeHints):
     # tile's pixels divided by the image's: a global average pool that reads the output
     # (squeeze-and-excitation's) then only sums those (a forward conv only; see pool_shape)
     pool_sums: bool = False
+    # the input's rows are window tokens of an image the kernel reads (see Windows): x is
+    # that [B, C, H, W] image, the GEMM's N the B x nWh x nWw windows, in_size (1, WH*WW)
+    windows: Windows | None = None
 
     def __post_init__(self) -> None:
         if self.op not in CONV_OPS:
@@ -242,6 +263,13 @@ class ConvSpec(SizeHints):
             raise SpecError("a LayerNorm prologue normalises every channel: groups must be 1")
         if self.input_scale and self.prologue.name():
             raise SpecError("an input scale and a prologue together are not a fused pattern")
+        if self.windows and not (
+            self.kernel == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
+            and self.groups == 1 and self.op == "conv" and self.padding_mode == "zeros"
+            and not self.prologue.dw and not self.input_scale and not self.pool_sums
+            and self.in_size == (1, self.windows.size[0] * self.windows.size[1])
+        ):  # fmt: skip
+            raise SpecError("window rows are for a 1x1 conv over [windows, 1, WH*WW] tokens")
         if self.prologue.dw and not (
             self.kernel == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
             and self.groups == 1 and self.ndim == 2 and self.op == "conv"
@@ -256,8 +284,9 @@ class ConvSpec(SizeHints):
 
     @property
     def transforms_input(self) -> bool:
-        """The kernel computes its input from x as it loads it (input_scale or prologue)."""
-        return self.input_scale or bool(self.prologue.name())
+        """The kernel computes its input from x as it loads it (input_scale, prologue, or
+        window rows)."""
+        return self.input_scale or bool(self.prologue.name()) or self.windows is not None
 
     @property
     def transposed(self) -> bool:
@@ -316,6 +345,7 @@ class ConvSpec(SizeHints):
             + ("_xscale" if self.input_scale else "")
             + (f"_pre_{self.prologue.name().replace('+', '_')}" if self.prologue.name() else "")
             + ("_pooled" if self.pool_sums else "")
+            + (f"_{self.windows.name().replace('+', '_')}" if self.windows else "")
         )
 
     def describe(self) -> str:
@@ -346,6 +376,8 @@ class ConvSpec(SizeHints):
             extra.append("masked-grad")
         if self.input_scale:
             extra.append("x*scale[n,c]")
+        if self.windows:
+            extra.append(f"{self.windows.name()}(x)")
         if self.prologue.name():
             extra.append(f"{self.prologue.name()}(x)")
         if self.groups != 1:
@@ -534,6 +566,14 @@ def _sizes(value: object, name: str) -> tuple[Size, Size]:
     return tuple(_size_from_json(v) for v in value)
 
 
+def _windows_from_json(value: object) -> Windows | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"size", "shift"}:
+        raise SpecError(f"windows {value!r} are not windows")
+    return Windows(_pair(value["size"], "size", 1), _pair(value["shift"], "shift", 0))
+
+
 def _depthwise_from_json(value: object) -> Depthwise:
     if not isinstance(value, dict) or set(value) != {f.name for f in fields(Depthwise)}:
         raise SpecError(f"depthwise prologue {value!r} is not one")
@@ -573,6 +613,8 @@ def spec_to_json(spec) -> dict:
                 dw = {name: ([_size_to_json(e) for e in value] if isinstance(value, tuple)
                              else value) for name, value in vars(v.dw).items()}  # fmt: skip
             v = {"bn": v.bn, "ln": v.ln, "eps": v.eps, "act": act, "dw": dw}
+        elif f.name == "windows" and isinstance(spec, ConvSpec):
+            v = None if v is None else {"size": list(v.size), "shift": list(v.shift)}
         elif isinstance(v, Activation):  # a block's activation
             v = [v.name, list(v.args)]
         elif f.name == "hints":
@@ -679,6 +721,7 @@ def spec_from_json(data: object):
         input_scale=_bool(data["input_scale"], "input_scale"),
         prologue=prologue,
         pool_sums=_bool(data["pool_sums"], "pool_sums"),
+        windows=_windows_from_json(data["windows"]),
         **sizes,
         **common,
     )

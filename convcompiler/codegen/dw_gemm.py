@@ -44,7 +44,7 @@ TILING_KEYS = ("M_TILES",)
 def SPACE(spec: ConvSpec, s: Schedule, device: Device | None) -> None:
     if spec.prologue.dw is None:
         raise InvalidSchedule("dw_gemm computes a depthwise prologue: this conv has none")
-    if spec.epilogue.scale or spec.epilogue.ln:
+    if spec.epilogue.scale or spec.epilogue.ln or spec.windows:
         raise InvalidSchedule("dw_gemm's epilogue has no layer scale and no LayerNorm")
     T.check_gemm_tiles(spec, s, device)
     if device is None:

@@ -188,6 +188,9 @@ def constants(spec: ConvSpec, schedule: Schedule, **groups: tuple[str, ...]) -> 
         lines.insert(-2, f"OUTPUT_PADDING = {spec.output_padding!r}")
     if spec.op != "conv":  # the backward kernels: whether the gradient comes with its mask
         lines.insert(-2, f"INPUT_MASK = {spec.input_mask}")
+    if spec.op == "conv":  # the input's rows as window tokens of an image (spec.windows)
+        windows = (*spec.windows.size, *spec.windows.shift) if spec.windows else None
+        lines.insert(-2, f"WINDOWS = {windows!r}  # (WH, WW, shift_h, shift_w) or None")
     if spec.op == "conv":  # _window_tap's PAD_MODE: the padding mode's index in PADDING_MODES
         mode = PADDING_MODES.index(spec.padding_mode)
         lines.insert(-2, f"PAD_MODE = {mode}  # {spec.padding_mode}")
@@ -527,6 +530,10 @@ PREPARE = (
     HO = (H + 2 * g["PH"] - g["DH"] * (g["KH"] - 1) - 1) // g["SH"] + 1
     WO = (W + 2 * g["PW"] - g["DW"] * (g["KW"] - 1) - 1) // g["SW"] + 1
     KG = K // GROUPS
+    if NDIM == 2 and WINDOWS:  # x is the image: N windows of 1 x WH*WW tokens (gemm_1x1)
+        if H % WINDOWS[0] or W % WINDOWS[1]:
+            raise ValueError(f"image {H}x{W} is not whole {WINDOWS[0]}x{WINDOWS[1]} windows")
+        N, HO, WO = N * (H // WINDOWS[0]) * (W // WINDOWS[1]), 1, WINDOWS[0] * WINDOWS[1]
 """
     + PER_CHANNEL_VECTORS
     + """    M = N * HO * WO

@@ -158,7 +158,10 @@ def meta_inputs(spec: ConvSpec | AttentionSpec | MlpSpec) -> tuple[torch.Tensor 
 
     if spec.prologue.dw:  # the kernel reads the depthwise conv's input
         h, w = (spec.hint(s) for s in spec.prologue.dw.image)
-    x = empty((n, spec.in_channels, h, w), spec.input_layout)
+    images = n
+    if spec.windows:  # an image of the spec's N windows in one row
+        images, h, w = 1, spec.windows.size[0], spec.windows.size[1] * n
+    x = empty((images, spec.in_channels, h, w), spec.input_layout)
     if spec.op == "conv_wgrad":  # (dy, x, dy's mask?)
         dy = empty((n, k, ho, wo), spec.output_layout)
         dy, x = (dy.squeeze(2), x.squeeze(2)) if spec.ndim == 1 else (dy, x)

@@ -10,6 +10,9 @@ computed copy is never written (match_conv.py asks `input_prologue` for each con
     convolution(permute(layer_norm(permute(x, NHWC)), NCHW), w, b), groups 1
                                                             => spec.prologue ln (x)
         (LayerNorm2d before ConvNeXt's downsampling; layer_norm.image_norm_input)
+    convolution(nhwc(partition([roll](layer_norm(x)))), w, b)  => spec.prologue ln, spec.windows
+        (Swin's qkv linear: its rows are the window tokens of the image x, read in place;
+        linear_as_conv.py records the windows)
     convolution(act(batch_norm(depthwise_convolution(x, wd, bd))), w, b), 1x1
                                                             => spec.prologue dw+bn+act (x)
         (the inverted residual's tail, dw_gemm; when the cost model prefers it, match_conv
@@ -32,7 +35,7 @@ from .activations import as_activation
 from .context import PassContext
 from .conv_chain import BN_EVAL
 from .layer_norm import image_norm_input
-from .linear_as_conv import PRE_NORM
+from .linear_as_conv import PRE_NORM, WINDOWS
 from .meta import fake_value, memory_layout, size_hints, sizes
 
 aten = torch.ops.aten
@@ -182,6 +185,10 @@ def input_prologue(
         image = normed_x.args[0] if role == "x_ln2d" else normed_x
         layout = memory_layout(fake_value(image))
         spec = dataclasses.replace(spec, prologue=prologue, input_layout=layout)
+        windows = node.meta.get(WINDOWS) if role == "x_ln" else None
+        if windows is not None:  # Swin's qkv: the image's window tokens, read in place
+            hints = dict(spec.hints) | dict(size_hints(fake_value(image)))
+            spec = dataclasses.replace(spec, windows=windows, hints=tuple(sorted(hints.items())))
         vectors = [(r, n.name) for r, n in (("ln_weight", norm.weight), ("ln_bias", norm.bias))
                    if n is not None]  # fmt: skip
         roles = (*roles, (role, normed_x.name), *vectors)

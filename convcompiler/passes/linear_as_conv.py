@@ -40,7 +40,7 @@ import logging
 import torch
 import torch.fx
 
-from ..spec import DTYPES
+from ..spec import DTYPES, Windows
 from .context import PassContext
 from .conv_chain import grow_chain
 from .layer_norm import layer_norm_of
@@ -55,6 +55,7 @@ RULE = (
 FROM_LINEAR = "im2win_from_linear"  # node.meta key on a convolution this pass made
 IN_BLOCK = "im2win_block"  # node.meta key on a matmul a block region runs (match_block.py)
 PRE_NORM = "im2win_pre_norm"  # node.meta key: (the norm's input as an image, the norm)
+WINDOWS = "im2win_windows"  # node.meta key: the Windows its input's rows are (or None)
 RESHAPES = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
 META_KEYS = ("stack_trace", "nn_module_stack", "from_node", "seq_nr")
 
@@ -155,15 +156,76 @@ class _Linear:
         return None
 
 
+def _roll_shift(index: object, size: object) -> int | None:
+    """s when `index` is fmod(iota(size) + s, size), a decomposed torch.roll by -s; else None."""
+    if not isinstance(index, torch.fx.Node) or index.target is not aten.fmod.Scalar:
+        return None
+    add, modulus = index.args
+    if not isinstance(add, torch.fx.Node) or add.target is not aten.add.Tensor:
+        return None
+    iota, shift = add.args
+    if not isinstance(iota, torch.fx.Node) or iota.target is not torch.ops.prims.iota.default:
+        return None
+    if iota.args[0] != size or modulus != size or not isinstance(shift, int):
+        return None
+    if iota.kwargs.get("start", 0) != 0 or iota.kwargs.get("step", 1) != 1:
+        return None
+    return shift % size
+
+
+def _window_partition(y: object) -> tuple[torch.fx.Node, Windows] | None:
+    """(the [B, H, W, C] image, its windows) when y is Swin's window partition of it,
+    reshape(clone(permute(reshape(r, [B, nWh, WH, nWw, WW, C]), [0, 1, 3, 2, 4, 5])),
+    [B*nWh*nWw, WH*WW, C]), r the image or its roll by -shift along H and W (decomposed:
+    index(r, [None, fmod(iota(H) + shift, H)]), then along W), every step read by the next
+    alone; else None."""
+    if not isinstance(y, torch.fx.Node) or y.target not in RESHAPES:
+        return None
+    clone = y.args[0]
+    if not isinstance(clone, torch.fx.Node) or clone.target is not aten.clone.default:
+        return None
+    perm = clone.args[0]
+    if perm.target is not aten.permute.default or list(perm.args[1]) != [0, 1, 3, 2, 4, 5]:
+        return None
+    view = perm.args[0]
+    if view.target not in RESHAPES or any(len(n.users) != 1 for n in (clone, perm, view)):
+        return None
+    image, vv, yv = view.args[0], fake_value(view), fake_value(y)
+    if vv is None or yv is None or vv.dim() != 6 or yv.dim() != 3:
+        return None
+    b, nwh, wh, nww, ww, c = vv.shape
+    if not all(isinstance(v, int) for v in (wh, ww, c)) or yv.shape[1:] != (wh * ww, c):
+        return None
+    shift = [0, 0]
+    for dim in (2, 1):  # the roll along W is the last index op, then the one along H
+        if not isinstance(image, torch.fx.Node) or image.target is not aten.index.Tensor:
+            break
+        indices, iv = image.args[1], fake_value(image)
+        if len(indices) != dim + 1 or any(i is not None for i in indices[:dim]) or iv is None:
+            break
+        found = _roll_shift(indices[dim], iv.shape[dim])
+        if found is None or len(image.users) != 1:
+            break
+        shift[dim - 1], image = found, image.args[0]
+    iv = fake_value(image)
+    if iv is None or iv.dim() != 4 or tuple(iv.shape) != (b, nwh * wh, nww * ww, c):
+        return None
+    return image, Windows((wh, ww), tuple(shift))
+
+
 def _norm_before(x2d: torch.fx.Node, dtype: torch.dtype) -> tuple | None:
-    """(the LayerNorm, the permutation of its tokens' leading dims) when only this linear
-    reads the norm's output y, as reshape(y, [M, C]) or y, or through a contiguous copy of a
-    permute of y that keeps the channels last (torch.nn.MultiheadAttention's batch-first
-    transpose: ViT's qkv), the norm of the linear's dtype, with both a weight and a bias or
-    neither; else None."""
+    """(the LayerNorm, the permutation of its tokens' leading dims, the windows) when only
+    this linear reads the norm's output y, as reshape(y, [M, C]) or y, or through a
+    contiguous copy of a permute of y that keeps the channels last
+    (torch.nn.MultiheadAttention's batch-first transpose: ViT's qkv), or through Swin's
+    [roll and] window partition of y (_window_partition), the norm of the linear's dtype,
+    with both a weight and a bias or neither; else None."""
     y = x2d.args[0] if x2d.target in RESHAPES else x2d
-    perm = None
-    if (
+    perm = windows = None
+    partition = _window_partition(y)
+    if partition is not None:
+        y, windows = partition
+    elif (
         isinstance(y, torch.fx.Node) and y.target is aten.clone.default and len(y.users) == 1
         and y.args[0].target is aten.permute.default and len(y.args[0].users) == 1
         and list(y.args[0].args[1])[-1] == len(y.args[0].args[1]) - 1
@@ -175,7 +237,7 @@ def _norm_before(x2d: torch.fx.Node, dtype: torch.dtype) -> tuple | None:
     xv = fake_value(norm.x) if norm is not None else None
     if xv is None or xv.dtype != dtype or norm.kind is None:
         return None
-    return norm, perm
+    return norm, perm, windows
 
 
 class _Builder:
@@ -211,9 +273,12 @@ def _rewrite(graph: torch.fx.Graph, lin: _Linear) -> str | None:
     # the norm's input, seen as the conv's input is (before the conv: its op replaces it)
     normed = None
     if lin.norm is not None:
-        norm, perm = lin.norm
+        norm, perm, windows = lin.norm
         tokens = b.call(aten.permute.default, (norm.x, perm)) if perm else norm.x
-        normed = b.nhwc(tokens, lead4, lin.c)
+        if windows is not None:  # the [B, H, W, C] image the windows come from, as NCHW
+            normed = b.call(aten.permute.default, (norm.x, [0, 3, 1, 2]))
+        else:
+            normed = b.nhwc(tokens, lead4, lin.c)
     x = b.nhwc(lin.x2d, lead4, lin.c)
     w = b.call(aten.reshape.default, (lin.weight, [lin.k, lin.c, 1, 1]))
     first = lin.channels_first is not None  # the chain reads the image, not the tokens
@@ -222,6 +287,7 @@ def _rewrite(graph: torch.fx.Graph, lin: _Linear) -> str | None:
     cur.meta[FROM_LINEAR] = True
     if normed is not None:
         cur.meta[PRE_NORM] = (normed, lin.norm[0])
+        cur.meta[WINDOWS] = lin.norm[2]
     prev = lin.channels_first if first else lin.out
     for role, name in lin.chain.roles[1:]:
         old = nodes[name]

@@ -141,6 +141,9 @@ def conv_output_shape(spec: ConvSpec, x: Tensor) -> tuple:
     n, h, w = x.shape[0], (1 if spec.ndim == 1 else x.shape[-2]), x.shape[-1]
     if spec.prologue.dw:  # x is the depthwise conv's input: its output is the conv's
         h, w = spec.prologue.dw.out_size(h, w)
+    if spec.windows:  # x is the image: its windows are the batch, their tokens one row
+        (wh, ww) = spec.windows.size
+        n, h, w = n * (h // wh) * (w // ww), 1, wh * ww
     (kh, kw), (sh, sw) = spec.kernel, spec.stride
     (ph, pw), (dh, dw) = spec.padding, spec.dilation
     if spec.transposed:

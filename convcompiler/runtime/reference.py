@@ -81,6 +81,11 @@ def run_aten(
         x = torch.empty_like(x).copy_(t)
     if p.act:
         x = activation(p.act, x)
+    if spec.windows:  # the image's window tokens, rolled, as [B*nW, C, 1, WH*WW]
+        (wh, ww), (sh, sw) = spec.windows.size, spec.windows.shift
+        n, c, h, w = x.shape
+        x = torch.roll(x, (-sh, -sw), (2, 3)).reshape(n, c, h // wh, wh, w // ww, ww)
+        x = x.permute(0, 2, 4, 1, 3, 5).reshape(-1, c, 1, wh * ww)
     if spec.padding_mode != "zeros":  # F.pad's copy, then a conv without padding
         pads = [p for p in reversed(padding) for _ in (0, 1)]
         x = F.pad(x, pads, mode=spec.padding_mode)

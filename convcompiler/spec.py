@@ -238,6 +238,9 @@ class ConvSpec(SizeHints):
     # the input's rows are window tokens of an image the kernel reads (see Windows): x is
     # that [B, C, H, W] image, the GEMM's N the B x nWh x nWw windows, in_size (1, WH*WW)
     windows: Windows | None = None
+    # ... the output's rows too, stored at their pixels of the residual's [B, H, W, K] image
+    # (Swin's proj -> window reverse -> [roll] -> + x): the kernel writes that image, x + y
+    out_windows: Windows | None = None
 
     def __post_init__(self) -> None:
         if self.op not in CONV_OPS:
@@ -270,6 +273,17 @@ class ConvSpec(SizeHints):
             and self.in_size == (1, self.windows.size[0] * self.windows.size[1])
         ):  # fmt: skip
             raise SpecError("window rows are for a 1x1 conv over [windows, 1, WH*WW] tokens")
+        w = self.out_windows
+        if w and not (
+            self.kernel == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
+            and self.groups == 1 and self.op == "conv" and self.epilogue.residual
+            and not self.epilogue.scale and not self.epilogue.ln and not self.pool_sums
+            and self.output_layout == "nhwc" and self.in_size == (1, w.size[0] * w.size[1])
+        ):  # fmt: skip
+            raise SpecError(
+                "output window rows are for a 1x1 conv over [windows, 1, WH*WW] tokens with a "
+                "residual add (no layer scale), its output channels last"
+            )
         if self.prologue.dw and not (
             self.kernel == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
             and self.groups == 1 and self.ndim == 2 and self.op == "conv"
@@ -346,6 +360,7 @@ class ConvSpec(SizeHints):
             + (f"_pre_{self.prologue.name().replace('+', '_')}" if self.prologue.name() else "")
             + ("_pooled" if self.pool_sums else "")
             + (f"_{self.windows.name().replace('+', '_')}" if self.windows else "")
+            + (f"_to_{self.out_windows.name().replace('+', '_')}" if self.out_windows else "")
         )
 
     def describe(self) -> str:
@@ -383,6 +398,7 @@ class ConvSpec(SizeHints):
         if self.groups != 1:
             extra.append("dw" if self.is_depthwise else f"g{self.groups}")
         fused = [f"+{self.epilogue.name()}"] if self.epilogue.name() else []
+        fused += [f"to {self.out_windows.name()}"] if self.out_windows else []
         fused += ["+pool sums"] if self.pool_sums else []
         return " ".join([shape, ks, *extra, self.dtype, self.output_layout, *fused])
 
@@ -613,7 +629,7 @@ def spec_to_json(spec) -> dict:
                 dw = {name: ([_size_to_json(e) for e in value] if isinstance(value, tuple)
                              else value) for name, value in vars(v.dw).items()}  # fmt: skip
             v = {"bn": v.bn, "ln": v.ln, "eps": v.eps, "act": act, "dw": dw}
-        elif f.name == "windows" and isinstance(spec, ConvSpec):
+        elif f.name in ("windows", "out_windows") and isinstance(spec, ConvSpec):
             v = None if v is None else {"size": list(v.size), "shift": list(v.shift)}
         elif isinstance(v, Activation):  # a block's activation
             v = [v.name, list(v.args)]
@@ -722,6 +738,7 @@ def spec_from_json(data: object):
         prologue=prologue,
         pool_sums=_bool(data["pool_sums"], "pool_sums"),
         windows=_windows_from_json(data["windows"]),
+        out_windows=_windows_from_json(data["out_windows"]),
         **sizes,
         **common,
     )

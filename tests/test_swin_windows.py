@@ -1,8 +1,12 @@
-"""Swin's qkv linear reads its window tokens in place (issue 22's traffic, spec.windows):
-`LayerNorm -> [roll] -> window partition -> qkv linear` is one gemm_1x1 region that reads
-the block's input image, computes each token's LayerNorm statistics and maps each GEMM row
-to its (rolled) pixel, so neither the normalised image nor its rolled, partitioned copy is
-ever written.
+"""Swin's qkv and proj linears read and write their window tokens in place (issue 22's
+traffic):
+
+- `LayerNorm -> [roll] -> window partition -> qkv linear` (spec.windows) is one gemm_1x1
+  region that reads the block's input image, computes each token's LayerNorm statistics
+  and maps each GEMM row to its (rolled) pixel, so neither the normalised image nor its
+  rolled, partitioned copy is ever written;
+- `proj linear -> window reverse -> [roll back] -> + x` (spec.out_windows) is one gemm_1x1
+  region that stores each row at its pixel of the image and adds the residual there.
 """
 
 from __future__ import annotations
@@ -36,8 +40,10 @@ def _image(n: int = 2, dtype: torch.dtype = torch.float32, h: int = 14, w: int =
     return (torch.randn(n, h, w, 32, generator=gen) + 0.5).to(dtype)
 
 
-def _windowed(report) -> object:
-    (region,) = [r for r in report if "windows7x7" in r.spec]
+def _windowed(report, side: str = "qkv") -> object:
+    """The qkv region (its input rows are windows) or the proj region (its output rows)."""
+    mark = "(x)" if side == "qkv" else "to windows"
+    (region,) = [r for r in report if "windows7x7" in r.spec and mark in r.spec]
     return region
 
 
@@ -50,6 +56,9 @@ def test_qkv_reads_the_rolled_windows_of_the_image(dtype, shift) -> None:
     qkv = _windowed(report)
     assert qkv.kind == "linear" and qkv.schedule == "gemm_1x1", str(report)
     assert "ln(x)" in qkv.spec and ("+roll3x3" in qkv.spec) == (shift > 0), qkv.spec
+    proj = _windowed(report, "proj")
+    assert proj.kind == "linear" and proj.schedule == "gemm_1x1", str(report)
+    assert "+add to windows7x7" in proj.spec and ("+roll" in proj.spec) == (shift > 0)
     assert [r.kind for r in report.kernels()].count("window_attention") == 1, str(report)
     assert not report.fallbacks(), str(report)
 

@@ -108,9 +108,20 @@ def _load(ptr: str, other: str = "0.0") -> str:
 
 STORE = """
 # ---- 5. store in eager's memory format ----
-y_off = _tile_offsets(offs_m, offs_k, N, HO, WO, syn, syk, syh, syw, IMAGE_TILES, INT64)
+y_off = ${offsets}
 tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
 """
+
+
+def _offsets(spec: ConvSpec, s: str) -> str:
+    """Where each output (or residual, `s` "y" or "r") element of the tile lives: the tile's
+    pixels, or with spec.out_windows each window row's pixel of the output image
+    (gemm_1x1's kernel names the image's size and windows)."""
+    strides = {"y": "syn, syk, syh, syw", "r": "srn, src, srh, srw"}[s]
+    if spec.out_windows:
+        return (f"_window_offsets(offs_m, offs_k, N, HO, WO, YH, YW, {strides}, OWIN_H, OWIN_W, "
+                "OSHIFT_H, OSHIFT_W, INT64)")
+    return f"_tile_offsets(offs_m, offs_k, N, HO, WO, {strides}, IMAGE_TILES, INT64)"
 
 
 def _layer_norm(kind: str, eps: float) -> list[str]:
@@ -165,13 +176,10 @@ def epilogue(spec: ConvSpec) -> str:
     if e.scale:  # the layer scale, per output channel
         lines.append(f"acc = acc * {_load('ls_ptr')}[None, :]")
     if e.residual:
-        lines.append(
-            "r_off = _tile_offsets(offs_m, offs_k, N, HO, WO, srn, src, srh, srw, IMAGE_TILES,"
-            " INT64)"
-        )
+        lines.append(f"r_off = {_offsets(spec, 'r')}")
         lines.append("r_mask = m_ok[:, None] & k_ok[None, :]")
         lines.append("acc += tl.load(r_ptr + r_off, mask=r_mask, other=0.0).to(acc.dtype)")
     if e.post_act:
         lines.append(f"acc = {activation_code(e.post_act)}")
-    body = "\n".join(lines) + "\n" + STORE
+    body = "\n".join(lines) + "\n" + STORE.replace("${offsets}", _offsets(spec, "y"))
     return "\n".join("    " + line if line else "" for line in body.strip("\n").split("\n"))

@@ -7,7 +7,9 @@ loaded, so the scaled copy is never written. With `spec.prologue` it arrives as
 act(batch_norm(x)) (pre-activation: DenseNet's BN -> ReLU -> conv 1x1), applied to each x
 tile as it is loaded (epilogue.py's prologue hook), so the normalised copy is never
 written. With `spec.windows` (Swin's qkv) x is an image and the rows are its window
-tokens, rolled (_window_row), so neither the partition nor the roll is ever copied. There
+tokens, rolled (_window_row), so neither the partition nor the roll is ever copied; with
+`spec.out_windows` (Swin's proj) the output rows are stored at their pixels of the
+residual's image, and the residual added there (the window reverse, roll and add). There
 are no
 taps and no padding, so a pixel's address needs no bounds checks; when the input is
 contiguous NCHW, the stride is 1 and tiles stay inside one image, pixel p of image n is
@@ -74,20 +76,6 @@ ${row_stats}
 
 
 @triton.jit
-def _window_row(n, t, H, W, sxn, sxh, sxw, WH: tl.constexpr, WW: tl.constexpr,
-                SHIFT_H: tl.constexpr, SHIFT_W: tl.constexpr):
-    # Token t of window n (spec.windows): the image's pixel it reads, rolled by -shift, as
-    # an offset in x; inside the image on every lane (n < the windows, t < WH*WW, modulo)
-    across = W // WW
-    per_image = (H // WH) * across
-    b = n // per_image
-    r = n - b * per_image
-    h = ((r // across) * WH + t // WW + SHIFT_H) % H
-    w = ((r % across) * WW + t % WW + SHIFT_W) % W
-    return b * sxn + h * sxh + w * sxw
-
-
-@triton.jit
 def _channel_step(acc, x_base, x_row, w_ptr, w_col, c, a_mask, b_mask, sxc, s_rows, ssc,
                   pw_ptr, pb_ptr, pm_ptr, pv_ptr, row_mean, row_rstd, PRE: tl.constexpr,
                   X_SCALE: tl.constexpr, WIDEN: tl.constexpr, PRECISION: tl.constexpr):
@@ -125,6 +113,8 @@ def conv_gemm_1x1(
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     # meta-parameters
     WIN_H: tl.constexpr, WIN_W: tl.constexpr, SHIFT_H: tl.constexpr, SHIFT_W: tl.constexpr,
+    YH, YW, OWIN_H: tl.constexpr, OWIN_W: tl.constexpr, OSHIFT_H: tl.constexpr,
+    OSHIFT_W: tl.constexpr,
     PIXELS_FLAT: tl.constexpr, X_SCALE: tl.constexpr, PRE_BN: tl.constexpr,
     PRE_LN: tl.constexpr, PRE_EPS: tl.constexpr, PRECISION: tl.constexpr,
     WIDEN: tl.constexpr,
@@ -211,12 +201,13 @@ ${prologue_operands}
     int64 = max(x.numel(), y.numel(), weight.numel()) >= INDEX_LIMIT
     flat = (image and g["SH"] == 1 and g["SW"] == 1 and x.stride(3) == 1
             and x.stride(2) == W and not WINDOWS)
-    win = WINDOWS or (0, 0, 0, 0)
+    win, out_win = WINDOWS or (0, 0, 0, 0), OUT_WINDOWS or (0, 0, 0, 0)
     conv_gemm_1x1[grid](
         x, w_packed, out, *epilogue_operands, x_scale, *pre_norm, layer_scale,
         N, H, W, HO, WO, CG, KG,
         *x.stride(), *out.stride(), *residual_strides, *s_strides,
-        **GEOMETRY, WIN_H=win[0], WIN_W=win[1], SHIFT_H=win[2], SHIFT_W=win[3],
+        **GEOMETRY, WIN_H=win[0], WIN_W=win[1], SHIFT_H=win[2], SHIFT_W=win[3], YH=YH, YW=YW,
+        OWIN_H=out_win[0], OWIN_W=out_win[1], OSHIFT_H=out_win[2], OSHIFT_W=out_win[3],
         PIXELS_FLAT=flat, X_SCALE=INPUT_SCALE, PRE_BN=PRE_BN, PRE_LN=PRE_LN,
         PRE_EPS=PRE_EPS, PRECISION=PRECISION,
         WIDEN=widen,

@@ -49,8 +49,9 @@ def SPACE(spec: ConvSpec, s: Schedule, device: Device | None) -> None:
         raise InvalidSchedule("a LayerNorm epilogue: gemm_1x1's and im2win_implicit's")
     if spec.pool_sums:
         raise InvalidSchedule("only direct_depthwise writes pooled sums")
-    if spec.transforms_input:
-        raise InvalidSchedule("only gemm_1x1 transforms its input (scale, BN, act) as it loads it")
+    if spec.transforms_input or spec.out_windows:
+        raise InvalidSchedule("only gemm_1x1 transforms its input (scale, BN, act) as it loads it"
+                              " or stores window rows")
     if spec.padding_mode != "zeros":
         raise InvalidSchedule(f"the band fill pads with zeros, not {spec.padding_mode}")
     if s["FILL_W"] * s["FILL_C"] > 4096:

@@ -53,7 +53,7 @@ def SPACE(spec: ConvSpec, s: Schedule, device: Device | None) -> None:
     if spec.input_scale:
         raise InvalidSchedule("only gemm_1x1 scales its input as it loads it")
     T.check_ln_epilogue(spec, s)
-    if spec.prologue.dw or spec.windows:
+    if spec.prologue.dw or spec.windows or spec.out_windows:
         raise InvalidSchedule("a depthwise prologue is dw_gemm's, window rows gemm_1x1's")
     if spec.prologue.name() and s["REDUCTION"] != "tap":
         raise InvalidSchedule("the input's prologue needs the tap reduction (one channel run)")

@@ -189,8 +189,9 @@ def constants(spec: ConvSpec, schedule: Schedule, **groups: tuple[str, ...]) -> 
     if spec.op != "conv":  # the backward kernels: whether the gradient comes with its mask
         lines.insert(-2, f"INPUT_MASK = {spec.input_mask}")
     if spec.op == "conv":  # the input's rows as window tokens of an image (spec.windows)
-        windows = (*spec.windows.size, *spec.windows.shift) if spec.windows else None
-        lines.insert(-2, f"WINDOWS = {windows!r}  # (WH, WW, shift_h, shift_w) or None")
+        for name, w in (("WINDOWS", spec.windows), ("OUT_WINDOWS", spec.out_windows)):
+            value = (*w.size, *w.shift) if w else None
+            lines.insert(-2, f"{name} = {value!r}  # (WH, WW, shift_h, shift_w) or None")
     if spec.op == "conv":  # _window_tap's PAD_MODE: the padding mode's index in PADDING_MODES
         mode = PADDING_MODES.index(spec.padding_mode)
         lines.insert(-2, f"PAD_MODE = {mode}  # {spec.padding_mode}")
@@ -366,6 +367,33 @@ def _window_tap(x_img, hi0, wi0, m_ok, ky, kx, H, W, sxh, sxw,
 
 
 @triton.jit
+def _window_row(n, t, H, W, sxn, sxh, sxw, WH: tl.constexpr, WW: tl.constexpr,
+                SHIFT_H: tl.constexpr, SHIFT_W: tl.constexpr):
+    # Token t of window n (spec.windows, spec.out_windows): the image's pixel it reads, rolled by -shift, as
+    # an offset in x; inside the image on every lane (n < the windows, t < WH*WW, modulo)
+    across = W // WW
+    per_image = (H // WH) * across
+    b = n // per_image
+    r = n - b * per_image
+    h = ((r // across) * WH + t // WW + SHIFT_H) % H
+    w = ((r % across) * WW + t % WW + SHIFT_W) % W
+    return b * sxn + h * sxh + w * sxw
+
+
+@triton.jit
+def _window_offsets(offs_m, offs_k, N, HO, WO, YH, YW, sn, sk, sh, sw, WH: tl.constexpr,
+                    WW: tl.constexpr, SHIFT_H: tl.constexpr, SHIFT_W: tl.constexpr,
+                    INT64: tl.constexpr):
+    # Where output row m, channel k lives when the rows are window tokens stored at their
+    # pixels of a YH x YW image (spec.out_windows; batch tiles): inside it on every lane
+    n = tl.minimum(offs_m // (WO * HO), N - 1)
+    if INT64:
+        n = n.to(tl.int64)
+    pixel = _window_row(n, offs_m % WO, YH, YW, sn, sh, sw, WH, WW, SHIFT_H, SHIFT_W)
+    return pixel[:, None] + offs_k[None, :] * sk
+
+
+@triton.jit
 def _tile_offsets(offs_m, offs_k, N, HO, WO, sn, sk, sh, sw, IMAGE_TILES: tl.constexpr,
                   INT64: tl.constexpr):
     # Where output pixel m, channel k lives in a tensor with strides (sn, sk, sh, sw); inside
@@ -494,7 +522,20 @@ CHECK_MASK = """    if (mask is not None) != INPUT_MASK:
 """
 ALLOCATE_OUTPUT = """    # ---- 2. allocate the output in the memory format eager produces ----
     fmt = torch.channels_last if OUT_CHANNELS_LAST else torch.contiguous_format
-    y = torch.empty((N, K, HO, WO), device=x.device, dtype=x.dtype, memory_format=fmt)
+    YH = YW = 0
+    if NDIM == 2 and OUT_WINDOWS:  # window rows stored at their pixels of the residual's
+        # [B, H, W, K] image (gemm_1x1): the output is that image, seen as [B, K, H, W]
+        if residual is None or residual.dim() != 4 or residual.shape[-1] != K:
+            raise ValueError("output window rows need the [B, H, W, K] residual image")
+        YB, YH, YW = residual.shape[:3]
+        OWH, OWW = OUT_WINDOWS[:2]
+        if YH % OWH or YW % OWW or YB * (YH // OWH) * (YW // OWW) != N:
+            raise ValueError(f"residual {tuple(residual.shape)} is not the image of {N} "
+                             f"{OWH}x{OWW} windows")
+        residual = residual.permute(0, 3, 1, 2)
+        y = torch.empty((YB, YH, YW, K), device=x.device, dtype=x.dtype).permute(0, 3, 1, 2)
+    else:
+        y = torch.empty((N, K, HO, WO), device=x.device, dtype=x.dtype, memory_format=fmt)
     if y.numel() == 0:
         return y.squeeze(2) if NDIM == 1 else y
     # Under Triton's interpreter (CPU tensors) the kernel accumulates in fp64; it also
@@ -552,5 +593,7 @@ PREPARE = (
 FINISH = """
     if out is not y:
         y.copy_(out)
+    if NDIM == 2 and OUT_WINDOWS:  # the [B, H, W, K] image
+        return y.permute(0, 2, 3, 1)
     return y.squeeze(2) if NDIM == 1 else y
 """

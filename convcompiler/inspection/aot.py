@@ -170,6 +170,9 @@ def meta_inputs(spec: ConvSpec | AttentionSpec | MlpSpec) -> tuple[torch.Tensor 
     if spec.transposed:  # [C, K/groups, KH, KW]
         weight = empty((spec.in_channels, spec.out_channels_per_group, kh, kw), spec.weight_layout)
     residual = empty((n, k, ho, wo), spec.output_layout) if spec.epilogue.residual else None
+    if spec.out_windows:  # the [B, H, W, K] image of the spec's N windows in one row
+        wh, ww = spec.out_windows.size
+        residual = empty((1, wh, ww * n, k))
     if spec.ndim == 1:
         x, weight = x.squeeze(2), weight.squeeze(2)
         residual = residual.squeeze(2) if residual is not None else None

@@ -3,6 +3,8 @@
     conv -> [batch_norm (running stats) -> getitem 0] -> [act] -> [add residual] -> [act]
     conv -> act -> batch_norm (running stats) -> getitem 0 -> [add residual] -> [act]
     conv -> permute NHWC -> layer_norm over the channels -> permute NCHW   (LayerNorm2d)
+    conv (a linear's) -> window reverse -> [roll] -> add residual          (Swin's proj;
+        linear_as_conv.py found it: node.meta[OUT_WINDOWS])
 
 With `layer_scale` (a linear's chain, passes/linear_as_conv.py: the dim of its channels), a
 multiplication by a per-channel vector (ConvNeXt's and LayerScale's gamma: [K, 1, 1] on an
@@ -32,6 +34,9 @@ BN_TRAIN = aten._native_batch_norm_legit_functional.default
 # A LayerNorm epilogue needs every output channel in one tile: the conv templates' widest
 # BLOCK_N. A wider conv keeps its own kernel and leaves the norm to Inductor.
 LN_CHANNELS = 128
+# node.meta key on a linear's conv (linear_as_conv.py): (the Windows its output rows are, the
+# window reverse's node names, the residual add's name)
+OUT_WINDOWS = "im2win_out_windows"
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,21 @@ def _norm_chain(conv: torch.fx.Node, claimed: set[str]) -> Chain | None:
     named = {norm.scaled: "ln_scaled", norm.shifted: "ln_shifted"}
     roles = [("conv", conv.name)] + [(named.get(n, f"ln{i}"), n.name) for i, n in enumerate(nodes)]
     return Chain(tuple(roles), Epilogue(ln=norm.kind, ln_eps=norm.eps), nodes[-1])
+
+
+def window_chain(conv: torch.fx.Node, claimed: set[str]) -> Chain | None:
+    """The chain of a linear's conv whose output rows go back to their windows' pixels and
+    are added to the residual there (linear_as_conv's OUT_WINDOWS: Swin's proj), when no
+    other chain took those nodes; else None."""
+    found = conv.meta.get(OUT_WINDOWS)
+    if found is None:
+        return None
+    _, names, add = found
+    if any(name in claimed for name in (*names, add)):
+        return None
+    nodes = {n.name: n for n in conv.graph.nodes}
+    roles = (("conv", conv.name), *(("win_out", name) for name in names), ("add", add))
+    return Chain(roles, Epilogue(residual=True), nodes[add])
 
 
 def grow_chain(

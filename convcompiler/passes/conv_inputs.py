@@ -30,7 +30,7 @@ import operator
 import torch
 import torch.fx
 
-from ..spec import ConvSpec, Depthwise, Prologue
+from ..spec import ConvSpec, Depthwise, Prologue, Windows
 from .activations import as_activation
 from .context import PassContext
 from .conv_chain import BN_EVAL
@@ -139,6 +139,15 @@ def with_depthwise(spec: ConvSpec, prologue: Prologue, x: torch.Tensor) -> ConvS
     hints = dict(spec.hints) | dict(size_hints(x))
     return dataclasses.replace(spec, prologue=prologue, input_layout=memory_layout(x),
                                hints=tuple(sorted(hints.items())))  # fmt: skip
+
+
+def with_out_windows(spec: ConvSpec, windows: Windows, image: torch.fx.Node) -> ConvSpec:
+    """The spec of a linear's conv whose output rows are `windows` tokens stored at their
+    pixels of the residual add's [B, H, W, K] `image` (conv_chain.window_chain; not an input
+    rule, but the same windows): its output is the GEMM's rows, channels last."""
+    hints = dict(spec.hints) | dict(size_hints(fake_value(image)))
+    return dataclasses.replace(spec, out_size=spec.in_size, output_layout="nhwc",
+                               out_windows=windows, hints=tuple(sorted(hints.items())))
 
 
 def input_prologue(

@@ -42,7 +42,7 @@ import torch.fx
 
 from ..spec import DTYPES, Windows
 from .context import PassContext
-from .conv_chain import grow_chain
+from .conv_chain import OUT_WINDOWS, grow_chain
 from .layer_norm import layer_norm_of
 from .meta import fake_value, fp32_precision, layout_mismatch, run_on_fakes
 
@@ -148,7 +148,10 @@ class _Linear:
             self.channels_first = None  # nothing to fuse after the permute
             self.chain = grow_chain(self.out, set(), fuse_bn=False, layer_scale=-1)
         self.norm = _norm_before(x2d, xv.dtype) if ctx.config.blocks else None
-        if not self.chain.epilogue.name() and self.norm is None:
+        self.reverse = None  # Swin's proj: window reverse, [roll,] + x (_window_reverse)
+        if ctx.config.blocks and not self.chain.epilogue.name() and len(self.lead) == 2:
+            self.reverse = _window_reverse(self.out)
+        if not self.chain.epilogue.name() and self.norm is None and self.reverse is None:
             return "no fusable epilogue (activation or residual add) follows: the host's mm runs it"
         last = fake_value(self.chain.last)
         if last is None or last.dtype != out.dtype:
@@ -211,6 +214,53 @@ def _window_partition(y: object) -> tuple[torch.fx.Node, Windows] | None:
     if iv is None or iv.dim() != 4 or tuple(iv.shape) != (b, nwh * wh, nww * ww, c):
         return None
     return image, Windows((wh, ww), tuple(shift))
+
+
+def _sole(node: torch.fx.Node, *targets) -> torch.fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 and users[0].target in targets else None
+
+
+def _window_reverse(tokens: torch.fx.Node) -> tuple | None:
+    """(the windows, the names of the nodes after the tokens up to the add, the add's name)
+    when Swin's window reverse alone reads the [B*nWh*nWw, WH*WW, K] tokens:
+    reshape(clone(permute(reshape(t, [B, nWh, nWw, WH, WW, K]), [0, 1, 3, 2, 4, 5])),
+    [B, H, W, K]), [rolled by +shift along H, then W (decomposed as _roll_shift reads)], then
+    added to a [B, H, W, K] tensor of its dtype (the block's residual); else None."""
+    view = _sole(tokens, *RESHAPES)
+    perm = _sole(view, aten.permute.default) if view is not None else None
+    clone = _sole(perm, aten.clone.default) if perm is not None else None
+    image = _sole(clone, *RESHAPES) if clone is not None else None
+    if image is None or list(perm.args[1]) != [0, 1, 3, 2, 4, 5]:
+        return None
+    vv, iv = fake_value(view), fake_value(image)
+    if vv is None or iv is None or vv.dim() != 6 or iv.dim() != 4:
+        return None
+    b, nwh, nww, wh, ww, k = vv.shape
+    if not all(isinstance(v, int) for v in (wh, ww)) or tuple(iv.shape) != (b, nwh * wh,
+                                                                           nww * ww, k):
+        return None
+    nodes, cur, shift = [view, perm, clone, image], image, [0, 0]
+    for dim in (1, 2):  # the roll back along H is the first index op, then the one along W
+        index = _sole(cur, aten.index.Tensor)
+        if index is None or len(index.args[1]) != dim + 1:
+            continue
+        if any(i is not None for i in index.args[1][:dim]):
+            continue
+        found = _roll_shift(index.args[1][dim], iv.shape[dim])
+        if found is None:
+            continue
+        shift[dim - 1] = (-found) % iv.shape[dim]
+        nodes.append(index)
+        cur = index
+    add = _sole(cur, aten.add.Tensor)
+    if add is None or add.kwargs.get("alpha", 1) != 1 or len(add.args) != 2:
+        return None
+    other = add.args[1] if add.args[0] is cur else add.args[0]
+    ov = fake_value(other) if isinstance(other, torch.fx.Node) else None
+    if ov is None or ov.shape != iv.shape or ov.dtype != iv.dtype or other is cur:
+        return None
+    return Windows((wh, ww), tuple(shift)), tuple(n.name for n in nodes), add.name
 
 
 def _norm_before(x2d: torch.fx.Node, dtype: torch.dtype) -> tuple | None:
@@ -288,6 +338,7 @@ def _rewrite(graph: torch.fx.Graph, lin: _Linear) -> str | None:
     if normed is not None:
         cur.meta[PRE_NORM] = (normed, lin.norm[0])
         cur.meta[WINDOWS] = lin.norm[2]
+    cur.meta[OUT_WINDOWS] = lin.reverse
     prev = lin.channels_first if first else lin.out
     for role, name in lin.chain.roles[1:]:
         old = nodes[name]

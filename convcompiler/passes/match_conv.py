@@ -46,8 +46,14 @@ import torch.fx
 from ..counters import counters
 from ..spec import DTYPES, ConvSpec, Epilogue, SpecError
 from .context import PassContext, Region
-from .conv_chain import BN_EVAL, BN_TRAIN, Chain, grow_chain
-from .conv_inputs import DW_PROLOGUE, depthwise_input, input_prologue, with_depthwise
+from .conv_chain import BN_EVAL, BN_TRAIN, OUT_WINDOWS, Chain, grow_chain, window_chain
+from .conv_inputs import (
+    DW_PROLOGUE,
+    depthwise_input,
+    input_prologue,
+    with_depthwise,
+    with_out_windows,
+)
 from .linear_as_conv import FROM_LINEAR, IN_BLOCK, matmul_precision
 from .linear_as_conv import RULE as LINEAR_RULE
 from .meta import (
@@ -321,7 +327,8 @@ def match_conv(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModu
         if reason is None:
             scale = 1 if node.meta.get(FROM_LINEAR) else None  # a linear's layer scale
             norm = ctx.config.blocks and ctx.stage == "inference" and not scale
-            chain = grow_chain(node, claimed, layer_scale=scale, layer_norm=norm)
+            chain = window_chain(node, claimed) or grow_chain(
+                node, claimed, layer_scale=scale, layer_norm=norm)
             out = fake_value(chain.last)
             if (
                 out is None
@@ -334,6 +341,8 @@ def match_conv(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModu
         mode = None if linear else _mode(node, chain, ctx)
         kind = "linear" if linear else "conv_bn" if mode in ("deploy", "tune", "train") else "conv"
         spec = conv_spec(node, chain.epilogue, chain.last) if reason is None else None
+        if spec is not None and chain.roles[1:2] and chain.roles[1][0] == "win_out":
+            spec = with_out_windows(spec, node.meta[OUT_WINDOWS][0], chain.last)
         summary = spec.describe() if spec is not None else conv_summary(node)
         rule = "conv_bn" if chain.epilogue.name() else "conv"
         roles = chain.roles

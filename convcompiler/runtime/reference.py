@@ -106,6 +106,11 @@ def run_aten(
         y = F.batch_norm(y, bn_mean, bn_var, bn_weight, bn_bias, False, 0.0, e.bn_eps)
     if e.scale:  # one value per output channel
         y = y * layer_scale.reshape(1, -1, *[1] * (y.dim() - 2))
+    if spec.out_windows:  # window rows back to the residual's [B, H, W, K] image, rolled
+        (wh, ww), (sh, sw) = spec.out_windows.size, spec.out_windows.shift
+        b, h, w, k = residual.shape
+        y = y.permute(0, 2, 3, 1).reshape(b, h // wh, w // ww, wh, ww, k)
+        y = torch.roll(y.permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, k), (sh, sw), (1, 2))
     if e.residual:
         y = y + residual
     if e.post_act:

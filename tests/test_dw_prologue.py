@@ -18,6 +18,7 @@ from helpers import (
     assert_close,
     compiled_and_float64,
     float64_copy,
+    gradients_match_float64,
     kernel_launches,
     run_compiled,
 )
@@ -171,6 +172,16 @@ def test_the_cost_model_can_keep_them_apart(monkeypatch) -> None:
     assert kernel_launches() == 3 and convcompiler.counters["match.dw_prologue"] == 0
     assert any("not fused with its depthwise conv: per layer" in r.why for r in report), str(
         report)
+
+
+def test_a_training_block_keeps_the_depthwise_conv_apart() -> None:
+    """In training the depthwise conv's output is saved for the backward (its BN and
+    activation read it): the two convs stay regions of their own, and the gradients match
+    float64 eager's."""
+    model = InvertedResidual().train()
+    gradients_match_float64(model, _input())
+    assert convcompiler.counters["match.dw_prologue"] == 0
+    assert convcompiler.counters["launch.conv_bn"] + convcompiler.counters["launch.conv"] > 0
 
 
 def _spec(x: torch.Tensor, w: torch.Tensor, stride: int = 2) -> object:

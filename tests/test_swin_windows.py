@@ -16,7 +16,14 @@ import dataclasses
 import pytest
 import torch
 from address_check import address_check
-from helpers import FAST, assert_close, compiled_and_float64, float64_copy, kernel_launches
+from helpers import (
+    FAST,
+    assert_close,
+    compiled_and_float64,
+    float64_copy,
+    gradients_match_float64,
+    kernel_launches,
+)
 from torchvision.models.swin_transformer import SwinTransformerBlock
 
 import convcompiler
@@ -25,6 +32,7 @@ from convcompiler.codegen import SPACES, kind_spaces
 from convcompiler.frontend.kernels import conv_spec_of
 from convcompiler.runtime.reference import run_aten
 from convcompiler.spec import Prologue, SpecError, Windows, spec_from_json, spec_to_json
+
 
 def _block(shift: int, dtype: torch.dtype = torch.float32, dim: int = 32) -> SwinTransformerBlock:
     torch.manual_seed(shift)
@@ -86,6 +94,19 @@ def test_nan_stays_in_its_token_and_the_batch_may_vary() -> None:
     assert kernel_launches() > 0
 
 
+def test_inf_reaches_eager_s_tokens_and_an_empty_batch_is_eager_s() -> None:
+    block = _block(3)
+    x = _image()
+    x[0, 2, 3, 7], x[1, 13, 20, 0] = float("inf"), float("-inf")
+    out, ref, report = compiled_and_float64(block, [x])
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    finite = ref.isfinite()
+    assert_close(out[finite], ref[finite], torch.float32)
+    assert _windowed(report) and _windowed(report, "proj")
+    out, _, report = compiled_and_float64(block, [_image(0)])
+    assert out.shape == (0, 14, 21, 32)
+
+
 def test_option_blocks_off_leaves_the_partition_to_inductor() -> None:
     block = _block(3)
     out, ref, report = compiled_and_float64(block, [_image()], {"blocks": False})
@@ -120,6 +141,44 @@ def test_window_row_addresses(block_m) -> None:
     assert check.kernels == {"conv_gemm_1x1"} and check.accesses > 0
     with pytest.raises(ValueError, match="whole 7x7 windows"):
         launch(x[:, :, :13], w, *[None] * 8, *ln, None, None)
+
+
+@pytest.mark.parametrize("block_m", [16, 64])
+def test_output_window_row_addresses(block_m) -> None:
+    """The proj side: each row's store and residual load at its (rolled back) pixel, every
+    lane inside the image; rows and channels past the last masked."""
+    gen = torch.Generator().manual_seed(9)
+    tokens = torch.randn(24, 49, 19, generator=gen)  # 2 images of 2 x 6 windows
+    x = tokens.reshape(24, 1, 49, 19).permute(0, 3, 1, 2)  # the linear's NHWC view
+    w, bias = torch.randn(23, 19, 1, 1, generator=gen), torch.randn(23, generator=gen)
+    residual = torch.randn(2, 14, 42, 23, generator=gen)
+    base = conv_spec_of(x, w, bias)
+    spec = dataclasses.replace(base, epilogue=dataclasses.replace(base.epilogue, residual=True),
+                               out_windows=Windows((7, 7), (3, 5)))
+    schedule = SPACES["gemm_1x1"].make(spec, BLOCK_M=block_m, BLOCK_N=16, BLOCK_K=16,
+                                       GROUP_M=8, M_TILES="batch", num_warps=4, num_stages=2)
+    launch = gpu_native.load_kernel(spec, schedule)
+    with address_check() as check:
+        y = launch(x, w, bias, None, None, None, None, residual)
+    ref = run_aten(spec, x.double(), w.double(), bias.double(), None, None, None, None,
+                   residual.double())
+    # the same as eager's reverse: tokens -> [B, nWh, nWw, 7, 7, K] -> [B, H, W, K] -> roll
+    rows = (tokens.double() @ w.double().reshape(23, 19).T + bias.double()).reshape(2, 2, 6, 7, 7,
+                                                                                   23)
+    image = torch.roll(rows.permute(0, 1, 3, 2, 4, 5).reshape(2, 14, 42, 23), (3, 5), (1, 2))
+    assert_close(ref, image + residual.double(), torch.float32)
+    assert y.shape == (2, 14, 42, 23) and y.is_contiguous()
+    assert_close(y, ref, torch.float32)
+    assert check.kernels == {"conv_gemm_1x1"} and check.accesses > 0
+    with pytest.raises(ValueError, match="not the image of 24 7x7 windows"):
+        launch(x, w, bias, None, None, None, None, residual[:1])
+
+
+def test_a_block_trains_through_both() -> None:
+    """In a training graph the partition's and the reverse's nodes are read by the backward
+    too, or not: either way the gradients match float64 eager's."""
+    block = _block(3).train()
+    gradients_match_float64(block, _image())
 
 
 def test_the_spec_round_trips_and_only_gemm_1x1_runs_it() -> None:

@@ -111,10 +111,12 @@ def conv_gemm_1x1(
     # conv geometry (baked from the spec)
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-    # meta-parameters
+    # window rows (spec.windows: the input's; spec.out_windows: the output's, stored in a
+    # YH x YW image): window size and shift, 0 when unused
     WIN_H: tl.constexpr, WIN_W: tl.constexpr, SHIFT_H: tl.constexpr, SHIFT_W: tl.constexpr,
     YH, YW, OWIN_H: tl.constexpr, OWIN_W: tl.constexpr, OSHIFT_H: tl.constexpr,
     OSHIFT_W: tl.constexpr,
+    # meta-parameters
     PIXELS_FLAT: tl.constexpr, X_SCALE: tl.constexpr, PRE_BN: tl.constexpr,
     PRE_LN: tl.constexpr, PRE_EPS: tl.constexpr, PRECISION: tl.constexpr,
     WIDEN: tl.constexpr,

@@ -188,10 +188,11 @@ def constants(spec: ConvSpec, schedule: Schedule, **groups: tuple[str, ...]) -> 
         lines.insert(-2, f"OUTPUT_PADDING = {spec.output_padding!r}")
     if spec.op != "conv":  # the backward kernels: whether the gradient comes with its mask
         lines.insert(-2, f"INPUT_MASK = {spec.input_mask}")
-    if spec.op == "conv":  # the input's rows as window tokens of an image (spec.windows)
-        for name, w in (("WINDOWS", spec.windows), ("OUT_WINDOWS", spec.out_windows)):
-            value = (*w.size, *w.shift) if w else None
-            lines.insert(-2, f"{name} = {value!r}  # (WH, WW, shift_h, shift_w) or None")
+    # the input's and the output's rows as window tokens of an image (spec.windows,
+    # spec.out_windows; gemm_1x1's)
+    for name, w in (("WINDOWS", spec.windows), ("OUT_WINDOWS", spec.out_windows)):
+        value = (*w.size, *w.shift) if w else None
+        lines.insert(-2, f"{name} = {value!r}  # (WH, WW, shift_h, shift_w) or None")
     if spec.op == "conv":  # _window_tap's PAD_MODE: the padding mode's index in PADDING_MODES
         mode = PADDING_MODES.index(spec.padding_mode)
         lines.insert(-2, f"PAD_MODE = {mode}  # {spec.padding_mode}")
@@ -369,8 +370,9 @@ def _window_tap(x_img, hi0, wi0, m_ok, ky, kx, H, W, sxh, sxw,
 @triton.jit
 def _window_row(n, t, H, W, sxn, sxh, sxw, WH: tl.constexpr, WW: tl.constexpr,
                 SHIFT_H: tl.constexpr, SHIFT_W: tl.constexpr):
-    # Token t of window n (spec.windows, spec.out_windows): the image's pixel it reads, rolled by -shift, as
-    # an offset in x; inside the image on every lane (n < the windows, t < WH*WW, modulo)
+    # Token t of window n (spec.windows, spec.out_windows): its pixel of the H x W image,
+    # rolled by -shift, as an offset; inside the image on every lane (n < the windows,
+    # t < WH*WW, and the modulo)
     across = W // WW
     per_image = (H // WH) * across
     b = n // per_image
@@ -544,7 +546,8 @@ ALLOCATE_OUTPUT = """    # ---- 2. allocate the output in the memory format eage
     out = torch.empty_like(y, dtype=torch.float32) if widen and x.dtype == torch.bfloat16 else y
 """
 # The GEMM grid, the residual and the epilogue's operands (after ALLOCATE_OUTPUT)
-GEMM_GRID = """    # The GEMM grid: (pixel tiles x channel tiles, groups, images when tiles stay in one).
+GEMM_GRID = (
+    """    # The GEMM grid: (pixel tiles x channel tiles, groups, images when tiles stay in one).
     image = TILING["M_TILES"] == "image"
     rows = HO * WO if image else M
     grid = lambda meta: (
@@ -561,6 +564,7 @@ GEMM_GRID = """    # The GEMM grid: (pixel tiles x channel tiles, groups, images
         residual_strides = residual.stride()
     epilogue_operands = (bias, bn_weight, bn_bias, bn_mean, bn_var, residual)
 """
+)
 PREPARE = (
     CHECK_OPERANDS
     + """    K, CG, KH, KW = weight.shape

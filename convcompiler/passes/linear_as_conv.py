@@ -176,6 +176,39 @@ def _roll_shift(index: object, size: object) -> int | None:
     return shift % size
 
 
+def _identity(node: torch.fx.Node) -> bool:
+    """alias, or a constant_pad_nd that pads nothing (Swin's pad to whole windows when the
+    image already is), in a graph Inductor did not decompose."""
+    if node.target is aten.alias.default:
+        return True
+    return node.target is aten.constant_pad_nd.default and not any(node.args[1])
+
+
+def _before_identities(node: object) -> object:
+    while isinstance(node, torch.fx.Node) and _identity(node) and len(node.users) == 1:
+        node = node.args[0]
+    return node
+
+
+def _roll_of(node: object) -> tuple[int, int] | None:
+    """(the shift along H, along W), each in [0, size), of torch.roll(x, shifts, dims) over
+    dims 1 and 2 of a [B, H, W, C] x (graphs Inductor did not decompose); else None."""
+    if not isinstance(node, torch.fx.Node) or node.target is not aten.roll.default:
+        return None
+    shifts = list(node.args[1])
+    dims = list(node.args[2]) if len(node.args) > 2 else list(node.kwargs.get("dims", []))
+    xv = fake_value(node)
+    if not dims or len(shifts) != len(dims) or xv is None or xv.dim() != 4:
+        return None
+    out = [0, 0]
+    for shift, dim in zip(shifts, dims):
+        dim %= 4
+        if dim not in (1, 2) or not isinstance(xv.shape[dim], int) or not isinstance(shift, int):
+            return None
+        out[dim - 1] = shift % xv.shape[dim]
+    return out[0], out[1]
+
+
 def _window_partition(y: object) -> tuple[torch.fx.Node, Windows] | None:
     """(the [B, H, W, C] image, its windows) when y is Swin's window partition of it,
     reshape(clone(permute(reshape(r, [B, nWh, WH, nWw, WW, C]), [0, 1, 3, 2, 4, 5])),
@@ -199,7 +232,13 @@ def _window_partition(y: object) -> tuple[torch.fx.Node, Windows] | None:
     b, nwh, wh, nww, ww, c = vv.shape
     if not all(isinstance(v, int) for v in (wh, ww, c)) or yv.shape[1:] != (wh * ww, c):
         return None
+    image = _before_identities(image)
     shift = [0, 0]
+    rolled = _roll_of(image)
+    if rolled is not None and len(image.users) == 1:  # torch.roll, not decomposed
+        sizes_hw = fake_value(image).shape[1:3]
+        shift = [(-r) % n for r, n in zip(rolled, sizes_hw)]
+        image = _before_identities(image.args[0])
     for dim in (2, 1):  # the roll along W is the last index op, then the one along H
         if not isinstance(image, torch.fx.Node) or image.target is not aten.index.Tensor:
             break
@@ -210,6 +249,7 @@ def _window_partition(y: object) -> tuple[torch.fx.Node, Windows] | None:
         if found is None or len(image.users) != 1:
             break
         shift[dim - 1], image = found, image.args[0]
+    image = _before_identities(image)
     iv = fake_value(image)
     if iv is None or iv.dim() != 4 or tuple(iv.shape) != (b, nwh * wh, nww * ww, c):
         return None
@@ -241,6 +281,10 @@ def _window_reverse(tokens: torch.fx.Node) -> tuple | None:
                                                                            nww * ww, k):
         return None
     nodes, cur, shift = [view, perm, clone, image], image, [0, 0]
+    rolled = _sole(cur, aten.roll.default)
+    if rolled is not None and _roll_of(rolled) is not None:  # torch.roll, not decomposed
+        shift, cur = list(_roll_of(rolled)), rolled
+        nodes.append(rolled)
     for dim in (1, 2):  # the roll back along H is the first index op, then the one along W
         index = _sole(cur, aten.index.Tensor)
         if index is None or len(index.args[1]) != dim + 1:
@@ -253,6 +297,9 @@ def _window_reverse(tokens: torch.fx.Node) -> tuple | None:
         shift[dim - 1] = (-found) % iv.shape[dim]
         nodes.append(index)
         cur = index
+    while _sole(cur, aten.alias.default) is not None:  # the unpad, when nothing was padded
+        cur = _sole(cur, aten.alias.default)
+        nodes.append(cur)
     add = _sole(cur, aten.add.Tensor)
     if add is None or add.kwargs.get("alpha", 1) != 1 or len(add.args) != 2:
         return None

@@ -225,8 +225,8 @@ def test_block_cases_cover_every_block_family_dtype_and_layout() -> None:
     cases = gpu_blocks.block_cases()
     combos = {tuple(c.id.split()[1:4]) for c in cases}
     for family in gpu_blocks.FAMILIES:
-        layouts = {"mlp_block": gpu_blocks.MLP_LAYOUTS, "se_pool": ("nchw",)}.get(
-            family, ("nchw", "nhwc"))
+        layouts = {"mlp_block": gpu_blocks.MLP_LAYOUTS, "se_pool": ("nchw",),
+                   "swin_windows": gpu_blocks.WINDOW_LAYOUTS}.get(family, ("nchw", "nhwc"))
         for dtype in gpu_cases.DTYPES:
             assert all((family, dtype, layout) in combos for layout in layouts), family
     assert len({c.id for c in cases}) == len(cases) and gpu_blocks.block_cases() == cases
@@ -236,7 +236,7 @@ def test_block_cases_cover_every_block_family_dtype_and_layout() -> None:
         family = case.id.split()[1]
         expected = {"se_pool": "direct_depthwise", "mlp_block": "mlp_block",
                     "se_scale": "gemm_1x1", "layer_scale": "gemm_1x1",
-                    "dw_prologue": "dw_gemm"}  # fmt: skip
+                    "dw_prologue": "dw_gemm", "swin_windows": "gemm_1x1"}  # fmt: skip
         if case.id.endswith("convnext"):  # ConvNeXt's whole block
             expected["mlp_block"] = "dw_mlp_block"
         assert schedule.name == expected.get(family, schedule.name), (case.id, schedule)
@@ -253,11 +253,14 @@ def test_block_cases_run_each_family_through_the_interpreter() -> None:
         family = case.id.split()[1]
         if family in ("bn_prologue", "ln_prologue") and case.kernel != (1, 1):
             family += " kxk"  # im2win_implicit's prologue, besides gemm_1x1's
+        if family == "swin_windows":
+            family += " " + case.layout  # the input's window rows, and the output's
         if family not in seen and "float32" in case.id:
             seen[family] = case
     h200 = DEVICES["h200"]
     for family, case in seen.items():
         tiny = (dataclasses.replace(case, tokens=7) if family == "mlp_block"
+                else case if family.startswith("swin_windows")  # (whole windows)
                 else dataclasses.replace(_tiny(case), size=(9, 7)))  # fmt: skip
         row = gpu_native.check_case(tiny, h200)
         assert row["status"] == "ok", (family, row)

@@ -16,6 +16,10 @@
                   each tile's share of the channel means (checked against eager's mean)
     dw_prologue   depthwise kxk conv -> BN -> act -> 1x1 conv (the inverted residual's
                   tail): dw_gemm computes the depthwise conv's output as its operand tiles
+    swin_windows  Swin's linears with window rows, gemm_1x1: "qkv", LayerNorm -> [roll] ->
+                  window partition -> linear, reading the image in place (spec.windows);
+                  "proj", linear -> window reverse -> [roll back] -> + x, storing each row at
+                  its pixel (spec.out_windows)
     mlp_block     [LayerNorm ->] linear -> act -> linear [-> layer scale] [-> + residual] in
                   one kernel (spec_block.MlpSpec), with and without the LayerNorm, and gated
                   (SwiGLU: the activation times a second projection); "convnext": ConvNeXt's
@@ -41,14 +45,15 @@ from ..config import Config
 from ..schedule import Schedule
 from ..selection.devices import Device
 from ..selection.select import SelectionContext, select_schedule
-from ..spec import Activation, Depthwise, Epilogue, Prologue
+from ..spec import Activation, Depthwise, Epilogue, Prologue, Windows
 from ..spec_block import MlpSpec
 from .gpu_cases import DTYPES, SHAPES_PER_VARIANT, ConvCase
 
 CONV_FAMILIES = (
     "bn_prologue", "ln_prologue", "late_bn", "se_scale", "se_pool", "layer_scale", "ln_epilogue",
-    "dw_prologue",
+    "dw_prologue", "swin_windows",
 )
+WINDOW_LAYOUTS = ("qkv", "proj")
 FAMILIES = (*CONV_FAMILIES, "mlp_block")
 MLP_LAYOUTS = ("plain", "layernorm", "gated", "convnext")
 ACTS = (Activation("relu"), Activation("silu"), Activation("gelu"), Activation("hardswish"))
@@ -115,6 +120,13 @@ def _conv_variant(rng: random.Random, index: int, family: str, dtype: str, layou
         fields["epilogue"] = Epilogue(bn="affine")
         geometry = dict(kernel=(1, 1), in_channels=rng.randint(16, 120), groups=1)
         schedule = "dw_gemm"
+    elif family == "swin_windows":  # 7x7 windows of an image 1 to 3 windows each way
+        shift = rng.choice((0, 3, 2))
+        windows = Windows((7, 7), (shift, shift + 1 if shift else 0))
+        fields = dict(windows=windows, prologue=Prologue(ln=rng.choice(("affine", "plain"))))
+        if layout == "proj":
+            fields = dict(out_windows=windows, epilogue=Epilogue(residual=True))
+        geometry = dict(kernel=(1, 1), in_channels=rng.choice((32, 48, 96)), groups=1)
     elif family == "layer_scale":
         fields["epilogue"] = Epilogue(act=rng.choice((act, None)), scale=True,
                                       residual=rng.random() < 0.7)  # fmt: skip
@@ -132,11 +144,20 @@ def _conv_variant(rng: random.Random, index: int, family: str, dtype: str, layou
         if family == "dw_prologue":
             dw = dataclasses.replace(fields["prologue"].dw, image=size)
             fields["prologue"] = dataclasses.replace(fields["prologue"], dw=dw)
+        batch = rng.randint(1, 3)
+        if family == "swin_windows":  # qkv: x is the image; proj: x the windows' tokens
+            image = (7 * rng.randint(1, 3), 7 * rng.randint(1, 3))
+            size = image if layout == "qkv" else (1, 49)
+            if layout == "proj":
+                batch *= (image[0] // 7) * (image[1] // 7)
+                fields["window_image"] = image
+            out = geometry["in_channels"] * rng.choice((1, 3)) if layout == "qkv" else (
+                geometry["in_channels"])
         cases.append(
             ConvCase(
                 id=f"b{index:03d}.{j} {family} {dtype} {layout}",
                 variant=f"b{index:03d}",
-                batch=rng.randint(1, 3),
+                batch=batch,
                 out_channels=out,
                 size=size,
                 bias=rng.random() < 0.5 and family != "se_pool",
@@ -190,8 +211,8 @@ def block_cases(seed: int = 1) -> list:
     cases: list = []
     index = 0
     for family in FAMILIES:
-        layouts = {"mlp_block": MLP_LAYOUTS, "se_pool": ("nchw",)}.get(
-            family, ("nchw", "nhwc"))
+        layouts = {"mlp_block": MLP_LAYOUTS, "se_pool": ("nchw",),
+                   "swin_windows": WINDOW_LAYOUTS}.get(family, ("nchw", "nhwc"))
         for dtype in DTYPES:
             for layout in layouts:
                 if family == "mlp_block":

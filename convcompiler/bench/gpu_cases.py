@@ -27,7 +27,7 @@ from ..schedule import ATEN, InvalidSchedule, Schedule
 from ..selection.cost import rank
 from ..selection.devices import Device
 from ..selection.select import SelectionContext, model_candidates, select_schedule
-from ..spec import Activation, AttentionSpec, ConvSpec, Epilogue, Prologue
+from ..spec import Activation, AttentionSpec, ConvSpec, Epilogue, Prologue, Windows
 from .layers import load_layers
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -90,6 +90,11 @@ class ConvCase:
     prologue: Prologue = Prologue()
     input_scale: bool = False
     pool_sums: bool = False
+    # Swin's window rows (gpu_blocks.py): the input's (x is the [batch, C, H, W] image of
+    # `size`), or the output's (x the tokens, `window_image` the residual image's H, W)
+    windows: Windows | None = None
+    out_windows: Windows | None = None
+    window_image: tuple[int, ...] = ()
 
     def tensors(self, device: str = "cpu", make=torch.empty) -> tuple:
         dtype = getattr(torch, self.dtype)
@@ -98,7 +103,7 @@ class ConvCase:
         if self.op == "conv_transpose":
             w_shape = (self.in_channels, self.out_channels // self.groups, *self.kernel)
         w = make(*w_shape, device=device, dtype=dtype)
-        if self.layout == "nhwc":
+        if self.layout == "nhwc" or self.windows or self.out_windows:  # (Swin's: channels last)
             x = x.to(memory_format=torch.channels_last)
         b = make(self.out_channels, device=device, dtype=dtype) if self.bias else None
         return x, w, b
@@ -441,6 +446,13 @@ def conv_case_spec(case: ConvCase) -> ConvSpec:
             prologue, dw=dataclasses.replace(prologue.dw, image=case.size))
         size = prologue.dw.out_size(*case.size)
         sizes = dict(in_size=size, out_size=size)
+    if case.windows:  # the image's window tokens: N windows of 1 x WH*WW
+        (wh, ww), (h, w) = case.windows.size, case.size
+        tokens = (1, wh * ww)
+        sizes = dict(in_size=tokens, out_size=tokens, batch=case.batch * (h // wh) * (w // ww),
+                     windows=case.windows)  # fmt: skip
+    if case.out_windows:
+        sizes = dict(out_windows=case.out_windows, output_layout="nhwc")
     return dataclasses.replace(
         spec, device="cuda", op=op, input_mask=case.masked, padding_mode=case.padding_mode,
         prologue=prologue, input_scale=case.input_scale, pool_sums=case.pool_sums, **sizes,

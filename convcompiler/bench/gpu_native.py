@@ -147,6 +147,9 @@ def _conv_inputs(case: ConvCase, spec: ConvSpec, device: str, gen: torch.Generat
         residual = randn(case.batch, k, ho, wo)
         if spec.output_layout == "nhwc":
             residual = residual.to(memory_format=torch.channels_last)
+    if spec.out_windows:  # the [B, H, W, K] image the output rows go back to
+        (wh, ww), (ih, iw) = spec.out_windows.size, case.window_image
+        residual = randn(case.batch // ((ih // wh) * (iw // ww)), ih, iw, k)
     inputs = [x, w, b, *affine, *stats, residual, *(mask_of(x) if spec.input_mask else [])]
     c = case.in_channels
     if spec.input_scale:  # after the absent mask: s [N, C, 1, 1], a sigmoid's range

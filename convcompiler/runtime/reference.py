@@ -84,8 +84,9 @@ def run_aten(
     if spec.windows:  # the image's window tokens, rolled, as [B*nW, C, 1, WH*WW]
         (wh, ww), (sh, sw) = spec.windows.size, spec.windows.shift
         n, c, h, w = x.shape
-        x = torch.roll(x, (-sh, -sw), (2, 3)).reshape(n, c, h // wh, wh, w // ww, ww)
-        x = x.permute(0, 2, 4, 1, 3, 5).reshape(-1, c, 1, wh * ww)
+        x = torch.roll(x, (-sh, -sw), (2, 3)).permute(0, 2, 3, 1)  # [B, H, W, C], as Swin
+        x = x.reshape(n, h // wh, wh, w // ww, ww, c).permute(0, 1, 3, 2, 4, 5)
+        x = x.reshape(-1, 1, wh * ww, c).permute(0, 3, 1, 2)  # the tokens, channels last
     if spec.padding_mode != "zeros":  # F.pad's copy, then a conv without padding
         pads = [p for p in reversed(padding) for _ in (0, 1)]
         x = F.pad(x, pads, mode=spec.padding_mode)

@@ -58,8 +58,11 @@ def test_repeated_identical_layers_under_autocast(net: str, dtype: torch.dtype) 
     x = torch.randn(2, 24, 19, 19)
     eager_err, err, report = autocast_run(model, x, dtype)
     assert_within_eager(eager_err, err, f"{net} {dtype}")
-    assert len(report.kernels()) == convs and not report.fallbacks(), str(report)
-    assert kernel_launches() == convs, convcompiler.counters
+    # an inverted residual's depthwise conv runs inside its project conv (test_dw_prologue.py)
+    regions = convs - convcompiler.counters["match.dw_prologue"]
+    assert regions == convs - 2 * (net == "inverted_residual"), str(report)
+    assert len(report.kernels()) == regions and not report.fallbacks(), str(report)
+    assert kernel_launches() == regions, convcompiler.counters
     # every weight the kernels read was computed by the graph (the cast): none went through
     # the per-tensor pack cache
     assert convcompiler.counters["pack.packed"] == 0 and convcompiler.counters["pack.reused"] == 0

@@ -27,8 +27,10 @@ def test_im2win_on_inductor_moves_least() -> None:
     eager, inductor, aten_host, ours = rows.values()
     report = convcompiler.last_report()
     kernels = [r.kind for r in report if r.kernel_path]
-    # each block's MLP is one kernel (fc1 -> GELU -> fc2 -> + x)
-    assert kernels == ["mlp_block"] * 2 + ["conv"] + ["window_attention"] * 2
+    # each block's MLP is one kernel (fc1 -> GELU -> fc2 -> + x); its qkv and proj linears
+    # read and write their window tokens in place (test_swin_windows.py)
+    assert kernels == ["mlp_block"] * 2 + ["conv"] + ["linear"] * 4 + ["window_attention"] * 2
+    assert sum("windows4x4" in r.spec for r in report) == 4, str(report)
     # the regions replace the same compute in both im2win variants: a conv, 2 attentions (of
     # 2 bmm each), 2 MLPs (of 2 linears each) and the other linears (as matmuls)
     assert ours.compute == aten_host.compute == 1 + 2 + 2 + (eager.compute - 1 - 4 - 4)

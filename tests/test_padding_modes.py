@@ -1,4 +1,4 @@
-"""Reflect and replicate padding read in the kernel's loads (passes/match_conv.py PADS,
+"""Reflect and replicate padding read in the kernel's loads (passes/conv_spec.py PADS,
 codegen/template.py _window_tap's PAD_MODE): the padded copy F.pad would write never exists.
 
 Each case compiles a conv with that padding (nn.ConvNd's padding_mode, or an explicit

@@ -23,12 +23,12 @@ from ..codegen import KernelSource, render_conv, render_region
 from ..config import Config
 from ..passes import PassContext
 from ..passes.attention_pattern import find_attention
+from ..passes.conv_spec import conv_fallback_reason, conv_spec
 from ..passes.match_attention import (
     attention_fallback_reason,
     attention_spec,
     is_attention_candidate,
 )
-from ..passes.match_conv import conv_fallback_reason, conv_spec
 from ..runtime import KernelCall, load_source
 from ..schedule import Schedule
 from ..selection.devices import device_for

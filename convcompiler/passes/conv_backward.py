@@ -33,7 +33,8 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from ..counters import counters
 from ..spec import DTYPES, Epilogue
 from .context import PassContext, Region
-from .match_conv import GRAD_INPUT, conv_fallback_reason, conv_spec
+from .conv_spec import conv_fallback_reason, conv_spec
+from .match_conv import GRAD_INPUT
 from .meta import fake_value, memory_layout, run_on_fakes
 
 aten = torch.ops.aten

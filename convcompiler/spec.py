@@ -403,6 +403,9 @@ class ConvSpec(SizeHints):
         return " ".join([shape, ks, *extra, self.dtype, self.output_layout, *fused])
 
 
+MAX_HEAD_DIM = 256  # an attention's head row lives in registers: wider would need a D loop
+
+
 @dataclass(frozen=True)
 class AttentionSpec(SizeHints):
     """One window multi-head self-attention, canonicalised:
@@ -410,8 +413,12 @@ class AttentionSpec(SizeHints):
         out[b, h] = softmax(scale * q[b, h] @ k[b, h]^T  (x logit_scale[h])
                             + bias[h] + mask[b mod windows] + general[b, h]) @ v[b, h]
 
-    q, k, v are [batch, heads, tokens, head_dim] views (read through their strides); with
+    q is a [batch, heads, tokens, head_dim] view, k [batch, heads, key_tokens, head_dim] and
+    v [batch, heads, key_tokens, v_head_dim] (read through their strides; an operand named in
+    `transposed` is stored with its last two dims swapped: LeViT's k as [B, H, D, N]). With
     `cosine`, q and k rows are L2-normalised first (SwinV2). `batch` is windows x images.
+    Pooled keys and values (Nk != N) and a value head dim other than q's are the
+    `key_tokens` and `v_head_dim` fields; None means N and head_dim.
     """
 
     batch: Size
@@ -434,6 +441,17 @@ class AttentionSpec(SizeHints):
     hints: tuple[tuple[str, int], ...] = ()
     mask_repeat: int = 1  # the mask is added this many times (HF Swinv2 adds it twice)
     safe_softmax: bool = False  # a row of all -inf scores gives 0 (SDPA), not NaN (softmax)
+    key_tokens: int | None = None  # Nk, the keys' and values' tokens (None: N)
+    v_head_dim: int | None = None  # the values' and the output's head dim (None: head_dim)
+    transposed: tuple[str, ...] = ()  # operands stored [.., D, N] ("q", "k", "v")
+
+    @property
+    def keys(self) -> int:
+        return self.tokens if self.key_tokens is None else self.key_tokens
+
+    @property
+    def value_dim(self) -> int:
+        return self.head_dim if self.v_head_dim is None else self.v_head_dim
 
     def terms(self) -> str:
         parts = (["cosine"] if self.cosine else []) + (["bias"] if self.bias else [])
@@ -442,7 +460,11 @@ class AttentionSpec(SizeHints):
 
     def geometry(self) -> str:
         terms = self.terms().replace("+", "_")
-        return f"window_attention_n{self.tokens}_d{self.head_dim}_{self.dtype}_{self.output}" + (
+        shape = f"n{self.tokens}" + (f"k{self.keys}" if self.keys != self.tokens else "")
+        shape += f"_d{self.head_dim}" + (f"v{self.value_dim}" if self.value_dim != self.head_dim
+                                         else "")  # fmt: skip
+        shape += "".join(f"_{name}T" for name in self.transposed)
+        return f"window_attention_{shape}_{self.dtype}_{self.output}" + (
             f"_{terms}" if terms else ""
         )
 
@@ -450,10 +472,15 @@ class AttentionSpec(SizeHints):
         mask = f"[{self.windows},N,N] per window" if self.mask else "none"
         if self.mask and self.mask_repeat != 1:
             mask += f" x{self.mask_repeat}"
+        tokens = f"N={self.tokens}" + (f" Nk={self.keys}" if self.keys != self.tokens else "")
+        dims = f"head_dim={self.head_dim}" + (
+            f" v_head_dim={self.value_dim}" if self.value_dim != self.head_dim else "")
         text = (
-            f"N={self.tokens} heads={self.heads} head_dim={self.head_dim} batch={self.batch} "
+            f"{tokens} heads={self.heads} {dims} batch={self.batch} "
             f"bias={'[heads,N,N]' if self.bias else 'none'} mask={mask}"
         )
+        if self.transposed:
+            text += " " + ",".join(f"{name}^T" for name in self.transposed) + " stored"
         if self.general:
             text += " attn_mask=[batch,heads,N,N]"
         if self.cosine:
@@ -465,7 +492,8 @@ class AttentionSpec(SizeHints):
         return f"{text} {self.dtype} out={self.output}"
 
     def flops(self) -> int:
-        return 4 * self.hint(self.batch) * self.heads * self.tokens**2 * self.head_dim
+        b, h, n, nk = self.hint(self.batch), self.heads, self.tokens, self.keys
+        return 2 * b * h * n * nk * (self.head_dim + self.value_dim)
 
 
 # ---- specs as data ---------------------------------------------------------------------
@@ -555,6 +583,19 @@ def _float(value: object, name: str) -> float:
     return float(value)
 
 
+def _optional_int(value: object, name: str) -> int | None:
+    return None if value is None else _int(value, name, 1)
+
+
+def _names(value: object, allowed: tuple[str, ...], name: str) -> tuple[str, ...]:
+    """A list of distinct names from `allowed`, in its order."""
+    if not isinstance(value, list) or any(v not in allowed for v in value):
+        raise SpecError(f"{name}={value!r} is not a list of names from {allowed}")
+    if list(value) != [a for a in allowed if a in value]:
+        raise SpecError(f"{name}={value!r} repeats a name or is out of order")
+    return tuple(value)
+
+
 def _bool(value: object, name: str) -> bool:
     if not isinstance(value, bool):
         raise SpecError(f"{name}={value!r} is not a bool")
@@ -635,6 +676,8 @@ def spec_to_json(spec) -> dict:
             v = [v.name, list(v.args)]
         elif f.name == "hints":
             v = [[name, value] for name, value in v]
+        elif f.name == "transposed":
+            v = list(v)
         elif isinstance(v, tuple):
             v = [_size_to_json(x) for x in v]
         elif isinstance(v, sympy.Basic):
@@ -687,6 +730,9 @@ def spec_from_json(data: object):
             output=_check(data["output"], OUTPUTS, "output"),
             mask_repeat=_int(data["mask_repeat"], "mask_repeat", 1),
             safe_softmax=_bool(data["safe_softmax"], "safe_softmax"),
+            key_tokens=_optional_int(data["key_tokens"], "key_tokens"),
+            v_head_dim=_optional_int(data["v_head_dim"], "v_head_dim"),
+            transposed=_names(data["transposed"], ("q", "k", "v"), "transposed"),
             **common,
         )
     e = data["epilogue"]

@@ -113,10 +113,15 @@ ROWS = {
         lambda: (rand(B, H, N, D), rand(B, H, N, D), rand(B, H, N, D), rand(B, H, 1, N)),
         None,
     ),
-    "sdpa_cross_attention": (
+    "sdpa_cross_attention": (  # pooled keys and values: Nk != N
         sdpa,
         lambda: (rand(B, H, N, D), rand(B, H, 13, D), rand(B, H, 13, D)),
-        "cross-attention",
+        None,
+    ),
+    "sdpa_cross_attention_mask": (
+        lambda q, k, v, m: sdpa(q, k, v, attn_mask=m),
+        lambda: (rand(B, H, N, D), rand(B, H, 37, D), rand(B, H, 37, D), rand(B, 1, N, 37)),
+        None,
     ),
     "sdpa_gqa": (
         lambda q, k, v: sdpa(q, k, v, enable_gqa=True),
@@ -126,7 +131,13 @@ ROWS = {
     "sdpa_v_head_dim": (
         sdpa,
         lambda: (rand(B, H, N, D), rand(B, H, N, D), rand(B, H, N, 24)),
-        "head dims differ",
+        None,
+    ),
+    "sdpa_head_dim_4": (sdpa, lambda: (rand(B, H, N, 4), rand(B, H, N, 4), rand(B, H, N, 4)), None),
+    "sdpa_head_dim_300": (
+        sdpa,
+        lambda: (rand(1, 1, 5, 300), rand(1, 1, 5, 300), rand(1, 1, 5, 300)),
+        "head_dim 300 over 256",
     ),
     "sdpa_3d": (sdpa, lambda: (rand(B, N, D), rand(B, N, D), rand(B, N, D)), None),  # H = 1
     "hand": (hand, lambda: (rand(B, H, N, D), rand(B, H, N, D), rand(B, H, N, D)), None),
@@ -168,7 +179,27 @@ ROWS = {
     "hand_cross_attention": (
         hand,
         lambda: (rand(B, H, N, D), rand(B, H, 13, D), rand(B, H, 13, D)),
-        "cross-attention",
+        None,
+    ),
+    "hand_cross_attention_bias": (  # a per-head bias over the pooled keys
+        hand,
+        lambda: (rand(B, H, N, D), rand(B, H, 13, D), rand(B, H, 13, D), rand(H, N, 13)),
+        None,
+    ),
+    "hand_key_stored_transposed": (  # LeViT: k stored [B, H, D, N], v wider than q and k
+        lambda q, kt, v, bias: (q @ kt * 0.25 + bias).softmax(-1) @ v,
+        lambda: (rand(B, H, N, 8), rand(B, H, 8, N), rand(B, H, N, 32), rand(H, N, N)),
+        None,
+    ),
+    "hand_head_dims_differ": (
+        hand,
+        lambda: (rand(B, H, N, 4), rand(B, H, N, 4), rand(B, H, N, 40)),
+        None,
+    ),
+    "hand_query_stored_transposed": (
+        lambda qt, k, v: (qt.transpose(-2, -1) @ k.transpose(-2, -1)).softmax(-1) @ v,
+        lambda: (rand(B, H, D, N), rand(B, H, N, D), rand(B, H, N, D)),
+        None,
     ),
     "hand_gqa": (
         gqa_by_hand,

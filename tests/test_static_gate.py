@@ -177,3 +177,40 @@ def test_fused_norm_and_pool_kernels_pass_the_static_check(name: str) -> None:
     assert all(st.ok for st in stats), [(st.arch, st.problems()) for st in stats]
     if kind != "pool":  # the depthwise kernel runs on the CUDA cores
         assert all(st.uses_dot and st.tensor_core_ops > 0 for st in stats), stats
+
+
+# attention layouts (issue 23): LeViT-128S's first stage (k stored [B, H, D, N], v four times
+# wider), a head dim of 4 padded to the tile, PVT-v2-b0's first stage (3136 queries, 49 pooled
+# keys and values); batch 32, as planned for an H100
+ATTENTION = {
+    # name: (heads, N, Nk, head_dim, v_head_dim, transposed, bias, dtype)
+    "levit_128s-stage1-fp16": (4, 196, 196, 16, 64, ("k",), True, "float16"),
+    "levit-head_dim4-bf16": (3, 49, 49, 4, 8, ("k",), True, "bfloat16"),
+    "pvt_v2_b0-stage1-fp16": (1, 3136, 49, 32, 32, (), False, "float16"),
+    "pvt_v2_b0-stage1-bf16": (1, 3136, 49, 32, 32, (), False, "bfloat16"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(ATTENTION))
+def test_attention_layout_kernels_pass_the_static_check(name: str) -> None:
+    from convcompiler.codegen import render_region
+    from convcompiler.inspection.aot import static_report
+    from convcompiler.selection.cost import rank
+    from convcompiler.selection.devices import lookup
+    from convcompiler.selection.select import model_candidates
+    from convcompiler.spec import AttentionSpec
+
+    heads, n, nk, d, dv, transposed, bias, dtype = ATTENTION[name]
+    spec = AttentionSpec(
+        batch=32, heads=heads, tokens=n, head_dim=d, dtype=dtype, scale=d**-0.5, cosine=False,
+        logit_scale=False, bias=bias, mask=False, windows=1, general=False, output="bnc",
+        device="cuda", precision="ieee", key_tokens=None if nk == n else nk,
+        v_head_dim=None if dv == d else dv, transposed=transposed,
+    )
+    h100 = lookup("h100")
+    best = rank(spec, model_candidates(spec, h100, include_aten=False), h100)[0].schedule
+    stats = static_report(render_region(spec, best), spec, tuple(ARCHS))
+    assert {st.arch for st in stats} == set(ARCHS)
+    assert all(st.ok for st in stats), [(st.arch, st.problems()) for st in stats]
+    assert all(st.uses_dot and st.tensor_core_ops > 0 for st in stats), stats

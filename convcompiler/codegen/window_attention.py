@@ -10,18 +10,26 @@ layout copies); the keys are visited BLOCK_N at a time with an online softmax in
 N x N score tensor ever exists in memory; rows and columns past N (49 is not a power of two)
 are masked. The output is written in the layout the next projection reads: [B, N, H*D]
 ("bnc") or [B, H, N, D] ("bhnd"). With `cosine` (SwinV2), q and k rows are L2-normalised
-in the kernel.
+in the kernel. The keys may be fewer or more than the queries (pooled keys and values), v's
+head dim may differ from q's and k's, head dims below 16 are padded to 16 in registers, and
+an operand stored transposed ([.., D, N], LeViT's k) is read with its strides swapped.
 """
 
 from __future__ import annotations
 
 from ..schedule import InvalidSchedule, Schedule, schedule_space
 from ..selection.devices import Device
-from ..spec import AttentionSpec
+from ..spec import MAX_HEAD_DIM, AttentionSpec
 from . import template as T
 
 KERNELS = ("window_attention",)
 LAUNCH_KEYS = ("num_warps", "num_stages")
+
+
+def padded_dim(dim: int) -> int:
+    """A head dim as the kernel's tiles hold it: a power of two, at least tl.dot's 16 (the
+    padding is masked on load, never read from memory)."""
+    return max(16, 1 << (dim - 1).bit_length())
 
 
 @schedule_space(
@@ -32,13 +40,14 @@ LAUNCH_KEYS = ("num_warps", "num_stages")
     num_stages=(1, 2, 3),
 )
 def SPACE(spec: AttentionSpec, s: Schedule, device: Device | None) -> None:
-    if spec.head_dim < 16 or spec.head_dim > 256:
-        raise InvalidSchedule(f"head_dim {spec.head_dim} outside 16..256")
+    for name, dim in (("head_dim", spec.head_dim), ("v_head_dim", spec.value_dim)):
+        if not 1 <= dim <= MAX_HEAD_DIM:
+            raise InvalidSchedule(f"{name} {dim} outside 1..{MAX_HEAD_DIM}")
     if device is None:
         return
     # Budgets from the static sm_80/sm_90 report: beyond them the score tile, its bias and
     # mask loads and the accumulator spilled (fp32 key tiles of 64 spilled on sm_80).
-    d = 1 << (spec.head_dim - 1).bit_length()
+    d = max(padded_dim(spec.head_dim), padded_dim(spec.value_dim))
     threads = 32 * s["num_warps"]
     if s["BLOCK_M"] * s["BLOCK_N"] // threads > 16:
         raise InvalidSchedule("more than 16 score values per thread")
@@ -53,10 +62,14 @@ import torch
 import triton
 import triton.language as tl
 
-TOKENS = ${tokens}
+TOKENS = ${tokens}  # queries
+KEY_TOKENS = ${key_tokens}  # keys and values
 HEADS = ${heads}
-HEAD_DIM = ${head_dim}
+HEAD_DIM = ${head_dim}  # q and k
 HEAD_DIM_P2 = ${head_dim_p2}
+V_HEAD_DIM = ${v_head_dim}  # v and the output
+V_HEAD_DIM_P2 = ${v_head_dim_p2}
+TRANSPOSED = ${transposed}  # operands stored [.., D, N]: read with their last two strides swapped
 DTYPE = torch.${dtype}
 SCALE = ${scale}
 COSINE = ${cosine}
@@ -96,13 +109,15 @@ ${wrapped_block}
 def window_attention(
     # q, k, v: [B, H, N, D] views; o: the output; the additive terms (None when absent)
     q_ptr, k_ptr, v_ptr, o_ptr, bias_ptr, mask_ptr, general_ptr, ls_ptr,
-    # sizes; N (the window's tokens) is fixed by the spec, so the key loop has constant bounds
-    H, N: tl.constexpr, NW,
+    # sizes; N and NK (the queries' and the keys' tokens) are fixed by the spec, so the key
+    # loop has constant bounds
+    H, N: tl.constexpr, NK: tl.constexpr, NW,
     # strides: q, k, v, o as (b, h, n, d); bias (h, i, j); mask (w, i, j); general (b, h, i, j)
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
     sbh, sbi, sbj, smw, smi, smj, sgb, sgh, sgi, sgj,
     # meta-parameters
-    SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr, COSINE: tl.constexpr,
+    SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr,
+    V_HEAD_DIM: tl.constexpr, DV: tl.constexpr, COSINE: tl.constexpr,
     MASK_REPEAT: tl.constexpr, SAFE_SOFTMAX: tl.constexpr,
     PRECISION: tl.constexpr, WIDEN: tl.constexpr, INT64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -116,6 +131,7 @@ def window_attention(
         b = b.to(tl.int64)
     offs_m, m_ok = _block(pid_m * BLOCK_M, N, BLOCK_M)
     offs_d, d_ok = _block(0, HEAD_DIM, D)
+    offs_e, e_ok = _block(0, V_HEAD_DIM, DV)
     if WIDEN:
         work = tl.float64
     else:
@@ -130,12 +146,11 @@ def window_attention(
     # ---- 2. keys BLOCK_N at a time, online softmax in fp32 ----
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=work)
     l_i = tl.full((BLOCK_M,), 0.0, dtype=work)
-    acc = tl.full((BLOCK_M, D), 0.0, dtype=work)
-    for n0 in range(0, N, BLOCK_N):
-        offs_n, n_ok = _block(n0, N, BLOCK_N)
-        kv_mask = n_ok[:, None] & d_ok[None, :]
+    acc = tl.full((BLOCK_M, DV), 0.0, dtype=work)
+    for n0 in range(0, NK, BLOCK_N):
+        offs_n, n_ok = _block(n0, NK, BLOCK_N)
         k = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                    mask=kv_mask, other=0.0)
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         if WIDEN:
             k = k.to(tl.float64)
         if COSINE:
@@ -162,8 +177,8 @@ def window_attention(
         p = tl.exp(s - m_shift[:, None])
         alpha = tl.exp(m_i - m_shift)
         l_i = l_i * alpha + tl.reduce(p, 1, _add)
-        v = tl.load(v_ptr + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                    mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + b * svb + h * svh + offs_n[:, None] * svn + offs_e[None, :] * svd,
+                    mask=n_ok[:, None] & e_ok[None, :], other=0.0)
         if WIDEN:
             v = v.to(tl.float64)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(work)
@@ -173,15 +188,15 @@ def window_attention(
     out = acc / l_i[:, None]
     if SAFE_SOFTMAX:  # every key masked with -inf: 0 rather than 0 / 0
         out = tl.where(l_i[:, None] == 0.0, 0.0, out)
-    o_off = b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod
-    tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    o_off = b * sob + h * soh + offs_m[:, None] * son + offs_e[None, :] * sod
+    tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & e_ok[None, :])
 
 
 def _per_head(bias):
     """bias[h, i, j] from a term broadcast over the batch: [.., 1, H|1, N|1, N|1]."""
     while bias.dim() > 3:
         bias = bias[0]
-    return bias.expand(HEADS, TOKENS, TOKENS)
+    return bias.expand(HEADS, TOKENS, KEY_TOKENS)
 
 
 def _per_window(mask):
@@ -194,15 +209,24 @@ def _per_window(mask):
         mask = mask[:, 0]
     while mask.dim() < 3:
         mask = mask.unsqueeze(0)
-    return mask.expand(mask.shape[0], TOKENS, TOKENS)
+    return mask.expand(mask.shape[0], TOKENS, KEY_TOKENS)
+
+
+def _canonical(name, t, tokens, dim):
+    """t as the kernel reads it, [B, H, tokens, dim]: a view, strides swapped if stored
+    transposed."""
+    stored = (dim, tokens) if name in TRANSPOSED else (tokens, dim)
+    if t.dim() != 4 or t.dtype != DTYPE or tuple(t.shape[1:]) != (HEADS, *stored):
+        raise ValueError(f"{name} {tuple(t.shape)} {t.dtype}: expected [B, {HEADS}, "
+                         f"{stored[0]}, {stored[1]}] {DTYPE}")
+    return t.transpose(2, 3) if name in TRANSPOSED else t
 
 
 def launch(q, k, v, bias=None, mask=None, general=None, logit_scale=None):
     # ---- 1. check constraints; view the additive terms as the kernel indexes them ----
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4 or t.dtype != DTYPE or tuple(t.shape[1:]) != (HEADS, TOKENS, HEAD_DIM):
-            raise ValueError(f"{name} {tuple(t.shape)} {t.dtype}: expected [B, {HEADS}, "
-                             f"{TOKENS}, {HEAD_DIM}] {DTYPE}")
+    q = _canonical("q", q, TOKENS, HEAD_DIM)
+    k = _canonical("k", k, KEY_TOKENS, HEAD_DIM)
+    v = _canonical("v", v, KEY_TOKENS, V_HEAD_DIM)
     B = q.shape[0]
     if k.shape[0] != B or v.shape[0] != B:
         raise ValueError("q, k and v disagree on the batch")
@@ -220,7 +244,7 @@ def launch(q, k, v, bias=None, mask=None, general=None, logit_scale=None):
             raise ValueError(f"batch {B} is not a multiple of the {NW} windows of the mask")
         mask_strides = mask.stride()
     if general is not None:
-        general = general.expand(B, HEADS, TOKENS, TOKENS)
+        general = general.expand(B, HEADS, TOKENS, KEY_TOKENS)
         general_strides = general.stride()
     if logit_scale is not None:
         logit_scale = logit_scale.reshape(-1)
@@ -228,12 +252,12 @@ def launch(q, k, v, bias=None, mask=None, general=None, logit_scale=None):
 
     # ---- 2. allocate the output in the layout the projection reads ----
     if OUTPUT == "bnc":
-        y = torch.empty((B, TOKENS, HEADS * HEAD_DIM), device=q.device, dtype=q.dtype)
+        y = torch.empty((B, TOKENS, HEADS * V_HEAD_DIM), device=q.device, dtype=q.dtype)
     elif OUTPUT == "bnhd":  # [B, H, N, D] stored as [B, N, H, D], as the SDPA op writes it
-        y = torch.empty((B, TOKENS, HEADS, HEAD_DIM), device=q.device, dtype=q.dtype)
+        y = torch.empty((B, TOKENS, HEADS, V_HEAD_DIM), device=q.device, dtype=q.dtype)
         y = y.transpose(1, 2)
     else:
-        y = torch.empty((B, HEADS, TOKENS, HEAD_DIM), device=q.device, dtype=q.dtype)
+        y = torch.empty((B, HEADS, TOKENS, V_HEAD_DIM), device=q.device, dtype=q.dtype)
     if y.numel() == 0:
         return y
     # Under Triton's interpreter (CPU) the kernel works in fp64, and a bf16 result is stored
@@ -241,7 +265,7 @@ def launch(q, k, v, bias=None, mask=None, general=None, logit_scale=None):
     widen = q.device.type == "cpu"
     out = torch.empty_like(y, dtype=torch.float32) if widen and y.dtype == torch.bfloat16 else y
     if OUTPUT == "bnc":  # (b, h, n, d) -> b*N*H*D + n*H*D + h*D + d
-        o_strides = (out.stride(0), HEAD_DIM * out.stride(2), out.stride(1), out.stride(2))
+        o_strides = (out.stride(0), V_HEAD_DIM * out.stride(2), out.stride(1), out.stride(2))
     else:
         o_strides = out.stride()
     int64 = max(t.numel() for t in (q, k, v, out)) >= INDEX_LIMIT
@@ -250,10 +274,11 @@ def launch(q, k, v, bias=None, mask=None, general=None, logit_scale=None):
     grid = lambda meta: (triton.cdiv(TOKENS, meta["BLOCK_M"]), B * HEADS)
     window_attention[grid](
         q, k, v, out, bias, mask, general, logit_scale,
-        HEADS, TOKENS, NW,
+        HEADS, TOKENS, KEY_TOKENS, NW,
         *q.stride(), *k.stride(), *v.stride(), *o_strides,
         *bias_strides, *mask_strides, *general_strides,
-        SCALE=SCALE, HEAD_DIM=HEAD_DIM, D=HEAD_DIM_P2, COSINE=COSINE, MASK_REPEAT=MASK_REPEAT,
+        SCALE=SCALE, HEAD_DIM=HEAD_DIM, D=HEAD_DIM_P2, V_HEAD_DIM=V_HEAD_DIM, DV=V_HEAD_DIM_P2,
+        COSINE=COSINE, MASK_REPEAT=MASK_REPEAT,
         SAFE_SOFTMAX=SAFE_SOFTMAX, PRECISION=PRECISION, WIDEN=widen, INT64=int64, **META,
         **LAUNCH)
     if out is not y:
@@ -268,9 +293,13 @@ def render(spec: AttentionSpec, schedule: Schedule) -> T.KernelSource:
         TEMPLATE,
         header=T.header(spec, schedule, "fused window multi-head self-attention"),
         tokens=str(spec.tokens),
+        key_tokens=str(spec.keys),
         heads=str(spec.heads),
         head_dim=str(spec.head_dim),
-        head_dim_p2=str(max(16, 1 << (spec.head_dim - 1).bit_length())),
+        head_dim_p2=str(padded_dim(spec.head_dim)),
+        v_head_dim=str(spec.value_dim),
+        v_head_dim_p2=str(padded_dim(spec.value_dim)),
+        transposed=repr(spec.transposed),
         dtype=spec.dtype,
         scale=repr(float(spec.scale)),
         cosine=str(spec.cosine),

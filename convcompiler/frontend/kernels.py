@@ -161,8 +161,8 @@ def attention_spec_of(
 
         softmax(scale * q @ k^T + bias[h] + mask[b mod nW]) @ v
 
-    with q, k, v [B, H, N, D], bias [H, N, N], mask [nW, N, N]; `output` "bnc" returns
-    [B, N, H*D] (transpose + reshape, as Swin's projection reads it)."""
+    with q [B, H, N, D], k [B, H, Nk, D], v [B, H, Nk, Dv], bias [H, N, Nk], mask [nW, N, Nk];
+    `output` "bnc" returns [B, N, H*Dv] (transpose + reshape, as Swin's projection reads it)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
 
     def f(q, k, v, bias, mask):
@@ -172,7 +172,9 @@ def attention_spec_of(
             s = s + bias.unsqueeze(0)
         if mask is not None:
             nw = mask.shape[0]
-            s = (s.view(b // nw, nw, h, n, n) + mask.unsqueeze(1).unsqueeze(0)).view(b, h, n, n)
+            nk = k.shape[2]
+            s = s.view(b // nw, nw, h, n, nk) + mask.unsqueeze(1).unsqueeze(0)
+            s = s.view(b, h, n, nk)
         out = s.softmax(dim=-1) @ v
         return out.transpose(1, 2).reshape(b, n, -1) if output == "bnc" else out
 

@@ -86,21 +86,31 @@ class KernelStats:
 
 
 def attention_meta_inputs(spec: AttentionSpec) -> tuple[torch.Tensor | None, ...]:
-    """(q, k, v, bias, mask, general, logit_scale): q, k, v as views of one qkv projection."""
+    """(q, k, v, bias, mask, general, logit_scale): q, k, v as views of one qkv projection
+    (of a q projection and a kv projection when the keys or v's head dim differ); an operand
+    stored transposed is that view's transpose."""
     dtype = getattr(torch, spec.dtype)
     b, h, n, d = spec.hint(spec.batch), spec.heads, spec.tokens, spec.head_dim
+    nk, dv = spec.keys, spec.value_dim
 
     def empty(*shape):
         return torch.empty(shape, device="meta", dtype=dtype)
 
-    qkv = empty(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
+    if (nk, dv) == (n, d):
+        q, k, v = empty(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
+    else:
+        q = empty(b, n, h, d).transpose(1, 2)
+        kv = empty(b, nk, h, d + dv).transpose(1, 2)
+        k, v = kv[..., :d], kv[..., d:]
+    q, k, v = (t.transpose(-2, -1) if name in spec.transposed else t
+               for name, t in (("q", q), ("k", k), ("v", v)))  # fmt: skip
     return (
-        qkv[0],
-        qkv[1],
-        qkv[2],
-        empty(1, h, n, n) if spec.bias else None,
-        empty(spec.windows, n, n) if spec.mask else None,
-        empty(b, h, n, n) if spec.general else None,
+        q,
+        k,
+        v,
+        empty(1, h, n, nk) if spec.bias else None,
+        empty(spec.windows, n, nk) if spec.mask else None,
+        empty(b, h, n, nk) if spec.general else None,
         empty(h, 1, 1) if spec.logit_scale else None,
     )
 

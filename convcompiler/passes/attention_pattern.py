@@ -6,8 +6,9 @@
 returns an `AttentionMatch`, or raises NoMatch with the reason. It proves what it accepts:
 
 * SDPA: every argument is read from the op's schema (positional or keyword). dropout_p != 0,
-  is_causal, grouped-query heads, cross-attention (Nq != Nk), a boolean mask and a v head
-  dim other than q's are refused; the scale is the given one or 1/sqrt(D).
+  is_causal, grouped-query heads and a boolean mask are refused; the scale is the given one
+  or 1/sqrt(D). Keys and values may have their own token count (Nk, pooled keys) and v its
+  own head dim.
 * softmax: over the last dim only; the scores are walked back to the q @ k^T matmul through
   views, casts, scalings and adds (attention_views.py), and forward through casts, copies
   and dropout(p=0) to the matmul with v. masked_fill, a division by a tensor, or a factor
@@ -34,6 +35,7 @@ from .attention_views import (
     VIEWS,
     NoMatch,
     Operand,
+    canonical_shape,
     dtype,
     first_output,
     is_float_cast,
@@ -78,6 +80,7 @@ class AttentionMatch:
     final: torch.fx.Node  # the node whose value the fused kernel produces
     mask_repeat: int = 1  # how many times the mask is added
     safe_softmax: bool = False  # all -inf rows give 0 (SDPA, _safe_softmax), not NaN
+    transposed: tuple[str, ...] = ()  # operands stored [B, H, D, N] (read transposed)
     interior: list[torch.fx.Node] = field(default_factory=list)  # replaced by the kernel
 
 
@@ -210,8 +213,8 @@ def _sdpa(node: torch.fx.Node, interior: list, terms: list, forward: set | None)
             raise NoMatch("SDPA attn_mask is not a tensor")
         if dtype(mask) == torch.bool:
             raise NoMatch("a boolean attn_mask reaches the SDPA op")
-        b, heads, n, _ = shape(q.node)
-        terms.append(Term(mask, (b, heads, n, n)))
+        b, heads, n, _ = canonical_shape(q)
+        terms.append(Term(mask, (b, heads, n, canonical_shape(k)[2])))
     interior.append(node)
     if node.target is SDPA_COMPOSITE:
         start = node
@@ -220,24 +223,24 @@ def _sdpa(node: torch.fx.Node, interior: list, terms: list, forward: set | None)
         if start is None:
             raise NoMatch("the SDPA output is not read")
         interior += [u for u in node.users if u is not start and not u.users]  # dead outputs
-    d = shape(q.node)[-1]
+    d = canonical_shape(q)[-1]
     base = 1.0 / math.sqrt(d) if scale is None else float(scale)
     return q, k, v, base * q.scale * k.scale, start
 
 
 def _check_qkv(q: Operand, k: Operand, v: Operand, gqa: bool = False) -> None:
-    (b, heads, n, d), (bk, hk, nk, dk), (bv, hv, nv, dv) = (shape(x.node) for x in (q, k, v))
+    (b, heads, n, d), (bk, hk, nk, dk), (bv, hv, nv, dv) = map(canonical_shape, (q, k, v))
     if 0 in (b, heads, n, d, bk, hk, nk, dk, bv, hv, nv, dv):
         raise NoMatch("zero-size q, k or v: nothing to compute, ATen returns eager's result")
-    if nk != n or nv != nk:
-        raise NoMatch(f"cross-attention: {n} queries, {nk} keys and {nv} values (Nq != Nk)")
+    if nv != nk:
+        raise NoMatch(f"{nk} keys but {nv} values")
     if hk != heads or hv != heads:
         what = "grouped-query attention" if gqa or heads % max(hk, 1) == 0 else "attention"
         raise NoMatch(f"{what}: q has {heads} heads, k {hk} and v {hv}")
     if bk != b or bv != b:
         raise NoMatch(f"q, k and v batches differ: {b}, {bk}, {bv}")
-    if dk != d or dv != d:
-        raise NoMatch(f"head dims differ: q {d}, k {dk}, v {dv} (the kernel writes q's)")
+    if dk != d:
+        raise NoMatch(f"q's head dim {d} is not k's {dk}")
     if q.cosine != k.cosine:
         raise NoMatch("only one of q and k is normalised")
 
@@ -276,11 +279,11 @@ def _softmax(node: torch.fx.Node, interior: list, terms: list, factors: list, fo
         interior.append(cur)
     v = operand(user.args[1], interior, role="v", transposed=False, scalable=False)
     _check_qkv(q, k, v)
-    b, heads, n, d = shape(q.node)
-    check_form(shape(node), b, heads, n)
+    b, heads, n, _ = canonical_shape(q)
+    check_form(shape(node), b, heads, n, canonical_shape(k)[2])
     interior.append(user)
-    start = user  # the bmm output [B*H, N, D], viewed back as [B, H, N, D]
-    while shape(start) != (b, heads, n, d):
+    start = user  # the bmm output [B*H, N, Dv], viewed back as [B, H, N, Dv]
+    while shape(start) != (b, heads, n, canonical_shape(v)[3]):
         nxt = _sole_user(start, forward)
         if nxt is None or not (same_values(nxt) or is_reshape(nxt)):
             raise NoMatch("the attention output is not viewed as [B, H, N, D]")
@@ -348,18 +351,20 @@ def find_attention(node: torch.fx.Node, forward: set | None = None) -> Attention
         q, k, v, scale, start = _softmax(node, interior, terms, factors, forward)
     else:
         raise NoMatch(f"{node.target} is neither a softmax nor an SDPA call")
-    b, heads, n, _ = shape(q.node)
-    filed = classify(terms, b, heads, n)
+    b, heads, n, _ = canonical_shape(q)
+    nk = canonical_shape(k)[2]
+    filed = classify(terms, b, heads, n, nk)
     for factor in factors:
         if isinstance(factor, float):
             scale *= factor
         else:
-            file_factor(filed, factor, b, heads, n)
+            file_factor(filed, factor, b, heads, n, nk)
     final, output = _output_chain(start, interior, forward)
     match = AttentionMatch(
         q=q.node,
         k=k.node,
         v=v.node,
+        transposed=tuple(name for name, x in (("q", q), ("k", k), ("v", v)) if x.transposed),
         scale=scale,
         cosine=q.cosine,
         logit_scale=filed.logit_scale,

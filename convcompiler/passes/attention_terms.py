@@ -2,9 +2,9 @@
 
 The scores s[b, h, i, j] (b = image * nW + window) are seen in one of three forms:
 
-    [B*H, N, N]         the bmm output
-    [B, H, N, N]        the usual view
-    [I, nW, H, N, N]    Swin's per-window view (I images of nW windows, B = I * nW)
+    [B*H, N, Nk]        the bmm output (Nk = N but for pooled keys)
+    [B, H, N, Nk]       the usual view
+    [I, nW, H, N, Nk]   Swin's per-window view (I images of nW windows, B = I * nW)
 
 A term added to a form broadcasts against it (aligned right). Each term is proved to be one
 of the kernel's operands, or refused with the reason:
@@ -59,9 +59,9 @@ def _padded(term_shape: tuple[int, ...], form: tuple[int, ...]) -> tuple[int, ..
     return padded
 
 
-def check_form(form: tuple[int, ...], b: int, heads: int, n: int) -> None:
-    if form[-2:] != (n, n):
-        raise NoMatch(f"scores {form} are not [.., {n}, {n}]")
+def check_form(form: tuple[int, ...], b: int, heads: int, n: int, nk: int) -> None:
+    if form[-2:] != (n, nk):
+        raise NoMatch(f"scores {form} are not [.., {n}, {nk}]")
     if len(form) == 3 and form[0] == b * heads:
         return
     if len(form) == 4 and form[:2] == (b, heads):
@@ -123,11 +123,11 @@ def _file(out: Terms, role: str, node: torch.fx.Node, windows: int = 1) -> None:
     raise NoMatch(f"two {names[role]} on the scores (the kernel adds one of each)")
 
 
-def classify(terms: list[Term], b: int, heads: int, n: int) -> Terms:
+def classify(terms: list[Term], b: int, heads: int, n: int, nk: int) -> Terms:
     """File every additive term; raises NoMatch for a term no operand can carry exactly."""
     out = Terms()
     for term in terms:
-        check_form(term.scores, b, heads, n)
+        check_form(term.scores, b, heads, n, nk)
         for part in _parts(term.node):
             if not dtype(part).is_floating_point:
                 raise NoMatch(f"a {dtype(part)} term is added to the scores")
@@ -156,10 +156,10 @@ def classify(terms: list[Term], b: int, heads: int, n: int) -> Terms:
     return out
 
 
-def file_factor(out: Terms, factor: Term, b: int, heads: int, n: int) -> None:
+def file_factor(out: Terms, factor: Term, b: int, heads: int, n: int, nk: int) -> None:
     """A tensor multiplying the scores: a per-head logit scale, or refused."""
     form = factor.scores
-    check_form(form, b, heads, n)
+    check_form(form, b, heads, n, nk)
     if not dtype(factor.node).is_floating_point:
         raise NoMatch(f"the scores are multiplied by a {dtype(factor.node)} tensor")
     p = _padded(shape(factor.node), form)

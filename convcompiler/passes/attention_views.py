@@ -6,7 +6,8 @@ A step is taken only when it provably keeps those values (possibly reshaped):
     same values   clone, alias, detach; view/reshape/expand to the same shape
     reshape       view, _unsafe_view, reshape, (un)squeeze: row-major reinterpretation
     merge         [B*H, R, C] read as a view of [B, H, R, C] (what matmul does to 4-D inputs)
-    transpose     of the last two dims (k^T): toggles which of the two is the token dim
+    transpose     of the last two dims (k^T): toggles which of the two is the token dim; an
+                  operand that ends transposed ([B, H, D, N], LeViT's k) is read so
     scale         mul/div by a Python number
     cosine        x / clamp_min(linalg_vector_norm(x, 2, [-1], keepdim), 1e-12) (F.normalize)
 
@@ -174,6 +175,7 @@ class Operand:
     node: torch.fx.Node
     scale: float
     cosine: bool
+    transposed: bool = False  # stored [B, H, D, N]: read with its last two strides swapped
 
 
 def operand(
@@ -204,11 +206,15 @@ def operand(
         node = step
     if not isinstance(node, torch.fx.Node):
         raise NoMatch(f"{role} is not a tensor")
-    if flipped:
-        raise NoMatch(f"{role} is read with its token and head dims swapped")
     if len(shape(node)) != 4:
         raise NoMatch(f"{role} {shape(node)} is not a 4-D [B, H, N, D] tensor")
-    return Operand(node, scale, cosine)
+    return Operand(node, scale, cosine, transposed=flipped)
+
+
+def canonical_shape(op: Operand) -> tuple:
+    """The operand's [B, H, N, D] sizes (a transposed one is stored [B, H, D, N])."""
+    b, h, x, y = shape(op.node)
+    return (b, h, y, x) if op.transposed else (b, h, x, y)
 
 
 def first_output(node: torch.fx.Node, forward: set | None) -> torch.fx.Node | None:

@@ -16,7 +16,7 @@ import torch
 import torch.fx
 
 from ..counters import counters
-from ..spec import DTYPES, AttentionSpec
+from ..spec import DTYPES, MAX_HEAD_DIM, AttentionSpec
 from .attention_pattern import (
     SDPA,
     SOFTMAX,
@@ -56,13 +56,15 @@ def attention_fallback_reason(m: AttentionMatch, private: bool) -> str | None:
         return f"dtype {dtype} is not supported"
     if q.device.type not in ("cpu", "cuda"):
         return f"device {q.device.type!r} is not supported"
-    b, heads, n, d = dims(q)
-    if not all(isinstance(s, int) for s in (heads, n, d)):
-        return "heads, tokens and head_dim must be static"
+    b, heads, n, d = _canonical(q, "q", m)
+    nk, dv = _canonical(fake_value(m.k), "k", m)[2], _canonical(fake_value(m.v), "v", m)[3]
+    if not all(isinstance(s, int) for s in (heads, n, d, nk, dv)):
+        return "heads, tokens and head dims must be static"
     if 0 in (b, heads, n, d):
         return "zero-size q: nothing to compute, ATen returns eager's empty result"
-    if not 16 <= d <= 256:
-        return f"head_dim {d} outside 16..256"
+    for name, dim in (("head_dim", d), ("v head_dim", dv)):
+        if dim > MAX_HEAD_DIM:
+            return f"{name} {dim} over {MAX_HEAD_DIM} (the kernel holds a head's row in registers)"
     for t in (m.k, m.v):
         if fake_value(t).dtype != q.dtype:
             return "q, k and v dtypes differ"
@@ -106,11 +108,18 @@ def rewire_sizes(gm: torch.fx.GraphModule, m: AttentionMatch) -> None:
                 inside.add(user)
 
 
+def _canonical(value: torch.Tensor, name: str, m: AttentionMatch) -> tuple:
+    """[B, H, N, D] sizes of a q, k or v value (stored [B, H, D, N] when transposed)."""
+    b, h, x, y = dims(value)
+    return (b, h, y, x) if name in m.transposed else (b, h, x, y)
+
+
 def attention_spec(m: AttentionMatch) -> AttentionSpec:
     q = fake_value(m.q)
-    b, heads, n, d = q.shape
+    b, heads, n, d = _canonical(q, "q", m)
+    nk, dv = _canonical(fake_value(m.k), "k", m)[2], _canonical(fake_value(m.v), "v", m)[3]
     return AttentionSpec(
-        batch=as_size(b),
+        batch=as_size(q.shape[0]),
         heads=int(heads),
         tokens=int(n),
         head_dim=int(d),
@@ -128,6 +137,9 @@ def attention_spec(m: AttentionMatch) -> AttentionSpec:
         hints=size_hints(q),
         mask_repeat=m.mask_repeat,
         safe_softmax=m.safe_softmax,
+        key_tokens=None if int(nk) == int(n) else int(nk),
+        v_head_dim=None if int(dv) == int(d) else int(dv),
+        transposed=m.transposed,
     )
 
 

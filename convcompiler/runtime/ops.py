@@ -243,7 +243,7 @@ def window_attention(
 def _window_attention_fake(q, k, v, bias, mask, general, logit_scale, kernel):
     spec = decode(kernel).spec
     b = q.shape[0]
-    h, n, d = spec.heads, spec.tokens, spec.head_dim
+    h, n, d = spec.heads, spec.tokens, spec.value_dim
     if spec.output == "bnc":
         return q.new_empty((b, n, h * d))
     if spec.output == "bnhd":  # [B, H, N, D] stored as [B, N, H, D]

@@ -122,7 +122,9 @@ def run_aten(
 def run_attention(spec, q, k, v, bias=None, mask=None, general=None, logit_scale=None):
     """The canonical window attention (AttentionSpec), as separate ATen ops. The operands
     are viewed as the kernel's launcher views them (see codegen/window_attention.py)."""
-    b, h, n = q.shape[0], spec.heads, spec.tokens
+    q, k, v = (t.transpose(-2, -1) if name in spec.transposed else t
+               for name, t in (("q", q), ("k", k), ("v", v)))  # fmt: skip
+    b, h, n, nk = q.shape[0], spec.heads, spec.tokens, spec.keys
     if spec.cosine:
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
     s = (q * spec.scale) @ k.transpose(-2, -1)
@@ -134,12 +136,12 @@ def run_attention(spec, q, k, v, bias=None, mask=None, general=None, logit_scale
         s = s + bias
     if mask is not None:
         mask = mask[0, :, 0] if mask.dim() == 5 else mask[:, 0] if mask.dim() == 4 else mask
-        mask = mask.expand(-1, n, n) if mask.dim() == 3 else mask.expand(1, n, n)
+        mask = mask.expand(-1, n, nk) if mask.dim() == 3 else mask.expand(1, n, nk)
         nw = mask.shape[0]
-        s = s.view(b // nw, nw, h, n, n)
+        s = s.view(b // nw, nw, h, n, nk)
         for _ in range(spec.mask_repeat):
             s = s + mask[None, :, None]
-        s = s.view(b, h, n, n)
+        s = s.view(b, h, n, nk)
     if general is not None:
         s = s + general
     p = torch.ops.aten._safe_softmax(s, -1) if spec.safe_softmax else torch.softmax(s, dim=-1)

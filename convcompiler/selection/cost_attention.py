@@ -23,28 +23,30 @@ ATEN_KERNELS = 9
 def fused_bytes(spec: AttentionSpec, batch) -> int:
     """What the fused kernel reads and writes: q, k, v and the output once, the bias and the
     mask once (their re-reads by other programs hit L2)."""
-    h, n, e = spec.heads, spec.tokens, ITEMSIZE[spec.dtype]
-    terms = (spec.bias * h + spec.mask * spec.windows) * n * n * e
-    return 4 * batch * h * n * spec.head_dim * e + terms
+    h, n, nk, e = spec.heads, spec.tokens, spec.keys, ITEMSIZE[spec.dtype]
+    terms = (spec.bias * h + spec.mask * spec.windows) * n * nk * e
+    rows = n * spec.head_dim + nk * spec.head_dim + nk * spec.value_dim + n * spec.value_dim
+    return batch * h * rows * e + terms
 
 
 def attention_time(spec: AttentionSpec, schedule: Schedule, device: Device, symbolic: bool):
     """(seconds, compute, memory, launch, useful flops, padded flops, bytes, workspace, ctas)."""
     b = spec.batch if symbolic else spec.hint(spec.batch)
-    h, n, d, e = spec.heads, spec.tokens, spec.head_dim, ITEMSIZE[spec.dtype]
-    flops = 4 * b * h * n * n * d
-    qkvo = 4 * b * h * n * d * e
+    h, n, nk, e = spec.heads, spec.tokens, spec.keys, ITEMSIZE[spec.dtype]
+    d, dv = spec.head_dim, spec.value_dim
+    flops = 2 * b * h * n * nk * (d + dv)
+    qkvo = b * h * (n * d + nk * d + nk * dv + n * dv) * e
     peak = device.peak(matmul_math(spec))
     if schedule.name == "aten":
-        scores = b * h * n * n * e
+        scores = b * h * n * nk * e
         passes = 1 + 2 * (spec.bias + spec.mask + spec.general) + 2 + 1  # bmm, adds, softmax, bmm
         traffic = 2 * qkvo + passes * scores  # q, k, v and the output each copied once more
         padded, launches, ctas, eff = flops, ATEN_KERNELS, 1, ATEN_EFFICIENCY
     else:
         bm, bn = schedule["BLOCK_M"], schedule["BLOCK_N"]
-        dp = max(16, 1 << (d - 1).bit_length())
-        rows, keys = _cdiv(n, bm) * bm, _cdiv(n, bn) * bn
-        padded = 4 * b * h * rows * keys * dp
+        dp, dvp = (max(16, 1 << (x - 1).bit_length()) for x in (d, dv))
+        rows, keys = _cdiv(n, bm) * bm, _cdiv(nk, bn) * bn
+        padded = 2 * b * h * rows * keys * (dp + dvp)
         traffic = fused_bytes(spec, b)
         ctas = _cdiv(n, bm) * b * h
         launches, eff = 1, FUSED_EFFICIENCY
@@ -63,5 +65,5 @@ def attention_steps(spec: AttentionSpec, schedule: Schedule) -> int:
         _cdiv(spec.tokens, schedule["BLOCK_M"])
         * b
         * spec.heads
-        * _cdiv(spec.tokens, schedule["BLOCK_N"])
+        * _cdiv(spec.keys, schedule["BLOCK_N"])
     )

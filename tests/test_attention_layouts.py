@@ -1,0 +1,131 @@
+"""Attention layouts beyond Swin's: keys stored transposed, a value head dim unlike q's, tiny
+head dims, and pooled keys and values (Nk != N). Each module is written as its model writes
+it, compiled, checked against float64 eager, and the attention must run the fused kernel.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from helpers import assert_close, compiled_and_float64, float64_copy, gradients_match_float64
+
+import convcompiler
+
+
+class LeViTAttention(nn.Module):
+    """timm's LeViT attention: one qkv linear split into q, k (both key_dim wide) and a wider
+    v; k is permuted straight to [B, H, D, N] and multiplied without a transpose; a learned
+    per-head bias over the token pairs."""
+
+    def __init__(self, dim=24, key_dim=4, heads=3, attn_ratio=2, tokens=20) -> None:
+        super().__init__()
+        self.heads, self.key_dim, self.val_dim = heads, key_dim, attn_ratio * key_dim
+        self.scale = key_dim**-0.5
+        self.qkv = nn.Linear(dim, heads * (2 * key_dim + self.val_dim))
+        self.proj = nn.Linear(heads * self.val_dim, dim)
+        self.bias = nn.Parameter(torch.randn(heads, tokens, tokens))
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, self.heads, 2 * self.key_dim + self.val_dim).split(
+            [self.key_dim, self.key_dim, self.val_dim], dim=3
+        )
+        q, k, v = q.permute(0, 2, 1, 3), k.permute(0, 2, 3, 1), v.permute(0, 2, 1, 3)
+        attn = (q @ k * self.scale + self.bias).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, self.heads * self.val_dim))
+
+
+class SpatialReductionAttention(nn.Module):
+    """PVT's attention: keys and values from the image pooled by a strided conv (Nk < N)."""
+
+    def __init__(self, dim=32, heads=2, sr=2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.sr = nn.Conv2d(dim, dim, sr, sr)
+        self.norm = nn.LayerNorm(dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, hw=(6, 10)):
+        b, n, c = x.shape
+        q = self.q(x).reshape(b, n, self.heads, c // self.heads).permute(0, 2, 1, 3)
+        pooled = self.sr(x.transpose(1, 2).reshape(b, c, *hw)).flatten(2).transpose(1, 2)
+        kv = self.kv(self.norm(pooled)).reshape(b, pooled.shape[1], 2, self.heads, c // self.heads)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+def _fused(report) -> list:
+    regions = [r for r in report.regions if r.kind == "window_attention"]
+    assert regions and all(r.fallback_reason is None for r in regions), str(report)
+    return regions
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_levit_attention_reads_k_as_stored(dtype) -> None:
+    torch.manual_seed(3)
+    model = LeViTAttention().eval().to(dtype)
+    x = torch.randn(2, 20, 24).to(dtype)
+    out, ref, report = compiled_and_float64(model, [x])
+    (region,) = _fused(report)
+    assert "k^T stored" in region.spec and "head_dim=4 v_head_dim=8" in region.spec
+    assert convcompiler.counters["launch.window_attention"] == 1
+    assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_pooled_keys_and_values(dtype) -> None:
+    torch.manual_seed(4)
+    model = SpatialReductionAttention().eval().to(dtype)
+    x = torch.randn(2, 60, 32).to(dtype)
+    out, ref, report = compiled_and_float64(model, [x])
+    (region,) = _fused(report)
+    assert "N=60 Nk=15" in region.spec
+    assert convcompiler.counters["launch.window_attention"] == 1
+    assert_close(out, ref, dtype)
+
+
+def test_nan_and_inf_in_a_transposed_key() -> None:
+    """A NaN in one token's input reaches every row of its image (through its key); +Inf in
+    the bias gives NaN in that query row of every image (inf - inf in the softmax), -Inf
+    only hides one key: as in eager."""
+    torch.manual_seed(5)
+    model = LeViTAttention().eval()
+    with torch.no_grad():
+        model.bias[1, 5, 2] = float("inf")
+        model.bias[0, 3, 4] = float("-inf")
+    x = torch.randn(3, 20, 24)
+    x[0, 3, 1] = float("nan")
+    out, ref, report = compiled_and_float64(model, [x])
+    _fused(report)
+    assert torch.equal(out.isnan(), ref.isnan())
+    assert out[0].isnan().all() and out[1:, 5].isnan().all() and out[1:, 3].isfinite().all()
+    finite = ref.isfinite()
+    assert_close(out.double()[finite], ref[finite], torch.float32)
+
+
+def test_dynamic_and_empty_batch_with_pooled_keys() -> None:
+    torch.manual_seed(6)
+    model = SpatialReductionAttention().eval()
+    reference = float64_copy(model)
+    compiled = torch.compile(model, backend="im2win", options={"verify": False})
+    with torch.no_grad():
+        for batch in (3, 2):
+            x = torch.randn(batch, 60, 32)
+            torch._dynamo.mark_dynamic(x, 0)
+            assert_close(compiled(x), reference(x.double()), torch.float32)
+        (region,) = _fused(convcompiler.last_report())
+        assert convcompiler.counters["launch.window_attention"] == 2 and "batch=s" in region.spec
+        assert compiled(torch.randn(0, 60, 32)).shape == (0, 60, 32)  # eager's empty result
+
+
+def test_levit_attention_trains() -> None:
+    """The forward runs the fused kernel; the backward recomputes in ATen (the k read as
+    stored, the wider v): every gradient matches float64 eager."""
+    torch.manual_seed(7)
+    gradients_match_float64(LeViTAttention().train(), torch.randn(2, 20, 24))
+    assert convcompiler.counters["launch.window_attention"] == 1

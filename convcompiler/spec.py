@@ -433,8 +433,11 @@ class AttentionSpec(SizeHints):
     mask: bool  # a per-window [windows, N, N] additive term (shifted-window mask)
     windows: int  # windows per image: the period of `mask` over the batch (1 without mask)
     general: bool  # a [batch, heads, N, N] additive term that did not split into the two above
-    # "bnc": [batch, N, heads * head_dim]; "bhnd": [batch, heads, N, head_dim] contiguous;
-    # "bnhd": [batch, heads, N, head_dim] stored as [batch, N, heads, head_dim]
+    # b, h, n, d (batch, heads, tokens, v head dim) in memory order, outermost first. Without
+    # commas the result is the [batch, heads, N, head_dim] view stored so ("bhnd": contiguous;
+    # "bnhd": SDPA's [B, N, H, D]; "nbhd": nn.MultiheadAttention's sequence-first). Commas group
+    # the dims of a contiguous result: "nb,hd" is [N * batch, heads * head_dim]; "bnc" is
+    # "b,n,hd", [batch, N, heads * head_dim] (Swin's projection reads it).
     output: str
     device: str
     precision: str  # how a float32 tl.dot runs on a GPU (torch's matmul precision)
@@ -464,7 +467,8 @@ class AttentionSpec(SizeHints):
         shape += f"_d{self.head_dim}" + (f"v{self.value_dim}" if self.value_dim != self.head_dim
                                          else "")  # fmt: skip
         shape += "".join(f"_{name}T" for name in self.transposed)
-        return f"window_attention_{shape}_{self.dtype}_{self.output}" + (
+        output = self.output.replace(",", "_")
+        return f"window_attention_{shape}_{self.dtype}_{output}" + (
             f"_{terms}" if terms else ""
         )
 
@@ -506,7 +510,6 @@ LAYOUTS = ("nchw", "nhwc", "strided")
 PRECISIONS = ("ieee", "tf32")
 DEVICES = ("cpu", "cuda")
 BN_KINDS = (None, "affine", "plain")
-OUTPUTS = ("bnc", "bhnd", "bnhd")
 
 
 class SpecError(ValueError):
@@ -581,6 +584,22 @@ def _float(value: object, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SpecError(f"{name}={value!r} is not a number")
     return float(value)
+
+
+def attention_output_ok(value: object) -> bool:
+    """An attention output layout (AttentionSpec.output): "bnc", or b, h, n, d once each in
+    memory order, commas (none empty) grouping a contiguous result's dims."""
+    if value == "bnc":
+        return True
+    if not isinstance(value, str) or "" in value.split(","):
+        return False
+    return sorted(value.replace(",", "")) == sorted("bhnd")
+
+
+def _output(value: object) -> str:
+    if not attention_output_ok(value):
+        raise SpecError(f"output={value!r} is not an attention output layout")
+    return value
 
 
 def _optional_int(value: object, name: str) -> int | None:
@@ -727,7 +746,7 @@ def spec_from_json(data: object):
             mask=_bool(data["mask"], "mask"),
             windows=_int(data["windows"], "windows", 1),
             general=_bool(data["general"], "general"),
-            output=_check(data["output"], OUTPUTS, "output"),
+            output=_output(data["output"]),
             mask_repeat=_int(data["mask_repeat"], "mask_repeat", 1),
             safe_softmax=_bool(data["safe_softmax"], "safe_softmax"),
             key_tokens=_optional_int(data["key_tokens"], "key_tokens"),

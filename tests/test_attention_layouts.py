@@ -59,6 +59,18 @@ class SpatialReductionAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
+class TorchMHA(nn.Module):
+    """nn.MultiheadAttention as ViT (torchvision) calls it: sequence-first inside, so SDPA's
+    output is [B, H, N, D] stored [N, B, H, D]: the kernel writes the permuted result."""
+
+    def __init__(self, dim=32, heads=2, batch_first=True) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=batch_first)
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
 def _fused(report) -> list:
     regions = [r for r in report.regions if r.kind == "window_attention"]
     assert regions and all(r.fallback_reason is None for r in regions), str(report)
@@ -129,3 +141,18 @@ def test_levit_attention_trains() -> None:
     torch.manual_seed(7)
     gradients_match_float64(LeViTAttention().train(), torch.randn(2, 20, 24))
     assert convcompiler.counters["launch.window_attention"] == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_writes_its_sequence_first_output(dtype, batch_first) -> None:
+    torch.manual_seed(8)
+    model = TorchMHA(batch_first=batch_first).eval().to(dtype)
+    x = torch.randn(2, 17, 32).to(dtype)
+    if not batch_first:
+        x = x.transpose(0, 1).contiguous()
+    out, ref, report = compiled_and_float64(model, [x])
+    (region,) = _fused(report)
+    assert "out=n,b,h,d" in region.spec, region.spec
+    assert convcompiler.counters["launch.window_attention"] == 1
+    assert_close(out, ref, dtype)

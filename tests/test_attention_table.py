@@ -196,6 +196,16 @@ ROWS = {
         lambda: (rand(B, H, N, 4), rand(B, H, N, 4), rand(B, H, N, 40)),
         None,
     ),
+    "hand_output_sequence_first": (  # [B, H, N, D] -> [N * B, H * D], contiguous
+        lambda q, k, v: hand(q, k, v).permute(2, 0, 1, 3).reshape(N * B, H * D),
+        lambda: (rand(B, H, N, D), rand(B, H, N, D), rand(B, H, N, D)),
+        None,
+    ),
+    "hand_output_heads_outermost": (  # [B, H, N, D] -> [H, B * N, D]
+        lambda q, k, v: hand(q, k, v).transpose(0, 1).reshape(H, B * N, D),
+        lambda: (rand(B, H, N, D), rand(B, H, N, D), rand(B, H, N, D)),
+        None,
+    ),
     "hand_query_stored_transposed": (
         lambda qt, k, v: (qt.transpose(-2, -1) @ k.transpose(-2, -1)).softmax(-1) @ v,
         lambda: (rand(B, H, D, N), rand(B, H, N, D), rand(B, H, N, D)),

@@ -58,6 +58,8 @@ def SPACE(spec: AttentionSpec, s: Schedule, device: Device | None) -> None:
 
 
 TEMPLATE = '''${header}
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -222,6 +224,23 @@ def _canonical(name, t, tokens, dim):
     return t.transpose(2, 3) if name in TRANSPOSED else t
 
 
+def _output(B, like, dtype=None):
+    """(the output as the graph reads it, its [B, H, N, Dv] view for the kernel's strides).
+    OUTPUT names the memory order of b, h, n, d (outermost first); commas group the dims of
+    a contiguous result ("nb,hd": [N*B, H*Dv]); without commas the result is the [B, H, N, Dv]
+    view itself. "bnc" is "b,n,hd"."""
+    layout = "b,n,hd" if OUTPUT == "bnc" else OUTPUT
+    order = layout.replace(",", "")
+    sizes = {"b": B, "h": HEADS, "n": TOKENS, "d": V_HEAD_DIM}
+    memory = torch.empty([sizes[c] for c in order], device=like.device,
+                         dtype=like.dtype if dtype is None else dtype)
+    canonical = memory.permute([order.index(c) for c in "bhnd"])
+    if "," not in layout:
+        return canonical, canonical
+    groups = [math.prod(sizes[c] for c in group) for group in layout.split(",")]
+    return memory.view(groups), canonical
+
+
 def launch(q, k, v, bias=None, mask=None, general=None, logit_scale=None):
     # ---- 1. check constraints; view the additive terms as the kernel indexes them ----
     q = _canonical("q", q, TOKENS, HEAD_DIM)
@@ -251,23 +270,17 @@ def launch(q, k, v, bias=None, mask=None, general=None, logit_scale=None):
         logit_scale = logit_scale.expand(HEADS).contiguous()
 
     # ---- 2. allocate the output in the layout the projection reads ----
-    if OUTPUT == "bnc":
-        y = torch.empty((B, TOKENS, HEADS * V_HEAD_DIM), device=q.device, dtype=q.dtype)
-    elif OUTPUT == "bnhd":  # [B, H, N, D] stored as [B, N, H, D], as the SDPA op writes it
-        y = torch.empty((B, TOKENS, HEADS, V_HEAD_DIM), device=q.device, dtype=q.dtype)
-        y = y.transpose(1, 2)
-    else:
-        y = torch.empty((B, HEADS, TOKENS, V_HEAD_DIM), device=q.device, dtype=q.dtype)
+    y, canonical = _output(B, q)
     if y.numel() == 0:
         return y
     # Under Triton's interpreter (CPU) the kernel works in fp64, and a bf16 result is stored
     # in fp32 for torch to round (the interpreter truncates fp32 -> bf16).
     widen = q.device.type == "cpu"
-    out = torch.empty_like(y, dtype=torch.float32) if widen and y.dtype == torch.bfloat16 else y
-    if OUTPUT == "bnc":  # (b, h, n, d) -> b*N*H*D + n*H*D + h*D + d
-        o_strides = (out.stride(0), V_HEAD_DIM * out.stride(2), out.stride(1), out.stride(2))
+    if widen and y.dtype == torch.bfloat16:
+        out, canonical = _output(B, q, torch.float32)
     else:
-        o_strides = out.stride()
+        out = y
+    o_strides = canonical.stride()
     int64 = max(t.numel() for t in (q, k, v, out)) >= INDEX_LIMIT
 
     # ---- 3. launch: (query-row blocks, window-batch x heads) ----

@@ -24,6 +24,7 @@ The match records which (`safe_softmax`), and the kernel does the same.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -308,34 +309,74 @@ def _strides_match(value: torch.Tensor, order: tuple[int, ...]) -> bool:
     return True
 
 
+def _permutation(node: torch.fx.Node) -> list[int] | None:
+    """The dims order of a permute or transpose of a 4-D tensor, else None."""
+    if node.target is aten.permute.default:
+        return [a % 4 for a in node.args[1]]
+    if node.target is aten.transpose.int:
+        i, j = (a % 4 for a in node.args[1:3])
+        order = [0, 1, 2, 3]
+        order[i], order[j] = j, i
+        return order
+    return None
+
+
+def _groups(sizes: dict, order: str, target: tuple) -> list[str] | None:
+    """`order`'s letters split into consecutive runs whose size products are `target`'s
+    dims (a row-major regrouping), or None."""
+    groups, i = [], 0
+    for size in target:
+        group, product = "", 1
+        while i < len(order) and (not group or product != size):
+            group, product, i = group + order[i], product * sizes[order[i]], i + 1
+        if product != size:
+            return None
+        groups.append(group)
+    if i < len(order):  # trailing size-1 letters join the last group
+        if not groups or any(sizes[c] != 1 for c in order[i:]):
+            return None
+        groups[-1] += order[i:]
+    return groups
+
+
+ORDERS = ["bhnd", "bnhd", "nbhd"] + [
+    "".join(p) for p in itertools.permutations("bhnd") if "".join(p) not in ("bhnd", "bnhd", "nbhd")
+]
+
+
 def _output_chain(node: torch.fx.Node, interior: list, forward: set | None):
-    """(final node, output layout) from the [B, H, N, D] attention output: transpose(1, 2)
-    (or permute(0, 2, 1, 3)) -> copies -> [B, N, H*D] is "bnc"; else the output itself, in
-    its own strides."""
+    """(final node, output layout) from the [B, H, N, D] attention output. A permute of it,
+    then copies and reshapes, ending in a contiguous tensor whose dims group the permuted
+    ones ("n,b,h,d"; "bnc" for Swin's [B, N, H*D]); the chain goes on through reshapes of
+    that result while the batch stays a dim of its own. Else the output itself, stored in
+    any order of its dims ("bhnd", "bnhd", ...). See AttentionSpec.output."""
     b, h, n, d = shape(node)
-    user = _sole_user(node, forward)
-    swaps_h_n = user is not None and (
-        user.target is aten.transpose.int
-        and sorted(a % 4 for a in user.args[1:]) == [1, 2]
-        or user.target is aten.permute.default
-        and [a % 4 for a in user.args[1]] == [0, 2, 1, 3]
-    )
-    if swaps_h_n:
-        chain, cur = [user], user
-        while (nxt := _sole_user(cur, forward)) is not None and (
-            same_values(nxt) or is_reshape(nxt)
-        ):
-            chain.append(nxt)
-            cur = nxt
-            if shape(cur) == (b, n, h * d) and _strides_match(fake_value(cur), (0, 1, 2)):
-                interior.append(node)
-                interior.extend(chain[:-1])
-                return cur, "bnc"
+    sizes = dict(zip("bhnd", (b, h, n, d)))
+    chain, cur, order = [], node, "bhnd"
+    best = None
+    while (nxt := _sole_user(cur, forward)) is not None:
+        perm = _permutation(nxt) if not chain and _call(nxt) else None
+        if perm is not None:
+            order = "".join("bhnd"[i] for i in perm)
+        elif not (same_values(nxt) or is_reshape(nxt)):
+            break
+        chain.append(nxt)
+        cur = nxt
+        value = fake_value(cur)
+        groups = _groups(sizes, order, shape(cur))
+        if groups is not None and _strides_match(value, tuple(range(value.dim()))):
+            if best is not None and "b" not in groups:
+                break  # keep the batch a dim of its own once a result is found
+            best = (len(chain), ",".join(groups))
+    if best is not None:
+        steps, layout = best
+        interior.append(node)
+        interior.extend(chain[: steps - 1])
+        return chain[steps - 1], "bnc" if layout == "b,n,hd" else layout
     value = fake_value(node)
-    if _strides_match(value, (0, 1, 2, 3)):
-        return node, "bhnd"
-    if _strides_match(value, (0, 2, 1, 3)):
-        return node, "bnhd"
+    for order in ORDERS:
+        if _strides_match(value, tuple("bhnd".index(c) for c in order)):
+            return node, order
     raise NoMatch(f"the attention output has strides {tuple(value.stride())}")
 
 

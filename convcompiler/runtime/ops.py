@@ -55,6 +55,7 @@ from . import packing
 from .kernel_call import interpreter_notice, launch_on_device
 from .kernel_ref import KernelRef, decode
 from .loader import load_source
+from .reference import attention_output
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -241,14 +242,7 @@ def window_attention(
 
 @window_attention.register_fake
 def _window_attention_fake(q, k, v, bias, mask, general, logit_scale, kernel):
-    spec = decode(kernel).spec
-    b = q.shape[0]
-    h, n, d = spec.heads, spec.tokens, spec.value_dim
-    if spec.output == "bnc":
-        return q.new_empty((b, n, h * d))
-    if spec.output == "bnhd":  # [B, H, N, D] stored as [B, N, H, D]
-        return q.new_empty((b, n, h, d)).transpose(1, 2)
-    return q.new_empty((b, h, n, d))
+    return attention_output(decode(kernel).spec, q)
 
 
 # ---- im2win::mlp_block ----------------------------------------------------------------------

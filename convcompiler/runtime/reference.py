@@ -146,11 +146,35 @@ def run_attention(spec, q, k, v, bias=None, mask=None, general=None, logit_scale
         s = s + general
     p = torch.ops.aten._safe_softmax(s, -1) if spec.safe_softmax else torch.softmax(s, dim=-1)
     out = p.to(v.dtype) @ v
-    if spec.output == "bnc":
-        return out.transpose(1, 2).reshape(b, n, h * out.shape[-1])
-    if spec.output == "bnhd":
-        return out.transpose(1, 2).contiguous().transpose(1, 2)
-    return out
+    y, canonical = attention_output(spec, out, with_view=True)
+    canonical.copy_(out)
+    return y
+
+
+def output_layout(spec) -> tuple[str, list[str] | None]:
+    """(the memory order of b, h, n, d, the groups of a contiguous result or None): see
+    AttentionSpec.output."""
+    layout = "b,n,hd" if spec.output == "bnc" else spec.output
+    return layout.replace(",", ""), layout.split(",") if "," in layout else None
+
+
+def attention_output(spec, like: torch.Tensor, *, with_view: bool = False):
+    """An empty output as the region's graph reads it (batch from `like`, dtype and device
+    too); with_view: also its [B, H, N, Dv] view, into which the attention writes."""
+    order, groups = output_layout(spec)
+    sizes = {"b": like.shape[0], "h": spec.heads, "n": spec.tokens, "d": spec.value_dim}
+    memory = like.new_empty([sizes[c] for c in order])
+    canonical = memory.permute([order.index(c) for c in "bhnd"])
+    y = canonical
+    if groups is not None:
+        shape = []
+        for group in groups:
+            size = 1
+            for c in group:
+                size = size * sizes[c]
+            shape.append(size)
+        y = memory.view(shape)
+    return (y, canonical) if with_view else y
 
 
 def run_mlp(spec, x, w1, b1, w2, b2=None, scale=None, residual=None, norm_w=None, norm_b=None,

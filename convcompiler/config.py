@@ -29,8 +29,10 @@ CONV_SCHEDULES = (
     "im2win_implicit",
     "direct_depthwise",
     "gemm_1x1",
+    "dw_gemm",
     "transposed_phase",
     "wgrad_splitk",
+    "window_attention",  # attention regions only
     "aten",
 )
 BENCHMARKERS = ("do_bench", "fake")
@@ -67,7 +69,8 @@ class Config:
         two are regions like any other (a generated kernel, or ATen where the cost model or
         a guard says so). "aten": one `aten.convolution_backward` per conv, left to the host
         compiler. CPU tensors under cpu="aten" always keep it.
-    schedule: force one conv schedule for every conv region (one of CONV_SCHEDULES).
+    schedule: force one schedule for every region it can run (one of CONV_SCHEDULES;
+        "window_attention" for attention regions, "aten" for every region).
         None lets the backend choose (see convcompiler/selection/select.py).
     target: the GPU to plan for ("h100", "h200", "a100", "l4", "rtx4090"). None: the GPU
         in use, or "h100" when there is none.

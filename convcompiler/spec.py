@@ -447,6 +447,7 @@ class AttentionSpec(SizeHints):
     key_tokens: int | None = None  # Nk, the keys' and values' tokens (None: N)
     v_head_dim: int | None = None  # the values' and the output's head dim (None: head_dim)
     transposed: tuple[str, ...] = ()  # operands stored [.., D, N] ("q", "k", "v")
+    sdpa: bool = False  # the graph calls SDPA: its ATen path is that one kernel
 
     @property
     def keys(self) -> int:
@@ -752,6 +753,7 @@ def spec_from_json(data: object):
             key_tokens=_optional_int(data["key_tokens"], "key_tokens"),
             v_head_dim=_optional_int(data["v_head_dim"], "v_head_dim"),
             transposed=_names(data["transposed"], ("q", "k", "v"), "transposed"),
+            sdpa=_bool(data["sdpa"], "sdpa"),
             **common,
         )
     e = data["epilogue"]

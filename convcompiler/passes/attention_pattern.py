@@ -82,6 +82,7 @@ class AttentionMatch:
     mask_repeat: int = 1  # how many times the mask is added
     safe_softmax: bool = False  # all -inf rows give 0 (SDPA, _safe_softmax), not NaN
     transposed: tuple[str, ...] = ()  # operands stored [B, H, D, N] (read transposed)
+    sdpa: bool = False  # matched at an SDPA call (its ATen path is that one kernel)
     interior: list[torch.fx.Node] = field(default_factory=list)  # replaced by the kernel
 
 
@@ -417,6 +418,7 @@ def find_attention(node: torch.fx.Node, forward: set | None = None) -> Attention
         final=final,
         mask_repeat=filed.mask_repeat,
         safe_softmax=node.target in SDPA or node.target is aten._safe_softmax.default,
+        sdpa=node.target in SDPA,
     )
     match.interior = [x for x in dict.fromkeys(interior) if x is not final]
     return match

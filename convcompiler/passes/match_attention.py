@@ -140,6 +140,7 @@ def attention_spec(m: AttentionMatch) -> AttentionSpec:
         key_tokens=None if int(nk) == int(n) else int(nk),
         v_head_dim=None if int(dv) == int(d) else int(dv),
         transposed=m.transposed,
+        sdpa=m.sdpa,
     )
 
 

@@ -1,10 +1,13 @@
-"""The cost model for window attention (see cost.py for the roofline it shares).
+"""The cost model for attention regions (see cost.py for the roofline it shares).
 
 ATen runs about nine kernels: layout copies of q, k^T and v, a bmm writing the N x N scores,
 the bias add and the mask add (each reading and writing the scores), the softmax (read and
 write), the second bmm (reading them again) and a transpose copy of the output. The fused
 kernel reads q, k and v once (plus the bias and mask, which stay in L2) and writes the output;
 its scores live in registers, tiled BLOCK_M x BLOCK_N with the rows and keys padded up.
+When the graph calls SDPA, "aten" is that one call instead (sdpa_backend). Neither side is
+charged the K/V re-reads of other query tiles (they hit L2 for window sizes; for long
+sequences both re-read alike).
 """
 
 from __future__ import annotations
@@ -18,6 +21,29 @@ ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 FUSED_EFFICIENCY = 0.45  # small tiles and an exp per score: well below GEMM efficiency
 ATEN_EFFICIENCY = 0.50
 ATEN_KERNELS = 9
+# When the graph itself calls SDPA, its ATen path is one SDPA kernel: FlashAttention-2 (or
+# cuDNN) without an additive mask in half precision, the memory-efficient kernel otherwise.
+# Assumed fractions of the tensor-core peak, not measured here (no GPU in this sandbox):
+# public FlashAttention-2 figures on an H100 run at about 35-50% of it for head dims 64-128.
+SDPA_EFFICIENCY = {"flash": 0.50, "memory-efficient": 0.35}
+
+
+def sdpa_backend(spec: AttentionSpec, device: Device) -> str | None:
+    """The SDPA backend the graph's own SDPA call would take on `device`, or None when the
+    graph does not call SDPA (its ATen path is then about nine kernels)."""
+    if not spec.sdpa:
+        return None
+    terms = spec.bias or spec.mask or spec.general or spec.logit_scale or spec.cosine
+    same_dims = spec.head_dim == spec.value_dim and spec.head_dim % 8 == 0
+    if spec.dtype != "float32" and not terms and same_dims and device.capability >= (8, 0):
+        return "flash"
+    return "memory-efficient"
+
+
+def aten_path(spec: AttentionSpec, device: Device) -> str:
+    """What "aten" runs for this attention, as the report names it."""
+    backend = sdpa_backend(spec, device)
+    return f"SDPA's {backend} backend" if backend else f"ATen's {ATEN_KERNELS} kernels"
 
 
 def fused_bytes(spec: AttentionSpec, batch) -> int:
@@ -37,7 +63,13 @@ def attention_time(spec: AttentionSpec, schedule: Schedule, device: Device, symb
     flops = 2 * b * h * n * nk * (d + dv)
     qkvo = b * h * (n * d + nk * d + nk * dv + n * dv) * e
     peak = device.peak(matmul_math(spec))
-    if schedule.name == "aten":
+    backend = sdpa_backend(spec, device) if schedule.name == "aten" else None
+    if backend is not None:  # one SDPA kernel: q, k, v, the output and the summed terms once
+        terms = (spec.bias + spec.mask + spec.general) * b * h * n * nk * e
+        traffic = qkvo + terms + (terms if spec.bias + spec.mask + spec.general > 1 else 0)
+        launches = 1 + (spec.bias + spec.mask + spec.general > 1)  # the terms' sum
+        padded, ctas, eff = flops, 1, SDPA_EFFICIENCY[backend]
+    elif schedule.name == "aten":
         scores = b * h * n * nk * e
         passes = 1 + 2 * (spec.bias + spec.mask + spec.general) + 2 + 1  # bmm, adds, softmax, bmm
         traffic = 2 * qkvo + passes * scores  # q, k, v and the output each copied once more

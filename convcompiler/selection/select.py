@@ -35,9 +35,11 @@ from ..codegen import SPACES, TEMPLATES, kind_spaces
 from ..config import Config
 from ..counters import counters
 from ..schedule import ATEN, InvalidSchedule, Schedule
+from ..spec import AttentionSpec
 from ..spec_block import MlpSpec
 from .choice import CandidateRow, Choice, SelectionContext, Spec
 from .cost import Prediction, interpreter_steps, predict, rank
+from .cost_attention import aten_path
 from .cost_block import block_note, dw_conv_apart
 from .devices import Device
 from .stored import stored_decision
@@ -78,12 +80,20 @@ def _rows(preds: list[Prediction], measured: dict[Schedule, float] | None = None
     )
 
 
-def _why(winner: Prediction, ranked: list[Prediction]) -> str:
-    text = f"{winner.schedule.name}: {winner.summary()}"
+def _label(schedule: Schedule, spec: Spec, device: Device) -> str:
+    """The schedule's name; for an attention's "aten", also what ATen runs (SDPA or not)."""
+    if schedule.name == "aten" and isinstance(spec, AttentionSpec):
+        return f"aten ({aten_path(spec, device)})"
+    return schedule.name
+
+
+def _why(winner: Prediction, ranked: list[Prediction], spec: Spec, device: Device) -> str:
+    text = f"{_label(winner.schedule, spec, device)}: {winner.summary()}"
     other = next((p for p in ranked if p.schedule.name != winner.schedule.name), None)
     if other is not None:
         ratio = other.at_hint / winner.at_hint if winner.at_hint else float("inf")
-        text += f"; best other schedule {other.schedule.name} is {ratio:.2f}x slower"
+        text += (f"; best other schedule {_label(other.schedule, spec, device)} is "
+                 f"{ratio:.2f}x slower")  # fmt: skip
     return text
 
 
@@ -278,13 +288,14 @@ def _search(spec: Spec, ctx: SelectionContext) -> Choice:
                 rejected=rejected,
             )
     winner, rejected = _first_verified(spec, ranked, ctx)
-    why = _why(winner, ranked)
+    why = _why(winner, ranked, spec, ctx.device)
     if rejected:
         why += f"; {len(rejected)} faster candidate(s) failed the static check"
     if not include_aten:
         aten = predict(spec, ATEN, ctx.device, ctx.calibration, symbolic=False)
         why += (
-            f"; ATen ({aten.at_hint * 1e6:.1f} us predicted) is not a candidate: "
+            f"; {_label(ATEN, spec, ctx.device).replace('aten', 'ATen', 1)} "
+            f"({aten.at_hint * 1e6:.1f} us predicted) is not a candidate: "
             "cpu='interpret' runs this project's kernels"
         )
     return Choice(

@@ -144,7 +144,7 @@ class Config:
                 f"option 'schedule' must be None or one of {CONV_SCHEDULES}, got {self.schedule!r}"
             )
         if self.target is not None:
-            from .selection.devices import lookup
+            from .devices import lookup
 
             lookup(self.target)  # raises ValueError naming the known targets
         for name in ("autotune", "cache", "verify", "blocks"):

@@ -16,7 +16,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Callable, Iterator, Union
 
-from .selection.devices import Device
+from .devices import Device
 from .spec import ConvSpec
 
 Param = Union[int, str]

@@ -24,10 +24,10 @@ import convcompiler
 from convcompiler.bench import gpu_cases, gpu_native
 from convcompiler.codegen import SPACES
 from convcompiler.config import Config
+from convcompiler.devices import DEVICES
 from convcompiler.frontend.kernels import attention_spec_of, choose, conv_kernel, conv_spec_of
 from convcompiler.runtime.loader import interpret_mode
 from convcompiler.runtime.reference import run_aten, run_attention
-from convcompiler.selection.devices import DEVICES
 from convcompiler.spec import Activation, Epilogue
 
 # ---- the check itself catches a planted out-of-bounds masked load -------------------------

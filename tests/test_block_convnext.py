@@ -12,9 +12,9 @@ from helpers import FAST, assert_close, compiled_and_float64, float64_copy
 import convcompiler
 from convcompiler.bench import gpu_native
 from convcompiler.codegen import SPACES
+from convcompiler.devices import lookup
 from convcompiler.runtime.reference import run_mlp
 from convcompiler.selection.choice import SelectionContext
-from convcompiler.selection.devices import lookup
 from convcompiler.selection.select import select_block
 from convcompiler.spec import Activation, spec_from_json, spec_to_json
 from convcompiler.spec_block import MlpSpec
@@ -192,7 +192,7 @@ def test_gpu_command_part_a_checks_the_whole_block() -> None:
     import dataclasses
 
     from convcompiler.bench import gpu_blocks
-    from convcompiler.selection.devices import DEVICES
+    from convcompiler.devices import DEVICES
 
     cases = [c for c in gpu_blocks.block_cases() if c.id.endswith("mlp_block float32 convnext")]
     assert cases and all(c.image and c.out_features == c.in_features <= 128 for c in cases)

@@ -20,9 +20,9 @@ from helpers import (
 
 import convcompiler
 from convcompiler.codegen import SPACES, render_region
+from convcompiler.devices import lookup
 from convcompiler.runtime.loader import load_source
 from convcompiler.selection.cost import predict
-from convcompiler.selection.devices import lookup
 from convcompiler.spec import Activation, spec_from_json, spec_to_json
 from convcompiler.spec_block import MlpSpec
 

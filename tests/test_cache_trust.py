@@ -24,10 +24,10 @@ from cache_procs import compile_in_new_process, private_env
 from helpers import compile_matches_eager, run_compiled
 
 import convcompiler
+from convcompiler.devices import lookup
 from convcompiler.inspection.cli import main
 from convcompiler.selection import cache_values
 from convcompiler.selection.cache import TuningCache, key_of, open_cache, record_key
-from convcompiler.selection.devices import lookup
 
 PAYLOAD = "\nopen({marker!r}, 'w').write('payload ran')\n"
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from convcompiler.codegen import SPACES, render_region
+from convcompiler.devices import DEVICES
 from convcompiler.frontend.kernels import attention_spec_of, conv_source, conv_spec_of
 from convcompiler.inspection.aot import static_report
-from convcompiler.selection.devices import DEVICES
 from convcompiler.spec import Activation, Epilogue
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"

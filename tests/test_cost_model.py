@@ -9,10 +9,10 @@ import sympy
 import torch
 
 from convcompiler.config import Config
+from convcompiler.devices import Device
 from convcompiler.frontend.kernels import conv_spec_of
 from convcompiler.schedule import ATEN
 from convcompiler.selection.cost import predict
-from convcompiler.selection.devices import Device
 from convcompiler.selection.select import SelectionContext, select_conv_schedule
 
 # Two fixed devices with different FLOP-to-byte ratios (fp16 tensor-core peak / DRAM).

@@ -26,7 +26,7 @@ from convcompiler.bench import (
     gpu_speed,
 )
 from convcompiler.bench.budget import Budget, PartBudget
-from convcompiler.selection.devices import DEVICES
+from convcompiler.devices import DEVICES
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

@@ -56,9 +56,9 @@ BLOCKS = {
 def test_block_kernels_pass_the_static_check(name: str) -> None:
     from convcompiler.codegen import render_region
     from convcompiler.config import Config
+    from convcompiler.devices import lookup
     from convcompiler.inspection.aot import static_report
     from convcompiler.selection.choice import SelectionContext
-    from convcompiler.selection.devices import lookup
     from convcompiler.selection.select import select_block
     from convcompiler.spec import Activation
     from convcompiler.spec_block import MlpSpec
@@ -87,9 +87,9 @@ WHOLE = ("bfloat16",)
 @pytest.mark.parametrize("dtype", WHOLE)
 def test_whole_convnext_block_kernels_pass_the_static_check(dtype: str) -> None:
     from convcompiler.codegen import render_region
+    from convcompiler.devices import lookup
     from convcompiler.inspection.aot import static_report
     from convcompiler.selection.cost import rank
-    from convcompiler.selection.devices import lookup
     from convcompiler.selection.select import model_candidates
     from convcompiler.spec import Activation
     from convcompiler.spec_block import MlpSpec
@@ -145,10 +145,10 @@ def test_fused_norm_and_pool_kernels_pass_the_static_check(name: str) -> None:
     import torch
 
     from convcompiler.codegen import render_region
+    from convcompiler.devices import lookup
     from convcompiler.frontend.kernels import conv_spec_of
     from convcompiler.inspection.aot import static_report
     from convcompiler.selection.cost import rank
-    from convcompiler.selection.devices import lookup
     from convcompiler.selection.select import model_candidates
     from convcompiler.spec import Activation, Depthwise, Epilogue, Prologue
 
@@ -195,9 +195,9 @@ ATTENTION = {
 @pytest.mark.parametrize("name", sorted(ATTENTION))
 def test_attention_layout_kernels_pass_the_static_check(name: str) -> None:
     from convcompiler.codegen import render_region
+    from convcompiler.devices import lookup
     from convcompiler.inspection.aot import static_report
     from convcompiler.selection.cost import rank
-    from convcompiler.selection.devices import lookup
     from convcompiler.selection.select import model_candidates
     from convcompiler.spec import AttentionSpec
 

@@ -42,8 +42,8 @@ from dataclasses import dataclass
 import torch
 
 from ..config import Config
+from ..devices import Device
 from ..schedule import Schedule
-from ..selection.devices import Device
 from ..selection.select import SelectionContext, select_schedule
 from ..spec import Activation, Depthwise, Epilogue, Prologue, Windows
 from ..spec_block import MlpSpec

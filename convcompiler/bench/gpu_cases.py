@@ -22,10 +22,10 @@ import torch
 
 from ..codegen import SPACES
 from ..config import Config
+from ..devices import Device
 from ..frontend.kernels import attention_spec_of, conv_spec_of
 from ..schedule import ATEN, InvalidSchedule, Schedule
 from ..selection.cost import rank
-from ..selection.devices import Device
 from ..selection.select import SelectionContext, model_candidates, select_schedule
 from ..spec import Activation, AttentionSpec, ConvSpec, Epilogue, Prologue, Windows
 from .layers import load_layers

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..devices import Device
 from ..runtime.reference import run_attention
-from ..selection.devices import Device
 from .budget import PartBudget
 from .gpu_cases import NETWORKS, AttentionCase, plan
 from .gpu_native import load_kernel

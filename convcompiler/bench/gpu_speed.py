@@ -25,10 +25,10 @@ import traceback
 import torch
 import torch.nn.functional as F
 
+from ..devices import Device
 from ..runtime.reference import run_aten
 from ..schedule import ATEN
 from ..selection.cost import predict
-from ..selection.devices import Device
 from ..selection.tuning import benchmarker
 from .budget import PartBudget
 from .gpu_cases import ConvCase, conv_case_spec, layer_cases, out_size, plan

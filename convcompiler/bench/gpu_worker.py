@@ -29,7 +29,7 @@ PARTS = ("correctness", "layer_speed", "window_attention", "end_to_end", "autotu
 
 
 def planning_device(dry_run: bool):
-    from ..selection.devices import DEVICES, device_for
+    from ..devices import DEVICES, device_for
 
     if dry_run:
         return DEVICES["h200"]  # the GPU machine's device, from the table

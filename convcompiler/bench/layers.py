@@ -18,9 +18,9 @@ import torch.nn.functional as F
 
 from ..codegen import render_conv
 from ..config import Config
+from ..devices import device_for
 from ..frontend.kernels import conv_spec_of
 from ..inspection.aot import static_report
-from ..selection.devices import device_for
 from ..selection.select import SelectionContext, select_conv_schedule
 from .common import VARIANTS, im2col_bytes, mib, time_gpu, workspace_bytes
 

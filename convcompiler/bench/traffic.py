@@ -42,9 +42,9 @@ from typing import Any
 import torch
 import torch.fx
 
+from ..devices import lookup
 from ..runtime.kernel_ref import decode
 from ..selection.cost import predict
-from ..selection.devices import lookup
 from . import common
 
 # the optional flags this suite reads; the others are refused (bench/__main__.py)

@@ -24,8 +24,8 @@ loads g only where it is False (0 elsewhere), so the masked gradient is never wr
 
 from __future__ import annotations
 
+from ..devices import Device
 from ..schedule import InvalidSchedule, Schedule, schedule_space
-from ..selection.devices import Device
 from ..spec import ConvSpec
 from . import template as T
 

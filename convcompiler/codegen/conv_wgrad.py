@@ -17,8 +17,8 @@ first and g only where it is False (0 elsewhere), so the masked gradient is neve
 
 from __future__ import annotations
 
+from ..devices import Device
 from ..schedule import InvalidSchedule, Schedule, schedule_space
-from ..selection.devices import Device
 from ..spec import ConvSpec
 from . import template as T
 

@@ -14,8 +14,8 @@ channel's mean over the image, sum(y over its pixels) / (HO*WO), into `pool` [N,
 
 from __future__ import annotations
 
+from ..devices import Device
 from ..schedule import InvalidSchedule, Schedule, schedule_space
-from ..selection.devices import Device
 from ..spec import ConvSpec
 from . import template as T
 

@@ -21,8 +21,8 @@ image's edge before it becomes a pointer (_window_tap), masked to zero.
 
 from __future__ import annotations
 
+from ..devices import Device
 from ..schedule import InvalidSchedule, Schedule, schedule_space
-from ..selection.devices import Device
 from ..spec import ConvSpec
 from . import template as T
 

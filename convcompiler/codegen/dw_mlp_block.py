@@ -27,8 +27,8 @@ every lane's address stays inside its tensor.
 
 from __future__ import annotations
 
+from ..devices import Device
 from ..schedule import InvalidSchedule, Schedule, schedule_space
-from ..selection.devices import Device
 from ..spec_block import MlpSpec
 from . import template as T
 from .mlp_block import template_fields

@@ -18,8 +18,8 @@ simply x[n, c] + p, and Triton can see that the A tile is contiguous along the p
 
 from __future__ import annotations
 
+from ..devices import Device
 from ..schedule import InvalidSchedule, Schedule, schedule_space
-from ..selection.devices import Device
 from ..spec import ConvSpec
 from . import template as T
 

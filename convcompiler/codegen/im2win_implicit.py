@@ -24,8 +24,8 @@ their channels, as gemm_1x1's rows), then its channel slices.
 
 from __future__ import annotations
 
+from ..devices import Device
 from ..schedule import InvalidSchedule, Schedule, schedule_space
-from ..selection.devices import Device
 from ..spec import ConvSpec
 from . import template as T
 

@@ -23,8 +23,8 @@ token never leaks into the output through a padded lane.
 
 from __future__ import annotations
 
+from ..devices import Device
 from ..schedule import InvalidSchedule, Schedule, schedule_space
-from ..selection.devices import Device
 from ..spec_block import MlpSpec
 from . import template as T
 from .epilogue import activation_code

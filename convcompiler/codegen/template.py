@@ -28,8 +28,8 @@ import string
 import textwrap
 from dataclasses import dataclass
 
+from ..devices import Device
 from ..schedule import InvalidSchedule, Schedule
-from ..selection.devices import Device
 from ..spec import PADDING_MODES, ConvSpec
 from .epilogue import epilogue, prologue
 

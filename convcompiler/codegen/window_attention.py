@@ -17,8 +17,8 @@ an operand stored transposed ([.., D, N], LeViT's k) is read with its strides sw
 
 from __future__ import annotations
 
+from ..devices import Device
 from ..schedule import InvalidSchedule, Schedule, schedule_space
-from ..selection.devices import Device
 from ..spec import MAX_HEAD_DIM, AttentionSpec
 from . import template as T
 

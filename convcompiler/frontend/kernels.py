@@ -21,6 +21,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from ..codegen import KernelSource, render_conv, render_region
 from ..config import Config
+from ..devices import device_for
 from ..passes import PassContext
 from ..passes.attention_pattern import find_attention
 from ..passes.conv_spec import conv_fallback_reason, conv_spec
@@ -31,7 +32,6 @@ from ..passes.match_attention import (
 )
 from ..runtime import KernelCall, load_source
 from ..schedule import Schedule
-from ..selection.devices import device_for
 from ..selection.select import Choice, SelectionContext, select_schedule
 from ..spec import AttentionSpec, ConvSpec, Epilogue
 

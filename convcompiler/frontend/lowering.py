@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from ..codegen import KernelSource, render_conv, spec_kind
 from ..config import Config
 from ..counters import counters
+from ..devices import device_for
 from ..inspection.report import PER_LAYER, RegionRecord, Report
 from ..passes import Region
 from ..passes.meta import layout_mismatch
@@ -45,7 +46,6 @@ from ..schedule import Schedule
 from ..selection.agreement import agreement_for
 from ..selection.cache import open_cache
 from ..selection.cost import PACKING_SCHEDULES, Prediction, filter_repack_free
-from ..selection.devices import device_for
 from ..selection.fusion import select_fusion
 from ..selection.remote import open_remote
 from ..selection.select import Choice, SelectionContext, select_block, select_conv_schedule

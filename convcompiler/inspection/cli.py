@@ -287,7 +287,7 @@ def cmd_aot(args: argparse.Namespace) -> int:
 
 # ---- roofline ------------------------------------------------------------------------------
 def cmd_roofline(args: argparse.Namespace) -> int:
-    from ..selection.devices import lookup
+    from ..devices import lookup
     from .report import Report
     from .roofline import plot_roofline
 

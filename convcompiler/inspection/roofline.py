@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..selection.devices import Device
+from ..devices import Device
 from .report import Report
 
 

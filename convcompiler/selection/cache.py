@@ -40,7 +40,7 @@ from . import cache_values as values
 from .cache_db import in_memory, is_corrupt, move_aside, open_db
 
 if TYPE_CHECKING:  # torch and triton stay unimported: `convcompiler cache` starts fast
-    from .devices import Device
+    from ..devices import Device
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ DECISION_SOURCES = (
     "schedule.py",
     "selection/cost.py",
     "selection/cost_attention.py",
-    "selection/devices.py",
+    "devices.py",
     "selection/select.py",
     "selection/tuning.py",
 )

@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING, Callable
 
 from ..codegen import KernelSource, spec_kind
 from ..config import Config
+from ..devices import Device
 from ..schedule import Schedule
 from ..spec import AttentionSpec, ConvSpec
 from ..spec_block import MlpSpec
 from .cache import TuningCache, record_key
 from .cost import Prediction
-from .devices import Device
 from .tuning import Benchmarker
 
 if TYPE_CHECKING:

@@ -28,10 +28,10 @@ from typing import Iterable, Union
 
 import sympy
 
+from ..devices import Device
 from ..schedule import Schedule
 from ..spec import AttentionSpec, ConvSpec
 from ..spec_block import MlpSpec
-from .devices import Device
 
 Num = Union[int, float, sympy.Expr]
 

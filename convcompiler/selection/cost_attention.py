@@ -12,10 +12,10 @@ sequences both re-read alike).
 
 from __future__ import annotations
 
+from ..devices import Device
 from ..schedule import Schedule
 from ..spec import AttentionSpec
 from .cost import MEMORY_EFFICIENCY, _cdiv, _max, matmul_math
-from .devices import Device
 
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 FUSED_EFFICIENCY = 0.45  # small tiles and an exp per score: well below GEMM efficiency

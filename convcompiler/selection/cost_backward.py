@@ -22,6 +22,7 @@ the mask first (read g and the mask, write the copy).
 
 from __future__ import annotations
 
+from ..devices import Device
 from ..schedule import Schedule
 from ..spec import ConvSpec
 from .cost import (
@@ -35,7 +36,6 @@ from .cost import (
     last_wave,
     math_kind,
 )
-from .devices import Device
 
 PHASE_EFFICIENCY = 0.40  # gathered rows (stride-phase addresses), as the implicit NCHW GEMM
 

@@ -26,11 +26,11 @@ An MLP block (spec_block.MlpSpec) has two candidates:
 
 from __future__ import annotations
 
+from ..devices import Device
 from ..schedule import ATEN, Schedule
 from ..spec_block import MlpSpec
 from .cost import _ITEMSIZE as ITEMSIZE
 from .cost import MEMORY_EFFICIENCY, _cdiv, _max, _reread, last_wave, matmul_math, predict
-from .devices import Device
 
 FUSED_EFFICIENCY = 0.60  # two chained dots and an activation per hidden chunk
 # On sm_90 Triton issues wgmma only for tiles of at least 64 rows; narrower ones run the

@@ -34,6 +34,7 @@ import logging
 from ..codegen import SPACES, TEMPLATES, kind_spaces
 from ..config import Config
 from ..counters import counters
+from ..devices import Device
 from ..schedule import ATEN, InvalidSchedule, Schedule
 from ..spec import AttentionSpec
 from ..spec_block import MlpSpec
@@ -41,7 +42,6 @@ from .choice import CandidateRow, Choice, SelectionContext, Spec
 from .cost import Prediction, interpreter_steps, predict, rank
 from .cost_attention import aten_path
 from .cost_block import block_note, dw_conv_apart
-from .devices import Device
 from .stored import stored_decision
 from .tuning import autotune
 

@@ -54,8 +54,8 @@ T = TypeVar("T")
 DECISION_SOURCES = (
     "codegen/*.py",
     "schedule.py",
-    "selection/cost.py",
-    "selection/cost_attention.py",
+    "selection/cost*.py",  # the roofline and its conv backward, attention and block models
+    "selection/fusion.py",
     "devices.py",
     "selection/select.py",
     "selection/tuning.py",

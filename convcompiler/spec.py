@@ -437,7 +437,9 @@ class AttentionSpec(SizeHints):
     # commas the result is the [batch, heads, N, head_dim] view stored so ("bhnd": contiguous;
     # "bnhd": SDPA's [B, N, H, D]; "nbhd": nn.MultiheadAttention's sequence-first). Commas group
     # the dims of a contiguous result: "nb,hd" is [N * batch, heads * head_dim]; "bnc" is
-    # "b,n,hd", [batch, N, heads * head_dim] (Swin's projection reads it).
+    # "b,n,hd", [batch, N, heads * head_dim] (Swin's projection reads it). With 5-D q, k, v
+    # the batch's inner part is a letter of its own, "t", right after "b": "b,t,n,hd" is
+    # [batch / t, t, N, heads * head_dim] (torchvision MaxViT's [B, G, P, C]).
     output: str
     device: str
     precision: str  # how a float32 tl.dot runs on a GPU (torch's matmul precision)
@@ -448,6 +450,12 @@ class AttentionSpec(SizeHints):
     v_head_dim: int | None = None  # the values' and the output's head dim (None: head_dim)
     transposed: tuple[str, ...] = ()  # operands stored [.., D, N] ("q", "k", "v")
     sdpa: bool = False  # the graph calls SDPA: its ATen path is that one kernel
+    # 5-D q, k, v ([B, G, H, N, D] or another order of the three leading dims): which is the
+    # heads dim; the other two view as the batch, the inner one's size `batch_split` (the
+    # output's letter "t"). 4-D operands: 1 and 1.
+    heads_axis: int = 1
+    batch_split: int = 1
+    out_dtype: str | None = None  # the output cast to another float dtype (None: dtype)
 
     @property
     def keys(self) -> int:
@@ -494,7 +502,8 @@ class AttentionSpec(SizeHints):
             text += " logit_scale"
         if self.safe_softmax:
             text += " safe_softmax"
-        return f"{text} {self.dtype} out={self.output}"
+        cast = f" -> {self.out_dtype}" if self.out_dtype else ""
+        return f"{text} {self.dtype}{cast} out={self.output}"
 
     def flops(self) -> int:
         b, h, n, nk = self.hint(self.batch), self.heads, self.tokens, self.keys
@@ -594,7 +603,10 @@ def attention_output_ok(value: object) -> bool:
         return True
     if not isinstance(value, str) or "" in value.split(","):
         return False
-    return sorted(value.replace(",", "")) == sorted("bhnd")
+    order = value.replace(",", "")
+    if "t" in order and ("bt" not in order or "," not in value):
+        return False  # the batch's two parts view as one; only in a contiguous result
+    return sorted(order) in (sorted("bhnd"), sorted("bthnd"))
 
 
 def _output(value: object) -> str:
@@ -754,6 +766,9 @@ def spec_from_json(data: object):
             v_head_dim=_optional_int(data["v_head_dim"], "v_head_dim"),
             transposed=_names(data["transposed"], ("q", "k", "v"), "transposed"),
             sdpa=_bool(data["sdpa"], "sdpa"),
+            heads_axis=_check(data["heads_axis"], (0, 1, 2), "heads_axis"),
+            batch_split=_int(data["batch_split"], "batch_split", 1),
+            out_dtype=_check(data["out_dtype"], (None, *DTYPES), "out_dtype"),
             **common,
         )
     e = data["epilogue"]

@@ -156,3 +156,85 @@ def test_multihead_attention_writes_its_sequence_first_output(dtype, batch_first
     assert "out=n,b,h,d" in region.spec, region.spec
     assert convcompiler.counters["launch.window_attention"] == 1
     assert_close(out, ref, dtype)
+
+
+class FiveDimAttention(nn.Module):
+    """q, k and v with two batch dims and the heads: torchvision MaxViT's einsum over
+    [B, G, H, P, D] with a per-head bias (heads third), or timm NesT's SDPA over
+    [B, H, T, N, D] whose output is read back as [B, T, N, D * H] (heads second)."""
+
+    def __init__(self, style: str, dim=32, heads=2, tokens=9) -> None:
+        super().__init__()
+        self.style, self.heads = style, heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        if style == "maxvit":
+            self.bias = nn.Parameter(torch.randn(heads, tokens, tokens))
+
+    def forward(self, x):
+        b, g, n, c = x.shape
+        h, d = self.heads, c // self.heads
+        if self.style == "maxvit":
+            q, k, v = (t.reshape(b, g, n, h, d).permute(0, 1, 3, 2, 4)
+                       for t in self.qkv(x).chunk(3, dim=-1))  # fmt: skip
+            s = torch.einsum("bghid,bghjd->bghij", q, k * d**-0.5) + self.bias
+            out = torch.einsum("bghij,bghjd->bghid", s.softmax(-1), v)
+            return out.permute(0, 1, 3, 2, 4).reshape(b, g, n, c)
+        qkv = self.qkv(x).reshape(b, g, n, 3, h, d).permute(3, 0, 4, 1, 2, 5)
+        out = F.scaled_dot_product_attention(*qkv.unbind(0))
+        return out.permute(0, 2, 3, 4, 1).reshape(b, g, n, c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("style,out", [("maxvit", "out=b,t,n,hd"), ("nest", "out=b,t,n,dh")])
+def test_five_dim_operands_view_as_one_batch(style, out, dtype) -> None:
+    torch.manual_seed(10)
+    model = FiveDimAttention(style).eval().to(dtype)
+    x = torch.randn(2, 3, 9, 32).to(dtype)
+    y, ref, report = compiled_and_float64(model, [x])
+    (region,) = _fused(report)
+    assert out in region.spec and "batch=6" in region.spec, region.spec
+    assert ("bias=[heads,N,N]" in region.spec) == (style == "maxvit")
+    assert convcompiler.counters["launch.window_attention"] == 1
+    assert_close(y, ref, dtype)
+
+
+def test_five_dim_operands_with_a_dynamic_batch_and_training() -> None:
+    torch.manual_seed(11)
+    model = FiveDimAttention("maxvit").eval()
+    reference = float64_copy(model)
+    compiled = torch.compile(model, backend="im2win", options={"verify": False})
+    with torch.no_grad():
+        for batch in (3, 2):
+            x = torch.randn(batch, 3, 9, 32)
+            torch._dynamo.mark_dynamic(x, 0)
+            assert_close(compiled(x), reference(x.double()), torch.float32)
+    (region,) = _fused(convcompiler.last_report())
+    assert "batch=3*s" in region.spec.replace(" ", "") or "batch=s" in region.spec, region.spec
+    assert convcompiler.counters["launch.window_attention"] == 2
+    for style in ("maxvit", "nest"):  # the forward runs the kernel, the backward ATen
+        convcompiler.counters.reset()
+        gradients_match_float64(FiveDimAttention(style).train(), torch.randn(2, 3, 9, 32))
+        assert convcompiler.counters["launch.window_attention"] == 1
+
+
+def test_layout_fields_round_trip_and_bad_layouts_are_refused() -> None:
+    import dataclasses
+
+    from convcompiler.spec import AttentionSpec, SpecError, spec_from_json, spec_to_json
+
+    spec = AttentionSpec(
+        batch=12, heads=2, tokens=9, head_dim=4, dtype="float32", scale=0.5, cosine=False,
+        logit_scale=False, bias=False, mask=False, windows=1, general=False,
+        output="b,t,n,dh", device="cpu", precision="ieee", key_tokens=5, v_head_dim=8,
+        transposed=("k",), sdpa=True, heads_axis=1, batch_split=3, out_dtype="float16",
+    )
+    assert spec_from_json(spec_to_json(spec)) == spec
+    assert "N=9 Nk=5" in spec.describe() and "float32 -> float16 out=b,t,n,dh" in spec.describe()
+    for output in ("bhn", "bhnd,", "bthnd", "bhdnd", "t,b,n,hd", "b,n,t,hd"):
+        data = spec_to_json(dataclasses.replace(spec, output=output))
+        with pytest.raises(SpecError, match="output"):
+            spec_from_json(data)
+    data = spec_to_json(spec)
+    data["transposed"] = ["k", "q"]
+    with pytest.raises(SpecError, match="transposed"):
+        spec_from_json(data)

@@ -72,7 +72,10 @@ HEAD_DIM_P2 = ${head_dim_p2}
 V_HEAD_DIM = ${v_head_dim}  # v and the output
 V_HEAD_DIM_P2 = ${v_head_dim_p2}
 TRANSPOSED = ${transposed}  # operands stored [.., D, N]: read with their last two strides swapped
+HEADS_AXIS = ${heads_axis}  # 5-D operands: their heads dim; the other two leading dims are the batch
+BATCH_SPLIT = ${batch_split}  # the batch's inner part ("t" in OUTPUT)
 DTYPE = torch.${dtype}
+OUT_DTYPE = torch.${out_dtype}  # the output's dtype (the graph may cast it in the region)
 SCALE = ${scale}
 COSINE = ${cosine}
 MASK_REPEAT = ${mask_repeat}  # the mask is added this many times
@@ -216,7 +219,10 @@ def _per_window(mask):
 
 def _canonical(name, t, tokens, dim):
     """t as the kernel reads it, [B, H, tokens, dim]: a view, strides swapped if stored
-    transposed."""
+    transposed; a 5-D t's leading dims other than the heads are viewed as one batch."""
+    if t.dim() == 5:
+        t = t.movedim(HEADS_AXIS, 2)
+        t = t.view(-1, *t.shape[2:])  # raises rather than copies: the match proved it a view
     stored = (dim, tokens) if name in TRANSPOSED else (tokens, dim)
     if t.dim() != 4 or t.dtype != DTYPE or tuple(t.shape[1:]) != (HEADS, *stored):
         raise ValueError(f"{name} {tuple(t.shape)} {t.dtype}: expected [B, {HEADS}, "
@@ -231,10 +237,11 @@ def _output(B, like, dtype=None):
     view itself. "bnc" is "b,n,hd"."""
     layout = "b,n,hd" if OUTPUT == "bnc" else OUTPUT
     order = layout.replace(",", "")
-    sizes = {"b": B, "h": HEADS, "n": TOKENS, "d": V_HEAD_DIM}
+    sizes = {"b": B // BATCH_SPLIT, "t": BATCH_SPLIT, "h": HEADS, "n": TOKENS, "d": V_HEAD_DIM}
     memory = torch.empty([sizes[c] for c in order], device=like.device,
                          dtype=like.dtype if dtype is None else dtype)
-    canonical = memory.permute([order.index(c) for c in "bhnd"])
+    canonical = memory.permute([order.index(c) for c in "bthnd" if c in order])
+    canonical = canonical.view(B, HEADS, TOKENS, V_HEAD_DIM)  # b and t adjacent: a view
     if "," not in layout:
         return canonical, canonical
     groups = [math.prod(sizes[c] for c in group) for group in layout.split(",")]
@@ -270,7 +277,7 @@ def launch(q, k, v, bias=None, mask=None, general=None, logit_scale=None):
         logit_scale = logit_scale.expand(HEADS).contiguous()
 
     # ---- 2. allocate the output in the layout the projection reads ----
-    y, canonical = _output(B, q)
+    y, canonical = _output(B, q, OUT_DTYPE)
     if y.numel() == 0:
         return y
     # Under Triton's interpreter (CPU) the kernel works in fp64, and a bf16 result is stored
@@ -313,7 +320,10 @@ def render(spec: AttentionSpec, schedule: Schedule) -> T.KernelSource:
         v_head_dim=str(spec.value_dim),
         v_head_dim_p2=str(padded_dim(spec.value_dim)),
         transposed=repr(spec.transposed),
+        heads_axis=str(spec.heads_axis),
+        batch_split=str(spec.batch_split),
         dtype=spec.dtype,
+        out_dtype=spec.out_dtype or spec.dtype,
         scale=repr(float(spec.scale)),
         cosine=str(spec.cosine),
         mask_repeat=repr(float(spec.mask_repeat)),

@@ -33,12 +33,13 @@ import torch.fx
 
 from .attention_terms import Term, check_form, classify, file_factor
 from .attention_views import (
-    VIEWS,
     NoMatch,
     Operand,
     canonical_shape,
     dtype,
     first_output,
+    heads_axes,
+    heads_axis,
     is_float_cast,
     is_reshape,
     operand,
@@ -83,6 +84,9 @@ class AttentionMatch:
     safe_softmax: bool = False  # all -inf rows give 0 (SDPA, _safe_softmax), not NaN
     transposed: tuple[str, ...] = ()  # operands stored [B, H, D, N] (read transposed)
     sdpa: bool = False  # matched at an SDPA call (its ATen path is that one kernel)
+    heads_axis: int = 1  # 5-D q, k, v: their heads dim (the other two make the batch)
+    batch_split: int = 1  # 5-D: the batch's inner part (the output's "t"; see AttentionSpec)
+    out_dtype: torch.dtype | None = None  # the output is cast to this dtype in the region
     interior: list[torch.fx.Node] = field(default_factory=list)  # replaced by the kernel
 
 
@@ -105,11 +109,17 @@ def reaches_matmul(node: object, depth: int = 12) -> bool:
 
 
 def _keeps_last_two(node: object) -> bool:
-    """A view that regroups the leading dims of the scores and keeps [.., Nq, Nk]."""
-    if not _call(node) or node.target not in VIEWS or not isinstance(node.args[0], torch.fx.Node):
+    """A reshape that regroups the leading dims of the scores and keeps [.., Nq, Nk]
+    (size-1 dims aside: einsum's graphs view [.., N, 1, Nk] and move the 1)."""
+    if not is_reshape(node):
         return False
     out, inp = shape(node), shape(node.args[0])
-    return len(out) >= 3 and len(inp) >= 3 and out[-2:] == inp[-2:]
+    if len(out) < 3 or len(inp) < 3:
+        return False
+    if out[-2:] == inp[-2:]:
+        return True
+    kept_out, kept_in = [s for s in out if s != 1], [s for s in inp if s != 1]
+    return len(kept_out) >= 3 and len(kept_in) >= 3 and kept_out[-2:] == kept_in[-2:]
 
 
 def _on_score_path(node: object, depth: int = 16) -> bool:
@@ -208,15 +218,14 @@ def _sdpa(node: torch.fx.Node, interior: list, terms: list, forward: set | None)
     q = operand(args["query"], interior, role="q", transposed=False, scalable=True)
     k = operand(args["key"], interior, role="k", transposed=False, scalable=True)
     v = operand(args["value"], interior, role="v", transposed=False, scalable=False)
-    _check_qkv(q, k, v, gqa=bool(args.get("enable_gqa")))
+    axis = _check_qkv(q, k, v, gqa=bool(args.get("enable_gqa")))
     mask = args.get("attn_mask", args.get("attn_bias"))
     if mask is not None:
         if not isinstance(mask, torch.fx.Node):
             raise NoMatch("SDPA attn_mask is not a tensor")
         if dtype(mask) == torch.bool:
             raise NoMatch("a boolean attn_mask reaches the SDPA op")
-        b, heads, n, _ = canonical_shape(q)
-        terms.append(Term(mask, (b, heads, n, canonical_shape(k)[2])))
+        terms.append(Term(mask, _scores_form(q, k, axis)))
     interior.append(node)
     if node.target is SDPA_COMPOSITE:
         start = node
@@ -225,13 +234,29 @@ def _sdpa(node: torch.fx.Node, interior: list, terms: list, forward: set | None)
         if start is None:
             raise NoMatch("the SDPA output is not read")
         interior += [u for u in node.users if u is not start and not u.users]  # dead outputs
-    d = canonical_shape(q)[-1]
+    d = canonical_shape(q, axis)[-1]
     base = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    return q, k, v, base * q.scale * k.scale, start
+    return q, k, v, base * q.scale * k.scale, start, axis
 
 
-def _check_qkv(q: Operand, k: Operand, v: Operand, gqa: bool = False) -> None:
-    (b, heads, n, d), (bk, hk, nk, dk), (bv, hv, nv, dv) = map(canonical_shape, (q, k, v))
+def _scores_form(q: Operand, k: Operand, axis: int) -> tuple:
+    """The scores' shape as the operands' leading dims give it: [B, H, N, Nk], or
+    [B, G, H, N, Nk] for 5-D operands."""
+    value = fake_value(q.node)
+    n, nk = canonical_shape(q, axis)[2], canonical_shape(k, axis)[2]
+    if value.dim() == 5:
+        return (*shape(q.node)[:3], n, nk)
+    return (*canonical_shape(q, axis)[:2], n, nk)
+
+
+def _check_qkv(q: Operand, k: Operand, v: Operand, gqa: bool = False) -> int:
+    """Checks q, k and v agree; returns the heads axis (attention_views.heads_axis)."""
+    values = [fake_value(x.node) for x in (q, k, v)]
+    axis = heads_axis(values)
+    if values[0].dim() == 5 and not (shape(q.node)[:3] == shape(k.node)[:3] == shape(v.node)[:3]):
+        raise NoMatch("q, k and v disagree on their leading dims")
+    (b, heads, n, d), (bk, hk, nk, dk), (bv, hv, nv, dv) = (
+        canonical_shape(x, axis) for x in (q, k, v))
     if 0 in (b, heads, n, d, bk, hk, nk, dk, bv, hv, nv, dv):
         raise NoMatch("zero-size q, k or v: nothing to compute, ATen returns eager's result")
     if nv != nk:
@@ -245,6 +270,7 @@ def _check_qkv(q: Operand, k: Operand, v: Operand, gqa: bool = False) -> None:
         raise NoMatch(f"q's head dim {d} is not k's {dk}")
     if q.cosine != k.cosine:
         raise NoMatch("only one of q and k is normalised")
+    return axis
 
 
 def _softmax(node: torch.fx.Node, interior: list, terms: list, factors: list, forward):
@@ -280,18 +306,21 @@ def _softmax(node: torch.fx.Node, interior: list, terms: list, factors: list, fo
             raise NoMatch(f"the probabilities go through {what}, not straight to the matmul with v")
         interior.append(cur)
     v = operand(user.args[1], interior, role="v", transposed=False, scalable=False)
-    _check_qkv(q, k, v)
-    b, heads, n, _ = canonical_shape(q)
-    check_form(shape(node), b, heads, n, canonical_shape(k)[2])
+    axis = _check_qkv(q, k, v)
+    b, heads, n, _ = canonical_shape(q, axis)
+    form = shape(node)
+    if form != _scores_form(q, k, axis):
+        check_form(form, b, heads, n, canonical_shape(k, axis)[2])
     interior.append(user)
-    start = user  # the bmm output [B*H, N, Dv], viewed back as [B, H, N, Dv]
-    while shape(start) != (b, heads, n, canonical_shape(v)[3]):
+    start = user  # the bmm output [B*H, N, Dv], viewed back as [B, H, N, Dv] ([B, G, H, ..])
+    out_form = (*_scores_form(q, k, axis)[:-2], n, canonical_shape(v, axis)[3])
+    while shape(start) != out_form:
         nxt = _sole_user(start, forward)
         if nxt is None or not (same_values(nxt) or is_reshape(nxt)):
             raise NoMatch("the attention output is not viewed as [B, H, N, D]")
         interior.append(start)
         start = nxt
-    return q, k, v, q.scale * k.scale, start
+    return q, k, v, q.scale * k.scale, start, axis
 
 
 def _hinted(values) -> tuple[int, ...]:
@@ -311,12 +340,13 @@ def _strides_match(value: torch.Tensor, order: tuple[int, ...]) -> bool:
 
 
 def _permutation(node: torch.fx.Node) -> list[int] | None:
-    """The dims order of a permute or transpose of a 4-D tensor, else None."""
+    """The dims order of a permute or transpose, else None."""
+    rank = len(shape(node))
     if node.target is aten.permute.default:
-        return [a % 4 for a in node.args[1]]
+        return [a % rank for a in node.args[1]]
     if node.target is aten.transpose.int:
-        i, j = (a % 4 for a in node.args[1:3])
-        order = [0, 1, 2, 3]
+        i, j = (a % rank for a in node.args[1:3])
+        order = list(range(rank))
         order[i], order[j] = j, i
         return order
     return None
@@ -345,40 +375,71 @@ ORDERS = ["bhnd", "bnhd", "nbhd"] + [
 ]
 
 
-def _output_chain(node: torch.fx.Node, interior: list, forward: set | None):
-    """(final node, output layout) from the [B, H, N, D] attention output. A permute of it,
-    then copies and reshapes, ending in a contiguous tensor whose dims group the permuted
-    ones ("n,b,h,d"; "bnc" for Swin's [B, N, H*D]); the chain goes on through reshapes of
-    that result while the batch stays a dim of its own. Else the output itself, stored in
-    any order of its dims ("bhnd", "bnhd", ...). See AttentionSpec.output."""
-    b, h, n, d = shape(node)
-    sizes = dict(zip("bhnd", (b, h, n, d)))
-    chain, cur, order = [], node, "bhnd"
-    best = None
+def _output_chain(node: torch.fx.Node, interior: list, forward: set | None, axis: int | None):
+    """(final node, output layout, batch split) from the attention output [B, H, N, D] (or
+    [B, G, H, N, D] with its heads at `axis`: the other two leading dims are the batch's
+    outer "b" and inner "t" parts, t's size the split). A permute of it, then copies and
+    reshapes, ending in a contiguous tensor whose dims group the permuted ones ("n,b,h,d";
+    "bnc" for Swin's [B, N, H*D]); the chain goes on through reshapes of that result while
+    the batch stays a dim of its own. Else the [B, H, N, D] output itself, stored in any
+    order of its dims ("bhnd", "bnhd", ...). See AttentionSpec.output."""
+    sizes_in = shape(node)
+    letters = "bhnd"
+    if axis is not None:
+        lead = iter("bt")
+        letters = "".join("h" if i == axis else next(lead) for i in range(3)) + "nd"
+    sizes = dict(zip(letters, sizes_in))
+    split = sizes.get("t", 1)
+    if not isinstance(split, int):
+        raise NoMatch(f"the batch's inner part ({split}) is not a static size")
+    chain, cur, order = [], node, letters
+    best, permuted = None, False
     while (nxt := _sole_user(cur, forward)) is not None:
-        perm = _permutation(nxt) if not chain and _call(nxt) else None
-        if perm is not None:
-            order = "".join("bhnd"[i] for i in perm)
-        elif not (same_values(nxt) or is_reshape(nxt)):
-            break
+        perm = _permutation(nxt) if not permuted and _call(nxt) else None
+        if perm is not None and not is_reshape(nxt):
+            order, permuted = "".join(letters[i] for i in perm), True
+        elif not (same_values(nxt) or is_reshape(nxt) or is_float_cast(nxt) and not chain):
+            break  # (a cast first: the kernel stores in that dtype)
         chain.append(nxt)
         cur = nxt
         value = fake_value(cur)
         groups = _groups(sizes, order, shape(cur))
-        if groups is not None and _strides_match(value, tuple(range(value.dim()))):
-            if best is not None and "b" not in groups:
+        if groups is None or ("t" in order and "bt" not in order):
+            continue  # the batch's two parts must view as one: adjacent, outer first
+        if _strides_match(value, tuple(range(value.dim()))):
+            if best is not None and not any(g in ("b", "bt") for g in groups):
                 break  # keep the batch a dim of its own once a result is found
             best = (len(chain), ",".join(groups))
     if best is not None:
         steps, layout = best
         interior.append(node)
         interior.extend(chain[: steps - 1])
-        return chain[steps - 1], "bnc" if layout == "b,n,hd" else layout
+        return chain[steps - 1], "bnc" if layout == "b,n,hd" else layout, split
     value = fake_value(node)
+    if axis is not None:
+        raise NoMatch("a 5-D attention output is not read as one contiguous tensor")
     for order in ORDERS:
         if _strides_match(value, tuple("bhnd".index(c) for c in order)):
-            return node, order
+            return node, order, 1
     raise NoMatch(f"the attention output has strides {tuple(value.stride())}")
+
+
+def _five_dim_output(q, k, v, start, interior: list, forward: set | None):
+    """(heads axis, _output_chain's result) for 5-D operands: the first heads axis that
+    both the operands and the output view with (a size-1 dim merges either way, so the
+    operands alone may allow several)."""
+    values = [fake_value(x.node) for x in (q, k, v)]
+    reasons = []
+    for axis in heads_axes(values):
+        trial: list = []
+        try:
+            result = _output_chain(start, trial, forward, axis)
+        except NoMatch as err:
+            reasons.append(str(err))
+            continue
+        interior.extend(trial)
+        return axis, result
+    raise NoMatch(reasons[0] if reasons else "no heads axis views q, k and v")
 
 
 def find_attention(node: torch.fx.Node, forward: set | None = None) -> AttentionMatch:
@@ -388,20 +449,28 @@ def find_attention(node: torch.fx.Node, forward: set | None = None) -> Attention
     terms: list[Term] = []
     factors: list = []
     if node.target in SDPA:
-        q, k, v, scale, start = _sdpa(node, interior, terms, forward)
+        q, k, v, scale, start, axis = _sdpa(node, interior, terms, forward)
     elif node.target in SOFTMAX:
-        q, k, v, scale, start = _softmax(node, interior, terms, factors, forward)
+        q, k, v, scale, start, axis = _softmax(node, interior, terms, factors, forward)
     else:
         raise NoMatch(f"{node.target} is neither a softmax nor an SDPA call")
-    b, heads, n, _ = canonical_shape(q)
-    nk = canonical_shape(k)[2]
+    five_d = fake_value(q.node).dim() == 5
+    if five_d:  # the heads axis must also let the output view its batch as one dim
+        axis, (final, output, split) = _five_dim_output(q, k, v, start, interior, forward)
+    else:
+        final, output, split = _output_chain(start, interior, forward, None)
+    b, heads, n, _ = canonical_shape(q, axis)
+    nk = canonical_shape(k, axis)[2]
+    if five_d and axis != 2 and (terms or any(not isinstance(f, float) for f in factors)):
+        raise NoMatch(f"a term on [{', '.join(map(str, _scores_form(q, k, axis)))}] scores "
+                      "whose heads are not their third dim")  # fmt: skip
     filed = classify(terms, b, heads, n, nk)
     for factor in factors:
         if isinstance(factor, float):
             scale *= factor
         else:
             file_factor(filed, factor, b, heads, n, nk)
-    final, output = _output_chain(start, interior, forward)
+    out_dtype = dtype(final) if dtype(final) != dtype(start) else None
     match = AttentionMatch(
         q=q.node,
         k=k.node,
@@ -419,6 +488,9 @@ def find_attention(node: torch.fx.Node, forward: set | None = None) -> Attention
         mask_repeat=filed.mask_repeat,
         safe_softmax=node.target in SDPA or node.target is aten._safe_softmax.default,
         sdpa=node.target in SDPA,
+        heads_axis=axis,
+        batch_split=split,
+        out_dtype=out_dtype,
     )
     match.interior = [x for x in dict.fromkeys(interior) if x is not final]
     return match

@@ -3,9 +3,11 @@
 The attention matcher walks from a matmul operand back to the tensor whose values it reads.
 A step is taken only when it provably keeps those values (possibly reshaped):
 
-    same values   clone, alias, detach; view/reshape/expand to the same shape
+    same values   clone, alias, detach; view/reshape/expand to the same shape; a reshape
+                  that only adds, drops or moves size-1 dims (einsum's unsqueezes)
     reshape       view, _unsafe_view, reshape, (un)squeeze: row-major reinterpretation
-    merge         [B*H, R, C] read as a view of [B, H, R, C] (what matmul does to 4-D inputs)
+    merge         [B*H, R, C] read as a view of [B, H, R, C] or [B, G, H, R, C] (what matmul
+                  does to the leading dims of its inputs)
     transpose     of the last two dims (k^T): toggles which of the two is the token dim; an
                   operand that ends transposed ([B, H, D, N], LeViT's k) is read so
     scale         mul/div by a Python number
@@ -24,7 +26,7 @@ import torch
 import torch.fx
 
 from .dims import Dim, dims
-from .meta import fake_value
+from .meta import fake_value, optimization_hint
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -92,8 +94,23 @@ def is_float_cast(node: object) -> bool:
     return dtype(node).is_floating_point and dtype(node.args[0]).is_floating_point
 
 
+def _squeezed_order(node: torch.fx.Node) -> list[int] | None:
+    """For a permute: its dims order with the size-1 dims left out, else None."""
+    if node.target is not aten.permute.default:
+        return None
+    sizes = shape(node.args[0])
+    return [d % len(sizes) for d in node.args[1] if sizes[d % len(sizes)] != 1]
+
+
 def is_reshape(node: object) -> bool:
-    return _call(node) and node.target in RESHAPES and isinstance(node.args[0], torch.fx.Node)
+    """A row-major reinterpretation: view, reshape, (un)squeeze, or a permute that moves
+    size-1 dims only (einsum's graphs have them)."""
+    if not _call(node) or not isinstance(node.args[0], torch.fx.Node):
+        return False
+    if node.target in RESHAPES:
+        return True
+    order = _squeezed_order(node)
+    return order is not None and order == sorted(order)
 
 
 def strip_reshapes(node: torch.fx.Node, interior: list | None = None) -> torch.fx.Node:
@@ -106,6 +123,15 @@ def strip_reshapes(node: torch.fx.Node, interior: list | None = None) -> torch.f
     return node
 
 
+def _size_one_only(node: object) -> bool:
+    """A reshape that only adds, drops or moves size-1 dims (einsum's unsqueezes). The
+    operand walk steps through one only from a tensor of more than 5 dims: below that a
+    size-1 dim may be a real one (one token, one image), and stepping would relabel it."""
+    if not is_reshape(node):
+        return False
+    return [s for s in shape(node) if s != 1] == [s for s in shape(node.args[0]) if s != 1]
+
+
 def is_last_two_transpose(node: object) -> bool:
     """transpose(-2, -1) or the permute that swaps the last two dims."""
     if not _call(node) or not isinstance(node.args[0], torch.fx.Node):
@@ -114,17 +140,33 @@ def is_last_two_transpose(node: object) -> bool:
     if node.target is aten.transpose.int:
         return sorted(d % rank for d in node.args[1:3]) == [rank - 2, rank - 1]
     if node.target is aten.permute.default:
-        return [d % rank for d in node.args[1]] == [*range(rank - 2), rank - 1, rank - 2]
+        if [d % rank for d in node.args[1]] == [*range(rank - 2), rank - 1, rank - 2]:
+            return True
+        order = _squeezed_order(node)  # the same, but for size-1 dims moved around
+        ordered = sorted(order)
+        return len(order) >= 2 and order == [*ordered[:-2], ordered[-1], ordered[-2]]
     return node.target is aten.t.default and rank == 2
 
 
 def merged_source(node: object) -> torch.fx.Node | None:
-    """x if `node` is a view of a 4-D x [B, H, R, C] as [B*H, R, C], else None."""
+    """x if `node` is a view of x [B, H, R, C] (or of a tensor of 5 dims or more, its
+    size-1 dims aside, as einsum leaves them) as [B*H, R, C] (what bmm does to the leading
+    dims of a matmul's operands), else None."""
     if not _call(node) or node.target not in VIEWS or not isinstance(node.args[0], torch.fx.Node):
         return None
     src = node.args[0]
     out, inp = shape(node), shape(src)
-    if len(out) == 3 and len(inp) == 4 and out == (inp[0] * inp[1], *inp[2:]):
+    if len(out) != 3 or len(inp) < 4:
+        return None
+    if len(inp) == 4 and out == (inp[0] * inp[1], *inp[2:]):
+        return src
+    if len(inp) < 5 or 1 in (out[1], out[2]):  # a size-1 row or column: ambiguous
+        return None
+    kept = [size for size in inp if size != 1]  # einsum moves size-1 dims around
+    lead = 1
+    for size in kept[:-2]:
+        lead = lead * size
+    if len(kept) >= 3 and (lead, *kept[-2:]) == out:
         return src
     return None
 
@@ -188,7 +230,7 @@ def operand(
     scale, cosine, flipped = 1.0, False, transposed
     while isinstance(node, torch.fx.Node):
         step = None
-        if same_values(node):
+        if same_values(node) or (_size_one_only(node) and len(shape(node)) > 5):
             step = node.args[0]
         elif (src := merged_source(node)) is not None:
             step = src
@@ -206,15 +248,66 @@ def operand(
         node = step
     if not isinstance(node, torch.fx.Node):
         raise NoMatch(f"{role} is not a tensor")
-    if len(shape(node)) != 4:
-        raise NoMatch(f"{role} {shape(node)} is not a 4-D [B, H, N, D] tensor")
+    if len(shape(node)) not in (4, 5):
+        raise NoMatch(
+            f"{role} {shape(node)} is neither [B, H, N, D] nor [B, G, H, N, D] (5-D, two of "
+            "whose leading dims merge into the batch)"
+        )
     return Operand(node, scale, cosine, transposed=flipped)
 
 
-def canonical_shape(op: Operand) -> tuple:
-    """The operand's [B, H, N, D] sizes (a transposed one is stored [B, H, D, N])."""
-    b, h, x, y = shape(op.node)
-    return (b, h, y, x) if op.transposed else (b, h, x, y)
+def _hint(v) -> int:
+    return optimization_hint(v) if isinstance(v, torch.SymInt) else int(v)
+
+
+def mergeable(value: torch.Tensor, i: int, j: int) -> bool:
+    """Dims i < j of `value` view as one (dim i outer): adjacent in memory, or size 1 (at
+    the size hints: the strides of a graph's tensors follow from its sizes alike)."""
+    sizes, strides = [_hint(s) for s in value.shape], [_hint(s) for s in value.stride()]
+    if sizes[i] == 1 or sizes[j] == 1:
+        return True
+    return strides[i] == strides[j] * sizes[j]
+
+
+def heads_axes(values: list[torch.Tensor]) -> list[int]:
+    """The leading dims of 5-D q, k, v that may be the heads dim, last first: those whose
+    other two leading dims view as one batch dim in every operand ([1] for 4-D ones)."""
+    if all(v.dim() == 4 for v in values):
+        return [1]
+    if any(v.dim() != 5 for v in values):
+        raise NoMatch("q, k and v are not all [B, H, N, D] or all [B, G, H, N, D]")
+    axes = []
+    for axis in (2, 1, 0):
+        i, j = (d for d in range(3) if d != axis)
+        if all(mergeable(v, i, j) for v in values):
+            axes.append(axis)
+    if not axes:
+        raise NoMatch("no two leading dims of q, k and v view as one batch dim")
+    return axes
+
+
+def heads_axis(values: list[torch.Tensor]) -> int:
+    """The first of heads_axes: the operands' checks use it (the output may pick another)."""
+    return heads_axes(values)[0]
+
+
+def canonical_dims(value: torch.Tensor, transposed: bool, axis: int) -> tuple:
+    """[B, H, N, D] sizes of a q, k or v value: a 5-D one's leading dims other than the
+    heads `axis` make the batch; a transposed one is stored [.., D, N]."""
+    sizes = dims(value)
+    if len(sizes) == 5:
+        i, j = (d for d in range(3) if d != axis)
+        sizes = (sizes[i] * sizes[j], sizes[axis], *sizes[3:])
+    b, h, x, y = sizes
+    return (b, h, y, x) if transposed else (b, h, x, y)
+
+
+def canonical_shape(op: Operand, axis: int = 1) -> tuple:
+    """The operand's [B, H, N, D] sizes (see canonical_dims)."""
+    value = fake_value(op.node)
+    if value is None:
+        raise NoMatch(f"no tensor metadata on {op.node.name}")
+    return canonical_dims(value, op.transposed, axis)
 
 
 def first_output(node: torch.fx.Node, forward: set | None) -> torch.fx.Node | None:

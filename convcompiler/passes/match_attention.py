@@ -25,8 +25,9 @@ from .attention_pattern import (
     find_attention,
     reaches_matmul,
 )
+from .attention_views import canonical_dims
 from .context import PassContext, Region
-from .dims import Dim, dims
+from .dims import Dim
 from .meta import as_size, fake_value, fp32_precision, shape_summary, size_hints
 
 RULE = "softmax(scale * q @ k^T + bias[h] + mask[b mod nW]) @ v => window_attention(q, k, v, ...)"
@@ -68,6 +69,8 @@ def attention_fallback_reason(m: AttentionMatch, private: bool) -> str | None:
     for t in (m.k, m.v):
         if fake_value(t).dtype != q.dtype:
             return "q, k and v dtypes differ"
+    if m.out_dtype is not None and str(m.out_dtype).removeprefix("torch.") not in DTYPES:
+        return f"the output is cast to {m.out_dtype}"
     if private:
         inside = set(m.interior) | {m.final}
         for node in m.interior:
@@ -109,9 +112,16 @@ def rewire_sizes(gm: torch.fx.GraphModule, m: AttentionMatch) -> None:
 
 
 def _canonical(value: torch.Tensor, name: str, m: AttentionMatch) -> tuple:
-    """[B, H, N, D] sizes of a q, k or v value (stored [B, H, D, N] when transposed)."""
-    b, h, x, y = dims(value)
-    return (b, h, y, x) if name in m.transposed else (b, h, x, y)
+    """[B, H, N, D] sizes of a q, k or v value (see attention_views.canonical_dims)."""
+    return canonical_dims(value, name in m.transposed, m.heads_axis)
+
+
+def _batch(q: torch.Tensor, axis: int):
+    """The canonical batch of q: its first dim, or a 5-D q's two leading non-heads dims."""
+    if q.dim() == 4:
+        return q.shape[0]
+    i, j = (d for d in range(3) if d != axis)
+    return q.shape[i] * q.shape[j]
 
 
 def attention_spec(m: AttentionMatch) -> AttentionSpec:
@@ -119,7 +129,7 @@ def attention_spec(m: AttentionMatch) -> AttentionSpec:
     b, heads, n, d = _canonical(q, "q", m)
     nk, dv = _canonical(fake_value(m.k), "k", m)[2], _canonical(fake_value(m.v), "v", m)[3]
     return AttentionSpec(
-        batch=as_size(q.shape[0]),
+        batch=as_size(_batch(q, m.heads_axis)),
         heads=int(heads),
         tokens=int(n),
         head_dim=int(d),
@@ -141,6 +151,9 @@ def attention_spec(m: AttentionMatch) -> AttentionSpec:
         v_head_dim=None if int(dv) == int(d) else int(dv),
         transposed=m.transposed,
         sdpa=m.sdpa,
+        heads_axis=m.heads_axis,
+        batch_split=m.batch_split,
+        out_dtype=None if m.out_dtype is None else str(m.out_dtype).removeprefix("torch."),
     )
 
 

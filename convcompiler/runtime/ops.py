@@ -55,7 +55,7 @@ from . import packing
 from .kernel_call import interpreter_notice, launch_on_device
 from .kernel_ref import KernelRef, decode
 from .loader import load_source
-from .reference import attention_output
+from .reference import attention_output, canonical_operand
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -242,7 +242,8 @@ def window_attention(
 
 @window_attention.register_fake
 def _window_attention_fake(q, k, v, bias, mask, general, logit_scale, kernel):
-    return attention_output(decode(kernel).spec, q)
+    spec = decode(kernel).spec
+    return attention_output(spec, canonical_operand(spec, "q", q))
 
 
 # ---- im2win::mlp_block ----------------------------------------------------------------------

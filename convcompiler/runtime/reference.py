@@ -122,8 +122,7 @@ def run_aten(
 def run_attention(spec, q, k, v, bias=None, mask=None, general=None, logit_scale=None):
     """The canonical window attention (AttentionSpec), as separate ATen ops. The operands
     are viewed as the kernel's launcher views them (see codegen/window_attention.py)."""
-    q, k, v = (t.transpose(-2, -1) if name in spec.transposed else t
-               for name, t in (("q", q), ("k", k), ("v", v)))  # fmt: skip
+    q, k, v = (canonical_operand(spec, name, t) for name, t in (("q", q), ("k", k), ("v", v)))
     b, h, n, nk = q.shape[0], spec.heads, spec.tokens, spec.keys
     if spec.cosine:
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
@@ -146,9 +145,20 @@ def run_attention(spec, q, k, v, bias=None, mask=None, general=None, logit_scale
         s = s + general
     p = torch.ops.aten._safe_softmax(s, -1) if spec.safe_softmax else torch.softmax(s, dim=-1)
     out = p.to(v.dtype) @ v
+    if spec.out_dtype is not None:
+        out = out.to(getattr(torch, spec.out_dtype))
     y, canonical = attention_output(spec, out, with_view=True)
     canonical.copy_(out)
     return y
+
+
+def canonical_operand(spec, name: str, t: torch.Tensor) -> torch.Tensor:
+    """q, k or v as [B, H, N, D] (a view): a 5-D one's leading dims other than the heads
+    merged into the batch, a transposed one's last two dims swapped back."""
+    if t.dim() == 5:
+        t = t.movedim(spec.heads_axis, 2)
+        t = t.reshape(-1, *t.shape[2:])
+    return t.transpose(-2, -1) if name in spec.transposed else t
 
 
 def output_layout(spec) -> tuple[str, list[str] | None]:
@@ -159,12 +169,17 @@ def output_layout(spec) -> tuple[str, list[str] | None]:
 
 
 def attention_output(spec, like: torch.Tensor, *, with_view: bool = False):
-    """An empty output as the region's graph reads it (batch from `like`, dtype and device
-    too); with_view: also its [B, H, N, Dv] view, into which the attention writes."""
+    """An empty output as the region's graph reads it (the batch from `like`, a canonical
+    [B, H, N, D] tensor, its dtype and device too); with_view: also its [B, H, N, Dv] view,
+    into which the attention writes."""
     order, groups = output_layout(spec)
-    sizes = {"b": like.shape[0], "h": spec.heads, "n": spec.tokens, "d": spec.value_dim}
-    memory = like.new_empty([sizes[c] for c in order])
-    canonical = memory.permute([order.index(c) for c in "bhnd"])
+    b = like.shape[0]
+    sizes = {"b": b // spec.batch_split, "t": spec.batch_split, "h": spec.heads,
+             "n": spec.tokens, "d": spec.value_dim}  # fmt: skip
+    dtype = like.dtype if spec.out_dtype is None else getattr(torch, spec.out_dtype)
+    memory = like.new_empty([sizes[c] for c in order], dtype=dtype)
+    canonical = memory.permute([order.index(c) for c in "bthnd" if c in order])
+    canonical = canonical.reshape(b, spec.heads, spec.tokens, spec.value_dim)
     y = canonical
     if groups is not None:
         shape = []

@@ -456,6 +456,10 @@ class AttentionSpec(SizeHints):
     heads_axis: int = 1
     batch_split: int = 1
     out_dtype: str | None = None  # the output cast to another float dtype (None: dtype)
+    # a boolean mask applied last, as a select: "keep" (SDPA's bool attn_mask: False gives
+    # `fill`, -inf) or "drop" (masked_fill / where(m, fill, s): True gives `fill`); None
+    select: str | None = None
+    fill: float = float("-inf")
 
     @property
     def keys(self) -> int:
@@ -468,6 +472,7 @@ class AttentionSpec(SizeHints):
     def terms(self) -> str:
         parts = (["cosine"] if self.cosine else []) + (["bias"] if self.bias else [])
         parts += (["mask"] if self.mask else []) + (["attn_mask"] if self.general else [])
+        parts += [self.select] if self.select else []
         return "+".join(parts)
 
     def geometry(self) -> str:
@@ -500,6 +505,9 @@ class AttentionSpec(SizeHints):
             text += f" cosine{'+logit_scale' if self.logit_scale else ''}"
         elif self.logit_scale:
             text += " logit_scale"
+        if self.select:
+            text += f" {self.select}=[..,N,Nk] bool" + (
+                f" fill={self.fill}" if self.fill != float("-inf") else "")
         if self.safe_softmax:
             text += " safe_softmax"
         cast = f" -> {self.out_dtype}" if self.out_dtype else ""
@@ -612,6 +620,12 @@ def attention_output_ok(value: object) -> bool:
 def _output(value: object) -> str:
     if not attention_output_ok(value):
         raise SpecError(f"output={value!r} is not an attention output layout")
+    return value
+
+
+def _not_nan(value: float, name: str) -> float:
+    if value != value:
+        raise SpecError(f"{name} is NaN")
     return value
 
 
@@ -769,6 +783,8 @@ def spec_from_json(data: object):
             heads_axis=_check(data["heads_axis"], (0, 1, 2), "heads_axis"),
             batch_split=_int(data["batch_split"], "batch_split", 1),
             out_dtype=_check(data["out_dtype"], (None, *DTYPES), "out_dtype"),
+            select=_check(data["select"], (None, "keep", "drop"), "select"),
+            fill=_not_nan(_float(data["fill"], "fill"), "fill"),
             **common,
         )
     e = data["epilogue"]

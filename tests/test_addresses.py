@@ -227,7 +227,8 @@ def test_window_attention_addresses(b, heads, n, d, bias, mask, output, cosine) 
 @pytest.mark.parametrize("n,nk,d,dv", [(20, 7, 4, 40), (9, 37, 24, 8)])
 def test_attention_addresses_of_other_layouts(n, nk, d, dv) -> None:
     """Pooled keys (Nk != N), a head dim padded to the tile (4 -> 16), v's head dim unlike
-    q's, and k stored [B, H, D, Nk] (LeViT): every lane's address stays inside its tensor."""
+    q's, k stored [B, H, D, Nk] (LeViT) and a boolean select: every lane's address stays
+    inside its tensor."""
     gen = torch.Generator().manual_seed(nk)
     b, heads = 2, 3
     q = torch.randn(b, n, heads, d, generator=gen).transpose(1, 2)
@@ -236,17 +237,19 @@ def test_attention_addresses_of_other_layouts(n, nk, d, dv) -> None:
     bias_t = torch.randn(heads, n, nk, generator=gen)
     spec = attention_spec_of(q, kt.transpose(-2, -1), v, bias_t, output="bnc")
     assert (spec.keys, spec.head_dim, spec.value_dim) == (nk, d, dv)
-    spec = dataclasses.replace(spec, transposed=("k",))
+    select = torch.rand(1, heads, n, nk, generator=gen) < 0.3  # masked_fill(select, -1e4)
+    spec = dataclasses.replace(spec, transposed=("k",), select="drop", fill=-1e4)
     sched = SPACES["window_attention"].make(spec, BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)
     launch = gpu_native.load_kernel(spec, sched)
     with address_check() as check:
-        y = launch(q, kt, v, bias_t, None, None, None)
-    ref = run_attention(spec, q.double(), kt.double(), v.double(), bias_t.double())
+        y = launch(q, kt, v, bias_t, None, None, None, select)
+    ref = run_attention(spec, q.double(), kt.double(), v.double(), bias_t.double(),
+                        select=select)
     assert y.shape == (b, n, heads * dv)
     assert_close(y, ref, torch.float32)
     assert check.kernels == {"window_attention"} and check.accesses > 0
     with pytest.raises(ValueError, match="expected"):  # k as [B, H, Nk, D]: not as stored
-        launch(q, kt.transpose(-2, -1).contiguous(), v, bias_t, None, None, None)
+        launch(q, kt.transpose(-2, -1).contiguous(), v, bias_t, None, None, None, select)
 
 
 # ---- part a of the GPU command: each family x dtype x layout, shrunk ----------------------

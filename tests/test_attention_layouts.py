@@ -238,3 +238,42 @@ def test_layout_fields_round_trip_and_bad_layouts_are_refused() -> None:
     data["transposed"] = ["k", "q"]
     with pytest.raises(SpecError, match="transposed"):
         spec_from_json(data)
+
+
+def _example():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "neighborhood_attention.py"
+    spec = importlib.util.spec_from_file_location("neighborhood_attention", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("written", ["sdpa", "masked_fill"])
+def test_neighborhood_attention_from_the_example_fuses(written) -> None:
+    """examples/neighborhood_attention.py's NA (NATTEN's clamped windows) as SDPA with a
+    constant boolean mask, and as masked_fill(~mask, -inf) before a softmax (the select
+    operand): both fused and equal to float64 eager."""
+    example = _example()
+    mask = example.neighborhood_mask(7, 9, 3)
+    assert mask.sum(1).eq(9).all() and mask[0].nonzero().flatten().tolist()[:3] == [0, 1, 2]
+    torch.manual_seed(12)
+
+    class MaskedFill(example.NeighborhoodAttention2d):
+        def forward(self, x):
+            b, n, c = x.shape
+            q, k, v = self.qkv(x).reshape(b, n, 3, 2, c // 2).permute(2, 0, 3, 1, 4)
+            s = (q @ k.transpose(-2, -1) * (c // 2) ** -0.5).masked_fill(~self.mask, -torch.inf)
+            return self.proj((s.softmax(-1) @ v).transpose(1, 2).reshape(b, n, c))
+
+    cls = MaskedFill if written == "masked_fill" else example.NeighborhoodAttention2d
+    model = cls(16, 2, 7, 9, 3).eval()
+    x = torch.randn(2, 63, 16)
+    out, ref, report = compiled_and_float64(model, [x])
+    (region,) = _fused(report)
+    if written == "masked_fill":
+        assert "drop=[..,N,Nk] bool" in region.spec, region.spec
+    assert convcompiler.counters["launch.window_attention"] == 1
+    assert_close(out, ref, torch.float32)

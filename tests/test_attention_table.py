@@ -156,10 +156,28 @@ ROWS = {
         lambda: (rand(B, H, N, D), rand(B, H, N, D), rand(B, H, N, D)),
         "softmax over dim -2",
     ),
-    "hand_masked_fill_causal": (
+    "hand_masked_fill_causal": (  # the causal mask built in the graph: a select operand
         masked_fill_causal,
         lambda: (rand(B, H, N, D), rand(B, H, N, D), rand(B, H, N, D)),
-        "masked_fill",
+        None,
+    ),
+    "hand_masked_fill_finite": (  # HF's -10000 fill: a fully masked row is uniform
+        lambda q, k, v, m: (q @ k.transpose(-2, -1)).masked_fill(m, -1e4).softmax(-1) @ v,
+        lambda: (rand(B, H, N, D), rand(B, H, N, D), rand(B, H, N, D), bool_mask()),
+        None,
+    ),
+    "hand_where_keep_per_batch": (  # where(m, s, -inf), m [B, 1, N, N]
+        lambda q, k, v, m: torch.where(m, q @ k.transpose(-2, -1), float("-inf"))
+        .softmax(-1) @ v,
+        lambda: (rand(B, H, N, D), rand(B, H, N, D), rand(B, H, N, D),
+                 torch.rand(B, 1, N, N) > 0.2),
+        None,
+    ),
+    "hand_masked_fill_then_scaled": (
+        lambda q, k, v, m: ((q @ k.transpose(-2, -1)).masked_fill(m, -1e4) * 0.3).softmax(-1)
+        @ v,
+        lambda: (rand(B, H, N, D), rand(B, H, N, D), rand(B, H, N, D), bool_mask()),
+        "before another step",
     ),
     "hand_scaled_after_add": (
         scaled_after_add,

@@ -190,8 +190,12 @@ ATTENTION = {
     "pvt_v2_b0-stage1-bf16": (1, 3136, 49, 32, 32, (), False, "bfloat16"),
     # torchvision MaxViT-T's first stage: [B, 64 windows, 2 heads, 49, 32] read as one batch,
     # written back as [B, 64, 49, 64]; NesT-T's first level writes [B, 16, 196, D * H]
-    "maxvit_t-stage1-fp16": (2, 49, 49, 32, 32, (), True, "float16", "b,t,n,hd", 64),
-    "nest_tiny-level1-bf16": (3, 196, 196, 32, 32, (), False, "bfloat16", "b,t,n,dh", 16),
+    "maxvit_t-stage1-fp16": (2, 49, 49, 32, 32, (), True, "float16",
+                             dict(output="b,t,n,hd", batch_split=64, heads_axis=2)),
+    "nest_tiny-level1-bf16": (3, 196, 196, 32, 32, (), False, "bfloat16",
+                              dict(output="b,t,n,dh", batch_split=16)),
+    # neighborhood attention on a 56 x 56 grid as SDPA with a boolean mask (the select)
+    "na2d-56x56-fp16": (2, 3136, 3136, 32, 32, (), False, "float16", dict(select="keep")),
 }
 
 
@@ -205,14 +209,14 @@ def test_attention_layout_kernels_pass_the_static_check(name: str) -> None:
     from convcompiler.selection.select import model_candidates
     from convcompiler.spec import AttentionSpec
 
-    heads, n, nk, d, dv, transposed, bias, dtype, *layout = ATTENTION[name]
-    output, split = layout or ("bnc", 1)
+    heads, n, nk, d, dv, transposed, bias, dtype, *extra = ATTENTION[name]
+    fields = {"output": "bnc", **(extra[0] if extra else {})}
     spec = AttentionSpec(
-        batch=32 * split, heads=heads, tokens=n, head_dim=d, dtype=dtype, scale=d**-0.5,
-        cosine=False, logit_scale=False, bias=bias, mask=False, windows=1, general=False,
-        output=output, device="cuda", precision="ieee", key_tokens=None if nk == n else nk,
-        v_head_dim=None if dv == d else dv, transposed=transposed, heads_axis=2 if bias else 1,
-        batch_split=split,
+        batch=32 * fields.get("batch_split", 1), heads=heads, tokens=n, head_dim=d,
+        dtype=dtype, scale=d**-0.5, cosine=False, logit_scale=False, bias=bias, mask=False,
+        windows=1, general=False, device="cuda", precision="ieee",
+        key_tokens=None if nk == n else nk, v_head_dim=None if dv == d else dv,
+        transposed=transposed, **fields,
     )
     h100 = lookup("h100")
     best = rank(spec, model_candidates(spec, h100, include_aten=False), h100)[0].schedule

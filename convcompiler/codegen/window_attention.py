@@ -80,6 +80,8 @@ SCALE = ${scale}
 COSINE = ${cosine}
 MASK_REPEAT = ${mask_repeat}  # the mask is added this many times
 SAFE_SOFTMAX = ${safe_softmax}  # a row of all -inf scores gives 0 (SDPA), not NaN
+SELECT = ${select}  # a boolean mask applied last: "keep" (True keeps), "drop" (True fills)
+FILL = ${fill}
 OUTPUT = ${output}
 PRECISION = ${precision}
 INDEX_LIMIT = 2**31  # tensors this large get 64-bit offsets
@@ -113,17 +115,18 @@ ${wrapped_block}
 @triton.jit
 def window_attention(
     # q, k, v: [B, H, N, D] views; o: the output; the additive terms (None when absent)
-    q_ptr, k_ptr, v_ptr, o_ptr, bias_ptr, mask_ptr, general_ptr, ls_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, bias_ptr, mask_ptr, general_ptr, ls_ptr, sel_ptr,
     # sizes; N and NK (the queries' and the keys' tokens) are fixed by the spec, so the key
     # loop has constant bounds
     H, N: tl.constexpr, NK: tl.constexpr, NW,
     # strides: q, k, v, o as (b, h, n, d); bias (h, i, j); mask (w, i, j); general (b, h, i, j)
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
-    sbh, sbi, sbj, smw, smi, smj, sgb, sgh, sgi, sgj,
+    sbh, sbi, sbj, smw, smi, smj, sgb, sgh, sgi, sgj, ssb, ssh, ssi, ssj,
     # meta-parameters
     SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr,
     V_HEAD_DIM: tl.constexpr, DV: tl.constexpr, COSINE: tl.constexpr,
-    MASK_REPEAT: tl.constexpr, SAFE_SOFTMAX: tl.constexpr,
+    MASK_REPEAT: tl.constexpr, SAFE_SOFTMAX: tl.constexpr, KEEP: tl.constexpr,
+    FILL: tl.constexpr,
     PRECISION: tl.constexpr, WIDEN: tl.constexpr, INT64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -174,6 +177,13 @@ def window_attention(
         if general_ptr is not None:  # any other additive mask[b, h, i, j]
             s += tl.load(general_ptr + b * sgb + h * sgh + offs_m[:, None] * sgi
                          + offs_n[None, :] * sgj, mask=pair, other=0.0).to(work)
+        if sel_ptr is not None:  # a boolean mask[b, h, i, j], applied last
+            sel = tl.load(sel_ptr + b * ssb + h * ssh + offs_m[:, None] * ssi
+                          + offs_n[None, :] * ssj, mask=pair, other=0) != 0
+            if KEEP:
+                s = tl.where(sel, s, FILL)
+            else:
+                s = tl.where(sel, FILL, s)
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.reduce(s, 1, _max))
         # a row whose keys so far are all masked with -inf has m_new = -inf: shift by 0
@@ -248,7 +258,7 @@ def _output(B, like, dtype=None):
     return memory.view(groups), canonical
 
 
-def launch(q, k, v, bias=None, mask=None, general=None, logit_scale=None):
+def launch(q, k, v, bias=None, mask=None, general=None, logit_scale=None, select=None):
     # ---- 1. check constraints; view the additive terms as the kernel indexes them ----
     q = _canonical("q", q, TOKENS, HEAD_DIM)
     k = _canonical("k", k, KEY_TOKENS, HEAD_DIM)
@@ -275,6 +285,12 @@ def launch(q, k, v, bias=None, mask=None, general=None, logit_scale=None):
     if logit_scale is not None:
         logit_scale = logit_scale.reshape(-1)
         logit_scale = logit_scale.expand(HEADS).contiguous()
+    select_strides = zero4
+    if select is not None:
+        if select.dtype != torch.bool or SELECT is None:
+            raise ValueError(f"select: a bool mask for a spec with one, got {select.dtype}")
+        select = select.expand(B, HEADS, TOKENS, KEY_TOKENS)
+        select_strides = select.stride()
 
     # ---- 2. allocate the output in the layout the projection reads ----
     y, canonical = _output(B, q, OUT_DTYPE)
@@ -293,13 +309,14 @@ def launch(q, k, v, bias=None, mask=None, general=None, logit_scale=None):
     # ---- 3. launch: (query-row blocks, window-batch x heads) ----
     grid = lambda meta: (triton.cdiv(TOKENS, meta["BLOCK_M"]), B * HEADS)
     window_attention[grid](
-        q, k, v, out, bias, mask, general, logit_scale,
+        q, k, v, out, bias, mask, general, logit_scale, select,
         HEADS, TOKENS, KEY_TOKENS, NW,
         *q.stride(), *k.stride(), *v.stride(), *o_strides,
-        *bias_strides, *mask_strides, *general_strides,
+        *bias_strides, *mask_strides, *general_strides, *select_strides,
         SCALE=SCALE, HEAD_DIM=HEAD_DIM, D=HEAD_DIM_P2, V_HEAD_DIM=V_HEAD_DIM, DV=V_HEAD_DIM_P2,
         COSINE=COSINE, MASK_REPEAT=MASK_REPEAT,
-        SAFE_SOFTMAX=SAFE_SOFTMAX, PRECISION=PRECISION, WIDEN=widen, INT64=int64, **META,
+        SAFE_SOFTMAX=SAFE_SOFTMAX, KEEP=SELECT == "keep", FILL=FILL, PRECISION=PRECISION,
+        WIDEN=widen, INT64=int64, **META,
         **LAUNCH)
     if out is not y:
         y.copy_(out)
@@ -328,6 +345,8 @@ def render(spec: AttentionSpec, schedule: Schedule) -> T.KernelSource:
         cosine=str(spec.cosine),
         mask_repeat=repr(float(spec.mask_repeat)),
         safe_softmax=str(spec.safe_softmax),
+        select=repr(spec.select),
+        fill=f'float("{spec.fill}")' if abs(spec.fill) == float("inf") else repr(spec.fill),
         output=repr(spec.output),
         precision=repr(spec.precision),
         meta=meta,

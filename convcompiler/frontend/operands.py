@@ -15,7 +15,7 @@ from ..passes.conv_inputs import scaled_operands
 from ..passes.grad_mask import gradient_operand
 from ..passes.match_block import linear_operands
 
-ATTENTION_OPERANDS = ("q", "k", "v", "bias", "mask", "general", "logit_scale")
+ATTENTION_OPERANDS = ("q", "k", "v", "bias", "mask", "general", "logit_scale", "select")
 
 
 def _other(nodes: dict, region: Region, role: str) -> torch.fx.Node:
@@ -64,7 +64,7 @@ def region_operands(nodes: dict[str, torch.fx.Node], region: Region) -> tuple:
     """The kernel's arguments, read from the live graph (an earlier region may have replaced
     an operand's producer). A conv chain: (x, weight, bias, bn_weight, bn_bias, bn_mean,
     bn_var, residual); a weight gradient: (dy, x); window attention: (q, k, v, bias, mask,
-    general, logit_scale); an MLP block: see mlp_operands. A backward region whose gradient
+    general, logit_scale, select); an MLP block: see mlp_operands. A backward region whose gradient
     is masked (role "grad_mask", spec.input_mask: where(m, 0, g), ...; passes/grad_mask.py)
     reads g in its place, and last the bool mask (role "mask")."""
     roles = dict(region.roles)

@@ -86,7 +86,7 @@ class KernelStats:
 
 
 def attention_meta_inputs(spec: AttentionSpec) -> tuple[torch.Tensor | None, ...]:
-    """(q, k, v, bias, mask, general, logit_scale): q, k, v as views of one qkv projection
+    """(q, k, v, bias, mask, general, logit_scale, select): q, k, v as views of one qkv projection
     (of a q projection and a kv projection when the keys or v's head dim differ); an operand
     stored transposed is that view's transpose."""
     dtype = getattr(torch, spec.dtype)
@@ -112,6 +112,7 @@ def attention_meta_inputs(spec: AttentionSpec) -> tuple[torch.Tensor | None, ...
         empty(spec.windows, n, nk) if spec.mask else None,
         empty(b, h, n, nk) if spec.general else None,
         empty(h, 1, 1) if spec.logit_scale else None,
+        torch.empty(1, 1, n, nk, device="meta", dtype=torch.bool) if spec.select else None,
     )
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 
-from .attention_terms import Term, check_form, classify, file_factor
+from .attention_terms import Select, Term, check_form, classify, file_factor, file_select
 from .attention_views import (
     NoMatch,
     Operand,
@@ -87,6 +87,9 @@ class AttentionMatch:
     heads_axis: int = 1  # 5-D q, k, v: their heads dim (the other two make the batch)
     batch_split: int = 1  # 5-D: the batch's inner part (the output's "t"; see AttentionSpec)
     out_dtype: torch.dtype | None = None  # the output is cast to this dtype in the region
+    select: torch.fx.Node | None = None  # a boolean mask applied last (Terms.select)
+    select_keep: bool = True
+    fill: float = float("-inf")
     interior: list[torch.fx.Node] = field(default_factory=list)  # replaced by the kernel
 
 
@@ -141,9 +144,40 @@ def _on_score_path(node: object, depth: int = 16) -> bool:
     return False
 
 
-def _score_path(node: object, interior: list, terms: list, factors: list) -> torch.fx.Node:
+def _fill_value(node: object) -> float | None:
+    """v if `node` is a 0-d full(v) (masked_fill's value, as the graph holds it), else None."""
+    if isinstance(node, (int, float)) and not isinstance(node, bool):
+        return float(node)
+    if not _call(node) or node.target is not aten.full.default or node.args[0] not in ([], ()):
+        return None
+    value = node.args[1]
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _select(node: object) -> tuple[torch.fx.Node, Select] | None:
+    """(the scores, the select) if `node` is masked_fill(s, m, v) or where(m, v, s) /
+    where(m, s, v) with v a number, else None."""
+    if not _call(node):
+        return None
+    if node.target in (aten.masked_fill.Scalar,) and isinstance(node.args[1], torch.fx.Node):
+        fill = _fill_value(node.args[2])
+        if fill is not None:
+            return node.args[0], Select(node.args[1], False, fill, shape(node))
+    if node.target is aten.where.self and isinstance(node.args[0], torch.fx.Node):
+        cond, a, b = node.args
+        if (fill := _fill_value(a)) is not None and isinstance(b, torch.fx.Node):
+            return b, Select(cond, False, fill, shape(node))
+        if (fill := _fill_value(b)) is not None and isinstance(a, torch.fx.Node):
+            return a, Select(cond, True, fill, shape(node))
+    return None
+
+
+def _score_path(
+    node: object, interior: list, terms: list, factors: list, selects: list
+) -> torch.fx.Node:
     """Walk back from the softmax input to the q @ k^T bmm, collecting additive terms and
-    factors (each with the shape of the scores it applies to)."""
+    factors (each with the shape of the scores it applies to) and, as the last step before
+    the softmax only, a select by a boolean mask (masked_fill)."""
     while True:
         if not _call(node):
             raise NoMatch("the scores are not computed in the graph")
@@ -175,8 +209,13 @@ def _score_path(node: object, interior: list, terms: list, factors: list) -> tor
             factors.append(Term(factor_node, shape(node)))
         elif node.target in (aten.div.Tensor, aten.div.Scalar):
             raise NoMatch("the scores are divided by a tensor")
+        elif (found := _select(node)) is not None and not (terms or factors or selects):
+            step = found[0]
+            selects.append(found[1])
         elif node.target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self):
-            raise NoMatch("masked_fill (where) on the scores (e.g. a causal mask): not fused")
+            raise NoMatch(
+                "masked_fill (where) on the scores by a tensor value, or before another step"
+            )
         else:
             raise NoMatch(f"{getattr(node.target, '__name__', node.target)} on the score path")
         interior.append(node)
@@ -203,7 +242,7 @@ def sdpa_arguments(node: torch.fx.Node) -> dict[str, object]:
     return bound
 
 
-def _sdpa(node: torch.fx.Node, interior: list, terms: list, forward: set | None):
+def _sdpa(node: torch.fx.Node, interior: list, terms: list, selects: list, forward: set | None):
     """q, k, v operands, the score scale and the output node of an SDPA call."""
     args = sdpa_arguments(node)
     if args.get("dropout_p") not in (None, 0, 0.0):
@@ -223,9 +262,10 @@ def _sdpa(node: torch.fx.Node, interior: list, terms: list, forward: set | None)
     if mask is not None:
         if not isinstance(mask, torch.fx.Node):
             raise NoMatch("SDPA attn_mask is not a tensor")
-        if dtype(mask) == torch.bool:
-            raise NoMatch("a boolean attn_mask reaches the SDPA op")
-        terms.append(Term(mask, _scores_form(q, k, axis)))
+        if dtype(mask) == torch.bool:  # True keeps the score, False gives -inf
+            selects.append(Select(mask, True, float("-inf"), _scores_form(q, k, axis)))
+        else:
+            terms.append(Term(mask, _scores_form(q, k, axis)))
     interior.append(node)
     if node.target is SDPA_COMPOSITE:
         start = node
@@ -273,14 +313,16 @@ def _check_qkv(q: Operand, k: Operand, v: Operand, gqa: bool = False) -> int:
     return axis
 
 
-def _softmax(node: torch.fx.Node, interior: list, terms: list, factors: list, forward):
+def _softmax(
+    node: torch.fx.Node, interior: list, terms: list, factors: list, selects: list, forward
+):
     """q, k, v operands, the score scale and the output node of softmax(scores) @ v."""
     rank = len(shape(node))
     if node.args[1] % rank != rank - 1:
         raise NoMatch(f"softmax over dim {node.args[1]}, not the last (keys) dim")
     if node.target is aten._softmax.default and node.args[2]:
         raise NoMatch("softmax with half_to_float")
-    bmm = _score_path(node.args[0], interior, terms, factors)
+    bmm = _score_path(node.args[0], interior, terms, factors, selects)
     q = operand(bmm.args[0], interior, role="q", transposed=False, scalable=True)
     k = operand(bmm.args[1], interior, role="k", transposed=True, scalable=True)
     interior += [bmm, node]
@@ -448,10 +490,11 @@ def find_attention(node: torch.fx.Node, forward: set | None = None) -> Attention
     interior: list[torch.fx.Node] = []
     terms: list[Term] = []
     factors: list = []
+    selects: list[Select] = []
     if node.target in SDPA:
-        q, k, v, scale, start, axis = _sdpa(node, interior, terms, forward)
+        q, k, v, scale, start, axis = _sdpa(node, interior, terms, selects, forward)
     elif node.target in SOFTMAX:
-        q, k, v, scale, start, axis = _softmax(node, interior, terms, factors, forward)
+        q, k, v, scale, start, axis = _softmax(node, interior, terms, factors, selects, forward)
     else:
         raise NoMatch(f"{node.target} is neither a softmax nor an SDPA call")
     five_d = fake_value(q.node).dim() == 5
@@ -465,6 +508,8 @@ def find_attention(node: torch.fx.Node, forward: set | None = None) -> Attention
         raise NoMatch(f"a term on [{', '.join(map(str, _scores_form(q, k, axis)))}] scores "
                       "whose heads are not their third dim")  # fmt: skip
     filed = classify(terms, b, heads, n, nk)
+    for select in selects:
+        file_select(filed, select, b, heads, n, nk)
     for factor in factors:
         if isinstance(factor, float):
             scale *= factor
@@ -491,6 +536,9 @@ def find_attention(node: torch.fx.Node, forward: set | None = None) -> Attention
         heads_axis=axis,
         batch_split=split,
         out_dtype=out_dtype,
+        select=filed.select,
+        select_keep=filed.keep,
+        fill=filed.fill,
     )
     match.interior = [x for x in dict.fromkeys(interior) if x is not final]
     return match

@@ -47,6 +47,20 @@ class Terms:
     mask_repeat: int = 1
     general: torch.fx.Node | None = None
     logit_scale: torch.fx.Node | None = None
+    select: torch.fx.Node | None = None  # a boolean mask applied last (see file_select)
+    keep: bool = True  # select's True keeps the score (SDPA), or replaces it (masked_fill)
+    fill: float = float("-inf")
+
+
+@dataclass(frozen=True)
+class Select:
+    """where(m, s, fill) ("keep": SDPA's boolean attn_mask) or where(m, fill, s)
+    (masked_fill) as the last step before the softmax."""
+
+    node: torch.fx.Node  # the boolean mask
+    keep: bool
+    fill: float
+    scores: tuple[int, ...]  # the shape of the scores it selects on
 
 
 def _padded(term_shape: tuple[int, ...], form: tuple[int, ...]) -> tuple[int, ...]:
@@ -154,6 +168,20 @@ def classify(terms: list[Term], b: int, heads: int, n: int, nk: int) -> Terms:
             else:
                 raise NoMatch("a per-window, per-head term on the scores")
     return out
+
+
+def file_select(out: Terms, select: Select, b: int, heads: int, n: int, nk: int) -> None:
+    """A boolean mask that broadcasts to the scores: the kernel's select operand."""
+    if select.scores[-2:] != (n, nk) or len(select.scores) not in (3, 4):
+        raise NoMatch(f"a boolean mask on scores viewed as {select.scores}")
+    if dtype(select.node) != torch.bool:
+        raise NoMatch(f"a {dtype(select.node)} mask selects the scores")
+    _padded(shape(select.node), select.scores)
+    if len(select.scores) == 3 and _padded(shape(select.node), select.scores)[0] != 1:
+        raise NoMatch("a boolean mask varies over the flattened batch x heads dim")
+    if select.fill != select.fill:
+        raise NoMatch("the scores are filled with NaN")
+    out.select, out.keep, out.fill = select.node, select.keep, select.fill
 
 
 def file_factor(out: Terms, factor: Term, b: int, heads: int, n: int, nk: int) -> None:

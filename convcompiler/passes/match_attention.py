@@ -154,6 +154,8 @@ def attention_spec(m: AttentionMatch) -> AttentionSpec:
         heads_axis=m.heads_axis,
         batch_split=m.batch_split,
         out_dtype=None if m.out_dtype is None else str(m.out_dtype).removeprefix("torch."),
+        select=None if m.select is None else ("keep" if m.select_keep else "drop"),
+        fill=float(m.fill),
     )
 
 
@@ -181,6 +183,7 @@ def match_window_attention(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.
                 ("mask", m.mask),
                 ("general", m.general),
                 ("logit_scale", m.logit_scale),
+                ("select", m.select),
             )
             roles = tuple((role, n.name) for role, n in operands if n is not None)
             roles += (("final", m.final.name),)

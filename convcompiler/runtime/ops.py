@@ -7,7 +7,7 @@
                       kernel) -> (y, pool)  a conv that also writes its output's pooled
                                             sums (spec.pool_sums; see pool_shape)
     im2win::conv_wgrad(dy, x, mask?, kernel)  a conv's weight gradient
-    im2win::window_attention(q, k, v, bias?, mask?, general?, logit_scale?, kernel)
+    im2win::window_attention(q, k, v, bias?, mask?, general?, logit_scale?, select?, kernel)
     im2win::mlp_block(x, w1, b1?, w2, b2?, scale?, residual?, norm_weight?, norm_bias?, w3?,
                       b3?, dw_weight?, dw_bias?, kernel)
                                                a transformer MLP, [LayerNorm ->] included
@@ -235,13 +235,14 @@ def window_attention(
     mask: Tensor | None,
     general: Tensor | None,
     logit_scale: Tensor | None,
+    select: Tensor | None,
     kernel: str,
 ) -> Tensor:
-    return _launch(decode(kernel), (q, k, v, bias, mask, general, logit_scale))
+    return _launch(decode(kernel), (q, k, v, bias, mask, general, logit_scale, select))
 
 
 @window_attention.register_fake
-def _window_attention_fake(q, k, v, bias, mask, general, logit_scale, kernel):
+def _window_attention_fake(q, k, v, bias, mask, general, logit_scale, select, kernel):
     spec = decode(kernel).spec
     return attention_output(spec, canonical_operand(spec, "q", q))
 

@@ -119,7 +119,8 @@ def run_aten(
     return y
 
 
-def run_attention(spec, q, k, v, bias=None, mask=None, general=None, logit_scale=None):
+def run_attention(spec, q, k, v, bias=None, mask=None, general=None, logit_scale=None,
+                  select=None):
     """The canonical window attention (AttentionSpec), as separate ATen ops. The operands
     are viewed as the kernel's launcher views them (see codegen/window_attention.py)."""
     q, k, v = (canonical_operand(spec, name, t) for name, t in (("q", q), ("k", k), ("v", v)))
@@ -143,6 +144,9 @@ def run_attention(spec, q, k, v, bias=None, mask=None, general=None, logit_scale
         s = s.view(b, h, n, nk)
     if general is not None:
         s = s + general
+    if select is not None:  # where(m, s, fill) ("keep") or where(m, fill, s) ("drop")
+        fill = torch.full((), spec.fill, dtype=s.dtype, device=s.device)
+        s = torch.where(select, s, fill) if spec.select == "keep" else torch.where(select, fill, s)
     p = torch.ops.aten._safe_softmax(s, -1) if spec.safe_softmax else torch.softmax(s, dim=-1)
     out = p.to(v.dtype) @ v
     if spec.out_dtype is not None:

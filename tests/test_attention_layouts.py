@@ -77,26 +77,22 @@ def _fused(report) -> list:
     return regions
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_levit_attention_reads_k_as_stored(dtype) -> None:
-    torch.manual_seed(3)
-    model = LeViTAttention().eval().to(dtype)
-    x = torch.randn(2, 20, 24).to(dtype)
-    out, ref, report = compiled_and_float64(model, [x])
-    (region,) = _fused(report)
-    assert "k^T stored" in region.spec and "head_dim=4 v_head_dim=8" in region.spec
-    assert convcompiler.counters["launch.window_attention"] == 1
-    assert_close(out, ref, dtype)
+LAYOUTS = {
+    # name: (module, input shape, what the region's spec shows)
+    "levit_k_as_stored": (LeViTAttention, (2, 20, 24), ("k^T stored", "head_dim=4 v_head_dim=8")),
+    "pooled_keys": (SpatialReductionAttention, (2, 60, 32), ("N=60 Nk=15",)),
+}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_pooled_keys_and_values(dtype) -> None:
-    torch.manual_seed(4)
-    model = SpatialReductionAttention().eval().to(dtype)
-    x = torch.randn(2, 60, 32).to(dtype)
-    out, ref, report = compiled_and_float64(model, [x])
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_layout_fuses_in_each_dtype(name, dtype) -> None:
+    make, shape, shown = LAYOUTS[name]
+    torch.manual_seed(len(name))
+    model = make().eval().to(dtype)
+    out, ref, report = compiled_and_float64(model, [torch.randn(*shape).to(dtype)])
     (region,) = _fused(report)
-    assert "N=60 Nk=15" in region.spec
+    assert all(text in region.spec for text in shown), region.spec
     assert convcompiler.counters["launch.window_attention"] == 1
     assert_close(out, ref, dtype)
 

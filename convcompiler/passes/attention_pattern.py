@@ -1,22 +1,23 @@
 """Canonicalise attention in an aten graph into the one pattern the fused kernel computes:
 
-    out = softmax(scale * q @ k^T [x logit_scale[h]] + bias[h] + mask[b mod nW] + general) @ v
+    out = select(softmax(scale * q @ k^T [x logit_scale[h]] + bias[h] + mask[b mod nW]
+                         + general), m) @ v
 
 `find_attention(node)` starts at a softmax (`_softmax`, `_safe_softmax`) or an SDPA call and
 returns an `AttentionMatch`, or raises NoMatch with the reason. It proves what it accepts:
 
 * SDPA: every argument is read from the op's schema (positional or keyword). dropout_p != 0,
-  is_causal, grouped-query heads and a boolean mask are refused; the scale is the given one
-  or 1/sqrt(D). Keys and values may have their own token count (Nk, pooled keys) and v its
-  own head dim.
+  is_causal and grouped-query heads are refused; the scale is the given one or 1/sqrt(D); a
+  boolean attn_mask is a select. Keys and values may have their own token count (Nk,
+  pooled keys) and v its own head dim.
 * softmax: over the last dim only; the scores are walked back to the q @ k^T matmul through
-  views, casts, scalings and adds (attention_views.py), and forward through casts, copies
-  and dropout(p=0) to the matmul with v. masked_fill, a division by a tensor, or a factor
-  that would also scale an additive term are refused.
-* additive terms and factors are filed under bias, mask, general and logit scale with
-  their shapes proved (attention_terms.py); the output is read in its layout: [B, N, H*D]
-  after transpose + reshape ("bnc"), or [B, H, N, D] stored as [B, H, N, D] ("bhnd") or as
-  [B, N, H, D] ("bnhd").
+  views, casts, scalings, adds and, as the last step only, a select by a boolean mask
+  (masked_fill, where), and forward through casts, copies and dropout(p=0) to the matmul
+  with v. A division by a tensor, or a factor that would also scale an additive term, is
+  refused. q, k and v are [B, H, N, D] or 5-D [B, G, H, N, D] (attention_views.py).
+* additive terms, factors and the select are filed under bias, mask, general, logit scale
+  and select with their shapes proved (attention_terms.py); the output is read back in the
+  layout the graph reads (attention_output.py).
 
 SDPA and `_safe_softmax` give 0 for a row whose scores are all -inf; `_softmax` gives NaN.
 The match records which (`safe_softmax`), and the kernel does the same.
@@ -24,13 +25,13 @@ The match records which (`safe_softmax`), and the kernel does the same.
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx
 
+from .attention_output import five_dim_output, output_chain, sole_user
 from .attention_terms import Select, Term, check_form, classify, file_factor, file_select
 from .attention_views import (
     NoMatch,
@@ -38,7 +39,6 @@ from .attention_views import (
     canonical_shape,
     dtype,
     first_output,
-    heads_axes,
     heads_axis,
     is_float_cast,
     is_reshape,
@@ -47,7 +47,7 @@ from .attention_views import (
     scalar_factor,
     shape,
 )
-from .meta import fake_value, optimization_hint
+from .meta import fake_value
 
 aten = torch.ops.aten
 SOFTMAX = {aten._softmax.default, aten._safe_softmax.default}
@@ -222,13 +222,6 @@ def _score_path(
         node = step
 
 
-def _sole_user(node: torch.fx.Node, forward: set | None) -> torch.fx.Node | None:
-    """The one user of `node`; in a joint graph, the one forward user (backward users, such
-    as _softmax_backward_data reading the softmax, are ignored)."""
-    users = [u for u in node.users if forward is None or u in forward]
-    return users[0] if len(users) == 1 else None
-
-
 def sdpa_arguments(node: torch.fx.Node) -> dict[str, object]:
     """Every argument of an SDPA call by its schema name (positional, keyword or default)."""
     bound: dict[str, object] = {}
@@ -328,7 +321,7 @@ def _softmax(
     interior += [bmm, node]
     cur = node
     while True:  # softmax -> casts, copies, dropout(p=0) -> bmm(p, v)
-        user = _sole_user(cur, forward)
+        user = sole_user(cur, forward)
         if user is None:
             readers = sorted(str(getattr(u.target, "__name__", u.target)) for u in cur.users)
             raise NoMatch(f"the probabilities are read by {', '.join(readers) or 'nothing'}")
@@ -357,131 +350,12 @@ def _softmax(
     start = user  # the bmm output [B*H, N, Dv], viewed back as [B, H, N, Dv] ([B, G, H, ..])
     out_form = (*_scores_form(q, k, axis)[:-2], n, canonical_shape(v, axis)[3])
     while shape(start) != out_form:
-        nxt = _sole_user(start, forward)
+        nxt = sole_user(start, forward)
         if nxt is None or not (same_values(nxt) or is_reshape(nxt)):
             raise NoMatch("the attention output is not viewed as [B, H, N, D]")
         interior.append(start)
         start = nxt
     return q, k, v, q.scale * k.scale, start, axis
-
-
-def _hinted(values) -> tuple[int, ...]:
-    return tuple(optimization_hint(v) if isinstance(v, torch.SymInt) else int(v) for v in values)
-
-
-def _strides_match(value: torch.Tensor, order: tuple[int, ...]) -> bool:
-    """True if `value`'s strides are those of a contiguous tensor with its dims permuted to
-    `order` (outermost first); size-1 dims are ignored."""
-    sizes, strides = _hinted(value.shape), _hinted(value.stride())
-    running = 1
-    for dim in reversed(order):
-        if sizes[dim] != 1 and strides[dim] != running:
-            return False
-        running *= sizes[dim]
-    return True
-
-
-def _permutation(node: torch.fx.Node) -> list[int] | None:
-    """The dims order of a permute or transpose, else None."""
-    rank = len(shape(node))
-    if node.target is aten.permute.default:
-        return [a % rank for a in node.args[1]]
-    if node.target is aten.transpose.int:
-        i, j = (a % rank for a in node.args[1:3])
-        order = list(range(rank))
-        order[i], order[j] = j, i
-        return order
-    return None
-
-
-def _groups(sizes: dict, order: str, target: tuple) -> list[str] | None:
-    """`order`'s letters split into consecutive runs whose size products are `target`'s
-    dims (a row-major regrouping), or None."""
-    groups, i = [], 0
-    for size in target:
-        group, product = "", 1
-        while i < len(order) and (not group or product != size):
-            group, product, i = group + order[i], product * sizes[order[i]], i + 1
-        if product != size:
-            return None
-        groups.append(group)
-    if i < len(order):  # trailing size-1 letters join the last group
-        if not groups or any(sizes[c] != 1 for c in order[i:]):
-            return None
-        groups[-1] += order[i:]
-    return groups
-
-
-ORDERS = ["bhnd", "bnhd", "nbhd"] + [
-    "".join(p) for p in itertools.permutations("bhnd") if "".join(p) not in ("bhnd", "bnhd", "nbhd")
-]
-
-
-def _output_chain(node: torch.fx.Node, interior: list, forward: set | None, axis: int | None):
-    """(final node, output layout, batch split) from the attention output [B, H, N, D] (or
-    [B, G, H, N, D] with its heads at `axis`: the other two leading dims are the batch's
-    outer "b" and inner "t" parts, t's size the split). A permute of it, then copies and
-    reshapes, ending in a contiguous tensor whose dims group the permuted ones ("n,b,h,d";
-    "bnc" for Swin's [B, N, H*D]); the chain goes on through reshapes of that result while
-    the batch stays a dim of its own. Else the [B, H, N, D] output itself, stored in any
-    order of its dims ("bhnd", "bnhd", ...). See AttentionSpec.output."""
-    sizes_in = shape(node)
-    letters = "bhnd"
-    if axis is not None:
-        lead = iter("bt")
-        letters = "".join("h" if i == axis else next(lead) for i in range(3)) + "nd"
-    sizes = dict(zip(letters, sizes_in))
-    split = sizes.get("t", 1)
-    if not isinstance(split, int):
-        raise NoMatch(f"the batch's inner part ({split}) is not a static size")
-    chain, cur, order = [], node, letters
-    best, permuted = None, False
-    while (nxt := _sole_user(cur, forward)) is not None:
-        perm = _permutation(nxt) if not permuted and _call(nxt) else None
-        if perm is not None and not is_reshape(nxt):
-            order, permuted = "".join(letters[i] for i in perm), True
-        elif not (same_values(nxt) or is_reshape(nxt) or is_float_cast(nxt) and not chain):
-            break  # (a cast first: the kernel stores in that dtype)
-        chain.append(nxt)
-        cur = nxt
-        value = fake_value(cur)
-        groups = _groups(sizes, order, shape(cur))
-        if groups is None or ("t" in order and "bt" not in order):
-            continue  # the batch's two parts must view as one: adjacent, outer first
-        if _strides_match(value, tuple(range(value.dim()))):
-            if best is not None and not any(g in ("b", "bt") for g in groups):
-                break  # keep the batch a dim of its own once a result is found
-            best = (len(chain), ",".join(groups))
-    if best is not None:
-        steps, layout = best
-        interior.append(node)
-        interior.extend(chain[: steps - 1])
-        return chain[steps - 1], "bnc" if layout == "b,n,hd" else layout, split
-    value = fake_value(node)
-    if axis is not None:
-        raise NoMatch("a 5-D attention output is not read as one contiguous tensor")
-    for order in ORDERS:
-        if _strides_match(value, tuple("bhnd".index(c) for c in order)):
-            return node, order, 1
-    raise NoMatch(f"the attention output has strides {tuple(value.stride())}")
-
-
-def _five_dim_output(q, k, v, start, interior: list, forward: set | None):
-    """(heads axis, _output_chain's result) for 5-D operands: the first heads axis that
-    both the operands and the output view with (a size-1 dim merges either way, so the
-    operands alone may allow several)."""
-    values = [fake_value(x.node) for x in (q, k, v)]
-    reasons = []
-    for axis in heads_axes(values):
-        trial: list = []
-        try:
-            result = _output_chain(start, trial, forward, axis)
-        except NoMatch as err:
-            reasons.append(str(err))
-            continue
-        interior.extend(trial)
-        return axis, result
-    raise NoMatch(reasons[0] if reasons else "no heads axis views q, k and v")
 
 
 def find_attention(node: torch.fx.Node, forward: set | None = None) -> AttentionMatch:
@@ -499,9 +373,9 @@ def find_attention(node: torch.fx.Node, forward: set | None = None) -> Attention
         raise NoMatch(f"{node.target} is neither a softmax nor an SDPA call")
     five_d = fake_value(q.node).dim() == 5
     if five_d:  # the heads axis must also let the output view its batch as one dim
-        axis, (final, output, split) = _five_dim_output(q, k, v, start, interior, forward)
+        axis, (final, output, split) = five_dim_output(q, k, v, start, interior, forward)
     else:
-        final, output, split = _output_chain(start, interior, forward, None)
+        final, output, split = output_chain(start, interior, forward, None)
     b, heads, n, _ = canonical_shape(q, axis)
     nk = canonical_shape(k, axis)[2]
     if five_d and axis != 2 and (terms or any(not isinstance(f, float) for f in factors)):

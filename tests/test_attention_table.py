@@ -372,3 +372,18 @@ def test_zero_size_attention_gives_eagers_result(fn, shape):
     assert len(regions) == (fn is swin_softmax), str(report)
     assert all("zero-size" in r.fallback_reason for r in regions), str(report)
     assert convcompiler.counters["launch.window_attention"] == 0
+
+
+def test_a_matcher_failure_falls_back_and_the_compile_goes_on(monkeypatch, caplog):
+    """An unexpected error inside the matcher (a bug, not a NoMatch) leaves the attention to
+    ATen with the error as its reason: the compile never fails for it."""
+    import convcompiler.passes.match_attention as match_attention
+
+    def broken(node, forward=None):
+        raise KeyError("boom")
+
+    monkeypatch.setattr(match_attention, "find_attention", broken)
+    region = check_row(hand, (rand(B, H, N, D), rand(B, H, N, D), rand(B, H, N, D)),
+                       "the attention matcher failed: KeyError")
+    assert convcompiler.counters["match.attention_error"] == 1
+    assert "the attention matcher failed" in caplog.text and region.schedule == "aten"

@@ -12,6 +12,8 @@ softmax feeds _softmax_backward_data and is left to ATen without a region.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.fx
 
@@ -30,6 +32,7 @@ from .context import PassContext, Region
 from .dims import Dim
 from .meta import as_size, fake_value, fp32_precision, shape_summary, size_hints
 
+log = logging.getLogger(__name__)
 RULE = "softmax(scale * q @ k^T + bias[h] + mask[b mod nW]) @ v => window_attention(q, k, v, ...)"
 aten = torch.ops.aten
 
@@ -169,6 +172,10 @@ def match_window_attention(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.
             m = find_attention(node)
         except NoMatch as err:
             reason, m = f"not window attention: {err}", None
+        except Exception as err:  # a matcher bug: ATen runs the attention, the compile goes on
+            log.warning("the attention matcher failed on %s", node.name, exc_info=True)
+            counters["match.attention_error"] += 1
+            reason, m = f"the attention matcher failed: {type(err).__name__}: {err}", None
         else:
             rewire_sizes(gm, m)
             reason = attention_fallback_reason(m, private=True)

@@ -21,7 +21,7 @@ from .attention_views import (
     same_values,
     shape,
 )
-from .meta import fake_value, optimization_hint
+from .meta import fake_value, hinted
 
 aten = torch.ops.aten
 
@@ -37,14 +37,10 @@ def sole_user(node: torch.fx.Node, forward: set | None) -> torch.fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
-def _hinted(values) -> tuple[int, ...]:
-    return tuple(optimization_hint(v) if isinstance(v, torch.SymInt) else int(v) for v in values)
-
-
 def _strides_match(value: torch.Tensor, order: tuple[int, ...]) -> bool:
     """True if `value`'s strides are those of a contiguous tensor with its dims permuted to
     `order` (outermost first); size-1 dims are ignored."""
-    sizes, strides = _hinted(value.shape), _hinted(value.stride())
+    sizes, strides = hinted(value.shape), hinted(value.stride())
     running = 1
     for dim in reversed(order):
         if sizes[dim] != 1 and strides[dim] != running:
@@ -138,16 +134,17 @@ def output_chain(node: torch.fx.Node, interior: list, forward: set | None, axis:
     raise NoMatch(f"the attention output has strides {tuple(value.stride())}")
 
 
-def five_dim_output(q, k, v, start, interior: list, forward: set | None):
-    """(heads axis, _output_chain's result) for 5-D operands: the first heads axis that
-    both the operands and the output view with (a size-1 dim merges either way, so the
-    operands alone may allow several)."""
+def read_back(q, k, v, start, interior: list, forward: set | None):
+    """(heads axis, output_chain's result): for 5-D operands the first heads axis that both
+    the operands and the output view with (a size-1 dim merges either way, so the operands
+    alone may allow several); 1 for 4-D ones."""
     values = [fake_value(x.node) for x in (q, k, v)]
+    five_d = values[0].dim() == 5
     reasons = []
     for axis in heads_axes(values):
         trial: list = []
         try:
-            result = output_chain(start, trial, forward, axis)
+            result = output_chain(start, trial, forward, axis if five_d else None)
         except NoMatch as err:
             reasons.append(str(err))
             continue

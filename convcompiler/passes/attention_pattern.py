@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 
-from .attention_output import five_dim_output, output_chain, sole_user
+from .attention_output import read_back, sole_user
 from .attention_terms import Select, Term, check_form, classify, file_factor, file_select
 from .attention_views import (
     NoMatch,
@@ -39,7 +39,7 @@ from .attention_views import (
     canonical_shape,
     dtype,
     first_output,
-    heads_axis,
+    heads_axes,
     is_float_cast,
     is_reshape,
     operand,
@@ -87,9 +87,7 @@ class AttentionMatch:
     heads_axis: int = 1  # 5-D q, k, v: their heads dim (the other two make the batch)
     batch_split: int = 1  # 5-D: the batch's inner part (the output's "t"; see AttentionSpec)
     out_dtype: torch.dtype | None = None  # the output is cast to this dtype in the region
-    select: torch.fx.Node | None = None  # a boolean mask applied last (Terms.select)
-    select_keep: bool = True
-    fill: float = float("-inf")
+    select: Select | None = None  # a boolean mask applied last (Terms.select)
     interior: list[torch.fx.Node] = field(default_factory=list)  # replaced by the kernel
 
 
@@ -283,9 +281,10 @@ def _scores_form(q: Operand, k: Operand, axis: int) -> tuple:
 
 
 def _check_qkv(q: Operand, k: Operand, v: Operand, gqa: bool = False) -> int:
-    """Checks q, k and v agree; returns the heads axis (attention_views.heads_axis)."""
+    """Checks q, k and v agree; returns the first heads axis they allow (heads_axes; the
+    output may pick a later one, read_back)."""
     values = [fake_value(x.node) for x in (q, k, v)]
-    axis = heads_axis(values)
+    axis = heads_axes(values)[0]
     if values[0].dim() == 5 and not (shape(q.node)[:3] == shape(k.node)[:3] == shape(v.node)[:3]):
         raise NoMatch("q, k and v disagree on their leading dims")
     (b, heads, n, d), (bk, hk, nk, dk), (bv, hv, nv, dv) = (
@@ -372,10 +371,7 @@ def find_attention(node: torch.fx.Node, forward: set | None = None) -> Attention
     else:
         raise NoMatch(f"{node.target} is neither a softmax nor an SDPA call")
     five_d = fake_value(q.node).dim() == 5
-    if five_d:  # the heads axis must also let the output view its batch as one dim
-        axis, (final, output, split) = five_dim_output(q, k, v, start, interior, forward)
-    else:
-        final, output, split = output_chain(start, interior, forward, None)
+    axis, (final, output, split) = read_back(q, k, v, start, interior, forward)
     b, heads, n, _ = canonical_shape(q, axis)
     nk = canonical_shape(k, axis)[2]
     if five_d and axis != 2 and (terms or any(not isinstance(f, float) for f in factors)):
@@ -411,8 +407,6 @@ def find_attention(node: torch.fx.Node, forward: set | None = None) -> Attention
         batch_split=split,
         out_dtype=out_dtype,
         select=filed.select,
-        select_keep=filed.keep,
-        fill=filed.fill,
     )
     match.interior = [x for x in dict.fromkeys(interior) if x is not final]
     return match

@@ -37,6 +37,17 @@ class Term:
     scores: tuple[int, ...]  # the shape of the scores it was added to
 
 
+@dataclass(frozen=True)
+class Select:
+    """where(m, s, fill) ("keep": SDPA's boolean attn_mask) or where(m, fill, s)
+    (masked_fill) as the last step before the softmax."""
+
+    node: torch.fx.Node  # the boolean mask
+    keep: bool  # True keeps the score where the mask is True (SDPA); False replaces it
+    fill: float
+    scores: tuple[int, ...]  # the shape of the scores it selects on
+
+
 @dataclass
 class Terms:
     """The kernel's additive operands and per-head factor, as graph nodes."""
@@ -47,20 +58,7 @@ class Terms:
     mask_repeat: int = 1
     general: torch.fx.Node | None = None
     logit_scale: torch.fx.Node | None = None
-    select: torch.fx.Node | None = None  # a boolean mask applied last (see file_select)
-    keep: bool = True  # select's True keeps the score (SDPA), or replaces it (masked_fill)
-    fill: float = float("-inf")
-
-
-@dataclass(frozen=True)
-class Select:
-    """where(m, s, fill) ("keep": SDPA's boolean attn_mask) or where(m, fill, s)
-    (masked_fill) as the last step before the softmax."""
-
-    node: torch.fx.Node  # the boolean mask
-    keep: bool
-    fill: float
-    scores: tuple[int, ...]  # the shape of the scores it selects on
+    select: Select | None = None  # a boolean mask applied last (see file_select)
 
 
 def _padded(term_shape: tuple[int, ...], form: tuple[int, ...]) -> tuple[int, ...]:
@@ -176,12 +174,12 @@ def file_select(out: Terms, select: Select, b: int, heads: int, n: int, nk: int)
         raise NoMatch(f"a boolean mask on scores viewed as {select.scores}")
     if dtype(select.node) != torch.bool:
         raise NoMatch(f"a {dtype(select.node)} mask selects the scores")
-    _padded(shape(select.node), select.scores)
-    if len(select.scores) == 3 and _padded(shape(select.node), select.scores)[0] != 1:
+    padded = _padded(shape(select.node), select.scores)
+    if len(select.scores) == 3 and padded[0] != 1:
         raise NoMatch("a boolean mask varies over the flattened batch x heads dim")
     if select.fill != select.fill:
         raise NoMatch("the scores are filled with NaN")
-    out.select, out.keep, out.fill = select.node, select.keep, select.fill
+    out.select = select
 
 
 def file_factor(out: Terms, factor: Term, b: int, heads: int, n: int, nk: int) -> None:

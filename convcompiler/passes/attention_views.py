@@ -26,7 +26,7 @@ import torch
 import torch.fx
 
 from .dims import Dim, dims
-from .meta import fake_value, optimization_hint
+from .meta import fake_value, hinted
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -256,14 +256,10 @@ def operand(
     return Operand(node, scale, cosine, transposed=flipped)
 
 
-def _hint(v) -> int:
-    return optimization_hint(v) if isinstance(v, torch.SymInt) else int(v)
-
-
 def mergeable(value: torch.Tensor, i: int, j: int) -> bool:
     """Dims i < j of `value` view as one (dim i outer): adjacent in memory, or size 1 (at
     the size hints: the strides of a graph's tensors follow from its sizes alike)."""
-    sizes, strides = [_hint(s) for s in value.shape], [_hint(s) for s in value.stride()]
+    sizes, strides = hinted(value.shape), hinted(value.stride())
     if sizes[i] == 1 or sizes[j] == 1:
         return True
     return strides[i] == strides[j] * sizes[j]
@@ -276,30 +272,31 @@ def heads_axes(values: list[torch.Tensor]) -> list[int]:
         return [1]
     if any(v.dim() != 5 for v in values):
         raise NoMatch("q, k and v are not all [B, H, N, D] or all [B, G, H, N, D]")
-    axes = []
-    for axis in (2, 1, 0):
-        i, j = (d for d in range(3) if d != axis)
-        if all(mergeable(v, i, j) for v in values):
-            axes.append(axis)
+    axes = [axis for axis in (2, 1, 0) if all(mergeable(v, *batch_axes(axis)) for v in values)]
     if not axes:
         raise NoMatch("no two leading dims of q, k and v view as one batch dim")
     return axes
 
 
-def heads_axis(values: list[torch.Tensor]) -> int:
-    """The first of heads_axes: the operands' checks use it (the output may pick another)."""
-    return heads_axes(values)[0]
+def batch_axes(axis: int) -> tuple[int, int]:
+    """The two leading dims of a 5-D q, k or v that make its batch, given its heads dim."""
+    i, j = (d for d in range(3) if d != axis)
+    return i, j
 
 
-def canonical_dims(value: torch.Tensor, transposed: bool, axis: int) -> tuple:
-    """[B, H, N, D] sizes of a q, k or v value: a 5-D one's leading dims other than the
-    heads `axis` make the batch; a transposed one is stored [.., D, N]."""
-    sizes = dims(value)
+def canonical_sizes(sizes: tuple, transposed: bool, axis: int) -> tuple:
+    """[B, H, N, D] from a q, k or v's sizes: a 5-D one's leading dims other than the heads
+    `axis` make the batch; a transposed one is stored [.., D, N]."""
     if len(sizes) == 5:
-        i, j = (d for d in range(3) if d != axis)
+        i, j = batch_axes(axis)
         sizes = (sizes[i] * sizes[j], sizes[axis], *sizes[3:])
     b, h, x, y = sizes
     return (b, h, y, x) if transposed else (b, h, x, y)
+
+
+def canonical_dims(value: torch.Tensor, transposed: bool, axis: int) -> tuple:
+    """canonical_sizes of a value, as Dims (comparing them adds no guard)."""
+    return canonical_sizes(dims(value), transposed, axis)
 
 
 def canonical_shape(op: Operand, axis: int = 1) -> tuple:

@@ -27,7 +27,7 @@ from .attention_pattern import (
     find_attention,
     reaches_matmul,
 )
-from .attention_views import canonical_dims
+from .attention_views import canonical_dims, canonical_sizes
 from .context import PassContext, Region
 from .dims import Dim
 from .meta import as_size, fake_value, fp32_precision, shape_summary, size_hints
@@ -119,20 +119,12 @@ def _canonical(value: torch.Tensor, name: str, m: AttentionMatch) -> tuple:
     return canonical_dims(value, name in m.transposed, m.heads_axis)
 
 
-def _batch(q: torch.Tensor, axis: int):
-    """The canonical batch of q: its first dim, or a 5-D q's two leading non-heads dims."""
-    if q.dim() == 4:
-        return q.shape[0]
-    i, j = (d for d in range(3) if d != axis)
-    return q.shape[i] * q.shape[j]
-
-
 def attention_spec(m: AttentionMatch) -> AttentionSpec:
     q = fake_value(m.q)
     b, heads, n, d = _canonical(q, "q", m)
     nk, dv = _canonical(fake_value(m.k), "k", m)[2], _canonical(fake_value(m.v), "v", m)[3]
     return AttentionSpec(
-        batch=as_size(_batch(q, m.heads_axis)),
+        batch=as_size(canonical_sizes(tuple(q.shape), False, m.heads_axis)[0]),
         heads=int(heads),
         tokens=int(n),
         head_dim=int(d),
@@ -157,8 +149,8 @@ def attention_spec(m: AttentionMatch) -> AttentionSpec:
         heads_axis=m.heads_axis,
         batch_split=m.batch_split,
         out_dtype=None if m.out_dtype is None else str(m.out_dtype).removeprefix("torch."),
-        select=None if m.select is None else ("keep" if m.select_keep else "drop"),
-        fill=float(m.fill),
+        select=None if m.select is None else ("keep" if m.select.keep else "drop"),
+        fill=float("-inf") if m.select is None else m.select.fill,
     )
 
 
@@ -190,7 +182,7 @@ def match_window_attention(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.
                 ("mask", m.mask),
                 ("general", m.general),
                 ("logit_scale", m.logit_scale),
-                ("select", m.select),
+                ("select", m.select and m.select.node),
             )
             roles = tuple((role, n.name) for role, n in operands if n is not None)
             roles += (("final", m.final.name),)

@@ -58,7 +58,8 @@ def size_hints(*tensors: torch.Tensor) -> tuple[tuple[str, int], ...]:
     return tuple(sorted(hints.items()))
 
 
-def _hinted(values: tuple[int | torch.SymInt, ...]) -> tuple[int, ...]:
+def hinted(values: tuple[int | torch.SymInt, ...]) -> tuple[int, ...]:
+    """Sizes or strides at their hints (no guard added)."""
     return tuple(optimization_hint(v) if isinstance(v, torch.SymInt) else int(v) for v in values)
 
 
@@ -75,7 +76,7 @@ def memory_layout(t: torch.Tensor) -> str:
 
     Decided at the size hints: a memory format does not depend on the sizes' values.
     """
-    shape, stride = _hinted(tuple(t.shape)), _hinted(tuple(t.stride()))
+    shape, stride = hinted(tuple(t.shape)), hinted(tuple(t.stride()))
     if stride == _contiguous_strides(shape):
         return "nchw"
     if len(shape) == 4:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -165,18 +167,12 @@ def canonical_operand(spec, name: str, t: torch.Tensor) -> torch.Tensor:
     return t.transpose(-2, -1) if name in spec.transposed else t
 
 
-def output_layout(spec) -> tuple[str, list[str] | None]:
-    """(the memory order of b, h, n, d, the groups of a contiguous result or None): see
-    AttentionSpec.output."""
-    layout = "b,n,hd" if spec.output == "bnc" else spec.output
-    return layout.replace(",", ""), layout.split(",") if "," in layout else None
-
-
 def attention_output(spec, like: torch.Tensor, *, with_view: bool = False):
     """An empty output as the region's graph reads it (the batch from `like`, a canonical
     [B, H, N, D] tensor, its dtype and device too); with_view: also its [B, H, N, Dv] view,
     into which the attention writes."""
-    order, groups = output_layout(spec)
+    layout = "b,n,hd" if spec.output == "bnc" else spec.output  # see AttentionSpec.output
+    order = layout.replace(",", "")
     b = like.shape[0]
     sizes = {"b": b // spec.batch_split, "t": spec.batch_split, "h": spec.heads,
              "n": spec.tokens, "d": spec.value_dim}  # fmt: skip
@@ -185,14 +181,8 @@ def attention_output(spec, like: torch.Tensor, *, with_view: bool = False):
     canonical = memory.permute([order.index(c) for c in "bthnd" if c in order])
     canonical = canonical.reshape(b, spec.heads, spec.tokens, spec.value_dim)
     y = canonical
-    if groups is not None:
-        shape = []
-        for group in groups:
-            size = 1
-            for c in group:
-                size = size * sizes[c]
-            shape.append(size)
-        y = memory.view(shape)
+    if "," in layout:  # a contiguous result, its dims grouping the letters
+        y = memory.view([math.prod(sizes[c] for c in group) for group in layout.split(",")])
     return (y, canonical) if with_view else y
 
 

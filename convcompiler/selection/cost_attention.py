@@ -12,6 +12,7 @@ sequences both re-read alike).
 
 from __future__ import annotations
 
+from ..codegen.window_attention import padded_dim
 from ..devices import Device
 from ..schedule import Schedule
 from ..spec import AttentionSpec
@@ -65,9 +66,10 @@ def attention_time(spec: AttentionSpec, schedule: Schedule, device: Device, symb
     peak = device.peak(matmul_math(spec))
     backend = sdpa_backend(spec, device) if schedule.name == "aten" else None
     if backend is not None:  # one SDPA kernel: q, k, v, the output and the summed terms once
+        summed = spec.bias + spec.mask + spec.general > 1  # one more kernel adds them up
         terms = (spec.bias + spec.mask + spec.general) * b * h * n * nk * e
-        traffic = qkvo + terms + (terms if spec.bias + spec.mask + spec.general > 1 else 0)
-        launches = 1 + (spec.bias + spec.mask + spec.general > 1)  # the terms' sum
+        traffic = qkvo + terms * (2 if summed else 1)
+        launches = 1 + summed
         padded, ctas, eff = flops, 1, SDPA_EFFICIENCY[backend]
     elif schedule.name == "aten":
         scores = b * h * n * nk * e
@@ -76,7 +78,7 @@ def attention_time(spec: AttentionSpec, schedule: Schedule, device: Device, symb
         padded, launches, ctas, eff = flops, ATEN_KERNELS, 1, ATEN_EFFICIENCY
     else:
         bm, bn = schedule["BLOCK_M"], schedule["BLOCK_N"]
-        dp, dvp = (max(16, 1 << (x - 1).bit_length()) for x in (d, dv))
+        dp, dvp = padded_dim(d), padded_dim(dv)
         rows, keys = _cdiv(n, bm) * bm, _cdiv(nk, bn) * bn
         padded = 2 * b * h * rows * keys * (dp + dvp)
         traffic = fused_bytes(spec, b)

@@ -282,8 +282,8 @@ def _window_reverse(tokens: torch.fx.Node) -> tuple | None:
         return None
     nodes, cur, shift = [view, perm, clone, image], image, [0, 0]
     rolled = _sole(cur, aten.roll.default)
-    if rolled is not None and _roll_of(rolled) is not None:  # torch.roll, not decomposed
-        shift, cur = list(_roll_of(rolled)), rolled
+    if rolled is not None and (by := _roll_of(rolled)) is not None:  # torch.roll, not decomposed
+        shift, cur = list(by), rolled
         nodes.append(rolled)
     for dim in (1, 2):  # the roll back along H is the first index op, then the one along W
         index = _sole(cur, aten.index.Tensor)

@@ -389,3 +389,21 @@ def test_a_matcher_failure_falls_back_and_the_compile_goes_on(monkeypatch, caplo
                        "the attention matcher failed: KeyError")
     assert convcompiler.counters["match.attention_error"] == 1
     assert "the attention matcher failed" in caplog.text and region.schedule == "aten"
+
+
+def test_the_select_puts_nan_and_inf_where_eager_does():
+    """The causal mask as the kernel's select: a NaN key is seen only by the rows the mask
+    lets see it; an Inf value row multiplies the masked rows' zero probability into NaN (and
+    is Inf where seen), as eager's matmul does; an empty batch gives eager's empty result."""
+    torch.manual_seed(13)
+    q, k, v = (rand(B, H, N, D) for _ in range(3))
+    k[0, 0, 5, 3] = float("nan")
+    v[1, 1, 7, 0] = float("inf")
+    region = check_row(masked_fill_causal, (q, k, v), None)
+    assert "drop=[..,N,Nk] bool" in region.spec, region.spec
+    out = masked_fill_causal(q, k, v)
+    assert out[0, 0, :5].isfinite().all() and out[0, 0, 5:].isnan().all()
+    assert out[1, 1, :7, 0].isnan().all() and out[1, 1, 7:, 0].isinf().all()
+    empty = [t[:0] for t in (q, k, v)]
+    y, _ = run_compiled(masked_fill_causal, empty, options=FAST)
+    assert y.shape == (0, H, N, D)

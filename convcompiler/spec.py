@@ -460,6 +460,10 @@ class AttentionSpec(SizeHints):
     # `fill`, -inf) or "drop" (masked_fill / where(m, fill, s): True gives `fill`); None
     select: str | None = None
     fill: float = float("-inf")
+    # a mask constant for the compile that hides whole key tiles (score_terms.py): for each
+    # tile shape of the kernel's space, the fraction of key tiles its query tiles visit,
+    # ((BLOCK_M, BLOCK_N, fraction), ...); () when every key tile is visited
+    key_tiles: tuple[tuple[int, int, float], ...] = ()
 
     @property
     def keys(self) -> int:
@@ -468,6 +472,10 @@ class AttentionSpec(SizeHints):
     @property
     def value_dim(self) -> int:
         return self.head_dim if self.v_head_dim is None else self.v_head_dim
+
+    def visited(self, block_m: int, block_n: int) -> float:
+        """The fraction of key tiles a kernel with these tiles visits (1.0: all)."""
+        return next((f for m, n, f in self.key_tiles if (m, n) == (block_m, block_n)), 1.0)
 
     def terms(self) -> str:
         parts = (["cosine"] if self.cosine else []) + (["bias"] if self.bias else [])
@@ -510,6 +518,9 @@ class AttentionSpec(SizeHints):
                 f" fill={self.fill}" if self.fill != float("-inf") else "")
         if self.safe_softmax:
             text += " safe_softmax"
+        if self.key_tiles:
+            least = min(f for _, _, f in self.key_tiles)
+            text += f" sparse(key tiles visited >= {least:.1%})"
         cast = f" -> {self.out_dtype}" if self.out_dtype else ""
         return f"{text} {self.dtype}{cast} out={self.output}"
 
@@ -642,6 +653,17 @@ def _names(value: object, allowed: tuple[str, ...], name: str) -> tuple[str, ...
     return tuple(value)
 
 
+def _key_tiles(value: object) -> tuple[tuple[int, int, float], ...]:
+    """AttentionSpec.key_tiles: [[BLOCK_M, BLOCK_N, fraction in 0..1], ...]."""
+    if not isinstance(value, list) or not all(isinstance(r, list) and len(r) == 3 for r in value):
+        raise SpecError(f"key_tiles={value!r} is not [[BLOCK_M, BLOCK_N, fraction], ...]")
+    rows = tuple((_int(m, "BLOCK_M", 1), _int(n, "BLOCK_N", 1), _float(f, "fraction"))
+                 for m, n, f in value)  # fmt: skip
+    if not all(0.0 <= f <= 1.0 for _, _, f in rows):
+        raise SpecError(f"key_tiles={value!r}: a fraction outside 0..1")
+    return rows
+
+
 def _bool(value: object, name: str) -> bool:
     if not isinstance(value, bool):
         raise SpecError(f"{name}={value!r} is not a bool")
@@ -724,6 +746,8 @@ def spec_to_json(spec) -> dict:
             v = [[name, value] for name, value in v]
         elif f.name == "transposed":
             v = list(v)
+        elif f.name == "key_tiles":
+            v = [list(row) for row in v]
         elif isinstance(v, tuple):
             v = [_size_to_json(x) for x in v]
         elif isinstance(v, sympy.Basic):
@@ -785,6 +809,7 @@ def spec_from_json(data: object):
             out_dtype=_check(data["out_dtype"], (None, *DTYPES), "out_dtype"),
             select=_check(data["select"], (None, "keep", "drop"), "select"),
             fill=_not_nan(_float(data["fill"], "fill"), "fill"),
+            key_tiles=_key_tiles(data["key_tiles"]),
             **common,
         )
     e = data["epilogue"]

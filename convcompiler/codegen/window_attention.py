@@ -17,12 +17,20 @@ an operand stored transposed ([.., D, N], LeViT's k) is read with its strides sw
 
 from __future__ import annotations
 
+import inspect
+
+from .. import score_terms
 from ..devices import Device
 from ..schedule import InvalidSchedule, Schedule, schedule_space
 from ..spec import MAX_HEAD_DIM, AttentionSpec
 from . import template as T
 
 KERNELS = ("window_attention",)
+# the host-side helpers each kernel's source carries (score_terms.py's functions, verbatim)
+SCORE_TERMS = "\n\n\n".join(
+    inspect.getsource(getattr(score_terms, name)).rstrip()
+    for name in ("per_head", "per_window", "_distinct", "tiles_of", "key_tiles", "tile_lists")
+)
 LAUNCH_KEYS = ("num_warps", "num_stages")
 
 
@@ -34,8 +42,8 @@ def padded_dim(dim: int) -> int:
 
 @schedule_space(
     "window_attention",
-    BLOCK_M=(16, 32, 64, 128),
-    BLOCK_N=(16, 32, 64, 128),
+    BLOCK_M=score_terms.TILE_SIZES,
+    BLOCK_N=score_terms.TILE_SIZES,
     num_warps=(2, 4, 8),
     num_stages=(1, 2, 3),
 )
@@ -82,6 +90,7 @@ MASK_REPEAT = ${mask_repeat}  # the mask is added this many times
 SAFE_SOFTMAX = ${safe_softmax}  # a row of all -inf scores gives 0 (SDPA), not NaN
 SELECT = ${select}  # a boolean mask applied last: "keep" (True keeps), "drop" (True fills)
 FILL = ${fill}
+SPARSE = ${sparse}  # a constant mask hides whole key tiles: visit only the others
 OUTPUT = ${output}
 PRECISION = ${precision}
 INDEX_LIMIT = 2**31  # tensors this large get 64-bit offsets
@@ -114,8 +123,10 @@ ${wrapped_block}
 
 @triton.jit
 def window_attention(
-    # q, k, v: [B, H, N, D] views; o: the output; the additive terms (None when absent)
+    # q, k, v: [B, H, N, D] views; o: the output; the additive terms (None when absent);
+    # counts [B, H, tq] and order [B, H, tq, tk]: the key tiles each query tile visits
     q_ptr, k_ptr, v_ptr, o_ptr, bias_ptr, mask_ptr, general_ptr, ls_ptr, sel_ptr,
+    counts_ptr, order_ptr,
     # sizes; N and NK (the queries' and the keys' tokens) are fixed by the spec, so the key
     # loop has constant bounds
     H, N: tl.constexpr, NK: tl.constexpr, NW,
@@ -155,7 +166,17 @@ def window_attention(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=work)
     l_i = tl.full((BLOCK_M,), 0.0, dtype=work)
     acc = tl.full((BLOCK_M, DV), 0.0, dtype=work)
-    for n0 in range(0, NK, BLOCK_N):
+    KEY_TILES: tl.constexpr = (NK + BLOCK_N - 1) // BLOCK_N
+    if counts_ptr is not None:  # a constant mask: only the key tiles this query tile sees
+        tile = (b * H + h) * ((N + BLOCK_M - 1) // BLOCK_M) + pid_m
+        trips = tl.load(counts_ptr + tile)
+    else:
+        trips = KEY_TILES
+    for i in range(0, trips):
+        if counts_ptr is not None:
+            n0 = tl.load(order_ptr + tile * KEY_TILES + i) * BLOCK_N
+        else:
+            n0 = i * BLOCK_N
         offs_n, n_ok = _block(n0, NK, BLOCK_N)
         k = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
@@ -207,24 +228,8 @@ def window_attention(
     tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & e_ok[None, :])
 
 
-def _per_head(bias):
-    """bias[h, i, j] from a term broadcast over the batch: [.., 1, H|1, N|1, N|1]."""
-    while bias.dim() > 3:
-        bias = bias[0]
-    return bias.expand(HEADS, TOKENS, KEY_TOKENS)
-
-
-def _per_window(mask):
-    """mask[w, i, j] from [nW, N, N], [nW, 1, N, N] or [1, nW, 1, N, N] (size-1 dims of N
-    broadcast): a per-window mask as the per-window view [I, nW, H, N, N] of the scores
-    sees it."""
-    if mask.dim() == 5:
-        mask = mask[0, :, 0]
-    elif mask.dim() == 4:
-        mask = mask[:, 0]
-    while mask.dim() < 3:
-        mask = mask.unsqueeze(0)
-    return mask.expand(mask.shape[0], TOKENS, KEY_TOKENS)
+# ---- the score terms as the kernel indexes them (convcompiler/score_terms.py) ----
+${score_terms}
 
 
 def _canonical(name, t, tokens, dim):
@@ -271,10 +276,10 @@ def launch(q, k, v, bias=None, mask=None, general=None, logit_scale=None, select
     general_strides = zero4
     NW = 1
     if bias is not None:
-        bias = _per_head(bias)
+        bias = per_head(bias, HEADS, TOKENS, KEY_TOKENS)
         bias_strides = bias.stride()
     if mask is not None:
-        mask = _per_window(mask)
+        mask = per_window(mask, TOKENS, KEY_TOKENS)
         NW = mask.shape[0]
         if B % NW:
             raise ValueError(f"batch {B} is not a multiple of the {NW} windows of the mask")
@@ -305,11 +310,17 @@ def launch(q, k, v, bias=None, mask=None, general=None, logit_scale=None, select
         out = y
     o_strides = canonical.stride()
     int64 = max(t.numel() for t in (q, k, v, out)) >= INDEX_LIMIT
+    counts = order = None
+    if SPARSE:  # the key tiles each query tile sees, from this call's terms
+        seen = key_tiles(bias, mask, general, select, SELECT == "keep", FILL, B,
+                         META["BLOCK_M"], META["BLOCK_N"])
+        if seen is not None:
+            counts, order = tile_lists(seen, q, k, v)
 
     # ---- 3. launch: (query-row blocks, window-batch x heads) ----
     grid = lambda meta: (triton.cdiv(TOKENS, meta["BLOCK_M"]), B * HEADS)
     window_attention[grid](
-        q, k, v, out, bias, mask, general, logit_scale, select,
+        q, k, v, out, bias, mask, general, logit_scale, select, counts, order,
         HEADS, TOKENS, KEY_TOKENS, NW,
         *q.stride(), *k.stride(), *v.stride(), *o_strides,
         *bias_strides, *mask_strides, *general_strides, *select_strides,
@@ -352,5 +363,7 @@ def render(spec: AttentionSpec, schedule: Schedule) -> T.KernelSource:
         meta=meta,
         launch=launch,
         wrapped_block=T.WRAPPED_BLOCK,
+        sparse=str(bool(spec.key_tiles)),
+        score_terms=SCORE_TERMS,
     )
     return T.KernelSource(f"{spec.geometry()}_{schedule.name}", text, schedule, spec.key(), KERNELS)

@@ -65,6 +65,17 @@ def _warn_once(message: str) -> None:
         log.warning(message)
 
 
+def _key_tiles(spec: AttentionSpec, choice: Choice, ran: bool) -> dict[str, float]:
+    """RegionRecord.key_tiles and plan_key_tiles of a sparse attention's choice."""
+    fields = {}
+    plan = choice.prediction.schedule if choice.prediction else choice.schedule
+    if plan.name != "aten":
+        fields["plan_key_tiles"] = spec.visited(plan["BLOCK_M"], plan["BLOCK_N"])
+    if ran and choice.schedule.name != "aten":
+        fields["key_tiles"] = spec.visited(choice.schedule["BLOCK_M"], choice.schedule["BLOCK_N"])
+    return fields
+
+
 class Lowering:
     """Lowers the regions of one compile; holds the per-compile selection contexts."""
 
@@ -217,6 +228,8 @@ class Lowering:
         pred = choice.prediction if choice else None
         if region.note:  # what the matcher tried first (a ConvNeXt block not whole)
             fields["why"] = "; ".join(filter(None, (fields.get("why"), region.note)))
+        if isinstance(region.spec, AttentionSpec) and region.spec.key_tiles and choice:
+            fields.update(_key_tiles(region.spec, choice, ran=fields.get("fallback_reason") is None))
         self.report.regions.append(
             RegionRecord(
                 name=region.name,

@@ -56,7 +56,7 @@ from .lowering import Lowering
 
 log = logging.getLogger(__name__)
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2
 
 
 def precision_flags() -> dict[str, Any]:
@@ -114,6 +114,27 @@ def parameter_placeholders(gm: torch.fx.GraphModule) -> frozenset[str]:
     return frozenset(placeholders[i] for i in meta.static_input_indices)
 
 
+def parameter_values(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[Any]
+) -> dict[str, torch.Tensor]:
+    """{placeholder: its value now} for the parameters and buffers among an aot graph's
+    placeholders (parameter_placeholders), read from the inputs Dynamo passed the backend;
+    empty when those do not line up with the placeholders."""
+    names = parameter_placeholders(gm)
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    if not names or len(placeholders) != len(example_inputs):
+        return {}
+    values = {}
+    for node, value in zip(placeholders, example_inputs):
+        fake = node.meta.get("val")
+        if node.name not in names or not isinstance(value, torch.Tensor):
+            continue
+        if not isinstance(fake, torch.Tensor) or fake.shape != value.shape:
+            return {}  # not the inputs these placeholders stand for
+        values[node.name] = value
+    return values
+
+
 class CompileSession:
     """What one backend call shares between its hooks."""
 
@@ -126,6 +147,7 @@ class CompileSession:
     ) -> None:
         self.config = config
         self.mode = mode
+        self.example_inputs = example_inputs
         # the pieces of a graph that DDP's optimizer split are compiled in one CompileContext
         self.report = new_report(config, CompileContext.try_get())
         self.facts: dict[str, Any] = {}
@@ -201,6 +223,8 @@ class CompileSession:
             host=self.report.host,
             plan_block=self.lowering.plan_block,
             plan_fusion=self.lowering.plan_fusion,
+            constants=(parameter_values(gm, self.example_inputs)
+                       if stage in ("forward", "inference") else {}),  # fmt: skip
         )
         gm = run_passes(POST_GRAD_PASSES, gm, ctx)
         parameters = parameter_placeholders(gm) if stage == "inference" else frozenset()

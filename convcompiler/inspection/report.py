@@ -52,6 +52,10 @@ class RegionRecord:
     cost: str | None = None  # the predicted time as a function of the dynamic sizes
     candidates: tuple = ()  # CandidateRow(schedule, predicted_s, measured_s) per candidate
     valid_for: str | None = None  # the dynamic-size range the choice holds for
+    # an attention whose constant mask hides key tiles: the fraction of key tiles its kernel
+    # visits (the GPU plan's tiles: `plan_key_tiles`; those that ran: `key_tiles`)
+    key_tiles: float | None = None
+    plan_key_tiles: float | None = None
 
 
 @dataclass

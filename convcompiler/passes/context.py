@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from ..config import Config
 from ..spec import ConvSpec
@@ -56,6 +56,9 @@ class PassContext:
     # why its layers' specs `parts` run apart; a note comparing the two): the same for a conv
     # that would compute its input from another conv's output (spec.prologue.dw)
     plan_fusion: Callable[[Any, tuple], tuple[str | None, str]] | None = None
+    # the placeholders that are a module's parameters or buffers, by name, with their values
+    # now (the real tensors Dynamo passed): what passes/constants.py computes from
+    constants: Mapping[str, Any] = field(default_factory=dict)
 
     def new_region_name(self, kind: str) -> str:
         taken = self.facts.setdefault("region_names", {})

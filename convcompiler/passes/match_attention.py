@@ -12,6 +12,7 @@ softmax feeds _softmax_backward_data and is left to ATen without a region.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -27,6 +28,7 @@ from .attention_pattern import (
     find_attention,
     reaches_matmul,
 )
+from .attention_sparsity import key_tile_fractions
 from .attention_views import canonical_dims, canonical_sizes
 from .context import PassContext, Region
 from .dims import Dim
@@ -172,6 +174,9 @@ def match_window_attention(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.
             rewire_sizes(gm, m)
             reason = attention_fallback_reason(m, private=True)
         spec = attention_spec(m) if m is not None and reason is None else None
+        if spec is not None:
+            tiles = key_tile_fractions(gm, m, spec, ctx.constants)
+            spec = dataclasses.replace(spec, key_tiles=tiles) if tiles else spec
         roles = ()
         if m is not None:
             operands = (

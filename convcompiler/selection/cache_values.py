@@ -188,12 +188,14 @@ REGION_ROW = {
     "cost": (str, None),
     "candidates": [CANDIDATE],
     "valid_for": (str, None),
+    "key_tiles": (float, None),
+    "plan_key_tiles": (float, None),
 }
 
 # The report of one compile (frontend/session.py): rows, devices, and the kernel references
 # the compiled graph calls, each with whether it runs interpreted.
 REPORT = {
-    "version": OneOf(1),
+    "version": OneOf(2),
     "templates": SHA256,  # cache.templates_hash() of the installation that stored it
     "regions": [REGION_ROW],
     "devices": Map(str),

@@ -71,7 +71,8 @@ class Prediction:
         return "compute" if self.compute_s >= self.memory_s else "memory"
 
     def summary(self) -> str:
-        waste = 1 - self.flops / self.padded_flops if self.padded_flops else 0.0
+        # a sparse attention computes less than its useful (dense) FLOPs: no waste
+        waste = max(0.0, 1 - self.flops / self.padded_flops) if self.padded_flops else 0.0
         return (
             f"{self.at_hint * 1e6:.1f} us ({self.bound}-bound:"
             f" compute {self.compute_s * 1e6:.1f} us on {self.math},"

@@ -8,6 +8,11 @@ its scores live in registers, tiled BLOCK_M x BLOCK_N with the rows and keys pad
 When the graph calls SDPA, "aten" is that one call instead (sdpa_backend). Neither side is
 charged the K/V re-reads of other query tiles (they hit L2 for window sizes; for long
 sequences both re-read alike).
+
+A constant mask that hides whole key tiles (spec.key_tiles) cuts the fused kernel's work to
+the fraction of key tiles its tiles visit; the tile lists cost a few small kernels per call
+that read q, k, v and the masking terms once more (score_terms.tile_lists). SDPA with the same
+mask computes every score.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 FUSED_EFFICIENCY = 0.45  # small tiles and an exp per score: well below GEMM efficiency
 ATEN_EFFICIENCY = 0.50
 ATEN_KERNELS = 9
+TILE_LIST_KERNELS = 4  # finiteness of q, k, v; the terms' tiles; the counts; the sort
 # When the graph itself calls SDPA, its ATen path is one SDPA kernel: FlashAttention-2 (or
 # cuDNN) without an additive mask in half precision, the memory-efficient kernel otherwise.
 # Assumed fractions of the tensor-core peak, not measured here (no GPU in this sandbox):
@@ -80,10 +86,14 @@ def attention_time(spec: AttentionSpec, schedule: Schedule, device: Device, symb
         bm, bn = schedule["BLOCK_M"], schedule["BLOCK_N"]
         dp, dvp = padded_dim(d), padded_dim(dv)
         rows, keys = _cdiv(n, bm) * bm, _cdiv(nk, bn) * bn
-        padded = 2 * b * h * rows * keys * (dp + dvp)
+        padded = 2 * b * h * rows * keys * (dp + dvp) * spec.visited(bm, bn)
         traffic = fused_bytes(spec, b)
         ctas = _cdiv(n, bm) * b * h
         launches, eff = 1, FUSED_EFFICIENCY
+        if spec.key_tiles:  # the per-call tile lists: q, k, v and the terms read once more
+            masks = fused_bytes(spec, 0) + (spec.general + bool(spec.select)) * n * nk * e
+            traffic += qkvo - b * h * n * dv * e + masks
+            launches += TILE_LIST_KERNELS
         slots = device.sms * (2 if schedule["num_warps"] <= 4 else 1)
         padded = padded * (_cdiv(ctas, slots) * slots) / _max(ctas, 1)
     compute = padded / (peak * eff)
@@ -93,11 +103,8 @@ def attention_time(spec: AttentionSpec, schedule: Schedule, device: Device, symb
 
 
 def attention_steps(spec: AttentionSpec, schedule: Schedule) -> int:
-    """Programs x key blocks: what Triton's interpreter pays for."""
+    """Programs x key blocks visited: what Triton's interpreter pays for."""
     b = spec.hint(spec.batch)
-    return (
-        _cdiv(spec.tokens, schedule["BLOCK_M"])
-        * b
-        * spec.heads
-        * _cdiv(spec.keys, schedule["BLOCK_N"])
-    )
+    bm, bn = schedule["BLOCK_M"], schedule["BLOCK_N"]
+    programs = _cdiv(spec.tokens, bm) * b * spec.heads
+    return max(1, round(programs * _cdiv(spec.keys, bn) * spec.visited(bm, bn)))

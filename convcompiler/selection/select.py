@@ -87,8 +87,17 @@ def _label(schedule: Schedule, spec: Spec, device: Device) -> str:
     return schedule.name
 
 
+def key_tiles_note(spec: Spec, schedule: Schedule) -> str:
+    """For an attention whose constant mask hides key tiles: the fraction `schedule` visits."""
+    if not isinstance(spec, AttentionSpec) or not spec.key_tiles or schedule.name == "aten":
+        return ""
+    visited = spec.visited(schedule["BLOCK_M"], schedule["BLOCK_N"])
+    return f" (a constant mask: {visited:.1%} of the key tiles visited)"
+
+
 def _why(winner: Prediction, ranked: list[Prediction], spec: Spec, device: Device) -> str:
     text = f"{_label(winner.schedule, spec, device)}: {winner.summary()}"
+    text += key_tiles_note(spec, winner.schedule)
     other = next((p for p in ranked if p.schedule.name != winner.schedule.name), None)
     if other is not None:
         ratio = other.at_hint / winner.at_hint if winner.at_hint else float("inf")
@@ -335,7 +344,8 @@ def for_interpreter(spec: Spec, choice: Choice) -> Choice:
     return dataclasses.replace(
         choice,
         schedule=best,
-        why=f"{choice.why}; tiles re-picked for Triton's interpreter (GPU plan: {plan})",
+        why=f"{choice.why}; tiles re-picked for Triton's interpreter (GPU plan: {plan})"
+        + key_tiles_note(spec, best),
     )
 
 

@@ -653,6 +653,13 @@ def _names(value: object, allowed: tuple[str, ...], name: str) -> tuple[str, ...
     return tuple(value)
 
 
+def _fill(value: object) -> float:
+    """AttentionSpec.fill: a number, or "inf" / "-inf" (JSON has no infinity)."""
+    if value in ("inf", "-inf"):
+        return float(value)
+    return _not_nan(_float(value, "fill"), "fill")
+
+
 def _key_tiles(value: object) -> tuple[tuple[int, int, float], ...]:
     """AttentionSpec.key_tiles: [[BLOCK_M, BLOCK_N, fraction in 0..1], ...]."""
     if not isinstance(value, list) or not all(isinstance(r, list) and len(r) == 3 for r in value):
@@ -748,6 +755,8 @@ def spec_to_json(spec) -> dict:
             v = list(v)
         elif f.name == "key_tiles":
             v = [list(row) for row in v]
+        elif f.name == "fill" and isinstance(spec, AttentionSpec) and abs(v) == float("inf"):
+            v = str(v)  # "-inf": JSON has no infinity
         elif isinstance(v, tuple):
             v = [_size_to_json(x) for x in v]
         elif isinstance(v, sympy.Basic):
@@ -808,7 +817,7 @@ def spec_from_json(data: object):
             batch_split=_int(data["batch_split"], "batch_split", 1),
             out_dtype=_check(data["out_dtype"], (None, *DTYPES), "out_dtype"),
             select=_check(data["select"], (None, "keep", "drop"), "select"),
-            fill=_not_nan(_float(data["fill"], "fill"), "fill"),
+            fill=_fill(data["fill"]),
             key_tiles=_key_tiles(data["key_tiles"]),
             **common,
         )

@@ -71,6 +71,54 @@ class TorchMHA(nn.Module):
         return self.attn(x, x, x, need_weights=False)[0]
 
 
+class MViTv2Attention(nn.Module):
+    """MViTv2's pooling attention (timm): keys and values pooled by a strided depthwise conv,
+    and a decomposed relative position bias added on the scores viewed as [B, H, qh, qw, kh,
+    kw]: rel_h = q . Rh[qy - ky] and rel_w = q . Rw[qx - kx], written back by a slice
+    assignment covering all of the scores."""
+
+    def __init__(self, dim=16, heads=2, q_size=(4, 6), stride=2) -> None:
+        super().__init__()
+        self.heads, self.q_size = heads, q_size
+        self.k_size = tuple(s // stride for s in q_size)
+        d = dim // heads
+        self.scale = d**-0.5
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.pool = nn.Conv2d(d, d, 3, stride, 1, groups=d, bias=False)
+        self.proj = nn.Linear(dim, dim)
+        size = 2 * max(max(q_size), max(self.k_size)) - 1
+        self.rel_pos_h = nn.Parameter(torch.randn(size, d) * 0.5)
+        self.rel_pos_w = nn.Parameter(torch.randn(size, d) * 0.5)
+
+    def _distance(self, q_len, k_len, device):
+        q_ratio, k_ratio = max(k_len / q_len, 1.0), max(q_len / k_len, 1.0)
+        qi = torch.arange(q_len, device=device)[:, None] * q_ratio
+        ki = torch.arange(k_len, device=device)[None, :] * k_ratio
+        return (qi - ki + (k_len - 1) * k_ratio).long()
+
+    def forward(self, x):
+        b, n, c = x.shape
+        (qh, qw), (kh, kw), d = self.q_size, self.k_size, c // self.heads
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d).permute(2, 0, 3, 1, 4)
+
+        def pooled(t):
+            t = self.pool(t.reshape(b * self.heads, qh, qw, d).permute(0, 3, 1, 2))
+            return t.flatten(2).transpose(1, 2).reshape(b, self.heads, kh * kw, d)
+
+        k, v = pooled(k), pooled(v)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        rh = self.rel_pos_h[self._distance(qh, kh, x.device)]
+        rw = self.rel_pos_w[self._distance(qw, kw, x.device)]
+        r_q = q.reshape(b, self.heads, qh, qw, d)
+        rel_h = torch.einsum("byhwc,hkc->byhwk", r_q, rh)
+        rel_w = torch.einsum("byhwc,wkc->byhwk", r_q, rw)
+        attn[:, :, :, :] = (
+            attn.view(b, -1, qh, qw, kh, kw) + rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)
+        ).view(b, -1, qh * qw, kh * kw)
+        out = attn.softmax(dim=-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
 def _fused(report) -> list:
     regions = [r for r in report.regions if r.kind == "window_attention"]
     assert regions and all(r.fallback_reason is None for r in regions), str(report)
@@ -81,6 +129,7 @@ LAYOUTS = {
     # name: (module, input shape, what the region's spec shows)
     "levit_k_as_stored": (LeViTAttention, (2, 20, 24), ("k^T stored", "head_dim=4 v_head_dim=8")),
     "pooled_keys": (SpatialReductionAttention, (2, 60, 32), ("N=60 Nk=15",)),
+    "mvitv2_rel_pos": (MViTv2Attention, (2, 24, 16), ("N=24 Nk=6", "attn_mask=")),
 }
 
 
@@ -273,3 +322,11 @@ def test_neighborhood_attention_from_the_example_fuses(written) -> None:
         assert "drop=[..,N,Nk] bool" in region.spec, region.spec
     assert convcompiler.counters["launch.window_attention"] == 1
     assert_close(out, ref, torch.float32)
+
+
+def test_mvitv2_attention_trains() -> None:
+    """The decomposed relative position terms (rel_h, rel_w, from q) summed into one term
+    before the fused forward; the backward recomputes in ATen: gradients match float64."""
+    torch.manual_seed(8)
+    gradients_match_float64(MViTv2Attention().train(), torch.randn(2, 24, 16))
+    assert convcompiler.counters["launch.window_attention"] == 1

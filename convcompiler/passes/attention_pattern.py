@@ -42,10 +42,13 @@ from .attention_views import (
     heads_axes,
     is_float_cast,
     is_reshape,
+    keeps_last_two,
     operand,
     same_values,
     scalar_factor,
+    score_copy,
     shape,
+    splits_tokens,
 )
 from .meta import fake_value
 
@@ -109,20 +112,6 @@ def reaches_matmul(node: object, depth: int = 12) -> bool:
     return bool(args) and reaches_matmul(args[0], depth - 1)
 
 
-def _keeps_last_two(node: object) -> bool:
-    """A reshape that regroups the leading dims of the scores and keeps [.., Nq, Nk]
-    (size-1 dims aside: einsum's graphs view [.., N, 1, Nk] and move the 1)."""
-    if not is_reshape(node):
-        return False
-    out, inp = shape(node), shape(node.args[0])
-    if len(out) < 3 or len(inp) < 3:
-        return False
-    if out[-2:] == inp[-2:]:
-        return True
-    kept_out, kept_in = [s for s in out if s != 1], [s for s in inp if s != 1]
-    return len(kept_out) >= 3 and len(kept_in) >= 3 and kept_out[-2:] == kept_in[-2:]
-
-
 def _on_score_path(node: object, depth: int = 16) -> bool:
     """True if `node` is computed from a bmm by the ops a score path may hold."""
     while depth > 0 and _call(node):
@@ -131,10 +120,14 @@ def _on_score_path(node: object, depth: int = 16) -> bool:
         if (
             same_values(node)
             or is_float_cast(node)
-            or _keeps_last_two(node)
+            or keeps_last_two(node)
+            or splits_tokens(node)
             or scalar_factor(node) is not None
         ):
             node, depth = node.args[0], depth - 1
+            continue
+        if score_copy(node):
+            node, depth = node.args[1], depth - 1
             continue
         if node.target in (aten.add.Tensor, aten.mul.Tensor):
             return any(_on_score_path(a, depth - 1) for a in node.args)
@@ -182,18 +175,25 @@ def _score_path(
         if node.target is aten.bmm.default:
             return node
         step = None
-        if same_values(node) or is_float_cast(node) or _keeps_last_two(node):
+        if same_values(node) or is_float_cast(node) or keeps_last_two(node):
             step = node.args[0]
+        elif splits_tokens(node):  # the terms added on the split view say how they broadcast
+            step = node.args[0]
+        elif score_copy(node):
+            step = node.args[1]
         elif node.target is aten.add.Tensor and node.kwargs.get("alpha", 1) == 1:
             a, b = node.args
             if not all(isinstance(x, torch.fx.Node) for x in (a, b)):
                 raise NoMatch("a constant is added to the scores")
-            if _on_score_path(a) == _on_score_path(b):
+            on_a, on_b = _on_score_path(a), _on_score_path(b)
+            if on_a and on_b:  # a term computed by a bmm of its own (MViTv2's q @ rel_pos):
+                on_a, on_b = shape(a) == shape(node), shape(b) == shape(node)  # it broadcasts
+            if on_a == on_b:
                 raise NoMatch("an add on the scores has no single score operand")
             if factors:
                 raise NoMatch("the scores are scaled after an additive term (it would scale it)")
-            step, term = (a, b) if _on_score_path(a) else (b, a)
-            terms.append(Term(term, shape(node)))
+            step, term = (a, b) if on_a else (b, a)
+            terms.append(Term(term, shape(node), node))
         elif (factor := scalar_factor(node)) is not None:
             factors.append(factor)
             step = node.args[0]
@@ -326,7 +326,7 @@ def _softmax(
             raise NoMatch(f"the probabilities are read by {', '.join(readers) or 'nothing'}")
         if user.target is aten.bmm.default and user.args[0] is cur:
             break
-        if same_values(user) or is_float_cast(user) or _keeps_last_two(user):
+        if same_values(user) or is_float_cast(user) or keeps_last_two(user):
             cur = user
         elif user.target is aten.native_dropout.default:
             if user.args[1] != 0:

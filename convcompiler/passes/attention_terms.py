@@ -21,12 +21,14 @@ logit scale. The same mask added twice (HF Swinv2) is one mask with a weight of 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.fx
 
 from .attention_views import NoMatch, dtype, is_reshape, same_values, shape, strip_reshapes
+from .meta import run_on_fakes
 
 aten = torch.ops.aten
 
@@ -35,6 +37,7 @@ aten = torch.ops.aten
 class Term:
     node: torch.fx.Node  # the value added
     scores: tuple[int, ...]  # the shape of the scores it was added to
+    site: torch.fx.Node | None = None  # the add (or mul) that applies it
 
 
 @dataclass(frozen=True)
@@ -135,10 +138,45 @@ def _file(out: Terms, role: str, node: torch.fx.Node, windows: int = 1) -> None:
     raise NoMatch(f"two {names[role]} on the scores (the kernel adds one of each)")
 
 
+def merge_split_terms(terms: list[Term], b: int, heads: int, n: int, nk: int) -> list[Term]:
+    """Terms added on a view that splits the tokens into grid axes ([B, H, qh, qw, kh, kw]:
+    MViTv2's rel_h[.., kh, 1] + rel_w[.., 1, kw]) become one [B, H, N, Nk] term: their sum,
+    broadcast and viewed back row-major as the scores are (new nodes before the last add, for
+    the kernel's general operand; the sum is materialized, the scores are not)."""
+    split = [t for t in terms if t.scores[-2:] != (n, nk) and len(t.scores) > 4]
+    if not split:
+        return terms
+    forms = {t.scores for t in split}
+    form = next(iter(forms))
+    if not all(isinstance(x, int) for x in (b, heads, *form)):
+        raise NoMatch("terms on a split view of the scores with dynamic sizes")
+    if len(forms) > 1 or math.prod(form) != b * heads * n * nk:
+        raise NoMatch(f"terms on split views {sorted(forms)} of the scores")
+    graph = split[0].node.graph
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    site = max((t.site for t in split), key=order.__getitem__)
+    added = []
+    with graph.inserting_before(site):
+        total = split[0].node
+        for t in split[1:]:
+            total = graph.call_function(aten.add.Tensor, (total, t.node))
+            added.append(total)
+        for target, args, kwargs in (
+            (aten.expand.default, (list(form),), {}),
+            (aten.clone.default, (), {"memory_format": torch.contiguous_format}),
+            (aten.view.default, ([b, heads, n, nk],), {}),
+        ):
+            total = graph.call_function(target, (total, *args), kwargs)
+            added.append(total)
+    for node in added:
+        node.meta["val"] = run_on_fakes(node)
+    return [t for t in terms if t not in split] + [Term(total, (b, heads, n, nk), site)]
+
+
 def classify(terms: list[Term], b: int, heads: int, n: int, nk: int) -> Terms:
     """File every additive term; raises NoMatch for a term no operand can carry exactly."""
     out = Terms()
-    for term in terms:
+    for term in merge_split_terms(terms, b, heads, n, nk):
         check_form(term.scores, b, heads, n, nk)
         for part in _parts(term.node):
             if not dtype(part).is_floating_point:

@@ -19,6 +19,7 @@ at the first node it cannot see through; that node is read through its strides.
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 
@@ -315,3 +316,42 @@ def first_output(node: torch.fx.Node, forward: set | None) -> torch.fx.Node | No
         if user.target is operator.getitem and user.args[1] == 0:
             return user
     return None
+
+
+def keeps_last_two(node: object) -> bool:
+    """A reshape that regroups the leading dims of the scores and keeps [.., Nq, Nk]
+    (size-1 dims aside: einsum's graphs view [.., N, 1, Nk] and move the 1)."""
+    if not is_reshape(node):
+        return False
+    out, inp = shape(node), shape(node.args[0])
+    if len(out) < 3 or len(inp) < 3:
+        return False
+    if out[-2:] == inp[-2:]:
+        return True
+    kept_out, kept_in = [s for s in out if s != 1], [s for s in inp if s != 1]
+    return len(kept_out) >= 3 and len(kept_in) >= 3 and kept_out[-2:] == kept_in[-2:]
+
+
+def splits_tokens(node: object) -> bool:
+    """A reshape between [.., N, Nk] and a view that splits the query and key tokens into
+    their grid axes ([B, H, qh, qw, kh, kw]: MViTv2 adds its relative position terms there),
+    the leading dims kept."""
+    if not is_reshape(node):
+        return False
+    out, inp = shape(node), shape(node.args[0])
+    for flat, split in ((out, inp), (inp, out)):
+        if len(flat) < 3 or len(split) <= len(flat) or split[: len(flat) - 2] != flat[:-2]:
+            continue
+        axes, n, nk = split[len(flat) - 2 :], flat[-2], flat[-1]
+        if any(math.prod(axes[:p]) == n and math.prod(axes[p:]) == nk for p in range(len(axes))):
+            return True
+    return False
+
+
+def score_copy(node: object) -> bool:
+    """copy(s, t) of a whole score tensor (a slice assignment `attn[...] = t` covering all of
+    it, functionalized): the values of t in s's shape and dtype."""
+    if not _call(node) or node.target is not aten.copy.default:
+        return False
+    dst, src = node.args[:2]
+    return isinstance(src, torch.fx.Node) and shape(dst) == shape(src) and dtype(dst) == dtype(src)

@@ -81,6 +81,19 @@ def key_tiles(bias, mask, general, select, keep, fill, batch, block_m, block_n):
     return seen
 
 
+def tile_fractions(bias, mask, general, select, keep, fill, batch):
+    """((BLOCK_M, BLOCK_N, fraction of key tiles visited), ...) for every tile shape of the
+    kernel's space (key_tiles' arguments, without the tiles): AttentionSpec.key_tiles, or ()
+    when the terms hide no whole key tile."""
+    rows = []
+    for block_m in TILE_SIZES:
+        for block_n in TILE_SIZES:
+            seen = key_tiles(bias, mask, general, select, keep, fill, batch, block_m, block_n)
+            fraction = 1.0 if seen is None else seen.float().mean().item()
+            rows.append((block_m, block_n, round(fraction, 4)))
+    return tuple(rows) if any(f < 1.0 for _, _, f in rows) else ()
+
+
 def tile_lists(seen, q, k, v):
     """(counts [B, H, tq] int32, order [B, H, tq, tk] int32): for each query tile, how many
     key tiles it visits and which, in ascending order, first in its row of `order`.

@@ -230,29 +230,19 @@ def test_attention_layout_kernels_pass_the_static_check(name: str) -> None:
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_sparse_neighborhood_attention_kernel_passes_the_static_check(dtype: str) -> None:
     """The kernel that skips a constant mask's empty key tiles (its key loop bound and tile
-    indices read from memory): NA over a 56 x 56 grid, kernel 7, batch 32, as planned for an
-    H100; the per-tile-shape fractions come from the NA mask itself."""
-    from test_attention_sparse import na_mask
+    indices read from memory): part c's NA over a 56 x 56 grid, kernel 7, batch 32, as
+    planned for an H100, where it beats SDPA with the same mask."""
+    import dataclasses
 
+    from convcompiler.bench.gpu_attention import case_spec, cases
     from convcompiler.codegen import render_region
     from convcompiler.devices import lookup
     from convcompiler.inspection.aot import static_report
-    from convcompiler.score_terms import TILE_SIZES, key_tiles
     from convcompiler.selection.cost import rank
     from convcompiler.selection.select import model_candidates
-    from convcompiler.spec import AttentionSpec
 
-    mask = na_mask((56, 56), 7)[None, None]
-    fractions = []
-    for bm in TILE_SIZES:
-        for bn in TILE_SIZES:
-            seen = key_tiles(None, None, None, mask, True, float("-inf"), 1, bm, bn)
-            fractions.append((bm, bn, round(seen.float().mean().item(), 4)))
-    spec = AttentionSpec(
-        batch=32, heads=2, tokens=3136, head_dim=32, dtype=dtype, scale=32**-0.5, cosine=False,
-        logit_scale=False, bias=False, mask=False, windows=1, general=False, device="cuda",
-        precision="ieee", output="bnc", select="keep", sdpa=True, key_tiles=tuple(fractions),
-    )
+    spec, _ = case_spec(next(c for c in cases() if c.kind == "na2d"))
+    spec = dataclasses.replace(spec, dtype=dtype)
     h100 = lookup("h100")
     ranked = rank(spec, model_candidates(spec, h100, include_aten=True), h100)
     assert ranked[0].schedule.name == "window_attention", ranked[0].summary()  # not SDPA

@@ -1,4 +1,5 @@
-"""Parts c (Swin-T window attention per stage) and d (end to end) of the GPU command.
+"""Parts c (Swin-T window attention per stage; NA and ViT-B in gpu_attention.py) and d (end to
+end) of the GPU command.
 
 Part c, per Swin-T stage at 224 x 224, batch 32, fp16: q, k, v as strided views of one qkv
 projection, the relative-position bias [heads, N, N] and, in shifted stages, the 0/-100
@@ -121,6 +122,15 @@ def time_stage(case: AttentionCase, device: Device, warm: bool = False) -> dict:
     elif warm:
         row["status"] = "compiled"
     return row
+
+
+def time_attention(case, device: Device, warm: bool = False) -> dict:
+    """Part c for one case: a Swin-T stage, or NA / ViT-B (bench/gpu_attention.py)."""
+    from .gpu_attention import GlobalCase, time_case
+
+    if isinstance(case, GlobalCase):
+        return time_case(case, device, warm)
+    return time_stage(case, device, warm)
 
 
 # ---- part d ----------------------------------------------------------------------------------

@@ -48,9 +48,10 @@ def part_cases(part: str, dry_run: bool) -> list:
     if part == "autotune":
         return gpu_speed.autotune_cases()
     if part == "window_attention":
+        from . import gpu_attention
         from .window_attention import SWIN_T
 
-        return [gpu_models.stage_case(stage) for stage in SWIN_T]
+        return [gpu_models.stage_case(stage) for stage in SWIN_T] + gpu_attention.cases()
     return gpu_models.model_cases(planned_only=dry_run)
 
 
@@ -81,6 +82,15 @@ def plan_step(name: str):
     # a case whose planning or compiling raises is an error row; the worker goes on
     if name == "end_to_end":
         return lambda case: guarded(case.id, lambda: plan_model(case, checker))
+    if name == "window_attention":
+        from .gpu_attention import GlobalCase, dry_run
+
+        def plan_attention(case):
+            if isinstance(case, GlobalCase):
+                return dry_run(case, device, checker)
+            return dry_run_case(case, device, checker)
+
+        return lambda case: guarded(case.id, lambda: plan_attention(case))
     top = 3 if name == "autotune" else 1
     best = name == "layer_speed"  # part b also times the best kernel when ATen is the choice
     return lambda case: guarded(
@@ -96,7 +106,7 @@ def warm_step(name: str):
         return lambda case: gpu_native.check_case(case, device)
     if name == "window_attention":
         return lambda case: gpu_models.guarded(
-            case.id, lambda: gpu_models.time_stage(case, device, warm=True)
+            case.id, lambda: gpu_models.time_attention(case, device, warm=True)
         )
     if name == "end_to_end":
         return lambda case: gpu_models.guarded(
@@ -115,7 +125,7 @@ def run_all(name: str, part: PartBudget, cases: list, emit) -> None:
     elif name == "autotune":
         run_cases(part, cases, lambda c: gpu_speed.guarded_calibrate(c, device), emit)
     elif name == "window_attention":
-        step = lambda c: gpu_models.guarded(c.id, lambda: gpu_models.time_stage(c, device))  # noqa: E731
+        step = lambda c: gpu_models.guarded(c.id, lambda: gpu_models.time_attention(c, device))  # noqa: E731
         run_cases(part, cases, step, emit)
     elif name == "end_to_end":
         gpu_models.run_end_to_end(part, cases, emit)

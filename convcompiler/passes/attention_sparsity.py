@@ -18,7 +18,7 @@ import torch
 import torch.fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from ..score_terms import TILE_SIZES, key_tiles, per_head, per_window
+from ..score_terms import per_head, per_window, tile_fractions
 from ..spec import AttentionSpec
 from .attention_pattern import AttentionMatch
 from .constants import constant_value
@@ -62,11 +62,4 @@ def _fractions(gm, m, spec, constants):
         return ()
     if chosen is not None and chosen.dtype != torch.bool:
         return ()
-    rows = []
-    for block_m in TILE_SIZES:
-        for block_n in TILE_SIZES:
-            seen = key_tiles(bias, mask, general, chosen, spec.select == "keep", spec.fill,
-                             b, block_m, block_n)  # fmt: skip
-            fraction = 1.0 if seen is None else seen.float().mean().item()
-            rows.append((block_m, block_n, round(fraction, 4)))
-    return tuple(rows) if any(f < 1.0 for _, _, f in rows) else ()
+    return tile_fractions(bias, mask, general, chosen, spec.select == "keep", spec.fill, b)

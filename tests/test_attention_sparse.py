@@ -183,18 +183,18 @@ def test_key_tiles_and_tile_lists() -> None:
     assert score_terms.key_tiles(None, None, None, hidden, False, -1e4, 1, 16, 16) is None
 
 
-def test_a_sparse_attention_decision_is_served_from_the_tuning_cache(cache_dir, monkeypatch):
+def test_a_sparse_attention_decision_is_served_from_the_tuning_cache(cache_dir) -> None:
     """The decision (its spec: the -inf fill, the key tile fractions) is stored as JSON and
     read back: the second compile (Inductor's own caches off) is a cache hit, not a malformed
     record."""
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
     torch.manual_seed(5)
     model = BareNA((20, 14), 3).eval()
     q, k, v = (torch.randn(1, 2, 280, 16) for _ in range(3))
     for run in range(2):
         torch._dynamo.reset()
         convcompiler.counters.reset()
-        out, ref, report = compiled_and_float64(model, [q, k, v])
+        with torch._inductor.config.patch(force_disable_caches=True):
+            out, ref, report = compiled_and_float64(model, [q, k, v])
         _sparse_region(report)
         assert convcompiler.counters["cache.invalid"] == 0
         assert convcompiler.counters["cache.hit"] == run, dict(convcompiler.counters)

@@ -229,6 +229,24 @@ ROWS = {
         lambda: (rand(B, H, D, N), rand(B, H, N, D), rand(B, H, N, D)),
         None,
     ),
+    # [B*H, N, D] operands (heads merged into the batch: torch 2.11's 3-D SDPA, fairseq-style
+    # bmm attention): one head each
+    "hand_3d": (hand, lambda: (rand(B * H, N, D), rand(B * H, N, D), rand(B * H, N, D)), None),
+    "hand_3d_bias_NN": (
+        hand,
+        lambda: (rand(B * H, N, D), rand(B * H, 37, D), rand(B * H, 37, 24), rand(N, 37)),
+        None,
+    ),
+    "hand_3d_output_sequence_first": (  # [B*H, N, D] -> [N, B*H, D]
+        lambda q, k, v: hand(q, k, v).transpose(0, 1).contiguous(),
+        lambda: (rand(B * H, N, D), rand(B * H, N, D), rand(B * H, N, D)),
+        None,
+    ),
+    "hand_3d_per_batch_mask": (
+        hand,
+        lambda: (rand(B * H, N, D), rand(B * H, N, D), rand(B * H, N, D), rand(B * H, N, N)),
+        "flattened batch x heads",
+    ),
     "hand_gqa": (
         gqa_by_hand,
         lambda: (rand(B, 4, N, D), rand(B, 2, N, D), rand(B, 2, N, D)),
@@ -276,6 +294,9 @@ def test_attention_rows_half_precision(dtype):
     torch._dynamo.reset()
     convcompiler.counters.reset()
     check_row(hand, (q, k, v, rand(B, 1, N, N)), None, dtype)
+    torch._dynamo.reset()
+    convcompiler.counters.reset()
+    check_row(hand, (q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), rand(N, N)), None, dtype)
 
 
 @pytest.mark.parametrize(

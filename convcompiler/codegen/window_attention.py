@@ -122,6 +122,57 @@ ${wrapped_block}
 
 
 @triton.jit
+def _key_tile(n0, q, m_i, l_i, acc, m_ok, offs_d, d_ok, offs_e, e_ok,
+              k_rows, v_rows, bias_rows, mask_rows, general_rows, sel_rows, logit_scale,
+              skn, skd, svn, svd, sbj, smj, sgj, ssj,
+              NK: tl.constexpr, SCALE: tl.constexpr, COSINE: tl.constexpr,
+              MASK_REPEAT: tl.constexpr, KEEP: tl.constexpr, FILL: tl.constexpr,
+              PRECISION: tl.constexpr, WIDEN: tl.constexpr, BLOCK_N: tl.constexpr):
+    # one key tile of the online softmax: the keys n0 .. n0 + BLOCK_N, their scores with
+    # every term, and (m_i, l_i, acc) updated
+    work = acc.dtype
+    offs_n, n_ok = _block(n0, NK, BLOCK_N)
+    k = tl.load(k_rows + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    if WIDEN:
+        k = k.to(tl.float64)
+    if COSINE:
+        k = _unit_rows(k.to(work)).to(k.dtype)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(work) * SCALE
+    pair = m_ok[:, None] & n_ok[None, :]
+    if logit_scale is not None:
+        s = s * logit_scale
+    if bias_rows is not None:
+        s += tl.load(bias_rows + offs_n[None, :] * sbj, mask=pair, other=0.0).to(work)
+    if mask_rows is not None:
+        s += (tl.load(mask_rows + offs_n[None, :] * smj, mask=pair, other=0.0).to(work)
+              * MASK_REPEAT)
+    if general_rows is not None:
+        s += tl.load(general_rows + offs_n[None, :] * sgj, mask=pair, other=0.0).to(work)
+    if sel_rows is not None:
+        sel = tl.load(sel_rows + offs_n[None, :] * ssj, mask=pair, other=0) != 0
+        if KEEP:
+            s = tl.where(sel, s, FILL)
+        else:
+            s = tl.where(sel, FILL, s)
+    s = tl.where(n_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.reduce(s, 1, _max))
+    # a row whose keys so far are all masked with -inf has m_new = -inf: shift by 0
+    # instead, so exp gives 0 rather than exp(-inf - -inf) = NaN
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(s - m_shift[:, None])
+    alpha = tl.exp(m_i - m_shift)
+    l_i = l_i * alpha + tl.reduce(p, 1, _add)
+    v = tl.load(v_rows + offs_n[:, None] * svn + offs_e[None, :] * svd,
+                mask=n_ok[:, None] & e_ok[None, :], other=0.0)
+    if WIDEN:
+        v = v.to(tl.float64)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(work)
+    m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
 def window_attention(
     # q, k, v: [B, H, N, D] views; o: the output; the additive terms (None when absent);
     # counts [B, H, tq] and order [B, H, tq, tk]: the key tiles each query tile visits
@@ -166,59 +217,52 @@ def window_attention(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=work)
     l_i = tl.full((BLOCK_M,), 0.0, dtype=work)
     acc = tl.full((BLOCK_M, DV), 0.0, dtype=work)
+    # the operands at this (b, h) and these query rows; the key tile adds its columns
+    k_rows = k_ptr + b * skb + h * skh
+    v_rows = v_ptr + b * svb + h * svh
+    bias_rows = None
+    mask_rows = None
+    general_rows = None
+    sel_rows = None
+    logit_scale = None
+    if bias_ptr is not None:  # relative position bias[h, i, j]
+        bias_rows = bias_ptr + h * sbh + offs_m[:, None] * sbi
+    if mask_ptr is not None:  # shifted-window mask[b mod NW, i, j]
+        mask_rows = mask_ptr + (b % NW) * smw + offs_m[:, None] * smi
+    if general_ptr is not None:  # any other additive mask[b, h, i, j]
+        general_rows = general_ptr + b * sgb + h * sgh + offs_m[:, None] * sgi
+    if sel_ptr is not None:  # a boolean mask[b, h, i, j], applied last
+        sel_rows = sel_ptr + b * ssb + h * ssh + offs_m[:, None] * ssi
+    if ls_ptr is not None:  # per-head logit scale (SwinV2)
+        logit_scale = tl.load(ls_ptr + h).to(work)
     KEY_TILES: tl.constexpr = (NK + BLOCK_N - 1) // BLOCK_N
-    if counts_ptr is not None:  # a constant mask: only the key tiles this query tile sees
+    if counts_ptr is None:
+        for n0 in range(0, NK, BLOCK_N):
+            m_i, l_i, acc = _key_tile(
+                n0, q, m_i, l_i, acc, m_ok, offs_d, d_ok, offs_e, e_ok,
+                k_rows, v_rows, bias_rows, mask_rows, general_rows, sel_rows, logit_scale,
+                skn, skd, svn, svd, sbj, smj, sgj, ssj,
+                NK, SCALE, COSINE, MASK_REPEAT, KEEP, FILL, PRECISION, WIDEN, BLOCK_N)
+    else:  # a constant mask: only the key tiles this query tile sees, in ascending order
         tile = (b * H + h) * ((N + BLOCK_M - 1) // BLOCK_M) + pid_m
         trips = tl.load(counts_ptr + tile)
-    else:
-        trips = KEY_TILES
-    for i in range(0, trips):
-        if counts_ptr is not None:
-            n0 = tl.load(order_ptr + tile * KEY_TILES + i) * BLOCK_N
+        if WIDEN:  # Triton's interpreter (3.6 takes no loaded loop bound): every slot
+            for i in range(0, KEY_TILES):
+                if i < trips:
+                    n0 = tl.load(order_ptr + tile * KEY_TILES + i) * BLOCK_N
+                    m_i, l_i, acc = _key_tile(
+                        n0, q, m_i, l_i, acc, m_ok, offs_d, d_ok, offs_e, e_ok,
+                        k_rows, v_rows, bias_rows, mask_rows, general_rows, sel_rows,
+                        logit_scale, skn, skd, svn, svd, sbj, smj, sgj, ssj,
+                        NK, SCALE, COSINE, MASK_REPEAT, KEEP, FILL, PRECISION, WIDEN, BLOCK_N)
         else:
-            n0 = i * BLOCK_N
-        offs_n, n_ok = _block(n0, NK, BLOCK_N)
-        k = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        if WIDEN:
-            k = k.to(tl.float64)
-        if COSINE:
-            k = _unit_rows(k.to(work)).to(k.dtype)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(work) * SCALE
-        pair = m_ok[:, None] & n_ok[None, :]
-        if ls_ptr is not None:  # per-head logit scale (SwinV2)
-            s = s * tl.load(ls_ptr + h).to(work)
-        if bias_ptr is not None:  # relative position bias[h, i, j]
-            s += tl.load(bias_ptr + h * sbh + offs_m[:, None] * sbi + offs_n[None, :] * sbj,
-                         mask=pair, other=0.0).to(work)
-        if mask_ptr is not None:  # shifted-window mask[b mod NW, i, j]
-            w = b % NW
-            s += tl.load(mask_ptr + w * smw + offs_m[:, None] * smi + offs_n[None, :] * smj,
-                         mask=pair, other=0.0).to(work) * MASK_REPEAT
-        if general_ptr is not None:  # any other additive mask[b, h, i, j]
-            s += tl.load(general_ptr + b * sgb + h * sgh + offs_m[:, None] * sgi
-                         + offs_n[None, :] * sgj, mask=pair, other=0.0).to(work)
-        if sel_ptr is not None:  # a boolean mask[b, h, i, j], applied last
-            sel = tl.load(sel_ptr + b * ssb + h * ssh + offs_m[:, None] * ssi
-                          + offs_n[None, :] * ssj, mask=pair, other=0) != 0
-            if KEEP:
-                s = tl.where(sel, s, FILL)
-            else:
-                s = tl.where(sel, FILL, s)
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.reduce(s, 1, _max))
-        # a row whose keys so far are all masked with -inf has m_new = -inf: shift by 0
-        # instead, so exp gives 0 rather than exp(-inf - -inf) = NaN
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_shift[:, None])
-        alpha = tl.exp(m_i - m_shift)
-        l_i = l_i * alpha + tl.reduce(p, 1, _add)
-        v = tl.load(v_ptr + b * svb + h * svh + offs_n[:, None] * svn + offs_e[None, :] * svd,
-                    mask=n_ok[:, None] & e_ok[None, :], other=0.0)
-        if WIDEN:
-            v = v.to(tl.float64)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(work)
-        m_i = m_new
+            for i in range(0, trips):
+                n0 = tl.load(order_ptr + tile * KEY_TILES + i) * BLOCK_N
+                m_i, l_i, acc = _key_tile(
+                    n0, q, m_i, l_i, acc, m_ok, offs_d, d_ok, offs_e, e_ok,
+                    k_rows, v_rows, bias_rows, mask_rows, general_rows, sel_rows,
+                    logit_scale, skn, skd, svn, svd, sbj, smj, sgj, ssj,
+                    NK, SCALE, COSINE, MASK_REPEAT, KEEP, FILL, PRECISION, WIDEN, BLOCK_N)
 
     # ---- 3. normalise and store in the layout the projection reads ----
     out = acc / l_i[:, None]
@@ -234,10 +278,13 @@ ${score_terms}
 
 def _canonical(name, t, tokens, dim):
     """t as the kernel reads it, [B, H, tokens, dim]: a view, strides swapped if stored
-    transposed; a 5-D t's leading dims other than the heads are viewed as one batch."""
+    transposed; a 5-D t's leading dims other than the heads are viewed as one batch, a 3-D
+    t ([B*H, N, D]) is one head of each of its batch."""
     if t.dim() == 5:
         t = t.movedim(HEADS_AXIS, 2)
         t = t.view(-1, *t.shape[2:])  # raises rather than copies: the match proved it a view
+    elif t.dim() == 3 and HEADS == 1:  # [B*H, N, D]: heads merged into the batch
+        t = t.unsqueeze(1)
     stored = (dim, tokens) if name in TRANSPOSED else (tokens, dim)
     if t.dim() != 4 or t.dtype != DTYPE or tuple(t.shape[1:]) != (HEADS, *stored):
         raise ValueError(f"{name} {tuple(t.shape)} {t.dtype}: expected [B, {HEADS}, "

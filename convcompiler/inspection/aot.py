@@ -385,11 +385,11 @@ def compile_launch(launch: Launch, arch: str, source_name: str = "") -> KernelSt
 
 def _expects_tensor_cores(launch: Launch) -> bool:
     """Whether the kernel's dots should run on tensor cores: it calls tl.dot (directly, through
-    the shared `_mma`, or through gemm_1x1's `_channel_step`) and is not a float32 dot at
-    "ieee" precision (exact fp32 dots run on the FMA units, as torch's matmul does without
-    TF32)."""
+    the shared `_mma`, gemm_1x1's `_channel_step` or the attention's `_key_tile`) and is not
+    a float32 dot at "ieee" precision (exact fp32 dots run on the FMA units, as torch's
+    matmul does without TF32)."""
     src = launch.fn.src
-    if not any(call in src for call in ("tl.dot(", "_mma(", "_channel_step(")):
+    if not any(call in src for call in ("tl.dot(", "_mma(", "_channel_step(", "_key_tile(")):
         return False
     bound = dict(launch.args)
     first = next((v for _, v in launch.args if isinstance(v, torch.Tensor)), None)

@@ -94,7 +94,7 @@ def output_chain(node: torch.fx.Node, interior: list, forward: set | None, axis:
     the batch stays a dim of its own. Else the [B, H, N, D] output itself, stored in any
     order of its dims ("bhnd", "bnhd", ...). See AttentionSpec.output."""
     sizes_in = shape(node)
-    letters = "bhnd"
+    letters = "bhnd" if len(sizes_in) == 4 else "bnd"  # 3-D: [B*H, N, D], one head each
     if axis is not None:
         lead = iter("bt")
         letters = "".join("h" if i == axis else next(lead) for i in range(3)) + "nd"
@@ -124,12 +124,19 @@ def output_chain(node: torch.fx.Node, interior: list, forward: set | None, axis:
         steps, layout = best
         interior.append(node)
         interior.extend(chain[: steps - 1])
+        if "h" not in letters:  # the size-1 heads beside the head dim
+            layout = layout.replace("d", "hd")
         return chain[steps - 1], "bnc" if layout == "b,n,hd" else layout, split
     value = fake_value(node)
     if axis is not None:
         raise NoMatch("a 5-D attention output is not read as one contiguous tensor")
     for order in ORDERS:
-        if _strides_match(value, tuple("bhnd".index(c) for c in order)):
+        if "h" not in letters:  # 3-D: its dims in this order, the size-1 heads by the head dim
+            kept = order.replace("h", "")
+            if _strides_match(value, tuple(letters.index(c) for c in kept)):
+                layout = ",".join(kept).replace("d", "hd")
+                return node, "bnc" if layout == "b,n,hd" else layout, 1
+        elif _strides_match(value, tuple(letters.index(c) for c in order)):
             return node, order, 1
     raise NoMatch(f"the attention output has strides {tuple(value.stride())}")
 

@@ -348,6 +348,8 @@ def _softmax(
     interior.append(user)
     start = user  # the bmm output [B*H, N, Dv], viewed back as [B, H, N, Dv] ([B, G, H, ..])
     out_form = (*_scores_form(q, k, axis)[:-2], n, canonical_shape(v, axis)[3])
+    if fake_value(q.node).dim() == 3:  # [B*H, N, D] operands: the output as the bmm gives it
+        out_form = (b, *out_form[2:])
     while shape(start) != out_form:
         nxt = sole_user(start, forward)
         if nxt is None or not (same_values(nxt) or is_reshape(nxt)):

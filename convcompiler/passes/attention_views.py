@@ -249,10 +249,10 @@ def operand(
         node = step
     if not isinstance(node, torch.fx.Node):
         raise NoMatch(f"{role} is not a tensor")
-    if len(shape(node)) not in (4, 5):
+    if len(shape(node)) not in (3, 4, 5):
         raise NoMatch(
-            f"{role} {shape(node)} is neither [B, H, N, D] nor [B, G, H, N, D] (5-D, two of "
-            "whose leading dims merge into the batch)"
+            f"{role} {shape(node)} is none of [B*H, N, D], [B, H, N, D] and [B, G, H, N, D] "
+            "(5-D, two of whose leading dims merge into the batch)"
         )
     return Operand(node, scale, cosine, transposed=flipped)
 
@@ -269,10 +269,10 @@ def mergeable(value: torch.Tensor, i: int, j: int) -> bool:
 def heads_axes(values: list[torch.Tensor]) -> list[int]:
     """The leading dims of 5-D q, k, v that may be the heads dim, last first: those whose
     other two leading dims view as one batch dim in every operand ([1] for 4-D ones)."""
-    if all(v.dim() == 4 for v in values):
+    if all(v.dim() == 4 for v in values) or all(v.dim() == 3 for v in values):
         return [1]
     if any(v.dim() != 5 for v in values):
-        raise NoMatch("q, k and v are not all [B, H, N, D] or all [B, G, H, N, D]")
+        raise NoMatch("q, k and v are not all 3-D, all 4-D or all 5-D")
     axes = [axis for axis in (2, 1, 0) if all(mergeable(v, *batch_axes(axis)) for v in values)]
     if not axes:
         raise NoMatch("no two leading dims of q, k and v view as one batch dim")
@@ -287,10 +287,13 @@ def batch_axes(axis: int) -> tuple[int, int]:
 
 def canonical_sizes(sizes: tuple, transposed: bool, axis: int) -> tuple:
     """[B, H, N, D] from a q, k or v's sizes: a 5-D one's leading dims other than the heads
-    `axis` make the batch; a transposed one is stored [.., D, N]."""
+    `axis` make the batch; a 3-D one is [B, 1, N, D] (heads merged into its batch); a
+    transposed one is stored [.., D, N]."""
     if len(sizes) == 5:
         i, j = batch_axes(axis)
         sizes = (sizes[i] * sizes[j], sizes[axis], *sizes[3:])
+    elif len(sizes) == 3:  # [B*H, N, D]: the merged batch, one head each
+        sizes = (sizes[0], 1, *sizes[1:])
     b, h, x, y = sizes
     return (b, h, y, x) if transposed else (b, h, x, y)
 

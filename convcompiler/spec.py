@@ -464,6 +464,9 @@ class AttentionSpec(SizeHints):
     # tile shape of the kernel's space, the fraction of key tiles its query tiles visit,
     # ((BLOCK_M, BLOCK_N, fraction), ...); () when every key tile is visited
     key_tiles: tuple[tuple[int, int, float], ...] = ()
+    # the backward: dq, dk, dv (and a bias's gradient summed over the batch) from the
+    # output's gradient, the scores recomputed (codegen/attention_backward.py)
+    grad: bool = False
 
     @property
     def keys(self) -> int:
@@ -490,7 +493,8 @@ class AttentionSpec(SizeHints):
                                          else "")  # fmt: skip
         shape += "".join(f"_{name}T" for name in self.transposed)
         output = self.output.replace(",", "_")
-        return f"window_attention_{shape}_{self.dtype}_{output}" + (
+        kind = "attention_backward" if self.grad else "window_attention"
+        return f"{kind}_{shape}_{self.dtype}_{output}" + (
             f"_{terms}" if terms else ""
         )
 
@@ -522,7 +526,8 @@ class AttentionSpec(SizeHints):
             least = min(f for _, _, f in self.key_tiles)
             text += f" sparse(key tiles visited >= {least:.1%})"
         cast = f" -> {self.out_dtype}" if self.out_dtype else ""
-        return f"{text} {self.dtype}{cast} out={self.output}"
+        text = f"{text} {self.dtype}{cast} out={self.output}"
+        return text + " backward" if self.grad else text
 
     def flops(self) -> int:
         b, h, n, nk = self.hint(self.batch), self.heads, self.tokens, self.keys
@@ -819,6 +824,7 @@ def spec_from_json(data: object):
             select=_check(data["select"], (None, "keep", "drop"), "select"),
             fill=_fill(data["fill"]),
             key_tiles=_key_tiles(data["key_tiles"]),
+            grad=_bool(data["grad"], "grad"),
             **common,
         )
     e = data["epilogue"]

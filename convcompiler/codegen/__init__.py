@@ -9,6 +9,7 @@ from ..schedule import InvalidSchedule, Schedule, ScheduleSpace
 from ..spec import AttentionSpec, ConvSpec
 from ..spec_block import MlpSpec
 from . import (
+    attention_backward,
     conv_transpose,
     conv_wgrad,
     direct_depthwise,
@@ -27,6 +28,7 @@ KIND_TEMPLATES = {
     "conv_transpose": (conv_transpose,),
     "conv_wgrad": (conv_wgrad,),
     "window_attention": (window_attention,),
+    "attention_backward": (attention_backward,),
     "mlp_block": (mlp_block, dw_mlp_block),
 }
 TEMPLATES = {m.SPACE.name: m for modules in KIND_TEMPLATES.values() for m in modules}
@@ -34,10 +36,11 @@ SPACES: dict[str, ScheduleSpace] = {name: module.SPACE for name, module in TEMPL
 
 
 def spec_kind(spec: ConvSpec | AttentionSpec | MlpSpec) -> str:
-    """The template family a spec belongs to: "window_attention", "mlp_block", or the conv
-    spec's op ("conv", "conv_transpose", "conv_wgrad")."""
+    """The template family a spec belongs to: "window_attention" (or its backward,
+    "attention_backward"), "mlp_block", or the conv spec's op ("conv", "conv_transpose",
+    "conv_wgrad")."""
     if isinstance(spec, AttentionSpec):
-        return "window_attention"
+        return "attention_backward" if spec.grad else "window_attention"
     if isinstance(spec, MlpSpec):
         return "mlp_block"
     return spec.op

@@ -65,6 +65,100 @@ def SPACE(spec: AttentionSpec, s: Schedule, device: Device | None) -> None:
         raise InvalidSchedule("float32 key tiles over 32 spill on sm_80")
 
 
+OPERANDS = '''def _canonical(name, t, tokens, dim):
+    """t as the kernel reads it, [B, H, tokens, dim]: a view, strides swapped if stored
+    transposed; a 5-D t's leading dims other than the heads are viewed as one batch, a 3-D
+    t ([B*H, N, D]) is one head of each of its batch."""
+    if t.dim() == 5:
+        t = t.movedim(HEADS_AXIS, 2)
+        t = t.view(-1, *t.shape[2:])  # raises rather than copies: the match proved it a view
+    elif t.dim() == 3 and HEADS == 1:  # [B*H, N, D]: heads merged into the batch
+        t = t.unsqueeze(1)
+    stored = (dim, tokens) if name in TRANSPOSED else (tokens, dim)
+    if t.dim() != 4 or t.dtype != DTYPE or tuple(t.shape[1:]) != (HEADS, *stored):
+        raise ValueError(f"{name} {tuple(t.shape)} {t.dtype}: expected [B, {HEADS}, "
+                         f"{stored[0]}, {stored[1]}] {DTYPE}")
+    return t.transpose(2, 3) if name in TRANSPOSED else t
+
+
+def _qkv(q, k, v):
+    """q, k, v as the kernels read them ([B, H, N|Nk, D] views), checked."""
+    q = _canonical("q", q, TOKENS, HEAD_DIM)
+    k = _canonical("k", k, KEY_TOKENS, HEAD_DIM)
+    v = _canonical("v", v, KEY_TOKENS, V_HEAD_DIM)
+    if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
+        raise ValueError("q, k and v disagree on the batch")
+    return q, k, v
+
+
+def _terms(B, bias, mask, general, logit_scale, select):
+    """The terms viewed as the kernels index them, the mask's period NW and every term's
+    strides: bias (h, i, j), mask (w, i, j), general and select (b, h, i, j); 0 if absent."""
+    zero3, zero4 = (0, 0, 0), (0, 0, 0, 0)
+    bias_strides = mask_strides = zero3
+    general_strides = select_strides = zero4
+    NW = 1
+    if bias is not None:
+        bias = per_head(bias, HEADS, TOKENS, KEY_TOKENS)
+        bias_strides = bias.stride()
+    if mask is not None:
+        mask = per_window(mask, TOKENS, KEY_TOKENS)
+        NW = mask.shape[0]
+        if B % NW:
+            raise ValueError(f"batch {B} is not a multiple of the {NW} windows of the mask")
+        mask_strides = mask.stride()
+    if general is not None:
+        general = general.expand(B, HEADS, TOKENS, KEY_TOKENS)
+        general_strides = general.stride()
+    if logit_scale is not None:
+        logit_scale = logit_scale.reshape(-1)
+        logit_scale = logit_scale.expand(HEADS).contiguous()
+    if select is not None:
+        if select.dtype != torch.bool or SELECT is None:
+            raise ValueError(f"select: a bool mask for a spec with one, got {select.dtype}")
+        select = select.expand(B, HEADS, TOKENS, KEY_TOKENS)
+        select_strides = select.stride()
+    strides = (*bias_strides, *mask_strides, *general_strides, *select_strides)
+    return bias, mask, general, logit_scale, select, NW, strides'''
+
+
+# the scores of one query tile against one key tile, with every term: shared by the forward
+# kernel and the backward's (codegen/attention_backward.py), which recompute them alike
+SCORES = '''@triton.jit
+def _scores(q, k, offs_m, m_ok, offs_n, n_ok, bias_h, mask_w, general_bh, sel_bh,
+            logit_scale, sbi, sbj, smi, smj, sgi, sgj, ssi, ssj,
+            SCALE: tl.constexpr, MASK_REPEAT: tl.constexpr, KEEP: tl.constexpr,
+            FILL: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr):
+    # scale * q @ k^T (x logit_scale[h]), plus the bias[h, i, j], the mask[b mod NW, i, j]
+    # and the general[b, h, i, j] terms, then the boolean select; -inf past the keys. The
+    # *_h / *_w / *_bh pointers are the terms at this (b, h); None when absent.
+    if WIDEN:
+        work = tl.float64
+    else:
+        work = tl.float32
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(work) * SCALE
+    pair = m_ok[:, None] & n_ok[None, :]
+    if logit_scale is not None:  # per-head logit scale (SwinV2)
+        s = s * logit_scale
+    if bias_h is not None:  # relative position bias[h, i, j]
+        s += tl.load(bias_h + offs_m[:, None] * sbi + offs_n[None, :] * sbj,
+                     mask=pair, other=0.0).to(work)
+    if mask_w is not None:  # shifted-window mask[b mod NW, i, j]
+        s += tl.load(mask_w + offs_m[:, None] * smi + offs_n[None, :] * smj,
+                     mask=pair, other=0.0).to(work) * MASK_REPEAT
+    if general_bh is not None:  # any other additive mask[b, h, i, j]
+        s += tl.load(general_bh + offs_m[:, None] * sgi + offs_n[None, :] * sgj,
+                     mask=pair, other=0.0).to(work)
+    if sel_bh is not None:  # a boolean mask[b, h, i, j], applied last
+        sel = tl.load(sel_bh + offs_m[:, None] * ssi + offs_n[None, :] * ssj,
+                      mask=pair, other=0) != 0
+        if KEEP:
+            s = tl.where(sel, s, FILL)
+        else:
+            s = tl.where(sel, FILL, s)
+    return tl.where(n_ok[None, :], s, float("-inf"))'''
+
+
 TEMPLATE = '''${header}
 import math
 
@@ -121,10 +215,13 @@ def _unit_rows(x):
 ${wrapped_block}
 
 
+${scores}
+
+
 @triton.jit
-def _key_tile(n0, q, m_i, l_i, acc, m_ok, offs_d, d_ok, offs_e, e_ok,
-              k_rows, v_rows, bias_rows, mask_rows, general_rows, sel_rows, logit_scale,
-              skn, skd, svn, svd, sbj, smj, sgj, ssj,
+def _key_tile(n0, q, m_i, l_i, acc, offs_m, m_ok, offs_d, d_ok, offs_e, e_ok,
+              k_bh, v_bh, bias_h, mask_w, general_bh, sel_bh, logit_scale,
+              skn, skd, svn, svd, sbi, sbj, smi, smj, sgi, sgj, ssi, ssj,
               NK: tl.constexpr, SCALE: tl.constexpr, COSINE: tl.constexpr,
               MASK_REPEAT: tl.constexpr, KEEP: tl.constexpr, FILL: tl.constexpr,
               PRECISION: tl.constexpr, WIDEN: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -132,30 +229,15 @@ def _key_tile(n0, q, m_i, l_i, acc, m_ok, offs_d, d_ok, offs_e, e_ok,
     # every term, and (m_i, l_i, acc) updated
     work = acc.dtype
     offs_n, n_ok = _block(n0, NK, BLOCK_N)
-    k = tl.load(k_rows + offs_n[:, None] * skn + offs_d[None, :] * skd,
+    k = tl.load(k_bh + offs_n[:, None] * skn + offs_d[None, :] * skd,
                 mask=n_ok[:, None] & d_ok[None, :], other=0.0)
     if WIDEN:
         k = k.to(tl.float64)
     if COSINE:
         k = _unit_rows(k.to(work)).to(k.dtype)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(work) * SCALE
-    pair = m_ok[:, None] & n_ok[None, :]
-    if logit_scale is not None:
-        s = s * logit_scale
-    if bias_rows is not None:
-        s += tl.load(bias_rows + offs_n[None, :] * sbj, mask=pair, other=0.0).to(work)
-    if mask_rows is not None:
-        s += (tl.load(mask_rows + offs_n[None, :] * smj, mask=pair, other=0.0).to(work)
-              * MASK_REPEAT)
-    if general_rows is not None:
-        s += tl.load(general_rows + offs_n[None, :] * sgj, mask=pair, other=0.0).to(work)
-    if sel_rows is not None:
-        sel = tl.load(sel_rows + offs_n[None, :] * ssj, mask=pair, other=0) != 0
-        if KEEP:
-            s = tl.where(sel, s, FILL)
-        else:
-            s = tl.where(sel, FILL, s)
-    s = tl.where(n_ok[None, :], s, float("-inf"))
+    s = _scores(q, k, offs_m, m_ok, offs_n, n_ok, bias_h, mask_w, general_bh, sel_bh,
+                logit_scale, sbi, sbj, smi, smj, sgi, sgj, ssi, ssj,
+                SCALE, MASK_REPEAT, KEEP, FILL, PRECISION, WIDEN)
     m_new = tl.maximum(m_i, tl.reduce(s, 1, _max))
     # a row whose keys so far are all masked with -inf has m_new = -inf: shift by 0
     # instead, so exp gives 0 rather than exp(-inf - -inf) = NaN
@@ -163,7 +245,7 @@ def _key_tile(n0, q, m_i, l_i, acc, m_ok, offs_d, d_ok, offs_e, e_ok,
     p = tl.exp(s - m_shift[:, None])
     alpha = tl.exp(m_i - m_shift)
     l_i = l_i * alpha + tl.reduce(p, 1, _add)
-    v = tl.load(v_rows + offs_n[:, None] * svn + offs_e[None, :] * svd,
+    v = tl.load(v_bh + offs_n[:, None] * svn + offs_e[None, :] * svd,
                 mask=n_ok[:, None] & e_ok[None, :], other=0.0)
     if WIDEN:
         v = v.to(tl.float64)
@@ -217,31 +299,31 @@ def window_attention(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=work)
     l_i = tl.full((BLOCK_M,), 0.0, dtype=work)
     acc = tl.full((BLOCK_M, DV), 0.0, dtype=work)
-    # the operands at this (b, h) and these query rows; the key tile adds its columns
-    k_rows = k_ptr + b * skb + h * skh
-    v_rows = v_ptr + b * svb + h * svh
-    bias_rows = None
-    mask_rows = None
-    general_rows = None
-    sel_rows = None
+    # the operands at this (b, h); the key tile adds its rows and columns
+    k_bh = k_ptr + b * skb + h * skh
+    v_bh = v_ptr + b * svb + h * svh
+    bias_h = None
+    mask_w = None
+    general_bh = None
+    sel_bh = None
     logit_scale = None
     if bias_ptr is not None:  # relative position bias[h, i, j]
-        bias_rows = bias_ptr + h * sbh + offs_m[:, None] * sbi
+        bias_h = bias_ptr + h * sbh
     if mask_ptr is not None:  # shifted-window mask[b mod NW, i, j]
-        mask_rows = mask_ptr + (b % NW) * smw + offs_m[:, None] * smi
+        mask_w = mask_ptr + (b % NW) * smw
     if general_ptr is not None:  # any other additive mask[b, h, i, j]
-        general_rows = general_ptr + b * sgb + h * sgh + offs_m[:, None] * sgi
+        general_bh = general_ptr + b * sgb + h * sgh
     if sel_ptr is not None:  # a boolean mask[b, h, i, j], applied last
-        sel_rows = sel_ptr + b * ssb + h * ssh + offs_m[:, None] * ssi
+        sel_bh = sel_ptr + b * ssb + h * ssh
     if ls_ptr is not None:  # per-head logit scale (SwinV2)
         logit_scale = tl.load(ls_ptr + h).to(work)
     KEY_TILES: tl.constexpr = (NK + BLOCK_N - 1) // BLOCK_N
     if counts_ptr is None:
         for n0 in range(0, NK, BLOCK_N):
             m_i, l_i, acc = _key_tile(
-                n0, q, m_i, l_i, acc, m_ok, offs_d, d_ok, offs_e, e_ok,
-                k_rows, v_rows, bias_rows, mask_rows, general_rows, sel_rows, logit_scale,
-                skn, skd, svn, svd, sbj, smj, sgj, ssj,
+                n0, q, m_i, l_i, acc, offs_m, m_ok, offs_d, d_ok, offs_e, e_ok,
+                k_bh, v_bh, bias_h, mask_w, general_bh, sel_bh, logit_scale,
+                skn, skd, svn, svd, sbi, sbj, smi, smj, sgi, sgj, ssi, ssj,
                 NK, SCALE, COSINE, MASK_REPEAT, KEEP, FILL, PRECISION, WIDEN, BLOCK_N)
     else:  # a constant mask: only the key tiles this query tile sees, in ascending order
         tile = (b * H + h) * ((N + BLOCK_M - 1) // BLOCK_M) + pid_m
@@ -251,17 +333,17 @@ def window_attention(
                 if i < trips:
                     n0 = tl.load(order_ptr + tile * KEY_TILES + i) * BLOCK_N
                     m_i, l_i, acc = _key_tile(
-                        n0, q, m_i, l_i, acc, m_ok, offs_d, d_ok, offs_e, e_ok,
-                        k_rows, v_rows, bias_rows, mask_rows, general_rows, sel_rows,
-                        logit_scale, skn, skd, svn, svd, sbj, smj, sgj, ssj,
+                        n0, q, m_i, l_i, acc, offs_m, m_ok, offs_d, d_ok, offs_e, e_ok,
+                        k_bh, v_bh, bias_h, mask_w, general_bh, sel_bh, logit_scale,
+                        skn, skd, svn, svd, sbi, sbj, smi, smj, sgi, sgj, ssi, ssj,
                         NK, SCALE, COSINE, MASK_REPEAT, KEEP, FILL, PRECISION, WIDEN, BLOCK_N)
         else:
             for i in range(0, trips):
                 n0 = tl.load(order_ptr + tile * KEY_TILES + i) * BLOCK_N
                 m_i, l_i, acc = _key_tile(
-                    n0, q, m_i, l_i, acc, m_ok, offs_d, d_ok, offs_e, e_ok,
-                    k_rows, v_rows, bias_rows, mask_rows, general_rows, sel_rows,
-                    logit_scale, skn, skd, svn, svd, sbj, smj, sgj, ssj,
+                    n0, q, m_i, l_i, acc, offs_m, m_ok, offs_d, d_ok, offs_e, e_ok,
+                    k_bh, v_bh, bias_h, mask_w, general_bh, sel_bh, logit_scale,
+                    skn, skd, svn, svd, sbi, sbj, smi, smj, sgi, sgj, ssi, ssj,
                     NK, SCALE, COSINE, MASK_REPEAT, KEEP, FILL, PRECISION, WIDEN, BLOCK_N)
 
     # ---- 3. normalise and store in the layout the projection reads ----
@@ -276,20 +358,7 @@ def window_attention(
 ${score_terms}
 
 
-def _canonical(name, t, tokens, dim):
-    """t as the kernel reads it, [B, H, tokens, dim]: a view, strides swapped if stored
-    transposed; a 5-D t's leading dims other than the heads are viewed as one batch, a 3-D
-    t ([B*H, N, D]) is one head of each of its batch."""
-    if t.dim() == 5:
-        t = t.movedim(HEADS_AXIS, 2)
-        t = t.view(-1, *t.shape[2:])  # raises rather than copies: the match proved it a view
-    elif t.dim() == 3 and HEADS == 1:  # [B*H, N, D]: heads merged into the batch
-        t = t.unsqueeze(1)
-    stored = (dim, tokens) if name in TRANSPOSED else (tokens, dim)
-    if t.dim() != 4 or t.dtype != DTYPE or tuple(t.shape[1:]) != (HEADS, *stored):
-        raise ValueError(f"{name} {tuple(t.shape)} {t.dtype}: expected [B, {HEADS}, "
-                         f"{stored[0]}, {stored[1]}] {DTYPE}")
-    return t.transpose(2, 3) if name in TRANSPOSED else t
+${operands}
 
 
 def _output(B, like, dtype=None):
@@ -312,37 +381,10 @@ def _output(B, like, dtype=None):
 
 def launch(q, k, v, bias=None, mask=None, general=None, logit_scale=None, select=None):
     # ---- 1. check constraints; view the additive terms as the kernel indexes them ----
-    q = _canonical("q", q, TOKENS, HEAD_DIM)
-    k = _canonical("k", k, KEY_TOKENS, HEAD_DIM)
-    v = _canonical("v", v, KEY_TOKENS, V_HEAD_DIM)
+    q, k, v = _qkv(q, k, v)
     B = q.shape[0]
-    if k.shape[0] != B or v.shape[0] != B:
-        raise ValueError("q, k and v disagree on the batch")
-    zero3, zero4 = (0, 0, 0), (0, 0, 0, 0)
-    bias_strides = mask_strides = zero3
-    general_strides = zero4
-    NW = 1
-    if bias is not None:
-        bias = per_head(bias, HEADS, TOKENS, KEY_TOKENS)
-        bias_strides = bias.stride()
-    if mask is not None:
-        mask = per_window(mask, TOKENS, KEY_TOKENS)
-        NW = mask.shape[0]
-        if B % NW:
-            raise ValueError(f"batch {B} is not a multiple of the {NW} windows of the mask")
-        mask_strides = mask.stride()
-    if general is not None:
-        general = general.expand(B, HEADS, TOKENS, KEY_TOKENS)
-        general_strides = general.stride()
-    if logit_scale is not None:
-        logit_scale = logit_scale.reshape(-1)
-        logit_scale = logit_scale.expand(HEADS).contiguous()
-    select_strides = zero4
-    if select is not None:
-        if select.dtype != torch.bool or SELECT is None:
-            raise ValueError(f"select: a bool mask for a spec with one, got {select.dtype}")
-        select = select.expand(B, HEADS, TOKENS, KEY_TOKENS)
-        select_strides = select.stride()
+    bias, mask, general, logit_scale, select, NW, term_strides = _terms(
+        B, bias, mask, general, logit_scale, select)
 
     # ---- 2. allocate the output in the layout the projection reads ----
     y, canonical = _output(B, q, OUT_DTYPE)
@@ -369,8 +411,7 @@ def launch(q, k, v, bias=None, mask=None, general=None, logit_scale=None, select
     window_attention[grid](
         q, k, v, out, bias, mask, general, logit_scale, select, counts, order,
         HEADS, TOKENS, KEY_TOKENS, NW,
-        *q.stride(), *k.stride(), *v.stride(), *o_strides,
-        *bias_strides, *mask_strides, *general_strides, *select_strides,
+        *q.stride(), *k.stride(), *v.stride(), *o_strides, *term_strides,
         SCALE=SCALE, HEAD_DIM=HEAD_DIM, D=HEAD_DIM_P2, V_HEAD_DIM=V_HEAD_DIM, DV=V_HEAD_DIM_P2,
         COSINE=COSINE, MASK_REPEAT=MASK_REPEAT,
         SAFE_SOFTMAX=SAFE_SOFTMAX, KEEP=SELECT == "keep", FILL=FILL, PRECISION=PRECISION,
@@ -382,11 +423,11 @@ def launch(q, k, v, bias=None, mask=None, general=None, logit_scale=None, select
 '''
 
 
-def render(spec: AttentionSpec, schedule: Schedule) -> T.KernelSource:
+def hooks(spec: AttentionSpec, schedule: Schedule, summary: str) -> dict[str, str]:
+    """Every hook of the attention templates (this one and attention_backward's)."""
     meta, launch = T.split_params(schedule, LAUNCH_KEYS)
-    text = T.render(
-        TEMPLATE,
-        header=T.header(spec, schedule, "fused window multi-head self-attention"),
+    return dict(
+        header=T.header(spec, schedule, summary),
         tokens=str(spec.tokens),
         key_tokens=str(spec.keys),
         heads=str(spec.heads),
@@ -412,5 +453,11 @@ def render(spec: AttentionSpec, schedule: Schedule) -> T.KernelSource:
         wrapped_block=T.WRAPPED_BLOCK,
         sparse=str(bool(spec.key_tiles)),
         score_terms=SCORE_TERMS,
+        scores=SCORES,
+        operands=OPERANDS,
     )
+
+
+def render(spec: AttentionSpec, schedule: Schedule) -> T.KernelSource:
+    text = T.render(TEMPLATE, **hooks(spec, schedule, "fused window multi-head self-attention"))
     return T.KernelSource(f"{spec.geometry()}_{schedule.name}", text, schedule, spec.key(), KERNELS)

@@ -88,7 +88,8 @@ class KernelStats:
 def attention_meta_inputs(spec: AttentionSpec) -> tuple[torch.Tensor | None, ...]:
     """(q, k, v, bias, mask, general, logit_scale, select): q, k, v as views of one qkv projection
     (of a q projection and a kv projection when the keys or v's head dim differ); an operand
-    stored transposed is that view's transpose."""
+    stored transposed is that view's transpose. The backward's: (q, k, v, dout, the terms,
+    whether the bias gradient is wanted)."""
     dtype = getattr(torch, spec.dtype)
     b, h, n, d = spec.hint(spec.batch), spec.heads, spec.tokens, spec.head_dim
     nk, dv = spec.keys, spec.value_dim
@@ -104,16 +105,16 @@ def attention_meta_inputs(spec: AttentionSpec) -> tuple[torch.Tensor | None, ...
         k, v = kv[..., :d], kv[..., d:]
     q, k, v = (t.transpose(-2, -1) if name in spec.transposed else t
                for name, t in (("q", q), ("k", k), ("v", v)))  # fmt: skip
-    return (
-        q,
-        k,
-        v,
+    terms = (
         empty(1, h, n, nk) if spec.bias else None,
         empty(spec.windows, n, nk) if spec.mask else None,
         empty(b, h, n, nk) if spec.general else None,
         empty(h, 1, 1) if spec.logit_scale else None,
         torch.empty(1, 1, n, nk, device="meta", dtype=torch.bool) if spec.select else None,
     )
+    if spec.grad:  # the backward: the output's gradient as [B, N, H * Dv] gives it; dbias
+        return (q, k, v, empty(b, n, h, dv).transpose(1, 2), *terms, spec.bias)
+    return (q, k, v, *terms)
 
 
 def mlp_meta_inputs(spec: MlpSpec) -> tuple[torch.Tensor | None, ...]:

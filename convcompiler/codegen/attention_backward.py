@@ -25,7 +25,7 @@ from ..schedule import InvalidSchedule, Schedule, schedule_space
 from ..score_terms import TILE_SIZES
 from ..spec import AttentionSpec
 from . import template as T
-from .window_attention import LAUNCH_KEYS, hooks, padded_dim
+from .window_attention import hooks, padded_dim
 
 KERNELS = ("attention_dq", "attention_dkdv")
 

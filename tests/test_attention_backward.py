@@ -150,3 +150,89 @@ def test_backward_kernels_pass_the_static_check(dtype) -> None:
         assert {st.kernel for st in stats} == {"attention_dq", "attention_dkdv"}
         assert all(st.ok for st in stats), [(st.kernel, st.arch, st.problems()) for st in stats]
         assert all(st.tensor_core_ops > 0 for st in stats), stats
+
+
+# ---- in training graphs: the backward region ----------------------------------------------
+def _backward_regions(report) -> list:
+    return [r for r in report.regions if r.kind == "attention_backward"]
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_window_attention_trains_through_the_fused_backward(shifted) -> None:
+    """The original Swin code (q scaled before the matmul, the bias gathered from a table, the
+    shift mask on a per-window view): the backward graph's gradient of the attention is one
+    kernel launch, and every gradient (the table's included) matches float64 eager."""
+    import convcompiler
+    from attention_modules import MicrosoftWindowAttention
+    from helpers import gradients_match_float64
+
+    torch.manual_seed(4)
+    model = MicrosoftWindowAttention(16, 4, 2).train()
+    x = torch.randn(6, 16, 16)
+    if shifted:
+        mask = torch.where(torch.rand(3, 16, 16) < 0.3, -100.0, 0.0)
+
+        class Shifted(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.attn = model
+
+            def forward(self, x):
+                return self.attn(x, mask)
+
+        model = Shifted().train()
+    convcompiler.counters.reset()
+    gradients_match_float64(model, x)
+    (region,) = _backward_regions(convcompiler.last_report())
+    assert region.fallback_reason is None and region.schedule == "attention_backward", region
+    assert convcompiler.counters["launch.attention_backward"] == 1
+    assert convcompiler.counters["launch.window_attention"] == 1
+
+
+def test_a_term_whose_gradient_is_read_keeps_the_hosts_backward() -> None:
+    """MViTv2's relative position terms are computed from q: dS also flows into their
+    gradient, which the kernel does not give, so the backward region falls back, saying so."""
+    import convcompiler
+    from helpers import gradients_match_float64
+    from test_attention_layouts import MViTv2Attention
+
+    torch.manual_seed(5)
+    convcompiler.counters.reset()
+    gradients_match_float64(MViTv2Attention().train(), torch.randn(2, 24, 16))
+    (region,) = _backward_regions(convcompiler.last_report())
+    assert "also read by" in region.fallback_reason, region
+    assert convcompiler.counters["launch.attention_backward"] == 0
+
+
+def test_the_fused_backward_saves_nothing_more(monkeypatch) -> None:
+    """What the forward graph saves for the backward (its outputs beyond the result) is the
+    same with the fused backward as with the host's: the logsumexp is recomputed."""
+    import convcompiler
+    from attention_modules import MicrosoftWindowAttention
+
+    from convcompiler.frontend import session
+
+    saved = []
+    original = session.CompileSession.post_grad
+
+    def record(self, gm, *args, **kwargs):
+        if self.stage_of(gm) == "forward":
+            (out,) = [n for n in gm.graph.nodes if n.op == "output"]
+            values = [a.meta["val"] for a in out.args[0] if isinstance(a, torch.fx.Node)]
+            saved.append(sum(v.numel() * v.element_size() for v in values[1:]))
+        return original(self, gm, *args, **kwargs)
+
+    monkeypatch.setattr(session.CompileSession, "post_grad", record)
+    launches = []
+    for passes in (session.POST_GRAD_PASSES, session.POST_GRAD_PASSES[:-1]):
+        monkeypatch.setattr(session, "POST_GRAD_PASSES", passes)
+        torch._dynamo.reset()
+        convcompiler.counters.reset()
+        torch.manual_seed(6)
+        model = MicrosoftWindowAttention(16, 4, 2).train()
+        x = torch.randn(6, 16, 16, requires_grad=True)
+        with torch._inductor.config.patch(force_disable_caches=True):
+            torch.compile(model, backend="im2win", options={"verify": False})(x).sum().backward()
+        launches.append(convcompiler.counters["launch.attention_backward"])
+    assert launches == [1, 0]
+    assert len(saved) == 2 and saved[0] == saved[1] > 0, saved

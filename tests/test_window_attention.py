@@ -230,7 +230,7 @@ def test_timm_block_rolls_then_pads(fused):
     assert "bias=[heads,N,N] mask=[4,N,N] per window" in region.spec, region.spec
 
 
-# ---- training: fused forward, ATen recompute in backward --------------------------------------
+# ---- training: fused forward; the backward fused too (SwinV2's: the host's) -----------------
 @pytest.mark.slow
 @pytest.mark.parametrize("version", [1, 2])
 def test_training_small_swin_gradients(version):
@@ -268,6 +268,14 @@ def test_training_small_swin_gradients(version):
     ]
     assert len(forward) == 4 and all(r.fallback_reason is None for r in forward)
     assert convcompiler.counters["launch.window_attention"] == 4
+    backward = [r for r in convcompiler.last_report().regions if r.kind == "attention_backward"]
+    if version == 1:  # the fused backward: dq, dk, dv and the bias table's gradient
+        assert len(backward) == 4, str(convcompiler.last_report())
+        assert all(r.fallback_reason is None for r in backward), str(convcompiler.last_report())
+        assert convcompiler.counters["launch.attention_backward"] == 4
+    else:  # SwinV2's cosine attention: its normalisation's gradient stays the host's
+        assert all(r.fallback_reason for r in backward)
+        assert convcompiler.counters["launch.attention_backward"] == 0
     assert rel_error(x.grad, x_ref.grad) <= 1e-3
     names = []
     for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):

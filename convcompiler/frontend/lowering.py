@@ -52,6 +52,7 @@ from ..selection.select import Choice, SelectionContext, select_block, select_co
 from ..selection.tuning import benchmarker
 from ..spec import AttentionSpec, ConvSpec, spec_to_json
 from ..spec_block import MlpSpec
+from .attention_backward import replace_attention_backward
 from .operands import region_operands
 
 log = logging.getLogger(__name__)
@@ -339,7 +340,10 @@ class Lowering:
         weight = self._weight_handling(spec, choice.schedule, nodes, region)
         ref = KernelRef.of(region.kind, source, spec, weight=weight)
         path = ops.preload(ref, self.config.kernel_path, interpret=interpret)
-        reason = self._replace(gm, nodes, region, ref)
+        if region.kind == "attention_backward":  # several outputs, each where its target was
+            reason = replace_attention_backward(gm, nodes, region, ref)
+        else:
+            reason = self._replace(gm, nodes, region, ref)
         if reason is None:
             kernels[ref.encode()] = interpret
             return path, None
@@ -353,6 +357,7 @@ class Lowering:
             and spec.device == "cuda"
             and not spec.is_dynamic
             and not getattr(spec, "pool_sums", False)  # two outputs: its op returns both
+            and not getattr(spec, "grad", False)  # four: the attention backward's
         )
 
     def _inline_launch(self, gm, nodes, region: Region, source: KernelSource) -> str | None:

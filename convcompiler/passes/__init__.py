@@ -25,6 +25,7 @@ from .conv_bn_tune import fold_conv_bn_tune
 from .grad_mask import fuse_gradient_masks
 from .linear_as_conv import linear_as_conv, restore_linears
 from .match_attention import match_window_attention
+from .match_attention_backward import match_attention_backward
 from .match_block import match_mlp_blocks
 from .match_conv import match_conv
 from .padding_modes import find_conv_padding_modes
@@ -46,6 +47,7 @@ POST_GRAD_PASSES: tuple[GraphPass, ...] = (
     match_conv,
     fuse_gradient_masks,
     match_window_attention,
+    match_attention_backward,
 )
 
 

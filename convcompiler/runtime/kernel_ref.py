@@ -22,7 +22,10 @@ from ..spec import AttentionSpec, ConvSpec, SpecError, spec_from_json, spec_to_j
 from .loader import KernelIntegrityError
 
 REF_VERSION = 2
-REGION_KINDS = ("conv", "conv_bn", "conv_wgrad", "linear", "window_attention", "mlp_block")
+REGION_KINDS = (
+    "conv", "conv_bn", "conv_wgrad", "linear", "window_attention", "attention_backward",
+    "mlp_block",
+)
 
 # How a conv's weight reaches its kernel (runtime/packing.py):
 #   "as_is":  the op hands it to the launcher as it comes (already in the order the kernel
@@ -123,7 +126,7 @@ def decode(text: str) -> KernelRef:
     spec = spec_from_json(data["spec"])
     kind = data["kind"]
     expected = spec_kind(spec)
-    whole = ("window_attention", "mlp_block")  # kinds that are their spec's family
+    whole = ("window_attention", "attention_backward", "mlp_block")  # their spec's family
     if kind not in REGION_KINDS or (kind in whole or expected in whole) and kind != expected:
         raise SpecError(f"kernel kind {kind!r} does not fit a {type(spec).__name__}")
     sha = data["sha256"]

@@ -8,6 +8,11 @@
                                             sums (spec.pool_sums; see pool_shape)
     im2win::conv_wgrad(dy, x, mask?, kernel)  a conv's weight gradient
     im2win::window_attention(q, k, v, bias?, mask?, general?, logit_scale?, select?, kernel)
+    im2win::attention_backward(q, k, v, dout, bias?, mask?, general?, logit_scale?, select?,
+                               bias_grad, kernel) -> (dq, dk, dv, dbias)
+                                               its gradients, [B, H, N|Nk, D] contiguous;
+                                               dbias in the bias's shape (empty unless
+                                               bias_grad)
     im2win::mlp_block(x, w1, b1?, w2, b2?, scale?, residual?, norm_weight?, norm_bias?, w3?,
                       b3?, dw_weight?, dw_bias?, kernel)
                                                a transformer MLP, [LayerNorm ->] included
@@ -247,6 +252,38 @@ def _window_attention_fake(q, k, v, bias, mask, general, logit_scale, select, ke
     return attention_output(spec, canonical_operand(spec, "q", q))
 
 
+# ---- im2win::attention_backward -------------------------------------------------------------
+@torch.library.custom_op("im2win::attention_backward", mutates_args=())
+def attention_backward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    dout: Tensor,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    general: Tensor | None,
+    logit_scale: Tensor | None,
+    select: Tensor | None,
+    bias_grad: bool,
+    kernel: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    args = (q, k, v, dout, bias, mask, general, logit_scale, select, bias_grad)
+    dq, dk, dv, dbias = _launch(decode(kernel), args)
+    return dq, dk, dv, dbias if dbias is not None else q.new_empty(0)
+
+
+@attention_backward.register_fake
+def _attention_backward_fake(q, k, v, dout, bias, mask, general, logit_scale, select, bias_grad,
+                             kernel):  # fmt: skip
+    spec = decode(kernel).spec
+    b, h, n, nk = canonical_operand(spec, "q", q).shape[0], spec.heads, spec.tokens, spec.keys
+    dq = q.new_empty((b, h, n, spec.head_dim))
+    dk = q.new_empty((b, h, nk, spec.head_dim))
+    dv = q.new_empty((b, h, nk, spec.value_dim))
+    dbias = bias.new_empty(bias.shape) if bias_grad and bias is not None else q.new_empty(0)
+    return dq, dk, dv, dbias
+
+
 # ---- im2win::mlp_block ----------------------------------------------------------------------
 @torch.library.custom_op("im2win::mlp_block", mutates_args=())
 def mlp_block(
@@ -292,5 +329,6 @@ OPS = {
     "conv_wgrad": torch.ops.im2win.conv_wgrad.default,
     "conv_pool": torch.ops.im2win.conv_pool.default,
     "window_attention": torch.ops.im2win.window_attention.default,
+    "attention_backward": torch.ops.im2win.attention_backward.default,
     "mlp_block": torch.ops.im2win.mlp_block.default,
 }

@@ -49,6 +49,8 @@ def sdpa_backend(spec: AttentionSpec, device: Device) -> str | None:
 
 def aten_path(spec: AttentionSpec, device: Device) -> str:
     """What "aten" runs for this attention, as the report names it."""
+    if spec.grad:
+        return "ATen's backward: the gradient bmms and the softmax backward"
     backend = sdpa_backend(spec, device)
     return f"SDPA's {backend} backend" if backend else f"ATen's {ATEN_KERNELS} kernels"
 
@@ -62,8 +64,41 @@ def fused_bytes(spec: AttentionSpec, batch) -> int:
     return batch * h * rows * e + terms
 
 
+def backward_time(spec: AttentionSpec, schedule: Schedule, device: Device, symbolic: bool):
+    """attention_time for the backward (spec.grad). ATen's: the four gradient bmms (dP, dv,
+    dq, dk) and the softmax backward's passes over the N x Nk scores (dP written; dP * P,
+    its row sum and the fma read and write them; the bias's batch sum; the two bmms read
+    dS), about ten kernels with dO's layout copy. The fused kernels' matmuls: the dq kernel
+    q k^T and dO v^T in two passes and dS k; the dk/dv kernel q k^T, P^T dO, dO v^T and
+    dS^T q; they read q, k, v and dO twice and write dq, dk, dv once."""
+    b = spec.batch if symbolic else spec.hint(spec.batch)
+    h, n, nk, e = spec.heads, spec.tokens, spec.keys, ITEMSIZE[spec.dtype]
+    d, dv = spec.head_dim, spec.value_dim
+    flops = 2 * b * h * n * nk * (2 * d + 2 * dv)
+    qkvo = b * h * (n * d + nk * d + nk * dv + n * dv) * e
+    peak = device.peak(matmul_math(spec))
+    if schedule.name == "aten":
+        scores = b * h * n * nk * e
+        traffic = 2 * qkvo + 12 * scores
+        padded, launches, ctas, eff = flops, 10, 1, ATEN_EFFICIENCY
+    else:
+        bm, bn = schedule["BLOCK_M"], schedule["BLOCK_N"]
+        dp, dvp = padded_dim(d), padded_dim(dv)
+        rows, keys = _cdiv(n, bm) * bm, _cdiv(nk, bn) * bn
+        padded = 2 * b * h * rows * keys * (5 * dp + 4 * dvp)
+        traffic = 2 * qkvo + qkvo + fused_bytes(spec, 0) * 2
+        ctas = (_cdiv(n, bm) + _cdiv(nk, bn)) * b * h
+        launches, eff = 2, FUSED_EFFICIENCY
+    compute = padded / (peak * eff)
+    memory = traffic / (device.bandwidth * MEMORY_EFFICIENCY)
+    launch = launches * device.launch_us * 1e-6
+    return _max(compute, memory) + launch, compute, memory, launch, flops, padded, traffic, 0, ctas
+
+
 def attention_time(spec: AttentionSpec, schedule: Schedule, device: Device, symbolic: bool):
     """(seconds, compute, memory, launch, useful flops, padded flops, bytes, workspace, ctas)."""
+    if spec.grad:
+        return backward_time(spec, schedule, device, symbolic)
     b = spec.batch if symbolic else spec.hint(spec.batch)
     h, n, nk, e = spec.heads, spec.tokens, spec.keys, ITEMSIZE[spec.dtype]
     d, dv = spec.head_dim, spec.value_dim
@@ -103,8 +138,11 @@ def attention_time(spec: AttentionSpec, schedule: Schedule, device: Device, symb
 
 
 def attention_steps(spec: AttentionSpec, schedule: Schedule) -> int:
-    """Programs x key blocks visited: what Triton's interpreter pays for."""
+    """Programs x key blocks visited: what Triton's interpreter pays for (the backward's two
+    kernels: the query tiles' and the key tiles' programs, each over the other)."""
     b = spec.hint(spec.batch)
     bm, bn = schedule["BLOCK_M"], schedule["BLOCK_N"]
+    if spec.grad:
+        return 3 * _cdiv(spec.tokens, bm) * _cdiv(spec.keys, bn) * b * spec.heads
     programs = _cdiv(spec.tokens, bm) * b * spec.heads
     return max(1, round(programs * _cdiv(spec.keys, bn) * spec.visited(bm, bn)))

@@ -162,9 +162,10 @@ def test_window_attention_trains_through_the_fused_backward(shifted) -> None:
     """The original Swin code (q scaled before the matmul, the bias gathered from a table, the
     shift mask on a per-window view): the backward graph's gradient of the attention is one
     kernel launch, and every gradient (the table's included) matches float64 eager."""
-    import convcompiler
     from attention_modules import MicrosoftWindowAttention
     from helpers import gradients_match_float64
+
+    import convcompiler
 
     torch.manual_seed(4)
     model = MicrosoftWindowAttention(16, 4, 2).train()
@@ -192,9 +193,10 @@ def test_window_attention_trains_through_the_fused_backward(shifted) -> None:
 def test_a_term_whose_gradient_is_read_keeps_the_hosts_backward() -> None:
     """MViTv2's relative position terms are computed from q: dS also flows into their
     gradient, which the kernel does not give, so the backward region falls back, saying so."""
-    import convcompiler
     from helpers import gradients_match_float64
     from test_attention_layouts import MViTv2Attention
+
+    import convcompiler
 
     torch.manual_seed(5)
     convcompiler.counters.reset()
@@ -207,9 +209,9 @@ def test_a_term_whose_gradient_is_read_keeps_the_hosts_backward() -> None:
 def test_the_fused_backward_saves_nothing_more(monkeypatch) -> None:
     """What the forward graph saves for the backward (its outputs beyond the result) is the
     same with the fused backward as with the host's: the logsumexp is recomputed."""
-    import convcompiler
     from attention_modules import MicrosoftWindowAttention
 
+    import convcompiler
     from convcompiler.frontend import session
 
     saved = []
@@ -236,3 +238,36 @@ def test_the_fused_backward_saves_nothing_more(monkeypatch) -> None:
         launches.append(convcompiler.counters["launch.attention_backward"])
     assert launches == [1, 0]
     assert len(saved) == 2 and saved[0] == saved[1] > 0, saved
+
+
+@pytest.mark.slow
+def test_swin_t_training_step_runs_every_attention_backward_fused() -> None:
+    """torchvision swin_t (stochastic depth off), one image of 64 x 64, one backward: every
+    gradient matches float64 eager, and all 12 attentions run the fused kernel both ways."""
+    import copy
+
+    import torchvision
+    from helpers import FAST, rel_error
+
+    import convcompiler
+
+    torch.manual_seed(0)
+    model = torchvision.models.swin_t().train()
+    for module in model.modules():
+        if isinstance(module, torchvision.ops.StochasticDepth):
+            module.p = 0.0
+    reference = copy.deepcopy(model).double()
+    x = torch.randn(1, 3, 64, 64)
+    x_ref = x.double().requires_grad_()
+    reference(x_ref).square().sum().backward()
+    x.requires_grad_()
+    convcompiler.counters.reset()
+    torch.compile(model, backend="im2win", options=FAST)(x).square().sum().backward()
+    report = convcompiler.last_report()
+    backward = _backward_regions(report)
+    assert len(backward) == 12 and all(r.fallback_reason is None for r in backward), str(report)
+    assert convcompiler.counters["launch.attention_backward"] == 12
+    assert convcompiler.counters["launch.window_attention"] == 12
+    assert rel_error(x.grad, x_ref.grad) <= 1e-4
+    for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):
+        assert rel_error(p.grad, p_ref.grad) <= 1e-4, name

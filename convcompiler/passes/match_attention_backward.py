@@ -80,6 +80,20 @@ def _softmax_backward(p: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node]:
     raise NoMatch("no softmax backward reads the recomputed softmax")
 
 
+def _strip_ones(sizes: tuple) -> tuple:
+    while sizes and sizes[0] == 1:
+        sizes = sizes[1:]
+    return sizes
+
+
+def _batch_sum(node: torch.fx.Node, ds: torch.fx.Node) -> bool:
+    """node sums dS over its batch dim: sum(dS, [0]) (keepdim or not), or squeeze(dS, 0) when
+    the batch is 1 (what autograd's sum_to_size becomes then)."""
+    if _call(node, aten.sum.dim_IntList):
+        return list(node.args[1]) == [0]
+    return _call(node, aten.squeeze.dim) and node.args[1] == 0 and shape(ds)[0] == 1
+
+
 def _transposed_of(node: object, source: torch.fx.Node) -> bool:
     """node is source with its last two dims swapped (a permute of a 3-D bmm operand)."""
     return _call(node, aten.permute.default, aten.transpose.int) and node.args[0] is source and (
@@ -238,10 +252,11 @@ def _gradient(p: torch.fx.Node, m) -> tuple[tuple, object]:
     # dS's users: its [B*H, N, Nk] view for the two bmms, and the bias's batch sum
     ds3, dbias = None, None
     for user in ds.users:
-        if is_reshape(user) and shape(user) == shape(scores_bmm):
+        feeds_bmms = all(_call(u, aten.bmm.default) for u in user.users)
+        if is_reshape(user) and shape(user) == shape(scores_bmm) and feeds_bmms and ds3 is None:
             ds3 = user
-        elif _call(user, aten.sum.dim_IntList) and list(user.args[1]) == [0] and m.bias is not None:
-            if shape(user) != shape(m.bias):
+        elif m.bias is not None and _batch_sum(user, ds):
+            if _strip_ones(shape(user)) != _strip_ones(shape(m.bias)):
                 raise NoMatch(f"the bias gradient {shape(user)} is not shaped as the bias")
             dbias = user
         else:

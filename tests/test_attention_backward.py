@@ -133,18 +133,25 @@ def test_half_precision(dtype) -> None:
 def test_backward_kernels_pass_the_static_check(dtype) -> None:
     """Swin-T's first stage (49 tokens, 3 heads of 32, 64 windows per image, batch 32) as an
     H100 plan would tile it: both kernels compile for sm_90 and sm_80 with no spills and
-    tensor-core instructions, for every square tile shape the space allows at 4 warps."""
+    tensor-core instructions, for the cost model's pick and every square tile shape the
+    space allows at 4 warps."""
     from convcompiler.codegen import render_region
     from convcompiler.devices import lookup
     from convcompiler.inspection.aot import static_report
+    from convcompiler.selection.cost import rank
+    from convcompiler.selection.select import model_candidates
 
     spec = dataclasses.replace(
         spec_for(32 * 64, 3, 49, 32, dtype, bias=True, mask=True, windows=64), device="cuda"
     )
+    h100 = lookup("h100")
+    ranked = rank(spec, model_candidates(spec, h100, include_aten=True), h100)
+    assert ranked[0].schedule.name == "attention_backward", ranked[0].summary()
     space = SPACES["attention_backward"]
-    tiles = [s for s in space.candidates(spec, device=lookup("h100"), num_warps=4, num_stages=2)
-             if s["BLOCK_M"] == s["BLOCK_N"]]  # fmt: skip
-    assert tiles
+    tiles = [ranked[0].schedule] + [
+        s for s in space.candidates(spec, device=h100, num_warps=4, num_stages=2)
+        if s["BLOCK_M"] == s["BLOCK_N"]
+    ]  # fmt: skip
     for schedule in tiles:
         stats = static_report(render_region(spec, schedule), spec, ("sm_90", "sm_80"))
         assert {st.kernel for st in stats} == {"attention_dq", "attention_dkdv"}

@@ -48,10 +48,10 @@ ORDER = ("correctness", "layer_speed", "window_attention", "end_to_end", "autotu
 # Seconds per part. GPU: 480 s (8 minutes) start to end; dry run: under 5 minutes on 2 CPUs.
 GPU_BUDGETS = {
     "correctness": 75,
-    "layer_speed": 90,
-    "window_attention": 70,
+    "layer_speed": 85,
+    "window_attention": 60,
     "end_to_end": 130,
-    "autotune": 50,
+    "autotune": 35,
     "gpu_tests": 60,
 }
 DRY_BUDGETS = {
@@ -59,7 +59,7 @@ DRY_BUDGETS = {
     "layer_speed": 70,
     "window_attention": 20,
     "end_to_end": 75,
-    "autotune": 45,
+    "autotune": 35,
     "gpu_tests": 15,
 }
 LIMITS = {"gpu": (480.0, 30.0, 10.0), "dry-run": (290.0, 15.0, 10.0)}  # limit, reserve, grace

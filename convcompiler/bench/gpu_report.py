@@ -18,7 +18,7 @@ SCHEMA = Path(__file__).with_name("gpu_report.schema.json")
 TITLES = {
     "correctness": "a. Native correctness",
     "layer_speed": "b. Per-layer speed",
-    "window_attention": "c. attention: Swin-T windows, NA 2-D, ViT-B",
+    "window_attention": "c. Attention",
     "end_to_end": "d. End to end",
     "autotune": "e. Autotuning calibration",
     "gpu_tests": "GPU tests",

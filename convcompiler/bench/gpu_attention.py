@@ -22,7 +22,6 @@ import torch
 from ..devices import Device
 from ..score_terms import tile_fractions
 from ..spec import AttentionSpec
-from .gpu_speed import bench_ms
 
 
 @dataclass(frozen=True)
@@ -124,6 +123,7 @@ def time_case(case: GlobalCase, device: Device, warm: bool = False) -> dict:
     """One case on the GPU; `warm` compiles and runs each variant once, timing nothing."""
     import torch.nn.functional as F
 
+    from .gpu_models import timed_variants
     from .gpu_native import load_kernel
 
     spec, mask, schedule = plan_case(case, device)
@@ -147,27 +147,8 @@ def time_case(case: GlobalCase, device: Device, warm: bool = False) -> dict:
         "flex_attention": (lambda f=_flex(mask, b, h, spec.scale): f(q, k, v)),
         "im2win": lambda: fused(q, k, v, select=mask),
     }
-    row = {
-        "case": case.id,
-        "status": "ok",
-        "schedule": f"{schedule.describe()}; timed: {fused_schedule.describe()}",
-        "ms": {},
-        "rel_err": {},
-    }
+    extra = {}
     if spec.key_tiles:
-        row["key_tiles"] = spec.visited(fused_schedule["BLOCK_M"], fused_schedule["BLOCK_N"])
-    for name, run in variants.items():
-        try:
-            out = run()
-            row["rel_err"][name] = ((out.double() - ref).abs().max() / ref.abs().max()).item()
-            if not warm:
-                row["ms"][name] = bench_ms(run)
-        except Exception as err:  # a variant that cannot run this shape: listed, not fatal
-            row.setdefault("errors", {})[name] = f"{type(err).__name__}: {err}"
-    if "eager" in row["ms"]:
-        row["vs_eager"] = {k: row["ms"]["eager"] / v for k, v in row["ms"].items()}
-    if row["rel_err"].get("im2win", 1.0) > 1e-2 or "errors" in row:
-        row["status"] = "mismatch" if "im2win" in row["rel_err"] else "error"
-    elif warm:
-        row["status"] = "compiled"
-    return row
+        extra["key_tiles"] = spec.visited(fused_schedule["BLOCK_M"], fused_schedule["BLOCK_N"])
+    schedule_text = f"{schedule.describe()}; timed: {fused_schedule.describe()}"
+    return timed_variants(case.id, schedule_text, variants, ref, warm, **extra)

@@ -100,13 +100,13 @@ def time_stage(case: AttentionCase, device: Device, warm: bool = False) -> dict:
         "flex_attention": (lambda f=flex_variant(spec, bias, mask): f(q, k, v)),
         "im2win": lambda: fused(q, k, v, bias, mask),
     }
-    row = {
-        "case": case.id,
-        "status": "ok",
-        "schedule": schedule.describe(),
-        "ms": {},
-        "rel_err": {},
-    }
+    return timed_variants(case.id, schedule.describe(), variants, ref, warm)
+
+
+def timed_variants(case_id: str, schedule: str, variants: dict, ref, warm: bool, **extra) -> dict:
+    """Part c's row: each variant run once against the float64 `ref` (compiling the compiled
+    ones), then timed unless `warm`; a variant that raises is listed, not fatal."""
+    row = {"case": case_id, "status": "ok", "schedule": schedule, "ms": {}, "rel_err": {}, **extra}
     for name, run in variants.items():
         try:
             out = run()  # compiles the compiled variants

@@ -387,7 +387,7 @@ def check_dry_run(out: Path, seconds: float, limit: float) -> dict:
     for case in autocast:  # planned through the backend under autocast, kernels compiled
         assert rows[case.id]["status"] == "planned" and rows[case.id]["kernels"], rows[case.id]
     assert parts["layer_speed"]["done"] == len(gpu_cases.layer_cases())
-    assert parts["window_attention"]["done"] == 6 and parts["end_to_end"]["done"] == 3
+    assert parts["window_attention"]["done"] == 7 and parts["end_to_end"]["done"] == 3
     assert parts["gpu_tests"]["done"] >= 5
     kernels = [k for p in parts.values() for r in p["rows"] for k in r.get("kernels", ())]
     assert sum(k["compiled"] for k in kernels) >= 150
@@ -412,7 +412,7 @@ def test_dry_run_of_two_parts_on_this_stack(tmp_path) -> None:
     seconds = time.monotonic() - start
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     _, parts = check_report(tmp_path, seconds, ["window_attention", "gpu_tests"])
-    assert parts["window_attention"]["done"] == 6 and parts["gpu_tests"]["done"] >= 5
+    assert parts["window_attention"]["done"] == 7 and parts["gpu_tests"]["done"] >= 5
     kernels = [k for r in parts["window_attention"]["rows"] for k in r.get("kernels", ())]
     assert kernels and all(k["compiled"] and k["spill_bytes"] == 0 for k in kernels), kernels
 

@@ -7,9 +7,12 @@
            mask as a mask_mod and its BlockMask
     vit_b  ViT-B/16's attention at 224 x 224 (197 tokens, 12 heads of 64), batch 32, fp16:
            the fused kernel against SDPA ("eager": its flash backend) and FlexAttention
+    swin_bwd  Swin-T stage 1's attention backward (2048 windows of 49 tokens, 3 heads of 32,
+           the bias and the shift mask), batch 32, fp16: the fused backward kernels
+           (codegen/attention_backward.py: dq, dk, dv and the bias gradient) against eager
+           autograd's backward of the same attention (the forward built before timing)
 
-Each variant's output is checked against float64 SDPA. Swin-T's attention backward against
-eager's is not here: the fused backward (issue 23, point 4) is not built yet.
+Each variant's output is checked against float64 (SDPA; autograd for the backward).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ def cases() -> list[GlobalCase]:
     return [
         GlobalCase("na2d 56x56 k7 b32 float16", "na2d", "na2d"),
         GlobalCase("vit_b 197 tokens b32 float16", "vit_b", "vit_b"),
+        GlobalCase("swin_t stage1 backward b32 float16", "swin_bwd", "swin_bwd"),
     ]
 
 
@@ -59,7 +63,14 @@ def neighborhood_mask(shape: tuple[int, ...], kernel: int, dilation: int = 1) ->
 
 def case_spec(case: GlobalCase) -> tuple[AttentionSpec, torch.Tensor | None]:
     """The region's spec, as the backend would build it from the graph's SDPA call, and the
-    boolean mask (None for ViT)."""
+    boolean mask (None for ViT and the Swin backward)."""
+    if case.kind == "swin_bwd":
+        from .gpu_cases import attention_case_spec
+        from .gpu_models import stage_case
+        from .window_attention import SWIN_T
+
+        forward = attention_case_spec(stage_case(SWIN_T[0], case.batch))
+        return dataclasses.replace(forward, grad=True), None
     heads, tokens, head_dim = (2, 56 * 56, 32) if case.kind == "na2d" else (12, 197, 64)
     mask = neighborhood_mask((56, 56), 7) if case.kind == "na2d" else None
     spec = AttentionSpec(
@@ -134,6 +145,8 @@ def time_case(case: GlobalCase, device: Device, warm: bool = False) -> dict:
 
         ranked = rank(spec, model_candidates(spec, device, include_aten=False), device)
         fused_schedule = ranked[0].schedule
+    if case.kind == "swin_bwd":
+        return _time_backward(case, spec, fused_schedule, schedule, warm)
     gen = torch.Generator(device="cuda").manual_seed(0)
     dtype = getattr(torch, case.dtype)
     b, h, n, d = case.batch, spec.heads, spec.tokens, spec.head_dim
@@ -152,3 +165,33 @@ def time_case(case: GlobalCase, device: Device, warm: bool = False) -> dict:
         extra["key_tiles"] = spec.visited(fused_schedule["BLOCK_M"], fused_schedule["BLOCK_N"])
     schedule_text = f"{schedule.describe()}; timed: {fused_schedule.describe()}"
     return timed_variants(case.id, schedule_text, variants, ref, warm, **extra)
+
+
+def _time_backward(case: GlobalCase, spec: AttentionSpec, fused_schedule, schedule, warm: bool):
+    """The Swin-T stage-1 backward: the fused kernels against eager autograd's backward."""
+    from ..runtime.reference import run_attention
+    from .gpu_models import attention_inputs, stage_case, timed_variants
+    from .gpu_native import load_kernel
+    from .window_attention import SWIN_T
+
+    q, k, v, bias, mask = attention_inputs(stage_case(SWIN_T[0], case.batch), "cuda")
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    dout = torch.randn(q.shape, generator=gen, device="cuda").to(q.dtype)
+
+    def eager_grads(dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v, bias)]
+        out = run_attention(spec, *leaves[:3], leaves[3], mask.to(dtype))
+        return leaves, out
+
+    leaves, out = eager_grads(torch.float64)
+    ref = torch.cat([g.flatten() for g in torch.autograd.grad(out, leaves, dout.double())])
+    leaves, out = eager_grads(q.dtype)  # the forward built once; only its backward is timed
+    fused = load_kernel(spec, fused_schedule)
+    variants = {
+        "eager": lambda: torch.cat([g.flatten() for g in torch.autograd.grad(
+            out, leaves, dout, retain_graph=True)]),
+        "im2win": lambda: torch.cat([g.flatten() for g in fused(
+            q, k, v, dout, bias=bias, mask=mask, bias_grad=True)]),
+    }  # fmt: skip
+    schedule_text = f"{schedule.describe()}; timed: {fused_schedule.describe()}"
+    return timed_variants(case.id, schedule_text, variants, ref, warm)

@@ -6,8 +6,9 @@ Every `_softmax` (and SDPA call) is tried with attention_pattern.find_attention.
 whose scores do not come from a matmul is not attention and is left alone silently; an
 attention-like one that does not fit is recorded as a fallback with the reason. In a
 training forward graph the attention's intermediates are recomputed in backward (see
-recompute.py), so they are private to the region here too; the backward graph's recomputed
-softmax feeds _softmax_backward_data and is left to ATen without a region.
+recompute.py), so they are private to the region here too. In the backward graph the
+recomputed forward stays the host's; the gradient around its softmax is the region of
+match_attention_backward.py.
 """
 
 from __future__ import annotations

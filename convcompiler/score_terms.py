@@ -1,4 +1,5 @@
-"""An attention's score terms as its kernel reads them, and the key tiles they leave visible.
+"""An attention's operands and score terms as its kernel reads them, and the key tiles the
+terms leave visible.
 
 Plain torch, no project imports: the window-attention template copies these functions into
 each kernel's source (so a generated kernel runs alone), and the attention matcher calls
@@ -17,6 +18,18 @@ from __future__ import annotations
 import torch
 
 TILE_SIZES = (16, 32, 64, 128)  # BLOCK_M and BLOCK_N of the attention kernel's space
+
+
+def canonical_view(t, transposed, heads_axis):
+    """q, k or v as [B, H, N, D] (a view where the strides allow): a 5-D one's leading dims
+    other than the heads merged into the batch, a 3-D one ([B*H, N, D]) one head of each, a
+    transposed one's last two dims swapped back."""
+    if t.dim() == 5:
+        t = t.movedim(heads_axis, 2)
+        t = t.reshape(-1, *t.shape[2:])
+    elif t.dim() == 3:
+        t = t.unsqueeze(1)
+    return t.transpose(-2, -1) if transposed else t
 
 
 def per_head(bias, heads, tokens, key_tokens):
@@ -56,39 +69,45 @@ def tiles_of(visible, block_m, block_n):
     return padded.unflatten(-1, (tk, block_n)).unflatten(-3, (tq, block_m)).any(-1).any(-2)
 
 
-def key_tiles(bias, mask, general, select, keep, fill, batch, block_m, block_n):
-    """[B|1, H|1, tq, tk] bool: the key tiles some query of each query tile can see under
-    every term (None when no term can hide a pair). The terms as the kernel indexes them:
+def visible_pairs(bias, mask, general, select, keep, fill):
+    """The pairs each term leaves visible, as [B|1, H|1, N, Nk] bool (a per-window mask's as
+    [nW, 1, N, Nk]); [] when no term can hide a pair. The terms as the kernel indexes them:
     bias [H, N, Nk], mask [nW, N, Nk] (window b mod nW), general and select [B, H, N, Nk]
     (views, broadcast dims kept); None when absent."""
     inf = float("-inf")
     found = []
     if bias is not None:
-        found.append(tiles_of(_distinct(bias, 1) != inf, block_m, block_n)[None])
+        found.append(_distinct(bias, 1)[None] != inf)
     if mask is not None:
-        tiles = tiles_of(mask != inf, block_m, block_n)
-        found.append(tiles.repeat(batch // tiles.shape[0], 1, 1)[:, None])  # b -> b mod nW
+        found.append(mask[:, None] != inf)
     if general is not None:
-        found.append(tiles_of(_distinct(general, 2) != inf, block_m, block_n))
+        found.append(_distinct(general, 2) != inf)
     if select is not None and fill == inf:
         select = _distinct(select, 2)
-        found.append(tiles_of(select if keep else ~select, block_m, block_n))
-    if not found:
-        return None
-    seen = found[0]
-    for tiles in found[1:]:
-        seen = seen & tiles
+        found.append(select if keep else ~select)
+    return found
+
+
+def key_tiles(visible, batch, block_m, block_n):
+    """[B|1, H|1, tq, tk] bool: the key tiles some query of each query tile can see under
+    every term of `visible` (visible_pairs; the mask's windows repeat over the batch, b ->
+    b mod nW), or None when there is no term."""
+    seen = None
+    for pairs in visible:
+        tiles = tiles_of(pairs, block_m, block_n)
+        if tiles.shape[0] not in (1, batch):  # the per-window mask
+            tiles = tiles.repeat(batch // tiles.shape[0], 1, 1, 1)
+        seen = tiles if seen is None else seen & tiles
     return seen
 
 
-def tile_fractions(bias, mask, general, select, keep, fill, batch):
+def tile_fractions(visible, batch):
     """((BLOCK_M, BLOCK_N, fraction of key tiles visited), ...) for every tile shape of the
-    kernel's space (key_tiles' arguments, without the tiles): AttentionSpec.key_tiles, or ()
-    when the terms hide no whole key tile."""
+    kernel's space: AttentionSpec.key_tiles, or () when the terms hide no whole key tile."""
     rows = []
     for block_m in TILE_SIZES:
         for block_n in TILE_SIZES:
-            seen = key_tiles(bias, mask, general, select, keep, fill, batch, block_m, block_n)
+            seen = key_tiles(visible, batch, block_m, block_n)
             fraction = 1.0 if seen is None else seen.float().mean().item()
             rows.append((block_m, block_n, round(fraction, 4)))
     return tuple(rows) if any(f < 1.0 for _, _, f in rows) else ()

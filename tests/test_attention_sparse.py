@@ -162,8 +162,9 @@ def test_key_tiles_and_tile_lists() -> None:
     """score_terms on a 2-D NA mask: the visited tiles are those any pair of which is seen,
     listed first in ascending order; a (batch, head) with an Inf visits every tile."""
     mask = na_mask((8, 8), 3)  # 64 tokens, tiles of 16: two grid rows per tile
-    seen = score_terms.key_tiles(None, None, None, mask.expand(2, 2, 64, 64), True,
-                                 float("-inf"), 2, 16, 16)  # fmt: skip
+    visible = score_terms.visible_pairs(None, None, None, mask.expand(2, 2, 64, 64), True,
+                                        float("-inf"))  # fmt: skip
+    seen = score_terms.key_tiles(visible, 2, 16, 16)
     assert seen.shape == (1, 1, 4, 4)
     expected = mask.view(4, 16, 4, 16).any(3).any(1)
     assert torch.equal(seen[0, 0], expected)
@@ -178,9 +179,11 @@ def test_key_tiles_and_tile_lists() -> None:
     assert counts[1, 0].eq(4).all() and counts[1, 1].lt(4).any()
     # select "drop": True hides; a finite fill hides nothing
     hidden = (~mask).expand(1, 1, 64, 64)
-    drop = score_terms.key_tiles(None, None, None, hidden, False, float("-inf"), 1, 16, 16)
+    visible = score_terms.visible_pairs(None, None, None, hidden, False, float("-inf"))
+    drop = score_terms.key_tiles(visible, 1, 16, 16)
     assert torch.equal(drop[0, 0], expected)
-    assert score_terms.key_tiles(None, None, None, hidden, False, -1e4, 1, 16, 16) is None
+    visible = score_terms.visible_pairs(None, None, None, hidden, False, -1e4)
+    assert score_terms.key_tiles(visible, 1, 16, 16) is None
 
 
 def test_a_sparse_attention_decision_is_served_from_the_tuning_cache(cache_dir) -> None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..devices import Device
-from ..score_terms import tile_fractions
+from ..score_terms import tile_fractions, visible_pairs
 from ..spec import AttentionSpec
 
 
@@ -79,7 +79,8 @@ def case_spec(case: GlobalCase) -> tuple[AttentionSpec, torch.Tensor | None]:
         windows=1, general=False, output="bhnd", device="cuda", precision="ieee", sdpa=True,
     )  # fmt: skip
     if mask is not None:
-        fractions = tile_fractions(None, None, None, mask[None, None], True, float("-inf"), 1)
+        visible = visible_pairs(None, None, None, mask[None, None], True, float("-inf"))
+        fractions = tile_fractions(visible, 1)
         spec = dataclasses.replace(spec, select="keep", key_tiles=fractions)
     return spec, mask
 

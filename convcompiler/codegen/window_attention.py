@@ -30,7 +30,8 @@ KERNELS = ("window_attention",)
 # the host-side helpers each kernel's source carries (score_terms.py's functions, verbatim)
 SCORE_TERMS = "\n\n\n".join(
     inspect.getsource(getattr(score_terms, name)).rstrip()
-    for name in ("per_head", "per_window", "_distinct", "tiles_of", "key_tiles", "tile_lists")
+    for name in ("per_head", "per_window", "_distinct", "tiles_of", "visible_pairs", "key_tiles",
+                 "tile_lists")
 )
 LAUNCH_KEYS = ("num_warps", "num_stages")
 
@@ -308,8 +309,8 @@ def launch(q, k, v, bias=None, mask=None, general=None, logit_scale=None, select
     int64 = max(t.numel() for t in (q, k, v, out)) >= INDEX_LIMIT
     counts = order = None
     if SPARSE:  # the key tiles each query tile sees, from this call's terms
-        seen = key_tiles(bias, mask, general, select, SELECT == "keep", FILL, B,
-                         META["BLOCK_M"], META["BLOCK_N"])
+        visible = visible_pairs(bias, mask, general, select, SELECT == "keep", FILL)
+        seen = key_tiles(visible, B, META["BLOCK_M"], META["BLOCK_N"])
         if seen is not None:
             counts, order = tile_lists(seen, q, k, v)
 

@@ -43,12 +43,10 @@ def replace_attention_backward(
     (the graph is then left as it was)."""
     graph, spec, roles = gm.graph, ref.spec, dict(region.roles)
     get = lambda role: nodes[roles[role]] if role in roles else None  # noqa: E731
-    if spec.is_dynamic:
-        return "dynamic shapes: the backward kernel is planned for static sizes"
     targets = {role: nodes[roles[role]] for role in ("dq", "dk", "dv", "dbias") if role in roles}
     order = {n: i for i, n in enumerate(graph.nodes)}
     first = min(targets.values(), key=order.__getitem__)
-    b, h, n, dv = spec.hint(spec.batch), spec.heads, spec.tokens, spec.value_dim
+    b, h, n, dv = spec.batch, spec.heads, spec.tokens, spec.value_dim  # static (the pass)
     added: list[torch.fx.Node] = []
     replacements = {}
 

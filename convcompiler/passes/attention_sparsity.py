@@ -18,7 +18,7 @@ import torch
 import torch.fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from ..score_terms import per_head, per_window, tile_fractions
+from ..score_terms import per_head, per_window, tile_fractions, visible_pairs
 from ..spec import AttentionSpec
 from .attention_pattern import AttentionMatch
 from .constants import constant_value
@@ -62,4 +62,5 @@ def _fractions(gm, m, spec, constants):
         return ()
     if chosen is not None and chosen.dtype != torch.bool:
         return ()
-    return tile_fractions(bias, mask, general, chosen, spec.select == "keep", spec.fill, b)
+    visible = visible_pairs(bias, mask, general, chosen, spec.select == "keep", spec.fill)
+    return tile_fractions(visible, b)

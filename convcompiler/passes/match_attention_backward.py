@@ -26,8 +26,17 @@ import torch.fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from ..counters import counters
+from ..score_terms import canonical_view
 from .attention_pattern import SOFTMAX, NoMatch, find_attention
-from .attention_views import is_float_cast, is_reshape, same_values, scalar_factor, shape
+from .attention_views import (
+    is_float_cast,
+    is_last_two_transpose,
+    is_reshape,
+    same_values,
+    scalar_factor,
+    shape,
+    strip_reshapes,
+)
 from .context import PassContext, Region
 from .match_attention import attention_fallback_reason, attention_spec
 from .meta import fake_value
@@ -36,25 +45,22 @@ log = logging.getLogger(__name__)
 RULE = "dq, dk, dv (, dbias) of softmax(scale * q @ k^T + terms) @ v => attention_backward(...)"
 aten = torch.ops.aten
 prims = torch.ops.prims
-LAYOUT_OPS = (aten.permute.default, aten.transpose.int, aten.clone.default, aten.alias.default)
+PERMUTES = (aten.permute.default, aten.transpose.int)
+LAYOUT_OPS = (*PERMUTES, aten.clone.default, aten.alias.default)
 
 
 def _call(node: object, *targets) -> bool:
-    return isinstance(node, torch.fx.Node) and node.op == "call_function" and (
-        not targets or node.target in targets
+    return (
+        isinstance(node, torch.fx.Node)
+        and node.op == "call_function"
+        and (not targets or node.target in targets)
     )
-
-
-def _through_views(node: torch.fx.Node) -> torch.fx.Node:
-    while same_values(node) or is_reshape(node):
-        node = node.args[0]
-    return node
 
 
 def _bmms(m, p: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node]:
     """(the scores bmm q @ k^T, the output bmm P @ v) of the matched forward."""
     bmms = [n for n in dict.fromkeys(m.interior + [m.final]) if _call(n, aten.bmm.default)]
-    out = [n for n in bmms if _through_views(n.args[0]) is p]
+    out = [n for n in bmms if strip_reshapes(n.args[0]) is p]
     scores = [n for n in bmms if n not in out]
     if len(out) != 1 or len(scores) != 1:
         raise NoMatch("the attention's matmuls are not one q @ k^T and one P @ v")
@@ -95,11 +101,8 @@ def _batch_sum(node: torch.fx.Node, ds: torch.fx.Node) -> bool:
 
 
 def _transposed_of(node: object, source: torch.fx.Node) -> bool:
-    """node is source with its last two dims swapped (a permute of a 3-D bmm operand)."""
-    return _call(node, aten.permute.default, aten.transpose.int) and node.args[0] is source and (
-        list(node.args[1]) == [0, 2, 1] if node.target is aten.permute.default
-        else sorted(node.args[1:3]) in ([1, 2], [-2, -1])
-    )  # fmt: skip
+    """node is `source` with its last two dims swapped."""
+    return is_last_two_transpose(node) and node.args[0] is source
 
 
 def _grad_chain(bmm: torch.fx.Node, target_shape: tuple) -> list[torch.fx.Node]:
@@ -133,37 +136,22 @@ def _codes_through(chain: list[torch.fx.Node], codes: torch.Tensor) -> torch.Ten
     return env[chain[-1]]
 
 
-def source_codes(value: torch.Tensor, name: str, m) -> torch.Tensor:
+def _source_codes(value: torch.Tensor, name: str, spec) -> torch.Tensor:
     """The codes of the canonical [B, H, N, D] gradient's elements, laid out as the source
-    operand `value` (q, k or v) holds them: 5-D, transposed or 3-D as matched."""
-    b, h = None, None
-    sizes = list(value.shape)
-    if len(sizes) == 5:
-        axis = m.heads_axis
-        lead = [d for d in range(3) if d != axis]
-        b, h = sizes[lead[0]] * sizes[lead[1]], sizes[axis]
-    elif len(sizes) == 3:
-        b, h = sizes[0], 1
-    else:
-        b, h = sizes[0], sizes[1]
-    x, y = sizes[-2:]
-    if name in m.transposed:
-        x, y = y, x
-    codes = torch.arange(b * h * x * y).view(b, h, x, y)
-    if name in m.transposed:
-        codes = codes.transpose(2, 3)
-    if len(sizes) == 5:
-        moved = [sizes[d] for d in range(3) if d != m.heads_axis]
-        codes = codes.reshape(*moved, h, *codes.shape[2:]).movedim(2, m.heads_axis)
-    elif len(sizes) == 3:
-        codes = codes[:, 0]
-    return codes
+    operand `value` (q, k or v) holds them: where the canonical view of `value`
+    (score_terms.canonical_view: 5-D, transposed or 3-D as matched) reads source element p
+    as its c-th element, the result holds c at p."""
+    source = torch.arange(value.numel()).view(value.shape)
+    where = canonical_view(source, name in spec.transposed, spec.heads_axis)
+    codes = torch.empty(value.numel(), dtype=torch.int64)
+    codes[where.flatten()] = torch.arange(value.numel())
+    return codes.view(value.shape)
 
 
-def _verified(chain, bmm_codes: torch.Tensor, value, name, m) -> None:
+def _verified(chain, bmm_codes: torch.Tensor, value, name, spec) -> None:
     with unset_fake_temporarily():
         got = _codes_through(chain, bmm_codes)
-        want = source_codes(value, name, m)
+        want = _source_codes(value, name, spec)
     if got.shape != want.shape or not torch.equal(got, want):
         raise NoMatch(f"the gradient of {name} is not laid out as {name} is")
 
@@ -181,7 +169,7 @@ def recomputed(graph: torch.fx.Graph) -> set[torch.fx.Node]:
             grad.add(node)
     helpers = set()
     for node in nodes:
-        view = is_reshape(node) or same_values(node) or _call(node, *LAYOUT_OPS[:2])
+        view = is_reshape(node) or same_values(node) or _call(node, *PERMUTES)
         if (view or _call(node, aten.neg.default)) and node.users and node.users.keys() <= grad:
             helpers.add(node)
     return {node for node in nodes if node not in grad and node not in helpers}
@@ -240,7 +228,7 @@ def _gradient(p: torch.fx.Node, m) -> tuple[tuple, object]:
     p3, v3 = out_bmm.args
     q3, kt3 = scores_bmm.args
     ds, dp = _softmax_backward(p)
-    dp_bmm = _through_views(dp)
+    dp_bmm = strip_reshapes(dp)
     if not _call(dp_bmm, aten.bmm.default) or not _transposed_of(dp_bmm.args[1], v3):
         raise NoMatch("dP is not dO @ v^T")
     dout = dp_bmm.args[0]
@@ -265,28 +253,41 @@ def _gradient(p: torch.fx.Node, m) -> tuple[tuple, object]:
         raise NoMatch("dS is not viewed as the scores bmm's output")
     dq_bmm = dk_bmm = None
     for user in ds3.users:
-        if _call(user, aten.bmm.default) and user.args[0] is ds3 and _transposed_of(user.args[1], kt3):
+        if (
+            _call(user, aten.bmm.default)
+            and user.args[0] is ds3
+            and _transposed_of(user.args[1], kt3)
+        ):
             dq_bmm = user
-        elif _call(user, aten.bmm.default) and user.args[1] is ds3 and _transposed_of(user.args[0], q3):
+        elif (
+            _call(user, aten.bmm.default)
+            and user.args[1] is ds3
+            and _transposed_of(user.args[0], q3)
+        ):
             dk_bmm = user
         else:
             raise NoMatch(f"dS is also read by {user.name}")
     if dq_bmm is None or dk_bmm is None:
         raise NoMatch("no dS @ k or q^T @ dS")
     spec = attention_spec(m)
-    b, h, n, nk = spec.hint(spec.batch), spec.heads, spec.tokens, spec.keys
+    if spec.is_dynamic:
+        raise NoMatch("dynamic shapes: the backward kernel is planned for static sizes")
+    b, h, n, nk = spec.batch, spec.heads, spec.tokens, spec.keys
     d, dv = spec.head_dim, spec.value_dim
     targets = {}
     for name, bmm, codes in (
         ("q", dq_bmm, torch.arange(b * h * n * d).view(b * h, n, d)),
-        ("k", dk_bmm, torch.arange(b * h * nk * d).view(b, h, nk, d).transpose(2, 3)
-                      .reshape(b * h, d, nk)),  # fmt: skip
+        (
+            "k",
+            dk_bmm,
+            torch.arange(b * h * nk * d).view(b, h, nk, d).transpose(2, 3).reshape(b * h, d, nk),
+        ),  # fmt: skip
         ("v", dv_bmm, torch.arange(b * h * nk * dv).view(b * h, nk, dv)),
     ):
         source = {"q": m.q, "k": m.k, "v": m.v}[name]
         value = fake_value(source)
         chain = _grad_chain(bmm, tuple(value.shape))
-        _verified(chain, codes, value, name, m)
+        _verified(chain, codes, value, name, spec)
         targets[name] = chain[-1]
     roles = (("q", m.q.name), ("k", m.k.name), ("v", m.v.name), ("dout", dout.name))
     terms = (("bias", m.bias), ("mask", m.mask), ("general", m.general),

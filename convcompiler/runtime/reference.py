@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..score_terms import canonical_view
 from ..spec import Activation, ConvSpec
 
 
@@ -159,15 +160,8 @@ def run_attention(spec, q, k, v, bias=None, mask=None, general=None, logit_scale
 
 
 def canonical_operand(spec, name: str, t: torch.Tensor) -> torch.Tensor:
-    """q, k or v as [B, H, N, D] (a view): a 5-D one's leading dims other than the heads
-    merged into the batch, a 3-D one ([B*H, N, D]) one head of each, a transposed one's last
-    two dims swapped back."""
-    if t.dim() == 5:
-        t = t.movedim(spec.heads_axis, 2)
-        t = t.reshape(-1, *t.shape[2:])
-    elif t.dim() == 3:
-        t = t.unsqueeze(1)
-    return t.transpose(-2, -1) if name in spec.transposed else t
+    """q, k or v as [B, H, N, D] (score_terms.canonical_view, as the spec matched it)."""
+    return canonical_view(t, name in spec.transposed, spec.heads_axis)
 
 
 def attention_output(spec, like: torch.Tensor, *, with_view: bool = False):

@@ -252,6 +252,51 @@ def test_attention_addresses_of_other_layouts(n, nk, d, dv) -> None:
         launch(q, kt.transpose(-2, -1).contiguous(), v, bias_t, None, None, None, select)
 
 
+def test_sparse_attention_addresses() -> None:
+    """The kernel that visits a constant mask's key tiles (its loop bound and tile indices
+    read from memory): 44 tokens of a 2-D neighborhood mask, tiles of 16, a head dim of 24."""
+    from convcompiler.bench.gpu_attention import neighborhood_mask
+    from convcompiler.score_terms import tile_fractions, visible_pairs
+
+    gen = torch.Generator().manual_seed(44)
+    b, heads, n, d = 2, 2, 44, 24
+    q, k, v = torch.randn(b, n, 3, heads, d, generator=gen).permute(2, 0, 3, 1, 4)
+    select = neighborhood_mask((11, 4), 3)[None, None]
+    spec = attention_spec_of(q, k, v, None, None, output="bhnd")
+    fractions = tile_fractions(visible_pairs(None, None, None, select, True, float("-inf")), b)
+    spec = dataclasses.replace(spec, select="keep", key_tiles=fractions)
+    assert spec.visited(16, 16) < 1.0
+    sched = SPACES["window_attention"].make(spec, BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)
+    launch = gpu_native.load_kernel(spec, sched)
+    with address_check() as check:
+        y = launch(q, k, v, None, None, None, None, select)
+    ref = run_attention(spec, q.double(), k.double(), v.double(), select=select)
+    assert_close(y, ref, torch.float32)
+    assert check.kernels == {"window_attention"} and check.accesses > 0
+
+
+def test_attention_backward_addresses() -> None:
+    """Both backward kernels (the bias gradient's atomics included), 20 tokens and a head dim
+    of 24 in tiles of 16, q, k, v strided views, a bias and a per-window mask."""
+    gen = torch.Generator().manual_seed(20)
+    b, heads, n, d = 4, 2, 20, 24
+    q, k, v = torch.randn(b, n, 3, heads, d, generator=gen).permute(2, 0, 3, 1, 4)
+    bias = torch.randn(heads, n, n, generator=gen)
+    mask = torch.where(torch.rand(2, n, n, generator=gen) < 0.3, -100.0, 0.0)
+    spec = dataclasses.replace(attention_spec_of(q, k, v, bias, mask, output="bhnd"), grad=True)
+    sched = SPACES["attention_backward"].make(spec, BLOCK_M=16, BLOCK_N=16, num_warps=4,
+                                              num_stages=2)  # fmt: skip
+    launch = gpu_native.load_kernel(spec, sched)
+    dout = torch.randn(b, heads, n, d, generator=gen)
+    with address_check() as check:
+        dq, dk, dv, dbias = launch(q, k, v, dout, bias, mask, bias_grad=True)
+    leaves = [t.double().requires_grad_() for t in (q, k, v, bias)]
+    run_attention(spec, *leaves, mask.double()).backward(dout.double())
+    for got, leaf in zip((dq, dk, dv, dbias), leaves):
+        assert_close(got, leaf.grad, torch.float32)
+    assert check.kernels == {"attention_dq", "attention_dkdv"} and check.accesses > 0
+
+
 # ---- part a of the GPU command: each family x dtype x layout, shrunk ----------------------
 def part_a_cases() -> list:
     """The first case of each family and layout: fp16 for NCHW (bnc), bf16 for NHWC (bhnd)."""

@@ -242,6 +242,11 @@ ROWS = {
         lambda: (rand(B * H, N, D), rand(B * H, N, D), rand(B * H, N, D)),
         None,
     ),
+    "hand_3d_noncontiguous": (  # [B*H, N, D] views of [N, B*H, D] storage
+        hand,
+        lambda: tuple(rand(N, B * H, D).transpose(0, 1) for _ in range(3)),
+        None,
+    ),
     "hand_3d_per_batch_mask": (
         hand,
         lambda: (rand(B * H, N, D), rand(B * H, N, D), rand(B * H, N, D), rand(B * H, N, N)),
@@ -428,3 +433,21 @@ def test_the_select_puts_nan_and_inf_where_eager_does():
     empty = [t[:0] for t in (q, k, v)]
     y, _ = run_compiled(masked_fill_causal, empty, options=FAST)
     assert y.shape == (0, H, N, D)
+
+
+def test_3d_operands_with_nan_and_an_empty_batch():
+    """[B*H, N, D] operands: a NaN key reaches every row of its batch entry only, as in eager;
+    an empty batch gives eager's empty result with the zero-size reason."""
+    torch.manual_seed(14)
+    q, k, v = (rand(B * H, N, D) for _ in range(3))
+    k[1, 4, 0] = float("nan")
+    region = check_row(hand, (q, k, v), None)
+    assert "heads=1" in region.spec, region.spec
+    assert hand(q, k, v)[1].isnan().all() and hand(q, k, v)[0].isfinite().all()
+    torch._dynamo.reset()
+    convcompiler.counters.reset()
+    empty = [t[:0] for t in (q, k, v)]
+    y, report = run_compiled(hand, empty, options=FAST)
+    assert y.shape == (0, N, D)
+    (region,) = [r for r in report.regions if r.kind == "window_attention"]
+    assert "zero-size" in region.fallback_reason

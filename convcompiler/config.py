@@ -33,6 +33,7 @@ CONV_SCHEDULES = (
     "transposed_phase",
     "wgrad_splitk",
     "window_attention",  # attention regions only
+    "sdpa",  # attention regions written with softmax: one SDPA call
     "aten",
 )
 BENCHMARKERS = ("do_bench", "fake")
@@ -70,7 +71,7 @@ class Config:
         a guard says so). "aten": one `aten.convolution_backward` per conv, left to the host
         compiler. CPU tensors under cpu="aten" always keep it.
     schedule: force one schedule for every region it can run (one of CONV_SCHEDULES;
-        "window_attention" for attention regions, "aten" for every region).
+        "window_attention" or "sdpa" for attention regions, "aten" for every region).
         None lets the backend choose (see convcompiler/selection/select.py).
     target: the GPU to plan for ("h100", "h200", "a100", "l4", "rtx4090"). None: the GPU
         in use, or "h100" when there is none.

@@ -61,6 +61,33 @@ def test_attention_launcher_traces_to_a_functional_triton_call() -> None:
     assert tuple(out.meta["val"].shape) == (8, 49, 32)
 
 
+def test_sdpa_launcher_traces_to_one_sdpa_call_and_pointwise_ops() -> None:
+    """Schedule "sdpa" on (fake) CUDA tensors: the launcher traces to SDPA, the terms' sum
+    and the NaN rows as ops Inductor fuses, and no Triton kernel. SDPA's backend is chosen
+    as it is traced: with a CUDA runtime one of its fused ops; without one (this sandbox)
+    its math decomposition, whose softmax is the safe one."""
+    q = k = v = torch.randn(8, 2, 49, 16)
+    bias, mask = torch.randn(2, 49, 49), torch.randn(4, 49, 49)
+    spec = dataclasses.replace(attention_spec_of(q, k, v, bias, mask, output="bnc"), device="cuda")
+    from convcompiler.config import Config
+
+    chosen = choose(spec, Config(cache=False, schedule="sdpa")).schedule
+    assert chosen.name == "sdpa"
+    source = render_region(spec, chosen)
+    assert source.kernels == ()
+    with FakeTensorMode():
+        qkv = torch.empty(8, 49, 3, 2, 16, device="cuda").permute(2, 0, 3, 1, 4)
+        operands = [qkv[0], qkv[1], qkv[2], torch.empty(2, 49, 49, device="cuda")]
+        operands += [torch.empty(4, 49, 49, device="cuda"), None, None]
+        gm = trace_launch(source, operands)
+    targets = _targets(gm)
+    assert not any("triton_kernel_wrapper" in t for t in targets), targets
+    expected = "scaled_dot_product" if torch.cuda.is_available() else "aten._safe_softmax"
+    assert any(expected in t for t in targets), targets
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    assert tuple(out.meta["val"].shape) == (8, 49, 32)
+
+
 def test_lowering_inlines_the_launcher_in_place_of_the_region() -> None:
     """The post-grad lowering with launch="inductor" on (fake) CUDA tensors: the conv chain
     is gone, the traced kernel call stands in its place, and the report names the kernel."""

@@ -10,6 +10,7 @@ from ..spec import AttentionSpec, ConvSpec
 from ..spec_block import MlpSpec
 from . import (
     attention_backward,
+    attention_sdpa,
     conv_transpose,
     conv_wgrad,
     direct_depthwise,
@@ -27,7 +28,7 @@ KIND_TEMPLATES = {
     "conv": (im2win_band, im2win_implicit, direct_depthwise, gemm_1x1, dw_gemm),
     "conv_transpose": (conv_transpose,),
     "conv_wgrad": (conv_wgrad,),
-    "window_attention": (window_attention,),
+    "window_attention": (window_attention, attention_sdpa),
     "attention_backward": (attention_backward,),
     "mlp_block": (mlp_block, dw_mlp_block),
 }

@@ -1,6 +1,7 @@
 """The parts both attention templates (window_attention's forward, attention_backward's)
-carry in their sources: the launcher's operand and term views (OPERANDS) and the scores of
-one query tile against one key tile with every term (SCORES), which both kernels compute
+carry in their sources: the launcher's operand and term views (OPERANDS), the output in the
+layout the projection reads (OUTPUT_VIEW: the forward's and attention_sdpa's) and the scores
+of one query tile against one key tile with every term (SCORES), which both kernels compute
 alike."""
 
 OPERANDS = '''def _canonical(name, t, tokens, dim):
@@ -58,6 +59,24 @@ def _terms(B, bias, mask, general, logit_scale, select):
         select_strides = select.stride()
     strides = (*bias_strides, *mask_strides, *general_strides, *select_strides)
     return bias, mask, general, logit_scale, select, NW, strides'''
+
+
+OUTPUT_VIEW = '''def _output(B, like, dtype=None):
+    """(the output as the graph reads it, its [B, H, N, Dv] view for the kernel's strides).
+    OUTPUT names the memory order of b, h, n, d (outermost first); commas group the dims of
+    a contiguous result ("nb,hd": [N*B, H*Dv]); without commas the result is the [B, H, N, Dv]
+    view itself. "bnc" is "b,n,hd"."""
+    layout = "b,n,hd" if OUTPUT == "bnc" else OUTPUT
+    order = layout.replace(",", "")
+    sizes = {"b": B // BATCH_SPLIT, "t": BATCH_SPLIT, "h": HEADS, "n": TOKENS, "d": V_HEAD_DIM}
+    memory = torch.empty([sizes[c] for c in order], device=like.device,
+                         dtype=like.dtype if dtype is None else dtype)
+    canonical = memory.permute([order.index(c) for c in "bthnd" if c in order])
+    canonical = canonical.view(B, HEADS, TOKENS, V_HEAD_DIM)  # b and t adjacent: a view
+    if "," not in layout:
+        return canonical, canonical
+    groups = [math.prod(sizes[c] for c in group) for group in layout.split(",")]
+    return memory.view(groups), canonical'''
 
 
 # the scores of one query tile against one key tile, with every term: shared by the forward

@@ -24,7 +24,7 @@ from ..devices import Device
 from ..schedule import InvalidSchedule, Schedule, schedule_space
 from ..spec import MAX_HEAD_DIM, AttentionSpec
 from . import template as T
-from .attention_parts import OPERANDS, SCORES
+from .attention_parts import OPERANDS, OUTPUT_VIEW, SCORES
 
 KERNELS = ("window_attention",)
 # the host-side helpers each kernel's source carries (score_terms.py's functions, verbatim)
@@ -269,22 +269,7 @@ ${score_terms}
 ${operands}
 
 
-def _output(B, like, dtype=None):
-    """(the output as the graph reads it, its [B, H, N, Dv] view for the kernel's strides).
-    OUTPUT names the memory order of b, h, n, d (outermost first); commas group the dims of
-    a contiguous result ("nb,hd": [N*B, H*Dv]); without commas the result is the [B, H, N, Dv]
-    view itself. "bnc" is "b,n,hd"."""
-    layout = "b,n,hd" if OUTPUT == "bnc" else OUTPUT
-    order = layout.replace(",", "")
-    sizes = {"b": B // BATCH_SPLIT, "t": BATCH_SPLIT, "h": HEADS, "n": TOKENS, "d": V_HEAD_DIM}
-    memory = torch.empty([sizes[c] for c in order], device=like.device,
-                         dtype=like.dtype if dtype is None else dtype)
-    canonical = memory.permute([order.index(c) for c in "bthnd" if c in order])
-    canonical = canonical.view(B, HEADS, TOKENS, V_HEAD_DIM)  # b and t adjacent: a view
-    if "," not in layout:
-        return canonical, canonical
-    groups = [math.prod(sizes[c] for c in group) for group in layout.split(",")]
-    return memory.view(groups), canonical
+${output_view}
 
 
 def launch(q, k, v, bias=None, mask=None, general=None, logit_scale=None, select=None):
@@ -363,6 +348,7 @@ def hooks(spec: AttentionSpec, schedule: Schedule, summary: str) -> dict[str, st
         score_terms=SCORE_TERMS,
         scores=SCORES,
         operands=OPERANDS,
+        output_view=OUTPUT_VIEW,
     )
 
 

@@ -101,7 +101,8 @@ def _launch(ref: KernelRef, args: tuple, mask: Tensor | None = None) -> Tensor:
     launch = launcher(ref, interpret=args[0].device.type == "cpu")
     if mask is not None:
         args = (*args, mask)
-    counters[f"launch.{ref.kind}"] += 1
+    # an attention run as one SDPA call (schedule "sdpa") is not the fused kernel's launch
+    counters["launch.sdpa" if ref.schedule.name == "sdpa" else f"launch.{ref.kind}"] += 1
     return launch_on_device(launch, args)
 
 

@@ -5,7 +5,10 @@ the bias add and the mask add (each reading and writing the scores), the softmax
 write), the second bmm (reading them again) and a transpose copy of the output. The fused
 kernel reads q, k and v once (plus the bias and mask, which stay in L2) and writes the output;
 its scores live in registers, tiled BLOCK_M x BLOCK_N with the rows and keys padded up.
-When the graph calls SDPA, "aten" is that one call instead (sdpa_backend). Neither side is
+When the graph calls SDPA, "aten" is that one call instead (sdpa_backend). When it writes
+the softmax itself, the "sdpa" schedule (codegen/attention_sdpa.py) is one SDPA call on the
+terms summed into an attn_mask, plus the kernels that sum them and that give NaN where the
+graph's softmax does (sdpa_time). Neither side is
 charged the K/V re-reads of other query tiles (they hit L2 for window sizes; for long
 sequences both re-read alike).
 
@@ -38,8 +41,11 @@ SDPA_EFFICIENCY = {"flash": 0.50, "memory-efficient": 0.35}
 def sdpa_backend(spec: AttentionSpec, device: Device) -> str | None:
     """The SDPA backend the graph's own SDPA call would take on `device`, or None when the
     graph does not call SDPA (its ATen path is then about nine kernels)."""
-    if not spec.sdpa:
-        return None
+    return backend_for(spec, device) if spec.sdpa else None
+
+
+def backend_for(spec: AttentionSpec, device: Device) -> str:
+    """The backend an SDPA call on this attention's operands and terms takes on `device`."""
     terms = spec.bias or spec.mask or spec.general or spec.logit_scale or spec.cosine
     same_dims = spec.head_dim == spec.value_dim and spec.head_dim % 8 == 0
     if spec.dtype != "float32" and not terms and same_dims and device.capability >= (8, 0):
@@ -53,6 +59,28 @@ def aten_path(spec: AttentionSpec, device: Device) -> str:
         return "ATen's backward: the gradient bmms and the softmax backward"
     backend = sdpa_backend(spec, device)
     return f"SDPA's {backend} backend" if backend else f"ATen's {ATEN_KERNELS} kernels"
+
+
+def sdpa_time(spec: AttentionSpec, device: Device, b) -> tuple:
+    """The "sdpa" schedule: (traffic, launches, efficiency). SDPA reads q, k, v and writes
+    the output once. The terms are read and summed into one attn_mask in q's dtype: a bias
+    alone stays [1, H, N, Nk] (SDPA's re-reads per batch hit L2), with a mask or a general
+    term it is [B, H, N, Nk], written once and read by SDPA. Unless the graph's softmax is
+    SDPA's, three more kernels read q, k and the attn_mask and rewrite the output (the NaN
+    rows)."""
+    h, n, nk, e = spec.heads, spec.tokens, spec.keys, ITEMSIZE[spec.dtype]
+    d, dv = spec.head_dim, spec.value_dim
+    qkvo = b * h * (n * d + nk * d + nk * dv + n * dv) * e
+    terms = spec.bias + spec.mask + spec.general
+    per_batch = spec.mask or spec.general
+    built = (b if per_batch else 1) * h * n * nk * e if terms else 0
+    read = (spec.bias * h + spec.mask * spec.windows + spec.general * b * h) * n * nk * e
+    traffic = qkvo + read + 2 * built
+    launches = 1 + bool(terms)
+    if not spec.safe_softmax:
+        traffic += b * h * (n * d + nk * d + 2 * n * dv) * e + built
+        launches += 3
+    return traffic, launches, SDPA_EFFICIENCY[backend_for(spec, device)]
 
 
 def fused_bytes(spec: AttentionSpec, batch) -> int:
@@ -106,7 +134,10 @@ def attention_time(spec: AttentionSpec, schedule: Schedule, device: Device, symb
     qkvo = b * h * (n * d + nk * d + nk * dv + n * dv) * e
     peak = device.peak(matmul_math(spec))
     backend = sdpa_backend(spec, device) if schedule.name == "aten" else None
-    if backend is not None:  # one SDPA kernel: q, k, v, the output and the summed terms once
+    if schedule.name == "sdpa":  # the softmax-written graph rewritten as one SDPA call
+        traffic, launches, eff = sdpa_time(spec, device, b)
+        padded, ctas = flops, 1
+    elif backend is not None:  # one SDPA kernel: q, k, v, the output and the summed terms once
         summed = spec.bias + spec.mask + spec.general > 1  # one more kernel adds them up
         terms = (spec.bias + spec.mask + spec.general) * b * h * n * nk * e
         traffic = qkvo + terms * (2 if summed else 1)

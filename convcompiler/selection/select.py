@@ -40,7 +40,7 @@ from ..spec import AttentionSpec
 from ..spec_block import MlpSpec
 from .choice import CandidateRow, Choice, SelectionContext, Spec
 from .cost import Prediction, interpreter_steps, predict, rank
-from .cost_attention import aten_path
+from .cost_attention import aten_path, backend_for
 from .cost_block import block_note, dw_conv_apart
 from .stored import stored_decision
 from .tuning import autotune
@@ -59,14 +59,22 @@ def interpreted(spec: Spec, config: Config) -> bool:
 MODEL_STAGES = 3  # the model does not tell pipeline depths apart; the tuner does
 
 
-def model_candidates(spec: Spec, device: Device, *, include_aten: bool) -> list[Schedule]:
+def model_candidates(
+    spec: Spec, device: Device, *, include_aten: bool, library: bool | None = None
+) -> list[Schedule]:
     """ATen (optionally) and every schedule of every template valid on `device`, with the
-    pipeline depth pinned."""
+    pipeline depth pinned. `library` (default: include_aten) keeps the templates that call a
+    library's kernel rather than ours (attention_sdpa: LIBRARY)."""
     found = [ATEN] if include_aten else []
+    library = include_aten if library is None else library
     for name, space in kind_spaces(spec).items():
+        if getattr(TEMPLATES[name], "LIBRARY", False) and not library:
+            continue
         derived = getattr(TEMPLATES[name], "derived", None)
-        stages = dict(space.choices)["num_stages"]
-        pinned = {"num_stages": MODEL_STAGES if MODEL_STAGES in stages else max(stages)}
+        stages = dict(space.choices).get("num_stages", ())
+        pinned = {}
+        if stages:
+            pinned["num_stages"] = MODEL_STAGES if MODEL_STAGES in stages else max(stages)
         found.extend(
             space.candidates(spec, device=device, **pinned, **(derived(spec) if derived else {}))
         )
@@ -84,6 +92,8 @@ def _label(schedule: Schedule, spec: Spec, device: Device) -> str:
     """The schedule's name; for an attention's "aten", also what ATen runs (SDPA or not)."""
     if schedule.name == "aten" and isinstance(spec, AttentionSpec):
         return f"aten ({aten_path(spec, device)})"
+    if schedule.name == "sdpa":
+        return f"sdpa (one call, SDPA's {backend_for(spec, device)} backend)"
     return schedule.name
 
 
@@ -103,6 +113,12 @@ def _why(winner: Prediction, ranked: list[Prediction], spec: Spec, device: Devic
         ratio = other.at_hint / winner.at_hint if winner.at_hint else float("inf")
         text += (f"; best other schedule {_label(other.schedule, spec, device)} is "
                  f"{ratio:.2f}x slower")  # fmt: skip
+    shown = {winner.schedule.name, other.schedule.name if other else None}
+    for pred in ranked if isinstance(spec, AttentionSpec) else ():  # ATen's and SDPA's, named
+        if pred.schedule.name in ("aten", "sdpa") and pred.schedule.name not in shown:
+            shown.add(pred.schedule.name)
+            ratio = pred.at_hint / winner.at_hint if winner.at_hint else float("inf")
+            text += f"; {_label(pred.schedule, spec, device)} is {ratio:.2f}x slower"
     return text
 
 
@@ -225,7 +241,7 @@ def _override(spec: Spec, ctx: SelectionContext) -> Choice | None:
     if config.schedule is not None:
         forced = [
             s
-            for s in model_candidates(spec, ctx.device, include_aten=False)
+            for s in model_candidates(spec, ctx.device, include_aten=False, library=True)
             if s.name == config.schedule
         ]
         if forced:
@@ -326,7 +342,7 @@ def for_interpreter(spec: Spec, choice: Choice) -> Choice:
     """Same schedule and variants, tiles re-picked for Triton's interpreter, which pays per
     program and per loop trip rather than per FLOP (the GPU plan's tiles stay in `why`)."""
     schedule = choice.schedule
-    if schedule.name == "aten":
+    if not any(k in TILE_PARAMS for k, _ in schedule.params):  # aten, sdpa: no tiles
         return choice
     fixed = {k: v for k, v in schedule.params if k not in TILE_PARAMS}
     options = list(SPACES[schedule.name].candidates(spec, device=None, **fixed))

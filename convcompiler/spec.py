@@ -403,7 +403,7 @@ class ConvSpec(SizeHints):
         return " ".join([shape, ks, *extra, self.dtype, self.output_layout, *fused])
 
 
-MAX_HEAD_DIM = 256  # an attention's head row lives in registers: wider would need a D loop
+MAX_HEAD_DIM = 512  # an attention's head row lives in registers (padded to a power of two)
 
 
 @dataclass(frozen=True)

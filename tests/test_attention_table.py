@@ -134,10 +134,21 @@ ROWS = {
         None,
     ),
     "sdpa_head_dim_4": (sdpa, lambda: (rand(B, H, N, 4), rand(B, H, N, 4), rand(B, H, N, 4)), None),
+    # head dims over 256 are padded to 512 in registers (BLOCK_M 16, 8 warps); over 512 refused
     "sdpa_head_dim_300": (
         sdpa,
-        lambda: (rand(1, 1, 5, 300), rand(1, 1, 5, 300), rand(1, 1, 5, 300)),
-        "head_dim 300 over 256",
+        lambda: (rand(1, 2, 5, 300), rand(1, 2, 7, 300), rand(1, 2, 7, 300)),
+        None,
+    ),
+    "hand_head_dims_272_and_v_512": (
+        hand,
+        lambda: (rand(2, 1, 5, 272), rand(2, 1, 6, 272), rand(2, 1, 6, 512), rand(2, 1, 5, 6)),
+        None,
+    ),
+    "sdpa_head_dim_600": (
+        sdpa,
+        lambda: (rand(1, 1, 5, 600), rand(1, 1, 5, 600), rand(1, 1, 5, 600)),
+        "head_dim 600 over 512",
     ),
     "sdpa_3d": (sdpa, lambda: (rand(B, N, D), rand(B, N, D), rand(B, N, D)), None),  # H = 1
     "hand": (hand, lambda: (rand(B, H, N, D), rand(B, H, N, D), rand(B, H, N, D)), None),
@@ -302,6 +313,14 @@ def test_attention_rows_half_precision(dtype):
     torch._dynamo.reset()
     convcompiler.counters.reset()
     check_row(hand, (q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), rand(N, N)), None, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_wide_heads_half_precision(dtype):
+    """Head dims over 256 (q and k 320, v 384) with an additive mask, in half precision."""
+    torch.manual_seed(12)
+    q, k, v = rand(2, 2, 6, 320), rand(2, 2, 9, 320), rand(2, 2, 9, 384)
+    check_row(hand, (q, k, v, rand(2, 1, 6, 9)), None, dtype)
 
 
 @pytest.mark.parametrize(

@@ -196,6 +196,9 @@ ATTENTION = {
                               dict(output="b,t,n,dh", batch_split=16)),
     # neighborhood attention on a 56 x 56 grid as SDPA with a boolean mask (the select)
     "na2d-56x56-fp16": (2, 3136, 3136, 32, 32, (), False, "float16", dict(select="keep")),
+    # heads over 256 wide, padded to 512 in registers
+    "wide-head320-fp16": (4, 197, 197, 320, 320, (), False, "float16"),
+    "wide-head272-v512-bf16": (2, 197, 197, 272, 512, (), True, "bfloat16"),
 }
 
 

@@ -34,6 +34,9 @@ SCORE_TERMS = "\n\n\n".join(
                  "tile_lists")
 )
 LAUNCH_KEYS = ("num_warps", "num_stages")
+# Head dims over 256 (padded to 512): Triton's shared memory for the kernel measured at about
+# (num_stages - 1) k and v tiles plus 20-40 KiB (static report, sm_80 and sm_90)
+WIDE_SHARED_EXTRA = 40 * 1024
 
 
 def padded_dim(dim: int) -> int:
@@ -65,6 +68,13 @@ def SPACE(spec: AttentionSpec, s: Schedule, device: Device | None) -> None:
         raise InvalidSchedule("more than 32 accumulator values per thread")
     if spec.dtype == "float32" and s["BLOCK_N"] > 32:
         raise InvalidSchedule("float32 key tiles over 32 spill on sm_80")
+    if d > 256 and spec.dtype != "float32" and s["BLOCK_N"] < 32:
+        raise InvalidSchedule("wide half-precision heads: 16-key tiles spilled on sm_90")
+    if d > 256:  # wide heads: the pipelined k and v tiles dominate shared memory
+        kv = padded_dim(spec.head_dim) + padded_dim(spec.value_dim)
+        tiles = (max(s["num_stages"], 2) - 1) * s["BLOCK_N"] * kv * T.ITEMSIZE[spec.dtype]
+        if tiles + WIDE_SHARED_EXTRA > device.smem_per_block:
+            raise InvalidSchedule(f"about {tiles + WIDE_SHARED_EXTRA} B of shared memory")
 
 
 TEMPLATE = '''${header}

@@ -19,7 +19,7 @@ compiled ahead of time for the planning device and refused if it spills register
 overflows shared memory; the next candidate is then taken.
 
 Candidates are ATen plus every valid schedule of every template (num_stages pinned to 3
-for the model; the tuner also tries 2 and 4 stages for its top-k). When the tensors are on
+for the model, or free where 3 fits no tile; the tuner also tries 2 and 4 stages for its top-k). When the tensors are on
 the CPU and option cpu="interpret", ATen is not a candidate: the interpreter exists to run
 this project's kernels, and the chosen schedule's tiles are re-picked for the interpreter
 (fewest programs x loop trips). The plan is always made for a GPU: the target option, the
@@ -75,9 +75,11 @@ def model_candidates(
         pinned = {}
         if stages:
             pinned["num_stages"] = MODEL_STAGES if MODEL_STAGES in stages else max(stages)
-        found.extend(
-            space.candidates(spec, device=device, **pinned, **(derived(spec) if derived else {}))
-        )
+        fixed = derived(spec) if derived else {}
+        valid = list(space.candidates(spec, device=device, **pinned, **fixed))
+        if not valid and pinned:  # the pinned depth does not fit (wide attention heads)
+            valid = list(space.candidates(spec, device=device, **fixed))
+        found.extend(valid)
     return found
 
 
@@ -275,8 +277,9 @@ def _search(spec: Spec, ctx: SelectionContext) -> Choice:
         ctx.device,
         ctx.calibration,
     )
-    if not ranked:
-        raise InvalidSchedule(f"no schedule can run {spec.describe()}")
+    if not ranked:  # only under cpu="interpret", where ATen is no candidate
+        reason = f"no schedule of this project's fits {ctx.device.name}: ATen runs it"
+        return Choice(ATEN, "model", reason, fallback_reason=reason)
     top = [p.schedule for p in ranked[: max(8, config.top_k)]]
     if tuning:
         pool = []

@@ -411,10 +411,11 @@ def test_zero_size_attention_gives_eagers_result(fn, shape):
     eager = fn(q, k, v, bias, mask)
     y, report = run_compiled(fn, [q, k, v, bias, mask], options=FAST)
     assert y.shape == eager.shape and y.numel() == 0
-    # SDPA on empty tensors traces to `zeros` (no attention left); the softmax form stays
-    # and falls back with the reason
+    # the softmax form stays and falls back with the reason; SDPA on empty tensors traces to
+    # `zeros` on torch 2.14 (no attention left) and stays a call on 2.11 (the GPU machine's),
+    # which falls back alike
     regions = [r for r in report.regions if r.kind == "window_attention"]
-    assert len(regions) == (fn is swin_softmax), str(report)
+    assert len(regions) == 1 if fn is swin_softmax else len(regions) <= 1, str(report)
     assert all("zero-size" in r.fallback_reason for r in regions), str(report)
     assert convcompiler.counters["launch.window_attention"] == 0
 

@@ -135,6 +135,26 @@ class Windows:
 
 
 @dataclass(frozen=True)
+class Depth:
+    """A 3-D conv's depth axis (spec.depth, ndim 3): the 2-D fields hold its H and W. Input
+    depth `size`, output depth `out`, and the kernel's depth, stride, padding and dilation
+    along it."""
+
+    size: Size
+    out: Size
+    kernel: int
+    stride: int
+    padding: int
+    dilation: int
+
+    def name(self) -> str:
+        """e.g. "depth3s2p1" (stride, padding and dilation shown when not 1, 0, 1)."""
+        return (f"depth{self.kernel}" + (f"s{self.stride}" if self.stride != 1 else "")
+                + (f"p{self.padding}" if self.padding else "")
+                + (f"d{self.dilation}" if self.dilation != 1 else ""))  # fmt: skip
+
+
+@dataclass(frozen=True)
 class Prologue:
     """What a conv kernel applies to each input tile as it loads it, in order, before the
     products:
@@ -203,7 +223,7 @@ class ConvSpec(SizeHints):
     the bool mask instead of a materialised copy.
     """
 
-    ndim: int  # spatial dims of the original op: 1 or 2
+    ndim: int  # spatial dims of the original op: 1, 2 or 3 (with `depth`)
     batch: Size
     in_channels: int
     out_channels: int
@@ -241,8 +261,16 @@ class ConvSpec(SizeHints):
     # ... the output's rows too, stored at their pixels of the residual's [B, H, W, K] image
     # (Swin's proj -> window reverse -> [roll] -> + x): the kernel writes that image, x + y
     out_windows: Windows | None = None
+    # a 3-D conv (ndim 3): its depth axis; the kernel walks the depth taps too (im2win_implicit)
+    depth: Depth | None = None
 
     def __post_init__(self) -> None:
+        if (self.ndim == 3) != (self.depth is not None):
+            raise SpecError("a 3-D conv (ndim 3) has a depth axis, and only it")
+        if self.depth and (self.op != "conv" or self.windows or self.out_windows
+                           or self.prologue.dw or self.pool_sums or self.input_scale):
+            raise SpecError("a depth axis is for a forward conv without window rows, a "
+                            "depthwise prologue, pooled sums or an input scale")
         if self.op not in CONV_OPS:
             raise SpecError(f"op={self.op!r} is not one of {CONV_OPS}")
         if self.input_mask and self.op == "conv":
@@ -318,7 +346,8 @@ class ConvSpec(SizeHints):
     @property
     def reduction(self) -> int:
         """Length of one output's dot product: C/groups * KH * KW."""
-        return self.in_channels_per_group * self.kernel[0] * self.kernel[1]
+        taps = self.kernel[0] * self.kernel[1] * (self.depth.kernel if self.depth else 1)
+        return self.in_channels_per_group * taps
 
     @property
     def is_depthwise(self) -> bool:
@@ -327,7 +356,8 @@ class ConvSpec(SizeHints):
     @property
     def output_pixels(self) -> Size:
         """GEMM M: batch * HO * WO (symbolic under dynamic shapes)."""
-        return self.batch * self.out_size[0] * self.out_size[1]
+        depth = self.depth.out if self.depth else 1
+        return self.batch * depth * self.out_size[0] * self.out_size[1]
 
     def flops(self) -> int:
         """Multiply-adds * 2, at the size hints. A transposed conv multiplies every input
@@ -361,6 +391,7 @@ class ConvSpec(SizeHints):
             + ("_pooled" if self.pool_sums else "")
             + (f"_{self.windows.name().replace('+', '_')}" if self.windows else "")
             + (f"_to_{self.out_windows.name().replace('+', '_')}" if self.out_windows else "")
+            + (f"_{self.depth.name()}" if self.depth else "")
         )
 
     def describe(self) -> str:
@@ -370,6 +401,9 @@ class ConvSpec(SizeHints):
         ho, wo = self.out_size
         if self.ndim == 1:
             shape = f"[{self.batch},{c},{w}] -> [{self.batch},{k},{wo}]"
+        elif self.depth:
+            d, do = self.depth.size, self.depth.out
+            shape = f"[{self.batch},{c},{d},{h},{w}] -> [{self.batch},{k},{do},{ho},{wo}]"
         else:
             shape = f"[{self.batch},{c},{h},{w}] -> [{self.batch},{k},{ho},{wo}]"
         kh, kw = self.kernel
@@ -393,6 +427,8 @@ class ConvSpec(SizeHints):
             extra.append("x*scale[n,c]")
         if self.windows:
             extra.append(f"{self.windows.name()}(x)")
+        if self.depth:
+            extra.append(self.depth.name())
         if self.prologue.name():
             extra.append(f"{self.prologue.name()}(x)")
         if self.groups != 1:
@@ -711,6 +747,21 @@ def _windows_from_json(value: object) -> Windows | None:
     return Windows(_pair(value["size"], "size", 1), _pair(value["shift"], "shift", 0))
 
 
+def _depth_from_json(value: object) -> Depth | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {f.name for f in fields(Depth)}:
+        raise SpecError(f"depth {value!r} is not a depth axis")
+    return Depth(
+        size=_size_from_json(value["size"]),
+        out=_size_from_json(value["out"]),
+        kernel=_int(value["kernel"], "kernel", 1),
+        stride=_int(value["stride"], "stride", 1),
+        padding=_int(value["padding"], "padding", 0),
+        dilation=_int(value["dilation"], "dilation", 1),
+    )
+
+
 def _depthwise_from_json(value: object) -> Depthwise:
     if not isinstance(value, dict) or set(value) != {f.name for f in fields(Depthwise)}:
         raise SpecError(f"depthwise prologue {value!r} is not one")
@@ -752,6 +803,9 @@ def spec_to_json(spec) -> dict:
             v = {"bn": v.bn, "ln": v.ln, "eps": v.eps, "act": act, "dw": dw}
         elif f.name in ("windows", "out_windows") and isinstance(spec, ConvSpec):
             v = None if v is None else {"size": list(v.size), "shift": list(v.shift)}
+        elif f.name == "depth" and isinstance(spec, ConvSpec):
+            v = None if v is None else {
+                name: _size_to_json(value) for name, value in vars(v).items()}
         elif isinstance(v, Activation):  # a block's activation
             v = [v.name, list(v.args)]
         elif f.name == "hints":
@@ -855,7 +909,7 @@ def spec_from_json(data: object):
     )
     sizes = {name: _sizes(data[name], name) for name in ("in_size", "out_size")}
     return ConvSpec(
-        ndim=_check(data["ndim"], (1, 2), "ndim"),
+        ndim=_check(data["ndim"], (1, 2, 3), "ndim"),
         in_channels=_int(data["in_channels"], "in_channels", 1),
         out_channels=_int(data["out_channels"], "out_channels", 1),
         kernel=_pair(data["kernel"], "kernel", 1),
@@ -877,6 +931,7 @@ def spec_from_json(data: object):
         pool_sums=_bool(data["pool_sums"], "pool_sums"),
         windows=_windows_from_json(data["windows"]),
         out_windows=_windows_from_json(data["out_windows"]),
+        depth=_depth_from_json(data["depth"]),
         **sizes,
         **common,
     )

@@ -43,6 +43,7 @@ LAUNCH_KEYS = ("num_warps", "num_stages")
     num_stages=(2, 3),
 )
 def SPACE(spec: ConvSpec, s: Schedule, device: Device | None) -> None:
+    T.check_planar(spec)
     if spec.epilogue.scale:
         raise InvalidSchedule("only gemm_1x1 applies a layer scale")
     if not spec.transposed:

@@ -36,6 +36,7 @@ LAUNCH_KEYS = ("num_warps", "num_stages")
     num_stages=(2, 3),
 )
 def SPACE(spec: ConvSpec, s: Schedule, device: Device | None) -> None:
+    T.check_planar(spec)
     if spec.op != "conv_wgrad":
         raise InvalidSchedule("wgrad_splitk computes weight gradients only")
     if spec.out_channels_per_group <= 16 and s["BLOCK_M"] > 16:

@@ -34,6 +34,7 @@ TILING_KEYS = ("M_TILES",)
     num_stages=(1, 2),
 )
 def SPACE(spec: ConvSpec, s: Schedule, device: Device | None) -> None:
+    T.check_planar(spec)
     if spec.epilogue.scale:
         raise InvalidSchedule("only gemm_1x1 applies a layer scale")
     if spec.pool_sums and s["M_TILES"] != "image":

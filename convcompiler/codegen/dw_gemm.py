@@ -42,6 +42,7 @@ TILING_KEYS = ("M_TILES",)
     num_stages=(1,),
 )
 def SPACE(spec: ConvSpec, s: Schedule, device: Device | None) -> None:
+    T.check_planar(spec)
     if spec.prologue.dw is None:
         raise InvalidSchedule("dw_gemm computes a depthwise prologue: this conv has none")
     if spec.epilogue.scale or spec.epilogue.ln or spec.windows:

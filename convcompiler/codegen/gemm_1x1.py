@@ -39,6 +39,7 @@ TILING_KEYS = ("M_TILES",)
     num_stages=(2, 3, 4),
 )
 def SPACE(spec: ConvSpec, s: Schedule, device: Device | None) -> None:
+    T.check_planar(spec)
     T.check_ln_epilogue(spec, s)
     if spec.prologue.dw:
         raise InvalidSchedule("a depthwise prologue is dw_gemm's")

@@ -43,6 +43,7 @@ FILL_KEYS = ("FILL_W", "FILL_C")
     num_stages=(2, 3, 4),
 )
 def SPACE(spec: ConvSpec, s: Schedule, device: Device | None) -> None:
+    T.check_planar(spec)
     if spec.epilogue.scale:
         raise InvalidSchedule("only gemm_1x1 applies a layer scale")
     if spec.epilogue.ln:

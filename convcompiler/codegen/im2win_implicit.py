@@ -61,6 +61,8 @@ def SPACE(spec: ConvSpec, s: Schedule, device: Device | None) -> None:
         # the taps' statistics loops at 8 warps spilled 8 bytes in float32 on sm_80 and sm_90
         # (static report: ConvNeXt's downsampling at 64 px, tiles 16 x 128)
         raise InvalidSchedule("a float32 LayerNorm prologue runs on 4 warps")
+    if spec.depth and (s["REDUCTION"] != "tap" or spec.prologue.name()):
+        raise InvalidSchedule("a 3-D conv runs the tap reduction, without an input prologue")
     if s["REDUCTION"] == "flat" and spec.padding_mode != "zeros":
         raise InvalidSchedule("the flat reduction's window offsets are linear: no padding mode")
     if s["REDUCTION"] == "tap" and spec.in_channels_per_group < 16 and s["BLOCK_K"] > 16:
@@ -135,13 +137,17 @@ def conv_im2win_implicit(
     # epilogue operands (None when unused): conv bias, batch norm, residual; the input's
     # batch norm (the prologue)
     b_ptr, bnw_ptr, bnb_ptr, mean_ptr, var_ptr, r_ptr, pw_ptr, pb_ptr, pm_ptr, pv_ptr,
-    # sizes; CG, KG and R are fixed by the spec (constant loop bounds, tails known)
-    N, H, W, HO, WO, CG: tl.constexpr, KG: tl.constexpr, R: tl.constexpr,
-    # strides (w_ptr is the packed filter: [K, KW, KH, CG] contiguous)
-    sxn, sxc, sxh, sxw, syn, syk, syh, syw, srn, src, srh, srw,
-    # conv geometry (baked from the spec)
+    # sizes; CG, KG and R are fixed by the spec (constant loop bounds, tails known). A 3-D
+    # conv's output is seen as [N, K, DO*HO, WO]: HO counts its (depth, row) pairs, HR the
+    # rows of one depth slice, D the input's depth
+    N, H, W, HO, WO, D, HR, CG: tl.constexpr, KG: tl.constexpr, R: tl.constexpr,
+    # strides (w_ptr is the packed filter: [K, KW, KH, (KD,) CG] contiguous); sxd: x's depth
+    sxn, sxc, sxd, sxh, sxw, syn, syk, syh, syw, srn, src, srh, srw,
+    # conv geometry (baked from the spec); the depth axis's with DEPTH3 (else 1, 1, 0, 1)
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    DEPTH3: tl.constexpr, KD: tl.constexpr, SD: tl.constexpr, PD: tl.constexpr,
+    DD: tl.constexpr,
     PAD_MODE: tl.constexpr,  # how the padding is filled: 0 zeros, 1 reflect, 2 replicate
     PRE_BN: tl.constexpr, PRE_LN: tl.constexpr, PRE_EPS: tl.constexpr,
     # meta-parameters
@@ -156,6 +162,10 @@ def conv_im2win_implicit(
     offs_k, k_ok = _tile_cols(pid_n, g, KG, BLOCK_N)
 
     # ---- 2. where each pixel's window starts in the (virtual) im2win band ----
+    if DEPTH3:  # the tile's rows run over (output depth, output row) pairs
+        do = ho // HR
+        ho = ho - do * HR
+        di0 = do * SD - PD
     hi0 = ho * SH - PH
     wi0 = wo * SW - PW
     x_base = x_ptr + g * CG * sxc
@@ -198,6 +208,23 @@ def conv_im2win_implicit(
                 acc = _tap_step(acc, x_base, a_row, row_ok, w_ptr, w_col, k_ok, tap,
                                 c0 + offs_r, sxc, pw_ptr, pb_ptr, pm_ptr, pv_ptr, row_mean,
                                 row_rstd, CG, BLOCK_K, True, WIDEN, PRECISION)
+    elif DEPTH3:
+        # a 3-D conv: taps (kx, ky, kz) in the packed filter's order; the depth tap picks the
+        # input's slice (its padding mapped as the rows' and columns'), then the 2-D tap
+        c_steps = (CG + BLOCK_K - 1) // BLOCK_K
+        for it in range(0, KW * KH * KD * ((CG + BLOCK_K - 1) // BLOCK_K)):
+            tap = it // c_steps
+            c = (it - tap * c_steps) * BLOCK_K + offs_r
+            kx = tap // (KH * KD)
+            ky = (tap // KD) % KH
+            kz = tap % KD
+            x_slice, slice_ok = _window_tap(x_img, di0, di0 * 0, m_ok, kz, 0, D, 1, sxd, 0,
+                                            PD, 0, DD, 1, PAD_MODE)
+            a_row, row_ok = _window_tap(x_slice, hi0, wi0, slice_ok, ky, kx, H, W, sxh, sxw,
+                                        PH, PW, DH, DW, PAD_MODE)
+            acc = _tap_step(acc, x_base, a_row, row_ok, w_ptr, w_col, k_ok, tap, c, sxc,
+                            pw_ptr, pb_ptr, pm_ptr, pv_ptr, 0.0, 1.0, CG, BLOCK_K, PRE_BN,
+                            WIDEN, PRECISION)
     else:
         # (loop bounds are written out from constexprs: Triton 3.6's interpreter turns every
         # assigned name into a tensor, which range() cannot take)
@@ -225,11 +252,15 @@ ${prepare}
 ${prologue_operands}
     # ---- 3. launch on the GEMM grid ----
     int64 = max(x.numel(), y.numel(), weight.numel()) >= INDEX_LIMIT
+    sxn, sxc, *sx_spatial = x.stride()
+    sxd = sx_spatial.pop(0) if NDIM == 3 else 0
+    depth = DEPTH or dict(KD=1, SD=1, PD=0, DD=1)
     conv_im2win_implicit[grid](
         x, w_packed, out, *epilogue_operands, *pre_norm,
-        N, H, W, HO, WO, CG, KG, R,
-        *x.stride(), *out.stride(), *residual_strides,
-        **GEOMETRY, PAD_MODE=PAD_MODE, PRE_BN=PRE_BN, PRE_LN=PRE_LN, PRE_EPS=PRE_EPS,
+        N, H, W, DO * HO, WO, D, HO, CG, KG, R,
+        sxn, sxc, sxd, *sx_spatial, *out.stride(), *residual_strides,
+        **GEOMETRY, DEPTH3=NDIM == 3, **depth,
+        PAD_MODE=PAD_MODE, PRE_BN=PRE_BN, PRE_LN=PRE_LN, PRE_EPS=PRE_EPS,
         PRECISION=PRECISION, WIDEN=widen, INT64=int64,
         IMAGE_TILES=image, **META, **LAUNCH)
 ${finish}"""

@@ -74,6 +74,12 @@ def check_row_tiling(spec: ConvSpec, s: Schedule) -> None:
         raise InvalidSchedule("image tiles put the batch on grid axis 2 (at most 65535)")
 
 
+def check_planar(spec: ConvSpec) -> None:
+    """A 3-D conv (spec.depth) runs im2win_implicit, whose taps walk the depth too."""
+    if spec.depth:
+        raise InvalidSchedule("a 3-D conv runs im2win_implicit (its taps walk the depth)")
+
+
 def check_ln_epilogue(spec: ConvSpec, s: Schedule) -> None:
     """A LayerNorm epilogue normalises each pixel over all its output channels, from the
     accumulator: one tile must hold every one of them."""
@@ -164,6 +170,8 @@ def constants(spec: ConvSpec, schedule: Schedule, **groups: tuple[str, ...]) -> 
         DH=spec.dilation[0],
         DW=spec.dilation[1],
     )
+    d = spec.depth  # a 3-D conv's depth axis: its kernel, stride, padding and dilation
+    depth = dict(KD=d.kernel, SD=d.stride, PD=d.padding, DD=d.dilation) if d else None
     grouped = {
         name: {k: v for k, v in schedule.params if k in keys} for name, keys in groups.items()
     }
@@ -182,6 +190,7 @@ def constants(spec: ConvSpec, schedule: Schedule, **groups: tuple[str, ...]) -> 
         f"PRECISION = {spec.precision!r}",
         "INDEX_LIMIT = 2**31  # tensors this large get 64-bit offsets",
         f"GEOMETRY = {geometry!r}",
+        f"DEPTH = {depth!r}  # a 3-D conv's depth axis (NDIM 3), else None",
         f"META = {meta!r}",
     ]
     if spec.transposed:
@@ -468,7 +477,11 @@ CHECK_OPERANDS = """
                          "weight and bias (in the batch norm's places)")
     if NDIM == 1:  # a 1-D conv runs as a 2-D conv over a 1-row image
         x, weight = x.unsqueeze(2), weight.unsqueeze(2)
-    N, C, H, W = x.shape
+    D = DO = 1  # a 3-D conv's input and output depth
+    if NDIM == 3:
+        N, C, D, H, W = x.shape
+    else:
+        N, C, H, W = x.shape
 """
 PER_CHANNEL_VECTORS = """    # The epilogue reads each per-channel vector (conv bias, batch-norm parameters) as one
     # contiguous run of K values: a strided or broadcast (expanded) vector is copied first.
@@ -536,10 +549,14 @@ ALLOCATE_OUTPUT = """    # ---- 2. allocate the output in the memory format eage
                              f"{OWH}x{OWW} windows")
         residual = residual.permute(0, 3, 1, 2)
         y = torch.empty((YB, YH, YW, K), device=x.device, dtype=x.dtype).permute(0, 3, 1, 2)
+    elif NDIM == 3:  # [N, K, DO, HO, WO], seen by the kernel as [N, K, DO*HO, WO] (a view)
+        fmt = torch.channels_last_3d if OUT_CHANNELS_LAST else torch.contiguous_format
+        y = torch.empty((N, K, DO, HO, WO), device=x.device, dtype=x.dtype,
+                        memory_format=fmt).flatten(2, 3)
     else:
         y = torch.empty((N, K, HO, WO), device=x.device, dtype=x.dtype, memory_format=fmt)
     if y.numel() == 0:
-        return y.squeeze(2) if NDIM == 1 else y
+        return y.squeeze(2) if NDIM == 1 else y.unflatten(2, (DO, HO)) if NDIM == 3 else y
     # Under Triton's interpreter (CPU tensors) the kernel accumulates in fp64; it also
     # truncates when it casts to bf16, so a bf16 result is stored in fp32 and torch rounds it.
     widen = x.device.type == "cpu"
@@ -549,7 +566,7 @@ ALLOCATE_OUTPUT = """    # ---- 2. allocate the output in the memory format eage
 GEMM_GRID = (
     """    # The GEMM grid: (pixel tiles x channel tiles, groups, images when tiles stay in one).
     image = TILING["M_TILES"] == "image"
-    rows = HO * WO if image else M
+    rows = DO * HO * WO if image else M
     grid = lambda meta: (
         triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(KG, meta["BLOCK_N"]), GROUPS,
         N if image else 1)
@@ -557,6 +574,8 @@ GEMM_GRID = (
     residual_strides = (0, 0, 0, 0)
     if residual is not None:
         residual = residual.unsqueeze(2) if NDIM == 1 else residual
+        if NDIM == 3:  # as the output: [N, K, DO*HO, WO] (copied when that is no view)
+            residual = residual.reshape(N, K, DO * HO, WO) if residual.dim() == 5 else residual
         if residual.shape != y.shape:
             raise ValueError(f"residual {tuple(residual.shape)} != output {tuple(y.shape)}")
         if image and residual.stride() != y.stride():
@@ -567,13 +586,17 @@ GEMM_GRID = (
 )
 PREPARE = (
     CHECK_OPERANDS
-    + """    K, CG, KH, KW = weight.shape
-    if (KH, KW) != (GEOMETRY["KH"], GEOMETRY["KW"]) or C != CG * GROUPS or K % GROUPS:
+    + """    K, CG, KH, KW = (*weight.shape[:2], *weight.shape[-2:])
+    KD = weight.shape[2] if NDIM == 3 else 1
+    if ((KH, KW) != (GEOMETRY["KH"], GEOMETRY["KW"]) or C != CG * GROUPS or K % GROUPS
+            or (NDIM == 3 and KD != DEPTH["KD"])):
         raise ValueError(f"input {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit "
                          f"this kernel (groups={GROUPS}, kernel={KH}x{KW})")
     g = GEOMETRY
     HO = (H + 2 * g["PH"] - g["DH"] * (g["KH"] - 1) - 1) // g["SH"] + 1
     WO = (W + 2 * g["PW"] - g["DW"] * (g["KW"] - 1) - 1) // g["SW"] + 1
+    if NDIM == 3:
+        DO = (D + 2 * DEPTH["PD"] - DEPTH["DD"] * (KD - 1) - 1) // DEPTH["SD"] + 1
     KG = K // GROUPS
     if NDIM == 2 and WINDOWS:  # x is the image: N windows of 1 x WH*WW tokens (gemm_1x1)
         if H % WINDOWS[0] or W % WINDOWS[1]:
@@ -581,10 +604,10 @@ PREPARE = (
         N, HO, WO = N * (H // WINDOWS[0]) * (W // WINDOWS[1]), 1, WINDOWS[0] * WINDOWS[1]
 """
     + PER_CHANNEL_VECTORS
-    + """    M = N * HO * WO
-    R = KW * KH * CG
-    # The im2win filter order: w_packed[k, kx, ky, c], so a window's weights are one run.
-    w_packed = weight.permute(0, 3, 2, 1)
+    + """    M = N * DO * HO * WO
+    R = KW * KH * KD * CG
+    # The im2win filter order: w_packed[k, kx, ky, (kz,) c], so a window's weights are one run.
+    w_packed = weight.permute(0, *range(weight.dim() - 1, 0, -1))
     if not w_packed.is_contiguous():
         w_packed = w_packed.contiguous()
 
@@ -599,5 +622,5 @@ FINISH = """
         y.copy_(out)
     if NDIM == 2 and OUT_WINDOWS:  # the [B, H, W, K] image
         return y.permute(0, 2, 3, 1)
-    return y.squeeze(2) if NDIM == 1 else y
+    return y.squeeze(2) if NDIM == 1 else y.unflatten(2, (DO, HO)) if NDIM == 3 else y
 """

@@ -54,6 +54,8 @@ ANCHORS = (
     aten.reflection_pad2d.default,
     aten.replication_pad1d.default,
     aten.replication_pad2d.default,
+    aten.reflection_pad3d.default,
+    aten.replication_pad3d.default,
 )
 
 

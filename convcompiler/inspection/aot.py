@@ -166,7 +166,9 @@ def meta_inputs(spec: ConvSpec | AttentionSpec | MlpSpec) -> tuple[torch.Tensor 
 
     def empty(shape, layout="nchw", dt=dtype):
         t = torch.empty(shape, device="meta", dtype=dt)
-        return t.to(memory_format=torch.channels_last) if layout == "nhwc" else t
+        if layout != "nhwc":
+            return t
+        return t.to(memory_format=torch.channels_last_3d if t.dim() == 5 else torch.channels_last)
 
     if spec.prologue.dw:  # the kernel reads the depthwise conv's input
         h, w = (spec.hint(s) for s in spec.prologue.dw.image)
@@ -188,6 +190,12 @@ def meta_inputs(spec: ConvSpec | AttentionSpec | MlpSpec) -> tuple[torch.Tensor 
     if spec.ndim == 1:
         x, weight = x.squeeze(2), weight.squeeze(2)
         residual = residual.squeeze(2) if residual is not None else None
+    d = spec.depth
+    if d:  # a 3-D conv: [N, C, D, H, W], [K, C/G, KD, KH, KW], [N, K, DO, HO, WO]
+        x = empty((n, spec.in_channels, spec.hint(d.size), h, w), spec.input_layout)
+        weight = empty((k, spec.in_channels_per_group, d.kernel, kh, kw), spec.weight_layout)
+        if residual is not None:
+            residual = empty((n, k, spec.hint(d.out), ho, wo), spec.output_layout)
     bias = empty((k,)) if spec.has_bias else None
     bn = spec.epilogue.bn
     stats = (empty((k,), dt=torch.float32), empty((k,), dt=torch.float32)) if bn else (None, None)

@@ -17,7 +17,8 @@ A transposed conv's weight gradient is the weight gradient of the forward conv t
 to x (same stride, padding, dilation and groups): the region's spec is that conv's, and its
 op reads (x, dy) in place of (dy, x).
 Only convolutions a generated kernel could run are split (1-D and 2-D, the kernels' dtypes);
-the others keep their convolution_backward untouched. Nothing is split with option
+the others keep their convolution_backward untouched (a 3-D conv's gradients are reported,
+each with the reason). Nothing is split with option
 backward="aten", nor on CPU tensors under cpu="aten" (Inductor's own lowering runs it there).
 """
 
@@ -38,6 +39,8 @@ from .match_conv import GRAD_INPUT
 from .meta import fake_value, memory_layout, run_on_fakes
 
 aten = torch.ops.aten
+THREE_D = ("a 3-D conv's gradient: the transposed-conv and weight-gradient kernels are 1-D "
+           "and 2-D; ATen's convolution_backward computes it")
 RULES = {
     "grad_input": "convolution_backward(dy, x, w)[0] => convolution(dy, w, transposed=not t)",
     "conv_wgrad": "convolution_backward(dy, x, w)[1] => im2win_conv_wgrad(dy, x)",
@@ -134,7 +137,7 @@ def _fallback(item: torch.fx.Node, mode: str, reason: str, ctx: PassContext) -> 
         Region(
             name=ctx.new_region_name("conv"),
             kind="conv",
-            rule=RULES[mode],
+            rule=RULES["conv_wgrad" if mode == "grad_weight" else mode],
             stage=ctx.stage,
             nodes=(item.name,),
             summary=f"{mode} of {item.args[0].name}",
@@ -201,8 +204,14 @@ def split_conv_backward(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.
         dy, w = fake_value(node.args[0]), fake_value(node.args[2])
         if dy is None or w is None or (dy.device.type == "cpu" and ctx.config.cpu == "aten"):
             continue
-        if w.dim() - 2 not in (1, 2) or str(dy.dtype).removeprefix("torch.") not in DTYPES:
-            continue  # no kernel would take either gradient (3-D, float64): leave it whole
+        if str(dy.dtype).removeprefix("torch.") not in DTYPES:
+            continue  # no kernel would take either gradient (float64): leave it whole
+        if w.dim() == 5:  # left whole, each gradient it computes reported with the reason
+            items = _getitems(node)
+            for i, mode in ((0, "grad_input"), (1, "grad_weight")):
+                if node.args[10][i] and i in items:
+                    _fallback(items[i], mode, THREE_D, ctx)
+            continue
         _split(gm, node, ctx)
         counters["pass.conv_backward_split"] += 1
     gm.graph.lint()

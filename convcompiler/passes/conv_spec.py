@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from ..spec import DTYPES, ConvSpec, Epilogue
+from ..spec import DTYPES, ConvSpec, Depth, Epilogue
 from .context import PassContext
 from .linear_as_conv import FROM_LINEAR, matmul_precision
 from .meta import dynamo_sources, fake_value, fp32_precision, memory_layout, size_hints, sizes
@@ -54,6 +54,8 @@ PADS = {  # the padding modes a kernel reads in place (anchored in frontend/indu
     aten.reflection_pad2d.default: "reflect",
     aten.replication_pad1d.default: "replicate",
     aten.replication_pad2d.default: "replicate",
+    aten.reflection_pad3d.default: "reflect",
+    aten.replication_pad3d.default: "replicate",
 }
 
 
@@ -80,8 +82,10 @@ def conv_fallback_reason(node: torch.fx.Node, ctx: PassContext) -> str | None:
     if out is None or xv is None or wv is None:
         return "no fake-tensor metadata on the convolution"
     spatial = len(wv.shape) - 2
-    if spatial not in (1, 2):
-        return f"{spatial}-D convolution: only 1-D and 2-D convolutions are supported"
+    if spatial not in (1, 2, 3):
+        return f"{spatial}-D convolution: only 1-D, 2-D and 3-D convolutions are supported"
+    if spatial == 3 and transposed:
+        return "3-D transposed convolution: only forward 3-D convolutions run generated kernels"
     if any(len(values) not in (1, spatial) for values in (stride, padding, dilation)):
         return "stride, padding or dilation does not give one value per spatial dim"
     if transposed and len(output_padding) not in (1, spatial):
@@ -128,10 +132,17 @@ def conv_spec(
         x, padding_mode, padding = padded
     xv, wv, out = fake_value(x), fake_value(w), fake_value(out_node or node)
     xs, ws, os_ = sizes(xv), sizes(wv), sizes(out)
+    depth = None
     if len(ws) == 3:  # conv1d as a 2-D conv over a 1-row image
         xs, ws, os_ = (*xs[:2], 1, xs[2]), (*ws[:2], 1, ws[2]), (*os_[:2], 1, os_[2])
         stride, padding, dilation = (1, *stride), (0, *padding), (1, *dilation)
         output_padding = (0, *output_padding)
+    elif len(ws) == 5:  # conv3d: the depth axis apart, the 2-D fields its H and W
+        depth = Depth(xs[2], os_[2], int(ws[2]), int(stride[0]), int(padding[0]),
+                      int(dilation[0]))
+        xs, ws, os_ = (*xs[:2], *xs[3:]), (*ws[:2], *ws[3:]), (*os_[:2], *os_[3:])
+        stride, padding, dilation = stride[1:], padding[1:], dilation[1:]
+        output_padding = output_padding[1:]
     device = xv.device.type
     # weight: [K, C/groups, KH, KW]; transposed: [C, K/groups, KH, KW]
     in_channels, out_channels = int(ws[1]) * int(groups), int(ws[0])
@@ -161,4 +172,5 @@ def conv_spec(
         op="conv_transpose" if transposed else "conv",
         output_padding=tuple(int(p) for p in output_padding),
         padding_mode=padding_mode,
+        depth=depth,
     )

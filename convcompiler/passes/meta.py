@@ -72,17 +72,18 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def memory_layout(t: torch.Tensor) -> str:
-    """ "nchw" (contiguous), "nhwc" (channels_last, 4-D only) or "strided".
+    """ "nchw" (contiguous), "nhwc" (channels_last, or channels_last_3d for 5-D) or
+    "strided".
 
     Decided at the size hints: a memory format does not depend on the sizes' values.
     """
     shape, stride = hinted(tuple(t.shape)), hinted(tuple(t.stride()))
     if stride == _contiguous_strides(shape):
         return "nchw"
-    if len(shape) == 4:
-        n, c, h, w = shape
-        sn, sh, sw, sc = _contiguous_strides((n, h, w, c))
-        if stride == (sn, sc, sh, sw):
+    if len(shape) in (4, 5):
+        n, c, *spatial = shape
+        last = _contiguous_strides((n, *spatial, c))
+        if stride == (last[0], last[-1], *last[1:-1]):
             return "nhwc"
     return "strided"
 

@@ -172,6 +172,12 @@ def _conv_fake(
     if spec.out_windows:  # window rows stored in the residual's [B, H, W, K] image
         return torch.empty_like(residual, memory_format=torch.contiguous_format)
     n, k, ho, wo = conv_output_shape(spec, x)
+    if spec.depth:  # [N, K, DO, HO, WO]
+        d = spec.depth
+        do = (x.shape[2] + 2 * d.padding - d.dilation * (d.kernel - 1) - 1) // d.stride + 1
+        fmt = (torch.channels_last_3d if spec.output_layout == "nhwc"
+               else torch.contiguous_format)  # fmt: skip
+        return torch.empty((n, k, do, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
     fmt = torch.channels_last if spec.output_layout == "nhwc" else torch.contiguous_format
     y = torch.empty((n, k, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
     return y.squeeze(2) if spec.ndim == 1 else y

@@ -65,14 +65,14 @@ SERVED: collections.deque[Served] = collections.deque(maxlen=4096)
 
 def order(ndim: int) -> list[int]:
     """The permutation that puts a conv weight in im2win order: [K, KW, KH, C/G] for a 2-D
-    conv's [K, C/G, KH, KW], [K, KW, C/G] for a 1-D conv's [K, C/G, KW] (it is its own
-    inverse)."""
+    conv's [K, C/G, KH, KW], [K, KW, C/G] for a 1-D conv's [K, C/G, KW], [K, KW, KH, KD, C/G]
+    for a 3-D conv's (it is its own inverse)."""
     return [0, *range(ndim - 1, 0, -1)]
 
 
 def is_packed(weight: torch.Tensor) -> bool:
     """True when the weight is already stored in im2win order (no copy needed)."""
-    return weight.dim() not in (3, 4) or weight.permute(order(weight.dim())).is_contiguous()
+    return weight.dim() not in (3, 4, 5) or weight.permute(order(weight.dim())).is_contiguous()
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:

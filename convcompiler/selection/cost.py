@@ -133,18 +133,19 @@ def conv_class(spec: ConvSpec) -> str:
 
 
 def filter_repack_free(spec: ConvSpec) -> bool:
-    """True when the weight is already in im2win order ([K, KW, KH, C/G] contiguous).
+    """True when the weight is already in im2win order ([K, KW, KH, (KD,) C/G] contiguous).
 
     Decided from the strides alone (no tensor is made: this runs under aot_autograd's fake
     mode, where even a meta tensor op costs milliseconds)."""
     k, c = spec.out_channels, spec.in_channels_per_group
     kh, kw = spec.kernel
-    if spec.weight_layout == "nhwc":  # channels_last: [K, C, KH, KW] with C innermost
-        strides = {"k": kh * kw * c, "c": 1, "kh": kw * c, "kw": c}
+    kd = spec.depth.kernel if spec.depth else 1  # a 3-D conv's [K, C, KD, KH, KW]
+    if spec.weight_layout == "nhwc":  # channels_last: [K, C, (KD,) KH, KW] with C innermost
+        strides = {"k": kd * kh * kw * c, "c": 1, "kd": kh * kw * c, "kh": kw * c, "kw": c}
     else:
-        strides = {"k": c * kh * kw, "c": kh * kw, "kh": kw, "kw": 1}
-    expected = 1  # walk [K, KW, KH, C] from the innermost dim; size-1 dims never matter
-    for dim, size in (("c", c), ("kh", kh), ("kw", kw), ("k", k)):
+        strides = {"k": c * kd * kh * kw, "c": kd * kh * kw, "kd": kh * kw, "kh": kw, "kw": 1}
+    expected = 1  # walk [K, KW, KH, (KD,) C] from the innermost dim; size-1 dims never matter
+    for dim, size in (("c", c), ("kd", kd), ("kh", kh), ("kw", kw), ("k", k)):
         if size != 1 and strides[dim] != expected:
             return False
         expected *= size
@@ -163,6 +164,9 @@ class _Sizes:
         self.c, self.k, self.g = spec.in_channels, spec.out_channels, spec.groups
         self.cg, self.kg = spec.in_channels_per_group, spec.out_channels_per_group
         self.kh, self.kw = spec.kernel
+        if spec.depth:  # a 3-D conv: its depth folds into the rows (traffic and FLOPs)
+            self.h, self.ho = self.h * val(spec.depth.size), self.ho * val(spec.depth.out)
+            self.kh *= spec.depth.kernel
         self.p = self.ho * self.wo
         self.m = self.n * self.p
         self.e = _ITEMSIZE[spec.dtype]

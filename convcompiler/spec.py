@@ -144,13 +144,16 @@ class Depth:
     out: Size
     kernel: int
     stride: int
-    padding: int
+    padding: int  # before the first slice
     dilation: int
+    padding_end: int  # after the last (a causal video conv pads the past only: 2, then 0)
 
     def name(self) -> str:
-        """e.g. "depth3s2p1" (stride, padding and dilation shown when not 1, 0, 1)."""
+        """e.g. "depth3s2p1", "depth3p2to0" (stride, padding and dilation when not 1, 0, 1)."""
+        pad = f"{self.padding}" + (f"to{self.padding_end}" if self.padding_end != self.padding
+                                   else "")  # fmt: skip
         return (f"depth{self.kernel}" + (f"s{self.stride}" if self.stride != 1 else "")
-                + (f"p{self.padding}" if self.padding else "")
+                + (f"p{pad}" if self.padding or self.padding_end else "")
                 + (f"d{self.dilation}" if self.dilation != 1 else ""))  # fmt: skip
 
 
@@ -759,6 +762,7 @@ def _depth_from_json(value: object) -> Depth | None:
         stride=_int(value["stride"], "stride", 1),
         padding=_int(value["padding"], "padding", 0),
         dilation=_int(value["dilation"], "dilation", 1),
+        padding_end=_int(value["padding_end"], "padding_end", 0),
     )
 
 

@@ -34,6 +34,11 @@ CASES = {
         (1, 6, 6, 7),
     ),
     "conv1d_k5_p2": (lambda m: nn.Conv1d(3, 4, 5, padding=2, padding_mode=m), (2, 3, 13)),
+    "conv3d_3x3x3_p1": (lambda m: nn.Conv3d(3, 5, 3, padding=1, padding_mode=m), (1, 3, 4, 6, 5)),
+    "conv3d_s2_p121": (
+        lambda m: nn.Conv3d(4, 4, (3, 5, 3), stride=(2, 1, 2), padding=(1, 2, 1), padding_mode=m),
+        (2, 4, 5, 6, 7),
+    ),
 }
 PADS = {"reflect": "reflection_pad", "replicate": "replication_pad"}
 PAD_DECOMPOSED = {"_unsafe_index", "clamp", "clamp_min", "clamp_max", "abs", "iota"}

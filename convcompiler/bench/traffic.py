@@ -85,6 +85,22 @@ MODELS = {
     "swin_t": "torchvision:swin_t",
 }
 VARIANTS = ("eager", "inductor", "im2win-aten", "im2win")
+CAUSAL_BLOCK = "causal_conv3d"  # added to a clip's (5-D input's) rows
+
+
+class CausalConv3dBlock(torch.nn.Module):
+    """A video VAE's causal conv (HunyuanVideo, CogVideoX, LTX, Wan): the past padded by
+    replicating the first frame (two frames before, none after), then a 3x3x3 conv,
+    GroupNorm and SiLU."""
+
+    def __init__(self, channels: int, out_channels: int = 64) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(channels, out_channels, 3)
+        self.norm = torch.nn.GroupNorm(32, out_channels)
+
+    def forward(self, x):
+        x = torch.nn.functional.pad(x, (1, 1, 1, 1, 2, 0), mode="replicate")
+        return torch.nn.functional.silu(self.norm(self.conv(x)))
 
 
 @dataclass(frozen=True)
@@ -383,10 +399,19 @@ def main(args) -> int:
         f"{'region MiB':>10} {'MiB':>9} {'vs eager':>8} {'matmul MiB':>10} "
         f"{'total MiB':>9} {'vs eager':>8}"
     )
+    shape = args.input.split(",") if args.input_given else ["32", "3", "224", "224"]
+    shape = ",".join([str(batch), *shape[1:]])
+    if len(shape.split(",")) == 5:  # a clip: a video VAE's causal conv block on it too
+        names.append(CAUSAL_BLOCK)
+        print(f"{CAUSAL_BLOCK}: F.pad(replicate, the past only) -> Conv3d 3x3x3 -> GroupNorm "
+              "-> SiLU on the same clip; Inductor writes the padded copy, im2win reads x")
     for name in names:
-        model = load_model(MODELS.get(name, name)).to(getattr(torch, dtype))
-        size = 224 if not args.input_given else int(args.input.split(",")[-1])
-        x = make_input(f"{batch},3,{size},{size}", dtype)
+        if name == CAUSAL_BLOCK:
+            model = CausalConv3dBlock(int(shape.split(",")[1])).eval()
+        else:
+            model = load_model(MODELS.get(name, name))
+        model = model.to(getattr(torch, dtype))
+        x = make_input(shape, dtype)
         rows = plan_model(model, x, target, args.fusion, blocks=blocks)
         eager, eager_total = rows[0].bytes, rows[0].total_bytes
         for row in rows:

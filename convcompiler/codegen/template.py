@@ -191,6 +191,7 @@ def constants(spec: ConvSpec, schedule: Schedule, **groups: tuple[str, ...]) -> 
         "INDEX_LIMIT = 2**31  # tensors this large get 64-bit offsets",
         f"GEOMETRY = {geometry!r}",
         f"DEPTH = {depth!r}  # a 3-D conv's depth axis (NDIM 3), else None",
+        f"DEPTH_PAD_END = {d.padding_end if d else 0}  # its padding after the last slice",
         f"META = {meta!r}",
     ]
     if spec.transposed:
@@ -596,7 +597,7 @@ PREPARE = (
     HO = (H + 2 * g["PH"] - g["DH"] * (g["KH"] - 1) - 1) // g["SH"] + 1
     WO = (W + 2 * g["PW"] - g["DW"] * (g["KW"] - 1) - 1) // g["SW"] + 1
     if NDIM == 3:
-        DO = (D + 2 * DEPTH["PD"] - DEPTH["DD"] * (KD - 1) - 1) // DEPTH["SD"] + 1
+        DO = (D + DEPTH["PD"] + DEPTH_PAD_END - DEPTH["DD"] * (KD - 1) - 1) // DEPTH["SD"] + 1
     KG = K // GROUPS
     if NDIM == 2 and WINDOWS:  # x is the image: N windows of 1 x WH*WW tokens (gemm_1x1)
         if H % WINDOWS[0] or W % WINDOWS[1]:

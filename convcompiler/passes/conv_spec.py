@@ -59,20 +59,24 @@ PADS = {  # the padding modes a kernel reads in place (anchored in frontend/indu
 }
 
 
-def padded_input(node: torch.fx.Node) -> tuple[torch.fx.Node, str, tuple[int, ...]] | None:
-    """(x, mode, padding per spatial dim) when the conv reads F.pad(x, mode) with the same
-    amount on both sides of each dim and has no zero padding of its own; else None."""
+def padded_input(node: torch.fx.Node) -> tuple[torch.fx.Node, str, tuple, int] | None:
+    """(x, mode, padding per spatial dim, padding after the depth) when the conv reads
+    F.pad(x, mode) with the same amount on both sides of each dim (a 3-D conv's depth may
+    differ: a causal video conv pads the past only) and has no zero padding of its own;
+    else None."""
     pad = node.args[0]
     if not isinstance(pad, torch.fx.Node) or pad.target not in PADS or node.args[6]:
         return None
     if any(conv_params(node)[1]):
         return None  # zero padding around a mirrored border: not one index map
     amounts = [int(a) for a in pad.args[1]]  # F.pad order: last dim first, (before, after)
-    pairs = [amounts[i : i + 2] for i in range(0, len(amounts), 2)]
+    pairs = [amounts[i : i + 2] for i in range(0, len(amounts), 2)][::-1]  # outer dim first
     spatial = len(fake_value(node.args[1]).shape) - 2
-    if len(pairs) != spatial or any(a != b or a < 0 for a, b in pairs):
+    if len(pairs) != spatial or any(a < 0 or b < 0 for a, b in pairs):
         return None
-    return pad.args[0], PADS[pad.target], tuple(a for a, _ in reversed(pairs))
+    if any(a != b for a, b in pairs[1:]) or (spatial < 3 and pairs[0][0] != pairs[0][1]):
+        return None
+    return pad.args[0], PADS[pad.target], tuple(a for a, _ in pairs), pairs[0][1]
 
 
 def conv_fallback_reason(node: torch.fx.Node, ctx: PassContext) -> str | None:
@@ -128,8 +132,9 @@ def conv_spec(
     transposed, groups = bool(node.args[6]), node.args[8]
     stride, padding, dilation, output_padding = conv_params(node)
     padded, padding_mode = padded_input(node), "zeros"
+    padding_end = None  # after the depth: as before it, unless an F.pad says otherwise
     if padded is not None:  # the kernel reads x itself, mapping the border
-        x, padding_mode, padding = padded
+        x, padding_mode, padding, padding_end = padded
     xv, wv, out = fake_value(x), fake_value(w), fake_value(out_node or node)
     xs, ws, os_ = sizes(xv), sizes(wv), sizes(out)
     depth = None
@@ -138,8 +143,9 @@ def conv_spec(
         stride, padding, dilation = (1, *stride), (0, *padding), (1, *dilation)
         output_padding = (0, *output_padding)
     elif len(ws) == 5:  # conv3d: the depth axis apart, the 2-D fields its H and W
+        end = padding[0] if padding_end is None else padding_end
         depth = Depth(xs[2], os_[2], int(ws[2]), int(stride[0]), int(padding[0]),
-                      int(dilation[0]))
+                      int(dilation[0]), int(end))
         xs, ws, os_ = (*xs[:2], *xs[3:]), (*ws[:2], *ws[3:]), (*os_[:2], *os_[3:])
         stride, padding, dilation = stride[1:], padding[1:], dilation[1:]
         output_padding = output_padding[1:]

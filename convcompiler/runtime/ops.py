@@ -174,7 +174,7 @@ def _conv_fake(
     n, k, ho, wo = conv_output_shape(spec, x)
     if spec.depth:  # [N, K, DO, HO, WO]
         d = spec.depth
-        do = (x.shape[2] + 2 * d.padding - d.dilation * (d.kernel - 1) - 1) // d.stride + 1
+        do = (x.shape[2] + d.padding + d.padding_end - d.dilation * (d.kernel - 1) - 1) // d.stride + 1
         fmt = (torch.channels_last_3d if spec.output_layout == "nhwc"
                else torch.contiguous_format)  # fmt: skip
         return torch.empty((n, k, do, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)

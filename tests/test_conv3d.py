@@ -1,0 +1,174 @@
+"""3-D convolutions as generated kernels (ConvSpec.depth, im2win_implicit's depth taps):
+fused epilogues, channels_last_3d, a causal video conv's padding read in the loads, NaN and
+empty inputs, the static check, and torchvision's video models.
+
+PyTorch's own conv3d samples (OpInfo and ModuleInfo, every padding mode) are in
+test_torch_samples.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from address_check import address_check
+from helpers import FAST, assert_close, compiled_and_float64, lowered_ops
+
+import convcompiler
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+class BasicBlock3d(nn.Module):
+    """torchvision r3d_18's block: conv-BN-ReLU, conv-BN, + the input, ReLU."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv3d(c, c, 3, padding=1, bias=False), nn.BatchNorm3d(c)
+        self.conv2, self.bn2 = nn.Conv3d(c, c, 3, padding=1, bias=False), nn.BatchNorm3d(c)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(y)) + x)
+
+
+def _randomised(model: nn.Module) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm3d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.5, 0.5)
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_basic_block_runs_two_kernels_with_bn_relu_and_residual(dtype) -> None:
+    """Each conv with its BN, ReLU and (the second) the residual add in one kernel, on a
+    channels_last_3d clip of odd sizes, against float64 eager."""
+    torch.manual_seed(0)
+    model = _randomised(BasicBlock3d(6)).to(dtype)
+    x = torch.randn(2, 6, 5, 7, 9).to(dtype).to(memory_format=torch.channels_last_3d)
+    out, ref, report = compiled_and_float64(model, [x])
+    assert_close(out, ref, dtype)
+    regions = [r for r in report.regions if r.kind in ("conv", "conv_bn")]
+    assert len(regions) == 2 and all(r.fallback_reason is None for r in regions), str(report)
+    assert all("depth3p1" in r.spec and "+bn" in r.spec for r in regions), str(report)
+    assert "add" in regions[1].spec, regions[1].spec
+    c = convcompiler.counters
+    assert c["launch.conv"] + c["launch.conv_bn"] == 2
+
+
+class CausalConv3d(nn.Module):
+    """A video VAE's causal conv: the past padded by replicating the first frame (F.pad
+    replicate, two frames before and none after), then a 3x3x3 conv, GroupNorm and SiLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm = nn.Conv3d(4, 8, 3), nn.GroupNorm(2, 8)
+
+    def forward(self, x):
+        x = F.pad(x, (1, 1, 1, 1, 2, 0), mode="replicate")
+        return F.silu(self.norm(self.conv(x)))
+
+
+def test_causal_conv3d_is_one_region_without_a_padded_copy(tmp_path) -> None:
+    torch.manual_seed(1)
+    model = CausalConv3d().eval()
+    x = torch.randn(2, 4, 5, 7, 6)
+    compiled = torch.compile(model, backend="im2win", options={**FAST, "debug_dir": tmp_path})
+    with torch.no_grad(), address_check() as check:
+        y = compiled(x)
+        ref = model.double()(x.double())
+    assert check.accesses > 0  # every lane's address inside x, the clamped border included
+    assert_close(y, ref, torch.float32)
+    [region] = [r for r in convcompiler.last_report() if r.kind == "conv"]
+    assert region.fallback_reason is None and region.kernel_path, region
+    assert "replicate" in region.spec and "depth3p2to0" in region.spec, region.spec
+    assert convcompiler.counters["launch.conv"] == 1
+    ops = lowered_ops(tmp_path)
+    assert not any(op.startswith("replication_pad") for op in ops), ops
+
+
+def test_nan_inf_and_an_empty_batch_match_eager() -> None:
+    """NaN and Inf spread to the outputs whose windows hold them, as in eager; an empty
+    batch falls back with the reason and gives eager's empty result."""
+    torch.manual_seed(2)
+    model = nn.Conv3d(3, 4, (3, 1, 3), stride=(2, 1, 1), padding=(1, 0, 1)).eval()
+    x = torch.randn(1, 3, 6, 5, 7)
+    x[0, 1, 2, 3, 4] = float("nan")
+    x[0, 2, 5, 0, 0] = float("inf")
+    out, ref, report = compiled_and_float64(model, [x])
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    assert_close(out[ref.isfinite()], ref[ref.isfinite()], torch.float32)
+    assert out.isnan().any() and convcompiler.counters["launch.conv"] == 1
+    torch._dynamo.reset()
+    out, ref, report = compiled_and_float64(model, [torch.randn(0, 3, 6, 5, 7)])
+    assert out.shape == ref.shape == (0, 4, 3, 5, 7)
+    [region] = [r for r in report.regions if r.kind == "conv"]
+    assert "zero-size" in region.fallback_reason, region
+
+
+def test_gradients_match_and_stay_aten_with_the_reason() -> None:
+    """Training: the forward runs the kernel; both gradients are ATen's, each reported."""
+    torch.manual_seed(3)
+    model = nn.Conv3d(3, 5, 3, padding=1)
+    x = torch.randn(2, 3, 4, 5, 6, requires_grad=True)
+    x64 = x.detach().double().requires_grad_()
+    ref_model = nn.Conv3d(3, 5, 3, padding=1).double()
+    ref_model.load_state_dict(model.state_dict())
+    torch.compile(model, backend="im2win", options=FAST)(x).square().sum().backward()
+    ref_model(x64).square().sum().backward()
+    assert_close(x.grad, x64.grad, torch.float32)
+    assert_close(model.weight.grad, ref_model.weight.grad, torch.float32)
+    backward = [r for r in convcompiler.last_report() if r.stage == "backward" and r.mode]
+    assert {r.mode for r in backward} == {"grad_input", "grad_weight"}
+    assert all("a 3-D conv's gradient" in r.fallback_reason for r in backward)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["r3d_18", "r2plus1d_18"])
+def test_video_model_conv3d_kernels_pass_the_static_check(model: str) -> None:
+    """Every conv3d kernel planned for the model (fp16, an H100) compiles for sm_90 and
+    sm_80 with no spill, shared memory within the limit and tensor-core instructions."""
+    from convcompiler.inspection.cli import static_table
+
+    stats = static_table(f"torchvision:{model}", "2,3,8,32,32", "float16", ["sm_90", "sm_80"],
+                         {"cpu": "plan", "target": "h100"})
+    assert stats and {st.arch for st in stats} == {"sm_90", "sm_80"}
+    assert all(st.ok for st in stats), [(st.kernel, st.arch, st.problems()) for st in stats]
+    assert all(st.tensor_core_ops > 0 for st in stats if st.uses_dot), stats
+
+
+VIDEO = {  # torchvision video model: its clip (S3D's average pool made adaptive to fit it)
+    "r3d_18": (1, 3, 4, 32, 32),
+    "mc3_18": (1, 3, 4, 32, 32),
+    "r2plus1d_18": (1, 3, 4, 32, 32),
+    "s3d": (1, 3, 8, 32, 32),
+    "swin3d_t": (1, 3, 2, 64, 64),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(VIDEO))
+def test_video_models_match_float64_with_every_conv_generated(name: str) -> None:
+    """torchvision's video models on a small clip, through the interpreter: every conv a
+    generated kernel (swin3d_t's patch embedding is its one conv, and its 12 window
+    attentions run fused)."""
+    import torchvision
+
+    torch.manual_seed(4)
+    model = _randomised(getattr(torchvision.models.video, name)(num_classes=10))
+    if name == "s3d":  # its 2x7x7 average pool needs a 16 x 224 x 224 clip
+        model.avgpool = nn.AdaptiveAvgPool3d(1)
+    out, ref, report = compiled_and_float64(model, [torch.randn(VIDEO[name])])
+    assert_close(out, ref, torch.float32)
+    convs = [r for r in report.regions if r.kind in ("conv", "conv_bn") and "depth" in r.spec]
+    assert convs and all(r.fallback_reason is None for r in convs), str(report)
+    c = convcompiler.counters
+    assert c["launch.conv"] + c["launch.conv_bn"] >= len(convs)
+    if name == "swin3d_t":
+        attention = [r for r in report.regions if r.kind == "window_attention"]
+        assert len(attention) == 12 and all(r.fallback_reason is None for r in attention)
+        assert c["launch.window_attention"] == 12

@@ -20,7 +20,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 CONV_OPS = ("conv", "conv_transpose", "conv_wgrad")
 # how a forward conv's padding is filled: zeros, or the input's border mirrored (reflect,
 # without repeating the edge) or repeated (replicate), as F.pad's modes
-PADDING_MODES = ("zeros", "reflect", "replicate")
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
 def _fmt(v: object) -> str:

@@ -1,5 +1,6 @@
-"""Reflect and replicate padding read in the kernel's loads (passes/conv_spec.py PADS,
-codegen/template.py _window_tap's PAD_MODE): the padded copy F.pad would write never exists.
+"""Reflect, replicate and circular padding read in the kernel's loads (passes/conv_spec.py
+PADS and im2win.pad_circular, codegen/template.py _window_tap's PAD_MODE): the padded copy
+F.pad would write never exists.
 
 Each case compiles a conv with that padding (nn.ConvNd's padding_mode, or an explicit
 F.pad feeding a conv), compares with float64 eager, checks that a generated kernel ran with
@@ -40,8 +41,10 @@ CASES = {
         (2, 4, 5, 6, 7),
     ),
 }
-PADS = {"reflect": "reflection_pad", "replicate": "replication_pad"}
-PAD_DECOMPOSED = {"_unsafe_index", "clamp", "clamp_min", "clamp_max", "abs", "iota"}
+# the pad op, and what its decomposition would leave (circular's: slices copied into place)
+PADS = {"reflect": "reflection_pad", "replicate": "replication_pad", "circular": "slice_scatter"}
+PAD_DECOMPOSED = {"_unsafe_index", "clamp", "clamp_min", "clamp_max", "abs", "iota",
+                  "slice_scatter", "new_empty"}
 
 
 @pytest.mark.parametrize("mode", sorted(PADS))
@@ -63,6 +66,31 @@ def test_padding_mode_runs_in_the_kernel(tmp_path, name: str, mode: str) -> None
     # no padded copy: neither the pad nor its decomposition (iota, clamp, _unsafe_index)
     ops = lowered_ops(tmp_path)
     assert not any(op.startswith(PADS[mode]) or op in PAD_DECOMPOSED for op in ops), ops
+    assert "pad_circular" not in "".join(p.read_text() for p in tmp_path.rglob("*_lowered.py"))
+
+
+def test_a_circular_pad_no_region_takes_is_computed_by_its_decomposition() -> None:
+    """A circular F.pad before a conv that stays ATen's (schedule="aten"), and one that feeds
+    no conv: the im2win.pad_circular op becomes F.pad's own slices again, exactly."""
+
+    class Pads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            padded = F.pad(x, (2, 1, 1, 2), mode="circular")
+            return self.conv(padded), padded * 2
+
+    torch.manual_seed(5)
+    model, x = Pads().eval(), torch.randn(2, 3, 5, 6)
+    with torch.no_grad():
+        y, doubled = torch.compile(model, backend="im2win",
+                                   options={**FAST, "schedule": "aten"})(x)
+        ref, ref_doubled = float64_copy(model)(x.double())
+    assert_close(y, ref, torch.float32)
+    assert torch.equal(doubled.double(), ref_doubled)
+    assert convcompiler.counters["launch.conv"] == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -105,6 +133,8 @@ def test_padding_mode_gradients_match() -> None:
         nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"),
         nn.ReLU(),
         nn.Conv2d(4, 5, 3, padding=2, stride=2, padding_mode="replicate"),
+        nn.ReLU(),
+        nn.Conv2d(5, 3, 3, padding=1, padding_mode="circular"),
     )
     reference = float64_copy(model)
     x = torch.randn(2, 3, 9, 8, requires_grad=True)
@@ -115,7 +145,9 @@ def test_padding_mode_gradients_match() -> None:
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         assert_close(p.grad, q.grad, torch.float32, f"grad of {name}")
     forward = [r for r in convcompiler.last_report() if r.stage == "forward" and r.kind == "conv"]
-    assert {("reflect" in r.spec) + 2 * ("replicate" in r.spec) for r in forward} == {1, 2}
+    modes = [("reflect" in r.spec) + 2 * ("replicate" in r.spec) + 3 * ("circular" in r.spec)
+             for r in forward]  # fmt: skip
+    assert sorted(modes) == [1, 2, 3], str(convcompiler.last_report())
     assert all(r.fallback_reason is None for r in forward)
 
 

@@ -47,7 +47,7 @@ MODULES = [
     "LazyConvTranspose2d",
 ]
 PADDING_MODES = ["zeros", "reflect", "replicate", "circular"]
-KERNEL_PADDING_MODES = ("zeros", "reflect", "replicate")  # read in the kernel's loads
+KERNEL_PADDING_MODES = tuple(PADDING_MODES)  # every one read in the kernel's loads
 
 
 @functools.cache

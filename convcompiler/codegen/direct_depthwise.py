@@ -80,7 +80,7 @@ def conv_depthwise_direct(
     # conv geometry (baked from the spec)
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-    PAD_MODE: tl.constexpr,  # how the padding is filled: 0 zeros, 1 reflect, 2 replicate
+    PAD_MODE: tl.constexpr,  # the padding: 0 zeros, 1 reflect, 2 replicate, 3 circular
     POOL_SUMS: tl.constexpr,
     # meta-parameters
     WIDEN: tl.constexpr, INT64: tl.constexpr, IMAGE_TILES: tl.constexpr,

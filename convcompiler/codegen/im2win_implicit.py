@@ -148,7 +148,7 @@ def conv_im2win_implicit(
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     DEPTH3: tl.constexpr, KD: tl.constexpr, SD: tl.constexpr, PD: tl.constexpr,
     DD: tl.constexpr,
-    PAD_MODE: tl.constexpr,  # how the padding is filled: 0 zeros, 1 reflect, 2 replicate
+    PAD_MODE: tl.constexpr,  # the padding: 0 zeros, 1 reflect, 2 replicate, 3 circular
     PRE_BN: tl.constexpr, PRE_LN: tl.constexpr, PRE_EPS: tl.constexpr,
     # meta-parameters
     REDUCTION: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr, INT64: tl.constexpr,

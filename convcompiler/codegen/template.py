@@ -356,9 +356,9 @@ def _window_tap(x_img, hi0, wi0, m_ok, ky, kx, H, W, sxh, sxw,
     # Tap (ky, kx) of each pixel's window: its offset in x (x_img: the image's) and whether
     # it reads the image rather than the zero padding. A row or column in the padding is
     # clamped to the image's edge; an axis without padding needs no clamp (its windows fit).
-    # PAD_MODE 1 (reflect) and 2 (replicate) fill the padding from the image instead: the
-    # row or column is mirrored about the edge (without repeating it) or clamped to it, and
-    # every tap reads the image.
+    # PAD_MODE 1 (reflect), 2 (replicate) and 3 (circular) fill the padding from the image
+    # instead: the row or column is mirrored about the edge (without repeating it), clamped
+    # to it, or wrapped around, and every tap reads the image.
     hi = hi0 + ky * DH
     wi = wi0 + kx * DW
     if PAD_MODE == 0:
@@ -370,6 +370,11 @@ def _window_tap(x_img, hi0, wi0, m_ok, ky, kx, H, W, sxh, sxw,
             hi = tl.where(hi >= H, 2 * (H - 1) - hi, hi)
             wi = tl.where(wi < 0, -wi, wi)
             wi = tl.where(wi >= W, 2 * (W - 1) - wi, wi)
+        if PAD_MODE == 3:  # circular: -1 -> H - 1, H -> 0 (F.pad needs padding <= the size)
+            hi = tl.where(hi < 0, hi + H, hi)
+            hi = tl.where(hi >= H, hi - H, hi)
+            wi = tl.where(wi < 0, wi + W, wi)
+            wi = tl.where(wi >= W, wi - W, wi)
     if PH > 0:
         hi = tl.minimum(tl.maximum(hi, 0), H - 1)
     if PW > 0:

@@ -108,6 +108,14 @@ def _redecompose_pass():
 
     for op in ANCHORS:
         register_graph_pattern(CallFunctionVarArgs(op), pass_dict=patterns)(handler_for(op))
+
+    def circular(match, x, pad):  # a circular pad no conv region took: F.pad's own ops
+        match.replace_by_example(
+            lambda t: torch.nn.functional.pad(t, list(pad), mode="circular"), [x])
+
+    register_graph_pattern(
+        CallFunctionVarArgs(torch.ops.im2win.pad_circular.default), pass_dict=patterns
+    )(circular)
     return patterns
 
 

@@ -59,13 +59,23 @@ PADS = {  # the padding modes a kernel reads in place (anchored in frontend/indu
 }
 
 
+def _pad_mode(pad: torch.fx.Node) -> str | None:
+    """The mode of a pad a conv kernel reads in place: ATen's reflection and replication
+    pads, and im2win.pad_circular (passes/padding_modes.py); None for any other node."""
+    if pad.op != "call_function":
+        return None
+    if str(pad.target) == "im2win.pad_circular.default":
+        return "circular"
+    return PADS.get(pad.target)
+
+
 def padded_input(node: torch.fx.Node) -> tuple[torch.fx.Node, str, tuple, int] | None:
     """(x, mode, padding per spatial dim, padding after the depth) when the conv reads
     F.pad(x, mode) with the same amount on both sides of each dim (a 3-D conv's depth may
     differ: a causal video conv pads the past only) and has no zero padding of its own;
     else None."""
     pad = node.args[0]
-    if not isinstance(pad, torch.fx.Node) or pad.target not in PADS or node.args[6]:
+    if not isinstance(pad, torch.fx.Node) or _pad_mode(pad) is None or node.args[6]:
         return None
     if any(conv_params(node)[1]):
         return None  # zero padding around a mirrored border: not one index map
@@ -76,7 +86,7 @@ def padded_input(node: torch.fx.Node) -> tuple[torch.fx.Node, str, tuple, int] |
         return None
     if any(a != b for a, b in pairs[1:]) or (spatial < 3 and pairs[0][0] != pairs[0][1]):
         return None
-    return pad.args[0], PADS[pad.target], tuple(a for a, _ in pairs), pairs[0][1]
+    return pad.args[0], _pad_mode(pad), tuple(a for a, _ in pairs), pairs[0][1]
 
 
 def conv_fallback_reason(node: torch.fx.Node, ctx: PassContext) -> str | None:
@@ -106,8 +116,8 @@ def conv_fallback_reason(node: torch.fx.Node, ctx: PassContext) -> str | None:
         if name in mode and not padded:
             return (
                 f"padding_mode={mode[name]!r}: the input is padded by a separate op; "
-                "only zeros, and reflect or replicate padding the same on both sides, are "
-                "read by the kernel"
+                "only zeros, and reflect, replicate or circular padding the same on both "
+                "sides (a 3-D conv's depth aside), are read by the kernel"
             )
     dtype = str(xv.dtype).removeprefix("torch.")
     if dtype not in DTYPES:

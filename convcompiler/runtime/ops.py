@@ -329,6 +329,53 @@ def _mlp_block_fake(
     return y
 
 
+# ---- im2win::pad_circular -------------------------------------------------------------------
+# F.pad(x, pad, mode="circular") as one op: ATen has none (it decomposes into slices and
+# copies), and a conv region can read x with the circular index map only if it can see the
+# pad. passes/padding_modes.py puts this op where an F.pad(circular) feeds a conv; one that
+# no region took becomes F.pad's slices again (frontend/inductor.py redecompose).
+@torch.library.custom_op("im2win::pad_circular", mutates_args=())
+def pad_circular(x: Tensor, pad: list[int]) -> Tensor:
+    return torch.nn.functional.pad(x, pad, mode="circular")
+
+
+@pad_circular.register_fake
+def _pad_circular_fake(x, pad):
+    sizes = list(x.shape)
+    for i in range(len(pad) // 2):  # F.pad order: the last dim first, (before, after)
+        sizes[-1 - i] = sizes[-1 - i] + pad[2 * i] + pad[2 * i + 1]
+    return x.new_empty(sizes)
+
+
+def _pad_circular_backward(ctx, grad):
+    """Each padded entry's gradient added back to the entry it copies."""
+    pad = ctx.pad
+    for i in range(len(pad) // 2):
+        dim, before, after = grad.dim() - 1 - i, pad[2 * i], pad[2 * i + 1]
+        size = grad.shape[dim] - before - after
+        core = grad.narrow(dim, before, size)
+        if before:  # the first `before` entries copy x's last ones
+            core = core + torch.nn.functional.pad(
+                grad.narrow(dim, 0, before), _along(dim, grad.dim(), size - before, 0))
+        if after:  # the last `after` copy x's first ones
+            core = core + torch.nn.functional.pad(
+                grad.narrow(dim, before + size, after), _along(dim, grad.dim(), 0, size - after))
+        grad = core
+    return grad, None
+
+
+def _along(dim: int, ndim: int, before: int, after: int) -> list[int]:
+    """F.pad's list padding only `dim` of an `ndim`-D tensor."""
+    pad = [0, 0] * (ndim - dim)
+    pad[-2:] = [before, after]
+    return pad
+
+
+pad_circular.register_autograd(
+    _pad_circular_backward, setup_context=lambda ctx, inputs, output: setattr(ctx, "pad", inputs[1])
+)
+
+
 OPS = {
     "conv": torch.ops.im2win.conv.default,
     "conv_bn": torch.ops.im2win.conv.default,

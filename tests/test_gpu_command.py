@@ -144,6 +144,12 @@ def test_correctness_cases_cover_every_family_dtype_and_layout() -> None:
     modes = {(c.family, c.padding_mode) for c in random_cases if hasattr(c, "padding_mode")}
     for family in ("im2win_implicit:tap", "direct_depthwise"):
         assert {(family, "reflect"), (family, "replicate")} <= modes, modes
+    # 3-D convs (im2win_implicit's depth taps) in every dtype and layout, every padding mode
+    clips = [c for c in random_cases if "conv3d" in c.id]
+    assert all(len(c.size) == 3 and c.family == "im2win_implicit:tap" for c in clips)
+    assert {tuple(c.id.split()[2:4]) for c in clips} == {
+        (d, lay) for d in gpu_cases.DTYPES for lay in ("nchw", "nhwc")}
+    assert {c.padding_mode for c in clips} == {"zeros", "reflect", "replicate", "circular"}
     for dtype in gpu_cases.DTYPES:
         assert ("window_attention", dtype, "bnc") in combos
         assert ("window_attention", dtype, "bhnd") in combos
@@ -158,7 +164,7 @@ def test_layer_cases_are_the_im2win_layers_and_resnet50s_distinct_convs() -> Non
     assert len(shapes) == 23 and shapes[0] == dict(C=3, H=224, W=224, K=64, kernel=7,
                                                   stride=2, padding=3)  # fmt: skip
     cases = gpu_cases.layer_cases()
-    forward = [c for c in cases if c.op == "conv"]
+    forward = [c for c in cases if c.op == "conv" and not c.id.startswith("r3d.")]
     assert len(forward) == (12 + 23) * 2 * 2
     assert {c.batch for c in forward} == {1, 32} and {c.dtype for c in forward} == {
         "float16",
@@ -174,6 +180,11 @@ def test_layer_cases_are_the_im2win_layers_and_resnet50s_distinct_convs() -> Non
         fwd = next(f for f in forward if f.id.startswith(case.id.split(" dgrad")[0] + " "))
         assert gpu_cases.out_size(case) == fwd.size and case.out_channels == fwd.in_channels
     assert gpu_speed.autotune_cases() == [c for c in forward if (c.batch, c.dtype) == (32, "float16")]
+    # r3d_18's distinct 3-D convs on 8 clips of 16 x 112 x 112, float16 (part b only)
+    clips = [c for c in cases if c.id.startswith("r3d.")]
+    assert len(clips) == 11 and {(c.batch, c.dtype, len(c.size)) for c in clips} == {
+        (8, "float16", 3)}
+    assert clips[0].size == (16, 112, 112) and clips[0].kernel == (3, 7, 7)
 
 
 def test_family_cases_run_their_family() -> None:
@@ -190,7 +201,8 @@ def test_family_cases_run_their_family() -> None:
         if family != "conv_bn":
             family, _, tag = family.partition("[")
             assert spec.input_mask == (tag == "masked]")
-            assert spec.padding_mode == (tag[:-1] if tag in ("reflect]", "replicate]") else "zeros")
+            modes = ("reflect]", "replicate]", "circular]")
+            assert spec.padding_mode == (tag[:-1] if tag in modes else "zeros")
             name, _, reduction = family.partition(":")
             assert schedule.name == name and (not reduction or schedule["REDUCTION"] == reduction)
         else:

@@ -3,7 +3,8 @@
     correctness_cases()   part a: >= 150 random configurations over every kernel family,
                           dtype and layout, plus the 12 im2win layers in each dtype
     layer_cases()         parts b and e: the 12 im2win layers and ResNet-50's distinct convs
-                          (part b: and their gradients, batch 32 float16)
+                          (part b: and their gradients, batch 32 float16, and r3d_18's
+                          distinct 3-D convs)
     SWIN_T stages         part c (bench/window_attention.py)
     NETWORKS              part d
 
@@ -15,6 +16,7 @@ entry of the device table), so the dry run compiles exactly the kernels the GPU 
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from dataclasses import dataclass
 
@@ -60,8 +62,9 @@ class ConvCase:
     op "conv_wgrad": the weight gradient of the forward conv the other fields describe; its
     launcher takes (dy, x). `masked` (those two ops): the gradient operand comes as
     where(mask, 0, g), a ReLU's backward fused in; the launcher takes the bool mask last.
-    `padding_mode` (a forward conv): how its padding is filled, "zeros", "reflect" or
-    "replicate" (the kernel reads the border of x in place)."""
+    `padding_mode` (a forward conv): how its padding is filled, "zeros", "reflect",
+    "replicate" or "circular" (the kernel reads the border of x in place). A 3-D conv's
+    `size`, `kernel`, `stride`, `padding` and `dilation` have three entries, depth first."""
 
     id: str
     variant: str  # cases of one variant share a kernel source: kept in one worker
@@ -103,18 +106,20 @@ class ConvCase:
         if self.op == "conv_transpose":
             w_shape = (self.in_channels, self.out_channels // self.groups, *self.kernel)
         w = make(*w_shape, device=device, dtype=dtype)
-        if self.layout == "nhwc" or self.windows or self.out_windows:  # (Swin's: channels last)
+        if len(self.size) == 3 and self.layout == "nhwc":  # a clip: channels_last_3d
+            x = x.to(memory_format=torch.channels_last_3d)
+        elif self.layout == "nhwc" or self.windows or self.out_windows:  # (Swin's: too)
             x = x.to(memory_format=torch.channels_last)
         b = make(self.out_channels, device=device, dtype=dtype) if self.bias else None
         return x, w, b
 
     def flops(self) -> int:
-        ho, wo = out_size(self)
-        macs = self.batch * self.out_channels * ho * wo * (self.in_channels // self.groups)
+        pixels = math.prod(out_size(self))
+        macs = self.batch * self.out_channels * pixels * (self.in_channels // self.groups)
         if self.op == "conv_transpose":  # each input pixel meets the whole kernel
-            h, w = self.size
-            macs = self.batch * self.in_channels * h * w * (self.out_channels // self.groups)
-        return 2 * macs * self.kernel[0] * self.kernel[1]
+            pixels = math.prod(self.size)
+            macs = self.batch * self.in_channels * pixels * (self.out_channels // self.groups)
+        return 2 * macs * math.prod(self.kernel)
 
 
 @dataclass(frozen=True)
@@ -236,7 +241,7 @@ def _conv_variant(rng: random.Random, index: int, family: str, dtype: str, layou
     masked = OPS.get(family, "conv") != "conv" and index % 4 >= 2
     mode = "zeros"
     if family in ("im2win_implicit:tap", "direct_depthwise") and any(geo.get("padding", ())):
-        mode = ("zeros", "reflect", "replicate")[index % 3]
+        mode = ("zeros", "reflect", "replicate", "circular")[index % 4]
     tag = "[masked]" if masked else f"[{mode}]" if mode != "zeros" else ""
     cases, first = [], None
     for j in range(SHAPES_PER_VARIANT):
@@ -266,6 +271,36 @@ def _conv_variant(rng: random.Random, index: int, family: str, dtype: str, layou
                 **geo,
             )
         )
+    return cases
+
+
+def _conv3d_variant(rng: random.Random, index: int, dtype: str, layout: str, nth: int) -> list:
+    """SHAPES_PER_VARIANT 3-D convs of one kernel (im2win_implicit's depth taps): a video
+    net's kernel shapes, each padding mode in turn, a BN/activation/residual epilogue with
+    zero padding."""
+    mode = ("zeros", "reflect", "replicate", "circular")[nth % 4]  # the nth 3-D variant's
+    shapes = ((3, 3, 3), (1, 3, 3), (3, 1, 1), (3, 7, 7), (2, 4, 4))
+    kernel = rng.choice(shapes + (((1, 1, 1),) if mode == "zeros" else ()))
+    stride = rng.choice(((1, 1, 1), (2, 2, 2), (1, 2, 2)))
+    padding = tuple(k // 2 for k in kernel)
+    dilation = rng.choice(((1, 1, 1), (1, 1, 1), (2, 1, 1)))
+    groups = rng.choice((1, 1, 2))
+    # an epilogue with zero padding (eager's BN of a padded copy's conv may change layout)
+    epilogue = _epilogue(rng) if mode == "zeros" else Epilogue()
+    variant = f"a{index:03d}"
+    c, k = groups * rng.randint(1, 16), groups * rng.randint(2, 24)  # the kernel's constants
+    cases = []
+    for j in range(SHAPES_PER_VARIANT):
+        size = tuple(rng.randint(max(2 * kk, 3), max(2 * kk, 3) + 7) for kk in kernel)
+        batch = rng.randint(1, 2)
+        cases.append(ConvCase(
+            id=f"{variant}.{j} conv3d[{mode}] {dtype} {layout}", variant=variant, batch=batch,
+            in_channels=c, out_channels=k, size=size, kernel=kernel,
+            stride=stride, padding=padding, dilation=dilation, groups=groups,
+            bias=rng.random() < 0.5, dtype=dtype, layout=layout, epilogue=epilogue,
+            family="im2win_implicit:tap", pick="model" if index % 2 == 0 else "random",
+            plan_sizes=None, padding_mode=mode,
+        ))  # fmt: skip
     return cases
 
 
@@ -320,6 +355,9 @@ def correctness_cases(seed: int = 0) -> list:
     for dtype in DTYPES:
         layers = im2win_layer_cases(batch=2, dtype=dtype)
         cases += [dataclasses.replace(case, pick="kernel") for case in layers]
+    combos3d = [(dtype, layout) for dtype in DTYPES for layout in ("nchw", "nhwc")]
+    for nth, (dtype, layout) in enumerate(combos3d):  # 3-D convs (video)
+        cases += _conv3d_variant(rng, index + nth, dtype, layout, nth)
     return cases
 
 
@@ -417,18 +455,58 @@ def resnet50_backward_cases(batch: int, dtype: str) -> list[ConvCase]:
     return cases
 
 
+def r3d_18_conv_shapes() -> list[dict]:
+    """torchvision r3d_18's distinct 3-D convolutions on a 16 x 112 x 112 clip (read on the
+    meta device), each its (C, D, H, W, K, kernel, stride, padding) triples."""
+    import torchvision
+
+    with torch.device("meta"):
+        model = torchvision.models.video.r3d_18()
+    seen: dict[tuple, dict] = {}
+
+    def hook(module, inputs, _output):
+        _, c, *size = inputs[0].shape
+        shape = dict(C=c, size=tuple(size), K=module.out_channels, kernel=module.kernel_size,
+                     stride=module.stride, padding=module.padding)  # fmt: skip
+        seen.setdefault(tuple(map(str, shape.values())), shape)
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv3d):
+            m.register_forward_hook(hook)
+    with torch.no_grad():
+        model(torch.empty(1, 3, 16, 112, 112, device="meta"))
+    return list(seen.values())
+
+
+def r3d_18_layer_cases(batch: int, dtype: str) -> list[ConvCase]:
+    return [
+        ConvCase(
+            id=f"r3d.{i:02d} {s['C']}x{'x'.join(map(str, s['size']))}->{s['K']} "
+            f"{'x'.join(map(str, s['kernel']))}/{'x'.join(map(str, s['stride']))} b{batch} "
+            f"{dtype}",
+            variant=f"r3d.{i:02d} {dtype}", batch=batch, in_channels=s["C"],
+            out_channels=s["K"], size=s["size"], kernel=s["kernel"], stride=s["stride"],
+            padding=s["padding"], dilation=(1, 1, 1), dtype=dtype,
+        )  # fmt: skip
+        for i, s in enumerate(r3d_18_conv_shapes())
+    ]
+
+
 def layer_cases(
     batches=(1, 32), dtypes=("float16", "float32"), backward: bool = True
 ) -> list[ConvCase]:
     """Parts b and e: the 12 im2win layers and ResNet-50's distinct convs; with `backward`
-    (part b), then ResNet-50's gradients at batch 32 in float16."""
+    (part b), then ResNet-50's gradients at batch 32 in float16, and r3d_18's distinct 3-D
+    convs on 8 clips of 16 x 112 x 112 in float16."""
     forward = [
         case
         for dtype in dtypes
         for batch in batches
         for case in im2win_layer_cases(batch, dtype) + resnet50_layer_cases(batch, dtype)
     ]
-    return forward + (resnet50_backward_cases(32, "float16") if backward else [])
+    if not backward:
+        return forward
+    return forward + resnet50_backward_cases(32, "float16") + r3d_18_layer_cases(8, "float16")
 
 
 # ---- resolving a case: spec + schedule -------------------------------------------------------
@@ -453,10 +531,28 @@ def conv_case_spec(case: ConvCase) -> ConvSpec:
                      windows=case.windows)  # fmt: skip
     if case.out_windows:
         sizes = dict(out_windows=case.out_windows, output_layout="nhwc")
+    if case.padding_mode != "zeros":  # the layout of eager's conv of F.pad's copy (circular
+        # and 3-D pads write it contiguous whatever x's layout; 2-D reflect keeps it)
+        sizes = dict(output_layout=_padded_conv_layout(case, x, w))
     return dataclasses.replace(
         spec, device="cuda", op=op, input_mask=case.masked, padding_mode=case.padding_mode,
         prologue=prologue, input_scale=case.input_scale, pool_sums=case.pool_sums, **sizes,
     )  # fmt: skip
+
+
+def _padded_conv_layout(case: ConvCase, x: torch.Tensor, w: torch.Tensor) -> str:
+    """The layout eager's conv of F.pad(x, mode) has on the device that runs the case (the
+    pads keep or drop channels-last by device and mode; meta tensors do not tell)."""
+    from ..passes.meta import memory_layout
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pads = [p for p in reversed(case.padding) for _ in (0, 1)]
+    with torch.no_grad():
+        padded = torch.nn.functional.pad(x.to(device), pads, mode=case.padding_mode)
+        y = torch.ops.aten.convolution(padded, w.to(device), None, list(case.stride),
+                                       [0] * len(case.size), list(case.dilation), False,
+                                       [0] * len(case.size), case.groups)  # fmt: skip
+    return memory_layout(y)
 
 
 def attention_case_spec(case: AttentionCase) -> AttentionSpec:

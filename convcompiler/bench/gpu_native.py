@@ -143,10 +143,13 @@ def _conv_inputs(case: ConvCase, spec: ConvSpec, device: str, gen: torch.Generat
         affine = (randn(k) * 0.5 + 1.0, randn(k))
     residual = None
     if case.epilogue.residual:
-        ho, wo = (spec.hint(s) for s in spec.out_size)
-        residual = randn(case.batch, k, ho, wo)
+        out = [spec.hint(s) for s in spec.out_size]
+        if spec.depth:  # a clip: [N, K, DO, HO, WO]
+            out.insert(0, spec.hint(spec.depth.out))
+        residual = randn(case.batch, k, *out)
         if spec.output_layout == "nhwc":
-            residual = residual.to(memory_format=torch.channels_last)
+            residual = residual.to(memory_format=torch.channels_last_3d if spec.depth
+                                   else torch.channels_last)  # fmt: skip
     if spec.out_windows:  # the [B, H, W, K] image the output rows go back to
         (wh, ww), (ih, iw) = spec.out_windows.size, case.window_image
         residual = randn(case.batch // ((ih // wh) * (iw // ww)), ih, iw, k)

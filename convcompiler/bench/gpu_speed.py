@@ -65,11 +65,12 @@ def _inputs(case: ConvCase):
 
 
 def _conv(case: ConvCase):
-    """cuDNN's call for the same operands (`F.conv2d`, or aten's transposed conv / weight
-    gradient)."""
+    """cuDNN's call for the same operands (`F.conv2d` or `F.conv3d`, or aten's transposed
+    conv / weight gradient)."""
     if case.op == "conv":
-        return lambda x, w: F.conv2d(x, w, None, case.stride, case.padding, case.dilation,
-                                     case.groups)  # fmt: skip
+        conv = F.conv3d if len(case.size) == 3 else F.conv2d
+        return lambda x, w: conv(x, w, None, case.stride, case.padding, case.dilation,
+                                 case.groups)  # fmt: skip
     spec = conv_case_spec(case)
     return lambda a, b: run_aten(spec, a, b)
 

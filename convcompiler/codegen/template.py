@@ -555,14 +555,14 @@ ALLOCATE_OUTPUT = """    # ---- 2. allocate the output in the memory format eage
                              f"{OWH}x{OWW} windows")
         residual = residual.permute(0, 3, 1, 2)
         y = torch.empty((YB, YH, YW, K), device=x.device, dtype=x.dtype).permute(0, 3, 1, 2)
-    elif NDIM == 3:  # [N, K, DO, HO, WO], seen by the kernel as [N, K, DO*HO, WO] (a view)
+    elif NDIM == 3:  # [N, K, DO, HO, WO] (y5), seen by the kernel as [N, K, DO*HO, WO] (a view)
         fmt = torch.channels_last_3d if OUT_CHANNELS_LAST else torch.contiguous_format
-        y = torch.empty((N, K, DO, HO, WO), device=x.device, dtype=x.dtype,
-                        memory_format=fmt).flatten(2, 3)
+        y5 = torch.empty((N, K, DO, HO, WO), device=x.device, dtype=x.dtype, memory_format=fmt)
+        y = y5.flatten(2, 3)
     else:
         y = torch.empty((N, K, HO, WO), device=x.device, dtype=x.dtype, memory_format=fmt)
     if y.numel() == 0:
-        return y.squeeze(2) if NDIM == 1 else y.unflatten(2, (DO, HO)) if NDIM == 3 else y
+        return y.squeeze(2) if NDIM == 1 else y5 if NDIM == 3 else y
     # Under Triton's interpreter (CPU tensors) the kernel accumulates in fp64; it also
     # truncates when it casts to bf16, so a bf16 result is stored in fp32 and torch rounds it.
     widen = x.device.type == "cpu"
@@ -628,5 +628,5 @@ FINISH = """
         y.copy_(out)
     if NDIM == 2 and OUT_WINDOWS:  # the [B, H, W, K] image
         return y.permute(0, 2, 3, 1)
-    return y.squeeze(2) if NDIM == 1 else y.unflatten(2, (DO, HO)) if NDIM == 3 else y
+    return y.squeeze(2) if NDIM == 1 else y5 if NDIM == 3 else y
 """

@@ -56,9 +56,13 @@ def run_aten(
     with spec.input_scale the conv reads x * x_scale; with spec.prologue, act(norm(x)), x
     first the depthwise conv of the input with spec.prologue.dw."""
     stride, padding, dilation, output_padding = (
-        list(v[2 - spec.ndim :])
+        list(v[2 - min(spec.ndim, 2) :])
         for v in (spec.stride, spec.padding, spec.dilation, spec.output_padding)
     )
+    d = spec.depth
+    if d:  # a 3-D conv: the depth axis first
+        stride, padding = [d.stride, *stride], [d.padding, *padding]
+        dilation, output_padding = [d.dilation, *dilation], [0, *output_padding]
     if spec.op == "conv_wgrad":
         dy, x, mask = x, weight, bias
         if mask is not None:
@@ -90,9 +94,13 @@ def run_aten(
         x = torch.roll(x, (-sh, -sw), (2, 3)).permute(0, 2, 3, 1)  # [B, H, W, C], as Swin
         x = x.reshape(n, h // wh, wh, w // ww, ww, c).permute(0, 1, 3, 2, 4, 5)
         x = x.reshape(-1, 1, wh * ww, c).permute(0, 3, 1, 2)  # the tokens, channels last
-    if spec.padding_mode != "zeros":  # F.pad's copy, then a conv without padding
+    if spec.padding_mode != "zeros" or (d and d.padding_end != d.padding):
+        # F.pad's copy, then a conv without padding (a 3-D conv's depth may pad the past only)
         pads = [p for p in reversed(padding) for _ in (0, 1)]
-        x = F.pad(x, pads, mode=spec.padding_mode)
+        if d:
+            pads[-1] = d.padding_end
+        mode = "constant" if spec.padding_mode == "zeros" else spec.padding_mode
+        x = F.pad(x, pads, mode=mode)
         padding = [0] * spec.ndim
     y = torch.ops.aten.convolution(
         x, weight, bias, stride, padding, dilation, spec.transposed, output_padding, spec.groups

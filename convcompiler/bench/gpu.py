@@ -55,11 +55,11 @@ GPU_BUDGETS = {
     "autotune": 35,
     "gpu_tests": 60,
 }
-DRY_BUDGETS = {
-    "correctness": 60,
-    "layer_speed": 65,
+DRY_BUDGETS = {  # measured here (2 CPUs): a 60 s, b 30 s, c 1 s, d 30 s, e 10 s, tests 5 s
+    "correctness": 85,
+    "layer_speed": 55,
     "window_attention": 25,
-    "end_to_end": 75,
+    "end_to_end": 60,
     "autotune": 35,
     "gpu_tests": 15,
 }

@@ -4,6 +4,15 @@ layout the projection reads (OUTPUT_VIEW: the forward's and attention_sdpa's) an
 of one query tile against one key tile with every term (SCORES), which both kernels compute
 alike."""
 
+# the constants both forward templates' launchers read (rendered first: see hooks())
+LAYOUT_CONSTANTS = '''TRANSPOSED = ${transposed}  # operands stored [.., D, N]: read with their last two strides swapped
+HEADS_AXIS = ${heads_axis}  # 5-D operands: their heads dim (the other two leading dims: the batch)
+BATCH_SPLIT = ${batch_split}  # the batch's inner part ("t" in OUTPUT)
+DTYPE = torch.${dtype}
+OUT_DTYPE = torch.${out_dtype}  # the output's dtype (the graph may cast it in the region)
+SCALE = ${scale}'''
+
+
 OPERANDS = '''def _canonical(name, t, tokens, dim):
     """t as the kernel reads it, [B, H, tokens, dim]: a view, strides swapped if stored
     transposed; a 5-D t's leading dims other than the heads are viewed as one batch, a 3-D

@@ -30,7 +30,7 @@ from ..devices import Device
 from ..schedule import InvalidSchedule, Schedule, schedule_space
 from ..spec import AttentionSpec
 from . import template as T
-from .attention_parts import OPERANDS, OUTPUT_VIEW
+from . import window_attention
 
 KERNELS: tuple[str, ...] = ()  # no Triton kernel: SDPA's own
 LIBRARY = True  # runs a library's kernel, not ours: no candidate under cpu="interpret"
@@ -64,12 +64,7 @@ KEY_TOKENS = ${key_tokens}  # keys and values
 HEADS = ${heads}
 HEAD_DIM = ${head_dim}  # q and k
 V_HEAD_DIM = ${v_head_dim}  # v and the output
-TRANSPOSED = ${transposed}  # operands stored [.., D, N]: read with their last two strides swapped
-HEADS_AXIS = ${heads_axis}  # 5-D operands: their heads dim (the other two leading dims: the batch)
-BATCH_SPLIT = ${batch_split}  # the batch's inner part ("t" in OUTPUT)
-DTYPE = torch.${dtype}
-OUT_DTYPE = torch.${out_dtype}  # the output's dtype (the graph may cast it in the region)
-SCALE = ${scale}
+${layout_constants}
 MASK_REPEAT = ${mask_repeat}  # the mask is added this many times
 SAFE_SOFTMAX = ${safe_softmax}  # the graph's softmax gives 0 for a row of all -inf, as SDPA
 SELECT = None
@@ -136,25 +131,6 @@ def launch(q, k, v, bias=None, mask=None, general=None, logit_scale=None, select
 
 
 def render(spec: AttentionSpec, schedule: Schedule) -> T.KernelSource:
-    text = T.render(
-        TEMPLATE,
-        header=T.header(spec, schedule, "multi-head attention as one SDPA call"),
-        tokens=str(spec.tokens),
-        key_tokens=str(spec.keys),
-        heads=str(spec.heads),
-        head_dim=str(spec.head_dim),
-        v_head_dim=str(spec.value_dim),
-        transposed=repr(spec.transposed),
-        heads_axis=str(spec.heads_axis),
-        batch_split=str(spec.batch_split),
-        dtype=spec.dtype,
-        out_dtype=spec.out_dtype or spec.dtype,
-        scale=repr(float(spec.scale)),
-        mask_repeat=repr(float(spec.mask_repeat)),
-        safe_softmax=str(spec.safe_softmax),
-        output=repr(spec.output),
-        score_terms=SCORE_TERMS,
-        operands=OPERANDS,
-        output_view=OUTPUT_VIEW,
-    )
+    hooks = window_attention.hooks(spec, schedule, "multi-head attention as one SDPA call")
+    text = T.render(TEMPLATE, **{**hooks, "score_terms": SCORE_TERMS})
     return T.KernelSource(f"{spec.geometry()}_{schedule.name}", text, schedule, spec.key(), KERNELS)

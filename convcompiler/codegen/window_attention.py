@@ -24,7 +24,7 @@ from ..devices import Device
 from ..schedule import InvalidSchedule, Schedule, schedule_space
 from ..spec import MAX_HEAD_DIM, AttentionSpec
 from . import template as T
-from .attention_parts import OPERANDS, OUTPUT_VIEW, SCORES
+from .attention_parts import LAYOUT_CONSTANTS, OPERANDS, OUTPUT_VIEW, SCORES
 
 KERNELS = ("window_attention",)
 # the host-side helpers each kernel's source carries (score_terms.py's functions, verbatim)
@@ -91,12 +91,7 @@ HEAD_DIM = ${head_dim}  # q and k
 HEAD_DIM_P2 = ${head_dim_p2}
 V_HEAD_DIM = ${v_head_dim}  # v and the output
 V_HEAD_DIM_P2 = ${v_head_dim_p2}
-TRANSPOSED = ${transposed}  # operands stored [.., D, N]: read with their last two strides swapped
-HEADS_AXIS = ${heads_axis}  # 5-D operands: their heads dim (the other two leading dims: the batch)
-BATCH_SPLIT = ${batch_split}  # the batch's inner part ("t" in OUTPUT)
-DTYPE = torch.${dtype}
-OUT_DTYPE = torch.${out_dtype}  # the output's dtype (the graph may cast it in the region)
-SCALE = ${scale}
+${layout_constants}
 COSINE = ${cosine}
 MASK_REPEAT = ${mask_repeat}  # the mask is added this many times
 SAFE_SOFTMAX = ${safe_softmax}  # a row of all -inf scores gives 0 (SDPA), not NaN
@@ -329,7 +324,17 @@ def launch(q, k, v, bias=None, mask=None, general=None, logit_scale=None, select
 def hooks(spec: AttentionSpec, schedule: Schedule, summary: str) -> dict[str, str]:
     """Every hook of the attention templates (this one and attention_backward's)."""
     meta, launch = T.split_params(schedule, LAUNCH_KEYS)
+    layout = dict(
+        transposed=repr(spec.transposed),
+        heads_axis=str(spec.heads_axis),
+        batch_split=str(spec.batch_split),
+        dtype=spec.dtype,
+        out_dtype=spec.out_dtype or spec.dtype,
+        scale=repr(float(spec.scale)),
+    )
     return dict(
+        **layout,
+        layout_constants=T.render(LAYOUT_CONSTANTS, **layout),
         header=T.header(spec, schedule, summary),
         tokens=str(spec.tokens),
         key_tokens=str(spec.keys),
@@ -338,12 +343,6 @@ def hooks(spec: AttentionSpec, schedule: Schedule, summary: str) -> dict[str, st
         head_dim_p2=str(padded_dim(spec.head_dim)),
         v_head_dim=str(spec.value_dim),
         v_head_dim_p2=str(padded_dim(spec.value_dim)),
-        transposed=repr(spec.transposed),
-        heads_axis=str(spec.heads_axis),
-        batch_split=str(spec.batch_split),
-        dtype=spec.dtype,
-        out_dtype=spec.out_dtype or spec.dtype,
-        scale=repr(float(spec.scale)),
         cosine=str(spec.cosine),
         mask_repeat=repr(float(spec.mask_repeat)),
         safe_softmax=str(spec.safe_softmax),

@@ -63,6 +63,9 @@ def SPACE(spec: ConvSpec, s: Schedule, device: Device | None) -> None:
         raise InvalidSchedule("a float32 LayerNorm prologue runs on 4 warps")
     if spec.depth and (s["REDUCTION"] != "tap" or spec.prologue.name()):
         raise InvalidSchedule("a 3-D conv runs the tap reduction, without an input prologue")
+    if spec.depth and (s["BLOCK_M"], s["BLOCK_N"], s["num_warps"]) == (16, 128, 8):
+        # static report, triton 3.6: r3d_18's 1x1x1 stride-2 conv + BN spilled 8 bytes on sm_80
+        raise InvalidSchedule("a 3-D conv's 16 x 128 tile on 8 warps spilled on sm_80")
     if s["REDUCTION"] == "flat" and spec.padding_mode != "zeros":
         raise InvalidSchedule("the flat reduction's window offsets are linear: no padding mode")
     if s["REDUCTION"] == "tap" and spec.in_channels_per_group < 16 and s["BLOCK_K"] > 16:

@@ -211,33 +211,23 @@ def conv_im2win_implicit(
                 acc = _tap_step(acc, x_base, a_row, row_ok, w_ptr, w_col, k_ok, tap,
                                 c0 + offs_r, sxc, pw_ptr, pb_ptr, pm_ptr, pv_ptr, row_mean,
                                 row_rstd, CG, BLOCK_K, True, WIDEN, PRECISION)
-    elif DEPTH3:
-        # a 3-D conv: taps (kx, ky, kz) in the packed filter's order; the depth tap picks the
-        # input's slice (its padding mapped as the rows' and columns'), then the 2-D tap
+    else:
+        # taps (kx, ky[, kz]) in the packed filter's order; a 3-D conv's depth tap first picks
+        # the input's slice (its padding mapped as the rows' and columns'), then the 2-D tap.
+        # (loop bounds are written out from constexprs: Triton 3.6's interpreter turns every
+        # assigned name into a tensor, which range() cannot take)
         c_steps = (CG + BLOCK_K - 1) // BLOCK_K
         for it in range(0, KW * KH * KD * ((CG + BLOCK_K - 1) // BLOCK_K)):
             tap = it // c_steps
             c = (it - tap * c_steps) * BLOCK_K + offs_r
-            kx = tap // (KH * KD)
-            ky = (tap // KD) % KH
-            kz = tap % KD
-            x_slice, slice_ok = _window_tap(x_img, di0, di0 * 0, m_ok, kz, 0, D, 1, sxd, 0,
-                                            PD, 0, DD, 1, PAD_MODE)
-            a_row, row_ok = _window_tap(x_slice, hi0, wi0, slice_ok, ky, kx, H, W, sxh, sxw,
-                                        PH, PW, DH, DW, PAD_MODE)
-            acc = _tap_step(acc, x_base, a_row, row_ok, w_ptr, w_col, k_ok, tap, c, sxc,
-                            pw_ptr, pb_ptr, pm_ptr, pv_ptr, 0.0, 1.0, CG, BLOCK_K, PRE_BN,
-                            WIDEN, PRECISION)
-    else:
-        # (loop bounds are written out from constexprs: Triton 3.6's interpreter turns every
-        # assigned name into a tensor, which range() cannot take)
-        c_steps = (CG + BLOCK_K - 1) // BLOCK_K
-        for it in range(0, KW * KH * ((CG + BLOCK_K - 1) // BLOCK_K)):
-            tap = it // c_steps
-            c = (it - tap * c_steps) * BLOCK_K + offs_r
-            kx = tap // KH
-            ky = tap - kx * KH
-            a_row, row_ok = _window_tap(x_img, hi0, wi0, m_ok, ky, kx, H, W, sxh, sxw,
+            pair = tap // KD  # (kx, ky)'s index
+            kx = pair // KH
+            ky = pair - kx * KH
+            x_tap, tap_ok = x_img, m_ok
+            if DEPTH3:
+                x_tap, tap_ok = _window_tap(x_img, di0, di0 * 0, m_ok, tap - pair * KD, 0, D,
+                                            1, sxd, 0, PD, 0, DD, 1, PAD_MODE)
+            a_row, row_ok = _window_tap(x_tap, hi0, wi0, tap_ok, ky, kx, H, W, sxh, sxw,
                                         PH, PW, DH, DW, PAD_MODE)
             acc = _tap_step(acc, x_base, a_row, row_ok, w_ptr, w_col, k_ok, tap, c, sxc,
                             pw_ptr, pb_ptr, pm_ptr, pv_ptr, 0.0, 1.0, CG, BLOCK_K, PRE_BN,

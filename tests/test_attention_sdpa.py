@@ -172,3 +172,18 @@ def test_long_softmax_written_attention_planned_for_h100_picks_sdpa() -> None:
     short = select_schedule(spec(49), ctx)
     assert short.schedule.name == "window_attention", short.why
     assert "sdpa (one call, SDPA's flash backend) is" in short.why
+
+
+def test_sdpa_rewrite_reads_strided_operands_and_a_broadcast_mask() -> None:
+    """q, k and v as strided views of one projection ([B, N, 3, H, D] permuted, as Swin's
+    qkv), and an additive mask broadcast over the batch and the heads: as eager."""
+    torch.manual_seed(6)
+    qkv = torch.randn(2, 9, 3, 3, 16).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    assert not q.is_contiguous()
+    mask = torch.randn(1, 1, 9, 9)
+    out, ref, report = compiled_and_float64(SoftmaxAttention(), [q, k, v, mask],
+                                            {"schedule": "sdpa"})
+    assert_close(out, ref, torch.float32)
+    assert _attention(report).schedule == "sdpa"
+    assert convcompiler.counters["launch.sdpa"] == 1

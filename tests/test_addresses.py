@@ -224,11 +224,11 @@ def test_window_attention_addresses(b, heads, n, d, bias, mask, output, cosine) 
     assert check.kernels == {"window_attention"} and check.accesses > 0
 
 
-@pytest.mark.parametrize("n,nk,d,dv", [(20, 7, 4, 40), (9, 37, 24, 8)])
+@pytest.mark.parametrize("n,nk,d,dv", [(20, 7, 4, 40), (9, 37, 24, 8), (5, 6, 300, 272)])
 def test_attention_addresses_of_other_layouts(n, nk, d, dv) -> None:
-    """Pooled keys (Nk != N), a head dim padded to the tile (4 -> 16), v's head dim unlike
-    q's, k stored [B, H, D, Nk] (LeViT) and a boolean select: every lane's address stays
-    inside its tensor."""
+    """Pooled keys (Nk != N), a head dim padded to the tile (4 -> 16; a wide 300 -> 512),
+    v's head dim unlike q's, k stored [B, H, D, Nk] (LeViT) and a boolean select: every
+    lane's address stays inside its tensor."""
     gen = torch.Generator().manual_seed(nk)
     b, heads = 2, 3
     q = torch.randn(b, n, heads, d, generator=gen).transpose(1, 2)

@@ -147,14 +147,24 @@ class Depth:
     padding: int  # before the first slice
     dilation: int
     padding_end: int  # after the last (a causal video conv pads the past only: 2, then 0)
+    output_padding: int = 0  # a transposed conv's extra output slices
+
+    def out_size(self, d: Size, transposed: bool = False) -> Size:
+        """The output depth for an input of depth d (a forward or a transposed conv)."""
+        k = self.dilation * (self.kernel - 1)
+        if transposed:
+            return (d - 1) * self.stride - 2 * self.padding + k + self.output_padding + 1
+        return (d + self.padding + self.padding_end - k - 1) // self.stride + 1
 
     def name(self) -> str:
-        """e.g. "depth3s2p1", "depth3p2to0" (stride, padding and dilation when not 1, 0, 1)."""
+        """e.g. "depth3s2p1", "depth3p2to0" (stride, padding, dilation and output padding when
+        not 1, 0, 1, 0)."""
         pad = f"{self.padding}" + (f"to{self.padding_end}" if self.padding_end != self.padding
                                    else "")  # fmt: skip
         return (f"depth{self.kernel}" + (f"s{self.stride}" if self.stride != 1 else "")
                 + (f"p{pad}" if self.padding or self.padding_end else "")
-                + (f"d{self.dilation}" if self.dilation != 1 else ""))  # fmt: skip
+                + (f"d{self.dilation}" if self.dilation != 1 else "")
+                + (f"op{self.output_padding}" if self.output_padding else ""))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -209,7 +219,7 @@ class SizeHints:
 
 @dataclass(frozen=True)
 class ConvSpec(SizeHints):
-    """One `aten.convolution` (1-D or 2-D), in 2-D form.
+    """One `aten.convolution` (1-D, 2-D or 3-D), in 2-D form (a 3-D conv's depth apart).
 
     A 1-D conv is described as a 2-D conv with H = 1 and a 1-row kernel, exactly how the
     kernels run it. `op` says what is computed:
@@ -264,16 +274,18 @@ class ConvSpec(SizeHints):
     # ... the output's rows too, stored at their pixels of the residual's [B, H, W, K] image
     # (Swin's proj -> window reverse -> [roll] -> + x): the kernel writes that image, x + y
     out_windows: Windows | None = None
-    # a 3-D conv (ndim 3): its depth axis; the kernel walks the depth taps too (im2win_implicit)
+    # a 3-D conv (ndim 3): its depth axis; the kernels walk the depth taps too
     depth: Depth | None = None
 
     def __post_init__(self) -> None:
         if (self.ndim == 3) != (self.depth is not None):
             raise SpecError("a 3-D conv (ndim 3) has a depth axis, and only it")
-        if self.depth and (self.op != "conv" or self.windows or self.out_windows
-                           or self.prologue.dw or self.pool_sums or self.input_scale):
-            raise SpecError("a depth axis is for a forward conv without window rows, a "
-                            "depthwise prologue, pooled sums or an input scale")
+        if self.depth and (self.windows or self.out_windows or self.prologue.dw
+                           or self.pool_sums or self.input_scale):
+            raise SpecError("a depth axis is for a conv without window rows, a depthwise "
+                            "prologue, pooled sums or an input scale")
+        if self.depth and self.depth.output_padding and self.op != "conv_transpose":
+            raise SpecError("a depth output padding is for a transposed conv only")
         if self.op not in CONV_OPS:
             raise SpecError(f"op={self.op!r} is not one of {CONV_OPS}")
         if self.input_mask and self.op == "conv":
@@ -366,9 +378,10 @@ class ConvSpec(SizeHints):
         """Multiply-adds * 2, at the size hints. A transposed conv multiplies every input
         pixel by the whole kernel (its outputs sum a varying number of taps)."""
         if self.op == "conv_transpose":
-            pixels = self.hint(self.batch * self.in_size[0] * self.in_size[1])
+            depth = (self.depth.size, self.depth.kernel) if self.depth else (1, 1)
+            pixels = self.hint(self.batch * depth[0] * self.in_size[0] * self.in_size[1])
             return 2 * pixels * self.in_channels * self.out_channels_per_group * (
-                self.kernel[0] * self.kernel[1]
+                self.kernel[0] * self.kernel[1] * depth[1]
             )
         m = self.hint(self.output_pixels)
         dw = self.prologue.dw  # its taps, one per pixel and channel
@@ -753,7 +766,8 @@ def _windows_from_json(value: object) -> Windows | None:
 def _depth_from_json(value: object) -> Depth | None:
     if value is None:
         return None
-    if not isinstance(value, dict) or set(value) != {f.name for f in fields(Depth)}:
+    names = {f.name for f in fields(Depth)}
+    if not isinstance(value, dict) or set(value) not in (names, names - {"output_padding"}):
         raise SpecError(f"depth {value!r} is not a depth axis")
     return Depth(
         size=_size_from_json(value["size"]),
@@ -763,6 +777,7 @@ def _depth_from_json(value: object) -> Depth | None:
         padding=_int(value["padding"], "padding", 0),
         dilation=_int(value["dilation"], "dilation", 1),
         padding_end=_int(value["padding_end"], "padding_end", 0),
+        output_padding=_int(value.get("output_padding", 0), "output_padding", 0),
     )
 
 

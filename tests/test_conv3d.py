@@ -13,7 +13,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from address_check import address_check
-from helpers import FAST, assert_close, compiled_and_float64, lowered_ops
+from helpers import (
+    FAST,
+    assert_close,
+    compiled_and_float64,
+    gradients_match_float64,
+    lowered_ops,
+)
 
 import convcompiler
 
@@ -110,21 +116,70 @@ def test_nan_inf_and_an_empty_batch_match_eager() -> None:
     assert "zero-size" in region.fallback_reason, region
 
 
-def test_gradients_match_and_stay_aten_with_the_reason() -> None:
-    """Training: the forward runs the kernel; both gradients are ATen's, each reported."""
+class Mixed3d(nn.Module):
+    """Strides, padding, dilation and groups along the depth too, a depthwise conv, ReLUs (their
+    backward masks the gradients the kernels read) and a transposed conv with output padding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv3d(3, 6, 3, padding=1)
+        self.c2 = nn.Conv3d(6, 6, (3, 3, 1), stride=(2, 1, 2), padding=(2, 1, 0),
+                            dilation=(2, 1, 1), groups=3, bias=False)
+        self.dw = nn.Conv3d(6, 6, 3, padding=1, groups=6)
+        self.up = nn.ConvTranspose3d(6, 4, 3, stride=(2, 1, 2), padding=1,
+                                     output_padding=(1, 0, 1))
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x))
+        y = torch.relu(self.c2(y))
+        return self.up(self.dw(y) + y)
+
+
+def test_every_gradient_runs_generated_kernels() -> None:
+    """Training: each conv's grad_input (a 3-D transposed conv; the transposed conv's a
+    forward conv) and grad_weight run generated kernels, against float64 eager."""
     torch.manual_seed(3)
-    model = nn.Conv3d(3, 5, 3, padding=1)
-    x = torch.randn(2, 3, 4, 5, 6, requires_grad=True)
-    x64 = x.detach().double().requires_grad_()
-    ref_model = nn.Conv3d(3, 5, 3, padding=1).double()
-    ref_model.load_state_dict(model.state_dict())
-    torch.compile(model, backend="im2win", options=FAST)(x).square().sum().backward()
-    ref_model(x64).square().sum().backward()
-    assert_close(x.grad, x64.grad, torch.float32)
-    assert_close(model.weight.grad, ref_model.weight.grad, torch.float32)
-    backward = [r for r in convcompiler.last_report() if r.stage == "backward" and r.mode]
-    assert {r.mode for r in backward} == {"grad_input", "grad_weight"}
-    assert all("a 3-D conv's gradient" in r.fallback_reason for r in backward)
+    x = torch.randn(2, 3, 5, 6, 7)
+    with address_check() as check:  # every lane's address inside its tensor
+        gradients_match_float64(Mixed3d(), x.requires_grad_())
+    assert check.accesses > 0
+    report = convcompiler.last_report()
+    grads = [r for r in report.regions if r.stage == "backward" and r.mode]
+    assert sorted(r.mode for r in grads) == ["grad_input"] * 4 + ["grad_weight"] * 4, str(report)
+    assert all(r.fallback_reason is None and r.kernel_path for r in grads), str(report)
+    assert all("depth" in r.spec for r in grads), str(report)
+    c = convcompiler.counters
+    assert c["launch.conv_wgrad"] == 4
+    # the three convs' grad_input run transposed_phase, the transposed conv's a forward conv
+    transposed = [r for r in grads if r.mode == "grad_input" and "transposed" in r.spec]
+    assert len(transposed) == 3 and sum("masked-grad" in r.spec for r in transposed) == 2
+    assert all(r.schedule.startswith("transposed_phase") for r in transposed), str(report)
+
+
+def test_transposed_conv3d_with_fused_bias_bn_and_residual_matches_eager() -> None:
+    """A decoder's ConvTranspose3d (stride 2 in depth only, output padding) with its BN,
+    ReLU and a skip connection fused, channels_last_3d, against float64 eager."""
+
+    class Up(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up = nn.ConvTranspose3d(5, 4, (3, 2, 3), stride=(2, 1, 1), padding=(1, 0, 1),
+                                         output_padding=(1, 0, 0))
+            self.bn = nn.BatchNorm3d(4)
+
+        def forward(self, x, skip):
+            return torch.relu(self.bn(self.up(x)) + skip)
+
+    torch.manual_seed(5)
+    model = _randomised(Up())
+    x = torch.randn(2, 5, 3, 4, 5).to(memory_format=torch.channels_last_3d)
+    skip = torch.randn(2, 4, 6, 5, 5)
+    out, ref, report = compiled_and_float64(model, [x, skip])
+    assert_close(out, ref, torch.float32)
+    [region] = [r for r in report.regions if r.kind in ("conv", "conv_bn")]
+    assert region.fallback_reason is None and region.schedule.startswith("transposed_phase")
+    assert "depth3s2p1op1" in region.spec and "add" in region.spec, region.spec
+    assert convcompiler.counters["launch.conv_bn"] + convcompiler.counters["launch.conv"] == 1
 
 
 @pytest.mark.slow

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn as nn
 from helpers import assert_close, check_model, float64_copy, run_compiled
@@ -14,9 +13,10 @@ def reasons(report: convcompiler.Report) -> list[str]:
     return [r.fallback_reason for r in report.fallbacks()]
 
 
-def test_3d_transposed_conv_falls_back_with_its_reason_among_kernels() -> None:
-    """A 3-D transposed conv has no kernel (its reason in the report); the circular-padded
-    conv, the 3-D conv and the 2-D transposed conv around it run theirs."""
+def test_a_conv_after_an_asymmetric_pad_falls_back_with_its_reason_among_kernels() -> None:
+    """A conv reading an F.pad(mode="replicate") with different amounts on the two sides has
+    no kernel (its reason in the report); the 2-D and 3-D transposed convs, the
+    circular-padded conv and the 3-D conv around it run theirs."""
     torch.manual_seed(0)
 
     class Unsupported(nn.Module):
@@ -26,27 +26,29 @@ def test_3d_transposed_conv_falls_back_with_its_reason_among_kernels() -> None:
             self.circular = nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular")
             self.conv3d = nn.Conv3d(4, 2, (1, 3, 3))
             self.up3d = nn.ConvTranspose3d(2, 5, (1, 3, 3))
+            self.causal = nn.Conv2d(5, 3, (1, 3))
 
         def forward(self, x):
             y = self.circular(self.up(x))
-            y = self.conv3d(y.unsqueeze(2))
-            return self.up3d(y).squeeze(2)
+            y = self.up3d(self.conv3d(y.unsqueeze(2))).squeeze(2)
+            return self.causal(nn.functional.pad(y, (2, 0, 0, 0), mode="replicate"))
 
     report = check_model(
-        Unsupported().eval(), [torch.randn(2, 3, 7, 6)], expect_kernels=3, expect_fallbacks=1
+        Unsupported().eval(), [torch.randn(2, 3, 7, 6)], expect_kernels=4, expect_fallbacks=1
     )
     [reason] = reasons(report)
-    assert "3-D transposed convolution" in reason, reason
+    assert "padding_mode='replicate'" in reason and "the same on both sides" in reason, reason
     assert convcompiler.counters["fallback.conv"] == 1
-    # the transposed conv runs its own kernel, the others theirs
-    [up] = [r for r in report.kernels() if "transposed" in r.spec]
+    # the transposed convs run their own kernel, the others theirs
+    up, up3d = [r for r in report.kernels() if "transposed" in r.spec]
     assert up.spec == "[2,3,7,6] -> [2,4,15,13] 3x3 s2x2 transposed float32 nchw", up.spec
     assert up.schedule.startswith("transposed_phase")
+    assert "depth1" in up3d.spec and up3d.schedule.startswith("transposed_phase"), up3d.spec
     specs = [r.spec for r in report.kernels()]
     assert any("circular" in s for s in specs) and any("depth1" in s for s in specs), specs
     # fallback rows keep the conv's shapes and parameters, as a kernel row shows them
     [row] = report.fallbacks()
-    assert row.schedule == "aten" and row.kernel_path is None and "1x3x3" in row.spec, row.spec
+    assert row.schedule == "aten" and row.kernel_path is None and "1x3" in row.spec, row.spec
 
 
 def test_asymmetric_reflect_padding_falls_back() -> None:

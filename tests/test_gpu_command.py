@@ -145,11 +145,18 @@ def test_correctness_cases_cover_every_family_dtype_and_layout() -> None:
     for family in ("im2win_implicit:tap", "direct_depthwise"):
         assert {(family, "reflect"), (family, "replicate")} <= modes, modes
     # 3-D convs (im2win_implicit's depth taps) in every dtype and layout, every padding mode
-    clips = [c for c in random_cases if "conv3d" in c.id]
+    clips = [c for c in random_cases if c.id.split()[1].startswith("conv3d[")]
     assert all(len(c.size) == 3 and c.family == "im2win_implicit:tap" for c in clips)
     assert {tuple(c.id.split()[2:4]) for c in clips} == {
         (d, lay) for d in gpu_cases.DTYPES for lay in ("nchw", "nhwc")}
     assert {c.padding_mode for c in clips} == {"zeros", "reflect", "replicate", "circular"}
+    # ... and their gradients' kernels: each op in three of the dtype-layout pairs, masked
+    # and not, with the depth taps (and a transposed conv's output padding)
+    grads = [c for c in random_cases if c.id.split()[1].startswith(("conv3dT", "conv3dWgrad"))]
+    assert {(c.op, c.family) for c in grads} == {
+        ("conv_transpose", "transposed_phase"), ("conv_wgrad", "wgrad_splitk")}
+    assert len({tuple(c.id.split()[2:4]) for c in grads}) == 6 and len(grads) == 24
+    assert {c.masked for c in grads} == {True, False} and all(len(c.size) == 3 for c in grads)
     for dtype in gpu_cases.DTYPES:
         assert ("window_attention", dtype, "bnc") in combos
         assert ("window_attention", dtype, "bhnd") in combos
@@ -172,19 +179,24 @@ def test_layer_cases_are_the_im2win_layers_and_resnet50s_distinct_convs() -> Non
     }
     # the gradients of ResNet-50's convs, batch 32 float16: every grad_weight, and every
     # grad_input but the stem's (the image needs none)
-    wgrad = [c for c in cases if c.op == "conv_wgrad"]
-    dgrad = [c for c in cases if c.op == "conv_transpose"]
+    wgrad = [c for c in cases if c.op == "conv_wgrad" and not c.id.startswith("r3d.")]
+    dgrad = [c for c in cases if c.op == "conv_transpose" and not c.id.startswith("r3d.")]
     assert len(wgrad) == 23 and len(dgrad) == 22
     assert {(c.batch, c.dtype) for c in wgrad + dgrad} == {(32, "float16")}
     for case in dgrad:  # dgrad's output is the forward's input, exactly
         fwd = next(f for f in forward if f.id.startswith(case.id.split(" dgrad")[0] + " "))
         assert gpu_cases.out_size(case) == fwd.size and case.out_channels == fwd.in_channels
     assert gpu_speed.autotune_cases() == [c for c in forward if (c.batch, c.dtype) == (32, "float16")]
-    # r3d_18's distinct 3-D convs on 8 clips of 16 x 112 x 112, float16 (part b only)
+    # r3d_18's distinct 3-D convs on 8 clips of 16 x 112 x 112, float16 (part b only), and
+    # their gradients: every grad_weight, every grad_input but the stem's
     clips = [c for c in cases if c.id.startswith("r3d.")]
-    assert len(clips) == 11 and {(c.batch, c.dtype, len(c.size)) for c in clips} == {
-        (8, "float16", 3)}
+    assert [len([c for c in clips if c.op == op]) for op in ("conv", "conv_wgrad",
+                                                             "conv_transpose")] == [11, 11, 10]
+    assert {(c.batch, c.dtype, len(c.size)) for c in clips} == {(8, "float16", 3)}
     assert clips[0].size == (16, 112, 112) and clips[0].kernel == (3, 7, 7)
+    for case in (c for c in clips if c.op == "conv_transpose"):  # back to the forward's input
+        fwd = next(f for f in clips if f.op == "conv" and f.variant == case.variant[:-6])
+        assert gpu_cases.out_size(case) == fwd.size and case.out_channels == fwd.in_channels
 
 
 def test_family_cases_run_their_family() -> None:

@@ -125,19 +125,22 @@ def test_explicit_pad_channels_last_and_half_precision(dtype) -> None:
     assert all(r.fallback_reason is None and r.kernel_path for r in regions), regions
 
 
-def test_padding_mode_gradients_match() -> None:
-    """Training: the forward reads the border in place; the backward (the padded input's
-    gradient through ATen's pad backward) matches float64 eager."""
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_padding_mode_gradients_match(ndim: int) -> None:
+    """Training: the forward reads the border in place; the backward matches float64 eager,
+    both gradients of each conv generated kernels (over the padded input, with padding 0;
+    the padded input's gradient then goes through ATen's pad backward)."""
     torch.manual_seed(2)
+    conv = nn.Conv2d if ndim == 2 else nn.Conv3d
     model = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"),
+        conv(3, 4, 3, padding=1, padding_mode="reflect"),
         nn.ReLU(),
-        nn.Conv2d(4, 5, 3, padding=2, stride=2, padding_mode="replicate"),
+        conv(4, 5, 3, padding=2, stride=2, padding_mode="replicate"),
         nn.ReLU(),
-        nn.Conv2d(5, 3, 3, padding=1, padding_mode="circular"),
+        conv(5, 3, 3, padding=1, padding_mode="circular"),
     )
     reference = float64_copy(model)
-    x = torch.randn(2, 3, 9, 8, requires_grad=True)
+    x = torch.randn((2, 3, 9, 8) if ndim == 2 else (1, 3, 5, 6, 4), requires_grad=True)
     torch.compile(model, backend="im2win", options=FAST)(x).square().sum().backward()
     xr = x.detach().double().requires_grad_()
     reference(xr).square().sum().backward()
@@ -149,6 +152,10 @@ def test_padding_mode_gradients_match() -> None:
              for r in forward]  # fmt: skip
     assert sorted(modes) == [1, 2, 3], str(convcompiler.last_report())
     assert all(r.fallback_reason is None for r in forward)
+    backward = [r for r in convcompiler.last_report() if r.stage == "backward" and r.mode]
+    assert sorted(r.mode for r in backward) == ["grad_input"] * 3 + ["grad_weight"] * 3
+    assert all(r.fallback_reason is None and r.kernel_path for r in backward), backward
+    assert convcompiler.counters["launch.conv_wgrad"] == 3
 
 
 @pytest.mark.parametrize("mode", sorted(PADS))

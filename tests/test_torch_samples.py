@@ -1,12 +1,12 @@
 """PyTorch's own conv test samples through the backend, against float64 eager.
 
-* OpInfo (`op_db`): every sample of nn.functional.conv1d, conv2d, conv3d, conv_transpose1d
-  and conv_transpose2d and its `.noncontiguous()` twin, in float32, float16 and bfloat16,
-  each a zeros-padded conv that must run a generated kernel; gradients of the float32
-  samples (a 3-D conv's are ATen's, each reported with the reason).
+* OpInfo (`op_db`): every sample of nn.functional.conv1d, conv2d, conv3d, conv_transpose1d,
+  conv_transpose2d and conv_transpose3d and its `.noncontiguous()` twin, in float32, float16
+  and bfloat16, each a zeros-padded conv that must run a generated kernel; gradients of the
+  float32 samples, through generated kernels too.
 * ModuleInfo (`module_db`): every module input of nn.Conv1d, nn.Conv2d, nn.Conv3d,
-  nn.ConvTranspose1d, nn.ConvTranspose2d and their Lazy variants, plus all four padding
-  modes in 1-D, 2-D and 3-D.
+  nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d and their Lazy variants, plus
+  all four padding modes in 1-D, 2-D and 3-D (and their gradients).
 
 To keep the suite fast, the samples of one op and dtype are compiled together, as one
 function returning each sample's output (each is its own conv region, checked on its own),
@@ -33,6 +33,7 @@ KERNEL_OPS = [
     "nn.functional.conv_transpose1d",
     "nn.functional.conv_transpose2d",
     "nn.functional.conv3d",
+    "nn.functional.conv_transpose3d",
 ]
 MODULES = [
     "Conv1d",
@@ -43,8 +44,10 @@ MODULES = [
     "LazyConv3d",
     "ConvTranspose1d",
     "ConvTranspose2d",
+    "ConvTranspose3d",
     "LazyConvTranspose1d",
     "LazyConvTranspose2d",
+    "LazyConvTranspose3d",
 ]
 PADDING_MODES = ["zeros", "reflect", "replicate", "circular"]
 
@@ -158,12 +161,10 @@ def test_opinfo_float32_gradients(name):
     fell_back = [r for r in backward if r.fallback_reason is not None]
     print(f"{name}: {len(backward)} backward regions, {len(backward) - len(fell_back)} "
           f"generated, {len(fell_back)} fell back: {[r.fallback_reason for r in fell_back]}")
-    # only transposed convs whose output_padding reaches the stride (dilation > stride), and
-    # every gradient of a 3-D conv (its backward kernels are 1-D and 2-D: ATen's, reported)
-    expected = "a 3-D conv's gradient" if name.endswith("conv3d") else "output_padding >= stride"
-    assert all(expected in r.fallback_reason for r in fell_back)
-    if name.endswith("conv3d"):
-        assert len(fell_back) == len(backward)
+    # only transposed convs whose output_padding reaches the stride (dilation > stride)
+    assert all("output_padding >= stride" in r.fallback_reason for r in fell_back)
+    if not name.startswith("nn.functional.conv_transpose"):
+        assert not fell_back
     # each sample's input and weight gradients, generated or recorded with their reason
     assert len(backward) == 2 * len(samples), str(convcompiler.last_report())
     start = 0

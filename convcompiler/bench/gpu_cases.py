@@ -304,6 +304,38 @@ def _conv3d_variant(rng: random.Random, index: int, dtype: str, layout: str, nth
     return cases
 
 
+def _conv3d_grad_variant(rng: random.Random, index: int, dtype: str, layout: str,
+                         op: str) -> list:
+    """SHAPES_PER_VARIANT 3-D gradient kernels of one variant: a transposed conv (a 3-D conv's
+    grad_input: transposed_phase, output padding drawn below the stride) or a weight gradient
+    (wgrad_splitk with the depth taps), every other variant reading a ReLU's mask."""
+    kernel = rng.choice(((3, 3, 3), (1, 3, 3), (3, 1, 1), (2, 4, 4), (1, 1, 1)))
+    stride = rng.choice(((1, 1, 1), (2, 2, 2), (2, 1, 2)))
+    padding = tuple(rng.randint(0, k // 2) for k in kernel)
+    dilation = rng.choice(((1, 1, 1), (1, 1, 1), (2, 1, 1)))
+    groups = rng.choice((1, 1, 2))
+    output_padding = (0, 0, 0)
+    if op == "conv_transpose":
+        output_padding = tuple(rng.randint(0, s - 1) for s in stride)
+    masked = index % 4 >= 2
+    family = "transposed_phase" if op == "conv_transpose" else "wgrad_splitk"
+    name = "conv3dT" if op == "conv_transpose" else "conv3dWgrad"
+    variant = f"a{index:03d}"
+    c, k = groups * rng.randint(1, 16), groups * rng.randint(2, 24)
+    cases = []
+    for j in range(SHAPES_PER_VARIANT):
+        size = tuple(rng.randint(max(2 * kk, 3), max(2 * kk, 3) + 6) for kk in kernel)
+        cases.append(ConvCase(
+            id=f"{variant}.{j} {name}{'[masked]' if masked else ''} {dtype} {layout}",
+            variant=variant, batch=rng.randint(1, 2), in_channels=c, out_channels=k, size=size,
+            kernel=kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
+            bias=op == "conv_transpose" and rng.random() < 0.5, dtype=dtype, layout=layout,
+            family=family, pick="model" if index % 2 == 0 else "random", op=op,
+            output_padding=output_padding, masked=masked,
+        ))  # fmt: skip
+    return cases
+
+
 def _attention_variant(rng: random.Random, index: int, dtype: str, output: str) -> list:
     tokens = rng.choice((49, 64, 16, 50))
     head_dim = rng.choice((16, 32, 64))
@@ -358,6 +390,10 @@ def correctness_cases(seed: int = 0) -> list:
     combos3d = [(dtype, layout) for dtype in DTYPES for layout in ("nchw", "nhwc")]
     for nth, (dtype, layout) in enumerate(combos3d):  # 3-D convs (video)
         cases += _conv3d_variant(rng, index + nth, dtype, layout, nth)
+    index += len(combos3d)
+    for nth, (dtype, layout) in enumerate(combos3d):  # their gradients' kernels, in turn
+        op = ("conv_transpose", "conv_wgrad")[nth % 2]
+        cases += _conv3d_grad_variant(rng, index + nth, dtype, layout, op)
     return cases
 
 
@@ -429,30 +465,36 @@ def resnet50_layer_cases(batch: int, dtype: str) -> list[ConvCase]:
     ]
 
 
-def resnet50_backward_cases(batch: int, dtype: str) -> list[ConvCase]:
-    """The two gradients of ResNet-50's distinct convs: grad_weight (`wgrad`), and grad_input
-    (`dgrad`, a transposed conv of dy; not for the stem, whose input needs none)."""
+def backward_cases(layers: list[ConvCase]) -> list[ConvCase]:
+    """The two gradients of each layer: grad_weight (`wgrad`), and grad_input (`dgrad`, a
+    transposed conv of dy; not for a stem, whose input, the image, needs none)."""
     cases = []
-    for forward in resnet50_layer_cases(batch, dtype):
+    for forward in layers:
         name = forward.id.split(" b")[0]
         cases.append(dataclasses.replace(
-            forward, id=f"{name} wgrad b{batch} {dtype}", variant=f"{forward.variant} wgrad",
-            op="conv_wgrad",
+            forward, id=f"{name} wgrad{forward.id[len(name):]}",
+            variant=f"{forward.variant} wgrad", op="conv_wgrad",
         ))  # fmt: skip
         if forward.in_channels == 3:
             continue
-        ho, wo = out_size(forward)
+        out = out_size(forward)
         output_padding = tuple(
             s + 2 * p - (k - 1) - 1 - (o - 1) * st
-            for s, p, k, o, st in zip(forward.size, forward.padding, forward.kernel, (ho, wo),
+            for s, p, k, o, st in zip(forward.size, forward.padding, forward.kernel, out,
                                       forward.stride)
         )  # fmt: skip
         cases.append(dataclasses.replace(
-            forward, id=f"{name} dgrad b{batch} {dtype}", variant=f"{forward.variant} dgrad",
-            op="conv_transpose", in_channels=forward.out_channels,
-            out_channels=forward.in_channels, size=(ho, wo), output_padding=output_padding,
+            forward, id=f"{name} dgrad{forward.id[len(name):]}",
+            variant=f"{forward.variant} dgrad", op="conv_transpose",
+            in_channels=forward.out_channels, out_channels=forward.in_channels, size=out,
+            output_padding=output_padding,
         ))  # fmt: skip
     return cases
+
+
+def resnet50_backward_cases(batch: int, dtype: str) -> list[ConvCase]:
+    """The two gradients of ResNet-50's distinct convs (see backward_cases)."""
+    return backward_cases(resnet50_layer_cases(batch, dtype))
 
 
 def r3d_18_conv_shapes() -> list[dict]:
@@ -497,7 +539,7 @@ def layer_cases(
 ) -> list[ConvCase]:
     """Parts b and e: the 12 im2win layers and ResNet-50's distinct convs; with `backward`
     (part b), then ResNet-50's gradients at batch 32 in float16, and r3d_18's distinct 3-D
-    convs on 8 clips of 16 x 112 x 112 in float16."""
+    convs on 8 clips of 16 x 112 x 112 in float16, then their gradients."""
     forward = [
         case
         for dtype in dtypes
@@ -506,7 +548,8 @@ def layer_cases(
     ]
     if not backward:
         return forward
-    return forward + resnet50_backward_cases(32, "float16") + r3d_18_layer_cases(8, "float16")
+    clips = r3d_18_layer_cases(8, "float16")
+    return forward + resnet50_backward_cases(32, "float16") + clips + backward_cases(clips)
 
 
 # ---- resolving a case: spec + schedule -------------------------------------------------------

@@ -59,8 +59,8 @@ def _inputs(case: ConvCase):
     x, w, _ = case.tensors("cuda", make=torch.randn)
     if case.op != "conv_wgrad":
         return x, w
-    ho, wo = out_size(case)
-    dy = torch.randn(case.batch, case.out_channels, ho, wo, device="cuda", dtype=x.dtype)
+    dy = torch.randn(case.batch, case.out_channels, *out_size(case), device="cuda",
+                     dtype=x.dtype)
     return dy, x
 
 

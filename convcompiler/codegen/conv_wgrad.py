@@ -13,6 +13,10 @@ x is read through the window's addresses like the forward implicit GEMM (no im2c
 dy and dw through their strides. dy may come with a mask (spec.input_mask: dy =
 where(mask, 0, g), the backward of a ReLU after the conv): the kernel loads the bool mask
 first and g only where it is False (0 elsewhere), so the masked gradient is never written.
+
+A 3-D conv (spec.depth) adds the depth tap kd to the taps (grid axis 1) and the output depth
+slice to the pixels: p runs over (n, do, ho, wo), and x's slice do*SD - PD + kd*DD is read
+(zeros outside it) as the rows and columns are.
 """
 
 from __future__ import annotations
@@ -36,9 +40,11 @@ LAUNCH_KEYS = ("num_warps", "num_stages")
     num_stages=(2, 3),
 )
 def SPACE(spec: ConvSpec, s: Schedule, device: Device | None) -> None:
-    T.check_planar(spec)
     if spec.op != "conv_wgrad":
         raise InvalidSchedule("wgrad_splitk computes weight gradients only")
+    taps = spec.kernel[0] * spec.kernel[1] * (spec.depth.kernel if spec.depth else 1)
+    if spec.groups * taps > 65535:
+        raise InvalidSchedule("groups x taps exceed grid axis 1 (65535)")
     if spec.out_channels_per_group <= 16 and s["BLOCK_M"] > 16:
         raise InvalidSchedule("<= 16 output channels per group waste BLOCK_M > 16")
     if spec.in_channels_per_group <= 16 and s["BLOCK_N"] > 16:
@@ -59,26 +65,32 @@ ${helpers}
 
 @triton.jit
 def conv_wgrad_splitk(
-    # pointers: dy [N, K, HO, WO], x [N, C, H, W], dw (or the split workspace), dy's mask
+    # pointers: dy [N, K, (DO,) HO, WO], x [N, C, (D,) H, W], dw (or the split workspace),
+    # dy's mask
     dy_ptr, x_ptr, dw_ptr, dym_ptr,
     # sizes; CG and KG are fixed by the spec (tails known); CHUNKS: reduction steps per split
-    # (a constant loop bound: Triton 3.6's interpreter cannot loop to a runtime argument)
-    N, H, W, HO, WO, CHUNKS: tl.constexpr, CG: tl.constexpr, KG: tl.constexpr,
-    # strides; dw's: [split, K, C/groups, KH, KW]
-    syn, syk, syh, syw, sxn, sxc, sxh, sxw, sds, sdk, sdc, sdh, sdw, smn, smk, smh, smw,
-    # conv geometry (baked from the spec)
+    # (a constant loop bound: Triton 3.6's interpreter cannot loop to a runtime argument);
+    # D and DO: a 3-D conv's input and output depth (1 in 2-D)
+    N, H, W, HO, WO, D, DO, CHUNKS: tl.constexpr, CG: tl.constexpr, KG: tl.constexpr,
+    # strides; dw's: [split, K, C/groups, (KD,) KH, KW]; the depth's are 0 in 2-D
+    syn, syk, syd, syh, syw, sxn, sxc, sxd, sxh, sxw, sds, sdk, sdc, sdd, sdh, sdw,
+    smn, smk, smd, smh, smw,
+    # conv geometry (baked from the spec); the depth axis's with DEPTH3 (else 1, 1, 0, 1)
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    DEPTH3: tl.constexpr, KD: tl.constexpr, SD: tl.constexpr, PD: tl.constexpr,
+    DD: tl.constexpr,
     # meta-parameters
     PRECISION: tl.constexpr, WIDEN: tl.constexpr, INT64: tl.constexpr, SPLIT: tl.constexpr,
     MASK_LIKE_DY: tl.constexpr,  # dy's mask has dy's strides: it reuses dy's offsets
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # ---- 1. the tile: BLOCK_M output x BLOCK_N input channels of group g, at tap (kh, kw) ----
-    g = tl.program_id(1) // (KH * KW)
-    tap = tl.program_id(1) - g * (KH * KW)
-    kh = tap // KW
-    kw = tap - kh * KW
+    g = tl.program_id(1) // (KD * KH * KW)
+    tap = tl.program_id(1) - g * (KD * KH * KW)
+    kd = tap // (KH * KW)  # the depth tap (0 in 2-D)
+    kh = (tap - kd * (KH * KW)) // KW
+    kw = tap - kd * (KH * KW) - kh * KW
     tiles_n = (CG + BLOCK_N - 1) // BLOCK_N
     offs_k = (tl.program_id(0) // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = (tl.program_id(0) % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -96,7 +108,7 @@ def conv_wgrad_splitk(
 
     # ---- 2. reduction over this split's pixel chunks: acc[k, c] += dy[k, p] * x[p, c] ----
     acc = _zeros(BLOCK_M, BLOCK_N, WIDEN)
-    P = N * HO * WO
+    P = N * DO * HO * WO
     for i in range(0, CHUNKS):
         p = (split + i * SPLIT) * BLOCK_K + offs_r
         p_ok = p < P
@@ -104,25 +116,35 @@ def conv_wgrad_splitk(
         wo = p % WO
         ho = (p // WO) % HO
         n = p // (WO * HO)
+        if DEPTH3:  # p runs over (n, do, ho, wo)
+            do = n % DO
+            n = n // DO
         if INT64:
             n = n.to(tl.int64)
-        dy_off = dy_col[:, None] + (n * syn + ho * syh + wo * syw)[None, :]
+        dy_pix = n * syn + ho * syh + wo * syw
+        m_pix = n * smn + ho * smh + wo * smw
+        x_img, x_ok = n * sxn, p_ok
+        if DEPTH3:  # x's slice do*SD - PD + kd*DD (zeros outside the depth)
+            dy_pix += do * syd
+            m_pix += do * smd
+            x_img, x_ok = _window_tap(x_img, do * SD - PD, do * 0, p_ok, kd, 0, D, 1, sxd, 0,
+                                      PD, 0, DD, 1)
+        dy_off = dy_col[:, None] + dy_pix[None, :]
         live = k_ok[:, None] & p_ok[None, :]
         if dym_ptr is not None:  # dy = where(mask, 0, g): a masked g is not even loaded
             m_off = dy_off
             if not MASK_LIKE_DY:
-                m_off = (((g * KG + offs_k) * smk)[:, None]
-                         + (n * smn + ho * smh + wo * smw)[None, :])
+                m_off = ((g * KG + offs_k) * smk)[:, None] + m_pix[None, :]
             live = live & (tl.load(dym_ptr + m_off, mask=live, other=1) == 0)
         a = tl.load(dy_ptr + dy_off, mask=live, other=0.0)
-        x_row, row_ok = _window_tap(n * sxn, ho * SH - PH, wo * SW - PW, p_ok, kh, kw, H, W,
+        x_row, row_ok = _window_tap(x_img, ho * SH - PH, wo * SW - PW, x_ok, kh, kw, H, W,
                                     sxh, sxw, PH, PW, DH, DW)
         b = tl.load(x_ptr + x_row[:, None] + x_col[None, :],
                     mask=row_ok[:, None] & c_ok[None, :], other=0.0)
         acc = _mma(a, b, acc, WIDEN, PRECISION)
 
     # ---- 3. store this split's sum (its own slice: no atomics, a fixed order) ----
-    dw_off = (split * sds + kh * sdh + kw * sdw
+    dw_off = (split * sds + kd * sdd + kh * sdh + kw * sdw
               + ((g * KG + offs_k) * sdk)[:, None] + (offs_c * sdc)[None, :])
     tl.store(dw_ptr + dw_off, acc.to(dw_ptr.dtype.element_ty),
              mask=k_ok[:, None] & c_ok[None, :])
@@ -137,21 +159,34 @@ def launch(dy, x, mask=None):
         raise TypeError(f"kernel built for {DTYPE}, got {x.dtype} and {dy.dtype}")
     if NDIM == 1:  # a 1-D conv runs as a 2-D conv over a 1-row image
         x, dy = x.unsqueeze(2), dy.unsqueeze(2)
-    N, C, H, W = x.shape
+    N, C, *spatial = x.shape
+    D, H, W = spatial if NDIM == 3 else (1, *spatial)
     g = GEOMETRY
     HO = (H + 2 * g["PH"] - g["DH"] * (g["KH"] - 1) - 1) // g["SH"] + 1
     WO = (W + 2 * g["PW"] - g["DW"] * (g["KW"] - 1) - 1) // g["SW"] + 1
+    depth = DEPTH or dict(KD=1, SD=1, PD=0, DD=1)
+    DO = (D + depth["PD"] + DEPTH_PAD_END - depth["DD"] * (depth["KD"] - 1) - 1) // depth["SD"]
+    DO += 1
     K = dy.shape[1]
-    if dy.shape != (N, K, HO, WO) or C % GROUPS or K % GROUPS or K != OUT_CHANNELS:
+    out_spatial = (DO, HO, WO) if NDIM == 3 else (HO, WO)
+    if (dy.shape != (N, K, *out_spatial) or C % GROUPS or K % GROUPS
+            or K != OUT_CHANNELS):
         raise ValueError(f"gradient {tuple(dy.shape)} does not fit input {tuple(x.shape)} "
                          f"(groups={GROUPS}, expected {OUT_CHANNELS} channels)")
     CG, KG = C // GROUPS, K // GROUPS
     masked = dy
 ${check_mask}
     # ---- 2. allocate dw in eager's memory format, and the split workspace ----
-    fmt = torch.channels_last if WEIGHT_CHANNELS_LAST else torch.contiguous_format
-    dw = torch.empty((K, CG, g["KH"], g["KW"]), device=x.device, dtype=x.dtype, memory_format=fmt)
-    if N * HO * WO == 0:  # no pixel: the sum is empty
+    taps = (depth["KD"], g["KH"], g["KW"]) if NDIM == 3 else (g["KH"], g["KW"])
+    fmt = torch.contiguous_format
+    if WEIGHT_CHANNELS_LAST:
+        fmt = torch.channels_last_3d if NDIM == 3 else torch.channels_last
+    dw = torch.empty((K, CG, *taps), device=x.device, dtype=x.dtype, memory_format=fmt)
+
+    def with_depth(strides):  # (..., c, [d,] h, w) -> (..., c, d, h, w), d's stride 0 in 2-D
+        return tuple(strides) if NDIM == 3 else (*strides[:-2], 0, *strides[-2:])
+
+    if N * DO * HO * WO == 0:  # no pixel: the sum is empty
         dw.zero_()
         return dw.squeeze(2) if NDIM == 1 else dw
     # Under Triton's interpreter (CPU tensors) the kernel accumulates in fp64 (WIDEN).
@@ -163,16 +198,18 @@ ${check_mask}
     else:
         out = dw
         strides = (0, *dw.stride())
-    chunks = triton.cdiv(triton.cdiv(N * HO * WO, META["BLOCK_K"]), split)
+    chunks = triton.cdiv(triton.cdiv(N * DO * HO * WO, META["BLOCK_K"]), split)
     grid = (triton.cdiv(KG, META["BLOCK_M"]) * triton.cdiv(CG, META["BLOCK_N"]),
-            GROUPS * g["KH"] * g["KW"], split)
+            GROUPS * depth["KD"] * g["KH"] * g["KW"], split)
 
     # ---- 3. launch, then add the splits in order ----
     int64 = max(x.numel(), dy.numel()) >= INDEX_LIMIT
     conv_wgrad_splitk[grid](
-        dy, x, out, mask, N, H, W, HO, WO, chunks, CG, KG,
-        *dy.stride(), *x.stride(), *strides, *mask_strides,
-        **GEOMETRY, PRECISION=PRECISION, WIDEN=widen, INT64=int64, MASK_LIKE_DY=mask_like,
+        dy, x, out, mask, N, H, W, HO, WO, D, DO, chunks, CG, KG,
+        *with_depth(dy.stride()), *with_depth(x.stride()), *with_depth(strides),
+        *with_depth(mask.stride() if mask is not None else dy.stride()),
+        **GEOMETRY, DEPTH3=NDIM == 3, **depth, PRECISION=PRECISION, WIDEN=widen, INT64=int64,
+        MASK_LIKE_DY=mask_like,
         **META, **LAUNCH)
     if out is not dw:
         dw.copy_(out.sum(0))

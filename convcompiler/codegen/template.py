@@ -75,9 +75,11 @@ def check_row_tiling(spec: ConvSpec, s: Schedule) -> None:
 
 
 def check_planar(spec: ConvSpec) -> None:
-    """A 3-D conv (spec.depth) runs im2win_implicit, whose taps walk the depth too."""
+    """A 3-D conv (spec.depth) runs the templates whose taps walk the depth too:
+    im2win_implicit, transposed_phase and wgrad_splitk."""
     if spec.depth:
-        raise InvalidSchedule("a 3-D conv runs im2win_implicit (its taps walk the depth)")
+        raise InvalidSchedule("a 3-D conv runs im2win_implicit, transposed_phase or "
+                              "wgrad_splitk (their taps walk the depth)")
 
 
 def check_ln_epilogue(spec: ConvSpec, s: Schedule) -> None:
@@ -195,7 +197,8 @@ def constants(spec: ConvSpec, schedule: Schedule, **groups: tuple[str, ...]) -> 
         f"META = {meta!r}",
     ]
     if spec.transposed:
-        lines.insert(-2, f"OUTPUT_PADDING = {spec.output_padding!r}")
+        padding = (d.output_padding, *spec.output_padding) if d else spec.output_padding
+        lines.insert(-2, f"OUTPUT_PADDING = {padding!r}  # ([depth,] rows, columns)")
     if spec.op != "conv":  # the backward kernels: whether the gradient comes with its mask
         lines.insert(-2, f"INPUT_MASK = {spec.input_mask}")
     # the input's and the output's rows as window tokens of an image (spec.windows,

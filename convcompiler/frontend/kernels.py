@@ -36,7 +36,7 @@ from ..selection.select import Choice, SelectionContext, select_schedule
 from ..spec import AttentionSpec, ConvSpec, Epilogue
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 def conv_spec_of(
@@ -53,11 +53,11 @@ def conv_spec_of(
     output_padding: int | Sequence[int] = 0,
 ) -> ConvSpec:
     """The ConvSpec the backend would build for `F.conv{1,2,3}d(x, weight, bias, ...)` (with
-    `transposed`: `F.conv_transpose{1,2}d`), with `epilogue` fused after it."""
+    `transposed`: `F.conv_transpose{1,2,3}d`), with `epilogue` fused after it."""
     conv = (_CONV_T if transposed else _CONV).get(weight.dim() - 2)
     if conv is None:
         raise ValueError(
-            f"only 1-D to 3-D convolutions (1-D and 2-D transposed) have kernels, got weight "
+            f"only 1-D to 3-D convolutions (transposed too) have kernels, got weight "
             f"{tuple(weight.shape)}"
         )
 

@@ -176,8 +176,12 @@ def meta_inputs(spec: ConvSpec | AttentionSpec | MlpSpec) -> tuple[torch.Tensor 
     if spec.windows:  # an image of the spec's N windows in one row
         images, h, w = 1, spec.windows.size[0], spec.windows.size[1] * n
     x = empty((images, spec.in_channels, h, w), spec.input_layout)
+    d = spec.depth  # a 3-D conv: [N, C, D, H, W], [K, C/G, KD, KH, KW], [N, K, DO, HO, WO]
     if spec.op == "conv_wgrad":  # (dy, x, dy's mask?)
         dy = empty((n, k, ho, wo), spec.output_layout)
+        if d:
+            x = empty((n, spec.in_channels, spec.hint(d.size), h, w), spec.input_layout)
+            dy = empty((n, k, spec.hint(d.out), ho, wo), spec.output_layout)
         dy, x = (dy.squeeze(2), x.squeeze(2)) if spec.ndim == 1 else (dy, x)
         return (dy, x, torch.empty_like(dy, dtype=torch.bool)) if spec.input_mask else (dy, x)
     weight = empty((k, spec.in_channels_per_group, kh, kw), spec.weight_layout)
@@ -190,10 +194,12 @@ def meta_inputs(spec: ConvSpec | AttentionSpec | MlpSpec) -> tuple[torch.Tensor 
     if spec.ndim == 1:
         x, weight = x.squeeze(2), weight.squeeze(2)
         residual = residual.squeeze(2) if residual is not None else None
-    d = spec.depth
-    if d:  # a 3-D conv: [N, C, D, H, W], [K, C/G, KD, KH, KW], [N, K, DO, HO, WO]
+    if d:
         x = empty((n, spec.in_channels, spec.hint(d.size), h, w), spec.input_layout)
         weight = empty((k, spec.in_channels_per_group, d.kernel, kh, kw), spec.weight_layout)
+        if spec.transposed:  # [C, K/groups, KD, KH, KW]
+            weight = empty((spec.in_channels, spec.out_channels_per_group, d.kernel, kh, kw),
+                           spec.weight_layout)
         if residual is not None:
             residual = empty((n, k, spec.hint(d.out), ho, wo), spec.output_layout)
     bias = empty((k,)) if spec.has_bias else None

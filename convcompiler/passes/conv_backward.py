@@ -16,10 +16,11 @@ Rules (output_mask says which gradients anyone needs; the others are not compute
 A transposed conv's weight gradient is the weight gradient of the forward conv that maps dy
 to x (same stride, padding, dilation and groups): the region's spec is that conv's, and its
 op reads (x, dy) in place of (dy, x).
-Only convolutions a generated kernel could run are split (1-D and 2-D, the kernels' dtypes);
-the others keep their convolution_backward untouched (a 3-D conv's gradients are reported,
-each with the reason). Nothing is split with option
-backward="aten", nor on CPU tensors under cpu="aten" (Inductor's own lowering runs it there).
+A 3-D conv's gradients are split the same way: its grad_input is a 3-D transposed conv, its
+grad_weight a conv_wgrad region whose kernel walks the depth taps too. Only convolutions in
+the kernels' dtypes are split; the others keep their convolution_backward untouched. Nothing
+is split with option backward="aten", nor on CPU tensors under cpu="aten" (Inductor's own
+lowering runs it there).
 """
 
 from __future__ import annotations
@@ -39,8 +40,6 @@ from .match_conv import GRAD_INPUT
 from .meta import fake_value, memory_layout, run_on_fakes
 
 aten = torch.ops.aten
-THREE_D = ("a 3-D conv's gradient: the transposed-conv and weight-gradient kernels are 1-D "
-           "and 2-D; ATen's convolution_backward computes it")
 RULES = {
     "grad_input": "convolution_backward(dy, x, w)[0] => convolution(dy, w, transposed=not t)",
     "conv_wgrad": "convolution_backward(dy, x, w)[1] => im2win_conv_wgrad(dy, x)",
@@ -206,12 +205,6 @@ def split_conv_backward(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.
             continue
         if str(dy.dtype).removeprefix("torch.") not in DTYPES:
             continue  # no kernel would take either gradient (float64): leave it whole
-        if w.dim() == 5:  # left whole, each gradient it computes reported with the reason
-            items = _getitems(node)
-            for i, mode in ((0, "grad_input"), (1, "grad_weight")):
-                if node.args[10][i] and i in items:
-                    _fallback(items[i], mode, THREE_D, ctx)
-            continue
         _split(gm, node, ctx)
         counters["pass.conv_backward_split"] += 1
     gm.graph.lint()

@@ -98,8 +98,6 @@ def conv_fallback_reason(node: torch.fx.Node, ctx: PassContext) -> str | None:
     spatial = len(wv.shape) - 2
     if spatial not in (1, 2, 3):
         return f"{spatial}-D convolution: only 1-D, 2-D and 3-D convolutions are supported"
-    if spatial == 3 and transposed:
-        return "3-D transposed convolution: only forward 3-D convolutions run generated kernels"
     if any(len(values) not in (1, spatial) for values in (stride, padding, dilation)):
         return "stride, padding or dilation does not give one value per spatial dim"
     if transposed and len(output_padding) not in (1, spatial):
@@ -155,7 +153,7 @@ def conv_spec(
     elif len(ws) == 5:  # conv3d: the depth axis apart, the 2-D fields its H and W
         end = padding[0] if padding_end is None else padding_end
         depth = Depth(xs[2], os_[2], int(ws[2]), int(stride[0]), int(padding[0]),
-                      int(dilation[0]), int(end))
+                      int(dilation[0]), int(end), int(output_padding[0]) if transposed else 0)
         xs, ws, os_ = (*xs[:2], *xs[3:]), (*ws[:2], *ws[3:]), (*os_[:2], *os_[3:])
         stride, padding, dilation = stride[1:], padding[1:], dilation[1:]
         output_padding = output_padding[1:]

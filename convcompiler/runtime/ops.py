@@ -173,8 +173,7 @@ def _conv_fake(
         return torch.empty_like(residual, memory_format=torch.contiguous_format)
     n, k, ho, wo = conv_output_shape(spec, x)
     if spec.depth:  # [N, K, DO, HO, WO]
-        d = spec.depth
-        do = (x.shape[2] + d.padding + d.padding_end - d.dilation * (d.kernel - 1) - 1) // d.stride + 1
+        do = spec.depth.out_size(x.shape[2], spec.transposed)
         fmt = (torch.channels_last_3d if spec.output_layout == "nhwc"
                else torch.contiguous_format)  # fmt: skip
         return torch.empty((n, k, do, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
@@ -233,6 +232,9 @@ def _conv_wgrad_fake(dy, x, mask, kernel):
     spec = decode(kernel).spec
     fmt = torch.channels_last if spec.weight_layout == "nhwc" else torch.contiguous_format
     shape = (spec.out_channels, spec.in_channels_per_group, *spec.kernel)
+    if spec.depth:  # [K, C/groups, KD, KH, KW]
+        fmt = torch.channels_last_3d if spec.weight_layout == "nhwc" else torch.contiguous_format
+        shape = (*shape[:2], spec.depth.kernel, *shape[2:])
     w = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
     return w.squeeze(2) if spec.ndim == 1 else w
 

@@ -62,12 +62,13 @@ def run_aten(
     d = spec.depth
     if d:  # a 3-D conv: the depth axis first
         stride, padding = [d.stride, *stride], [d.padding, *padding]
-        dilation, output_padding = [d.dilation, *dilation], [0, *output_padding]
+        dilation, output_padding = [d.dilation, *dilation], [d.output_padding, *output_padding]
     if spec.op == "conv_wgrad":
         dy, x, mask = x, weight, bias
         if mask is not None:
             dy = dy.masked_fill(mask, 0)
-        shape = (spec.out_channels, spec.in_channels_per_group, *spec.kernel[2 - spec.ndim :])
+        taps = (d.kernel, *spec.kernel) if d else spec.kernel[2 - spec.ndim :]
+        shape = (spec.out_channels, spec.in_channels_per_group, *taps)
         return torch.ops.aten.convolution_backward(
             dy, x, x.new_empty(shape), None, stride, padding, dilation, False, output_padding,
             spec.groups, [False, True, False],

@@ -164,6 +164,8 @@ class _Sizes:
         self.c, self.k, self.g = spec.in_channels, spec.out_channels, spec.groups
         self.cg, self.kg = spec.in_channels_per_group, spec.out_channels_per_group
         self.kh, self.kw = spec.kernel
+        # a 3-D conv's output depth slices, and each slice's rows (1 and ho in 2-D)
+        self.slices, self.rows = (val(spec.depth.out) if spec.depth else 1), self.ho
         if spec.depth:  # a 3-D conv: its depth folds into the rows (traffic and FLOPs)
             self.h, self.ho = self.h * val(spec.depth.size), self.ho * val(spec.depth.out)
             self.kh *= spec.depth.kernel

@@ -42,9 +42,11 @@ PHASE_EFFICIENCY = 0.40  # gathered rows (stride-phase addresses), as the implic
 
 def _live_taps(spec: ConvSpec) -> int:
     """The most taps one phase runs: ceil(KH/SH) * ceil(KW/SW) at dilation 1 (a dilation
-    sharing a factor with the stride leaves some phases with none and others with more)."""
+    sharing a factor with the stride leaves some phases with none and others with more);
+    a 3-D conv's slices ceil(KD/SD) depth taps each, times that."""
     (kh, kw), (sh, sw) = spec.kernel, spec.stride
-    return -(-kh // sh) * -(-kw // sw)
+    d = spec.depth
+    return -(-kh // sh) * -(-kw // sw) * (-(-d.kernel // d.stride) if d else 1)
 
 
 def _masked(grad_bytes, z: _Sizes, spec: ConvSpec, schedule: Schedule, rereads, device: Device):
@@ -77,7 +79,7 @@ def transposed_time(spec: ConvSpec, schedule: Schedule, device: Device, symbolic
         padded, traffic, ctas, x_uses = flops, x_bytes + w_bytes + y_bytes, 1, 1
     else:
         s = schedule.as_dict()
-        rows = z.n * _cdiv(z.ho, sh) * _cdiv(z.wo, sw)
+        rows = z.n * z.slices * _cdiv(z.rows, sh) * _cdiv(z.wo, sw)  # every depth slice
         tiles_m, tiles_n = _cdiv(rows, s["BLOCK_M"]), _cdiv(z.kg, s["BLOCK_N"])
         reduce = _live_taps(spec) * _cdiv(z.cg, s["BLOCK_K"]) * s["BLOCK_K"]
         phases = sh * sw
@@ -143,7 +145,8 @@ def wgrad_steps(spec: ConvSpec, schedule: Schedule) -> int:
     pixels = spec.hint(spec.output_pixels)
     programs = _cdiv(spec.out_channels_per_group, s["BLOCK_M"])
     programs *= _cdiv(spec.in_channels_per_group, s["BLOCK_N"])
-    programs *= spec.groups * spec.kernel[0] * spec.kernel[1] * s["SPLIT"]
+    taps = spec.kernel[0] * spec.kernel[1] * (spec.depth.kernel if spec.depth else 1)
+    programs *= spec.groups * taps * s["SPLIT"]
     return programs * _cdiv(_cdiv(pixels, s["BLOCK_K"]), s["SPLIT"])
 
 
@@ -152,7 +155,7 @@ def transposed_steps(spec: ConvSpec, schedule: Schedule) -> int:
     s = schedule.as_dict()
     n, (ho, wo) = spec.hint(spec.batch), (spec.hint(v) for v in spec.out_size)
     (sh, sw) = spec.stride
-    rows = n * _cdiv(ho, sh) * _cdiv(wo, sw)
+    rows = n * _cdiv(ho, sh) * _cdiv(wo, sw) * (spec.hint(spec.depth.out) if spec.depth else 1)
     programs = _cdiv(rows, s["BLOCK_M"]) * _cdiv(spec.out_channels_per_group, s["BLOCK_N"])
     programs *= spec.groups * sh * sw
     return programs * _live_taps(spec) * _cdiv(spec.in_channels_per_group, s["BLOCK_K"])

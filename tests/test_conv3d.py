@@ -1,6 +1,7 @@
 """3-D convolutions as generated kernels (ConvSpec.depth, im2win_implicit's depth taps):
 fused epilogues, channels_last_3d, a causal video conv's padding read in the loads, NaN and
-empty inputs, the static check, and torchvision's video models.
+empty inputs, 3-D transposed convs and every gradient (transposed_phase and wgrad_splitk
+with the depth taps), the static check, and torchvision's video models.
 
 PyTorch's own conv3d samples (OpInfo and ModuleInfo, every padding mode) are in
 test_torch_samples.py.

@@ -374,3 +374,28 @@ def test_masked_gradient_kernels_addresses_and_numerics(name: str, dtype) -> Non
 
 def _pairs(v, n: int) -> list[int]:
     return list(v) if isinstance(v, tuple) else [v] * n
+
+
+def test_a_weight_gradient_of_a_padding_mode_pad_falls_back_with_the_reason() -> None:
+    """A backward graph whose conv input is an F.pad (the partitioner may recompute it): the
+    weight-gradient kernel reads x as given, so the pad a forward conv would read in place
+    leaves the region to ATen, with the reason, and the compile goes on."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from convcompiler.config import Config
+    from convcompiler.passes.context import PassContext
+    from convcompiler.passes.conv_backward import split_conv_backward
+
+    def grad_weight(dy, x, w):
+        xp = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+        return torch.ops.aten.convolution_backward(
+            dy, xp, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [False, True, False])[1]
+
+    dy, x, w = torch.randn(1, 4, 5, 6), torch.randn(1, 3, 5, 6), torch.randn(4, 3, 3, 3)
+    gm = make_fx(grad_weight, tracing_mode="fake")(dy, x, w)
+    ctx = PassContext(config=Config(cpu="interpret"), stage="backward")
+    split_conv_backward(gm, ctx)
+    [region] = ctx.regions
+    assert region.kind == "conv_wgrad" and region.spec is None, region
+    assert "F.pad" in region.fallback_reason, region.fallback_reason
+    torch.testing.assert_close(gm(dy, x, w), grad_weight(dy, x, w))

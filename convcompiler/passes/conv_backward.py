@@ -35,7 +35,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from ..counters import counters
 from ..spec import DTYPES, Epilogue
 from .context import PassContext, Region
-from .conv_spec import conv_fallback_reason, conv_spec
+from .conv_spec import conv_fallback_reason, conv_spec, padded_input
 from .match_conv import GRAD_INPUT
 from .meta import fake_value, memory_layout, run_on_fakes
 
@@ -167,6 +167,10 @@ def _wgrad_region(item: torch.fx.Node, node: torch.fx.Node, ctx: PassContext) ->
             f"the conv from dy back to x gives {tuple(given)}, not "
             f"{tuple(target.shape)}: output_padding >= stride"
         )
+    if reason is None and padded_input(forward) is not None:
+        # x is an F.pad the forward conv would read in place; the gradient kernel reads the
+        # padded tensor itself, with no padding mode
+        reason = "x is a padding-mode F.pad in the backward graph: no kernel reads it for dw"
     spec = None
     if reason is None:
         spec = dataclasses.replace(

@@ -9,6 +9,8 @@ test_torch_samples.py.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn as nn
@@ -195,6 +197,30 @@ def test_video_model_conv3d_kernels_pass_the_static_check(model: str) -> None:
     assert stats and {st.arch for st in stats} == {"sm_90", "sm_80"}
     assert all(st.ok for st in stats), [(st.kernel, st.arch, st.problems()) for st in stats]
     assert all(st.tensor_core_ops > 0 for st in stats if st.uses_dot), stats
+
+
+@pytest.mark.slow
+def test_video_gradient_kernels_pass_the_static_check() -> None:
+    """r3d_18's gradients on 8 clips of 16 x 112 x 112 in fp16 (part b's cases): each layer's
+    best wgrad_splitk and transposed_phase kernel the model ranks for an H100 and an A100
+    compiles for sm_90 and sm_80 with no spill and tensor-core instructions."""
+    from convcompiler.bench import gpu_cases
+    from convcompiler.codegen import render_region
+    from convcompiler.devices import lookup
+    from convcompiler.inspection.aot import static_report
+
+    clips = gpu_cases.r3d_18_layer_cases(8, "float16")
+    stats = []
+    for case in gpu_cases.backward_cases(clips):
+        family = "wgrad_splitk" if case.op == "conv_wgrad" else "transposed_phase"
+        for target, arch in (("h100", "sm_90"), ("a100", "sm_80")):
+            spec, [schedule] = gpu_cases.plan(
+                dataclasses.replace(case, family=family, pick="model"), lookup(target))
+            assert spec.depth and schedule.name == family, (case.id, schedule)
+            stats += static_report(render_region(spec, schedule), spec, (arch,))
+    assert len(stats) == 2 * 21
+    assert all(st.ok for st in stats), [(st.kernel, st.arch, st.problems()) for st in stats]
+    assert all(st.tensor_core_ops > 0 for st in stats), stats
 
 
 VIDEO = {  # torchvision video model: its clip (S3D's average pool made adaptive to fit it)

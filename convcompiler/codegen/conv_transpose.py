@@ -54,6 +54,10 @@ def SPACE(spec: ConvSpec, s: Schedule, device: Device | None) -> None:
         raise InvalidSchedule("transposed_phase runs transposed convolutions only")
     if spec.groups * (spec.hint(spec.depth.out) if spec.depth else 1) > 65535:
         raise InvalidSchedule("groups x output depth slices exceed grid axis 1 (65535)")
+    if spec.depth and s["BLOCK_M"] * s["BLOCK_N"] <= 32 * s["num_warps"]:
+        # static report, triton 3.6: r3d_18's 3x3x3 grad_input with a 16 x 16 tile on 8 warps
+        # (one value per thread) spilled 8 bytes on sm_90
+        raise InvalidSchedule("a 3-D transposed conv's tile needs > 1 value per thread")
     if spec.in_channels_per_group < 16 and s["BLOCK_K"] > 16:
         raise InvalidSchedule("< 16 input channels per group waste BLOCK_K > 16")
     if spec.out_channels_per_group <= 16 and s["BLOCK_N"] > 16:

@@ -26,6 +26,7 @@ from ..codegen import SPACES
 from ..config import Config
 from ..devices import Device
 from ..frontend.kernels import attention_spec_of, conv_spec_of
+from ..runtime.reference import memory_format
 from ..schedule import ATEN, InvalidSchedule, Schedule
 from ..selection.cost import rank
 from ..selection.select import SelectionContext, model_candidates, select_schedule
@@ -106,10 +107,8 @@ class ConvCase:
         if self.op == "conv_transpose":
             w_shape = (self.in_channels, self.out_channels // self.groups, *self.kernel)
         w = make(*w_shape, device=device, dtype=dtype)
-        if len(self.size) == 3 and self.layout == "nhwc":  # a clip: channels_last_3d
-            x = x.to(memory_format=torch.channels_last_3d)
-        elif self.layout == "nhwc" or self.windows or self.out_windows:  # (Swin's: too)
-            x = x.to(memory_format=torch.channels_last)
+        last = self.layout == "nhwc" or self.windows or self.out_windows  # (Swin's: too)
+        x = x.to(memory_format=memory_format("nhwc" if last else "nchw", x.dim()))
         b = make(self.out_channels, device=device, dtype=dtype) if self.bias else None
         return x, w, b
 

@@ -26,7 +26,7 @@ from ..config import Config
 from ..inspection.aot import capture_launches, compile_launch, launch_key
 from ..runtime.loader import load_source
 from ..runtime.ops import pool_shape
-from ..runtime.reference import run_aten, run_attention, run_mlp
+from ..runtime.reference import memory_format, run_aten, run_attention, run_mlp
 from ..schedule import Schedule
 from ..spec import AttentionSpec, ConvSpec
 from .gpu_autocast import AutocastCase, check_autocast_case, plan_autocast_case
@@ -127,10 +127,8 @@ def _conv_inputs(case: ConvCase, spec: ConvSpec, device: str, gen: torch.Generat
 
     x, w, b = case.tensors(device, make=lambda *s, **kw: randn(*s, dtype=kw["dtype"]))
     k = case.out_channels
-    def laid_out(t):  # in the case's layout (a clip's channels-last is channels_last_3d)
-        if case.layout != "nhwc":
-            return t
-        return t.to(memory_format=torch.channels_last_3d if t.dim() == 5 else torch.channels_last)
+    def laid_out(t, layout=case.layout):  # (a clip's channels-last is channels_last_3d)
+        return t.to(memory_format=memory_format(layout, t.dim()))
 
     def mask_of(g):  # a ReLU's mask, laid out as the gradient it zeroes (about half of it)
         return [laid_out(torch.rand(g.shape, generator=gen, device=device) < 0.5)]
@@ -150,10 +148,7 @@ def _conv_inputs(case: ConvCase, spec: ConvSpec, device: str, gen: torch.Generat
         out = [spec.hint(s) for s in spec.out_size]
         if spec.depth:  # a clip: [N, K, DO, HO, WO]
             out.insert(0, spec.hint(spec.depth.out))
-        residual = randn(case.batch, k, *out)
-        if spec.output_layout == "nhwc":
-            residual = residual.to(memory_format=torch.channels_last_3d if spec.depth
-                                   else torch.channels_last)  # fmt: skip
+        residual = laid_out(randn(case.batch, k, *out), spec.output_layout)
     if spec.out_windows:  # the [B, H, W, K] image the output rows go back to
         (wh, ww), (ih, iw) = spec.out_windows.size, case.window_image
         residual = randn(case.batch // ((ih // wh) * (iw // ww)), ih, iw, k)
@@ -238,10 +233,7 @@ def check_case(case, device) -> dict:
         expected = eager
         # a weight gradient is laid out as the weight (autograd's layout contract)
         if isinstance(spec, ConvSpec) and spec.op == "conv_wgrad":
-            fmt = torch.contiguous_format
-            if spec.weight_layout == "nhwc":
-                fmt = torch.channels_last_3d if spec.depth else torch.channels_last
-            expected = eager.contiguous(memory_format=fmt)
+            expected = eager.contiguous(memory_format=memory_format(spec.weight_layout, y.dim()))
         # the same strides where they matter (a size-1 dim's stride is arbitrary: cuDNN's 1x1x1
         # weight gradient gives it a different one than torch.empty)
         same_format = y.shape == expected.shape and all(

@@ -180,21 +180,20 @@ def conv_transpose_phase(
 
     # ---- 3. reduction over the phase's live taps: acc[m, k] += x[m, c] * w[c, k] ----
     acc = _zeros(BLOCK_M, BLOCK_N, WIDEN)
-    if DEPTH3:
-        # depth tap kd reaches this slice iff (do + PD - kd*DD) / SD is exact and inside x's
-        # depth (the same for the whole slice): dead depth taps skip their plane outright
-        for kd in range(0, KD):
+    for kd in range(0, KD):  # one plane of x per depth tap (a 2-D conv: the one plane)
+        x_kd, xm_kd, w_kd, plane_live = x_img, xm_img, w_col, True
+        if DEPTH3:
+            # depth tap kd reaches this slice iff (do + PD - kd*DD) / SD is exact and inside
+            # x's depth (the same for the whole slice): a dead one skips its plane outright
             td = do + PD - kd * DD
-            if (td % SD == 0) & (td >= 0) & (td < D * SD):
-                acc = _plane_taps(acc, x_ptr, xm_ptr, w_ptr, x_img + (td // SD) * sxd,
-                                  xm_img + (td // SD) * smd, w_col + kd * swd, k_ok, jh, jw,
-                                  m_ok, rh, rw, H, W, sxc, sxh, sxw, smc, smh, smw, swc, swh,
-                                  sww, CG, KH, KW, SH, SW, PH, PW, DH, DW, MASK_LIKE_X, WIDEN,
-                                  PRECISION, BLOCK_K)
-    else:
-        acc = _plane_taps(acc, x_ptr, xm_ptr, w_ptr, x_img, xm_img, w_col, k_ok, jh, jw, m_ok,
-                          rh, rw, H, W, sxc, sxh, sxw, smc, smh, smw, swc, swh, sww, CG, KH,
-                          KW, SH, SW, PH, PW, DH, DW, MASK_LIKE_X, WIDEN, PRECISION, BLOCK_K)
+            plane_live = (td % SD == 0) & (td >= 0) & (td < D * SD)
+            x_kd, xm_kd = x_img + (td // SD) * sxd, xm_img + (td // SD) * smd
+            w_kd = w_col + kd * swd
+        if plane_live:
+            acc = _plane_taps(acc, x_ptr, xm_ptr, w_ptr, x_kd, xm_kd, w_kd, k_ok, jh, jw, m_ok,
+                              rh, rw, H, W, sxc, sxh, sxw, smc, smh, smw, swc, swh, sww, CG,
+                              KH, KW, SH, SW, PH, PW, DH, DW, MASK_LIKE_X, WIDEN, PRECISION,
+                              BLOCK_K)
 
     IMAGE_TILES: tl.constexpr = False
 ${epilogue}
@@ -205,13 +204,12 @@ def launch(x, weight, bias=None, bn_weight=None, bn_bias=None, bn_mean=None, bn_
 ${prepare}
     # ---- 3. launch: one GEMM per (phase, group), the largest phase sizing the grid ----
     int64 = max(x.numel(), y.numel(), weight.numel()) >= INDEX_LIMIT
-    depth = DEPTH or dict(KD=1, SD=1, PD=0, DD=1)
     conv_transpose_phase[grid](
         x, weight, out, *epilogue_operands, mask,
         N, H, W, HO, WO, D, DO, CG, KG,
         *with_depth(x.stride()), *with_depth(weight.stride()), *out.stride(),
         *residual_strides, *with_depth(mask.stride() if mask is not None else x.stride()),
-        **GEOMETRY, DEPTH3=NDIM == 3, **depth, PRECISION=PRECISION, WIDEN=widen, INT64=int64,
+        **GEOMETRY, **DEPTH_ARGS, PRECISION=PRECISION, WIDEN=widen, INT64=int64,
         MASK_LIKE_X=mask_like, **META, **LAUNCH)
 ${finish}"""
 
@@ -230,11 +228,9 @@ PREPARE = (  # the forward conv's checks and allocation (template.py) around its
     if NDIM == 3:  # OUTPUT_PADDING: (depth, rows, columns)
         d = DEPTH
         DO = (D - 1) * d["SD"] - 2 * d["PD"] + d["DD"] * (KD - 1) + OUTPUT_PADDING[0] + 1
-
-    def with_depth(strides):  # (n, c, [d,] h, w) -> (n, c, d, h, w), d's stride 0 in 2-D
-        n, c, *rest = strides
-        return (n, c, rest.pop(0) if NDIM == 3 else 0, *rest)
-
+"""
+    + T.WITH_DEPTH
+    + """
     K, CG = KG * GROUPS, C // GROUPS
     masked = x
 """

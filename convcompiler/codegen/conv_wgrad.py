@@ -164,9 +164,8 @@ def launch(dy, x, mask=None):
     g = GEOMETRY
     HO = (H + 2 * g["PH"] - g["DH"] * (g["KH"] - 1) - 1) // g["SH"] + 1
     WO = (W + 2 * g["PW"] - g["DW"] * (g["KW"] - 1) - 1) // g["SW"] + 1
-    depth = DEPTH or dict(KD=1, SD=1, PD=0, DD=1)
-    DO = (D + depth["PD"] + DEPTH_PAD_END - depth["DD"] * (depth["KD"] - 1) - 1) // depth["SD"]
-    DO += 1
+    d = DEPTH_ARGS
+    DO = (D + d["PD"] + DEPTH_PAD_END - d["DD"] * (d["KD"] - 1) - 1) // d["SD"] + 1
     K = dy.shape[1]
     out_spatial = (DO, HO, WO) if NDIM == 3 else (HO, WO)
     if (dy.shape != (N, K, *out_spatial) or C % GROUPS or K % GROUPS
@@ -177,15 +176,12 @@ def launch(dy, x, mask=None):
     masked = dy
 ${check_mask}
     # ---- 2. allocate dw in eager's memory format, and the split workspace ----
-    taps = (depth["KD"], g["KH"], g["KW"]) if NDIM == 3 else (g["KH"], g["KW"])
+    taps = (d["KD"], g["KH"], g["KW"]) if NDIM == 3 else (g["KH"], g["KW"])
     fmt = torch.contiguous_format
     if WEIGHT_CHANNELS_LAST:
         fmt = torch.channels_last_3d if NDIM == 3 else torch.channels_last
     dw = torch.empty((K, CG, *taps), device=x.device, dtype=x.dtype, memory_format=fmt)
-
-    def with_depth(strides):  # (..., c, [d,] h, w) -> (..., c, d, h, w), d's stride 0 in 2-D
-        return tuple(strides) if NDIM == 3 else (*strides[:-2], 0, *strides[-2:])
-
+${with_depth}
     if N * DO * HO * WO == 0:  # no pixel: the sum is empty
         dw.zero_()
         return dw.squeeze(2) if NDIM == 1 else dw
@@ -200,7 +196,7 @@ ${check_mask}
         strides = (0, *dw.stride())
     chunks = triton.cdiv(triton.cdiv(N * DO * HO * WO, META["BLOCK_K"]), split)
     grid = (triton.cdiv(KG, META["BLOCK_M"]) * triton.cdiv(CG, META["BLOCK_N"]),
-            GROUPS * depth["KD"] * g["KH"] * g["KW"], split)
+            GROUPS * d["KD"] * g["KH"] * g["KW"], split)
 
     # ---- 3. launch, then add the splits in order ----
     int64 = max(x.numel(), dy.numel()) >= INDEX_LIMIT
@@ -208,7 +204,7 @@ ${check_mask}
         dy, x, out, mask, N, H, W, HO, WO, D, DO, chunks, CG, KG,
         *with_depth(dy.stride()), *with_depth(x.stride()), *with_depth(strides),
         *with_depth(mask.stride() if mask is not None else dy.stride()),
-        **GEOMETRY, DEPTH3=NDIM == 3, **depth, PRECISION=PRECISION, WIDEN=widen, INT64=int64,
+        **GEOMETRY, **DEPTH_ARGS, PRECISION=PRECISION, WIDEN=widen, INT64=int64,
         MASK_LIKE_DY=mask_like,
         **META, **LAUNCH)
     if out is not dw:
@@ -226,6 +222,7 @@ def render(spec: ConvSpec, schedule: Schedule) -> T.KernelSource:
         + f"\nWEIGHT_CHANNELS_LAST = {spec.weight_layout == 'nhwc'}",
         helpers=T.HELPERS,
         check_mask=T.CHECK_MASK,
+        with_depth=T.WITH_DEPTH,
     )
     return T.KernelSource(
         f"{spec.geometry()}_{schedule.name}", text, schedule, spec.key(), KERNELS

@@ -247,12 +247,11 @@ ${prologue_operands}
     int64 = max(x.numel(), y.numel(), weight.numel()) >= INDEX_LIMIT
     sxn, sxc, *sx_spatial = x.stride()
     sxd = sx_spatial.pop(0) if NDIM == 3 else 0
-    depth = DEPTH or dict(KD=1, SD=1, PD=0, DD=1)
     conv_im2win_implicit[grid](
         x, w_packed, out, *epilogue_operands, *pre_norm,
         N, H, W, DO * HO, WO, D, HO, CG, KG, R,
         sxn, sxc, sxd, *sx_spatial, *out.stride(), *residual_strides,
-        **GEOMETRY, DEPTH3=NDIM == 3, **depth,
+        **GEOMETRY, **DEPTH_ARGS,
         PAD_MODE=PAD_MODE, PRE_BN=PRE_BN, PRE_LN=PRE_LN, PRE_EPS=PRE_EPS,
         PRECISION=PRECISION, WIDEN=widen, INT64=int64,
         IMAGE_TILES=image, **META, **LAUNCH)

@@ -194,6 +194,8 @@ def constants(spec: ConvSpec, schedule: Schedule, **groups: tuple[str, ...]) -> 
         f"GEOMETRY = {geometry!r}",
         f"DEPTH = {depth!r}  # a 3-D conv's depth axis (NDIM 3), else None",
         f"DEPTH_PAD_END = {d.padding_end if d else 0}  # its padding after the last slice",
+        f"DEPTH_ARGS = {dict(DEPTH3=d is not None, **(depth or dict(KD=1, SD=1, PD=0, DD=1)))!r}"
+        "  # the kernels' depth constexprs (2-D: one slice)",
         f"META = {meta!r}",
     ]
     if spec.transposed:
@@ -626,6 +628,13 @@ PREPARE = (
 )
 
 # ---- hook: finish ------------------------------------------------------------------------
+# A 3-D conv kernel's strides have a depth entry before the rows' (0 for a 2-D conv), the
+# launcher's helper to pass a tensor's strides so (after PREPARE's shapes are known)
+WITH_DEPTH = """
+    def with_depth(strides):  # (..., c, [d,] h, w) -> (..., c, d, h, w), d's stride 0 in 2-D
+        return tuple(strides) if NDIM == 3 else (*strides[:-2], 0, *strides[-2:])
+"""
+
 FINISH = """
     if out is not y:
         y.copy_(out)

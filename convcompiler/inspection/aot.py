@@ -36,6 +36,7 @@ from ..codegen.template import with_depthwise, with_layer_scale
 from ..config import cache_root
 from ..files import ENV_VAR, cache_subdir, unusable
 from ..runtime.loader import exec_module
+from ..runtime.reference import memory_format
 from ..spec import AttentionSpec, ConvSpec
 from ..spec_block import MlpSpec
 
@@ -165,10 +166,8 @@ def meta_inputs(spec: ConvSpec | AttentionSpec | MlpSpec) -> tuple[torch.Tensor 
     k = spec.out_channels
 
     def empty(shape, layout="nchw", dt=dtype):
-        t = torch.empty(shape, device="meta", dtype=dt)
-        if layout != "nhwc":
-            return t
-        return t.to(memory_format=torch.channels_last_3d if t.dim() == 5 else torch.channels_last)
+        return torch.empty(shape, device="meta", dtype=dt).to(
+            memory_format=memory_format(layout, len(shape)))
 
     if spec.prologue.dw:  # the kernel reads the depthwise conv's input
         h, w = (spec.hint(s) for s in spec.prologue.dw.image)

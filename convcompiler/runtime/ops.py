@@ -60,7 +60,7 @@ from . import packing
 from .kernel_call import interpreter_notice, launch_on_device
 from .kernel_ref import KernelRef, decode
 from .loader import load_source
-from .reference import attention_output, canonical_operand
+from .reference import attention_output, canonical_operand, memory_format
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -171,14 +171,11 @@ def _conv_fake(
     spec = decode(kernel).spec
     if spec.out_windows:  # window rows stored in the residual's [B, H, W, K] image
         return torch.empty_like(residual, memory_format=torch.contiguous_format)
-    n, k, ho, wo = conv_output_shape(spec, x)
+    n, k, *out = conv_output_shape(spec, x)
     if spec.depth:  # [N, K, DO, HO, WO]
-        do = spec.depth.out_size(x.shape[2], spec.transposed)
-        fmt = (torch.channels_last_3d if spec.output_layout == "nhwc"
-               else torch.contiguous_format)  # fmt: skip
-        return torch.empty((n, k, do, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
-    fmt = torch.channels_last if spec.output_layout == "nhwc" else torch.contiguous_format
-    y = torch.empty((n, k, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
+        out.insert(0, spec.depth.out_size(x.shape[2], spec.transposed))
+    fmt = memory_format(spec.output_layout, 2 + len(out))
+    y = torch.empty((n, k, *out), dtype=x.dtype, device=x.device, memory_format=fmt)
     return y.squeeze(2) if spec.ndim == 1 else y
 
 
@@ -230,11 +227,9 @@ def conv_wgrad(dy: Tensor, x: Tensor, mask: Tensor | None, kernel: str) -> Tenso
 @conv_wgrad.register_fake
 def _conv_wgrad_fake(dy, x, mask, kernel):
     spec = decode(kernel).spec
-    fmt = torch.channels_last if spec.weight_layout == "nhwc" else torch.contiguous_format
-    shape = (spec.out_channels, spec.in_channels_per_group, *spec.kernel)
-    if spec.depth:  # [K, C/groups, KD, KH, KW]
-        fmt = torch.channels_last_3d if spec.weight_layout == "nhwc" else torch.contiguous_format
-        shape = (*shape[:2], spec.depth.kernel, *shape[2:])
+    taps = (spec.depth.kernel, *spec.kernel) if spec.depth else spec.kernel  # [K, C/G, (KD,) ..]
+    shape = (spec.out_channels, spec.in_channels_per_group, *taps)
+    fmt = memory_format(spec.weight_layout, len(shape))
     w = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
     return w.squeeze(2) if spec.ndim == 1 else w
 

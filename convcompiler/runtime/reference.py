@@ -11,6 +11,15 @@ from ..score_terms import canonical_view
 from ..spec import Activation, ConvSpec
 
 
+def memory_format(layout: str, dim: int) -> torch.memory_format:
+    """The memory format of a `dim`-D tensor laid out as `layout` (a spec's "nchw" or
+    "nhwc"; "nhwc" is channels_last_3d for a 5-D tensor, the inverse of passes/meta.py's
+    memory_layout)."""
+    if layout != "nhwc":
+        return torch.contiguous_format
+    return torch.channels_last_3d if dim == 5 else torch.channels_last
+
+
 def activation(act: Activation, x: torch.Tensor) -> torch.Tensor:
     fns = {
         "relu": F.relu,

@@ -199,6 +199,25 @@ def test_video_model_conv3d_kernels_pass_the_static_check(model: str) -> None:
     assert all(st.tensor_core_ops > 0 for st in stats if st.uses_dot), stats
 
 
+def test_transposed_conv3d_at_the_edges_matches_eager() -> None:
+    """A batch broadcast from one clip (stride 0), NaN and Inf spread to the outputs whose
+    taps read them, as in eager; an empty batch falls back with the reason."""
+    torch.manual_seed(6)
+    model = nn.ConvTranspose3d(3, 4, (2, 3, 3), stride=(2, 1, 2), padding=(0, 1, 1)).eval()
+    x = torch.randn(1, 3, 3, 4, 5)
+    x[0, 1, 1, 2, 3] = float("nan")
+    x[0, 2, 0, 0, 4] = float("inf")
+    out, ref, report = compiled_and_float64(model, [x.expand(2, -1, -1, -1, -1)])
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    assert_close(out[ref.isfinite()], ref[ref.isfinite()], torch.float32)
+    assert out.isnan().any() and convcompiler.counters["launch.conv"] == 1
+    torch._dynamo.reset()
+    out, ref, report = compiled_and_float64(model, [torch.randn(0, 3, 3, 4, 5)])
+    assert out.shape == ref.shape == (0, 4, 6, 4, 9)
+    [region] = [r for r in report.regions if r.kind == "conv"]
+    assert "zero-size" in region.fallback_reason, region
+
+
 @pytest.mark.slow
 def test_video_gradient_kernels_pass_the_static_check() -> None:
     """r3d_18's gradients on 8 clips of 16 x 112 x 112 in fp16 (part b's cases): each layer's

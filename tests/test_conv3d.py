@@ -108,13 +108,19 @@ def test_nan_inf_and_an_empty_batch_match_eager() -> None:
     x = torch.randn(1, 3, 6, 5, 7)
     x[0, 1, 2, 3, 4] = float("nan")
     x[0, 2, 5, 0, 0] = float("inf")
+    _check_nan_inf_then_empty(model, x, (0, 4, 3, 5, 7))
+
+
+def _check_nan_inf_then_empty(model: nn.Module, x: torch.Tensor, empty_out: tuple) -> None:
+    """`x` (holding NaN and Inf) through one generated kernel, as float64 eager; then an empty
+    batch, which falls back with the zero-size reason and gives eager's `empty_out`."""
     out, ref, report = compiled_and_float64(model, [x])
     assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
     assert_close(out[ref.isfinite()], ref[ref.isfinite()], torch.float32)
     assert out.isnan().any() and convcompiler.counters["launch.conv"] == 1
     torch._dynamo.reset()
-    out, ref, report = compiled_and_float64(model, [torch.randn(0, 3, 6, 5, 7)])
-    assert out.shape == ref.shape == (0, 4, 3, 5, 7)
+    out, ref, report = compiled_and_float64(model, [torch.randn(0, *x.shape[1:])])
+    assert out.shape == ref.shape == empty_out
     [region] = [r for r in report.regions if r.kind == "conv"]
     assert "zero-size" in region.fallback_reason, region
 
@@ -207,15 +213,7 @@ def test_transposed_conv3d_at_the_edges_matches_eager() -> None:
     x = torch.randn(1, 3, 3, 4, 5)
     x[0, 1, 1, 2, 3] = float("nan")
     x[0, 2, 0, 0, 4] = float("inf")
-    out, ref, report = compiled_and_float64(model, [x.expand(2, -1, -1, -1, -1)])
-    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
-    assert_close(out[ref.isfinite()], ref[ref.isfinite()], torch.float32)
-    assert out.isnan().any() and convcompiler.counters["launch.conv"] == 1
-    torch._dynamo.reset()
-    out, ref, report = compiled_and_float64(model, [torch.randn(0, 3, 3, 4, 5)])
-    assert out.shape == ref.shape == (0, 4, 6, 4, 9)
-    [region] = [r for r in report.regions if r.kind == "conv"]
-    assert "zero-size" in region.fallback_reason, region
+    _check_nan_inf_then_empty(model, x.expand(2, -1, -1, -1, -1), (0, 4, 6, 4, 9))
 
 
 @pytest.mark.slow
